@@ -1,0 +1,185 @@
+"""`scaletrain <command>`: train | prepare | eval | generate.
+
+Exit codes (DESIGN.md §3): 0 done; 2 the user's mistake, reported as one line naming the
+field or file, no traceback; 1 an internal error (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from scaletrain.errors import UserError
+
+USAGE = """scaletrain <command> [--config FILE.toml] [--section.key=value ...]
+
+commands:
+  train      train a model (--nproc N launches N local processes through torchrun)
+  prepare    prepare (clean, dedup, split, tokenize) the data of a config
+  eval       evaluate a run directory on a split (--split val|test)
+  generate   sample text from a run directory (--generate.prompt=..., --generate.top_k=...)
+
+--help-config lists every config field with its default and documentation.
+"""
+
+
+def _parser(cmd: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"scaletrain {cmd}", add_help=True)
+    p.add_argument("--config", help="a TOML config file (see configs/)")
+    if cmd == "train":
+        p.add_argument("--nproc", type=int, default=0,
+                       help="launch N local processes with torchrun (torch.distributed.run)")
+    if cmd in ("eval", "generate"):
+        p.add_argument("run_dir", nargs="?", help="run directory (default: --run.dir)")
+    if cmd == "eval":
+        p.add_argument("--split", choices=("val", "test"), default="val")
+        p.add_argument("--weights", choices=("best", "final"), default="best")
+    return p
+
+
+def _split_args(cmd: str, argv: list[str]):
+    from scaletrain.config import parse_overrides
+
+    overrides, rest = parse_overrides(argv)
+    args = _parser(cmd).parse_args(rest)
+    return args, overrides
+
+
+def cmd_train(argv: list[str]) -> int:
+    from scaletrain.config import build_config
+
+    args, overrides = _split_args("train", argv)
+    cfg = build_config(args.config, overrides)  # validate everything before any compute
+    if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
+        return _launch_torchrun(args.nproc, argv)
+    from scaletrain.train.trainer import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        val, test = summary["val"], summary.get("test")
+        line = f"done: {summary['steps']} steps, val loss {val['loss']:.4f}"
+        if test:
+            line += f", test loss {test['loss']:.4f}"
+            if "accuracy" in test:
+                line += f", test accuracy {test['accuracy']:.4f}"
+        line += f", {summary['tokens_per_s']:.0f} tokens/s -> {cfg.run.dir}"
+        print(line)
+    return 0
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torch.distributed.run with N local processes."""
+    rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc")
+            and not (i > 0 and argv[i - 1] == "--nproc")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "scaletrain", "train", *rest]
+    return subprocess.call(cmd)
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    from scaletrain.config import build_config
+    from scaletrain.data.prepare import prepare
+
+    args, overrides = _split_args("prepare", argv)
+    cfg = build_config(args.config, overrides)
+    path = prepare(cfg.data, progress=sys.stderr.isatty())
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"prepared {cfg.data.source} -> {path}")
+    for split, info in manifest.get("splits", {}).items():
+        print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in info.items()
+                                          if isinstance(v, (int, float))))
+    return 0
+
+
+def _run_config(args, overrides):
+    from scaletrain.config import build_config
+
+    run_dir = args.run_dir
+    if run_dir is None:
+        cfg = build_config(args.config, overrides)
+        run_dir = cfg.run.dir
+    return run_dir
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from scaletrain.data import build_data
+    from scaletrain.data.loader import eval_batches
+    from scaletrain.evaluate import evaluate
+    from scaletrain.models import REGISTRY
+    from scaletrain.precision import PrecisionPolicy
+    from scaletrain.train.run_dir import load_model_from_run
+
+    args, overrides = _split_args("eval", argv)
+    run_dir = _run_config(args, overrides)
+    cfg, model, _ = load_model_from_run(run_dir, overrides, which=args.weights)
+    data = build_data(cfg, progress=False)
+    dataset = {"val": data.val, "test": data.test}[args.split]
+    policy = PrecisionPolicy(cfg.precision.dtype, next(model.parameters()).device)
+    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, 0), policy,
+                      policy.device, REGISTRY[cfg.model.name].kind)
+    print(json.dumps({"split": args.split, **result}))
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    import torch
+
+    from scaletrain.generate import sample
+    from scaletrain.train.run_dir import load_model_from_run
+
+    args, overrides = _split_args("generate", argv)
+    run_dir = _run_config(args, overrides)
+    cfg, model, tok = load_model_from_run(run_dir, overrides)
+    if tok is None:
+        raise UserError(f"'{run_dir}' is not a text model run; generate needs a GPT")
+    g = cfg.generate
+    gen = torch.Generator().manual_seed(g.seed)
+    prompt = tok.encode(g.prompt)
+    if not prompt:
+        raise UserError("generate.prompt must not be empty")
+    for i in range(g.num_samples):
+        new = sample(model, prompt, max_new_tokens=g.max_new_tokens, seq_len=cfg.model.seq_len,
+                     temperature=g.temperature, top_k=g.top_k, generator=gen,
+                     stop_id=tok.eot_id)
+        print(f"--- sample {i + 1} ---")
+        print(g.prompt + tok.decode(new))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval,
+            "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] == "--help-config":
+        from scaletrain.config.load import describe
+
+        print(describe())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        print(f"scaletrain: unknown command '{cmd}'{hint}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except UserError as e:
+        print(f"scaletrain {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scaletrain {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Build a validated :class:`Config` from defaults, a TOML file and CLI overrides.
+
+Precedence is CLI > file > defaults (DESIGN.md principle 5). Every problem is raised as a
+:class:`ConfigError` with one line naming the field; nothing is computed before the whole
+config has been checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from scaletrain.config.schema import Config, sections
+from scaletrain.errors import ConfigError
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in sections().items() for f in dataclasses.fields(cls)]
+
+
+def _field_types(section_cls) -> dict[str, type]:
+    return get_type_hints(section_cls)
+
+
+def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
+    """Convert `value` to `typ`; CLI values arrive as strings, TOML values typed."""
+    if from_cli and isinstance(value, str):
+        text = value.strip()
+        if typ is bool:
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true or false, got '{value}'")
+        if typ is int:
+            try:
+                return int(text)
+            except ValueError:
+                try:  # accept 1e3-style integers, but not 2.5
+                    f = float(text)
+                except ValueError:
+                    f = math.nan
+                if f.is_integer():
+                    return int(f)
+                raise ConfigError(f"{key}: expected an integer, got '{value}'") from None
+        if typ is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got '{value}'") from None
+        if typ is str:
+            return value
+        if typ in (list, tuple) or getattr(typ, "__origin__", None) in (list, tuple):
+            try:
+                parsed = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = [p for p in text.split(",") if p]
+            return _coerce(key, parsed, typ, from_cli=False)
+    # Typed values (TOML, or parsed lists).
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    origin = getattr(typ, "__origin__", None)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_t,) = typ.__args__[:1]
+        return [_coerce(f"{key}[{i}]", v, item_t, from_cli=False) for i, v in enumerate(value)]
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any, from_cli: bool) -> None:
+    parts = key.split(".")
+    secs = sections(cfg)
+    if len(parts) != 2:
+        raise ConfigError(f"'{key}': config keys look like section.key{_suggest(key, _all_keys())}")
+    sec_name, name = parts
+    if sec_name not in secs:
+        raise ConfigError(f"unknown config section '{sec_name}' in '{key}'"
+                          f"{_suggest(key, _all_keys()) or _suggest(sec_name, list(secs))}")
+    section = secs[sec_name]
+    types = _field_types(type(section))
+    if name not in types:
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
+    setattr(section, name, _coerce(key, value, types[name], from_cli))
+
+
+def _check_field(key: str, value: Any, meta: dict) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be finite, got {value}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}"
+                          f"{_suggest(str(value), [str(c) for c in choices])}")
+    for op, bad, word in (("ge", lambda v, b: v < b, ">="), ("gt", lambda v, b: v <= b, ">"),
+                          ("le", lambda v, b: v > b, "<="), ("lt", lambda v, b: v >= b, "<")):
+        bound = meta.get(op)
+        if bound is not None and isinstance(value, (int, float)) and bad(value, bound):
+            raise ConfigError(f"{key}: must be {word} {bound}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's own constraints, then the combinations between fields."""
+    for sec_name, section in sections(cfg).items():
+        for f in dataclasses.fields(section):
+            _check_field(f"{sec_name}.{f.name}", getattr(section, f.name), f.metadata)
+    from scaletrain.config.checks import check_combinations  # cross-field rules
+
+    check_combinations(cfg)
+    return cfg
+
+
+def parse_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split `--section.key=value` (or `--section.key value`) from other arguments."""
+    pairs, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                value = argv[i]
+            else:
+                value = "true"  # a bare boolean flag: --run.overwrite
+            pairs.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return pairs, rest
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+
+
+def apply_dict(cfg: Config, data: dict, *, source: str = "config file") -> Config:
+    for sec_name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: top-level key '{sec_name}' must be a [section] table"
+                              f"{_suggest(sec_name, list(sections()))}")
+        for name, value in table.items():
+            _set(cfg, f"{sec_name}.{name}", value, from_cli=False)
+    return cfg
+
+
+def build_config(config_file: str | None = None, overrides: list[tuple[str, str]] = (),
+                 base: dict | None = None) -> Config:
+    """Defaults, then `base` (e.g. a saved run's config), then the file, then the CLI."""
+    cfg = Config()
+    if base:
+        apply_dict(cfg, base, source="saved config")
+    if config_file:
+        apply_dict(cfg, load_toml(config_file), source=str(config_file))
+    for key, value in overrides:
+        _set(cfg, key, value, from_cli=True)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dumps_toml(cfg: Config | dict) -> str:
+    """The resolved config as TOML (stdlib has a reader only; the subset we use is tiny)."""
+    data = to_dict(cfg) if isinstance(cfg, Config) else cfg
+    lines = []
+    for sec, table in data.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe() -> str:
+    """Every field with its default and documentation, for `--help-config`."""
+    out = []
+    for sec_name, cls in sections().items():
+        out.append(f"[{sec_name}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"  {sec_name}.{f.name} = {_toml_value(default)}\n      {f.metadata['doc']}")
+    return "\n".join(out)

@@ -1,0 +1,5 @@
+"""Validation and test evaluation."""
+
+from scaletrain.evaluate.evaluator import evaluate
+
+__all__ = ["evaluate"]

@@ -1,0 +1,44 @@
+"""Evaluation of a model on a split: mean loss per target (and accuracy for images)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from scaletrain.precision import PrecisionPolicy
+from scaletrain.train.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, policy: PrecisionPolicy, device: torch.device,
+             kind: str, count_reducer=lambda t: t) -> dict:
+    """Loss averaged over every target position of `batches` (not a mean of batch means).
+
+    Returns {"loss", "ppl"} for text and {"loss", "accuracy"} for images. `count_reducer`
+    sums the (loss, count, correct) vector over data-parallel ranks when there are several.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, count, correct
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with policy.autocast():
+            logits = model(x)
+        totals[0] += sum_cross_entropy(logits, y).double()
+        totals[1] += count_targets(y)
+        if kind == "image":
+            totals[2] += ((logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum()
+    model.train(was_training)
+    totals = count_reducer(totals)
+    loss_sum, count, correct = totals.tolist()
+    if count == 0:
+        raise ValueError("evaluation saw no targets")
+    loss = loss_sum / count
+    out = {"loss": loss}
+    if kind == "image":
+        out["accuracy"] = correct / count
+    else:
+        out["ppl"] = math.exp(min(loss, 700.0))
+    return out

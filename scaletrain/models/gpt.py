@@ -1,0 +1,176 @@
+"""A GPT-2-architecture decoder as a plain `nn.Module` (no distributed code, no loss).
+
+Architecture (Radford et al. 2019; nanoGPT): learned token + position embeddings,
+pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm and an
+output head tied to the token embedding.
+
+Parameter names map one-to-one onto Hugging Face's `GPT2LMHeadModel`:
+`wte/wpe/ln_f` <-> `transformer.{wte,wpe,ln_f}`, `blocks.<i>` <-> `transformer.h.<i>`
+(same sub-names: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), `lm_head`.
+HF stores linear weights as Conv1D, i.e. transposed (see checkpoint/export.py).
+
+Shaped for outside-in parallelism (DESIGN.md principle 3): blocks live in a `ModuleDict`
+keyed "0".."n-1" so names survive a pipeline split, and `forward` skips parts a pipeline
+stage deleted (set to None). Build on the `meta` device, then `materialize()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    seq_len: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 0  # 0 -> 4 * d_model
+    dropout: float = 0.0
+    bias: bool = True
+    init_std: float = 0.02
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.c_attn = nn.Linear(c.d_model, 3 * c.d_model, bias=c.bias)  # fused Q, K, V
+        self.c_proj = nn.Linear(c.d_model, c.d_model, bias=c.bias)
+        self.dropout = c.dropout
+        self.resid_drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        # The head count is read from the weight so that a tensor-parallel shard
+        # (c_attn with 3*D/tp rows) runs its local heads unchanged.
+        d_local = self.c_attn.weight.shape[0] // 3
+        n_head = self.n_head * d_local // D
+        q, k, v = self.c_attn(x).split(d_local, dim=2)  # each (B, T, d_local)
+        q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(  # (B, H, T, Dh), causal, flash/memory-efficient
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, d_local)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(c.d_model, c.ff, bias=c.bias)
+        self.act = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(c.ff, c.d_model, bias=c.bias)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.d_model, eps=1e-5, bias=c.bias)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = nn.LayerNorm(c.d_model, eps=1e-5, bias=c.bias)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.config = c
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.wpe = nn.Embedding(c.seq_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(c) for i in range(c.n_layer)})
+        self.ln_f = nn.LayerNorm(c.d_model, eps=1e-5, bias=c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output head with the token embedding (GPT-2 does)."""
+        if self.wte is not None and self.lm_head is not None:
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) logits; a pipeline stage passes hidden states."""
+        if self.wte is not None:
+            T = idx.shape[1]
+            if T > self.config.seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.config.seq_len}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+        else:
+            x = idx
+        for block in self.blocks.values():
+            x = block(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """GPT-2 initialisation, identical for a given seed whatever the device or layout.
+
+        Each tensor is drawn on the CPU from a generator seeded by (seed, parameter name),
+        so a pipeline stage or a sharded copy gets exactly the values the full model would.
+        Residual projections are scaled by 1/sqrt(2 * n_layer) (GPT-2 paper, §2.3).
+        """
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                values = torch.zeros(p.shape)
+            elif ".ln_" in name or name.startswith("ln_"):
+                values = torch.ones(p.shape)
+            else:
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else std
+                values = torch.empty(p.shape).normal_(0.0, s, generator=seeded_generator(seed, name))
+            copy_into(p, values)
+
+
+def seeded_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on the seed and the parameter's name."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full CPU tensor into a parameter, which may be a sharded DTensor."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(p, DTensor):
+        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements)
+        p.to_local().copy_(full.to_local())
+    else:
+        p.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+def gpt_flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, app. B).
+
+    N counts every parameter that takes part in a matmul per token: all of them except
+    the position table (the tied head is counted once, through `wte`).
+    """
+    c = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("wpe"))
+    return 6 * n + 12 * c.n_layer * c.n_head * (c.d_model // c.n_head) * seq_len

@@ -1,0 +1,64 @@
+"""Models by name: how to build each one and what it costs per token or sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from scaletrain.config.schema import ModelConfig
+from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
+from scaletrain.models.vision import CNN, MLP
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "text" (targets are next tokens) or "image" (targets are class labels)
+    build: Callable[[ModelConfig, dict], nn.Module]  # (model config, data facts) -> module
+    flops_per_token: Callable[[nn.Module, int], float] | None = None
+
+
+def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
+    return GPT(GPTConfig(vocab_size=m.vocab_size or facts["vocab_size"], seq_len=m.seq_len,
+                         n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff,
+                         dropout=m.dropout, bias=m.bias, init_std=m.init_std))
+
+
+def _build_mlp(m: ModelConfig, facts: dict) -> MLP:
+    return MLP(facts["input_shape"], facts["num_classes"], m.hidden, m.dropout)
+
+
+def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
+    return CNN(facts["input_shape"], facts["num_classes"], m.channels, m.n_blocks, m.dropout)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token),
+    "mlp": ModelSpec("mlp", "image", _build_mlp),
+    "cnn": ModelSpec("cnn", "image", _build_cnn),
+}
+
+
+def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Construct on `meta` (no memory), materialise on `device`, then initialise."""
+    spec = REGISTRY[m.name]
+    with torch.device("meta"):
+        model = spec.build(m, facts)
+    materialize(model, device, seed)
+    return model.to(dtype=dtype)
+
+
+def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None:
+    """Allocate a meta-built (possibly sharded) model on `device` and run its init."""
+    model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gives each module its own tensor; re-share
+    model.init_weights(seed)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,48 @@
+"""Precision policies: what dtype the parameters live in, the autocast context of the
+forward, and the gradient scaler. One object chosen from `precision.dtype`, so the step
+has no precision `if`s (DESIGN.md principle 8).
+
+- fp32 / fp64: parameters and compute in that dtype (fp64 for verification runs).
+- bf16: fp32 master parameters, bf16 autocast of the forward.
+- fp16: fp32 master parameters, fp16 autocast, dynamic loss scaling (`torch.amp.GradScaler`).
+- bf16-pure: bf16 parameters and compute; the optimizer keeps fp32 state (optim/).
+
+The loss is always computed in fp32 (see train/losses.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+_PARAM_DTYPE = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.float32,
+                "fp16": torch.float32, "bf16-pure": torch.bfloat16}
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PrecisionPolicy:
+    name: str
+    device: torch.device
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return _PARAM_DTYPE[self.name]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _AUTOCAST_DTYPE.get(self.name, self.param_dtype)
+
+    def autocast(self):
+        """The context the forward runs in (a no-op unless autocasting)."""
+        if self.name in _AUTOCAST_DTYPE:
+            return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPE[self.name])
+        return contextlib.nullcontext()
+
+    def make_scaler(self) -> torch.amp.GradScaler | None:
+        """Dynamic loss scaling for fp16, whose 5-bit exponent underflows small gradients."""
+        if self.name == "fp16":
+            return torch.amp.GradScaler(self.device.type)
+        return None

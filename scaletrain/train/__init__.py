@@ -1,0 +1,1 @@
+"""The training loop: trainer (build + loop), step, losses, state, runtime, run directory."""

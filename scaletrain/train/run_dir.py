@@ -1,0 +1,108 @@
+"""The run directory (DESIGN.md §3): resolved config, tokenizer, weights, metrics, plots.
+
+Weights written here are safetensors (never pickles): `model.safetensors` (the final
+model) and `best.safetensors` (the best validation model), each with the resolved config
+in the metadata so a file is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scaletrain.config import Config, build_config, dumps_toml, to_dict
+from scaletrain.config.load import load_toml
+from scaletrain.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.toml"
+FINAL_WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory and write the resolved config (rank 0 only)."""
+    d = Path(cfg.run.dir)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"run.dir '{d}' exists and is not a directory")
+    if cfg.run.overwrite and d.exists():
+        for name in (CONFIG_FILE, FINAL_WEIGHTS, BEST_WEIGHTS, "metrics.jsonl", "summary.json"):
+            (d / name).unlink(missing_ok=True)
+        for sub in ("tensorboard", "plots", "checkpoints"):
+            shutil.rmtree(d / sub, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    write_atomic(d / CONFIG_FILE, dumps_toml(cfg))
+    return d
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path, cfg: Config) -> None:
+    """Write the model's tensors as safetensors, atomically (tied weights stored once)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("lm_head.") or not hasattr(model, "tie_weights")}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
+    os.replace(tmp, path)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`, refusing files that do not fit it."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    expected = {k for k in model.state_dict() if not k.startswith("lm_head.")
+                or not hasattr(model, "tie_weights")}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"{path}: weights do not match the model "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def load_run_config(run_dir: str | Path, overrides=()) -> Config:
+    """The saved config of a run, with CLI overrides on top."""
+    d = Path(run_dir)
+    if not (d / CONFIG_FILE).is_file():
+        raise CheckpointError(f"'{d}' is not a scaletrain run directory (no {CONFIG_FILE})")
+    saved = load_toml(d / CONFIG_FILE)
+    return build_config(None, list(overrides), base=saved)
+
+
+def pick_weights(run_dir: Path, which: str = "best") -> Path:
+    """The best-validation weights if asked and present, else the final ones."""
+    for name in ([BEST_WEIGHTS, FINAL_WEIGHTS] if which == "best" else [FINAL_WEIGHTS]):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise CheckpointError(f"'{run_dir}' holds no trained weights ({FINAL_WEIGHTS}); "
+                          "has the run finished?")
+
+
+def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
+                        device: str | torch.device = "cpu"):
+    """(config, model with trained weights in eval mode, tokenizer or None) of a run."""
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.models import build_model
+
+    d = Path(run_dir)
+    cfg = load_run_config(d, overrides)
+    tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
+             "num_classes": 10}
+    model = build_model(cfg.model, facts, seed=cfg.train.seed, device=device)
+    load_weights(model, pick_weights(d, which))
+    return cfg, model.eval(), tok

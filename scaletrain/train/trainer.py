@@ -1,0 +1,194 @@
+"""The trainer: build every piece from the config, then run the short linear loop.
+
+    build: runtime -> data -> model (meta, then init) -> optimizer -> schedule -> loader
+    loop:  next batch -> train_step -> schedule step -> log / eval / checkpoint
+
+Cross-cutting concerns (precision, metric sinks, progress) are objects handed in here,
+not branches inside the loop (DESIGN.md principle 8).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scaletrain.config import Config, accumulation_steps, data_parallel_degree
+from scaletrain.data import build_data
+from scaletrain.data.loader import StatefulLoader, eval_batches
+from scaletrain.evaluate import evaluate
+from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
+from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
+from scaletrain.models import REGISTRY, build_model, count_params
+from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.precision import PrecisionPolicy
+from scaletrain.train import run_dir as rd
+from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
+from scaletrain.train.state import TrainState
+from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime: Runtime | None = None):
+        self.cfg = cfg
+        self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
+        self.spec = REGISTRY[cfg.model.name]
+        self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
+        self.show_progress = self.rt.is_main and (
+            cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
+        self.data = build_data(cfg, progress=self.show_progress)
+        self.run_dir = Path(cfg.run.dir)
+        if self.rt.is_main:
+            rd.prepare_run_dir(cfg)
+            if self.data.tokenizer is not None:
+                self.data.tokenizer.save(self.run_dir / rd.TOKENIZER_FILE)
+        seed_everything(cfg.train.seed)
+        facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
+                 "num_classes": self.data.num_classes}
+        self.model = build_model(cfg.model, facts, seed=cfg.train.seed, device=self.rt.device,
+                                 dtype=self.policy.param_dtype)
+        self.n_params = count_params(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = self.policy.make_scaler()
+        self.dp = data_parallel_degree(cfg)
+        self.accum = accumulation_steps(cfg)
+        self.micro = cfg.train.batch_size // (self.dp * self.accum)
+        self.loader = StatefulLoader(
+            self.data.train, cfg.train.batch_size, rank=self.rt.rank, world=self.dp,
+            seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
+            workers=cfg.data.loader_workers)
+        self.state = TrainState()
+        self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
+                                     grad_clip_value=cfg.train.grad_clip_value)
+        self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
+            if self.rt.is_main else None
+        self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
+                                if self.spec.flops_per_token else None)
+        self._peak_flops: float | None = None
+
+    # -- metrics -----------------------------------------------------------------------
+    def peak_flops(self) -> float:
+        """The device's measured matmul peak in the compute dtype (cached per machine)."""
+        if self._peak_flops is None:
+            dt = self.policy.compute_dtype
+            self._peak_flops = measure_peak_flops(dt if dt != torch.float64 else torch.float32,
+                                                  self.rt.threads, self.rt.device)
+        return self._peak_flops
+
+    def log(self, record: dict) -> None:
+        if self.sinks is not None:
+            self.sinks.write(record)
+
+    # -- evaluation --------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict:
+        dataset = {"val": self.data.val, "test": self.data.test}[split]
+        e = self.cfg.eval
+        batches = eval_batches(dataset, e.batch_size, e.batches, rank=self.rt.rank,
+                               world=self.dp)
+        batches = ((x.to(self.rt.device), y.to(self.rt.device)) for x, y in batches)
+        result = evaluate(self.model, batches, self.policy, self.rt.device, self.spec.kind)
+        record = {"kind": "eval", "split": split, "step": self.state.step, **result}
+        self.log(record)
+        return result
+
+    def maybe_keep_best(self, val_loss: float) -> None:
+        if val_loss < self.state.best_val:
+            self.state.best_val, self.state.best_step = val_loss, self.state.step
+            if self.rt.is_main:
+                rd.save_weights(self.model, self.run_dir / rd.BEST_WEIGHTS, self.cfg)
+
+    # -- the loop ----------------------------------------------------------------------
+    def next_micro_batches(self):
+        x, y = self.loader.next()
+        x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+        return split_micro_batches((x, y), self.micro)
+
+    def fit(self) -> dict:
+        cfg, st = self.cfg, self.state
+        progress = Progress(cfg.train.steps, initial=st.step, enabled=cfg.train.progress
+                            if self.rt.is_main else "off")
+        meter = Throughput()
+        if cfg.eval.interval and st.step == 0:
+            self.maybe_keep_best(self.evaluate("val")["loss"])
+        self.model.train()
+        meter.start()
+        t0 = time.perf_counter()
+        tokens_since_log, last = 0, {}
+        while st.step < cfg.train.steps:
+            micro_batches = self.next_micro_batches()
+            lr = self.optimizer.param_groups[0]["lr"]
+            result = train_step(self.model, micro_batches, self.optimizer, self.policy,
+                                self.scaler, self.step_opts)
+            self.scheduler.step()
+            st.step += 1
+            n = int(result.n_targets)  # host read: needed for the token count anyway
+            st.tokens += n
+            tokens_since_log += n
+            st.skipped_steps += int(result.skipped)
+            if st.step % cfg.train.log_interval == 0 or st.step == cfg.train.steps:
+                last = self._log_train(result, lr, meter, tokens_since_log)
+                tokens_since_log = 0
+                progress.update(st.step, loss=last["loss"], lr=lr,
+                                tok_s=last["tokens_per_s"])
+            if cfg.eval.interval and st.step % cfg.eval.interval == 0 \
+                    and st.step != cfg.train.steps:
+                val = self.evaluate("val")
+                progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
+                self.maybe_keep_best(val["loss"])
+        progress.close()
+        st.wall_time += time.perf_counter() - t0
+        return self.finish(last, meter)
+
+    def _log_train(self, result, lr: float, meter: Throughput, tokens: int) -> dict:
+        meter.step(tokens)
+        tok_s = meter.lap()
+        record = {"kind": "train", "step": self.state.step, "loss": result.loss.item(),
+                  "lr": lr, "grad_norm": result.grad_norm.item(), "tokens": self.state.tokens,
+                  "tokens_per_s": tok_s,
+                  "mfu": (meter.mfu(self.flops_per_token, self.peak_flops(), tok_s)
+                          if self.flops_per_token else None),
+                  "mem_mb": peak_memory_mb(self.rt.device)}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.get_scale()
+            record["skipped_steps"] = self.state.skipped_steps
+        self.log(record)
+        return record
+
+    def finish(self, last_train: dict, meter: Throughput) -> dict:
+        cfg, st = self.cfg, self.state
+        val = self.evaluate("val")
+        self.maybe_keep_best(val["loss"])
+        if self.rt.is_main:
+            rd.save_weights(self.model, self.run_dir / rd.FINAL_WEIGHTS, cfg)
+        test = None
+        if cfg.eval.test:
+            best = self.run_dir / rd.BEST_WEIGHTS
+            if best.is_file() and st.best_step != st.step:
+                rd.load_weights(self.model, best)  # test the model chosen on validation
+            test = self.evaluate("test")
+        tok_s = meter.avg_tokens_per_s()
+        summary = {
+            "steps": st.step, "tokens": st.tokens, "params": self.n_params,
+            "train_loss": last_train.get("loss"), "val": val, "test": test,
+            "best_val_loss": st.best_val, "best_step": st.best_step,
+            "tokens_per_s": tok_s,
+            "mfu": (meter.mfu(self.flops_per_token, self.peak_flops(), tok_s)
+                    if self.flops_per_token else None),
+            "peak_flops": self._peak_flops, "peak_mem_mb": peak_memory_mb(self.rt.device),
+            "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
+            "threads": self.rt.threads, "device": str(self.rt.device),
+            "world_size": self.rt.world, "precision": cfg.precision.dtype,
+        }
+        if self.rt.is_main:
+            self.sinks.close()
+            write_summary(self.run_dir / "summary.json", summary)
+            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        return summary
+
+
+def train(cfg: Config) -> dict:
+    """Train `cfg` to the end and return its summary."""
+    return Trainer(cfg).fit()
