@@ -1,0 +1,75 @@
+"""Data: preparation (cached), datasets, the global sampler and the stateful loader.
+
+`build_data(cfg)` is the one entry point the trainer needs. The heavy modules (torch via
+`datasets`, scikit-learn) are imported inside it rather than here, because the tokenizer
+worker processes that `prepare` spawns import this package too, and should start fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scaletrain.config.schema import Config
+    from scaletrain.data.tokenizer import Tokenizer
+
+__all__ = ["Data", "build_data"]
+
+
+@dataclass
+class Data:
+    """A prepared dataset, ready for loaders.
+
+    `train`/`val`/`test` are `TokenWindows` (text) or `ArrayDataset` (image); `val` or
+    `test` is None when its fraction is 0. Text sets `tokenizer` and `vocab_size`; images
+    set `num_classes` and `input_shape` (C, H, W).
+    """
+
+    kind: str
+    path: Path
+    train: Any
+    val: Any
+    test: Any
+    tokenizer: Tokenizer | None = None
+    vocab_size: int | None = None
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    manifest: dict = field(default_factory=dict, repr=False)
+
+
+def build_data(cfg: Config, *, progress: bool) -> Data:
+    """Prepare `cfg.data` (a no-op when cached) and open its splits.
+
+    Text windows are `cfg.model.seq_len` tokens long; a split too short for one window
+    raises DataError naming it.
+    """
+    from scaletrain.data.cache import read_manifest
+    from scaletrain.data.datasets import ArrayDataset, TokenWindows
+    from scaletrain.data.prepare import prepare
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.data.vision import load_digits_arrays
+
+    path = prepare(cfg.data, progress=progress)
+    manifest = read_manifest(path)
+    if manifest is None:  # prepare() just validated it; only a concurrent delete gets here
+        from scaletrain.errors import DataError
+        raise DataError(f"{path}: manifest.json is missing or unreadable")
+
+    if manifest["kind"] == "image":
+        arrays = load_digits_arrays(path)
+        sets = {s: ArrayDataset(arrays[f"x_{s}"], arrays[f"y_{s}"]) if len(arrays[f"y_{s}"])
+                else None for s in ("train", "val", "test")}
+        return Data(kind="image", path=path, **sets, num_classes=manifest["num_classes"],
+                    input_shape=tuple(manifest["input_shape"]), manifest=manifest)
+
+    def windows(split: str):
+        if manifest["splits"][split]["tokens"] == 0:  # fraction 0: no such split
+            return None
+        return TokenWindows(path / f"{split}.bin", manifest["dtype"], cfg.model.seq_len)
+
+    tok = Tokenizer.load(path / manifest["tokenizer"])
+    return Data(kind="text", path=path, train=windows("train"), val=windows("val"),
+                test=windows("test"), tokenizer=tok, vocab_size=tok.vocab_size,
+                manifest=manifest)

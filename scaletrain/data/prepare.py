@@ -1,0 +1,123 @@
+"""Prepare a data source once into a cached directory the loaders memory-map.
+
+Text pipeline: list files -> read, decode, clean -> drop short -> exact dedup -> split by
+content hash -> train byte-level BPE on train -> tokenize (worker processes) -> flat token
+files + tokenizer.json + manifest.json. Image pipeline: see `vision.py`. Both are cached
+under a key of their inputs and settings (`cache.py`), so calling `prepare` again is a few
+`stat` calls, and changing an input file or a setting gives a fresh directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import tokenizers
+
+from scaletrain.config.schema import DataConfig
+from scaletrain.data import tokenizer as tokenizer_mod
+from scaletrain.data.cache import build_cached, cache_key
+from scaletrain.data.clean import (SPLITS, check_fractions, documents_needed, read_documents,
+                                   split_documents)
+from scaletrain.data.shards import Encoder, token_dtype, write_split
+from scaletrain.data.sources import InputFiles, list_text_files, slug
+from scaletrain.data.vision import DIGITS, prepare_digits
+from scaletrain.errors import DataError
+
+__all__ = ["prepare", "prepare_text", "prepare_digits", "text_settings", "MIN_TRAIN_TOKENS"]
+
+MIN_TRAIN_TOKENS = 2
+"""The train split must give at least one (input, target) pair; the seq_len-specific
+check ("fewer than seq_len+1 tokens") is made where seq_len is known, in `datasets.py`."""
+
+
+def prepare(dcfg: DataConfig, *, progress: bool) -> Path:
+    """Prepare `dcfg.source` ('digits', 'python-stdlib', a directory or a glob) if needed.
+
+    Returns the prepared directory (it holds manifest.json).
+    """
+    if dcfg.source == DIGITS:
+        return prepare_digits(dcfg, progress=progress)
+    return prepare_text(dcfg, progress=progress)
+
+
+def text_settings(dcfg: DataConfig) -> dict:
+    """The settings that change a prepared text dataset, i.e. that go into its key.
+
+    Not `prep_workers` (the output does not depend on it) nor the loader settings. The
+    `tokenizers` version is in because BPE training may change between its releases.
+    """
+    return {
+        "kind": "text",
+        "vocab_size": dcfg.vocab_size,
+        "val_fraction": dcfg.val_fraction,
+        "test_fraction": dcfg.test_fraction,
+        "min_chars": dcfg.min_chars,
+        "max_files": dcfg.max_files,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
+    """Prepare a text source into `<prepared_dir>/<slug>-<key[:12]>/` unless cached.
+
+    The directory holds `train.bin`, `val.bin`, `test.bin` (flat token ids, see
+    `shards.py`), `tokenizer.json` and `manifest.json`. Raises DataError, with the source
+    in the message, when there is nothing usable to prepare.
+    """
+    check_fractions(dcfg.val_fraction, dcfg.test_fraction)
+    inputs = list_text_files(dcfg.source, dcfg.max_files)
+    settings = text_settings(dcfg)
+    # The root is in the key so that two copies of a corpus with equal names, sizes and
+    # times (cp -p) in different places are still told apart.
+    key = cache_key({"root": str(inputs.root), "files": inputs.fingerprint()}, settings)
+    final = Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-{key[:12]}"
+    return build_cached(final, key,
+                        lambda tmp: _build_text(tmp, inputs, dcfg, settings, progress))
+
+
+def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
+                progress: bool) -> dict:
+    """Write the prepared text files into `out`; returns the manifest."""
+    src = dcfg.source
+    docs, counts = read_documents(inputs.files, dcfg.min_chars, progress=progress)
+    unreadable = counts.skipped_binary + counts.skipped_undecodable
+    if unreadable == counts.files:
+        raise DataError(f"{src}: {counts.files} files, all binary or not UTF-8")
+    need = documents_needed(dcfg.val_fraction, dcfg.test_fraction)
+    if counts.documents < need:
+        raise DataError(
+            f"{src}: {counts.documents} document(s) left of {counts.files} files after "
+            f"filtering ({counts.too_short} shorter than data.min_chars={dcfg.min_chars}, "
+            f"{counts.duplicates} duplicates, {unreadable} binary or not UTF-8); need at "
+            f"least {need} for the train/val/test splits")
+    splits = split_documents(docs, dcfg.val_fraction, dcfg.test_fraction)
+    del docs
+
+    train_texts = [d.text for d in splits["train"]]
+    # Looked up through the module so tests can replace the trainer (cache-hit checks).
+    tok = tokenizer_mod.train_bpe(train_texts, dcfg.vocab_size, length=len(train_texts),
+                                  progress=progress)
+    tok.save(out / "tokenizer.json")
+
+    stats = {}
+    with Encoder(tok, dcfg.prep_workers) as enc:
+        for s in SPLITS:
+            texts = train_texts if s == "train" else [d.text for d in splits[s]]
+            stats[s] = write_split(texts, enc, out / f"{s}.bin", progress=progress,
+                                   desc=f"tokenize {s}")
+    if stats["train"]["tokens"] < MIN_TRAIN_TOKENS:
+        raise DataError(f"{src}: the train split has {stats['train']['tokens']} tokens, "
+                        f"fewer than {MIN_TRAIN_TOKENS}")
+    return {
+        "kind": "text",
+        "source": src,
+        "root": str(inputs.root),
+        "settings": settings,
+        "counts": asdict(counts),
+        "splits": stats,
+        "dtype": token_dtype(tok.vocab_size).name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "tokenizer": "tokenizer.json",
+    }

@@ -1,0 +1,99 @@
+"""Byte-level BPE tokenizer: training on the train split and an exact encode/decode wrapper.
+
+Built on the Hugging Face `tokenizers` library (DESIGN.md §1.11) rather than by hand. The
+configuration follows GPT-2: a ByteLevel pre-tokenizer maps every byte to a printable
+character before the GPT-2 regex split, so any UTF-8 text is representable without an
+unknown token, and the ByteLevel decoder maps them back. There is deliberately no
+normalizer and no prefix space: Unicode normalisation happens once, in `clean.py`, so
+that `decode(encode(s)) == s` holds for *every* string, including non-NFC ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from scaletrain.errors import DataError
+
+EOT = "<|endoftext|>"
+"""The one special token, appended after every document (as in GPT-2)."""
+
+
+class Tokenizer:
+    """A thin wrapper around a `tokenizers.Tokenizer` with the end-of-text id at hand."""
+
+    def __init__(self, hf: HFTokenizer):
+        eot = hf.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"tokenizer has no {EOT} token")
+        # A document that literally contains "<|endoftext|>" (this very file does) must
+        # be encoded as ordinary text, not as a document boundary. The flag is not part
+        # of tokenizer.json, so it is set here, on every construction.
+        hf.encode_special_tokens = True
+        self._hf = hf
+        self.eot_id: int = eot
+        self.vocab_size: int = hf.get_vocab_size()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a `tokenizer.json` written by :meth:`save` (or by `prepare`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: tokenizer file not found")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception on malformed JSON
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: not a valid tokenizer file ({first})") from None
+        return cls(hf)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as a single `tokenizer.json` file."""
+        self._hf.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without the end-of-text id."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text; uses the library's (Rust, multi-threaded) batching."""
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; the end-of-text id decodes to its literal token string."""
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_str(self) -> str:
+        """The JSON form, small enough to send to worker processes."""
+        return self._hf.to_str()
+
+    @classmethod
+    def from_str(cls, s: str) -> Tokenizer:
+        """Inverse of :meth:`to_str`."""
+        return cls(HFTokenizer.from_str(s))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None,
+              progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of (at most) `vocab_size` tokens on `texts`.
+
+    The vocabulary may come out smaller than asked when the corpus has too few distinct
+    pairs to merge; callers must read `Tokenizer.vocab_size` rather than assume it.
+    """
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],  # gets id 0: special tokens are added first
+        # All 256 byte symbols, even ones the train split lacks, so that val/test/user
+        # text with unseen bytes still encodes (no unknown token exists).
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    hf.train_from_iterator(texts, trainer, length=length)
+    return Tokenizer(hf)
