@@ -2,4 +2,6 @@ import sys
 
 from scaletrain.cli import main
 
-sys.exit(main())
+# The guard matters: data preparation spawns worker processes, which re-import __main__.
+if __name__ == "__main__":
+    sys.exit(main())

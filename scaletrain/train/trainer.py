@@ -169,7 +169,7 @@ class Trainer:
             if best.is_file() and st.best_step != st.step:
                 rd.load_weights(self.model, best)  # test the model chosen on validation
             test = self.evaluate("test")
-        tok_s = meter.avg_tokens_per_s()
+        tok_s = meter.avg_tokens_per_s
         summary = {
             "steps": st.step, "tokens": st.tokens, "params": self.n_params,
             "train_loss": last_train.get("loss"), "val": val, "test": test,
