@@ -1,0 +1,67 @@
+"""Shared fixtures: one tiny prepared text corpus per test session, and tiny configs.
+
+The corpus is the first files of the built-in python-stdlib source with a small BPE
+vocabulary, prepared once per session (per xdist worker) into a temporary directory, so
+tests never re-prepare and never touch the user's `data/` cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny GPT on tiny data: every test that trains a text model starts from these.
+TINY_DATA = ["--data.source=python-stdlib", "--data.max_files=24", "--data.vocab_size=384",
+             "--data.prep_workers=1"]
+TINY_GPT = ["--model.name=gpt", "--model.n_layer=2", "--model.n_head=2", "--model.d_model=32",
+            "--model.seq_len=32", "--train.batch_size=8", "--train.log_interval=1",
+            "--train.progress=off", "--eval.interval=0", "--eval.batches=2",
+            "--eval.batch_size=8", "--schedule.warmup_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    """A prepared-data cache holding the tiny corpus (prepared once per session)."""
+    from scaletrain.config import build_config
+    from scaletrain.config.load import parse_overrides
+    from scaletrain.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    pairs, _ = parse_overrides(TINY_DATA + [f"--data.prepared_dir={root}"])
+    prepare(build_config(None, pairs).data, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_args(prepared_dir, tmp_path) -> list[str]:
+    """CLI overrides for a tiny GPT run in a fresh run directory on the prepared corpus."""
+    return TINY_DATA + TINY_GPT + [f"--data.prepared_dir={prepared_dir}",
+                                   f"--run.dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_args):
+    """`tiny_args` as a validated Config; pass extra overrides with `tiny_cfg_with`."""
+    return make_cfg(tiny_args)
+
+
+def make_cfg(args: list[str]):
+    from scaletrain.config import build_config
+    from scaletrain.config.load import parse_overrides
+
+    pairs, rest = parse_overrides(args)
+    assert not rest, rest
+    return build_config(None, pairs)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run `python -m scaletrain ARGS` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "scaletrain", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
