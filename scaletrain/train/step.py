@@ -45,6 +45,7 @@ class StepResult:
     grad_norm: torch.Tensor
     n_targets: torch.Tensor  # global count of target positions in the step
     skipped: bool = False  # fp16 overflow: the optimizer step was not applied
+    n_targets_int: int = 0  # n_targets read on the host (filled in by the trainer)
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[Batch],

@@ -106,6 +106,20 @@ class Trainer:
         x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
         return split_micro_batches((x, y), self.micro)
 
+    def train_one_step(self):
+        """One optimizer step on the next global batch; returns (StepResult, lr used)."""
+        st = self.state
+        micro_batches = self.next_micro_batches()
+        lr = self.optimizer.param_groups[0]["lr"]
+        result = train_step(self.model, micro_batches, self.optimizer, self.policy,
+                            self.scaler, self.step_opts)
+        self.scheduler.step()
+        st.step += 1
+        result.n_targets_int = int(result.n_targets)  # host read, needed for the count
+        st.tokens += result.n_targets_int
+        st.skipped_steps += int(result.skipped)
+        return result, lr
+
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
         progress = Progress(cfg.train.steps, initial=st.step, enabled=cfg.train.progress
@@ -118,16 +132,8 @@ class Trainer:
         t0 = time.perf_counter()
         tokens_since_log, last = 0, {}
         while st.step < cfg.train.steps:
-            micro_batches = self.next_micro_batches()
-            lr = self.optimizer.param_groups[0]["lr"]
-            result = train_step(self.model, micro_batches, self.optimizer, self.policy,
-                                self.scaler, self.step_opts)
-            self.scheduler.step()
-            st.step += 1
-            n = int(result.n_targets)  # host read: needed for the token count anyway
-            st.tokens += n
-            tokens_since_log += n
-            st.skipped_steps += int(result.skipped)
+            result, lr = self.train_one_step()
+            tokens_since_log += result.n_targets_int
             if st.step % cfg.train.log_interval == 0 or st.step == cfg.train.steps:
                 last = self._log_train(result, lr, meter, tokens_since_log)
                 tokens_since_log = 0
