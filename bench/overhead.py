@@ -1,0 +1,99 @@
+"""scaletrain's training step against a minimal hand-written PyTorch loop.
+
+Same model (same init), same data order, same optimizer (AdamW, same groups), same
+gradient clipping and micro-batching; the hand loop is what a careful user writes in 15
+lines. Segments of `--steps` steps alternate A (scaletrain) / B (hand loop) for `--pairs`
+pairs; we report the median of per-pair time ratios A/B and, as a noise control, the
+median ratio of two interleaved scaletrain segments (A/A'). DESIGN.md §4.
+
+    .venv/bin/python bench/overhead.py [--config configs/tiny.toml] [--pairs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from scaletrain.config import build_config  # noqa: E402
+from scaletrain.config.load import parse_overrides  # noqa: E402
+from scaletrain.data.loader import StatefulLoader  # noqa: E402
+from scaletrain.models import build_model  # noqa: E402
+from scaletrain.optim import build_optimizer  # noqa: E402
+from scaletrain.train.trainer import Trainer  # noqa: E402
+
+
+class HandLoop:
+    """The minimal loop: forward, mean cross-entropy / accum, backward, clip, step."""
+
+    def __init__(self, tr: Trainer):
+        cfg = tr.cfg
+        facts = {"vocab_size": tr.data.vocab_size}
+        self.model = build_model(cfg.model, facts, seed=cfg.train.seed).train()
+        self.opt = build_optimizer(self.model, cfg.optim)
+        self.loader = StatefulLoader(tr.data.train, cfg.train.batch_size, seed=cfg.train.seed)
+        self.micro, self.accum, self.clip = tr.micro, tr.accum, cfg.train.grad_clip
+
+    def step(self) -> None:
+        x, y = next(self.loader)
+        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
+            logits = self.model(xm)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), ym.view(-1)) / self.accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timed(fn, steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/tiny.toml")
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed segment")
+    args, rest = ap.parse_known_args()
+    pairs, _ = parse_overrides(rest)
+    cfg = build_config(args.config, [("run.dir", "/tmp/scaletrain-bench-overhead"),
+                                     ("run.overwrite", "true"), ("train.progress", "off"),
+                                     ("train.steps", "100000"), ("schedule.warmup_steps", "0"),
+                                     *pairs])
+    a = Trainer(cfg)
+    a_step = lambda: a.train_one_step()  # noqa: E731
+    b = HandLoop(a)
+    for _ in range(3):  # warm-up: allocator, kernels, first-touch of the memory map
+        a_step(), b.step()
+    ratios, controls, ta_all, tb_all = [], [], [], []
+    for i in range(args.pairs):
+        # Alternate which side goes first, so slow drift does not favour one of them.
+        if i % 2 == 0:
+            ta, tb, ta2 = timed(a_step, args.steps), timed(b.step, args.steps), \
+                timed(a_step, args.steps)
+        else:
+            ta2, tb, ta = timed(a_step, args.steps), timed(b.step, args.steps), \
+                timed(a_step, args.steps)
+        ratios.append(ta / tb)
+        controls.append(ta / ta2)
+        ta_all.append(ta), tb_all.append(tb)
+    print(f"config {args.config}: {a.n_params / 1e6:.2f}M params, threads "
+          f"{torch.get_num_threads()}, {args.pairs} pairs x {args.steps} steps")
+    print(f"scaletrain step  median {statistics.median(ta_all) * 1e3:8.2f} ms")
+    print(f"hand loop step   median {statistics.median(tb_all) * 1e3:8.2f} ms")
+    print(f"ratio scaletrain / hand loop (median of pairs): {statistics.median(ratios):.4f}")
+    print(f"A/A control (median of pairs):                  {statistics.median(controls):.4f}")
+
+
+if __name__ == "__main__":
+    main()
