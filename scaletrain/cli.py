@@ -20,7 +20,10 @@ commands:
   train      train a model (--nproc N launches N local processes through torchrun)
   prepare    prepare (clean, dedup, split, tokenize) the data of a config
   eval       evaluate a run directory on a split (--split val|test)
-  generate   sample text from a run directory (--generate.prompt=..., --generate.top_k=...)
+  generate   sample text from a run or artefact directory (--generate.prompt=..., ...)
+  compress   prune / quantize a run (--prune.method=..., --quant.methods=...) + report
+  serve      HTTP completion server over a run or artefact (--serve.port=...)
+  export     a run's model as safetensors or a Hugging Face GPT-2 (--format hf)
 
 --help-config lists every config field with its default and documentation.
 """
@@ -32,7 +35,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "train":
         p.add_argument("--nproc", type=int, default=0,
                        help="launch N local processes with torchrun (torch.distributed.run)")
-    if cmd in ("eval", "generate"):
+    if cmd in ("eval", "generate", "compress", "serve"):
         p.add_argument("run_dir", nargs="?", help="run directory (default: --run.dir)")
     if cmd == "eval":
         p.add_argument("--split", choices=("val", "test"), default="val")
@@ -54,6 +57,9 @@ def cmd_train(argv: list[str]) -> int:
     args, overrides = _split_args("train", argv)
     cfg = build_config(args.config, overrides)  # validate everything before any compute
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
+        from scaletrain.config.checks import check_parallel
+
+        check_parallel(cfg, args.nproc)  # degrees vs world: one line here, not N ranks
         return _launch_torchrun(args.nproc, argv)
     from scaletrain.train.trainer import train
 
@@ -110,11 +116,11 @@ def cmd_eval(argv: list[str]) -> int:
     from scaletrain.evaluate import evaluate
     from scaletrain.models import REGISTRY
     from scaletrain.precision import PrecisionPolicy
-    from scaletrain.train.run_dir import load_model_from_run
+    from scaletrain.compress.artefact import load_artefact
 
     args, overrides = _split_args("eval", argv)
     run_dir = _run_config(args, overrides)
-    cfg, model, _ = load_model_from_run(run_dir, overrides, which=args.weights)
+    cfg, model, _ = load_artefact(run_dir, overrides, which=args.weights)
     data = build_data(cfg, progress=False)
     dataset = {"val": data.val, "test": data.test}[args.split]
     policy = PrecisionPolicy(cfg.precision.dtype, next(model.parameters()).device)
@@ -128,11 +134,11 @@ def cmd_generate(argv: list[str]) -> int:
     import torch
 
     from scaletrain.generate import sample
-    from scaletrain.train.run_dir import load_model_from_run
+    from scaletrain.compress.artefact import load_artefact
 
     args, overrides = _split_args("generate", argv)
     run_dir = _run_config(args, overrides)
-    cfg, model, tok = load_model_from_run(run_dir, overrides)
+    cfg, model, tok = load_artefact(run_dir, overrides)  # run, artefact or HF dir
     if tok is None:
         raise UserError(f"'{run_dir}' is not a text model run; generate needs a GPT")
     g = cfg.generate
@@ -149,8 +155,33 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_compress(argv: list[str]) -> int:
+    from scaletrain.compress.pipeline import compress
+
+    args, overrides = _split_args("compress", argv)
+    report = compress(_run_config(args, overrides), overrides)
+    print(report["table"])
+    print(f"artefacts, report.json and report.png -> {report['out']}")
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from scaletrain.serve.server import serve
+
+    args, overrides = _split_args("serve", argv)
+    serve(_run_config(args, overrides), overrides)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    from scaletrain.checkpoint.export import main as export_main
+
+    return export_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "compress": cmd_compress, "serve": cmd_serve,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,36 +1,107 @@
-"""Text generation from a trained GPT: temperature and top-k sampling.
+"""Text generation from a trained GPT: greedy, temperature and top-k sampling, with
+KV-cache decoding.
 
-The model is re-run on the (cropped) context for each new token; KV-cache decoding is a
-deployment concern (compress/ and serve).
+KV cache: the prompt is run once (prefill) and each block's keys and values are kept;
+every new token then runs the model on that one position only, attending to the cached
+keys/values, so a token costs O(T) attention instead of a full O(T²) re-run of the
+context (the standard decoder inference scheme; e.g. Pope et al. 2022, "Efficiently
+Scaling Transformer Inference"). The cached forward below re-uses the model's own
+submodules (embeddings, LayerNorms, the linears — whatever LoRA / pruning /
+quantization converted them to) and only re-states the attention's data flow, which
+must stay in step with `models/gpt.py` (the KV-vs-no-cache test checks it).
+
+Learned positions stop at `seq_len`: once the window is full the context must slide,
+every position shifts, and the cache is invalid; decoding then falls back to re-running
+the last `seq_len` tokens per step, exactly what the no-cache path does, so both paths
+give the same tokens for any length. (Exception: torch.ao dynamic int8 layers pick
+activation scales per call, so a one-token call rounds differently from a whole-context
+call; the logits are close, the greedy path may differ.)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _attend(attn: nn.Module, x: torch.Tensor, kv: tuple | None):
+    """CausalSelfAttention on (B, T, D) new positions given cached (k, v) or None."""
+    B, T, D = x.shape
+    qkv = attn.c_attn(x)
+    d_local = qkv.shape[-1] // 3  # head count from the projection's output, as gpt.py
+    n_head = attn.n_head * d_local // D
+    q, k, v = qkv.split(d_local, dim=2)
+    q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
+    if kv is not None:
+        k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, H, S, Dh)
+    if kv is not None and T > 1:
+        raise ValueError("cached decoding feeds one token at a time after the prefill")
+    # Prefill: causal over the prompt. One new token: it may see every cached position.
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None and T > 1)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, d_local)), (k, v)
+
+
+def forward_cached(model: nn.Module, idx: torch.Tensor, cache: list, pos0: int) -> torch.Tensor:
+    """Logits (B, T, V) of `idx` at positions pos0.. given `cache` (updated in place:
+    one (k, v) per block, or None before the prefill). Eval mode (no dropout) only."""
+    T = idx.shape[1]
+    pos = torch.arange(pos0, pos0 + T, device=idx.device)
+    x = model.wte(idx) + model.wpe(pos)
+    for i, block in enumerate(model.blocks.values()):
+        h, cache[i] = _attend(block.attn, block.ln_1(x), cache[i])
+        x = x + h
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.ln_f(x))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int,
+          generator: torch.Generator | None) -> int:
+    """Next token from (V,) logits; temperature 0 is greedy."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 @torch.no_grad()
 def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, seq_len: int,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-           stop_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids`; temperature 0 is greedy. Returns only the new tokens."""
+           stop_id: int | None = None, use_cache: bool = True) -> list[int]:
+    """Continue `prompt_ids`; temperature 0 is greedy. Returns only the new tokens.
+
+    `use_cache=False` re-runs the (cropped) context for every token: the reference the
+    cached path is tested against, and the path for models without GPT blocks.
+    """
+    was_training = model.training
+    model.eval()  # dropout off: the cache holds deterministic keys and values
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    ids = list(prompt_ids)
+    use_cache = use_cache and hasattr(model, "blocks") and getattr(model, "wte", None) is not None
+    cache: list = [None] * len(model.blocks) if use_cache else []
+    pos = 0  # positions held in the cache
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -seq_len:])[0, -1].float()  # (V,)
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if stop_id is not None and nxt == stop_id:
-            break
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    try:
+        for _ in range(max_new_tokens):
+            if use_cache and pos == 0:
+                ctx = ids[-seq_len:]
+                logits = forward_cached(model, torch.tensor([ctx], device=device), cache, 0)
+                pos = len(ctx)
+            elif use_cache and pos < seq_len:  # the last token is not in the cache yet
+                logits = forward_cached(model, torch.tensor([[ids[-1]]], device=device),
+                                        cache, pos)
+                pos += 1
+            else:  # no cache, or the window is full: re-run the last seq_len tokens
+                logits = model(torch.tensor([ids[-seq_len:]], device=device))
+            nxt = _pick(logits[0, -1].float(), temperature, top_k, generator)
+            if stop_id is not None and nxt == stop_id:
+                break
+            out.append(nxt)
+            ids.append(nxt)
+    finally:
+        model.train(was_training)
     return out

@@ -5,7 +5,8 @@ has no precision `if`s (DESIGN.md principle 8).
 - fp32 / fp64: parameters and compute in that dtype (fp64 for verification runs).
 - bf16: fp32 master parameters, bf16 autocast of the forward.
 - fp16: fp32 master parameters, fp16 autocast, dynamic loss scaling (`torch.amp.GradScaler`).
-- bf16-pure: bf16 parameters and compute; the optimizer keeps fp32 state (optim/).
+- bf16-pure: bf16 parameters and compute; the optimizer runs on fp32 master copies and
+  keeps fp32 state (optim/master_weights.py), so updates below a bf16 ulp accumulate.
 
 The loss is always computed in fp32 (see train/losses.py).
 """
@@ -40,6 +41,18 @@ class PrecisionPolicy:
         if self.name in _AUTOCAST_DTYPE:
             return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPE[self.name])
         return contextlib.nullcontext()
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Floating-point model inputs (images) in the parameter dtype (fp64, bf16-pure);
+        token ids and autocast runs are left as they are."""
+        if x.is_floating_point() and x.dtype != self.param_dtype:
+            return x.to(self.param_dtype)
+        return x
+
+    @property
+    def master_weights(self) -> bool:
+        """Whether the optimizer must keep fp32 master copies of the parameters."""
+        return self.param_dtype in (torch.bfloat16, torch.float16)
 
     def make_scaler(self) -> torch.amp.GradScaler | None:
         """Dynamic loss scaling for fp16, whose 5-bit exponent underflows small gradients."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import tomllib
 from pathlib import Path
@@ -105,6 +106,8 @@ def _set(cfg: Config, key: str, value: Any, from_cli: bool) -> None:
                           f"{_suggest(key, _all_keys()) or _suggest(sec_name, list(secs))}")
     section = secs[sec_name]
     types = _field_types(type(section))
+    if keyword.iskeyword(name) and name + "_" in types:
+        name += "_"  # `init.from` is the field `from_` (a keyword cannot be a field name)
     if name not in types:
         raise ConfigError(f"unknown config key '{key}'{_suggest(key, _all_keys())}")
     setattr(section, name, _coerce(key, value, types[name], from_cli))
@@ -206,13 +209,19 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def _key_name(field_name: str) -> str:
+    """The user-facing key of a field: `from_` is written `from` (see _set)."""
+    bare = field_name[:-1] if field_name.endswith("_") else field_name
+    return bare if keyword.iskeyword(bare) else field_name
+
+
 def dumps_toml(cfg: Config | dict) -> str:
     """The resolved config as TOML (stdlib has a reader only; the subset we use is tiny)."""
     data = to_dict(cfg) if isinstance(cfg, Config) else cfg
     lines = []
     for sec, table in data.items():
         lines.append(f"[{sec}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{_key_name(k)} = {_toml_value(v)}" for k, v in table.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -224,5 +233,5 @@ def describe() -> str:
         out.append(f"[{sec_name}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"  {sec_name}.{f.name} = {_toml_value(default)}\n      {f.metadata['doc']}")
+            out.append(f"  {sec_name}.{_key_name(f.name)} = {_toml_value(default)}\n      {f.metadata['doc']}")
     return "\n".join(out)

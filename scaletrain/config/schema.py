@@ -45,6 +45,8 @@ class ModelConfig:
     hidden: int = F(256, "MLP: hidden width.", ge=1)
     channels: int = F(32, "CNN: channels of the residual blocks.", ge=1)
     n_blocks: int = F(2, "CNN: number of residual blocks.", ge=1)
+    weight_norm: bool = F(False, "Weight normalisation (w = g * v / ||v||, Salimans & "
+                          "Kingma 2016) on every linear layer not tied to an embedding.")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class DataConfig:
                           "a hash of the inputs and settings.")
     vocab_size: int = F(4096, "BPE vocabulary size trained on the train split.",
                         ge=260, le=65536 * 64)
+    tokenizer: str = F("", "A tokenizer.json to encode with instead of training a BPE "
+                       "(set from init.from / distill.teacher so ids mean the same).")
     val_fraction: float = F(0.05, "Fraction of documents in the validation split.",
                             ge=0.0, lt=1.0)
     test_fraction: float = F(0.05, "Fraction of documents in the test split.", ge=0.0, lt=1.0)
@@ -85,13 +89,20 @@ class TrainConfig:
     log_interval: int = F(10, "Write a train record every this many steps.", ge=1)
     progress: str = F("auto", "Progress bar: 'auto' shows it only on a terminal.",
                       choices=("auto", "on", "off"))
+    descent: str = F("mini-batch", "'mini-batch' (train.batch_size per step), "
+                     "'stochastic' (one sample per step) or 'full-batch' (the whole train "
+                     "split per step).", choices=("mini-batch", "stochastic", "full-batch"))
+    batch_ramp: int = F(0, "Ramp the global batch from train.batch_ramp_start up to the "
+                        "full batch over this many trained tokens; 0 = off.", ge=0)
+    batch_ramp_start: int = F(0, "Global batch (samples) of the first step of the ramp; a "
+                              "multiple of micro_batch_size x data-parallel degree.", ge=0)
 
 
 @dataclass
 class OptimConfig:
     name: str = F("adamw", "Optimizer from torch.optim.",
                   choices=("sgd", "adam", "adamw", "adagrad", "rmsprop"))
-    lr: float = F(1e-3, "Peak learning rate.", gt=0.0)
+    lr: float = F(1e-3, "Peak learning rate (at optim.base_batch_size when scaled).", gt=0.0)
     weight_decay: float = F(0.1, "Decoupled (AdamW) or L2 (others) weight decay on >=2-D "
                             "weights only.", ge=0.0)
     beta1: float = F(0.9, "Adam beta1.", ge=0.0, lt=1.0)
@@ -100,15 +111,51 @@ class OptimConfig:
     momentum: float = F(0.9, "SGD / RMSprop momentum.", ge=0.0, lt=1.0)
     nesterov: bool = F(False, "SGD: Nesterov momentum.")
     decay_embeddings: bool = F(False, "Apply weight decay to embedding tables too.")
+    implementation: str = F("foreach", "torch.optim kernel: 'foreach' (batched), 'fused' "
+                            "(one kernel; sgd/adam/adamw/adagrad) or 'for-loop'.",
+                            choices=("foreach", "fused", "for-loop"))
+    lr_scaling: str = F("none", "Scale optim.lr with the global batch B: 'linear' "
+                        "(lr*B/base, Goyal et al. 2017) or 'sqrt' (lr*sqrt(B/base)).",
+                        choices=("none", "linear", "sqrt"))
+    base_batch_size: int = F(0, "The global batch at which optim.lr holds; 0 = "
+                             "train.batch_size.", ge=0)
+    l1: float = F(0.0, "L1 penalty l1*sum|w| added to the loss (once per step) on the "
+                  "weights that weight decay applies to.", ge=0.0)
+    l2: float = F(0.0, "L2 penalty (l2/2)*sum w^2 added to the loss (once per step) on the "
+                  "weights that weight decay applies to; unlike AdamW's decoupled decay it "
+                  "goes through the optimizer's gradient statistics.", ge=0.0)
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = F("cosine", "Learning-rate schedule after warmup.",
-                  choices=("constant", "cosine", "linear"))
+    name: str = F("cosine", "Learning-rate schedule after warmup (formulas: "
+                  "scaletrain/optim/schedules.py).",
+                  choices=("constant", "step", "multistep", "exponential", "inverse_time",
+                           "linear", "polynomial", "cosine", "wsd", "onecycle", "plateau"))
     warmup_steps: int = F(0, "Linear warmup from 0 to optim.lr over this many steps.", ge=0)
     min_lr: float = F(0.0, "Floor of the learning rate after warmup.", ge=0.0)
     decay_steps: int = F(0, "Length of the decay after warmup; 0 = until train.steps.", ge=0)
+    gamma: float = F(0.1, "LR factor per decay: step (every step_size), multistep (per "
+                     "milestone), exponential (per step), plateau (per reduction).",
+                     gt=0.0, lt=1.0)
+    step_size: int = F(100, "step: steps (after warmup) between decays.", ge=1)
+    milestones: list[int] = F([], "multistep: steps (after warmup) at which to decay.")
+    decay_rate: float = F(0.0, "k of inverse_time lr/(1+k*t), and of exponential's "
+                          "continuous form lr*exp(-k*t) when > 0.", ge=0.0)
+    epoch_steps: int = F(1, "inverse_time: t counts units of this many steps (1 = per step); "
+                         "0 = one epoch over the train split.", ge=0)
+    power: float = F(2.0, "polynomial: lr*(1-t/T)^power (2 = square decay).", gt=0.0)
+    restart_steps: int = F(0, "cosine: first cycle length for warm restarts; 0 = none.",
+                           ge=0)
+    restart_mult: int = F(1, "cosine: each cycle is this many times the previous.", ge=1)
+    decay_fraction: float = F(0.2, "wsd: fraction of the post-warmup steps that decay.",
+                              gt=0.0, le=1.0)
+    decay_shape: str = F("sqrt", "wsd: shape of the decay.",
+                         choices=("linear", "cosine", "sqrt"))
+    pct_start: float = F(0.3, "onecycle: fraction of the cycle spent rising.", gt=0.0, lt=1.0)
+    div_factor: float = F(25.0, "onecycle: the cycle starts at optim.lr / div_factor.", ge=1.0)
+    patience: int = F(2, "plateau: evaluations without improvement before reducing.", ge=0)
+    threshold: float = F(1e-4, "plateau: relative improvement that counts.", ge=0.0)
 
 
 @dataclass
@@ -130,14 +177,95 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = F(0, "Save a checkpoint every this many steps; 0 = only the end.", ge=0)
     keep: int = F(2, "Keep the newest this many checkpoints.", ge=1)
+    keep_best: bool = F(False, "Also keep the checkpoint of the best validation loss.")
+    async_save: bool = F(False, "Write checkpoints in the background: the step waits only "
+                         "while state is copied to memory; at most one save in flight.")
+    resume: str = F("auto", "'auto': resume an existing run.dir from its newest valid "
+                    "checkpoint; 'none': refuse to reuse a run.dir that has checkpoints; "
+                    "or the path of a checkpoint (or run) directory to resume from.")
+    on_signal: bool = F(True, "On SIGTERM/SIGINT finish the current step, save, and exit.")
+
+
+@dataclass
+class FaultsConfig:
+    skip_nonfinite: bool = F(True, "Skip the optimizer step when the loss or gradient norm "
+                             "is NaN/inf (needs one host sync per step).")
+    spike_sigmas: float = F(6.0, "Skip a step whose loss exceeds mean + this many std of "
+                            "the recent losses; 0 = off.", ge=0.0)
+    spike_window: int = F(128, "Recent accepted losses the spike statistics use.", ge=2)
+    spike_min_history: int = F(64, "No spike detection before this many losses are seen.",
+                               ge=2)
+    max_consecutive: int = F(8, "After this many consecutive skipped steps, roll back to "
+                             "the last checkpoint and skip past the offending batches; "
+                             "0 = never roll back.", ge=0)
+    rollback_lr_factor: float = F(1.0, "Multiply the learning rate by this after a "
+                                  "rollback.", gt=0.0, le=1.0)
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = F(1, "Data-parallel replicas (DDP).", ge=1)
-    dp_shard: int = F(1, "Data-parallel shards (FSDP2).", ge=1)
+    dp_replicate: int = F(1, "Data-parallel replicas: gradients all-reduced (DDP; with "
+                          "dp_shard > 1, HSDP). -1 = inferred from the world size.", ge=-1)
+    dp_shard: int = F(-1, "Data-parallel shards: parameters, gradients and optimizer "
+                      "state sharded (FSDP2 / ZeRO-3). -1 = inferred from the world size "
+                      "(world / (dp_replicate * tp * pp)).", ge=-1)
     tp: int = F(1, "Tensor-parallel degree.", ge=1)
     pp: int = F(1, "Pipeline-parallel degree.", ge=1)
+    # Model parallelism options (issue #6; parallel/tensor.py, parallel/pipeline.py).
+    pp_schedule: str = F("1f1b", "Pipeline schedule: 'gpipe' (all forwards, then all "
+                         "backwards), '1f1b' (one forward one backward: activations of at "
+                         "most pp micro-batches alive) or 'interleaved-1f1b' (pp_virtual "
+                         "stages per rank, smaller bubble).",
+                         choices=("gpipe", "1f1b", "interleaved-1f1b"))
+    pp_microbatches: int = F(0, "Pipeline micro-batches per step (>= stages); 0 = the "
+                             "rank's batch / train.micro_batch_size.", ge=0)
+    pp_virtual: int = F(2, "interleaved-1f1b: pipeline stages per rank.", ge=1)
+    pp_split_points: str = F("", "Manual pipeline split: comma-separated block indices "
+                             "where a new stage starts (e.g. '6' or '3,6,9'); empty = "
+                             "blocks split evenly.")
+    sequence_parallel: bool = F(False, "TP: shard LayerNorm/dropout activations along the "
+                                "sequence (Korthikanti et al. 2022); needs seq_len % tp == 0.")
+    loss_parallel: bool = F(True, "TP: keep the logits vocabulary-sharded and compute the "
+                            "cross-entropy without gathering them (torch loss_parallel).")
+    backend: str = F("auto", "Collective backend: 'auto' = NCCL on CUDA, gloo on CPU.",
+                     choices=("auto", "gloo", "nccl"))
+    timeout_s: float = F(600.0, "Seconds a collective may wait for a peer before the "
+                         "run stops with an error (a dead or hung rank).", gt=0.0)
+    reshard_after_forward: bool = F(True, "FSDP2: free each block's gathered parameters "
+                                    "after its forward (ZeRO-3); false keeps them until "
+                                    "the backward (more memory, one all-gather less).")
+    cpu_offload: bool = F(False, "FSDP2: keep parameter shards, gradients and optimizer "
+                          "state in host memory (CPUOffloadPolicy).")
+    activation_checkpoint: str = F("none", "Recompute activations per transformer block "
+                                   "in the backward: 'full' (keep only block inputs) or "
+                                   "'selective' (keep matmul/attention outputs).",
+                                   choices=("none", "full", "selective"))
+    ddp_bucket_mb: int = F(25, "DDP: gradient bucket size in MiB (all-reduce granularity, "
+                           "overlapped with the backward).", ge=1)
+    # Parameter-server mode (issue #7; scaletrain/paramserver/).
+    mode: str = F("spmd", "'spmd': every rank trains (data/sharded parallel); 'ps': "
+                  "parameter server — ranks [0, ps_servers) hold the parameters, the rest "
+                  "are workers.", choices=("spmd", "ps"))
+    ps_servers: int = F(1, "PS: server processes (ranks 0..ps_servers-1); parameters are "
+                        "sharded across them, balanced by size.", ge=1)
+    ps_consistency: str = F("sync", "PS: 'sync' (one update per step from every worker), "
+                            "'async' (Downpour: apply each push at once) or 'ssp' (stale-"
+                            "synchronous: at most ps_staleness steps ahead of the slowest).",
+                            choices=("sync", "async", "ssp"))
+    ps_staleness: int = F(2, "PS ssp: how many steps a worker may run ahead of the slowest "
+                          "(0 = sync).", ge=0)
+    ps_push_every: int = F(1, "PS async: push the accumulated gradient every this many "
+                           "worker steps.", ge=1)
+    ps_pull_every: int = F(1, "PS async: pull fresh parameters every this many worker "
+                           "steps.", ge=1)
+    ps_weighting: str = F("tokens", "PS: weight workers' gradients by their target tokens "
+                          "(= one big batch) or equally.", choices=("tokens", "equal"))
+    ps_timeout_s: float = F(60.0, "PS: a worker silent for this long while others wait "
+                            "(or, in async, at all) is dropped and training goes on.", gt=0.0)
+    ps_slow_worker: int = F(-1, "PS, tests/benchmarks only: index of a worker to slow "
+                            "down; -1 = none.", ge=-1)
+    ps_slow_delay_s: float = F(0.0, "PS, tests/benchmarks only: seconds the slowed worker "
+                               "sleeps after each step.", ge=0.0)
 
 
 @dataclass
@@ -151,6 +279,80 @@ class GenerateConfig:
 
 
 @dataclass
+class InitConfig:
+    # Fine-tuning (issue #9), scaletrain/finetune/. `from` is a Python keyword: the field
+    # is `from_` in code and `init.from` on the command line and in TOML (load.py maps
+    # a key that is a keyword to the name with a trailing underscore).
+    from_: str = F("", "Start from trained weights: a run directory, an export / "
+                   "compressed artefact directory, or a Hugging Face GPT-2 directory "
+                   "(config.json + model.safetensors). The model config and tokenizer "
+                   "come from it; data and optimizer from this config. Empty = train "
+                   "from scratch.")
+    weights: str = F("best", "Which weights of a run directory: best validation or final.",
+                     choices=("best", "final"))
+
+
+@dataclass
+class FinetuneConfig:
+    freeze: list[str] = F([], "Freeze parameters whose name matches one of these fnmatch "
+                          "patterns, e.g. ['wte.*', 'wpe.*', 'blocks.0.*'].")
+    lora_rank: int = F(0, "LoRA rank r (Hu et al. 2021); 0 = off. Only the adapters train "
+                       "and are saved; the base weights come from init.from.", ge=0)
+    lora_alpha: float = F(16.0, "LoRA scale numerator: the update is (alpha / r) * B A.",
+                          gt=0.0)
+    lora_targets: list[str] = F(["c_attn", "c_proj", "c_fc"], "Linear layers (by last "
+                                "name component) that get LoRA adapters.")
+    lora_dropout: float = F(0.0, "Dropout on the adapter input.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = F("", "Run (or artefact) directory of a teacher model; empty = off. Loss "
+                     "= (1-alpha) CE + alpha T^2 KL(teacher_T || student_T) (Hinton et al. "
+                     "2015). The teacher must share the student's tokenizer.")
+    alpha: float = F(0.5, "Weight of the distillation term.", ge=0.0, le=1.0)
+    temperature: float = F(2.0, "Softmax temperature T of both distributions.", gt=0.0)
+
+
+@dataclass
+class PruneConfig:
+    method: str = F("none", "`compress`: 'magnitude' (global unstructured L1, "
+                    "torch.nn.utils.prune) or 'structured' (drop attention heads and MLP "
+                    "channels of lowest L2 norm; the matrices really shrink).",
+                    choices=("none", "magnitude", "structured"))
+    amount: float = F(0.5, "Fraction of weights (magnitude) or of heads and MLP channels "
+                      "(structured) to remove.", ge=0.0, lt=1.0)
+    finetune_steps: int = F(0, "Short fine-tune after pruning (masks kept), in steps.", ge=0)
+    finetune_lr: float = F(3e-4, "Learning rate of that fine-tune (constant).", gt=0.0)
+
+
+@dataclass
+class QuantConfig:
+    methods: list[str] = F([], "`compress`: quantized artefacts to make, any of "
+                           "'dynamic-int8' (torch.ao dynamic int8 linears, CPU), "
+                           "'weight-int8', 'weight-int4' (weight-only, per-channel / "
+                           "group-wise scales; embeddings too).")
+    group_size: int = F(32, "weight-int4: input columns sharing one scale.", ge=1)
+
+
+@dataclass
+class CompressConfig:
+    out: str = F("", "Where `compress` writes artefacts, report.json and report.png; "
+                 "empty = <run>/compressed.")
+    eval_batches: int = F(20, "Validation batches for the report's loss.", ge=1)
+    gen_tokens: int = F(64, "Tokens generated (greedy, KV cache) to time tokens/s.", ge=1)
+
+
+@dataclass
+class ServeConfig:
+    host: str = F("127.0.0.1", "Interface to listen on (localhost by default).")
+    port: int = F(8000, "TCP port; 0 picks a free one (printed at start).", ge=0, le=65535)
+    max_tokens: int = F(256, "Largest max_tokens a request may ask for.", ge=1)
+    max_prompt_chars: int = F(8192, "Longest prompt accepted, in characters.", ge=1)
+    max_body_bytes: int = F(65536, "Largest request body accepted (413 beyond).", ge=1)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,8 +363,16 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def sections(cfg: Config | None = None) -> dict[str, Any]:

@@ -55,7 +55,20 @@ def text_settings(dcfg: DataConfig) -> dict:
         "min_chars": dcfg.min_chars,
         "max_files": dcfg.max_files,
         "tokenizers": tokenizers.__version__,
-    }
+    } | _tokenizer_setting(dcfg)
+
+
+def _tokenizer_setting(dcfg: DataConfig) -> dict:
+    """A given tokenizer (data.tokenizer) keys the cache by its content; absent, the key
+    is unchanged from before the option existed (existing caches stay valid)."""
+    if not dcfg.tokenizer:
+        return {}
+    import hashlib
+
+    p = Path(dcfg.tokenizer)
+    if not p.is_file():
+        raise DataError(f"data.tokenizer: '{p}' is not a file")
+    return {"tokenizer_sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
 
 
 def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
@@ -96,8 +109,11 @@ def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
 
     train_texts = [d.text for d in splits["train"]]
     # Looked up through the module so tests can replace the trainer (cache-hit checks).
-    tok = tokenizer_mod.train_bpe(train_texts, dcfg.vocab_size, length=len(train_texts),
-                                  progress=progress)
+    if dcfg.tokenizer:  # fine-tuning / distillation: the source model's token ids
+        tok = tokenizer_mod.Tokenizer.load(dcfg.tokenizer)
+    else:
+        tok = tokenizer_mod.train_bpe(train_texts, dcfg.vocab_size, length=len(train_texts),
+                                      progress=progress)
     tok.save(out / "tokenizer.json")
 
     stats = {}

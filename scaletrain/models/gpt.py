@@ -53,11 +53,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        # The head count is read from the weight so that a tensor-parallel shard
-        # (c_attn with 3*D/tp rows) runs its local heads unchanged.
-        d_local = self.c_attn.weight.shape[0] // 3
+        # The head count is read from the projection's output so that a tensor-parallel
+        # shard (3*D/tp output features: [Q_r; K_r; V_r], parallel/tensor.py) runs its
+        # local heads unchanged. (A DTensor weight's .shape is the global one.)
+        qkv = self.c_attn(x)
+        d_local = qkv.shape[-1] // 3
         n_head = self.n_head * d_local // D
-        q, k, v = self.c_attn(x).split(d_local, dim=2)  # each (B, T, d_local)
+        q, k, v = qkv.split(d_local, dim=2)  # each (B, T, d_local)
         q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(  # (B, H, T, Dh), causal, flash/memory-efficient
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -135,6 +137,9 @@ class GPT(nn.Module):
         """
         std = self.config.init_std
         for name, p in self.named_parameters():
+            # A last pipeline stage has the head without the embedding it is tied to:
+            # give its copy the embedding's values (parallel/pipeline_step.py).
+            name = "wte.weight" if name == "lm_head.weight" and self.wte is None else name
             leaf = name.rsplit(".", 1)[-1]
             if leaf == "bias":
                 values = torch.zeros(p.shape)
@@ -159,7 +164,9 @@ def copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
     except ImportError:  # pragma: no cover - torch without distributed
         DTensor = ()
     if isinstance(p, DTensor):
-        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements)
+        # Every rank drew the full tensor: cut this rank's shard locally (no scatter).
+        full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements,
+                                 src_data_rank=None)
         p.to_local().copy_(full.to_local())
     else:
         p.copy_(full.to(device=p.device, dtype=p.dtype))

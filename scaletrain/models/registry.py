@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
+from scaletrain.models.plans import gpt_tp_plan
 from scaletrain.models.vision import CNN, MLP
 
 
@@ -19,6 +20,9 @@ class ModelSpec:
     kind: str  # "text" (targets are next tokens) or "image" (targets are class labels)
     build: Callable[[ModelConfig, dict], nn.Module]  # (model config, data facts) -> module
     flops_per_token: Callable[[nn.Module, int], float] | None = None
+    # Tensor-parallel plan: (model, loss_parallel=, sequence_parallel=) -> {path: style}
+    # for parallelize_module (models/plans.py); None = the family has no TP.
+    tp_plan: Callable[..., dict] | None = None
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -36,7 +40,7 @@ def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token),
+    "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token, gpt_tp_plan),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

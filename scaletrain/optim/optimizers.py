@@ -1,9 +1,13 @@
 """Optimizers from `torch.optim`, with weight decay only where it belongs.
 
-Decay applies to >=2-D weights (matrices, conv kernels); never to biases or norm scales,
-and to embedding tables only if `optim.decay_embeddings` (nanoGPT/GPT-3 practice).
-For AdamW the decay is decoupled (Loshchilov & Hutter 2019); for the others it is the
-classic L2 term added to the gradient.
+Decay applies to >=2-D weights (matrices, conv kernels); never to biases, norm scales or
+weight-norm magnitudes, and to embedding tables only if `optim.decay_embeddings`
+(nanoGPT/GPT-3 practice). For AdamW the decay is decoupled (Loshchilov & Hutter 2019);
+for the others `weight_decay` is the classic L2 term torch adds to the gradient.
+
+`optim.implementation` picks torch's kernel: "foreach" (one batched op per update term),
+"fused" (one kernel for the whole update; torch has it for SGD, Adam, AdamW and Adagrad,
+on CPU and CUDA) or "for-loop" (the reference per-parameter loop).
 """
 
 from __future__ import annotations
@@ -13,15 +17,26 @@ import torch.nn as nn
 
 from scaletrain.config.schema import OptimConfig
 
+FUSED = ("sgd", "adam", "adamw", "adagrad")  # torch.optim classes with `fused=`
+
+
+def _no_decay_by_shape(name: str, p: torch.Tensor) -> bool:
+    # weight_norm's magnitude g ("...parametrizations.weight.original0", shape (out, 1))
+    # is a scale like a norm's, not a weight matrix.
+    return p.dim() < 2 or name.endswith("parametrizations.weight.original0")
+
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """[{params to decay, weight_decay}, {the others, 0.0}] (empty groups dropped)."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():  # shared (tied) tensors are listed once
         if not p.requires_grad:
             continue
-        is_embedding = id(p) in embedding_params
-        if p.dim() >= 2 and (decay_embeddings or not is_embedding):
+        # A last pipeline stage's copy of the tied embedding is still the embedding
+        # (parallel/model_parallel.py mark_tied_copy).
+        is_embedding = id(p) in embedding_params or getattr(p, "_tied_embedding", False)
+        if not _no_decay_by_shape(name, p) and (decay_embeddings or not is_embedding):
             decay.append(p)
         else:
             no_decay.append(p)
@@ -30,22 +45,51 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, o.weight_decay, o.decay_embeddings)
-    # foreach kernels batch the per-parameter updates (fewer launches); fused exists for
-    # Adam/AdamW/SGD on CPU and CUDA but not for every dtype, so stay with foreach.
+def decayed_params(model: nn.Module, o: OptimConfig) -> list[nn.Parameter]:
+    """The parameters weight decay (and the L1/L2 penalties) apply to."""
+    groups = param_groups(model, 1.0, o.decay_embeddings)
+    return [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+
+
+def _kernel_kwargs(o: OptimConfig) -> dict:
+    if o.implementation == "fused":
+        if o.name not in FUSED:
+            from scaletrain.errors import ConfigError
+            raise ConfigError(f"optim.implementation='fused': torch has no fused "
+                              f"{o.name}; use 'foreach'")
+        return {"fused": True}
+    return {"foreach": o.implementation == "foreach"}
+
+
+def make_optimizer(groups: list[dict], o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The `o.name` optimizer over `groups` at peak learning rate `lr`."""
+    kw = _kernel_kwargs(o)
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
-                               nesterov=o.nesterov and o.momentum > 0, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum,
+                               nesterov=o.nesterov and o.momentum > 0, **kw)
     if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                foreach=True)
+        return torch.optim.Adam(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, **kw)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                 foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, **kw)
     if o.name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=o.lr, eps=o.eps, foreach=True)
+        return torch.optim.Adagrad(groups, lr=lr, eps=o.eps, **kw)
     if o.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=o.lr, eps=o.eps, momentum=o.momentum,
-                                   foreach=True)
+        return torch.optim.RMSprop(groups, lr=lr, eps=o.eps, momentum=o.momentum, **kw)
     raise ValueError(f"unknown optimizer {o.name}")  # config validation prevents this
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, *, lr: float | None = None,
+                    master_weights: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of `o` over `model`'s parameter groups.
+
+    `lr`: the peak LR (default `o.lr`; the trainer passes the batch-scaled one).
+    `master_weights`: keep fp32 master copies of low-precision parameters and run the
+    optimizer on them (bf16-pure; see optim/master_weights.py).
+    """
+    opt = make_optimizer(param_groups(model, o.weight_decay, o.decay_embeddings), o,
+                         lr or o.lr)
+    if master_weights:
+        from scaletrain.optim.master_weights import add_master_weights
+
+        add_master_weights(opt)
+    return opt

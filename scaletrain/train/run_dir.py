@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scaletrain.compress.lora import adapter_only
 from scaletrain.config import Config, build_config, dumps_toml, to_dict
 from scaletrain.config.load import load_toml
 from scaletrain.errors import CheckpointError, ConfigError
@@ -48,9 +49,16 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: nn.Module, path: Path, cfg: Config) -> None:
-    """Write the model's tensors as safetensors, atomically (tied weights stored once)."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+def save_weights(model: nn.Module, path: Path, cfg: Config,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's tensors as safetensors, atomically (tied weights stored once).
+
+    `state`: full tensors gathered beforehand from a sharded model
+    (parallel/weights.py `full_state_dict`); default `model.state_dict()`.
+    """
+    state = model.state_dict() if state is None else state
+    state = adapter_only(state)  # a LoRA model saves only its adapters (compress/lora.py)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
              if not k.startswith("lm_head.") or not hasattr(model, "tie_weights")}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
@@ -63,13 +71,15 @@ def load_weights(model: nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {k for k in model.state_dict() if not k.startswith("lm_head.")
+    expected = {k for k in adapter_only(model.state_dict()) if not k.startswith("lm_head.")
                 or not hasattr(model, "tie_weights")}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{path}: weights do not match the model "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    model.load_state_dict(state, strict=False)
+    from scaletrain.parallel.weights import load_full_state_dict
+
+    load_full_state_dict(model, state)  # re-shards when the model is sharded (FSDP2)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
@@ -97,6 +107,7 @@ def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
     """(config, model with trained weights in eval mode, tokenizer or None) of a run."""
     from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.models import build_model
+    from scaletrain.finetune import prepare_loaded_model
 
     d = Path(run_dir)
     cfg = load_run_config(d, overrides)
@@ -104,5 +115,6 @@ def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
     model = build_model(cfg.model, facts, seed=cfg.train.seed, device=device)
+    model = prepare_loaded_model(model, cfg)  # a LoRA run: base from init.from + adapters
     load_weights(model, pick_weights(d, which))
     return cfg, model.eval(), tok

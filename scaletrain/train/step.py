@@ -37,6 +37,20 @@ class StepOptions:
     # degree turns that average back into the sum the global normalisation needs.
     loss_multiplier: float = 1.0
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    # Adds the L1/L2 penalty gradient once per step, after unscaling and before clipping
+    # (optim/penalties.py: once, not per micro-batch, keeps accumulation exact).
+    add_penalty_grads: Callable[[], None] = lambda: None
+    # Called after clipping, before the update: False skips it (numerical faults,
+    # train/faults.py); the gradients are then zeroed and nothing else changes.
+    guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
+    # (logits, inputs, targets) -> summed loss; None = sum_cross_entropy. Distillation
+    # (compress/distill.py) adds its KL term here, still summed over target positions.
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
+    # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
+    # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
+    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    grad_norm_fn: Callable[[list, float], torch.Tensor] | None = None
 
 
 @dataclass
@@ -59,20 +73,31 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last else opts.no_sync()):
+        with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
             with policy.autocast():
                 logits = model(x)
-            loss = sum_cross_entropy(logits.to(denom.dtype), y) / denom
+            loss_fn = opts.loss_fn or (lambda z, _x, t: sum_cross_entropy(z, t))
+            loss = loss_fn(logits.to(denom.dtype), x, y)
+            if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
+                loss = loss.full_tensor()
+            loss = loss / denom
             scaled = loss * opts.loss_multiplier
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     params = opts.params or [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and measure the true gradients
+    opts.add_penalty_grads()
     if opts.grad_clip_value > 0:
         torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        params, opts.grad_clip if opts.grad_clip > 0 else math.inf, foreach=True)
+    clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
+    grad_norm = (opts.grad_norm_fn(params, clip) if opts.grad_norm_fn is not None
+                 else torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+    if opts.guard is not None and not opts.guard(loss_sum, grad_norm):
+        if scaler is not None:
+            scaler.update()  # unscale_ recorded this step's inf checks; keep them in sync
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_sum, grad_norm, n_total, skipped=True)
     skipped = False
     if scaler is not None:
         scale_before = scaler.get_scale()

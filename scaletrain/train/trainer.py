@@ -15,14 +15,22 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.config import Config, accumulation_steps, data_parallel_degree
+from scaletrain.checkpoint.session import attach as attach_checkpointing
+from scaletrain.config import Config, accumulation_steps
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
 from scaletrain.evaluate import evaluate
+from scaletrain.compress.distill import build_distill_loss
+from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
-from scaletrain.models import REGISTRY, build_model, count_params
-from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.models import REGISTRY, count_params
+from scaletrain.models.weight_norm import convert as convert_weight_norm
+from scaletrain.optim.schedules import observe_val_loss
+from scaletrain.optim.strategy import build_strategy
+from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
@@ -32,13 +40,18 @@ from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
-        self.cfg = cfg
+        # init.from: model shape and tokenizer from the source (finetune/init_from.py).
+        self.cfg = cfg = resolve_init(cfg)
         self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
+        # Process group, ParallelDims and device mesh (identity objects on one process).
+        self.dist = DistContext.setup(cfg.parallel, self.rt.rank, self.rt.world,
+                                      self.rt.device)
         self.spec = REGISTRY[cfg.model.name]
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = self.rt.is_main and (
             cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
-        self.data = build_data(cfg, progress=self.show_progress)
+        with self.dist.main_first():  # rank 0 fills the data cache, the others read it
+            self.data = build_data(cfg, progress=self.show_progress)
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
             rd.prepare_run_dir(cfg)
@@ -47,22 +60,35 @@ class Trainer:
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
-        self.model = build_model(cfg.model, facts, seed=cfg.train.seed, device=self.rt.device,
-                                 dtype=self.policy.param_dtype)
+        # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
+        self.model = build_parallel_model(
+            cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
+            pcfg=cfg.parallel, policy=self.policy, device=self.rt.device)
+        # Trained weights of init.from, then the freeze / LoRA converters.
+        self.model = apply_init(self.model, cfg, self.data.vocab_size)
+        self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
         self.n_params = count_params(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
+        # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
+        self.strategy = build_strategy(cfg, self.model, self.policy, len(self.data.train),
+                                       self.dist.dims.dp)
+        self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
-        self.dp = data_parallel_degree(cfg)
-        self.accum = accumulation_steps(cfg)
-        self.micro = cfg.train.batch_size // (self.dp * self.accum)
+        self.dp = self.dist.dims.dp
+        self.accum = accumulation_steps(cfg, self.rt.world)
+        self.micro = self.strategy.batch_plan.micro
         self.loader = StatefulLoader(
             self.data.train, cfg.train.batch_size, rank=self.rt.rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
         self.state = TrainState()
         self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
-                                     grad_clip_value=cfg.train.grad_clip_value)
+                                     grad_clip_value=cfg.train.grad_clip_value,
+                                     add_penalty_grads=self.strategy.penalty,
+                                     loss_fn=build_distill_loss(cfg, self.rt.device),
+                                     **self.dist.step_options(self.model))
+        # Fault guard + checkpoint manager; resumes here, before metrics.jsonl is opened.
+        self.ckpt = attach_checkpointing(self)
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
             if self.rt.is_main else None
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
@@ -88,8 +114,12 @@ class Trainer:
         e = self.cfg.eval
         batches = eval_batches(dataset, e.batch_size, e.batches, rank=self.rt.rank,
                                world=self.dp)
-        batches = ((x.to(self.rt.device), y.to(self.rt.device)) for x, y in batches)
-        result = evaluate(self.model, batches, self.policy, self.rt.device, self.spec.kind)
+        batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
+                   for x, y in batches)
+        result = evaluate(self.model, batches, self.policy, self.rt.device, self.spec.kind,
+                          count_reducer=self.dist.sum_reducer)
+        if split == "val":  # plateau schedules reduce the LR from validation losses
+            observe_val_loss(self.scheduler, result["loss"])
         record = {"kind": "eval", "split": split, "step": self.state.step, **result}
         self.log(record)
         return result
@@ -97,13 +127,22 @@ class Trainer:
     def maybe_keep_best(self, val_loss: float) -> None:
         if val_loss < self.state.best_val:
             self.state.best_val, self.state.best_step = val_loss, self.state.step
-            if self.rt.is_main:
-                rd.save_weights(self.model, self.run_dir / rd.BEST_WEIGHTS, self.cfg)
+            self.save_weights(self.run_dir / rd.BEST_WEIGHTS)
+
+    def save_weights(self, path: Path) -> None:
+        """Gather full weights (a collective when sharded: every rank calls) and let
+        rank 0 write them."""
+        state = full_state_dict(self.model)
+        if self.rt.is_main:
+            rd.save_weights(self.model, path, self.cfg, state=state)
 
     # -- the loop ----------------------------------------------------------------------
     def next_micro_batches(self):
+        # Descent mode / batch ramp: draw this step's global batch size from the sampler.
+        self.loader.batch_size = self.strategy.batch_plan.batch_size(self.state.tokens)
         x, y = self.loader.next()
         x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+        x = self.policy.cast_input(x)  # fp64 / bf16-pure image inputs
         return split_micro_batches((x, y), self.micro)
 
     def train_one_step(self):
@@ -131,6 +170,7 @@ class Trainer:
         meter.start()
         t0 = time.perf_counter()
         tokens_since_log, last = 0, {}
+        self.ckpt.install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit
         while st.step < cfg.train.steps:
             result, lr = self.train_one_step()
             tokens_since_log += result.n_targets_int
@@ -142,8 +182,11 @@ class Trainer:
             if cfg.eval.interval and st.step % cfg.eval.interval == 0 \
                     and st.step != cfg.train.steps:
                 val = self.evaluate("val")
-                progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
+                if self.rt.is_main:  # one line per run, not one per rank
+                    progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
                 self.maybe_keep_best(val["loss"])
+            self.ckpt.after_step(self)  # faults (skip log, rollback), interval save, signal
+        self.ckpt.at_end(self)
         progress.close()
         st.wall_time += time.perf_counter() - t0
         return self.finish(last, meter)
@@ -151,7 +194,10 @@ class Trainer:
     def _log_train(self, result, lr: float, meter: Throughput, tokens: int) -> dict:
         meter.step(tokens)
         tok_s = meter.lap()
-        record = {"kind": "train", "step": self.state.step, "loss": result.loss.item(),
+        # result.loss is this rank's share of the global mean: the sum over ranks is it
+        # (a collective; every rank logs at the same steps).
+        loss = self.dist.sum_reducer(result.loss.detach().clone()).item()
+        record = {"kind": "train", "step": self.state.step, "loss": loss,
                   "lr": lr, "grad_norm": result.grad_norm.item(), "tokens": self.state.tokens,
                   "tokens_per_s": tok_s,
                   "mfu": (meter.mfu(self.flops_per_token, self.peak_flops(), tok_s)
@@ -167,11 +213,11 @@ class Trainer:
         cfg, st = self.cfg, self.state
         val = self.evaluate("val")
         self.maybe_keep_best(val["loss"])
-        if self.rt.is_main:
-            rd.save_weights(self.model, self.run_dir / rd.FINAL_WEIGHTS, cfg)
+        self.save_weights(self.run_dir / rd.FINAL_WEIGHTS)
         test = None
         if cfg.eval.test:
             best = self.run_dir / rd.BEST_WEIGHTS
+            self.dist.barrier()  # rank 0 has finished writing best.safetensors
             if best.is_file() and st.best_step != st.step:
                 rd.load_weights(self.model, best)  # test the model chosen on validation
             test = self.evaluate("test")
@@ -187,6 +233,14 @@ class Trainer:
             "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
             "threads": self.rt.threads, "device": str(self.rt.device),
             "world_size": self.rt.world, "precision": cfg.precision.dtype,
+            "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
+                         "dp_replicate": self.dist.dims.dp_replicate,
+                         "dp_shard": self.dist.dims.dp_shard,
+                         "accumulation_steps": self.accum},
+            # What differs between ranks (memory, speed); a collective, all ranks call.
+            "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
+                                       "peak_mem_mb": peak_memory_mb(self.rt.device),
+                                       "wall_time_s": st.wall_time}),
         }
         if self.rt.is_main:
             self.sinks.close()
@@ -197,4 +251,13 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train `cfg` to the end and return its summary."""
-    return Trainer(cfg).fit()
+    if cfg.parallel.mode == "ps":  # parameter-server training (scaletrain/paramserver/)
+        from scaletrain.paramserver import train_ps
+
+        return train_ps(cfg)
+    trainer = Trainer(cfg)
+    try:
+        with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
+            return trainer.fit()
+    finally:
+        trainer.dist.close()

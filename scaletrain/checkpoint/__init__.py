@@ -1,0 +1,1 @@
+"""Checkpoints: DCP manager (atomic, verified, async), resume glue, export."""

@@ -1,0 +1,60 @@
+"""Which config changes a resume accepts.
+
+A checkpoint stores the resolved config it was saved with. Resuming under a config that
+changes the *shape* of what was saved (the model, the optimizer's state layout, the
+parameter dtype) or the token ids the data loader hands out would either fail deep
+inside the load or, worse, silently train on something else; such changes are refused
+with the list of differences. Everything else (steps to run, log/eval/checkpoint
+intervals, threads, the parallel layout — DCP reshards) is allowed.
+"""
+
+from __future__ import annotations
+
+from scaletrain.errors import CheckpointError
+
+INCOMPATIBLE = {
+    "model": ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size",
+              "bias", "hidden", "channels", "n_blocks"),
+    "optim": ("name",),
+    # These change the prepared dataset (tokenizer, documents, splits): the loader's
+    # saved position would index different samples.
+    "data": ("source", "vocab_size", "val_fraction", "test_fraction", "min_chars",
+             "max_files"),
+}
+# precision.dtype changes are compared through the parameter dtype they imply.
+_PARAM_DTYPE = {"fp32": "float32", "bf16": "float32", "fp16": "float32",
+                "bf16-pure": "bfloat16", "fp64": "float64"}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """'section.key: saved -> now' for each incompatible difference."""
+    out = []
+    for sec, keys in INCOMPATIBLE.items():
+        a, b = saved.get(sec, {}), now.get(sec, {})
+        for k in keys:
+            if a.get(k) != b.get(k):
+                out.append(f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    pa = _PARAM_DTYPE.get(saved.get("precision", {}).get("dtype"))
+    pb = _PARAM_DTYPE.get(now.get("precision", {}).get("dtype"))
+    if pa != pb:
+        out.append(f"precision.dtype: {saved['precision']['dtype']!r} -> "
+                   f"{now['precision']['dtype']!r} (parameters {pa} -> {pb})")
+    return out
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """The config differs from the checkpoint's in a field that cannot change."""
+
+    def __init__(self, message: str, saved: dict):
+        super().__init__(message)
+        self.saved = saved
+
+
+def check_compatible(ckpt: str, saved: dict, now: dict) -> None:
+    """Raise IncompatibleCheckpoint listing every incompatible difference (exit 2)."""
+    diffs = differences(saved, now)
+    if diffs:
+        raise IncompatibleCheckpoint(
+            f"cannot resume from {ckpt}: the config changed incompatibly ("
+            + "; ".join(diffs) + "); use a new run.dir, set run.overwrite=true, or "
+            "revert these fields", saved)

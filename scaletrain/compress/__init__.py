@@ -1,0 +1,5 @@
+"""After training: LoRA, distillation, pruning, quantization, artefacts and the report.
+
+Each technique is a model converter (`convert(model)`, DESIGN.md principle 8) or a loss
+hook, applied from outside the model; `pipeline.py` runs them for `scaletrain compress`.
+"""

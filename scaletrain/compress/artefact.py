@@ -1,0 +1,138 @@
+"""Artefact directories: what `compress` writes and what `generate`, `eval`, `serve`
+and `init.from` / `distill.teacher` read.
+
+An artefact directory holds `config.toml` (the resolved config of the source run),
+`tokenizer.json`, `model.safetensors` and `artefact.json`:
+`{"format": "scaletrain-artefact", "kind": "dense" | "structured" | "dynamic-int8" |
+"weight-int8" | "weight-int4", ...}` (+ "heads", "d_ff" for structured). A dense
+artefact is laid out exactly like a run directory, so anything that reads a run reads it.
+
+`load_artefact(path)` accepts any of: a run directory, an artefact directory, or a
+Hugging Face GPT-2 directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scaletrain.errors import CheckpointError, UserError
+
+ARTEFACT_FILE = "artefact.json"
+FORMAT = "scaletrain-artefact"
+WEIGHTS = "model.safetensors"
+KINDS = ("dense", "structured", "dynamic-int8", "weight-int8", "weight-int4")
+
+
+def save_artefact(out: Path, state: dict[str, torch.Tensor], cfg, tokenizer, kind: str,
+                  **meta) -> Path:
+    """Write an artefact directory (weights atomically, artefact.json last)."""
+    from scaletrain.config import dumps_toml
+    from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE, write_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ARTEFACT_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
+    write_atomic(out / CONFIG_FILE, dumps_toml(cfg))
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER_FILE)
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"artefact_kind": kind})
+    os.replace(tmp, out / WEIGHTS)
+    write_atomic(out / ARTEFACT_FILE, json.dumps({"format": FORMAT, "kind": kind, **meta},
+                                                 indent=1))
+    return out
+
+
+def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors of a plain model as a run directory stores them (tied head once)."""
+    tied = hasattr(model, "tie_weights")
+    return {k: v for k, v in model.state_dict().items()
+            if not (tied and k.startswith("lm_head."))}
+
+
+def read_meta(path: Path) -> dict | None:
+    f = Path(path) / ARTEFACT_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{f}: not a scaletrain artefact description")
+    return meta
+
+
+def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
+                  device: str | torch.device = "cpu"):
+    """(config, model in eval mode, tokenizer or None) of any weights directory."""
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.models import build_model
+    from scaletrain.train.run_dir import TOKENIZER_FILE, load_model_from_run, load_run_config
+
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"'{d}' is not a directory")
+    meta = read_meta(d)
+    if meta is None:
+        from scaletrain.compress import hf_import
+
+        if hf_import.is_hf_dir(d) and not (d / "config.toml").is_file():
+            return _load_hf(d, overrides, device)
+        return load_model_from_run(d, overrides, which=which, device=device)
+    cfg = load_run_config(d, overrides)
+    tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    model = build_model(cfg.model, {"vocab_size": tok.vocab_size if tok else 0},
+                        seed=cfg.train.seed, device="cpu")
+    try:
+        state = load_file(str(d / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{d / WEIGHTS}: not a readable safetensors file ({e})") from None
+    kind = meta["kind"]
+    if kind == "structured":
+        from scaletrain.compress.prune import shrink_to
+
+        shrink_to(model, meta["heads"], meta["d_ff"])
+    if kind in ("dense", "structured"):
+        from scaletrain.finetune.init_from import _load_into
+
+        _load_into(model, state, str(d / WEIGHTS))
+        model.to(device)
+    else:
+        from scaletrain.compress.quantize import load_quantized
+
+        if str(device) != "cpu" and kind == "dynamic-int8":
+            raise CheckpointError(f"'{d}': dynamic-int8 artefacts run on the CPU only")
+        load_quantized(model, state, kind)
+        model.to(device)
+    return cfg, model.eval(), tok
+
+
+def _load_hf(d: Path, overrides, device):
+    """A Hugging Face GPT-2 directory: model fields from config.json, default settings."""
+    from scaletrain.compress import hf_import
+    from scaletrain.config import build_config
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.finetune.init_from import _load_into
+    from scaletrain.models import build_model
+
+    fields = hf_import.hf_model_fields(d)
+    cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
+                              for k, v in fields.items()] + list(overrides))
+    model = build_model(cfg.model, {}, seed=0, device="cpu")
+    _load_into(model, hf_import.hf_state_dict(d), str(d))
+    tok = None
+    if (d / "tokenizer.json").is_file():
+        try:
+            tok = Tokenizer.load(d / "tokenizer.json")
+        except (ValueError, UserError):  # no <|endoftext|>: logits only, no text
+            tok = None
+    return cfg, model.to(device).eval(), tok

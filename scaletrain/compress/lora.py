@@ -1,0 +1,146 @@
+"""LoRA: low-rank adapters on frozen linear layers (Hu et al. 2021, arXiv:2106.09685).
+
+A target `nn.Linear` W (out, in) becomes `LoRALinear`: y = W x + b + (alpha / r) · B A x
+with A (r, in) ~ Kaiming-uniform and B (out, r) = 0, so the converted model computes
+exactly what the base model did until B is trained (paper §4.1). Only A and B train;
+the base weight stays frozen and is not saved with the adapters (the run's `init.from`
+says where it comes from). `merge_lora` folds B A back into W for export and serving.
+
+The wrapped layer keeps the base `nn.Linear` as `.base`, so adapter names are
+`<layer>.lora_A` / `<layer>.lora_B` and the base weight is `<layer>.base.weight`;
+`merge_lora` restores the original names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scaletrain.errors import ConfigError
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable rank-r update (alpha / r) · B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank  # paper §4.1: scale by alpha / r, so r can change
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dt))
+        # As peft / the reference loralib: A like a Linear's default init, B zero.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.drop = nn.Dropout(dropout)
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `.weight` (attention head count)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out): two thin matmuls, never the (out, in) delta.
+        return self.base(x) + F.linear(F.linear(self.drop(x), self.lora_A),
+                                       self.lora_B) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with W + (alpha / r) B A (the base module, updated in place)."""
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+            self.base.weight.add_(delta.to(self.base.weight.dtype))
+        self.base.weight.requires_grad_(True)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(True)
+        return self.base
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str],
+               dropout: float = 0.0) -> nn.Module:
+    """Convert in place: freeze every parameter, wrap each target Linear with LoRA.
+
+    `targets` are last name components ('c_attn', 'c_proj', 'c_fc'); the tied output
+    head is never wrapped (it is the embedding). Raises ConfigError if nothing matched.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hits = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                hits.append(f"{name}.{child_name}" if name else child_name)
+    if not hits:
+        raise ConfigError(f"finetune.lora_targets={targets} matches no linear layer of the "
+                          "model (GPT layers: c_attn, c_proj, c_fc)")
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (what a LoRA run saves)."""
+    return {k: v for k, v in model.state_dict().items()
+            if k.endswith(".lora_A") or k.endswith(".lora_B")}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and restore plain `nn.Linear` layers
+    (in place; returns the model). Logits are unchanged up to float rounding."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+    return model
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> int:
+    """Set requires_grad=False on parameters matching any fnmatch pattern; returns how
+    many tensors were frozen. Raises ConfigError for a pattern that matches nothing."""
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ConfigError(f"finetune.freeze pattern '{pat}' matches no parameter "
+                              f"(names look like {names[0]}, {names[-1]})")
+    count = 0
+    for n, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            p.requires_grad_(False)
+            count += 1
+    return count
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (tied tensors counted once)."""
+    seen, train, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        train += p.numel() if p.requires_grad else 0
+    return train, total
+
+
+def adapter_only(state: dict) -> dict:
+    """The adapter entries of a state dict if it has any (a LoRA model saves and loads
+    only those), else the state dict unchanged."""
+    adapters = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+    return adapters or state
+
+
+def merge_lora_run(cfg, model: nn.Module) -> nn.Module:
+    """Merge a loaded LoRA run's adapters for export and mark its config as plain
+    weights (finetune.lora_rank = 0), so the exported directory loads as a dense model."""
+    if has_lora(model):
+        merge_lora(model)
+        cfg.finetune.lora_rank = 0
+    return model

@@ -1,0 +1,126 @@
+"""`scaletrain compress RUN_DIR`: prune and / or quantize a trained GPT, write each
+result as an artefact directory, and measure every one against the original.
+
+    original --prune.method--> pruned (+ short fine-tune) --save--> artefact
+             --quant.methods--> quantized (each method)   --save--> artefact
+    each artefact is re-loaded from disk (load_artefact) before it is measured, so the
+    table describes what `generate` / `serve` will actually run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from scaletrain.compress import artefact as art
+from scaletrain.compress import prune as pr
+from scaletrain.compress import quantize as qz
+from scaletrain.compress.lora import merge_lora
+from scaletrain.compress.report import measure, table, write_report
+from scaletrain.errors import ConfigError
+
+
+def check(cfg) -> None:
+    """Validate the compress request before any compute (one line per problem)."""
+    for m in cfg.quant.methods:
+        if m not in qz.METHODS:
+            raise ConfigError(f"quant.methods: '{m}' is not one of {', '.join(qz.METHODS)}")
+    if cfg.prune.method == "none" and not cfg.quant.methods:
+        raise ConfigError("compress: nothing to do; set --prune.method=magnitude|structured "
+                          "and / or --quant.methods=dynamic-int8,weight-int8,weight-int4")
+    if cfg.model.name != "gpt":
+        raise ConfigError(f"compress works on GPT runs, not model.name='{cfg.model.name}'")
+
+
+def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int,
+             seed: int) -> list[float]:
+    """A short constant-LR AdamW fine-tune on random train windows; returns the losses.
+
+    Pruning masks (forward pre-hooks of torch.nn.utils.prune) stay attached, so pruned
+    weights stay zero; the gradient flows to `weight_orig` masked.
+    """
+    from scaletrain.train.losses import count_targets, sum_cross_entropy
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = train_set.batch(rng.integers(0, len(train_set), size=batch_size))
+        loss = sum_cross_entropy(model(x), y) / count_targets(y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def compress(run_dir: str, overrides=()) -> dict:
+    """Run the requested pruning / quantization on `run_dir`; returns the report."""
+    from scaletrain.data import build_data
+
+    cfg, model, tok = art.load_artefact(run_dir, overrides)
+    check(cfg)
+    merge_lora(model)  # a LoRA run compresses as its merged model
+    if tok is None:
+        raise ConfigError(f"'{run_dir}' has no tokenizer.json; compress needs a text run")
+    out = Path(cfg.compress.out or Path(run_dir) / "compressed")
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_data(cfg, progress=False)
+    if data.val is None:
+        raise ConfigError("compress measures validation loss; data.val_fraction is 0")
+    c = cfg.compress
+    prompt = tok.encode(cfg.generate.prompt) or [tok.eot_id]
+    opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches, prompt=prompt,
+                gen_tokens=c.gen_tokens, seq_len=cfg.model.seq_len)
+    torch.manual_seed(cfg.train.seed)
+
+    original_file = _weights_file(Path(run_dir))
+    rows = [measure("original", "dense", original_file, model, data.val, **opts)]
+    extra: dict = {"source": str(run_dir), "threads": torch.get_num_threads()}
+    p = cfg.prune
+    if p.method != "none":
+        pruned = copy.deepcopy(model)
+        meta: dict = {}
+        if p.method == "magnitude":
+            pr.magnitude_prune(pruned, p.amount)
+        else:
+            meta = pr.structured_prune(pruned, p.amount)
+            extra["structured"] = {**meta, "claimed_params": pr.structured_param_count(
+                model.config, meta["heads"], meta["d_ff"])}
+        if p.finetune_steps:
+            extra["prune_finetune_losses"] = finetune(
+                pruned, data.train, p.finetune_steps, p.finetune_lr, cfg.train.batch_size,
+                cfg.train.seed)
+        if p.method == "magnitude":
+            pr.make_permanent(pruned)
+            extra["sparsity"] = pr.sparsity(pruned)
+        kind = "dense" if p.method == "magnitude" else "structured"
+        name = f"pruned-{p.method}-{p.amount:g}"
+        d = art.save_artefact(out / name, art.dense_state(pruned), cfg, tok, kind, **meta)
+        _, loaded, _ = art.load_artefact(d)
+        rows.append(measure(name, kind, d / art.WEIGHTS, loaded, data.val, **opts))
+    for method in cfg.quant.methods:
+        name = f"quant-{method}"
+        state = qz.quantized_state(model, method, cfg.quant.group_size)
+        d = art.save_artefact(out / name, state, cfg, tok, method)
+        _, loaded, _ = art.load_artefact(d)
+        rows.append(measure(name, method, d / art.WEIGHTS, loaded, data.val, **opts))
+    write_report(out, rows, extra)
+    return {"rows": rows, "out": str(out), "table": table(rows), **extra}
+
+
+def _weights_file(d: Path) -> Path:
+    meta = art.read_meta(d)
+    if meta is not None:
+        return d / art.WEIGHTS
+    from scaletrain.train.run_dir import pick_weights
+
+    return pick_weights(d, "best")

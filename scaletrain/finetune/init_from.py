@@ -1,0 +1,169 @@
+"""`init.from`: a run directory, a compress artefact / export directory, or a Hugging
+Face GPT-2 directory, as the starting point of a new training run.
+
+What comes from the source: the model architecture (`model.*` shape fields) and the
+tokenizer (so the new data is encoded with the ids the weights were trained on). What
+comes from the new config: data, optimizer, schedule, steps, dropout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from scaletrain.compress import hf_import
+from scaletrain.compress.lora import apply_lora, freeze
+from scaletrain.errors import CheckpointError, ConfigError
+
+# The model fields that define the weights' shapes; the rest (dropout) stays the user's.
+SHAPE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size", "bias")
+ARTEFACT_FILE = "artefact.json"
+
+
+@dataclass
+class Source:
+    kind: str  # "run" | "artefact" | "hf" | "safetensors"
+    dir: Path
+    model: dict  # model.* fields
+    tokenizer: Path | None
+    weights: Path | None  # None for "hf" (read through hf_import)
+
+
+def _read_toml_model(path: Path) -> dict:
+    from scaletrain.config.load import load_toml
+
+    return load_toml(path).get("model", {})
+
+
+def find_source(path: str | os.PathLike, which: str = "best", what: str = "init.from") -> Source:
+    """Identify what kind of weights directory `path` is; CheckpointError if none."""
+    from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE, pick_weights
+
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{what}: '{d}' is not a directory")
+    tok = d / TOKENIZER_FILE if (d / TOKENIZER_FILE).is_file() else None
+    if (d / ARTEFACT_FILE).is_file():
+        meta = json.loads((d / ARTEFACT_FILE).read_text())
+        if meta.get("kind") != "dense":
+            raise CheckpointError(f"{what}: '{d}' is a {meta.get('kind')} artefact; only "
+                                  "dense weights can be trained (use its run directory)")
+        return Source("artefact", d, _read_toml_model(d / CONFIG_FILE), tok,
+                      d / "model.safetensors")
+    if (d / CONFIG_FILE).is_file():
+        return Source("run", d, _read_toml_model(d / CONFIG_FILE), tok, pick_weights(d, which))
+    if hf_import.is_hf_dir(d):
+        return Source("hf", d, hf_import.hf_model_fields(d), tok, None)
+    w = d / "model.safetensors"
+    if w.is_file():  # a bare export: the resolved config is in the file's metadata
+        try:
+            with safe_open(str(w), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{w}: not a readable safetensors file ({e})") from None
+        if "scaletrain_config" in meta:
+            return Source("safetensors", d, json.loads(meta["scaletrain_config"])["model"],
+                          tok, w)
+    raise CheckpointError(f"{what}: '{d}' holds no weights scaletrain can read (a run "
+                          "directory, an artefact, or a Hugging Face GPT-2 directory)")
+
+
+def source_state(src: Source) -> dict[str, torch.Tensor]:
+    """The source's full weights under scaletrain names."""
+    if src.kind == "hf":
+        return hf_import.hf_state_dict(src.dir)
+    try:
+        return load_file(str(src.weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{src.weights}: not a readable safetensors file ({e})") from None
+
+
+def resolve_init(cfg):
+    """Fill `cfg.model` (shape fields) and `cfg.data.tokenizer` from `init.from`, in place.
+
+    A no-op without `init.from`. Also rejects LoRA / freezing with several processes:
+    the converters run after DDP / FSDP wrapped the model, whose gradient hooks and
+    buckets would not know about the new or frozen parameters.
+    """
+    f = cfg.finetune
+    if (f.lora_rank or f.freeze) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("finetune.lora_rank / finetune.freeze run in a single process "
+                          "only (no --nproc)")
+    if f.lora_rank and not cfg.init.from_:
+        raise ConfigError("finetune.lora_rank needs init.from (the frozen base weights)")
+    if cfg.distill.teacher and not cfg.init.from_ and not cfg.data.tokenizer:
+        teacher = find_source(cfg.distill.teacher, what="distill.teacher")
+        if teacher.tokenizer is not None:  # the student must speak the teacher's ids
+            cfg.data.tokenizer = str(teacher.tokenizer.resolve())
+    if not cfg.init.from_:
+        return cfg
+    src = find_source(cfg.init.from_, cfg.init.weights)
+    for key in SHAPE_FIELDS:
+        if key in src.model:
+            setattr(cfg.model, key, src.model[key])
+    if src.tokenizer is not None and not cfg.data.tokenizer:
+        cfg.data.tokenizer = str(src.tokenizer.resolve())
+    if not cfg.model.vocab_size and src.tokenizer is not None:
+        from scaletrain.data.tokenizer import Tokenizer  # 0 meant "the source's tokenizer"
+
+        cfg.model.vocab_size = Tokenizer.load(src.tokenizer).vocab_size
+    from scaletrain.config.load import validate
+
+    return validate(cfg)
+
+
+def _load_into(model: nn.Module, state: dict, where: str) -> None:
+    from scaletrain.parallel.weights import load_full_state_dict
+
+    tied = hasattr(model, "tie_weights")
+    expected = {k for k in model.state_dict() if not (tied and k.startswith("lm_head."))}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"{where}: weights do not match the model "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    ref = model.state_dict()
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(ref[k].shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the model "
+                                  f"{tuple(ref[k].shape)}")
+    load_full_state_dict(model, {k: v.to(ref[k].dtype) for k, v in state.items()})
+    if tied:
+        model.tie_weights()
+
+
+def apply_init(model: nn.Module, cfg, vocab_size: int | None = None) -> nn.Module:
+    """Trainer hook after the model is built: load `init.from`, freeze, add LoRA."""
+    if cfg.init.from_:
+        src = find_source(cfg.init.from_, cfg.init.weights)
+        if vocab_size and vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"data: the tokenizer has {vocab_size} tokens, more than the "
+                              f"model of init.from ({cfg.model.vocab_size})")
+        _load_into(model, source_state(src), cfg.init.from_)
+    return _convert(model, cfg)
+
+
+def _convert(model: nn.Module, cfg) -> nn.Module:
+    f = cfg.finetune
+    if f.freeze:
+        freeze(model, f.freeze)
+    if f.lora_rank:
+        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_targets, f.lora_dropout)
+    return model
+
+
+def prepare_loaded_model(model: nn.Module, cfg) -> nn.Module:
+    """For loading a finished run: a LoRA run saved only its adapters, so rebuild the
+    base from `init.from` and wrap it before the adapters are read. Else unchanged."""
+    if not cfg.finetune.lora_rank:
+        return model
+    _load_into(model, source_state(find_source(cfg.init.from_, cfg.init.weights)),
+               cfg.init.from_)
+    return apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha,
+                      cfg.finetune.lora_targets)

@@ -1,0 +1,130 @@
+"""`ParallelDims`: how the world's ranks divide into parallel degrees (DESIGN.md principle 4).
+
+world = dp_replicate × dp_shard × tp × pp; one degree may be -1 and is then inferred
+from the world size. The data-parallel degree is dp = dp_replicate × dp_shard: every
+data-parallel rank reads its own part of each global batch, while tp/pp ranks of one
+data-parallel group read the same data (issue #6: parallel/tensor.py, pipeline.py).
+
+Mesh layout (torchtitan `ParallelDims.build_mesh`): dimensions named
+("dp_replicate", "dp_shard") from outermost to innermost, so that the shard group —
+which communicates every layer — is made of neighbouring ranks (same node when
+nodes hold consecutive ranks), and the replicate group — one all-reduce per step —
+spans nodes.
+
+This module imports no torch.distributed at import time: config checks use it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaletrain.errors import ConfigError
+
+_FIELDS = ("dp_replicate", "dp_shard", "tp", "pp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Resolved (no -1) parallel degrees of a world of `world` ranks."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world: int
+
+    @classmethod
+    def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, pp: int,
+                world: int) -> ParallelDims:
+        """Infer a -1 degree and check the product equals `world` (ConfigError if not)."""
+        given = dict(zip(_FIELDS, (dp_replicate, dp_shard, tp, pp)))
+        bad = [k for k, v in given.items() if v == 0 or v < -1]
+        if bad:
+            raise ConfigError(f"parallel.{bad[0]}={given[bad[0]]} must be >= 1 or -1 "
+                              "(inferred from the world size)")
+        free = [k for k, v in given.items() if v == -1]
+        if len(free) > 1:
+            raise ConfigError(f"only one of parallel.{{{','.join(_FIELDS)}}} may be -1; "
+                              f"got -1 for {', '.join('parallel.' + k for k in free)}")
+        fixed = 1
+        for k, v in given.items():
+            if v != -1:
+                fixed *= v
+        if free:
+            if world % fixed:
+                raise ConfigError(
+                    f"the world size {world} is not divisible by the product {fixed} of "
+                    f"the other parallel degrees, so parallel.{free[0]}=-1 cannot be "
+                    f"inferred ({_describe(given)})")
+            given[free[0]] = world // fixed
+        elif fixed != world:
+            raise ConfigError(
+                f"parallel.dp_replicate × dp_shard × tp × pp = {fixed} "
+                f"({_describe(given)}) but the world size is {world} processes; make "
+                f"the product equal the world size or set one degree (e.g. "
+                f"parallel.dp_shard) to -1")
+        dims = cls(**given, world=world)
+        if dims.tp > 1 and dims.ddp:
+            # torchtitan refuses it too: composable DDP does not handle DTensor (TP)
+            # parameters; FSDP2 composes with TP (2-D).
+            raise ConfigError(f"parallel.dp_replicate={dims.dp_replicate} with "
+                              f"parallel.tp={dims.tp} needs parallel.dp_shard > 1 (DDP does "
+                              "not compose with tensor parallel; use dp_shard, FSDP2, or "
+                              "HSDP)")
+        return dims
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: ranks that each read a different part of the batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters sharded (FSDP2 / ZeRO-3), alone or inside replicas (HSDP)."""
+        return self.dp_shard > 1
+
+    @property
+    def ddp(self) -> bool:
+        """Plain replication (DDP): full parameters everywhere, gradients all-reduced."""
+        return self.dp_replicate > 1 and self.dp_shard == 1
+
+    @property
+    def hsdp(self) -> bool:
+        return self.dp_replicate > 1 and self.dp_shard > 1
+
+    @property
+    def strategy(self) -> str:
+        """'single', 'ddp', 'fsdp' or 'hsdp' (for logs and the summary)."""
+        if self.hsdp:
+            return "hsdp"
+        if self.fsdp:
+            return "fsdp"
+        return "ddp" if self.ddp else "single"
+
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(shape, names) of the world device mesh, size-1 dimensions dropped.
+
+        pp outermost and tp innermost (issue #6, parallel/meshes.py): TP communicates in
+        every layer, so its ranks are neighbours; PP sends one activation per micro-batch.
+        """
+        dims = [(n, d) for n, d in (("pp", self.pp), ("dp_replicate", self.dp_replicate),
+                                    ("dp_shard", self.dp_shard), ("tp", self.tp)) if d > 1]
+        return tuple(d for _, d in dims), tuple(n for n, _ in dims)
+
+    def build_mesh(self, device_type: str):
+        """The DeviceMesh over all ranks (None for a single process)."""
+        if self.world == 1:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape, names = self.mesh_shape()
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def _describe(given: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in given.items())
+
+
+def resolve_dims(pcfg, world: int) -> ParallelDims:
+    """ParallelDims of a `ParallelConfig` section for `world` ranks."""
+    return ParallelDims.resolve(pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp, world)

@@ -1,0 +1,69 @@
+"""FSDP2 (`fully_shard`, ZeRO-3) and HSDP: parameters, gradients and optimizer state
+sharded over the `dp_shard` ranks (and replicated over `dp_replicate`).
+
+Each transformer block is its own FSDP unit, then the root (embeddings, final norm,
+head) — so only one block's full parameters exist at a time, and the all-gather of
+block i+1 overlaps the compute of block i (Zhao et al. 2023, "PyTorch FSDP"; torchtitan
+`apply_fsdp`). Parameters become DTensors sharded on dim 0; the optimizer then only
+ever sees this rank's shard (ZeRO stage 3, Rajbhandari et al. 2020).
+
+Tied weights: `lm_head.weight is wte.weight` lives in the root unit, which FSDP2
+de-duplicates, so the tie survives sharding (tests/distributed check it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+               cpu_offload: bool = False, device: torch.device | None = None,
+               shard_placement_fn=None) -> nn.Module:
+    """Shard `model` over `mesh` in place (1-D: FSDP; 2-D (replicate, shard): HSDP).
+
+    `param_dtype`: the dtype parameters are all-gathered and computed in (bf16 for mixed
+    precision); `reduce_dtype`: the dtype gradients are reduce-scattered in (fp32, so
+    sums over ranks do not lose bits). `reshard_after_forward=False` keeps each block's
+    gathered parameters until its backward (ZeRO-2-like memory, one all-gather less).
+    """
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,
+                                        OffloadPolicy, fully_shard)
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Pinned host memory needs an accelerator; on a CPU-only machine pinning fails
+    # (DESIGN.md §4 caveat), and offloading is then only a code path check.
+    has_accel = device is not None and device.type != "cpu"
+    offload = CPUOffloadPolicy(pin_memory=has_accel) if cpu_offload else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    if shard_placement_fn is not None:  # TP's fused QKV: parallel/tensor.py
+        kw["shard_placement_fn"] = shard_placement_fn
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        units = list(blocks.values())
+        for i, block in enumerate(units):
+            # The last block's parameters are needed again right at the start of the
+            # backward, so resharding them after forward only adds an all-gather.
+            fully_shard(block, reshard_after_forward=reshard_after_forward
+                        and i < len(units) - 1, **kw)
+    # FSDP2 never reshards the root after forward (its parameters are used first in
+    # the backward), whatever is passed here.
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model: nn.Module):
+    """Accumulate unsharded gradients locally; reduce-scatter only on the last backward.
+
+    FSDP2's `set_requires_gradient_sync(False)` keeps full-size gradients between
+    micro-batches (memory ~ DDP's) in exchange for one reduce-scatter per step.
+    """
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

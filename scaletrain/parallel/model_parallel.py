@@ -1,0 +1,118 @@
+"""Hooks that plug tensor and pipeline parallelism (issue #6) into the composition of
+parallel/parallelize.py, the step (train/step.py) and the trainer.
+
+    build on meta -> prune to this rank's pipeline stage(s) -> TP -> AC -> FSDP|DDP
+                  -> materialise + seeded init -> Pipeline (schedule) when pp > 1
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from scaletrain.errors import ConfigError
+from scaletrain.parallel import meshes
+from scaletrain.parallel.pipeline import (check_pp, prune_to_stage, split_bounds, stage_ids,
+                                          stages_per_rank)
+from scaletrain.parallel.tensor import apply_tp, check_tp, parallel_grad_norm, tp_loss_context
+
+
+def pipeline_layout(n_layer: int, pcfg, pp_rank: int):
+    """(bounds of every stage, this rank's stage ids, n_stages)."""
+    v = stages_per_rank(pcfg)
+    bounds = split_bounds(n_layer, pcfg.pp * v, pcfg.pp_split_points)
+    return bounds, stage_ids(pp_rank, pcfg.pp, v), len(bounds)
+
+
+def prune_for_rank(model: nn.Module, pcfg, mesh) -> nn.Module:
+    """Keep only the blocks (and ends) of the stages this pipeline rank runs."""
+    bounds, ids, n = pipeline_layout(len(model.blocks), pcfg, meshes.coordinate(mesh, "pp"))
+    keep = {i for s in ids for i in range(*bounds[s])}
+    for name in list(model.blocks.keys()):
+        if int(name) not in keep:
+            del model.blocks[name]
+    return prune_to_stage(model, (0, bounds[-1][1]), 0 in ids, n - 1 in ids)
+
+
+def mark_tied_copy(model: nn.Module) -> None:
+    """Flag a last stage's `lm_head.weight` (its tied `wte` lives on the first stage) as
+    an embedding, so the optimizer's groups (no weight decay on embeddings) treat both
+    copies alike and they stay identical (parallel/pipeline_step.py)."""
+    if getattr(model, "wte", 1) is None and getattr(model, "lm_head", None) is not None \
+            and hasattr(model, "tie_weights"):
+        model.lm_head.weight._tied_embedding = True
+
+
+def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan) -> nn.Module:
+    """TP over the mesh's 'tp' dimension when parallel.tp > 1 (first in the order)."""
+    if dims.tp <= 1:
+        return model
+    if tp_plan is None:
+        raise ConfigError(f"parallel.tp={dims.tp}: this model family has no tensor-"
+                          "parallel plan (models/plans.py)")
+    return apply_tp(model, mesh["tp"], tp_plan, loss_parallel=pcfg.loss_parallel,
+                    sequence_parallel=pcfg.sequence_parallel)
+
+
+def model_parallel_step_options(ctx, model: nn.Module, no_sync) -> dict:
+    """StepOptions for a TP and/or PP layout (DistContext.step_options)."""
+    dims = ctx.dims
+    opts = {"count_reducer": ctx.sum_reducer, "loss_multiplier": float(dims.dp),
+            "grad_norm_fn": lambda params, clip: parallel_grad_norm(params, clip, None)}
+    if dims.dp > 1:
+        opts["no_sync"] = lambda: no_sync(model)
+    if dims.tp > 1:
+        opts["loss_context"] = tp_loss_context(_loss_parallel(model))
+    return opts
+
+
+def _loss_parallel(model: nn.Module) -> bool:
+    """apply_tp left the logits vocabulary-sharded (parallel.loss_parallel)."""
+    return bool(getattr(model, "_tp_loss_parallel", False))
+
+
+def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
+    """Micro-batches per pipeline step: parallel.pp_microbatches or batch / micro."""
+    m = pcfg.pp_microbatches or max(1, per_rank_batch // max(1, micro))
+    if per_rank_batch % m:
+        raise ConfigError(f"parallel.pp_microbatches={m} must divide the per-rank batch "
+                          f"of {per_rank_batch} samples (train.batch_size / data-parallel "
+                          "degree)")
+    return m
+
+
+def build_pipeline(model: nn.Module, ctx, pcfg, per_rank_batch: int, micro: int,
+                   n_layer: int):
+    """The `Pipeline` (schedule over this rank's stages) for a pruned, materialised
+    model; None when parallel.pp = 1."""
+    if ctx.dims.pp <= 1:
+        return None
+    from scaletrain.parallel.pipeline_step import Pipeline
+
+    m = pipeline_microbatches(pcfg, per_rank_batch, micro)
+    check_pp(pcfg, n_layer, m)
+    if stages_per_rank(pcfg) > 1 and ctx.dims.dp > 1:
+        raise ConfigError("parallel.pp_schedule='interleaved-1f1b' with data parallel "
+                          "(dp_replicate or dp_shard > 1) is not supported yet; use "
+                          "'1f1b' or 'gpipe'")
+    bounds, ids, _ = pipeline_layout(n_layer, pcfg, meshes.coordinate(ctx.mesh, "pp"))
+    return Pipeline(model, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
+                    pp_group=meshes.group(meshes.sub(ctx.mesh, "pp")), device=ctx.device,
+                    loss_parallel=ctx.dims.tp > 1 and pcfg.loss_parallel,
+                    loss_multiplier=float(ctx.dims.dp))
+
+
+def check_model_parallel(cfg, vocab_size: int, world: int) -> None:
+    """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line."""
+    from scaletrain.parallel.dims import resolve_dims
+
+    p = cfg.parallel
+    dims = resolve_dims(p, world)
+    check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)
+    if dims.pp > 1:
+        if cfg.model.name != "gpt":
+            raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
+                              f"(model.name='gpt'), not {cfg.model.name!r}")
+        per_rank = cfg.train.batch_size // dims.dp
+        micro = cfg.train.micro_batch_size or per_rank
+        check_pp(p, cfg.model.n_layer, pipeline_microbatches(p, per_rank, micro))
+

@@ -1,0 +1,78 @@
+"""Compose the parallel techniques in one fixed order (DESIGN.md principle 2).
+
+    build on meta -> [PP: prune to stage] -> TP -> activation checkpointing -> [compile]
+                  -> FSDP2 / HSDP | DDP -> materialise + seeded init
+
+Why this order (torchtitan `parallelize_llama`): TP changes the parameters into
+DTensors that FSDP then shards on top; AC wraps the blocks' computation and must sit
+inside FSDP's per-block unit so recomputation re-gathers the block's parameters;
+FSDP/DDP come last because they own the parameters and the gradient hooks. Weights are
+initialised *after* sharding, from generators seeded per parameter name
+(models/gpt.py `init_weights`), so every layout starts from bitwise the same values and
+no rank ever holds the full unsharded model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from scaletrain.models.registry import REGISTRY, materialize
+from scaletrain.parallel.ac import apply_ac
+from scaletrain.parallel.ddp import apply_ddp
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.fsdp import apply_fsdp
+from scaletrain.parallel.model_parallel import mark_tied_copy, maybe_apply_tp, prune_for_rank
+from scaletrain.parallel.tensor import fsdp_shard_placement
+from scaletrain.precision import PrecisionPolicy
+
+
+def fsdp_mesh(mesh, dims: ParallelDims):
+    """The mesh FSDP shards over: ('dp_replicate', 'dp_shard') for HSDP, else 1-D."""
+    return mesh["dp_replicate", "dp_shard"] if dims.hsdp else mesh["dp_shard"]
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
+                policy: PrecisionPolicy, device: torch.device, tp_plan=None) -> nn.Module:
+    """Apply TP, AC and FSDP/HSDP or DDP to `model` in place, per `pcfg` (ParallelConfig).
+
+    With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py).
+    """
+    maybe_apply_tp(model, dims, mesh, pcfg, tp_plan)  # TP first: FSDP shards its DTensors
+    apply_ac(model, pcfg.activation_checkpoint)
+    # (torch.compile would go here, per block, before FSDP; not offered yet.)
+    if dims.fsdp:
+        # Mixed precision under FSDP: keep fp32 master shards, gather and compute in
+        # bf16, reduce gradients in fp32 (torchtitan's default). bf16-pure already has
+        # bf16 parameters; its gradients are still summed in fp32.
+        param_dtype = torch.bfloat16 if policy.name == "bf16" else None
+        reduce_dtype = torch.float32 if policy.name in ("bf16", "bf16-pure") else None
+        apply_fsdp(model, fsdp_mesh(mesh, dims), param_dtype=param_dtype,
+                   reduce_dtype=reduce_dtype, device=device,
+                   reshard_after_forward=pcfg.reshard_after_forward,
+                   cpu_offload=pcfg.cpu_offload,
+                   shard_placement_fn=fsdp_shard_placement if dims.tp > 1 else None)
+    elif dims.ddp:
+        apply_ddp(model, mesh["dp_replicate"], bucket_cap_mb=pcfg.ddp_bucket_mb)
+    return model
+
+
+def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
+                         policy: PrecisionPolicy, device: torch.device) -> nn.Module:
+    """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
+
+    With one process this gives exactly `models.build_model`'s weights.
+    """
+    spec = REGISTRY[mcfg.name]
+    with torch.device("meta"):
+        model = spec.build(mcfg, facts)
+    if dims.pp > 1:  # keep only this rank's pipeline stage(s)
+        prune_for_rank(model, pcfg, mesh)
+    model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
+    parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan)
+    # With CPU offload, FSDP keeps the sharded parameters in host memory.
+    init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
+    materialize(model, init_device, seed)
+    if dims.pp > 1:
+        mark_tied_copy(model)
+    return model

@@ -1,0 +1,176 @@
+"""One optimizer step through a pipeline schedule, and evaluation through it.
+
+`Pipeline.step` is train/step.py's `train_step` for pp > 1: the schedule runs the
+micro-batch loop itself (forward/backward interleaved across stages), then the same
+clip -> optimizer step -> zero grad.
+
+Tied embeddings across stages: the first stage owns `wte.weight`, the last a copy as
+`lm_head.weight`, initialised with the same values. The tied gradient is the sum of both
+uses (embedding lookup + output head), so after the backward the two copies' gradients
+are all-reduced between the first and last stage (Megatron-LM's "embedding group",
+Narayanan et al. 2021 §4) and both copies take identical optimizer steps. The copy is
+left out of the gradient norm so that it is counted once, as in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from scaletrain.parallel.pipeline import build_schedule
+from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
+from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.train.step import StepResult
+
+
+def stage_view(model: nn.Module, bounds: tuple[int, int], first: bool,
+               last: bool) -> nn.Module:
+    """A module that runs blocks [start, end) of `model` and shares its parameters
+    (a shallow copy with its own child table): several stages of one rank (interleaved
+    schedule) then live in one module whose names are the whole model's."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.blocks = nn.ModuleDict({k: b for k, b in model.blocks.items()
+                                 if bounds[0] <= int(k) < bounds[1]})
+    if not first:
+        view.wte, view.wpe = None, None
+    if not last:
+        view.ln_f, view.lm_head = None, None
+    return view
+
+
+def _tied_group(mesh):
+    """Process group joining pipeline rank 0 and the last pipeline rank at this rank's
+    coordinates in the other dimensions (every rank creates every such group)."""
+    import torch.distributed as dist
+
+    ranks = mesh.mesh  # (pp, ...) rank layout
+    flat = ranks.reshape(ranks.shape[0], -1)
+    mine = None
+    for j in range(flat.shape[1]):
+        g = dist.new_group([int(flat[0, j]), int(flat[-1, j])])
+        if dist.get_rank() in (int(flat[0, j]), int(flat[-1, j])):
+            mine = g
+    return mine
+
+
+class Pipeline:
+    """This rank's stages, their schedule and what a step needs around it."""
+
+    def __init__(self, model: nn.Module, bounds: list[tuple[int, int]], ids: list[int],
+                 *, pcfg, microbatches: int, mesh, pp_group, device, loss_parallel: bool,
+                 loss_multiplier: float = 1.0):
+        n = len(bounds)
+        self.model = model
+        self.ids = ids
+        self.n_stages = n
+        self.first = 0 in ids
+        self.last = n - 1 in ids
+        self.microbatches = microbatches
+        self.pp_group = pp_group
+        self.loss_multiplier = loss_multiplier
+        self.loss_ctx = tp_loss_context(loss_parallel)
+        self.denom = torch.ones(())
+        views = [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids] \
+            if len(ids) > 1 else [model]
+        self.views = views
+        self.schedule = build_schedule(views, ids, n, microbatches, pcfg.pp_schedule,
+                                       self._loss, device, pp_group)
+        # Every rank creates every first/last pair's group (new_group is collective).
+        self.tied_group = _tied_group(mesh) if _ties_expected(model) else None
+        self._tied_param = _tied_copy(model)  # counted once: left out of the norm
+
+    # -- loss: the sum over the micro-batch's targets / the step's global count ------
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = logits if logits.dtype == self.denom.dtype else logits.to(self.denom.dtype)
+        loss = local_loss(sum_cross_entropy(z, targets)) / self.denom
+        return loss * self.loss_multiplier
+
+    def _run(self, fn, x, y, losses):
+        with self.loss_ctx():
+            if self.first:
+                fn(x, target=y if self.last else None, losses=losses)
+            elif self.last:
+                fn(target=y, losses=losses)
+            else:
+                fn()
+
+    def _stage_loss(self, losses) -> torch.Tensor:
+        """Sum of the last stage's micro-batch losses, on every pipeline rank."""
+        out = torch.zeros((), dtype=self.denom.dtype)
+        if self.last and losses:
+            out += torch.stack([l.detach().to(out.dtype).cpu() for l in losses]).sum()
+        import torch.distributed as dist
+
+        dist.all_reduce(out, group=self.pp_group)
+        return out
+
+    def step(self, micro_batches, optimizer, policy, opts) -> StepResult:
+        """One optimizer step on this rank's batch (its micro-batches concatenated)."""
+        x = torch.cat([b[0] for b in micro_batches])
+        y = torch.cat([b[1] for b in micro_batches])
+        n_total = opts.count_reducer(count_targets(y).clone())
+        self.denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64
+                                else torch.float32)
+        losses: list = []
+        with policy.autocast():
+            self._run(self.schedule.step, x, y, losses)
+        loss = self._stage_loss(losses) / self.loss_multiplier
+        self._sync_tied_grad()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm_params = [p for p in params if p is not self._tied_param]
+        if opts.grad_clip_value > 0:
+            torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
+        clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
+        grad_norm = parallel_grad_norm(norm_params, clip, self.pp_group)
+        if self._tied_param is not None and clip < math.inf and self._tied_param.grad \
+                is not None:
+            coef = min(1.0, clip / (float(grad_norm) + 1e-6))
+            g = self._tied_param.grad
+            (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, n_total)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum cross-entropy of a batch through the pipeline (forward only), every rank."""
+        self.denom = torch.ones((), dtype=torch.float32)
+        saved, self.loss_multiplier = self.loss_multiplier, 1.0
+        losses: list = []
+        try:
+            self._run(self.schedule.eval, x, y, losses)
+        finally:
+            self.loss_multiplier = saved
+        return self._stage_loss(losses)
+
+    def _sync_tied_grad(self) -> None:
+        """All-reduce the tied embedding/head gradient between first and last stage."""
+        m = self.model
+        p = None
+        if m.wte is not None and m.lm_head is None:
+            p = m.wte.weight
+        elif m.lm_head is not None and m.wte is None:
+            p = m.lm_head.weight
+        if p is None or self.tied_group is None or p.grad is None:
+            return
+        import torch.distributed as dist
+
+        g = p.grad
+        dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g,
+                        group=self.tied_group)
+
+
+def _ties_expected(model: nn.Module) -> bool:
+    """The model family ties its head to its embedding (models/gpt.py tie_weights)."""
+    return hasattr(model, "tie_weights") and hasattr(model, "lm_head")
+
+
+def _tied_copy(model: nn.Module):
+    """The last stage's copy of the tied weight (lm_head without wte), else None."""
+    if _ties_expected(model) and model.lm_head is not None and model.wte is None:
+        return model.lm_head.weight
+    return None

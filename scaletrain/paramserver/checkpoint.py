@@ -1,0 +1,85 @@
+"""PS checkpoints: every server's shard (parameters, optimizer and schedule state,
+version) and the coordinator's counters and worker positions.
+
+Layout: `run.dir/checkpoints/step-<8 digits>/{server-<r>.pt, coordinator.pt}`, written
+by rank 0 (it gathers the shards over RPC between two updates, so they are consistent)
+into a temporary directory renamed into place: a directory with that name is complete.
+Files hold tensors and plain containers only and are read with
+`torch.load(weights_only=True)`, which cannot run code from a crafted file. Why not the
+DCP manager of scaletrain/checkpoint: it is built on a c10d process group, and PS
+processes talk over RPC only. Resume reads the files from a filesystem shared by the
+server processes (true on one node; across nodes mount run.dir on every server).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from scaletrain.errors import CheckpointError
+
+PREFIX = "step-"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def save(run_dir: Path, step: int, servers: list[dict], coordinator: dict,
+         keep: int) -> Path:
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for r, state in enumerate(servers):
+        torch.save(state, tmp / f"server-{r}.pt")
+    torch.save(coordinator, tmp / "coordinator.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete PS checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(PREFIX)
+             and not d.name.endswith(".tmp") and (d / "coordinator.pt").is_file()]
+    return sorted(found, key=lambda d: d.name)
+
+
+def resolve(cfg) -> Path | None:
+    """The checkpoint to resume from per `checkpoint.resume`, or None to start afresh."""
+    run_dir, how = Path(cfg.run.dir), cfg.checkpoint.resume
+    if cfg.run.overwrite:
+        return None
+    if how in ("auto", "none"):
+        found = list_checkpoints(run_dir)
+        if found and how == "none":
+            raise CheckpointError(f"run.dir '{run_dir}' holds checkpoints and "
+                                  "checkpoint.resume='none'; set run.overwrite=true or "
+                                  "checkpoint.resume='auto'")
+        return found[-1] if found else None
+    path = Path(how)
+    if (path / "coordinator.pt").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"checkpoint.resume='{how}' is not a PS checkpoint or a run "
+                              "directory holding one")
+    return found[-1]
+
+
+def load(path: Path, name: str) -> dict:
+    """`server-<r>` or `coordinator` of checkpoint `path` (tensors and containers only)."""
+    f = Path(path) / f"{name}.pt"
+    try:
+        return torch.load(f, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{f}: not a readable PS checkpoint file ({e})") from None

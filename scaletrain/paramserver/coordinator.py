@@ -1,0 +1,301 @@
+"""The coordinator (on server rank 0): decides which update is next and applies it.
+
+Workers report each push (after its gradients reached every server); the coordinator
+keeps the clocks (Ho et al. 2013, "More effective distributed ML via a stale synchronous
+parallel parameter server") and one applier thread turns complete updates into
+optimizer steps on every shard, one update at a time:
+
+- sync / ssp: update c holds clock c of every live worker, weighted by target tokens
+  (or equally) — the gradient of one big batch. It is applied after update c-1. A worker
+  may start clock c once version >= c - s (s = ps_staleness; sync: s = 0), i.e. it runs
+  at most s clocks ahead of the slowest, and every gradient it computes is applied with
+  staleness (version at apply - version computed on) <= s. With s = 0 this is exactly
+  synchronous training.
+- async (Downpour, Dean et al. 2012): every push is its own update, applied in arrival
+  order, normalised by its own token count; nobody waits. The run ends after the same
+  number of samples as sync (train.steps x n_workers worker-steps), however they are
+  split between workers: a fast worker does more of them than a straggler. Pushes that
+  arrive after the budget is full are refused ("stop").
+
+The LR schedule advances once per global batch of samples (one update in sync/ssp;
+n_workers worker-steps in async), so the learning rate follows the same curve in
+every mode for the same number of samples.
+
+Faults: a live worker that is not waiting on the coordinator and has been silent for
+`ps_timeout_s` is dropped: its unapplied gradients are discarded, pending sync/ssp
+updates complete with the remaining workers (re-weighted by their tokens), and its next
+message is answered "dropped".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from scaletrain.paramserver import server, transport
+
+
+@dataclass
+class Contribution:
+    version: int  # parameter version the gradient was computed on
+    loss_sum: float
+    count: int  # target tokens
+    steps: int  # worker steps (batches) in this push
+    clock: int  # the worker's next clock after this push
+    loader: dict  # the worker's loader state after this push
+
+
+@dataclass
+class Update:
+    """One applied update, handed to the trainer's `on_update`."""
+    version: int  # after the update
+    step: int  # global batches applied so far (the schedule's step)
+    prev_step: int
+    loss: float  # mean loss over the update's target tokens
+    grad_norm: float  # before clipping
+    lr: float  # the LR this update used
+    tokens: int
+    staleness: list[int] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(self, cfg, n_workers: int, state: dict | None = None,
+                 on_update: Callable[[Update], None] = lambda u: None,
+                 on_event: Callable[[dict], None] = lambda e: None):
+        p = cfg.parallel
+        self.mode = p.ps_consistency
+        self.s = 0 if self.mode == "sync" else p.ps_staleness
+        self.steps, self.n_workers, self.n_servers = cfg.train.steps, n_workers, p.ps_servers
+        self.weighting, self.timeout = p.ps_weighting, p.ps_timeout_s
+        self.clip = cfg.train.grad_clip
+        self.on_update, self.on_event = on_update, on_event
+        self.cond = threading.Condition()
+        self.live = set(range(n_workers))
+        self.finished: set[int] = set()
+        self.last_seen = {w: time.monotonic() for w in self.live}
+        self.waiting: dict[int, tuple[int, torch.futures.Future]] = {}
+        self.contribs: dict[str, dict[int, Contribution]] = {}
+        self.queue: deque[str] = deque()  # async: keys in arrival order
+        st = state or {}
+        self.version = int(st.get("version", 0))
+        self.next_clock = int(st.get("next_clock", 0))  # sync/ssp: next update's clock
+        self.units = int(st.get("units", 0))  # worker-steps applied
+        self.step = int(st.get("step", 0))
+        self.tokens = int(st.get("tokens", 0))
+        self.positions = {int(w): v for w, v in st.get("positions", {}).items()}
+        self.hist: dict[int, int] = {int(k): v for k, v in st.get("hist", {}).items()}
+        self.budget = self.steps * n_workers  # async: worker-steps of the whole run
+        self.accepted = self.units  # async: worker-steps accepted (applied or queued)
+
+    def state_dict(self) -> dict:
+        """Counters and worker positions (between two updates: call from on_update)."""
+        return {"version": self.version, "next_clock": self.next_clock, "units": self.units,
+                "step": self.step, "tokens": self.tokens, "positions": dict(self.positions),
+                "hist": dict(self.hist)}
+
+    # -- called by workers (RPC threads) ----------------------------------------------
+    def hello(self, w: int) -> tuple[int, dict | None]:
+        """Where worker `w` starts: (clock, loader state) of its last applied push."""
+        with self.cond:
+            self.last_seen[w] = time.monotonic()
+            if self.mode == "async":
+                return self.positions.get(w, (0, None))
+            # sync/ssp: every worker restarts at the next unapplied clock. All workers'
+            # loaders walk the same global batch order, so any worker's loader state at
+            # that clock is this worker's too.
+            for clock, loader in self.positions.values():
+                if clock == self.next_clock:
+                    return clock, loader
+            return self.next_clock, None
+
+    def report(self, w: int, key: str, c: Contribution) -> str:
+        """"ok"; "stop" (async: the sample budget is full — this push filled it and is
+        used, or came after and is not) or "dropped" (this push is not used)."""
+        with self.cond:
+            self.last_seen[w] = time.monotonic()
+            if w not in self.live:
+                refused = "dropped"
+            elif self.mode == "async" and self.accepted >= self.budget:
+                refused = "stop"
+            else:
+                self.contribs.setdefault(key, {})[w] = c
+                if self.mode == "async":
+                    self.queue.append(key)
+                    self.accepted += c.steps
+                self.cond.notify_all()
+                full = self.mode == "async" and self.accepted >= self.budget
+                return "stop" if full else "ok"
+        self._discard_on_servers(key)
+        return refused
+
+    def wait_version(self, w: int, target: int) -> torch.futures.Future:
+        """A future that completes with "ok" once version >= target ("dropped" if `w`
+        is dropped first)."""
+        fut = torch.futures.Future()
+        with self.cond:
+            if w not in self.live:
+                result = "dropped"
+            elif self.version >= target:
+                self.last_seen[w] = time.monotonic()
+                result = "ok"
+            else:
+                self.waiting[w] = (target, fut)
+                return fut
+        fut.set_result(result)
+        return fut
+
+    def finish(self, w: int) -> None:
+        with self.cond:
+            self.finished.add(w)
+            self.cond.notify_all()
+
+    # -- the applier thread -----------------------------------------------------------
+    def run(self) -> None:
+        """Apply updates until every live worker has finished (or none is left)."""
+        while True:
+            with self.cond:
+                key = self._next_ready()
+                while key is None and not self._done():
+                    self.cond.wait(timeout=min(0.5, self.timeout / 4))
+                    self._drop_silent()
+                    key = self._next_ready()
+                if key is None:
+                    return
+                contribs = self.contribs.pop(key)
+            self._apply(key, contribs)
+
+    def _next_ready(self) -> str | None:
+        if self.mode == "async":
+            while self.queue:
+                key = self.queue.popleft()
+                if key in self.contribs:
+                    return key
+            return None
+        key = f"c{self.next_clock}"
+        got = self.contribs.get(key, {})
+        if self.live and self.next_clock < self.steps and self.live <= got.keys():
+            return key
+        return None
+
+    def _done(self) -> bool:
+        return not self.live or (self.live <= self.finished and not self.queue)
+
+    def _apply(self, key: str, contribs: dict[int, Contribution]) -> None:
+        total = sum(c.count for c in contribs.values())
+        if self.weighting == "tokens":
+            scales = {w: 1.0 / total for w in contribs}
+        else:
+            scales = {w: 1.0 / (len(contribs) * c.count) for w, c in contribs.items()}
+        norms = self._on_servers(server.rpc_aggregate, key, scales)
+        # Global norm over every shard, as torch.nn.utils.clip_grad_norm_ computes it.
+        grad_norm = float(torch.linalg.vector_norm(torch.cat(norms)))
+        coef = min(1.0, self.clip / (grad_norm + 1e-6)) if self.clip > 0 else 1.0
+        units = sum(c.steps for c in contribs.values())
+        if self.mode == "async":
+            new_step = (self.units + units) // self.n_workers
+        else:
+            new_step = self.step + 1
+        lr = server.rpc_lr()  # this process is server 0; every shard has the same LR
+        self._on_servers(server.rpc_apply, key, coef, new_step - self.step)
+        stale = [self.version - c.version for c in contribs.values()]
+        loss = sum(c.loss_sum for c in contribs.values()) / max(total, 1)
+        with self.cond:
+            prev = self.step
+            self.version += 1
+            self.units += units
+            self.step = new_step
+            self.tokens += total
+            if self.mode != "async":
+                self.next_clock += 1
+            for w, c in contribs.items():
+                self.positions[w] = (c.clock, c.loader)
+            for s in stale:
+                self.hist[s] = self.hist.get(s, 0) + 1
+            ready = [(w, f) for w, (t, f) in self.waiting.items() if self.version >= t]
+            for w, _ in ready:
+                del self.waiting[w]
+                self.last_seen[w] = time.monotonic()
+            self.cond.notify_all()
+        for _, f in ready:
+            f.set_result("ok")
+        if self.mode == "ssp" or self.mode == "sync":
+            # The SSP bound, checked on every applied gradient (a bug here is ours).
+            assert max(stale) <= self.s, f"staleness {max(stale)} > bound {self.s}"
+        self.on_update(Update(self.version, self.step, prev, loss, grad_norm, lr, total,
+                              stale))
+
+    def _on_servers(self, fn, *args) -> list:
+        """fn(*args) on every server: the others over RPC (concurrently), this process's
+        shard (server 0) by a direct call meanwhile."""
+        futs = [transport.call_async(s, fn, *args) for s in range(1, self.n_servers)]
+        return [fn(*args)] + [f.wait() for f in futs]
+
+    # -- faults ------------------------------------------------------------------------
+    def _drop_silent(self) -> None:
+        now = time.monotonic()
+        for w in sorted(self.live - self.finished):
+            if w not in self.waiting and now - self.last_seen[w] > self.timeout:
+                self._drop(w, f"no message for {now - self.last_seen[w]:.1f} s "
+                              f"(parallel.ps_timeout_s={self.timeout:g})")
+
+    def _drop(self, w: int, reason: str) -> None:
+        """Remove worker `w` (called with the lock held)."""
+        self.live.discard(w)
+        lost = [k for k, v in self.contribs.items() if w in v]
+        for k in lost:
+            if self.mode == "async":  # the budget is done by the others instead
+                self.accepted -= self.contribs[k][w].steps
+            del self.contribs[k][w]
+            if not self.contribs[k]:
+                del self.contribs[k]
+                threading.Thread(target=self._discard_on_servers, args=(k,),
+                                 daemon=True).start()
+        self.on_event({"event": "worker_dropped", "worker": w, "reason": reason,
+                       "discarded_updates": len(lost), "workers_left": len(self.live)})
+        self.cond.notify_all()
+
+    def _discard_on_servers(self, key: str) -> None:
+        for s in range(self.n_servers):
+            try:
+                transport.call_async(s, server.rpc_discard, key)
+            except RuntimeError:  # the run is ending; nothing left to free
+                pass
+
+
+# -- RPC entry points (run on rank 0) ---------------------------------------------------
+_COORD: Coordinator | None = None
+
+
+def install(coord: Coordinator) -> None:
+    global _COORD
+    _COORD = coord
+
+
+def rpc_hello(w: int):
+    return _COORD.hello(w)
+
+
+@torch.distributed.rpc.functions.async_execution
+def rpc_wait_pull(w: int, target: int):
+    """Once version >= target: ("ok", version, tensors) of shard 0 — the wait and the
+    pull of this process's shard in one round trip; ("dropped", -1, []) if dropped."""
+    def reply(fut):
+        status = fut.value()
+        return (status, *server.rpc_pull()) if status == "ok" else (status, -1, [])
+    return _COORD.wait_version(w, target).then(reply)
+
+
+def rpc_push_report(w: int, key: str, grads: list[torch.Tensor], c: Contribution) -> str:
+    """Push the gradient of shard 0 and report the whole push (the other shards' pushes
+    have completed): one round trip to rank 0."""
+    server.rpc_push(key, w, grads)
+    return _COORD.report(w, key, c)
+
+
+def rpc_finish(w: int) -> None:
+    _COORD.finish(w)

@@ -1,0 +1,251 @@
+"""Parameter-server training (`parallel.mode = "ps"`): roles, run directory, metrics.
+
+Launched like every mode (`scaletrain train --nproc N`, or torchrun across nodes):
+ranks [0, ps_servers) are servers, the others workers (worker i = rank ps_servers + i).
+Rank 0 is also the coordinator (coordinator.py) and the only process that writes the
+run directory: metrics.jsonl, TensorBoard (with the staleness histogram), checkpoints,
+weights, summary. Validation runs there too, on the parameters of exactly the update
+that completed the step (the applier thread evaluates between two updates).
+
+Every process builds the full model from the seed (bitwise the single-process initial
+weights); servers keep their shard of it, workers a full replica for the forward.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scaletrain.config import Config
+from scaletrain.data import build_data
+from scaletrain.data.loader import eval_batches
+from scaletrain.errors import ConfigError
+from scaletrain.evaluate import evaluate
+from scaletrain.metrics import Progress, build_sinks, peak_memory_mb, plot_run, write_summary
+from scaletrain.models import REGISTRY, build_model, count_params
+from scaletrain.paramserver import checkpoint as ckpt
+from scaletrain.paramserver import coordinator as coord_mod
+from scaletrain.paramserver import server, transport
+from scaletrain.paramserver.checks import check_ps
+from scaletrain.paramserver.sharding import assign_shards
+from scaletrain.paramserver.worker import Worker
+from scaletrain.precision import PrecisionPolicy
+from scaletrain.train import run_dir as rd
+from scaletrain.train.runtime import detect_runtime, seed_everything
+
+
+def train_ps(cfg: Config, worker_hook=None) -> dict:
+    """Run this process's role to the end; rank 0 returns the run's summary.
+
+    `worker_hook(worker)` (tests) may set `worker.on_step` before the worker starts.
+    """
+    rt = detect_runtime(cfg.train.device, cfg.train.threads)
+    if rt.world < 2:
+        raise ConfigError("parallel.mode='ps' needs at least 2 processes: --nproc N with "
+                          "N > parallel.ps_servers")
+    check_ps(cfg, rt.world)
+    n_servers = cfg.parallel.ps_servers
+    n_workers = rt.world - n_servers
+    is_server = rt.rank < n_servers
+    device = torch.device("cpu") if is_server else rt.device  # shards live in host memory
+    policy = PrecisionPolicy(cfg.precision.dtype, device)
+    data = build_data(cfg, progress=False)
+    seed_everything(cfg.train.seed)
+    facts = {"vocab_size": data.vocab_size, "input_shape": data.input_shape,
+             "num_classes": data.num_classes}
+
+    def new_model():
+        return build_model(cfg.model, facts, seed=cfg.train.seed, device=device,
+                           dtype=policy.param_dtype)
+
+    model = new_model()
+    shards = assign_shards({n: p.numel() for n, p in model.named_parameters()}, n_servers)
+    resume = ckpt.resolve(cfg) if is_server else None
+    # Build every role's state before joining: the RPC rendezvous is the barrier after
+    # which workers may call.
+    if is_server:
+        shard = server.ShardServer(cfg, model, shards[rt.rank])
+        if resume is not None:
+            shard.load_state_dict(ckpt.load(resume, f"server-{rt.rank}"))
+        server.install(shard)
+    run = _Run(cfg, rt, data, policy, new_model, n_workers, resume) if rt.rank == 0 else None
+    transport.start(rt.rank, rt.world, cfg.parallel.ps_timeout_s)
+    try:
+        if rt.rank == 0:
+            return run.fit()
+        if is_server:
+            server.wait_for_stop()
+            return {"role": "server", "rank": rt.rank}
+        w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
+                   device)
+        if worker_hook is not None:
+            worker_hook(w)
+        return {"role": "worker", "rank": rt.rank, "clock": w.run()}
+    finally:
+        transport.stop()
+
+
+class _Run:
+    """Rank 0: the coordinator plus everything a run writes."""
+
+    def __init__(self, cfg, rt, data, policy, new_model, n_workers, resume):
+        self.cfg, self.rt, self.data, self.policy = cfg, rt, data, policy
+        self.run_dir = Path(cfg.run.dir)
+        rd.prepare_run_dir(cfg)
+        if data.tokenizer is not None:
+            data.tokenizer.save(self.run_dir / rd.TOKENIZER_FILE)
+        self.model = new_model()  # evaluation replica, filled from the servers
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.kind = REGISTRY[cfg.model.name].kind
+        state = ckpt.load(resume, "coordinator") if resume is not None else {}
+        self.best_val = float(state.get("best_val", float("inf")))
+        self.best_step = int(state.get("best_step", 0))
+        self.wall_prev = float(state.get("wall_time", 0.0))
+        self.coord = coord_mod.Coordinator(cfg, n_workers, state.get("coordinator"),
+                                           on_update=self.on_update, on_event=self.on_event)
+        coord_mod.install(self.coord)
+        self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.hist_writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)
+        self.progress = Progress(cfg.train.steps, initial=self.coord.step,
+                                 enabled=cfg.train.progress)
+        self._window = {"loss": 0.0, "tokens": 0, "stale": []}
+        self.last_train: dict = {}
+        self.t0 = self.t_log = time.perf_counter()
+        self.tokens_at_log = self.coord.tokens
+
+    # -- hooks from the applier thread (between two updates) ----------------------------
+    def on_update(self, u: coord_mod.Update) -> None:
+        w = self._window
+        w["loss"] += u.loss * u.tokens
+        w["tokens"] += u.tokens
+        w["stale"] += u.staleness
+        c = self.cfg
+        crossed = lambda every: every and u.step // every > u.prev_step // every
+        if u.step == u.prev_step:
+            return
+        if crossed(c.train.log_interval) or u.step >= c.train.steps:
+            self._log_train(u)
+        if crossed(c.eval.interval) and u.step < c.train.steps:
+            val = self.evaluate("val", u.step)
+            self.progress.write(f"step {u.step}: val loss {val['loss']:.4f}")
+            self.keep_best(val["loss"], u.step)
+        if crossed(c.checkpoint.interval) and u.step < c.train.steps:
+            self.save_checkpoint(u.step)
+
+    def on_event(self, event: dict) -> None:
+        print(f"scaletrain: PS: {event}", file=sys.stderr, flush=True)
+        self.sinks.write({"kind": "ps_event", "step": self.coord.step, **event})
+
+    def _log_train(self, u) -> None:
+        w, now = self._window, time.perf_counter()
+        stale = w["stale"] or [0]
+        counts = {str(s): stale.count(s) for s in sorted(set(stale))}
+        tok_s = (self.coord.tokens - self.tokens_at_log) / max(now - self.t_log, 1e-9)
+        record = {"kind": "train", "step": u.step, "loss": w["loss"] / max(w["tokens"], 1),
+                  "lr": u.lr, "grad_norm": u.grad_norm, "tokens": self.coord.tokens,
+                  "tokens_per_s": tok_s, "mfu": None, "mem_mb": peak_memory_mb(self.rt.device),
+                  "version": u.version, "workers": len(self.coord.live),
+                  "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
+                  "staleness_counts": counts}
+        self.sinks.write(record)
+        if w["stale"]:
+            self.hist_writer.add_histogram("ps/staleness", torch.tensor(w["stale"]), u.step)
+        self.progress.update(u.step, loss=record["loss"], lr=u.lr, tok_s=tok_s)
+        self.last_train = record
+        self._window = {"loss": 0.0, "tokens": 0, "stale": []}
+        self.t_log, self.tokens_at_log = now, self.coord.tokens
+
+    # -- parameters, evaluation, checkpoints ------------------------------------------
+    def pull_full(self) -> None:
+        """Copy every server's current shard into the evaluation replica."""
+        params = dict(self.model.named_parameters())
+        futs = [transport.call_async(s, server.rpc_pull)
+                for s in range(self.cfg.parallel.ps_servers)]
+        shards = assign_shards({n: p.numel() for n, p in params.items()},
+                               self.cfg.parallel.ps_servers)
+        with torch.no_grad():
+            for names, f in zip(shards, futs):
+                for n, t in zip(names, f.wait()[1]):
+                    params[n].copy_(t)
+
+    def evaluate(self, split: str, step: int) -> dict:
+        dataset = {"val": self.data.val, "test": self.data.test}[split]
+        e = self.cfg.eval
+        if split == "val":
+            self.pull_full()
+        result = evaluate(self.model, eval_batches(dataset, e.batch_size, e.batches),
+                          self.policy, self.policy.device, self.kind)
+        # wall_s: seconds since this session's start (bench/paramserver.py: time to a loss).
+        self.sinks.write({"kind": "eval", "split": split, "step": step, **result,
+                          "wall_s": time.perf_counter() - self.t0})
+        return result
+
+    def keep_best(self, val_loss: float, step: int) -> None:
+        if val_loss < self.best_val:
+            self.best_val, self.best_step = val_loss, step
+            rd.save_weights(self.model, self.run_dir / rd.BEST_WEIGHTS, self.cfg)
+
+    def save_checkpoint(self, step: int) -> None:
+        states = [transport.call(s, server.rpc_state_dict)
+                  for s in range(self.cfg.parallel.ps_servers)]
+        extra = {"coordinator": self.coord.state_dict(), "best_val": self.best_val,
+                 "best_step": self.best_step,
+                 "wall_time": self.wall_prev + time.perf_counter() - self.t0}
+        ckpt.save(self.run_dir, step, states, extra, self.cfg.checkpoint.keep)
+
+    # -- the run ------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, c = self.cfg, self.coord
+        try:
+            if cfg.eval.interval and c.step == 0:
+                self.keep_best(self.evaluate("val", 0)["loss"], 0)
+            c.run()  # until every live worker has finished
+            wall = self.wall_prev + time.perf_counter() - self.t0
+            self.progress.close()
+            val = self.evaluate("val", c.step)
+            self.keep_best(val["loss"], c.step)
+            rd.save_weights(self.model, self.run_dir / rd.FINAL_WEIGHTS, cfg)
+            self.save_checkpoint(c.step)
+            test = None
+            if cfg.eval.test and self.data.test is not None:
+                best = self.run_dir / rd.BEST_WEIGHTS
+                if best.is_file() and self.best_step != c.step:
+                    rd.load_weights(self.model, best)
+                test = self.evaluate("test", c.step)
+            summary = self._summary(val, test, wall)
+            self.sinks.close()
+            self.hist_writer.close()
+            write_summary(self.run_dir / "summary.json", summary)
+            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            return summary
+        finally:
+            for s in range(1, cfg.parallel.ps_servers):
+                try:
+                    transport.call(s, server.rpc_stop)
+                except RuntimeError:  # that server is gone already
+                    pass
+
+    def _summary(self, val: dict, test: dict | None, wall: float) -> dict:
+        c, p = self.coord, self.cfg.parallel
+        n_stale = sum(c.hist.values())
+        return {
+            "steps": c.step, "tokens": c.tokens, "params": count_params(self.model),
+            "train_loss": self.last_train.get("loss"), "val": val, "test": test,
+            "best_val_loss": self.best_val, "best_step": self.best_step,
+            "tokens_per_s": c.tokens / max(wall, 1e-9), "mfu": None,
+            "peak_mem_mb": peak_memory_mb(self.rt.device), "wall_time_s": wall,
+            "world_size": self.rt.world, "precision": self.cfg.precision.dtype,
+            "device": str(self.rt.device), "threads": self.rt.threads,
+            "mode": "ps", "ps_consistency": p.ps_consistency, "ps_servers": p.ps_servers,
+            "ps_workers": c.n_workers, "ps_updates": c.version,
+            "ps_workers_finished": len(c.live & c.finished),
+            "staleness_hist": {str(k): v for k, v in sorted(c.hist.items())},
+            "staleness_max": max(c.hist) if c.hist else 0,
+            "staleness_mean": (sum(k * v for k, v in c.hist.items()) / n_stale
+                               if n_stale else 0.0),
+        }

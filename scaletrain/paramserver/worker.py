@@ -1,0 +1,133 @@
+"""A PS worker: pull parameters, compute a gradient on its own data, push it.
+
+Worker i of n reads slice i of every global batch from the world-size-independent
+`StatefulLoader` (rank=i, world=n), so the union of the workers' batches at clock c is
+exactly the single-process batch of step c+1. It sends the gradient of its *summed*
+loss and its target count; the server divides by the total count of the update
+(global-count normalisation, as in train/step.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from scaletrain.data.loader import StatefulLoader
+from scaletrain.paramserver import coordinator as coord
+from scaletrain.paramserver import server, transport
+from scaletrain.precision import PrecisionPolicy
+from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.train.step import split_micro_batches
+
+
+class Worker:
+    def __init__(self, cfg, index: int, n_workers: int, model: nn.Module,
+                 shards: list[list[str]], train_set, policy: PrecisionPolicy,
+                 device: torch.device):
+        p = cfg.parallel
+        self.cfg, self.w, self.model, self.policy, self.device = cfg, index, model, policy, device
+        self.mode, self.steps = p.ps_consistency, cfg.train.steps
+        self.s = 0 if self.mode == "sync" else p.ps_staleness
+        params = dict(model.named_parameters())
+        self.shard_params = [[params[n] for n in names] for names in shards]
+        per_worker = cfg.train.batch_size // n_workers
+        self.micro = cfg.train.micro_batch_size or per_worker
+        self.loader = StatefulLoader(train_set, cfg.train.batch_size, rank=index,
+                                     world=n_workers, seed=cfg.train.seed,
+                                     shuffle=cfg.data.shuffle, assignment=cfg.data.assignment)
+        self.delay = p.ps_slow_delay_s if p.ps_slow_worker == index else 0.0
+        self.version = 0  # the oldest shard version of the parameters held here
+        # Test hook: called with the clock after every step (fault tests kill from it).
+        self.on_step = lambda clock: None
+
+    def pull(self, wait_for: int | None = None) -> str:
+        """Copy every shard's current tensors in. With `wait_for`, first wait until the
+        coordinator's version reaches it (sync/ssp); returns "ok" or "dropped"."""
+        n = len(self.shard_params)
+        if wait_for is None:
+            futs = [transport.call_async(s, server.rpc_pull) for s in range(n)]
+            replies = [f.wait() for f in futs]
+        else:
+            status, v0, t0 = transport.call(0, coord.rpc_wait_pull, self.w, wait_for,
+                                            timeout=0)
+            if status != "ok":
+                return status
+            # Every server has applied an update before the coordinator counts it.
+            futs = [transport.call_async(s, server.rpc_pull) for s in range(1, n)]
+            replies = [(v0, t0)] + [f.wait() for f in futs]
+        with torch.no_grad():
+            for params, (_, tensors) in zip(self.shard_params, replies):
+                for p, t in zip(params, tensors):
+                    p.copy_(t)
+        self.version = min(v for v, _ in replies)
+        return "ok"
+
+    def gradient(self) -> tuple[list[list[torch.Tensor]], float, int]:
+        """Per-shard gradients of the summed loss of the next batch, loss sum, targets."""
+        x, y = self.loader.next()
+        x, y = x.to(self.device), y.to(self.device)
+        dtype = torch.float64 if self.policy.param_dtype == torch.float64 else torch.float32
+        self.model.zero_grad(set_to_none=True)
+        loss_sum, count = torch.zeros((), dtype=dtype), 0
+        for xb, yb in split_micro_batches((x, y), self.micro):
+            with self.policy.autocast():
+                logits = self.model(xb)
+            loss = sum_cross_entropy(logits.to(dtype), yb)
+            loss.backward()
+            loss_sum += loss.detach().cpu()
+            count += int(count_targets(yb))
+        grads = [[(p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
+                  for p in params] for params in self.shard_params]
+        return grads, float(loss_sum), count
+
+    def run(self) -> int:
+        """Train until train.steps clocks are done (or this worker is dropped)."""
+        clock, loader_state = transport.call(0, coord.rpc_hello, self.w)
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        p = self.cfg.parallel
+        start, acc, acc_loss, acc_count, acc_steps, acc_version = clock, None, 0.0, 0, 0, 0
+        self.model.train()
+        # sync/ssp: train.steps clocks; async: until the coordinator's sample budget
+        # (train.steps x n_workers worker-steps, split by speed) is full.
+        while self.mode == "async" or clock < self.steps:
+            if self.mode != "async":
+                # SSP: start clock c only once every clock < c - s is applied.
+                if self.pull(wait_for=clock - self.s) != "ok":
+                    return self._dropped()
+            elif (clock - start) % p.ps_pull_every == 0:
+                self.pull()
+            grads, loss_sum, count = self.gradient()
+            if acc is None:
+                acc, acc_version = grads, self.version
+            else:
+                acc = [torch._foreach_add(a, g) for a, g in zip(acc, grads)]
+            acc_loss, acc_count, acc_steps = acc_loss + loss_sum, acc_count + count, acc_steps + 1
+            if self.delay:
+                time.sleep(self.delay)
+            clock += 1
+            if self.mode != "async" or acc_steps == p.ps_push_every:
+                key = f"c{clock - 1}" if self.mode != "async" else f"w{self.w}.{clock - 1}"
+                for f in [transport.call_async(s, server.rpc_push, key, self.w, g)
+                          for s, g in enumerate(acc) if s > 0]:
+                    f.wait()  # the report must find every shard's buffer filled
+                c = coord.Contribution(acc_version, acc_loss, acc_count, acc_steps, clock,
+                                       self.loader.state_dict())
+                answer = transport.call(0, coord.rpc_push_report, self.w, key, acc[0], c)
+                if answer == "dropped":
+                    return self._dropped()
+                acc, acc_loss, acc_count, acc_steps = None, 0.0, 0, 0
+                if answer == "stop":
+                    break
+            self.on_step(clock)
+        transport.call(0, coord.rpc_finish, self.w)
+        return clock
+
+    def _dropped(self) -> int:
+        print(f"scaletrain: PS worker {self.w} was dropped by the coordinator (too slow "
+              f"or silent for parallel.ps_timeout_s); stopping this worker",
+              file=sys.stderr, flush=True)
+        return -1

@@ -1,0 +1,1 @@
+"""`scaletrain serve`: a small HTTP completion server over any artefact (server.py)."""

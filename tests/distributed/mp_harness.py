@@ -1,0 +1,84 @@
+"""A small training run on any TP × PP × DP layout, built from the trainer's pieces
+(DistContext, build_parallel_model, build_pipeline, train_step / Pipeline.step).
+
+`mp_run(rank, world, spec)` trains a tiny GPT on synthetic tokens (harness.Tokens) and
+returns on every rank the global loss and grad norm of each step; world=1 is the
+reference. Optionally saves a DCP checkpoint (checkpoint/manager.py) after the run, or
+loads one before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness import Tokens, T, V  # noqa: F401  (T, V: shapes of the synthetic data)
+from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from scaletrain.data.loader import StatefulLoader
+from scaletrain.optim import build_optimizer
+from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.model_parallel import build_pipeline
+from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.precision import PrecisionPolicy
+from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+
+
+def mp_spec(**kw) -> dict:
+    spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
+                schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
+                grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False)
+    spec.update(kw)
+    return spec
+
+
+def mp_run(rank: int, world: int, spec: dict) -> dict:
+    device = torch.device("cpu")
+    one = world == 1
+    pcfg = ParallelConfig(dp_replicate=1 if one else spec["dp_replicate"],
+                          dp_shard=1 if one else spec["dp_shard"],
+                          tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
+                          pp_schedule=spec["schedule"], timeout_s=60,
+                          sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
+    ctx = DistContext.setup(pcfg, rank, world, device)
+    policy = PrecisionPolicy(spec["dtype"], device)
+    mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
+                       d_model=spec["d_model"], seq_len=T)
+    model = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
+                                 mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+    dp = ctx.dims.dp
+    pipe = build_pipeline(model, ctx, pcfg, spec["batch"] // dp, spec["micro"],
+                          mcfg.n_layer)
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2))
+    loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
+                            world=dp, seed=5)
+    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(model))
+    if spec["load"]:
+        _checkpoint(model, opt, spec["load"], save=False)
+        loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
+    losses, norms = [], []
+    for _ in range(spec["steps"]):
+        micro = split_micro_batches(loader.next(), spec["micro"])
+        r = (pipe.step(micro, opt, policy, opts) if pipe is not None
+             else train_step(model, micro, opt, policy, None, opts))
+        losses.append(ctx.sum_reducer(r.loss.clone()).item())
+        norms.append(float(r.grad_norm))
+    if spec["save"]:
+        _checkpoint(model, opt, spec["save"], save=True)
+        if rank == 0:
+            torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
+    return {"losses": losses, "norms": norms}
+
+
+def _checkpoint(model, opt, path: str, save: bool) -> None:
+    """Model + optimizer through DCP's state-dict API, as checkpoint/manager.py does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from scaletrain.parallel.checkpoint_layout import savable, restore_layout
+
+    msd, osd = get_state_dict(model, opt)
+    state = savable({"model": msd, "optim": osd})
+    if save:
+        dcp.save(state, checkpoint_id=path)
+        return
+    dcp.load(state, checkpoint_id=path)
+    restore_layout(model, opt, state)

@@ -1,0 +1,66 @@
+"""End to end through the real CLI (what users run): `scaletrain train --nproc 2` on the
+built-in corpus gives the single-process run's losses, and only rank 0 writes files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaletrain.cli import main
+
+ROOT = Path(__file__).parents[2]
+TINY = ["--config", str(ROOT / "configs/tiny.toml"), "--data.max_files=20",
+        "--data.vocab_size=300", "--model.n_layer=2", "--model.d_model=32",
+        "--model.n_head=2", "--model.seq_len=32", "--train.steps=6", "--train.batch_size=8",
+        "--train.micro_batch_size=2", "--train.log_interval=1", "--eval.interval=3",
+        "--eval.batches=2", "--eval.batch_size=8", "--schedule.warmup_steps=0",
+        "--train.progress=off", "--run.overwrite=true"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prep")
+    assert main(["prepare", *TINY, f"--data.prepared_dir={d}"]) == 0
+    return d
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_nproc_2_fsdp_matches_one_process(prepared, tmp_path):
+    common = [*TINY, f"--data.prepared_dir={prepared}"]
+    assert main(["train", *common, f"--run.dir={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "scaletrain", "train", *common,
+                           f"--run.dir={tmp_path / 'two'}", "--nproc", "2"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    assert [r["step"] for r in two] == list(range(1, 7))  # rank 0 alone wrote metrics
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["tokens"] == a["tokens"]  # global target count, not one rank's
+    for a, b in zip(records(tmp_path / "one", "eval"), records(tmp_path / "two", "eval")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["parallel"]["strategy"] == "fsdp" and summary["world_size"] == 2
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert all(r["peak_mem_mb"] > 0 for r in summary["ranks"])
+    assert proc.stdout.count("done:") == 1
+
+
+def test_degrees_that_do_not_fit_the_world_fail_before_launch(capsys):
+    code = main(["train", *TINY, "--parallel.dp_shard=4", "--nproc", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "parallel.dp_replicate × dp_shard × tp × pp = 4" in err[0]
+    assert "world size is 2" in err[0]

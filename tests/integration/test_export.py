@@ -1,0 +1,74 @@
+"""`scaletrain export`: the HF directory loads in transformers as GPT2LMHeadModel and gives
+scaletrain's logits; safetensors export round-trips; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def trained_run(prepared_dir, tmp_path_factory):
+    from tests.conftest import TINY_DATA, TINY_GPT
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    proc = run_cli("train", *TINY_DATA, *TINY_GPT, f"--data.prepared_dir={prepared_dir}",
+                   "--train.steps=6", "--checkpoint.interval=3", "--eval.test=false",
+                   "--train.threads=1", f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_hf_export_loads_in_transformers_with_matching_logits(trained_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from scaletrain.train.run_dir import load_model_from_run
+
+    out = tmp_path / "hf"
+    proc = run_cli("export", f"--run.dir={trained_run}", "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    _, ours, our_tok = load_model_from_run(trained_run, which="final")
+    text = "def add(a, b):\n    return a + b\n"
+    ids = our_tok.encode(text)[:32]
+    assert tok(text)["input_ids"][:len(ids)] == ids  # same tokenizer
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want, got = ours(x).float(), hf(x).logits.float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_safetensors_export_round_trips_and_checkpoint_fallback(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "st"
+    proc = run_cli("export", str(trained_run), "--format", "safetensors", "--out", str(out),
+                   "--weights", "checkpoint")  # consolidated from the newest DCP checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.toml",
+                                               "tokenizer.json"}
+    got, want = load_file(str(out / "model.safetensors")), \
+        load_file(str(trained_run / "model.safetensors"))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)  # step-6 checkpoint == final
+
+
+def test_export_refuses_bias_free_gpt_and_foreign_dirs(prepared_dir, tmp_path):
+    from tests.conftest import TINY_DATA, TINY_GPT
+
+    run = tmp_path / "nobias"
+    proc = run_cli("train", *TINY_DATA, *TINY_GPT, f"--data.prepared_dir={prepared_dir}",
+                   "--train.steps=1", "--model.bias=false", "--eval.test=false",
+                   f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for args, fragment in [([str(run), "--format", "hf"], "model.bias=false"),
+                           ([str(tmp_path), "--format", "hf"], "not a scaletrain run")]:
+        proc = run_cli("export", *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], proc.stderr

@@ -1,0 +1,201 @@
+"""Exact resume through the real CLI: SIGKILL at a random moment, SIGTERM, bad checkpoints.
+
+The kill test runs the same tiny run twice: once uninterrupted, once SIGKILLed at a
+random moment after its first checkpoint and then resumed with the same command. Every
+logged loss (and lr, grad norm, token count, eval loss) must be bitwise equal, and the
+final weights `torch.equal`. It uses dropout (the RNG streams must be restored),
+`data.loader_workers=2` (prefetch must not leak into the position) and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.timeout(180)
+
+KILL_ARGS = ["--model.dropout=0.1", "--data.loader_workers=2", "--precision.dtype=bf16",
+             "--train.steps=60", "--checkpoint.interval=10", "--eval.interval=25",
+             "--eval.test=false", "--train.threads=1", "--optim.lr=3e-3"]
+
+
+def records(run: Path, kinds=("train", "eval", "fault")) -> list[tuple]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] in kinds:
+            out.append((r["kind"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"),
+                        r.get("tokens")))
+    return out
+
+
+def popen(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "scaletrain", *args], cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared"
+        assert time.time() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(tiny_args, tmp_path):
+    base = [a for a in tiny_args if not a.startswith("--run.dir")] + KILL_ARGS
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    done = run_cli("train", *base, f"--run.dir={ref}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
+    delay = random.Random(seed).uniform(0.0, 0.8)
+    proc = popen(["train", *base, f"--run.dir={run}"], tmp_path / "killed.log")
+    try:
+        wait_for(run / "checkpoints" / "step-00000010", proc)
+        time.sleep(delay)
+        assert proc.poll() is None, f"run finished before the kill (KILL_SEED={seed})"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = max(r[1] for r in records(run, ("train",)))
+    assert killed_at < 60, f"KILL_SEED={seed}"
+
+    resumed = run_cli("train", *base, f"--run.dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step-" in resumed.stderr
+    got, want = records(run), records(ref)
+    assert [r[:2] for r in got] == [r[:2] for r in want], f"KILL_SEED={seed}"  # no dupes
+    assert got == want, f"KILL_SEED={seed} killed after step {killed_at}"
+    assert_same_weights(ref / "model.safetensors", run / "model.safetensors")
+
+
+def test_sigterm_saves_exits_and_resumes(tiny_args, tmp_path):
+    run = tmp_path / "r"
+    args = ["train", *[a for a in tiny_args if not a.startswith("--run.dir")],
+            "--train.steps=400", "--checkpoint.interval=1000", "--eval.test=false",
+            "--train.threads=1", f"--run.dir={run}"]
+    proc = popen(args, tmp_path / "log")
+    try:
+        wait_for(run / "metrics.jsonl", proc)
+        while not records(run, ("train",)):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert "stopped by SIGTERM" in log and "Traceback" not in log
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 1 <= stopped < 400
+    assert max(r[1] for r in records(run, ("train",))) == stopped
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(prepared_dir, tmp_path_factory):
+    """A finished 10-step run with checkpoints at steps 5 and 10 (copied per test)."""
+    from tests.conftest import TINY_DATA, TINY_GPT
+
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    args = [*TINY_DATA, *TINY_GPT, f"--data.prepared_dir={prepared_dir}", "--train.steps=10",
+            "--checkpoint.interval=5", "--eval.test=false", "--train.threads=1"]
+    proc = run_cli("train", *args, f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, args
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_error_line(proc, *fragments) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def damage(ckpt: Path, how: str) -> None:
+    data = ckpt / "__0_0.distcp"
+    if how == "corrupt":
+        b = bytearray(data.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        data.write_bytes(bytes(b))
+    elif how == "truncated":
+        data.write_bytes(data.read_bytes()[:-100])
+    elif how == "missing":
+        (ckpt / ".metadata").unlink()
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how, fragment", [("corrupt", "corrupt"),
+                                           ("truncated", "truncated"),
+                                           ("missing", "missing")])
+def test_bad_only_checkpoint_exits_2(two_checkpoints, tmp_path, how, fragment):
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-00000005")
+    damage(run / "checkpoints" / "step-00000010", how)
+    proc = run_cli("train", *args, f"--run.dir={run}", "--train.steps=12")
+    one_error_line(proc, "no valid checkpoint", fragment)
+
+
+def test_bad_newest_checkpoint_falls_back_to_the_previous(two_checkpoints, tmp_path):
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    damage(run / "checkpoints" / "step-00000010", "corrupt")
+    # A harmless change (more steps) is allowed on resume.
+    proc = run_cli("train", *args, f"--run.dir={run}", "--train.steps=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping invalid checkpoint" in proc.stderr and "corrupt" in proc.stderr
+    assert "resumed from step-00000005" in proc.stderr
+    steps = [r[1] for r in records(run, ("train",))]
+    assert steps == list(range(1, 13))  # 6..10 re-run once, no duplicates
+
+
+def test_foreign_directory_exits_2(two_checkpoints, tmp_path):
+    _, args = two_checkpoints
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"\0" * 64)
+    proc = run_cli("train", *args, f"--run.dir={tmp_path / 'new'}",
+                   f"--checkpoint.resume={foreign}")
+    one_error_line(proc, str(foreign), "not a scaletrain checkpoint")
+
+
+def test_incompatible_config_is_refused_with_the_differences(two_checkpoints, tmp_path):
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    proc = run_cli("train", *args, f"--run.dir={run}", "--model.d_model=64",
+                   "--model.n_layer=3", "--train.steps=12")
+    one_error_line(proc, "model.d_model: 32 -> 64", "model.n_layer: 2 -> 3")
