@@ -94,6 +94,7 @@ def main() -> None:
         for i in range(1, args.pairs + 1):
             a = timed_save(sync_mgr, 2 * i, args.device)
             b = timed_save(async_mgr, 2 * i, args.device)
+            async_mgr.wait()  # untimed: A' must not share the disk with B's write
             a2 = timed_save(sync_mgr, 2 * i + 1, args.device)
             syncs += [a, a2]
             asyncs.append(b)

@@ -8,7 +8,8 @@ applied gradient; DDP (`--nproc 2 --parallel.dp_replicate=2`, no straggler: the 
 trainer has no delay knob) is the reference of the same machine.
 
 Method (DESIGN.md §4): a calibration run (sync, no delay, `--steps`) gives the step time
-(the delay) and the target: the val loss it reaches at 3/4 of its steps. The measured
+(the delay) and the target: 1.001 x the val loss it reaches at half of its steps (ssp and async
+plateau above sync's later losses with AdamW at this LR, so a later target is not reached). The measured
 runs get 1.5x `--steps` of sample budget, so a mode that needs more samples than sync
 can still reach the target. Then `--rounds` rounds run
 every mode once, in a rotated order; we report per-mode medians and the median over
@@ -83,8 +84,10 @@ def main() -> None:
 
     recs, summ = train(base + MODES["sync"], 3, work / "calib")
     step_s = summ["wall_time_s"] / a.steps
-    at = 3 * a.steps // 4
-    target = next(r["loss"] for r in recs if r["kind"] == "eval" and r["step"] >= at)
+    at = a.steps // 2
+    # +0.1%: runs that are numerically the same up to fp32 rounding (DDP, sync) must
+    # not miss the target by 1e-6.
+    target = 1.001 * next(r["loss"] for r in recs if r["kind"] == "eval" and r["step"] >= at)
     print(f"calibration: sync, no straggler: {step_s * 1e3:.0f} ms/step; target val loss "
           f"{target:.4f} (reached at step {at})")
     slow = ["--parallel.ps_slow_worker=1", f"--parallel.ps_slow_delay_s={step_s:.4f}"]

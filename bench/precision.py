@@ -11,6 +11,7 @@ drift does not favour one), plus a second fp32 model as an A/A noise control. Re
 the median over rounds of the per-round tokens/s ratio to fp32 (DESIGN.md §4).
 
     .venv/bin/python bench/precision.py [--rounds 10] [--steps 2] [--batch 8]
+        [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ VOCAB = 8192
 class Runner:
     """One model + optimizer + policy; `segment(n)` runs n steps and returns seconds."""
 
-    def __init__(self, cfg, mode: str, batch: int, micro: int):
-        self.policy = PrecisionPolicy(mode.removesuffix("-control"), torch.device("cpu"))
+    def __init__(self, cfg, mode: str, batch: int, micro: int, device: torch.device):
+        self.policy = PrecisionPolicy(mode.removesuffix("-control"), device)
         self.model = build_model(cfg.model, {"vocab_size": VOCAB}, seed=cfg.train.seed,
-                                 dtype=self.policy.param_dtype).train()
+                                 device=device, dtype=self.policy.param_dtype).train()
+        self.device = device
         self.opt = build_optimizer(self.model, cfg.optim,
                                    master_weights=self.policy.master_weights)
         self.opts = StepOptions(grad_clip=cfg.train.grad_clip)
@@ -53,8 +55,11 @@ class Runner:
         t0 = time.perf_counter()
         for _ in range(steps):
             x = torch.randint(0, VOCAB, (self.batch, self.seq + 1), generator=self.gen)
+            x = x.to(self.device)
             mb = split_micro_batches((x[:, :-1], x[:, 1:]), self.micro)
             train_step(self.model, mb, self.opt, self.policy, None, self.opts)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
@@ -65,9 +70,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="steps per timed segment")
     ap.add_argument("--batch", type=int, default=8, help="samples per step")
     ap.add_argument("--micro", type=int, default=8, help="samples per forward")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     cfg = build_config(args.config, [("model.vocab_size", str(VOCAB))])
-    runners = {m: Runner(cfg, m, args.batch, args.micro) for m in MODES}
+    runners = {m: Runner(cfg, m, args.batch, args.micro, device) for m in MODES}
     for r in runners.values():  # warm-up: allocator, kernels, optimizer state
         r.segment(1)
     tokens = args.steps * args.batch * cfg.model.seq_len
@@ -78,10 +88,12 @@ def main() -> None:
             tok_s[m].append(tokens / runners[m].segment(args.steps))
     n = count_params(runners["fp32"].model)
     print(f"GPT {n / 1e6:.2f}M params (seq {cfg.model.seq_len}, vocab {VOCAB}), batch "
-          f"{args.batch} x micro {args.micro}, threads {torch.get_num_threads()}, "
+          f"{args.batch} x micro {args.micro}, {device}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"matmul peak: fp32 {measure_peak_flops(torch.float32, torch.get_num_threads(), 'cpu') / 1e9:.0f} "
-          f"GFLOP/s, bf16 {measure_peak_flops(torch.bfloat16, torch.get_num_threads(), 'cpu') / 1e9:.0f} GFLOP/s")
+    peak = {dt: measure_peak_flops(dt, torch.get_num_threads(), device, use_cache=False) / 1e9
+            for dt in (torch.float32, torch.bfloat16)}
+    print(f"matmul peak: fp32 {peak[torch.float32]:.0f} GFLOP/s, "
+          f"bf16 {peak[torch.bfloat16]:.0f} GFLOP/s")
     for m in MODES:
         ratio = statistics.median(a / b for a, b in zip(tok_s[m], tok_s["fp32"]))
         print(f"{m:13s} median {statistics.median(tok_s[m]):9.0f} tokens/s   "

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from scaletrain.checkpoint import manifest as mf
@@ -53,6 +54,7 @@ from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlann
                                               safe_unpickle_metadata)
 from scaletrain.errors import CheckpointError, ConfigError, UserError
 
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
 CKPT_DIR = "checkpoints"
 PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
@@ -129,9 +131,13 @@ class CheckpointManager:
         self.last_saved_step: int | None = None  # newest checkpoint known complete
         self.last_requested_step: int | None = None  # newest save started (async: maybe in flight)
         self.best_step: int | None = None  # set by the trainer when keep_best is on
+        self.metrics_path: Path | None = None  # rank 0: its size is saved (exact resume)
+        self.loaded_extra: dict = {}  # the extra state of the checkpoint last loaded
+        self.last_loaded: Path | None = None
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._async_pg = None
+        self._stager: DefaultStager | None = None
 
     # -- saving ------------------------------------------------------------------------
     def _app_state(self) -> dict:
@@ -139,8 +145,13 @@ class CheckpointManager:
         return {"app": {"model": model_sd, "optim": optim_sd}}
 
     def _extra_state(self) -> dict:
-        return {"rank": self.rank, "rng": get_rng_state(),
-                **{k: v.state_dict() for k, v in self.stateful.items()}}
+        extra = {"rank": self.rank, "rng": get_rng_state(),
+                 **{k: v.state_dict() for k, v in self.stateful.items()}}
+        if self.metrics_path is not None and self.metrics_path.is_file():
+            # Records logged up to this save (JSONL lines are flushed as written); a resume
+            # cuts the file back to exactly this, so nothing logged later is duplicated.
+            extra["metrics_bytes"] = self.metrics_path.stat().st_size
+        return extra
 
     def maybe_save(self, step: int) -> bool:
         """Save if `step` is a multiple of `checkpoint.interval`."""
@@ -167,7 +178,8 @@ class CheckpointManager:
                 warnings.filterwarnings("ignore", message=".*single process.*")
                 if self.c.async_save:
                     fut = dcp.async_save(state, storage_writer=FileSystemWriter(tmp),
-                                         process_group=self._gloo_group())
+                                         process_group=self._gloo_group(),
+                                         async_stager=self._get_stager())
                     if self._executor is None:
                         self._executor = ThreadPoolExecutor(1, "ckpt-finalize")
                     self._pending = self._executor.submit(self._finish, fut, tmp, final, step)
@@ -182,6 +194,23 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)  # free the space; earlier ones stay
             raise self._save_error(final, e) from None
         return final
+
+    def _get_stager(self) -> DefaultStager:
+        """One stager for the whole run: its CPU buffers (pinned when the model is on a
+        GPU, so the device-to-host copy runs at full bandwidth) are allocated at the
+        first save and reused by every later one. Reuse is safe because at most one
+        save is in flight: the previous write has finished before the buffers are
+        overwritten. (torch < 2.13's async_save closes a caller's stager after each save,
+        which empties it; there a fresh one per save is the only working choice.)"""
+        if _TORCH_VERSION < (2, 13):
+            on_gpu = any(p.is_cuda for p in self.model.parameters())
+            return DefaultStager(StagingOptions(on_gpu, False, False, False))
+        if self._stager is None:
+            on_gpu = any(p.is_cuda for p in self.model.parameters())
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False,
+                use_non_blocking_copy=False))
+        return self._stager
 
     def _gloo_group(self):
         """A gloo group of its own for the background write (None without a group)."""
@@ -342,12 +371,13 @@ class CheckpointManager:
         set_state_dict(self.model, self.optimizer,
                        model_state_dict=state["app"]["model"],
                        optim_state_dict=state["app"]["optim"])
-        extra = self._read_extra(path, m)
+        extra = self.loaded_extra = self._read_extra(path, m)
         for name, obj in self.stateful.items():
             if name in extra:
                 obj.load_state_dict(extra[name])
         set_rng_state(extra["rng"])
         self.last_saved_step = self.last_requested_step = m["step"]
+        self.last_loaded = path
         return m
 
     def _read_extra(self, path: Path, m: dict) -> dict:
@@ -378,3 +408,6 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None

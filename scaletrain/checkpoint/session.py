@@ -25,6 +25,19 @@ from scaletrain.checkpoint.compat import IncompatibleCheckpoint
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
 
 
+def cut_metrics(path: Path, nbytes: int) -> bool:
+    """Cut metrics.jsonl back to its first `nbytes` bytes if that ends a line; success."""
+    if not path.is_file() or path.stat().st_size < nbytes:
+        return False
+    with open(path, "r+b") as f:
+        if nbytes > 0:
+            f.seek(nbytes - 1)
+            if f.read(1) != b"\n":
+                return False
+        f.truncate(nbytes)
+    return True
+
+
 def truncate_metrics(path: Path, through_step: int | None) -> int:
     """Drop metrics.jsonl records with step > `through_step` (all if None); count dropped.
 
@@ -71,6 +84,8 @@ def attach(trainer) -> CheckpointSession:
                   "loader": trainer.loader, "train_state": trainer.state, "faults": monitor})
     session = CheckpointSession(manager, monitor, is_main=trainer.rt.is_main,
                                 on_signal=cfg.checkpoint.on_signal)
+    if trainer.rt.is_main:
+        manager.metrics_path = trainer.run_dir / "metrics.jsonl"
     session.resume(trainer.run_dir / "metrics.jsonl")
     return session
 
@@ -98,7 +113,13 @@ class CheckpointSession:
                 write_atomic(metrics_path.parent / CONFIG_FILE, dumps_toml(e.saved))
             raise
         if self.is_main:
-            truncate_metrics(metrics_path, step)
+            own = step is not None and self.manager.root.resolve() in \
+                self.manager.last_loaded.resolve().parents
+            nbytes = self.manager.loaded_extra.get("metrics_bytes")
+            # Exact: back to what was logged when the checkpoint was saved. Otherwise
+            # (another run's checkpoint, an edited file) by step.
+            if not (own and nbytes is not None and cut_metrics(metrics_path, nbytes)):
+                truncate_metrics(metrics_path, step)
             if step is not None:
                 print(f"scaletrain: resumed from {step_dir_name(step)} "
                       f"({self.manager.root})", file=sys.stderr, flush=True)

@@ -102,9 +102,9 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
 
         shrink_to(model, meta["heads"], meta["d_ff"])
     if kind in ("dense", "structured"):
-        from scaletrain.finetune.init_from import _load_into
+        from scaletrain.finetune.init_from import load_into
 
-        _load_into(model, state, str(d / WEIGHTS))
+        load_into(model, state, str(d / WEIGHTS))
         model.to(device)
     else:
         from scaletrain.compress.quantize import load_quantized
@@ -121,14 +121,14 @@ def _load_hf(d: Path, overrides, device):
     from scaletrain.compress import hf_import
     from scaletrain.config import build_config
     from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.finetune.init_from import _load_into
+    from scaletrain.finetune.init_from import load_into
     from scaletrain.models import build_model
 
     fields = hf_import.hf_model_fields(d)
     cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
                               for k, v in fields.items()] + list(overrides))
     model = build_model(cfg.model, {}, seed=0, device="cpu")
-    _load_into(model, hf_import.hf_state_dict(d), str(d))
+    load_into(model, hf_import.hf_state_dict(d), str(d))
     tok = None
     if (d / "tokenizer.json").is_file():
         try:

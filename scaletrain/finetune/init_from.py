@@ -119,7 +119,9 @@ def resolve_init(cfg):
     return validate(cfg)
 
 
-def _load_into(model: nn.Module, state: dict, where: str) -> None:
+def load_into(model: nn.Module, state: dict, where: str) -> None:
+    """Copy full weights into `model` (sharded or not), refusing missing, extra or
+    mis-shaped tensors with a CheckpointError naming `where`."""
     from scaletrain.parallel.weights import load_full_state_dict
 
     tied = hasattr(model, "tie_weights")
@@ -145,7 +147,7 @@ def apply_init(model: nn.Module, cfg, vocab_size: int | None = None) -> nn.Modul
         if vocab_size and vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"data: the tokenizer has {vocab_size} tokens, more than the "
                               f"model of init.from ({cfg.model.vocab_size})")
-        _load_into(model, source_state(src), cfg.init.from_)
+        load_into(model, source_state(src), cfg.init.from_)
     return _convert(model, cfg)
 
 
@@ -163,7 +165,7 @@ def prepare_loaded_model(model: nn.Module, cfg) -> nn.Module:
     base from `init.from` and wrap it before the adapters are read. Else unchanged."""
     if not cfg.finetune.lora_rank:
         return model
-    _load_into(model, source_state(find_source(cfg.init.from_, cfg.init.weights)),
+    load_into(model, source_state(find_source(cfg.init.from_, cfg.init.weights)),
                cfg.init.from_)
     return apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha,
                       cfg.finetune.lora_targets)

@@ -80,14 +80,29 @@ def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
     return m
 
 
+def example_io(mcfg, vocab_size: int, micro_batch: int, dtype) -> dict:
+    """Meta tensors of a stage's inputs/outputs (PipelineStage static shapes)."""
+    import torch
+
+    mb, T, D = micro_batch, mcfg.seq_len, mcfg.d_model
+    meta = torch.device("meta")
+    return {"tokens": torch.empty(mb, T, dtype=torch.int64, device=meta),
+            # requires_grad: a stage sends the gradient of its hidden-state input back
+            "hidden": torch.empty(mb, T, D, dtype=dtype, device=meta, requires_grad=True),
+            "logits": torch.empty(mb, T, vocab_size, dtype=dtype, device=meta,
+                                  requires_grad=True),
+            "static": True}
+
+
 def build_pipeline(model: nn.Module, ctx, pcfg, per_rank_batch: int, micro: int,
-                   n_layer: int):
+                   mcfg, vocab_size: int, dtype):
     """The `Pipeline` (schedule over this rank's stages) for a pruned, materialised
     model; None when parallel.pp = 1."""
     if ctx.dims.pp <= 1:
         return None
     from scaletrain.parallel.pipeline_step import Pipeline
 
+    n_layer = mcfg.n_layer
     m = pipeline_microbatches(pcfg, per_rank_batch, micro)
     check_pp(pcfg, n_layer, m)
     if stages_per_rank(pcfg) > 1 and ctx.dims.dp > 1:
@@ -98,6 +113,7 @@ def build_pipeline(model: nn.Module, ctx, pcfg, per_rank_batch: int, micro: int,
     return Pipeline(model, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
                     pp_group=meshes.group(meshes.sub(ctx.mesh, "pp")), device=ctx.device,
                     loss_parallel=ctx.dims.tp > 1 and pcfg.loss_parallel,
+                    io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype),
                     loss_multiplier=float(ctx.dims.dp))
 
 

@@ -110,12 +110,27 @@ def prune_to_stage(model: nn.Module, bounds: tuple[int, int], first: bool,
 
 
 def build_schedule(stage_modules: list[nn.Module], ids: list[int], n_stages: int,
-                   microbatches: int, kind: str, loss_fn, device, pp_group):
-    """The torch pipelining schedule over this rank's stages."""
+                   microbatches: int, kind: str, loss_fn, device, pp_group, io: dict):
+    """The torch pipelining schedule over this rank's stages.
+
+    `io`: {"tokens": (mb, T) int64, "hidden": (mb, T, D), "logits": (mb, T, V)} example
+    meta tensors. Giving every stage its input/output shapes selects the *static* mode:
+    no metadata is exchanged at the first step (the dynamic inference runs the stage on
+    meta tensors, which DTensor/TP collectives do not support).
+    """
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                               ScheduleInterleaved1F1B)
 
-    stages = [PipelineStage(m, s, n_stages, device, group=pp_group)
+    def args(s):
+        inp = io["tokens"] if s == 0 else io["hidden"]
+        out = io["logits"] if s == n_stages - 1 else io["hidden"]
+        last = s == n_stages - 1
+        return {"input_args": inp, "output_args": out,
+                "input_grads": None if s == 0 else io["hidden"],
+                "output_grads": None if last else io["hidden"]}
+
+    stages = [PipelineStage(m, s, n_stages, device, group=pp_group,
+                            **(args(s) if io.get("static") else {}))
               for m, s in zip(stage_modules, ids)]
     if kind == "interleaved-1f1b":
         return ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss_fn,

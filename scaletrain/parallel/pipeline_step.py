@@ -62,7 +62,7 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, bounds: list[tuple[int, int]], ids: list[int],
                  *, pcfg, microbatches: int, mesh, pp_group, device, loss_parallel: bool,
-                 loss_multiplier: float = 1.0):
+                 io: dict, loss_multiplier: float = 1.0):
         n = len(bounds)
         self.model = model
         self.ids = ids
@@ -78,7 +78,7 @@ class Pipeline:
             if len(ids) > 1 else [model]
         self.views = views
         self.schedule = build_schedule(views, ids, n, microbatches, pcfg.pp_schedule,
-                                       self._loss, device, pp_group)
+                                       self._loss, device, pp_group, io)
         # Every rank creates every first/last pair's group (new_group is collective).
         self.tied_group = _tied_group(mesh) if _ties_expected(model) else None
         self._tied_param = _tied_copy(model)  # counted once: left out of the norm
@@ -160,6 +160,10 @@ class Pipeline:
         import torch.distributed as dist
 
         g = p.grad
+        if hasattr(g, "placements") and g.placements != p.placements:
+            # e.g. the head's gradient left Partial/Replicate by loss_parallel: bring it to
+            # the (vocab-sharded) layout the first stage's copy has.
+            g = p.grad = g.redistribute(p.device_mesh, p.placements)
         dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g,
                         group=self.tied_group)
 

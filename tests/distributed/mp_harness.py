@@ -3,7 +3,7 @@
 
 `mp_run(rank, world, spec)` trains a tiny GPT on synthetic tokens (harness.Tokens) and
 returns on every rank the global loss and grad norm of each step; world=1 is the
-reference. Optionally saves a DCP checkpoint (checkpoint/manager.py) after the run, or
+reference. Vocabulary 64 (harness.Tokens' ids folded), so tp in {1, 2, 4} divides it. Optionally saves a DCP checkpoint (checkpoint/manager.py) after the run, or
 loads one before it.
 """
 
@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from harness import Tokens, T, V  # noqa: F401  (T, V: shapes of the synthetic data)
+from harness import T, Tokens
+
+V = 64  # divisible by tp (the vocabulary is sharded); harness.V = 67 is not
+
+
+class Tokens64(Tokens):
+    """harness.Tokens with ids in [0, 64)."""
+
+    def __init__(self, n: int = 64, masked: bool = False, seed: int = 0):
+        super().__init__(n, masked, seed)
+        self.x %= V
+        self.y[self.y >= 0] %= V
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
@@ -45,10 +56,10 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     model = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
                                  mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
     dp = ctx.dims.dp
-    pipe = build_pipeline(model, ctx, pcfg, spec["batch"] // dp, spec["micro"],
-                          mcfg.n_layer)
+    pipe = build_pipeline(model, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
+                          policy.param_dtype)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2))
-    loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
+    loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
                             world=dp, seed=5)
     opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(model))
     if spec["load"]:

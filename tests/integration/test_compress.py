@@ -67,8 +67,18 @@ def test_lora_finetune_on_another_source(base_run, other_source, prepared_dir, t
     x = torch.randint(0, 384, (2, 32))
     with torch.no_grad():
         before = model(x)
-        after = merge_lora(model)(x)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    # `export` merges the adapters: a plain model with the same logits, in either format.
+    from scaletrain.cli import main
+
+    for fmt in ("safetensors", "hf"):
+        assert main(["export", str(d), "--format", fmt, "--weights", "final",
+                     "--out", str(tmp_path / fmt)]) == 0
+        _, exported, _ = load_artefact(tmp_path / fmt)
+        assert not has_lora(exported)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), before, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_lora(model)(x), before, atol=1e-5, rtol=0)
 
 
 def test_hf_directory_as_init_from(prepared_dir, tmp_path):
