@@ -8,13 +8,14 @@ applied gradient; DDP (`--nproc 2 --parallel.dp_replicate=2`, no straggler: the 
 trainer has no delay knob) is the reference of the same machine.
 
 Method (DESIGN.md §4): a calibration run (sync, no delay, `--steps`) gives the step time
-(the delay) and the target: 1.001 x the val loss it reaches at half of its steps (ssp and async
-plateau above sync's later losses with AdamW at this LR, so a later target is not reached). The measured
-runs get 1.5x `--steps` of sample budget, so a mode that needs more samples than sync
-can still reach the target. Then `--rounds` rounds run
-every mode once, in a rotated order; we report per-mode medians and the median over
-rounds of each mode's time divided by sync's time in the same round. `sync` runs twice
-per round (A/A control: the median ratio of the two sync runs shows the noise).
+(the delay) and the target: 1.001 x its val loss at half of its steps (the margin keeps
+runs that equal sync up to fp32 rounding, like DDP, from missing it by 1e-6; a later
+target is not reached by ssp/async, which plateau above sync with AdamW at this LR). The
+measured runs get a budget of 1.5 x `--steps`, so a mode that needs more samples than
+sync can still get there. `--rounds` rounds run every mode once, in a rotated order; we
+report per-mode medians and the median over rounds of each mode's time divided by sync's
+in the same round. `sync` runs twice per round (A/A control: the ratio of the two sync
+runs shows the noise).
 
 PS time: `wall_s` of the first eval record at or below the target (seconds since the
 coordinator started, evals included). DDP time: its summary wall time x (step of that
@@ -85,8 +86,6 @@ def main() -> None:
     recs, summ = train(base + MODES["sync"], 3, work / "calib")
     step_s = summ["wall_time_s"] / a.steps
     at = a.steps // 2
-    # +0.1%: runs that are numerically the same up to fp32 rounding (DDP, sync) must
-    # not miss the target by 1e-6.
     target = 1.001 * next(r["loss"] for r in recs if r["kind"] == "eval" and r["step"] >= at)
     print(f"calibration: sync, no straggler: {step_s * 1e3:.0f} ms/step; target val loss "
           f"{target:.4f} (reached at step {at})")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -73,6 +72,7 @@ def load_model_from_checkpoint(model: torch.nn.Module, path: Path, manifest: dic
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          set_model_state_dict)
 
+    import scaletrain.checkpoint.manager  # noqa: F401 - silences DCP's one-process warning
     from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
                                                  safe_unpickle_metadata)
 
@@ -81,9 +81,7 @@ def load_model_from_checkpoint(model: torch.nn.Module, path: Path, manifest: dic
     except (pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be loaded safely ({e})") from None
     state = {"app": {"model": get_model_state_dict(model)}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     set_model_state_dict(model, state["app"]["model"])
 
 

@@ -47,6 +47,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from scaletrain.parallel.checkpoint_layout import restore_layout, savable
+
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
 from scaletrain.checkpoint.rng import get_rng_state, set_rng_state
@@ -54,10 +56,25 @@ from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlann
                                               safe_unpickle_metadata)
 from scaletrain.errors import CheckpointError, ConfigError, UserError
 
+# DCP warns on every save/load without a process group that it assumes one process; that
+# is the intent here (and the warning would come from the background writer thread too).
+warnings.filterwarnings("ignore", category=UserWarning,
+                        message=r"torch\.distributed is (disabled|unavailable).*single process")
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
 CKPT_DIR = "checkpoints"
 PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
+
+
+def _state_dict_options(model):
+    """Optimizer state saved flattened per parameter ("state.<fqn>.exp_avg",
+    "param_groups.<fqn>.lr"), as torchtitan does: a pipeline stage (parallel.pp > 1)
+    holds only its own parameters' optimizer, so each stage writes only its entries, and
+    every layout — one process included — reads the same keys back (issue #6)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    del model
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -129,7 +146,7 @@ class CheckpointManager:
         self.rank = rank
         self.config_dict = config_dict if config_dict is not None else to_dict(cfg)
         self.last_saved_step: int | None = None  # newest checkpoint known complete
-        self.last_requested_step: int | None = None  # newest save started (async: maybe in flight)
+        self.last_requested_step: int | None = None  # newest save started (maybe in flight)
         self.best_step: int | None = None  # set by the trainer when keep_best is on
         self.metrics_path: Path | None = None  # rank 0: its size is saved (exact resume)
         self.loaded_extra: dict = {}  # the extra state of the checkpoint last loaded
@@ -141,8 +158,10 @@ class CheckpointManager:
 
     # -- saving ------------------------------------------------------------------------
     def _app_state(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"app": {"model": model_sd, "optim": optim_sd}}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=_state_dict_options(self.model))
+        # TP's strided (fused QKV) shards as plain shards DCP can describe.
+        return savable({"app": {"model": model_sd, "optim": optim_sd}})
 
     def _extra_state(self) -> dict:
         extra = {"rank": self.rank, "rng": get_rng_state(),
@@ -174,20 +193,18 @@ class CheckpointManager:
         try:
             self._write_json(tmp / f"extra-rank{self.rank}.json", self._extra_state())
             state = self._app_state()
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
-                warnings.filterwarnings("ignore", message=".*single process.*")
-                if self.c.async_save:
-                    fut = dcp.async_save(state, storage_writer=FileSystemWriter(tmp),
-                                         process_group=self._gloo_group(),
-                                         async_stager=self._get_stager())
-                    if self._executor is None:
-                        self._executor = ThreadPoolExecutor(1, "ckpt-finalize")
-                    self._pending = self._executor.submit(self._finish, fut, tmp, final, step)
-                else:
-                    dcp.save(state, storage_writer=FileSystemWriter(tmp))
-                    _barrier()
-                    self._finish(None, tmp, final, step)
-                    _barrier()
+            if self.c.async_save:
+                fut = dcp.async_save(state, storage_writer=FileSystemWriter(tmp),
+                                     process_group=self._gloo_group(),
+                                     async_stager=self._get_stager())
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, "ckpt-finalize")
+                self._pending = self._executor.submit(self._finish, fut, tmp, final, step)
+            else:
+                dcp.save(state, storage_writer=FileSystemWriter(tmp))
+                _barrier()
+                self._finish(None, tmp, final, step)
+                _barrier()
         except (OSError, CheckpointException) as e:
             self._pending = None
             if self.rank == 0:
@@ -223,7 +240,12 @@ class CheckpointManager:
     def _finish(self, fut: Future | None, tmp: Path, final: Path, step: int) -> None:
         """Wait for the data, then (rank 0) manifest, rename into place, prune."""
         if fut is not None:
-            fut.result()
+            try:
+                fut.result()
+            except BaseException:
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)  # a failed background write
+                raise
         if self.rank != 0:
             return
         mf.write_manifest(tmp, step=step, config=self.config_dict,
@@ -358,19 +380,18 @@ class CheckpointManager:
         except (pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be loaded safely ({e})") from None
         state = self._app_state()  # fqn-keyed, in this process's layout (DCP reshards)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            try:
-                dcp.load(state, storage_reader=SafeFileSystemReader(path),
-                         planner=SafeLoadPlanner())
-            except (CheckpointException, pickle.UnpicklingError, OSError) as e:
-                cause = root_cause(e)
-                if isinstance(cause, (pickle.UnpicklingError, OSError, EOFError)):
-                    raise CheckpointError(f"{path}: cannot be loaded safely ({cause})") from None
-                raise cause if isinstance(cause, Exception) else RuntimeError(str(e)) from None
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        except (CheckpointException, pickle.UnpicklingError, OSError) as e:
+            cause = root_cause(e)
+            if isinstance(cause, (pickle.UnpicklingError, OSError, EOFError)):
+                raise CheckpointError(f"{path}: cannot be loaded safely ({cause})") from None
+            raise cause if isinstance(cause, Exception) else RuntimeError(str(e)) from None
         set_state_dict(self.model, self.optimizer,
                        model_state_dict=state["app"]["model"],
-                       optim_state_dict=state["app"]["optim"])
+                       optim_state_dict=state["app"]["optim"],
+                       options=_state_dict_options(self.model))
+        restore_layout(self.optimizer)  # optimizer state back onto TP's strided shards
         extra = self.loaded_extra = self._read_extra(path, m)
         for name, obj in self.stateful.items():
             if name in extra:

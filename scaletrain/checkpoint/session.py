@@ -84,6 +84,7 @@ def attach(trainer) -> CheckpointSession:
                   "loader": trainer.loader, "train_state": trainer.state, "faults": monitor})
     session = CheckpointSession(manager, monitor, is_main=trainer.rt.is_main,
                                 on_signal=cfg.checkpoint.on_signal)
+    session.device = trainer.rt.device
     if trainer.rt.is_main:
         manager.metrics_path = trainer.run_dir / "metrics.jsonl"
     session.resume(trainer.run_dir / "metrics.jsonl")
@@ -91,12 +92,15 @@ def attach(trainer) -> CheckpointSession:
 
 
 class CheckpointSession:
+    """The checkpoint manager and fault monitor as the training loop sees them."""
+
     def __init__(self, manager: CheckpointManager, monitor=None, *, is_main: bool,
                  on_signal: bool = True):
         self.manager = manager
         self.monitor = monitor
         self.is_main = is_main
         self.on_signal = on_signal
+        self.device = torch.device("cpu")  # of the all-reduce (NCCL needs the GPU)
         self._signal: int | None = None
         self._old_handlers: dict[int, object] = {}
 
@@ -145,7 +149,7 @@ class CheckpointSession:
     def _stop_requested(self) -> bool:
         flag = self._signal is not None
         if dist.is_available() and dist.is_initialized() and self.on_signal:
-            t = torch.tensor([int(flag)], dtype=torch.int32)
+            t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops after one step
             flag = bool(t.item())
         return flag

@@ -26,6 +26,8 @@ def evaluate(model: nn.Module, batches, policy: PrecisionPolicy, device: torch.d
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with policy.autocast():
             logits = model(x)
+        if hasattr(logits, "full_tensor"):  # vocabulary-sharded (tensor parallel)
+            logits = logits.full_tensor()
         totals[0] += sum_cross_entropy(logits, y).double()
         totals[1] += count_targets(y)
         if kind == "image":

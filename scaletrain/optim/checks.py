@@ -43,6 +43,11 @@ def check_training_strategy(cfg: Config) -> None:
     if cfg.model.weight_norm and (dp > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         raise ConfigError("model.weight_norm is not supported with parallel layouts yet "
                           "(parallel.* must all be 1)")
+    if cfg.parallel.pp > 1 and (o.l1 or o.l2 or t.batch_ramp or t.descent != "mini-batch"):
+        # The pipeline step (parallel/pipeline_step.py) has a fixed micro-batch count and
+        # no penalty hook yet.
+        raise ConfigError("optim.l1/l2, train.batch_ramp and train.descent other than "
+                          "'mini-batch' are not supported with parallel.pp > 1 yet")
     if t.batch_ramp:
         if not t.micro_batch_size:
             raise ConfigError("train.batch_ramp needs train.micro_batch_size > 0 (the "

@@ -20,8 +20,10 @@ and the master travels in it as one more state tensor, which is what makes a res
 exact. `load_state_dict` normally casts state to the parameter dtype; the load hooks
 present fp32 parameters during the load so the masters and moments stay fp32.
 
-Scope: whole tensors on one device (single process, DDP). FSDP2 has its own
-mixed-precision policy for sharded parameters and is not combined with this.
+Scope: whole tensors (single process, DDP). Sharded DTensor parameters (FSDP2) are
+left to FSDP: swapping a DTensor's storage does not change its dtype metadata, and
+FSDP2's `MixedPrecisionPolicy` (fp32 shards, bf16 all-gathered compute) is the sharded
+form of the same idea (parallel/parallelize.py decides what bf16-pure means there).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ MASTER = "master"  # the key of the fp32 master copy in the optimizer state
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    return [p for g in opt.param_groups for p in g["params"]]
+    """The optimizer's plain-tensor parameters (DTensors excluded, see above)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    return [p for g in opt.param_groups for p in g["params"] if not isinstance(p, DTensor)]
 
 
 def add_master_weights(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:

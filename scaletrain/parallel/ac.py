@@ -8,9 +8,12 @@ recompute) and recompute only the cheap element-wise ops (LayerNorm, GELU, dropo
 adds), most of the memory saving for a few per cent of compute (Korthikanti et al.
 2022, §5; torchtitan's op-level SAC).
 
-Uses the composable `torch.distributed._composable.checkpoint`, which installs hooks
-instead of wrapping the module, so parameter names (seeded init, checkpoint keys) do
-not change.
+The block's `forward` is replaced (on the instance) by a non-reentrant
+`torch.utils.checkpoint.checkpoint` of itself: no wrapper module, so parameter names
+(seeded init, checkpoint keys) do not change. (The composable
+`torch.distributed._composable.checkpoint` also keeps names, but its hooks put FSDP2's
+own hooks inside the checkpointed region, which selective AC then fails to replay:
+"profiler._record_function_enter_new ... not found in storage", torch 2.13, bf16.)
 """
 
 from __future__ import annotations
@@ -48,20 +51,34 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def _checkpointed(forward, context_fn):
+    """`forward` run under non-reentrant `torch.utils.checkpoint.checkpoint`."""
+    from torch.utils.checkpoint import checkpoint
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn,
+                          **kwargs)
+
+    return run
+
+
 def apply_ac(model: nn.Module, mode: str) -> nn.Module:
     """Checkpoint every block of `model.blocks` (`mode`: none | full | selective)."""
     if mode not in MODES:
         raise ValueError(f"unknown activation checkpoint mode {mode!r}; expected {MODES}")
     if mode == "none":
         return model
-    from torch.distributed._composable import checkpoint
+    from torch.utils.checkpoint import noop_context_fn
 
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `blocks` to checkpoint")
+    context_fn = _selective_context if mode == "selective" else noop_context_fn
     for block in blocks.values():
-        if mode == "full":
-            checkpoint(block)
-        else:
-            checkpoint(block, context_fn=functools.partial(_selective_context))
+        # Only the block's own `forward` is checkpointed: FSDP's per-block hooks
+        # (all-gather, reshard, profiler ranges) stay outside the recomputed region, as
+        # with torchtitan's checkpoint_wrapper, so selective AC's replay sees exactly the
+        # ops it recorded. An instance attribute keeps module structure and names.
+        block.forward = _checkpointed(block.forward, context_fn)
     return model

@@ -125,6 +125,9 @@ def check_model_parallel(cfg, vocab_size: int, world: int) -> None:
     dims = resolve_dims(p, world)
     check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)
     if dims.pp > 1:
+        if cfg.precision.dtype == "fp16":
+            raise ConfigError("parallel.pp > 1 with precision.dtype='fp16' is not supported "
+                              "(no loss scaler through the pipeline schedule); use bf16")
         if cfg.model.name != "gpt":
             raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
                               f"(model.name='gpt'), not {cfg.model.name!r}")

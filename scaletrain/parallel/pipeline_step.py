@@ -57,6 +57,15 @@ def _tied_group(mesh):
     return mine
 
 
+def merge_stage_states(states: list[dict]) -> dict:
+    """Union of the pipeline ranks' full state dicts (weights export on rank 0)."""
+    out: dict = {}
+    for st in states:
+        for k, v in st.items():
+            out.setdefault(k, v)
+    return out
+
+
 class Pipeline:
     """This rank's stages, their schedule and what a step needs around it."""
 
@@ -70,6 +79,7 @@ class Pipeline:
         self.first = 0 in ids
         self.last = n - 1 in ids
         self.microbatches = microbatches
+        self.batch_size = int(io["tokens"].shape[0]) * microbatches  # per-rank samples
         self.pp_group = pp_group
         self.loss_multiplier = loss_multiplier
         self.loss_ctx = tp_loss_context(loss_parallel)
@@ -122,6 +132,7 @@ class Pipeline:
         self._sync_tied_grad()
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm_params = [p for p in params if p is not self._tied_param]
+        opts.add_penalty_grads()  # L1/L2 penalty, once per step (optim/penalties.py)
         if opts.grad_clip_value > 0:
             torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
         clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
@@ -131,9 +142,32 @@ class Pipeline:
             coef = min(1.0, clip / (float(grad_norm) + 1e-6))
             g = self._tied_param.grad
             (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
+        if opts.guard is not None and not opts.guard(loss, grad_norm):  # faults.py
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, grad_norm, n_total, skipped=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, grad_norm, n_total)
+
+    def evaluate(self, batches, count_reducer, batch_size: int) -> dict:
+        """{"loss", "ppl"} over `batches` through the pipeline (evaluate/evaluator.py's
+        result). Batches are cut/padded to the training batch of `batch_size` samples:
+        the stages were built with static micro-batch shapes; padded rows have ignored
+        targets and add nothing."""
+        from scaletrain.train.losses import IGNORE_INDEX
+
+        totals = torch.zeros(2, dtype=torch.float64)
+        for x, y in batches:
+            for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
+                pad = batch_size - len(xs)
+                if pad:
+                    xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
+                    ys = torch.cat([ys, ys.new_full((pad, *ys.shape[1:]), IGNORE_INDEX)])
+                totals[0] += self.eval_loss_sum(xs, ys).double()
+                totals[1] += count_targets(ys).double()
+        totals = count_reducer(totals)
+        loss = (totals[0] / totals[1]).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
     @torch.no_grad()
     def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.model_parallel import build_pipeline, check_model_parallel
 from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
@@ -60,6 +62,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
+        # TP/PP shape constraints (heads, layers, vocabulary, micro-batches): ConfigError.
+        check_model_parallel(cfg, self.data.vocab_size, self.rt.world)
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
         self.model = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
@@ -78,9 +82,13 @@ class Trainer:
         self.accum = accumulation_steps(cfg, self.rt.world)
         self.micro = self.strategy.batch_plan.micro
         self.loader = StatefulLoader(
-            self.data.train, cfg.train.batch_size, rank=self.rt.rank, world=self.dp,
+            self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
+        # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
+        self.pipeline = build_pipeline(self.model, self.dist, cfg.parallel,
+                                       cfg.train.batch_size // self.dp, self.micro, cfg.model,
+                                       self.data.vocab_size, self.policy.param_dtype)
         self.state = TrainState()
         self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
                                      grad_clip_value=cfg.train.grad_clip_value,
@@ -112,12 +120,17 @@ class Trainer:
     def evaluate(self, split: str) -> dict:
         dataset = {"val": self.data.val, "test": self.data.test}[split]
         e = self.cfg.eval
-        batches = eval_batches(dataset, e.batch_size, e.batches, rank=self.rt.rank,
+        batches = eval_batches(dataset, e.batch_size, e.batches, rank=self.dist.dp_rank,
                                world=self.dp)
         batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
                    for x, y in batches)
-        result = evaluate(self.model, batches, self.policy, self.rt.device, self.spec.kind,
-                          count_reducer=self.dist.sum_reducer)
+        if self.pipeline is not None:  # forward through the stages (schedule.eval)
+            with self.policy.autocast():
+                result = self.pipeline.evaluate(batches, self.dist.sum_reducer,
+                                                self.pipeline.batch_size)
+        else:
+            result = evaluate(self.model, batches, self.policy, self.rt.device,
+                              self.spec.kind, count_reducer=self.dist.sum_reducer)
         if split == "val":  # plateau schedules reduce the LR from validation losses
             observe_val_loss(self.scheduler, result["loss"])
         record = {"kind": "eval", "split": split, "step": self.state.step, **result}
@@ -133,6 +146,8 @@ class Trainer:
         """Gather full weights (a collective when sharded: every rank calls) and let
         rank 0 write them."""
         state = full_state_dict(self.model)
+        if self.pipeline is not None:  # each pipeline rank holds its stages' weights
+            state = merge_stage_states(self.dist.gather(state))
         if self.rt.is_main:
             rd.save_weights(self.model, path, self.cfg, state=state)
 
@@ -150,8 +165,12 @@ class Trainer:
         st = self.state
         micro_batches = self.next_micro_batches()
         lr = self.optimizer.param_groups[0]["lr"]
-        result = train_step(self.model, micro_batches, self.optimizer, self.policy,
-                            self.scaler, self.step_opts)
+        if self.pipeline is not None:  # the schedule runs the micro-batch loop
+            result = self.pipeline.step(micro_batches, self.optimizer, self.policy,
+                                        self.step_opts)
+        else:
+            result = train_step(self.model, micro_batches, self.optimizer, self.policy,
+                                self.scaler, self.step_opts)
         self.scheduler.step()
         st.step += 1
         result.n_targets_int = int(result.n_targets)  # host read, needed for the count

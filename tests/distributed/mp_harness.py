@@ -80,16 +80,47 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
 
 
 def _checkpoint(model, opt, path: str, save: bool) -> None:
-    """Model + optimizer through DCP's state-dict API, as checkpoint/manager.py does."""
+    """Model + optimizer through DCP, as checkpoint/manager.py does (with its TP hooks)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from scaletrain.parallel.checkpoint_layout import savable, restore_layout
+    from scaletrain.parallel.checkpoint_layout import restore_layout, savable
 
-    msd, osd = get_state_dict(model, opt)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Flattened optimizer state ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): each
+    # pipeline stage saves only its own parameters' entries (torchtitan does the same).
+    o = StateDictOptions(flatten_optimizer_state_dict=True)
+    msd, osd = get_state_dict(model, opt, options=o)
     state = savable({"model": msd, "optim": osd})
     if save:
         dcp.save(state, checkpoint_id=path)
         return
     dcp.load(state, checkpoint_id=path)
-    restore_layout(model, opt, state)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=o)
+    restore_layout(opt)
+
+
+_REFERENCES: dict = {}
+
+
+def reference(spec: dict) -> dict:
+    """The one-process run of `spec` (cached per test session: several layouts share it)."""
+    key = tuple(sorted((k, v) for k, v in spec.items()
+                       if k not in ("tp", "pp", "dp_shard", "dp_replicate", "schedule", "sp",
+                                    "lp", "save", "load")))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = mp_run(0, 1, spec)
+    return _REFERENCES[key]
+
+
+def assert_parity(ref: dict, got: dict, first_tol: float = 1e-6, tol: float = 1e-5) -> None:
+    """First-step loss to `first_tol` relative, every step's loss to `tol` (issue #6)."""
+    a, b = ref["losses"], got["losses"]
+    assert len(a) == len(b)
+    rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+    assert rel[0] <= first_tol, f"first-step loss {b[0]!r} vs {a[0]!r} (rel {rel[0]:.2e})"
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    assert rel[worst] <= tol, (f"step {worst + 1}: loss {b[worst]!r} vs {a[worst]!r} "
+                               f"(rel {rel[worst]:.2e})")

@@ -199,3 +199,13 @@ def test_incompatible_config_is_refused_with_the_differences(two_checkpoints, tm
     proc = run_cli("train", *args, f"--run.dir={run}", "--model.d_model=64",
                    "--model.n_layer=3", "--train.steps=12")
     one_error_line(proc, "model.d_model: 32 -> 64", "model.n_layer: 2 -> 3")
+
+
+def test_rerunning_a_finished_run_logs_nothing_twice(two_checkpoints, tmp_path):
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    before = records(run)
+    proc = run_cli("train", *args, f"--run.dir={run}")  # resumes at step 10 = the end
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step-00000010" in proc.stderr
+    assert records(run) == before  # the final evals were cut and logged again, once

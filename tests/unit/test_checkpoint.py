@@ -118,11 +118,14 @@ def test_keep_newest_k_and_best(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 4, 5]
 
 
-def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    cfg = cfg_for(tmp_path, "mlp", "adam")
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                             async_save):
+    cfg = cfg_for(tmp_path, "mlp", "adam", f"--checkpoint.async_save={async_save}")
     a = Parts(cfg)
     a.step(0)
     good = a.mgr.save(1)
+    a.mgr.wait()
 
     def full(self, *args, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -130,6 +133,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(FileSystemWriter, "write_data", full)
     with pytest.raises(CheckpointError) as e:
         a.mgr.save(2)
+        a.mgr.wait()  # an async write fails in the background: reported here
     msg = str(e.value)
     assert "\n" not in msg and "No space left on device" in msg and "step-00000001" in msg
     assert [p.name for _, p in list_checkpoints(tmp_path / "checkpoints")] == [good.name]
@@ -217,3 +221,36 @@ def test_compat_lists_incompatible_differences_only(tmp_path):
     assert differences(a, c) == ["optim.name: 'adamw' -> 'sgd'",
                                  "precision.dtype: 'fp32' -> 'fp64' (parameters float32 -> "
                                  "float64)"]
+
+
+def test_grad_scaler_and_loader_state_round_trip(tmp_path):
+    from scaletrain.data.loader import StatefulLoader
+
+    class Samples:
+        def __len__(self):
+            return 50
+
+        def batch(self, idx):
+            return torch.as_tensor(idx), torch.as_tensor(idx)
+
+    def parts(seed):
+        p = Parts(cfg_for(tmp_path, "mlp", "adamw", "--precision.dtype=fp16"), seed=seed)
+        p.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        p.loader = StatefulLoader(Samples(), 8, seed=3, workers=2)
+        p.mgr.stateful.update(scaler=p.scaler, loader=p.loader)
+        return p
+
+    a = parts(0)
+    a.scaler.update(new_scale=1024.0)
+    for _ in range(9):  # past the end of the first epoch (50 samples)
+        a.loader.next()
+    a.mgr.save(1)
+    want = [a.loader.next()[0] for _ in range(3)]
+    b = parts(1)
+    assert b.mgr.maybe_resume() == 1
+    assert b.scaler.get_scale() == 1024.0
+    assert b.scaler.state_dict() == a.scaler.state_dict()
+    got = [b.loader.next()[0] for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    a.loader.close()
+    b.loader.close()

@@ -259,3 +259,19 @@ def test_every_schedule_has_an_example_config():
         if m is not None:  # every example is a real decay curve, positive throughout
             lrs = [m(t) for t in range(cfg.train.steps)]
             assert min(lrs) > 0 and max(lrs) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pairs,match", [
+    ([("schedule.name", "multistep")], "schedule.milestones"),
+    ([("schedule.name", "onecycle"), ("schedule.warmup_steps", "10")], "onecycle"),
+    ([("schedule.name", "inverse_time")], "schedule.decay_rate"),
+    ([("schedule.name", "plateau"), ("eval.interval", "0")], "eval.interval"),
+    ([("schedule.milestones", "[5, 5]")], "distinct"),
+    ([("schedule.min_lr", "1.0")], "min_lr"),
+    ([("schedule.name", "wsd"), ("schedule.decay_shape", "cubic")], "decay_shape"),
+])
+def test_bad_schedule_settings_are_config_errors(pairs, match):
+    from scaletrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        build_config(None, pairs)

@@ -1,0 +1,53 @@
+"""Pipeline parallel (parallel/pipeline.py, pipeline_step.py): each schedule's 20-step
+losses against one process; the split, the bubble formula and the layout checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from mp_harness import assert_parity, mp_run, mp_spec, reference
+from spawn import run_distributed
+
+
+@pytest.mark.parametrize("schedule,n_layer", [("gpipe", 2), ("1f1b", 2),
+                                              ("interleaved-1f1b", 4)])
+def test_pp2_schedule_matches_one_process(schedule, n_layer):
+    spec = mp_spec(pp=2, schedule=schedule, n_layer=n_layer)
+    out = run_distributed(mp_run, 2, spec, timeout=150)
+    assert_parity(reference(spec), out[0])
+    assert out[0]["losses"] == out[1]["losses"]  # every stage reports the step's loss
+
+
+def test_split_bounds_even_and_manual():
+    from scaletrain.errors import ConfigError
+    from scaletrain.parallel.pipeline import split_bounds
+
+    assert split_bounds(4, 2) == [(0, 2), (2, 4)]
+    assert split_bounds(5, 2, "1") == [(0, 1), (1, 5)]
+    with pytest.raises(ConfigError, match="must divide model.n_layer=5"):
+        split_bounds(5, 2)
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        split_bounds(4, 3, "2,2")
+    with pytest.raises(ConfigError, match="gives 2 stages but the pipeline has 3"):
+        split_bounds(4, 3, "2")
+
+
+def test_bubble_fraction_formula():
+    from scaletrain.parallel.pipeline import bubble_fraction
+
+    assert bubble_fraction("gpipe", 4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction("1f1b", 2, 2) == pytest.approx(1 / 3)
+    assert bubble_fraction("interleaved-1f1b", 2, 4, v=2) == pytest.approx(1 / 9)
+    assert bubble_fraction("1f1b", 1, 4) == 0.0
+
+
+def test_fewer_microbatches_than_stages_is_a_config_error():
+    from scaletrain.config.schema import ParallelConfig
+    from scaletrain.errors import ConfigError
+    from scaletrain.parallel.pipeline import check_pp
+
+    with pytest.raises(ConfigError, match=r"pp_microbatches=1 must be >= parallel.pp=2"):
+        check_pp(ParallelConfig(pp=2), 4, 1)
+    with pytest.raises(ConfigError, match="multiple of"):
+        check_pp(ParallelConfig(pp=2, pp_schedule="interleaved-1f1b"), 4, 3)
+    check_pp(ParallelConfig(pp=2), 4, 2)
