@@ -24,6 +24,7 @@ commands:
   compress   prune / quantize a run (--prune.method=..., --quant.methods=...) + report
   serve      HTTP completion server over a run or artefact (--serve.port=...)
   export     a run's model as safetensors or a Hugging Face GPT-2 (--format hf)
+  plan       layout and memory per rank of a config on --world N ranks (nothing allocated)
 
 --help-config lists every config field with its default and documentation.
 """
@@ -37,6 +38,9 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
                        help="launch N local processes with torchrun (torch.distributed.run)")
     if cmd in ("eval", "generate", "compress", "serve"):
         p.add_argument("run_dir", nargs="?", help="run directory (default: --run.dir)")
+    if cmd == "plan":
+        p.add_argument("--world", type=int, default=1, help="number of ranks")
+        p.add_argument("--json", action="store_true", help="print the plan as JSON")
     if cmd == "eval":
         p.add_argument("--split", choices=("val", "test"), default="val")
         p.add_argument("--weights", choices=("best", "final"), default="best")
@@ -179,8 +183,25 @@ def cmd_export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    """`scaletrain plan --config F --world N`: parallel/plan_report.py."""
+    from scaletrain.config import build_config
+    from scaletrain.errors import ConfigError
+    from scaletrain.parallel.plan_report import format_plan, plan
+
+    args, overrides = _split_args("plan", argv)
+    cfg = build_config(args.config, overrides)
+    vocab = cfg.model.vocab_size or getattr(cfg.data, "vocab_size", 0)
+    if not vocab:
+        raise ConfigError("plan needs the vocabulary size: set model.vocab_size (or "
+                          "data.vocab_size)")
+    result = plan(cfg, args.world, vocab)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval,
-            "generate": cmd_generate, "compress": cmd_compress, "serve": cmd_serve,
+            "generate": cmd_generate, "plan": cmd_plan, "compress": cmd_compress, "serve": cmd_serve,
             "export": cmd_export}
 
 

@@ -53,8 +53,9 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain Linear with W + (alpha / r) B A (the base module, updated in place)."""
         with torch.no_grad():
-            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-            self.base.weight.add_(delta.to(self.base.weight.dtype))
+            # In float64, rounded once into the weight's dtype: W + s·B A exactly rounded.
+            delta = (self.lora_B.double() @ self.lora_A.double()) * self.scaling
+            self.base.weight.copy_((self.base.weight.double() + delta).to(self.base.weight.dtype))
         self.base.weight.requires_grad_(True)
         if self.base.bias is not None:
             self.base.bias.requires_grad_(True)

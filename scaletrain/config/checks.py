@@ -56,6 +56,9 @@ def check_combinations(cfg: Config) -> None:
     from scaletrain.optim.checks import check_training_strategy  # schedules, batch rules
 
     check_training_strategy(cfg)
+    from scaletrain.checkpoint.checks import check_checkpoint_config  # resume, faults
+
+    check_checkpoint_config(cfg)
 
 
 def check_parallel(cfg: Config, world: int | None) -> None:

@@ -124,3 +124,9 @@ def assert_parity(ref: dict, got: dict, first_tol: float = 1e-6, tol: float = 1e
     worst = max(range(len(rel)), key=rel.__getitem__)
     assert rel[worst] <= tol, (f"step {worst + 1}: loss {b[worst]!r} vs {a[worst]!r} "
                                f"(rel {rel[worst]:.2e})")
+
+
+def mp_runs(rank: int, world: int, specs: list[dict]) -> list[dict]:
+    """Several runs in one spawned process group (spawning and importing torch cost more
+    than a tiny run on this machine); the group stays up between them."""
+    return [mp_run(rank, world, s) for s in specs]

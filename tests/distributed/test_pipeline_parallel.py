@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from mp_harness import assert_parity, mp_run, mp_spec, reference
+from mp_harness import assert_parity, mp_runs, mp_spec, reference
 from spawn import run_distributed
 
 
-@pytest.mark.parametrize("schedule,n_layer", [("gpipe", 2), ("1f1b", 2),
-                                              ("interleaved-1f1b", 4)])
-def test_pp2_schedule_matches_one_process(schedule, n_layer):
-    spec = mp_spec(pp=2, schedule=schedule, n_layer=n_layer)
-    out = run_distributed(mp_run, 2, spec, timeout=150)
-    assert_parity(reference(spec), out[0])
-    assert out[0]["losses"] == out[1]["losses"]  # every stage reports the step's loss
+SCHEDULES = [("gpipe", 2), ("1f1b", 2), ("interleaved-1f1b", 4)]
+
+
+def test_pp2_each_schedule_matches_one_process():
+    """gpipe, 1f1b and interleaved-1f1b (2 stages per rank), 20 steps each, in one
+    spawned pair of processes."""
+    specs = [mp_spec(pp=2, schedule=s, n_layer=n) for s, n in SCHEDULES]
+    outs = run_distributed(mp_runs, 2, specs, timeout=170)
+    for (schedule, _), spec, r0, r1 in zip(SCHEDULES, specs, outs[0], outs[1]):
+        try:
+            assert_parity(reference(spec), r0)
+        except AssertionError as e:
+            raise AssertionError(f"{schedule}: {e}") from None
+        assert r0["losses"] == r1["losses"], schedule  # every stage reports the loss
 
 
 def test_split_bounds_even_and_manual():

@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mp_harness import assert_parity, mp_run, mp_spec, reference
+from mp_harness import assert_parity, mp_runs, mp_spec, reference
 from spawn import run_distributed
-
-pytestmark = pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else []
-
 
 def _layers(rank: int, world: int) -> dict:
     """Forward output and input/weight gradients of each sharded layer vs the local
@@ -111,16 +108,14 @@ def test_tp_layers_match_nn_reference():
             assert res.get("dx", 0.0) < 1e-5, (name, res)
 
 
-def test_tp2_matches_one_process():
-    spec = mp_spec(tp=2)
-    out = run_distributed(mp_run, 2, spec, timeout=120)
-    assert_parity(reference(spec), out[0])
-    assert out[0]["losses"] == out[1]["losses"]
-
-
-def test_tp2_sequence_parallel_matches_one_process():
-    spec = mp_spec(tp=2, sp=True, lp=False, steps=5)
-    assert_parity(reference(spec), run_distributed(mp_run, 2, spec, timeout=120)[0])
+def test_tp2_and_sequence_parallel_match_one_process():
+    """TP=2 (loss-parallel head) 20 steps, then TP=2 + sequence parallel with gathered
+    logits, in one spawned pair."""
+    specs = [mp_spec(tp=2), mp_spec(tp=2, sp=True, lp=False, steps=5)]
+    outs = run_distributed(mp_runs, 2, specs, timeout=150)
+    for spec, r0, r1 in zip(specs, outs[0], outs[1]):
+        assert_parity(reference(spec), r0)
+        assert r0["losses"] == r1["losses"]
 
 
 def test_invalid_tp_degrees_name_the_constraint():

@@ -241,6 +241,7 @@ def test_grad_scaler_and_loader_state_round_trip(tmp_path):
         return p
 
     a = parts(0)
+    a.scaler.scale(torch.ones(()))  # the scale tensor exists from the first scale() on
     a.scaler.update(new_scale=1024.0)
     for _ in range(9):  # past the end of the first epoch (50 samples)
         a.loader.next()

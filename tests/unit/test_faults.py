@@ -172,3 +172,13 @@ def test_trainer_logs_skips_and_rolls_back_past_the_bad_batches(tiny_args):
     assert train_steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # 5, 6 again, on new batches
     assert summary["steps"] == 8 and summary["skipped_steps"] == 2
     assert trainer.loader.state_dict()["pos"] // bs == 10  # 8 steps + 2 skipped batches
+
+
+def test_detector_that_could_never_arm_is_a_config_error():
+    import pytest
+
+    from scaletrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="faults.spike_min_history=200 exceeds"):
+        make_cfg(["--faults.spike_min_history=200", "--faults.spike_window=128"])
+    make_cfg(["--faults.spike_min_history=200", "--faults.spike_sigmas=0"])  # off: fine

@@ -275,3 +275,21 @@ def test_bad_schedule_settings_are_config_errors(pairs, match):
 
     with pytest.raises(ConfigError, match=match):
         build_config(None, pairs)
+
+
+def test_plateau_resumes_exactly_from_a_checkpoint(tiny_args):
+    """Train 6 steps (eval every step, plateau reducing at every eval, checkpoint every
+    2), drop the newest checkpoint, run again: it resumes at step 4 and the LRs and
+    losses of steps 5-6 equal the uninterrupted run's."""
+    import shutil
+
+    args = tiny_args + ["--schedule.name=plateau", "--schedule.patience=0",
+                        "--schedule.threshold=0.5", "--eval.interval=1", "--eval.batches=1",
+                        "--checkpoint.interval=2", "--train.steps=6", "--eval.test=false",
+                        f"--optim.lr={LR}"]
+    full = [(r["step"], r["lr"], r["loss"]) for r in train_records(make_cfg(args))]
+    assert len({lr for _, lr, _ in full}) == 6  # the LR changed at every step
+    cfg = make_cfg(args)
+    shutil.rmtree(f"{cfg.run.dir}/checkpoints/step-00000006")
+    again = [(r["step"], r["lr"], r["loss"]) for r in train_records(cfg)]
+    assert again[-2:] == full[-2:]
