@@ -41,7 +41,7 @@ def _config(layout: str, seq_len: int, batch: int, micro: int):
                  "train.batch_size": batch, "train.micro_batch_size": micro,
                  "precision.dtype": "fp32", "parallel.pp_schedule": "1f1b"})
     return build_config(os.path.join(root, "configs", "gpt2-small.toml"),
-                        [f"--{k}={v}" for k, v in over.items()])
+                        [(k, str(v)) for k, v in over.items()])
 
 
 def _rss_mb() -> float:

@@ -14,7 +14,13 @@ Per pipeline rank (the stages it holds), in bytes:
   fp32 activations; times the micro-batches a stage holds at once (1 without PP; m for
   GPipe; p − stage for 1F1B, Narayanan et al. 2021 §2.2); plus the logits and their
   fp32 cross-entropy gradient, b·s·V/t·(dtype + 4 + 4) bytes on the last stage.
+- transient workspace at the optimizer step: the foreach Adam/AdamW kernels build one
+  parameter-sized temporary (`_foreach_sqrt(exp_avg_sq)`, torch/optim/adam.py
+  `_multi_tensor_adam`), and DDP keeps its gradient buckets as a second copy of the
+  gradients (`gradient_as_bucket_view=False`, the default);
 The pipeline bubble is (p−1)/(m+p−1) (GPipe, 1F1B) or (p−1)/(v·m+p−1) (interleaved).
+Not counted: the interpreter and libraries (measure a baseline), allocator caching and
+fragmentation, communication buffers.
 """
 
 from __future__ import annotations
@@ -98,11 +104,14 @@ def plan(cfg, world: int, vocab: int) -> dict:
             act += mb * s * vocab / (t if p.loss_parallel else 1) * (abytes + 8)
         opt_n = _OPT_STATES.get(cfg.optim.name, 2) + (1 if cfg.precision.dtype == "bf16-pure"
                                                        else 0)
+        workspace = n * pbytes * ((1 if cfg.optim.name in ("adam", "adamw") else 0)
+                                  + (1 if dims.dp_replicate > 1 and dims.dp_shard == 1
+                                     else 0))
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
                       "params": int(n), "param_bytes": int(n * pbytes),
                       "grad_bytes": int(n * pbytes), "optim_bytes": int(n * 4 * opt_n),
-                      "activation_bytes": int(act),
-                      "total_bytes": int(n * pbytes * 2 + n * 4 * opt_n + act)})
+                      "activation_bytes": int(act), "workspace_bytes": int(workspace),
+                      "total_bytes": int(n * pbytes * 2 + n * 4 * opt_n + act + workspace)})
     return {"world": world, "layout": {"dp_replicate": dims.dp_replicate,
                                        "dp_shard": dims.dp_shard, "tp": t, "pp": dims.pp,
                                        "strategy": dims.strategy,
@@ -125,6 +134,7 @@ def format_plan(r: dict) -> str:
     for k in r["ranks"]:
         out.append(f"  pp rank {k['pp_rank']} (stages {k['stages']}, {k['layers']} layers): "
                    f"params {k['param_bytes']:,} B, grads {k['grad_bytes']:,} B, optimizer "
-                   f"{k['optim_bytes']:,} B, activations {k['activation_bytes']:,} B, "
+                   f"{k['optim_bytes']:,} B, activations {k['activation_bytes']:,} B, step "
+                   f"workspace {k['workspace_bytes']:,} B, "
                    f"total {k['total_bytes']:,} B per rank")
     return "\n".join(out)
