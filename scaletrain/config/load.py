@@ -65,7 +65,10 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
             try:
                 parsed = tomllib.loads(f"v = {text}")["v"]
             except tomllib.TOMLDecodeError:
-                parsed = [p for p in text.split(",") if p]
+                # "3,5" or "c_attn,c_proj": items typed like single CLI values.
+                (item_t,) = typ.__args__[:1]
+                return [_coerce(f"{key}[{i}]", p.strip(), item_t, from_cli=True)
+                        for i, p in enumerate(text.split(",")) if p.strip()]
             return _coerce(key, parsed, typ, from_cli=False)
     # Typed values (TOML, or parsed lists).
     if typ is bool:

@@ -90,3 +90,11 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("name", ["tiny", "gpt-10m", "gpt2-small", "digits-cnn"])
 def test_presets_validate(name):
     build_config(f"configs/{name}.toml")
+
+
+def test_list_fields_from_cli_both_forms():
+    for text in ("3,5", "[3, 5]"):
+        cfg = build_config(None, [("schedule.name", "multistep"), ("schedule.milestones", text)])
+        assert cfg.schedule.milestones == [3, 5]
+    with pytest.raises(ConfigError, match=r"schedule.milestones\[1\]: expected an integer"):
+        build_config(None, [("schedule.name", "multistep"), ("schedule.milestones", "3,x")])
