@@ -20,7 +20,7 @@ from scaletrain.compress import artefact as art
 from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
 from scaletrain.compress.lora import merge_lora
-from scaletrain.compress.report import measure, table, write_report
+from scaletrain.compress.report import generation_speeds, measure, table, write_report
 from scaletrain.errors import ConfigError
 
 
@@ -78,12 +78,12 @@ def compress(run_dir: str, overrides=()) -> dict:
         raise ConfigError("compress measures validation loss; data.val_fraction is 0")
     c = cfg.compress
     prompt = tok.encode(cfg.generate.prompt) or [tok.eot_id]
-    opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches, prompt=prompt,
-                gen_tokens=c.gen_tokens, seq_len=cfg.model.seq_len)
+    opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches)
     torch.manual_seed(cfg.train.seed)
 
     original_file = _weights_file(Path(run_dir))
     rows = [measure("original", "dense", original_file, model, data.val, **opts)]
+    models = [model]  # kept for the round-robin speed measurement at the end
     extra: dict = {"source": str(run_dir), "threads": torch.get_num_threads()}
     p = cfg.prune
     if p.method != "none":
@@ -107,12 +107,19 @@ def compress(run_dir: str, overrides=()) -> dict:
         d = art.save_artefact(out / name, art.dense_state(pruned), cfg, tok, kind, **meta)
         _, loaded, _ = art.load_artefact(d)
         rows.append(measure(name, kind, d / art.WEIGHTS, loaded, data.val, **opts))
+        models.append(loaded)
     for method in cfg.quant.methods:
         name = f"quant-{method}"
         state = qz.quantized_state(model, method, cfg.quant.group_size)
         d = art.save_artefact(out / name, state, cfg, tok, method)
         _, loaded, _ = art.load_artefact(d)
         rows.append(measure(name, method, d / art.WEIGHTS, loaded, data.val, **opts))
+        models.append(loaded)
+    speeds = generation_speeds(models, prompt, c.gen_tokens, cfg.model.seq_len,
+                               threads=c.gen_threads)
+    for row, speed in zip(rows, speeds):
+        row["tokens_per_s"] = speed
+    extra["gen_threads"] = c.gen_threads or torch.get_num_threads()
     write_report(out, rows, extra)
     return {"rows": rows, "out": str(out), "table": table(rows), **extra}
 

@@ -57,29 +57,38 @@ def val_loss(model: nn.Module, dataset, batch_size: int, batches: int) -> float:
                     torch.device("cpu"), "text")["loss"]
 
 
-def generation_speed(model: nn.Module, prompt: list[int], tokens: int, seq_len: int,
-                     repeats: int = 3) -> float:
-    """Median tokens/s of greedy KV-cache decoding of `tokens` new tokens (no stop)."""
+def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, seq_len: int,
+                      rounds: int = 3, threads: int = 0) -> list[float]:
+    """Median tokens/s of greedy KV-cache decoding of `tokens` new tokens for each model,
+    measured round-robin (every round times every model once) so that a noisy neighbour
+    slows all of them alike rather than whichever ran at that moment (DESIGN.md §4)."""
     from scaletrain.generate import sample
 
-    sample(model, prompt, max_new_tokens=4, seq_len=seq_len, temperature=0)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sample(model, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
-        rates.append(len(out) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for m in models:  # warm-up
+            sample(m, prompt, max_new_tokens=4, seq_len=seq_len, temperature=0)
+        rates: list[list[float]] = [[] for _ in models]
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
+                out = sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
+                rates[i].append(len(out) / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(before)
+    return [statistics.median(r) for r in rates]
 
 
 def measure(name: str, kind: str, weights_file: Path, model: nn.Module, dataset, *,
-            batch_size: int, batches: int, prompt: list[int], gen_tokens: int,
-            seq_len: int) -> dict:
+            batch_size: int, batches: int) -> dict:
+    """One row of the table, without the speed (see `generation_speeds`)."""
     total, nonzero = logical_params(model)
     loss = val_loss(model, dataset, batch_size, batches)
     return {"name": name, "kind": kind, "path": str(weights_file),
             "size_mb": weights_file.stat().st_size / 2**20, "params": total,
-            "nonzero_params": nonzero, "val_loss": loss, "val_ppl": math.exp(min(loss, 700)),
-            "tokens_per_s": generation_speed(model, prompt, gen_tokens, seq_len)}
+            "nonzero_params": nonzero, "val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
 
 
 def table(rows: list[dict]) -> str:

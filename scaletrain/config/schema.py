@@ -341,6 +341,9 @@ class CompressConfig:
                  "empty = <run>/compressed.")
     eval_batches: int = F(20, "Validation batches for the report's loss.", ge=1)
     gen_tokens: int = F(64, "Tokens generated (greedy, KV cache) to time tokens/s.", ge=1)
+    gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
+                         "decoding of a small model is latency-bound: 1 is often fastest.",
+                         ge=0)
 
 
 @dataclass

@@ -81,6 +81,7 @@ class Pipeline:
         self.microbatches = microbatches
         self.batch_size = int(io["tokens"].shape[0]) * microbatches  # per-rank samples
         self.pp_group = pp_group
+        self.device = torch.device(device)  # collectives' tensors live here (NCCL: GPU)
         self.loss_multiplier = loss_multiplier
         self.loss_ctx = tp_loss_context(loss_parallel)
         self.denom = torch.ones(())
@@ -110,9 +111,9 @@ class Pipeline:
 
     def _stage_loss(self, losses) -> torch.Tensor:
         """Sum of the last stage's micro-batch losses, on every pipeline rank."""
-        out = torch.zeros((), dtype=self.denom.dtype)
+        out = torch.zeros((), dtype=self.denom.dtype, device=self.device)
         if self.last and losses:
-            out += torch.stack([l.detach().to(out.dtype).cpu() for l in losses]).sum()
+            out += torch.stack([l.detach().to(out) for l in losses]).sum()
         import torch.distributed as dist
 
         dist.all_reduce(out, group=self.pp_group)
@@ -156,7 +157,7 @@ class Pipeline:
         targets and add nothing."""
         from scaletrain.train.losses import IGNORE_INDEX
 
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for x, y in batches:
             for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
                 pad = batch_size - len(xs)
@@ -172,7 +173,7 @@ class Pipeline:
     @torch.no_grad()
     def eval_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Sum cross-entropy of a batch through the pipeline (forward only), every rank."""
-        self.denom = torch.ones((), dtype=torch.float32)
+        self.denom = torch.ones((), dtype=torch.float32, device=self.device)
         saved, self.loss_multiplier = self.loss_multiplier, 1.0
         losses: list = []
         try:

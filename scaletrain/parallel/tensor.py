@@ -207,12 +207,13 @@ def parallel_grad_norm(params, max_norm: float, pp_group=None) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float64)
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         n = torch.linalg.vector_norm(g, dtype=torch.float32)
         if isinstance(n, DTensor):
             n = n.full_tensor()
-        sq += n.double().cpu() ** 2
+        sq += n.double() ** 2
     if pp_group is not None:
         import torch.distributed as dist
 

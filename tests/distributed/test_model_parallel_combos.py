@@ -67,3 +67,46 @@ def test_plan_reports_bytes_and_bubble(capsys):
     assert r["bubble"] == pytest.approx(1 / 5)  # p=2, m=4: (p-1)/(m+p-1)
     assert [k["layers"] for k in r["ranks"]] == [2, 2]
     assert all(k["param_bytes"] > 0 and k["activation_bytes"] > 0 for k in r["ranks"])
+
+
+def test_cli_pp2_and_tp2_train_like_one_process(tmp_path):
+    """Through the real CLI (trainer: schedule-driven step, pipeline eval, weights
+    gathered from the stages, checkpoints): `--nproc 2` with pp=2 and with tp=2 log the
+    one-process losses."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from scaletrain.cli import main
+
+    root = Path(__file__).parents[2]
+    common = ["--config", str(root / "configs/tiny.toml"), "--data.max_files=20",
+              "--data.vocab_size=300", "--model.n_layer=2", "--model.d_model=32",
+              "--model.n_head=2", "--model.seq_len=32", "--train.steps=3",
+              "--train.batch_size=8", "--train.micro_batch_size=2", "--train.log_interval=1",
+              "--eval.interval=0", "--eval.batches=2", "--eval.batch_size=8",
+              "--schedule.warmup_steps=0", "--train.progress=off", "--run.overwrite=true",
+              f"--data.prepared_dir={tmp_path / 'prep'}", "--checkpoint.interval=2"]
+    assert main(["prepare", *common]) == 0
+    assert main(["train", *common, f"--run.dir={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root),
+                                                        os.environ.get("PYTHONPATH", "")])}
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["kind"], r["loss"]) for r in map(json.loads, lines)]
+
+    ref = losses(tmp_path / "one")
+    for name, extra in (("pp", "--parallel.pp=2"), ("tp", "--parallel.tp=2")):
+        proc = subprocess.run([sys.executable, "-m", "scaletrain", "train", *common,
+                               f"--run.dir={tmp_path / name}", "--nproc", "2", extra,
+                               "--parallel.dp_shard=1"],
+                              env=env, capture_output=True, text=True, timeout=170)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = losses(tmp_path / name)
+        assert [k for k, _ in got] == [k for k, _ in ref], name
+        for (_, a), (_, b) in zip(ref, got):
+            assert abs(a - b) / a <= 1e-6, (name, a, b)
+        assert (tmp_path / name / "checkpoints" / "step-00000002").is_dir()
