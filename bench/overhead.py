@@ -20,36 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from scaletrain.bench.handloop import HandLoop  # noqa: E402  (also used by `scaletrain bench`)
 from scaletrain.config import build_config  # noqa: E402
 from scaletrain.config.load import parse_overrides  # noqa: E402
-from scaletrain.data.loader import StatefulLoader  # noqa: E402
-from scaletrain.models import build_model  # noqa: E402
-from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.train.trainer import Trainer  # noqa: E402
-
-
-class HandLoop:
-    """The minimal loop: forward, mean cross-entropy / accum, backward, clip, step."""
-
-    def __init__(self, tr: Trainer):
-        cfg = tr.cfg
-        facts = {"vocab_size": tr.data.vocab_size}
-        self.model = build_model(cfg.model, facts, seed=cfg.train.seed).train()
-        self.opt = build_optimizer(self.model, cfg.optim)
-        self.loader = StatefulLoader(tr.data.train, cfg.train.batch_size, seed=cfg.train.seed)
-        self.micro, self.accum, self.clip = tr.micro, tr.accum, cfg.train.grad_clip
-
-    def step(self) -> None:
-        x, y = next(self.loader)
-        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
-            logits = self.model(xm)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), ym.view(-1)) / self.accum
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
 
 def timed(fn, steps: int) -> float:

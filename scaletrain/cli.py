@@ -25,6 +25,7 @@ commands:
   serve      HTTP completion server over a run or artefact (--serve.port=...)
   export     a run's model as safetensors or a Hugging Face GPT-2 (--format hf)
   plan       layout and memory per rank of a config on --world N ranks (nothing allocated)
+  bench      peak GEMM, tokens/s, MFU, step-time breakdown and the hand-written loop
 
 --help-config lists every config field with its default and documentation.
 """
@@ -41,6 +42,12 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "plan":
         p.add_argument("--world", type=int, default=1, help="number of ranks")
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    if cmd == "bench":
+        p.add_argument("--out", help="folder for bench.json / bench.png "
+                       "(default: <run.dir>/bench)")
+        p.add_argument("--steps", type=int, default=5, help="timed steps")
+        p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
+        p.add_argument("--pairs", type=int, default=3, help="scaletrain/hand-loop pairs")
     if cmd == "eval":
         p.add_argument("--split", choices=("val", "test"), default="val")
         p.add_argument("--weights", choices=("best", "final"), default="best")
@@ -200,9 +207,20 @@ def cmd_plan(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """`scaletrain bench --config F [--out DIR]`: bench/report.py."""
+    from scaletrain.bench.report import bench_command
+    from scaletrain.config import build_config
+
+    args, overrides = _split_args("bench", argv)
+    bench_command(build_config(args.config, overrides), out=args.out, steps=args.steps,
+                  warmup=args.warmup, pairs=args.pairs)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval,
             "generate": cmd_generate, "plan": cmd_plan, "compress": cmd_compress, "serve": cmd_serve,
-            "export": cmd_export}
+            "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,9 @@ class TrainConfig:
                     choices=("auto", "cpu", "cuda"))
     threads: int = F(0, "torch intra-op threads; 0 = the cores available to this rank.",
                      ge=0)
+    compile: bool = F(False, "torch.compile each transformer block (after activation "
+                      "checkpointing, before FSDP/DDP); compile time is reported apart "
+                      "as compile_s in summary.json.")
     log_interval: int = F(10, "Write a train record every this many steps.", ge=1)
     progress: str = F("auto", "Progress bar: 'auto' shows it only on a terminal.",
                       choices=("auto", "on", "off"))

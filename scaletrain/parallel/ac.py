@@ -55,10 +55,16 @@ def _checkpointed(forward, context_fn):
     """`forward` run under non-reentrant `torch.utils.checkpoint.checkpoint`."""
     from torch.utils.checkpoint import checkpoint
 
+    from torch.utils.checkpoint import noop_context_fn
+
+    # Pass context_fn only when it is not the default: dynamo (train.compile) cannot
+    # trace a context_fn read from a closure ("checkpoint not implemented for
+    # LazyVariableTracker context_fn", torch 2.13); the default needs none.
+    extra = {} if context_fn is noop_context_fn else {"context_fn": context_fn}
+
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn,
-                          **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
     return run
 

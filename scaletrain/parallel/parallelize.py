@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from scaletrain.models.registry import REGISTRY, materialize
 from scaletrain.parallel.ac import apply_ac
+from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
@@ -33,14 +34,16 @@ def fsdp_mesh(mesh, dims: ParallelDims):
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
-                policy: PrecisionPolicy, device: torch.device, tp_plan=None) -> nn.Module:
-    """Apply TP, AC and FSDP/HSDP or DDP to `model` in place, per `pcfg` (ParallelConfig).
+                policy: PrecisionPolicy, device: torch.device, tp_plan=None,
+                compile: bool = False) -> nn.Module:
+    """Apply TP, AC, compile and FSDP/HSDP or DDP to `model` in place, per `pcfg`.
 
     With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py).
     """
     maybe_apply_tp(model, dims, mesh, pcfg, tp_plan)  # TP first: FSDP shards its DTensors
     apply_ac(model, pcfg.activation_checkpoint)
-    # (torch.compile would go here, per block, before FSDP; not offered yet.)
+    if compile:  # per block, on the checkpointed forward, inside FSDP's unit
+        apply_compile(model)
     if dims.fsdp:
         # Mixed precision under FSDP: keep fp32 master shards, gather and compute in
         # bf16, reduce gradients in fp32 (torchtitan's default). bf16-pure already has
@@ -58,7 +61,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
 
 
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
-                         policy: PrecisionPolicy, device: torch.device) -> nn.Module:
+                         policy: PrecisionPolicy, device: torch.device,
+                         compile: bool = False) -> nn.Module:
     """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
 
     With one process this gives exactly `models.build_model`'s weights.
@@ -69,7 +73,7 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
     if dims.pp > 1:  # keep only this rank's pipeline stage(s)
         prune_for_rank(model, pcfg, mesh)
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
-    parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan)
+    parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
     materialize(model, init_device, seed)

@@ -28,6 +28,7 @@ from scaletrain.models import REGISTRY, count_params
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
+from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import build_pipeline, check_model_parallel
 from scaletrain.parallel.parallelize import build_parallel_model
@@ -67,7 +68,8 @@ class Trainer:
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
         self.model = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
-            pcfg=cfg.parallel, policy=self.policy, device=self.rt.device)
+            pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
+            compile=cfg.train.compile)
         # Trained weights of init.from, then the freeze / LoRA converters.
         self.model = apply_init(self.model, cfg, self.data.vocab_size)
         self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
@@ -102,6 +104,7 @@ class Trainer:
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
                                 if self.spec.flops_per_token else None)
         self._peak_flops: float | None = None
+        self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
 
     # -- metrics -----------------------------------------------------------------------
     def peak_flops(self) -> float:
@@ -191,7 +194,9 @@ class Trainer:
         tokens_since_log, last = 0, {}
         self.ckpt.install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit
         while st.step < cfg.train.steps:
+            t_step = time.perf_counter()
             result, lr = self.train_one_step()
+            self.step_clock.add(time.perf_counter() - t_step)
             tokens_since_log += result.n_targets_int
             if st.step % cfg.train.log_interval == 0 or st.step == cfg.train.steps:
                 last = self._log_train(result, lr, meter, tokens_since_log)
@@ -205,6 +210,9 @@ class Trainer:
                     progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
                 self.maybe_keep_best(val["loss"])
             self.ckpt.after_step(self)  # faults (skip log, rollback), interval save, signal
+            if cfg.train.compile and not self.step_clock.rest and st.step < cfg.train.steps:
+                meter.start()  # tokens/s without the compiling first step (compile_s)
+                tokens_since_log = 0
         self.ckpt.at_end(self)
         progress.close()
         st.wall_time += time.perf_counter() - t0
@@ -250,6 +258,7 @@ class Trainer:
                     if self.flops_per_token else None),
             "peak_flops": self._peak_flops, "peak_mem_mb": peak_memory_mb(self.rt.device),
             "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
+            **self.step_clock.report(compiled=cfg.train.compile),
             "threads": self.rt.threads, "device": str(self.rt.device),
             "world_size": self.rt.world, "precision": cfg.precision.dtype,
             "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
@@ -275,8 +284,9 @@ def train(cfg: Config) -> dict:
 
         return train_ps(cfg)
     trainer = Trainer(cfg)
-    try:
-        with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
-            return trainer.fit()
-    finally:
-        trainer.dist.close()
+    with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
+        summary = trainer.fit()
+    # Only after success: tearing the group down while a failed rank's peers are still
+    # inside a collective would deadlock (torchtitan #1342 does the same).
+    trainer.dist.close()
+    return summary

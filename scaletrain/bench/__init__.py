@@ -1,0 +1,1 @@
+"""`scaletrain bench`: peak GEMM, tokens/s, MFU, step-time breakdown, hand-loop comparison."""

@@ -1,0 +1,60 @@
+"""`train.compile`: torch.compile each transformer block, and time the compilation.
+
+Per block, not the whole model (torchtitan `apply_compile`): every block has the same
+code, so dynamo traces and inductor compiles it once and reuses the graph for all blocks
+(parameters are graph inputs, `inline_inbuilt_nn_modules`), which keeps compile time
+independent of depth; and FSDP2's per-block hooks (all-gather, reshard) and DDP's
+gradient hooks stay outside the compiled regions, so no graph breaks on collectives.
+Order (parallelize.py): after activation checkpointing — the block's `forward` is already
+the checkpointed one, and dynamo traces `torch.utils.checkpoint` as a higher-order op —
+and before FSDP/DDP, which must wrap the compiled module.
+
+`nn.Module.compile()` compiles the module's call in place: no `_orig_mod.` wrapper, so
+parameter names (seeded init, checkpoints, TP plans) do not change.
+
+Compilation is lazy: it happens in the first training step. `StepClock` times that step
+apart from the others; `compile_s` = first step - mean of the later steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch.nn as nn
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """Compile every block of `model.blocks` in place (a model without blocks: whole)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:  # MLP / CNN models: one region
+        model.compile()
+        return model
+    for block in blocks.values():
+        if block is not None:  # a pipeline stage deletes the blocks of other stages
+            block.compile()
+    return model
+
+
+class StepClock:
+    """Wall time of each training step; the first (compiling) one kept apart."""
+
+    def __init__(self) -> None:
+        self.first_s: float | None = None
+        self.rest: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        if self.first_s is None:
+            self.first_s = seconds
+        else:
+            self.rest.append(seconds)
+
+    def report(self, compiled: bool) -> dict:
+        """`first_step_s`, `step_s` (median of later steps), `compile_s` (None if off)."""
+        step_s = statistics.median(self.rest) if self.rest else None
+        compile_s = None
+        if compiled and self.first_s is not None:
+            # The mean, not the median, of later steps: compile time is what the first
+            # step costs beyond an ordinary one. Without later steps: the whole first step.
+            base = statistics.fmean(self.rest) if self.rest else 0.0
+            compile_s = max(0.0, self.first_s - base)
+        return {"first_step_s": self.first_s, "step_s": step_s, "compile_s": compile_s}
