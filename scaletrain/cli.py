@@ -84,6 +84,14 @@ def cmd_train(argv: list[str]) -> int:
                 line += f", test accuracy {test['accuracy']:.4f}"
         line += f", {summary['tokens_per_s']:.0f} tokens/s -> {cfg.run.dir}"
         print(line)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Everything is written and the process group destroyed. Skip the interpreter's
+        # teardown: gloo worker threads can still hold async work (pipeline P2P) whose
+        # destruction during finalization aborts the process ("terminate called without
+        # an active exception", seen ~1 run in 12; pytorch/pytorch#179291).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
