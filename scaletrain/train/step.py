@@ -71,12 +71,12 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
     denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
+    loss_fn = opts.loss_fn or (lambda z, _x, t: sum_cross_entropy(z, t))
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
             with policy.autocast():
                 logits = model(x)
-            loss_fn = opts.loss_fn or (lambda z, _x, t: sum_cross_entropy(z, t))
             loss = loss_fn(logits.to(denom.dtype), x, y)
             if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
                 loss = loss.full_tensor()

@@ -13,6 +13,8 @@ import sys
 import time
 
 from spawn import free_port
+
+from scaletrain.checkpoint.manager import list_checkpoints
 from test_cli import ROOT, TINY, prepared  # noqa: F401 - module fixture
 
 ARGS = [*TINY, "--train.steps=100000", "--checkpoint.interval=3", "--eval.interval=0",
@@ -47,9 +49,9 @@ def test_killed_rank_stops_the_survivor_and_the_run_resumes(prepared, tmp_path):
     assert procs[0].returncode == 1, err[-2000:]
     assert "scaletrain: rank 0: a collective failed" in err and "Traceback" not in err
     assert waited < 5 + 30  # the timeout plus slack for this shared, loaded machine
-    saved = sorted(p.name for p in (run / "checkpoints").iterdir()
-                   if p.name.startswith("step-"))
-    last = int(saved[-1].split("-")[1])
+    # Completed checkpoints only: the kill can leave a half-written `step-….tmp`, which
+    # the manager ignores (and removes on its next save).
+    last = list_checkpoints(run / "checkpoints")[-1][0]
     # Resume the same run directory on one process and take two more steps.
     proc = subprocess.run([sys.executable, "-m", "scaletrain", "train", *args,
                            "--parallel.dp_shard=1", f"--train.steps={last + 2}",
