@@ -167,10 +167,6 @@ def rpc_state_dict() -> dict:
     return _SERVER.state_dict()
 
 
-def rpc_load_state_dict(state: dict) -> None:
-    _SERVER.load_state_dict(state)
-
-
 def rpc_stop() -> None:
     """The coordinator ends the run: the server's main thread may leave."""
     _STOP.set()
