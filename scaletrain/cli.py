@@ -99,9 +99,23 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torch.distributed.run with N local processes."""
     rest = [a for i, a in enumerate(argv) if not a.startswith("--nproc")
             and not (i > 0 and argv[i - 1] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "scaletrain.parallel.launch", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "scaletrain", "train", *rest]
-    return subprocess.call(cmd)
+    import signal
+
+    child = subprocess.Popen(cmd)
+
+    # A SIGTERM to this launcher (a scheduler's stop) must reach the ranks, which save and
+    # exit (checkpoint.on_signal); dying at once would orphan torchrun and lose the save.
+    # Ctrl-C already reaches the whole foreground process group, so SIGINT is only ignored.
+    def forward(signum, _frame):
+        if signum != signal.SIGINT:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    rc = child.wait()
+    return 128 - rc if rc < 0 else rc
 
 
 def cmd_prepare(argv: list[str]) -> int:

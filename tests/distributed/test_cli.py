@@ -64,3 +64,35 @@ def test_degrees_that_do_not_fit_the_world_fail_before_launch(capsys):
     assert code == 2 and len(err) == 1
     assert "parallel.dp_replicate × dp_shard × tp × pp = 4" in err[0]
     assert "world size is 2" in err[0]
+
+
+def test_sigterm_to_the_nproc_launcher_reaches_the_ranks_which_save(prepared, tmp_path):
+    """A scheduler stops a job by signalling the command it started (`scaletrain train
+    --nproc 2`): the ranks must get the signal, save a checkpoint and exit 128+15."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "scaletrain", "train", *TINY,
+                             f"--data.prepared_dir={prepared}", "--train.steps=100000",
+                             "--eval.interval=0", "--eval.test=false",
+                             "--checkpoint.interval=0", f"--run.dir={run}", "--nproc", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and records(run, "train")):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no training step within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    ckpts = [p for p in (run / "checkpoints").iterdir() if not p.name.endswith(".tmp")]
+    assert len(ckpts) == 1, err[-2000:]
+    assert "stopped by SIGTERM" in err
