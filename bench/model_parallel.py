@@ -5,8 +5,9 @@ Per layout and rank: peak resident memory above the process's baseline (measured
 imports and the process-group set-up, before the model is built), median step time, and
 for PP the measured pipeline bubble — 1 − (this stage's compute for the step's m
 micro-batches, timed alone without communication) / (step time) — against the formula
-(p−1)/(m+p−1). Also `scaletrain plan`'s per-rank estimate (parallel/plan_report.py)
-against the measured peak.
+(p−1)/(m+p−1). `scaletrain plan`'s predicted peak is checked against real `scaletrain
+train` runs of the same layouts by bench/plan_accuracy.py (its mp-* rows): this script's
+bare step loop has no evaluation or end-of-run save, which the plan's peak includes.
 
 Layouts run in separate spawned process pairs (peak RSS cannot be reset within a
 process), alternated over `--rounds` rounds (DDP, TP, PP, DDP, ...); step-time ratios are
@@ -56,7 +57,7 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
     from scaletrain.parallel.context import DistContext
     from scaletrain.parallel.model_parallel import build_pipeline
     from scaletrain.parallel.parallelize import build_parallel_model
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.parallel.pipeline import bubble_fraction
     from scaletrain.precision import PrecisionPolicy
     from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
@@ -64,7 +65,6 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
     dev = torch.device("cpu")
     ctx = DistContext.setup(cfg.parallel, rank, world, dev)
     V = cfg.model.vocab_size
-    estimate = plan(cfg, world, V)
     base = _rss_mb()
     policy = PrecisionPolicy("fp32", dev)
     model = build_parallel_model(cfg.model, {"vocab_size": V}, seed=0, dims=ctx.dims,
@@ -89,8 +89,8 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
     out = {"layout": layout, "rank": rank, "step_s": step_s,
            "peak_mb": _rss_mb() - base, "base_mb": base,
-           "plan_mb": estimate["ranks"][ctx.mesh["pp"].get_local_rank() if pipe else 0]
-           ["total_bytes"] / 2**20, "bubble_formula": estimate["bubble"]}
+           "bubble_formula": bubble_fraction(cfg.parallel.pp_schedule, ctx.dims.pp,
+                                             batch // dp // micro, 1)}
     if pipe is not None:
         out["bubble_measured"] = 1 - _stage_compute_s(pipe, cfg, micro) / step_s
     return out
@@ -134,8 +134,7 @@ def main() -> None:
             res[layout].append(out)
             for o in out:
                 print(f"round {r} {layout} rank {o['rank']}: step {o['step_s']:.3f} s, "
-                      f"peak +{o['peak_mb']:.0f} MiB (baseline {o['base_mb']:.0f}), plan "
-                      f"{o['plan_mb']:.0f} MiB"
+                      f"peak +{o['peak_mb']:.0f} MiB (baseline {o['base_mb']:.0f})"
                       + (f", bubble measured {o['bubble_measured']:.3f} vs formula "
                          f"{o['bubble_formula']:.3f}" if "bubble_measured" in o else ""),
                       flush=True)

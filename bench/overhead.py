@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny.toml")
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed segment")
+    ap.add_argument("--hand-compile-loss", action="store_true",
+                    help="with train.compile, the hand loop compiles its loss too")
     args, rest = ap.parse_known_args()
     pairs, _ = parse_overrides(rest)
     cfg = build_config(args.config, [("run.dir", "/tmp/scaletrain-bench-overhead"),
@@ -47,7 +49,7 @@ def main() -> None:
                                      *pairs])
     a = Trainer(cfg)
     a_step = lambda: a.train_one_step()  # noqa: E731
-    b = HandLoop(a)
+    b = HandLoop(a, compile_loss=args.hand_compile_loss)
     for _ in range(3):  # warm-up: allocator, kernels, first-touch of the memory map
         a_step(), b.step()
     ratios, controls, ta_all, tb_all = [], [], [], []
@@ -62,12 +64,24 @@ def main() -> None:
         ratios.append(ta / tb)
         controls.append(ta / ta2)
         ta_all.append(ta), tb_all.append(tb)
-    print(f"config {args.config}: {a.n_params / 1e6:.2f}M params, threads "
-          f"{torch.get_num_threads()}, {args.pairs} pairs x {args.steps} steps")
+    print(f"config {args.config} {' '.join(rest)}: {a.n_params / 1e6:.2f}M params, "
+          f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+          f"{args.pairs} pairs x {args.steps} steps, hand loop compiles its loss: "
+          f"{args.hand_compile_loss and cfg.train.compile}, load avg "
+          f"{open('/proc/loadavg').read().split()[:3]}")
     print(f"scaletrain step  median {statistics.median(ta_all) * 1e3:8.2f} ms")
     print(f"hand loop step   median {statistics.median(tb_all) * 1e3:8.2f} ms")
     print(f"ratio scaletrain / hand loop (median of pairs): {statistics.median(ratios):.4f}")
     print(f"A/A control (median of pairs):                  {statistics.median(controls):.4f}")
+    # Noise-free view of the same question: what each loop does per step besides the
+    # shared model math — ATen calls and time outside any operator (Python, glue).
+    from scaletrain.bench.ops import profile_step
+
+    for name, fn in (("scaletrain", a_step), ("hand loop", b.step)):
+        p = profile_step(fn)
+        print(f"profiled {name:<10} step {p['wall_s'] * 1e3:8.1f} ms, {p['aten_ops']:6.0f} "
+              f"ATen calls, outside operators {p['ops_s']['framework'] * 1e3:7.1f} ms, "
+              f"optimizer {p['ops_s']['optimizer'] * 1e3:7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "plan":
         p.add_argument("--world", type=int, default=1, help="number of ranks")
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        p.add_argument("--fit", action="store_true", help="search the cheapest micro-batch / "
+                       "checkpointing / offload / precision / optimizer that fits; print "
+                       "them as --section.key=value lines (exit 2 if nothing fits)")
+        p.add_argument("--memory-gib", type=float, default=0.0, help="memory per rank for "
+                       "--fit (default: plan.memory_gib, else 90%% of what is available)")
     if cmd == "bench":
         p.add_argument("--out", help="folder for bench.json / bench.png "
                        "(default: <run.dir>/bench)")
@@ -71,6 +76,11 @@ def cmd_train(argv: list[str]) -> int:
         from scaletrain.config.checks import check_parallel
 
         check_parallel(cfg, args.nproc)  # degrees vs world: one line here, not N ranks
+        if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
+            from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
+
+            gib = budget_bytes(cfg, device_type_of(cfg), args.nproc) / GiB
+            argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
         return _launch_torchrun(args.nproc, argv)
     from scaletrain.train.trainer import train
 
@@ -213,17 +223,18 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """`scaletrain plan --config F --world N`: parallel/plan_report.py."""
+    """`scaletrain plan --config F --world N [--fit [--memory-gib G]]`: parallel/
+    plan_report.py (layout, bytes, predicted peak) and plan/fit.py (the search)."""
     from scaletrain.config import build_config
-    from scaletrain.errors import ConfigError
     from scaletrain.parallel.plan_report import format_plan, plan
+    from scaletrain.plan.auto import plan_vocab
+    from scaletrain.plan.cli import run_fit
 
     args, overrides = _split_args("plan", argv)
     cfg = build_config(args.config, overrides)
-    vocab = cfg.model.vocab_size or getattr(cfg.data, "vocab_size", 0)
-    if not vocab:
-        raise ConfigError("plan needs the vocabulary size: set model.vocab_size (or "
-                          "data.vocab_size)")
+    vocab = plan_vocab(cfg)
+    if args.fit:
+        return run_fit(cfg, args.world, vocab, args.memory_gib, as_json=args.json)
     result = plan(cfg, args.world, vocab)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0

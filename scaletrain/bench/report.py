@@ -1,6 +1,8 @@
 """`scaletrain bench`: how fast a config trains on this machine, against its limits.
 
-1. The device's measured matmul peak in fp32 and bf16 (metrics.measure_peak_flops).
+1. The device's measured matmul peak in fp32 and bf16 (metrics.measure_peak_flops), and
+   the "shape-matched" peak: the same matmuls at the model's own GEMM shapes
+   (bench/shapes.py), a second reference line; MFU stays against the true peak.
 2. The trainer's own step (Trainer.train_one_step) timed over `steps` steps after
    `warmup` steps (which absorb compilation and allocator warm-up): tokens/s and MFU
    against the peak of the compute dtype.
@@ -9,7 +11,10 @@
    forward pre-hook -> forward hook, optimizer = the optimizer's step pre/post hooks; the
    rest of the step is the backward (with activation-checkpoint recomputation), the loss
    and gradient clipping. Communication is only separate under DDP/FSDP, where it overlaps
-   the backward; this command runs one process, so there is none.
+   the backward; this command runs one process, so there is none. Then one more step
+   under torch.profiler, split by operator kind (GEMM, attention, LayerNorm, GELU,
+   softmax/CE, casts, other element-wise, compiled kernels, optimizer, framework;
+   bench/ops.py).
 4. The hand-written loop (bench/handloop.py) timed in interleaved segments with the
    trainer (A B A' per pair, median of per-pair ratios A/B, A/A' as noise control,
    DESIGN.md §4).
@@ -74,6 +79,8 @@ class _PieceTimer:
 def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     """Measure `tr` (a Trainer); see the module docstring. Returns the result dict."""
     from scaletrain.bench.handloop import HandLoop
+    from scaletrain.bench.ops import profile_step
+    from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
     from scaletrain.metrics import measure_peak_flops
 
     threads = tr.rt.threads
@@ -82,6 +89,10 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     peaks = {name: measure_peak_flops(dt, threads, tr.rt.device, use_cache=False)
              for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     compute = "bf16" if tr.policy.compute_dtype == torch.bfloat16 else "fp32"
+    seq = getattr(tr.cfg.model, "seq_len", 1) if tr.spec.kind == "text" else 1
+    shapes = linear_gemm_shapes(tr.model, tr.micro * seq)
+    matched = shape_matched_peak(shapes, {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        compute], threads, tr.rt.device)["flops"] if shapes else None
     tr.model.train()
     t = time.perf_counter()
     for _ in range(warmup):
@@ -95,6 +106,7 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     total = time.perf_counter() - t
     tokens = tr.state.tokens - tokens0
     pieces.close()
+    ops = profile_step(tr.train_one_step)
     tok_s = tokens / total
     per_step = {"data": pieces.data / steps, "forward": pieces.forward / steps,
                 "backward+loss+clip": (total - pieces.data - pieces.forward - pieces.optim)
@@ -125,7 +137,10 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
         "tokens_per_step": tokens / steps, "step_s": total / steps, "tokens_per_s": tok_s,
         "flops_per_token": fpt,
         "mfu": tok_s * fpt / peaks[compute] if fpt else None,
+        "shape_matched_peak_flops": matched,
+        "mfu_vs_shape_matched": tok_s * fpt / matched if fpt and matched else None,
         "breakdown_s": per_step,
+        "ops_s": ops["ops_s"], "profiled_step_s": ops["wall_s"],
         "hand_loop": {"scaletrain_step_s": statistics.median(ta_all),
                       "hand_step_s": statistics.median(tb_all),
                       "ratio": statistics.median(ratios),
@@ -145,12 +160,20 @@ def format_table(r: dict) -> str:
                     f"{r['device']}"),
         ("peak GEMM fp32", f"{r['peak_flops']['fp32'] / 1e9:10.1f} GFLOP/s"),
         ("peak GEMM bf16", f"{r['peak_flops']['bf16'] / 1e9:10.1f} GFLOP/s"),
+        ("shape-matched GEMM", "n/a" if r["shape_matched_peak_flops"] is None else
+         f"{r['shape_matched_peak_flops'] / 1e9:10.1f} GFLOP/s  ({r['compute_dtype']}, "
+         f"the model's GEMM shapes)"),
         ("step", ms(r["step_s"])),
         ("tokens/s", f"{r['tokens_per_s']:10.1f}"),
         ("MFU", "n/a" if r["mfu"] is None else
          f"{r['mfu'] * 100:10.1f} % of {r['compute_dtype']} peak"),
+        ("MFU vs shape-matched", "n/a" if r["mfu_vs_shape_matched"] is None else
+         f"{r['mfu_vs_shape_matched'] * 100:10.1f} %"),
         *[(f"  {k}", f"{ms(v)}  {v / r['step_s'] * 100:5.1f} %")
           for k, v in r["breakdown_s"].items()],
+        ("profiled step by op", ms(r["profiled_step_s"])),
+        *[(f"  {k}", f"{ms(v)}  {v / r['profiled_step_s'] * 100:5.1f} %")
+          for k, v in r["ops_s"].items()],
         ("hand loop step", ms(h["hand_step_s"])),
         ("scaletrain / hand", f"{h['ratio']:10.4f}  (A/A control {h['aa_control']:.4f}, "
                               f"{h['pairs']} pairs)"),
@@ -166,9 +189,9 @@ def save(r: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(r, indent=1) + "\n")
-    fig = Figure(figsize=(9, 3.6))
+    fig = Figure(figsize=(13, 3.8))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    ax1, ax3, ax2 = fig.subplots(1, 3)
     names = list(r["breakdown_s"])
     ax1.barh(names, [r["breakdown_s"][k] * 1e3 for k in names], color="tab:blue")
     ax1.invert_yaxis()
@@ -176,6 +199,13 @@ def save(r: dict, out: Path) -> list[Path]:
     mfu = "" if r["mfu"] is None else f", MFU {r['mfu'] * 100:.1f}%"
     ax1.set_title(f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:.0f} tok/s{mfu}",
                   fontsize=9)
+    ops = [k for k, v in r["ops_s"].items() if v > 0]
+    ax3.barh(ops, [r["ops_s"][k] * 1e3 for k in ops], color="tab:orange")
+    ax3.invert_yaxis()
+    ax3.set_xlabel("ms per step (torch.profiler, self time)")
+    sm = r.get("shape_matched_peak_flops")
+    ax3.set_title("by operator" + ("" if not sm else f"; shape-matched GEMM peak "
+                                   f"{sm / 1e9:.0f} GFLOP/s"), fontsize=9)
     h = r["hand_loop"]
     ax2.bar(["scaletrain", "hand loop"], [h["scaletrain_step_s"] * 1e3, h["hand_step_s"] * 1e3],
             color=["tab:blue", "tab:gray"])

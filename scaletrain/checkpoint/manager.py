@@ -47,7 +47,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaletrain.parallel.checkpoint_layout import restore_layout, savable
+from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_aliases,
+                                                    tied_load_names, tied_own_names)
 
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
@@ -380,6 +381,9 @@ class CheckpointManager:
         except (pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be loaded safely ({e})") from None
         state = self._app_state()  # fqn-keyed, in this process's layout (DCP reshards)
+        # A pipeline's tied head copy reads the embedding's optimizer entries (any layout).
+        aliases = tied_aliases(self.model)
+        state = tied_load_names(state, aliases)
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         except (CheckpointException, pickle.UnpicklingError, OSError) as e:
@@ -387,6 +391,7 @@ class CheckpointManager:
             if isinstance(cause, (pickle.UnpicklingError, OSError, EOFError)):
                 raise CheckpointError(f"{path}: cannot be loaded safely ({cause})") from None
             raise cause if isinstance(cause, Exception) else RuntimeError(str(e)) from None
+        state = tied_own_names(state, aliases)
         set_state_dict(self.model, self.optimizer,
                        model_state_dict=state["app"]["model"],
                        optim_state_dict=state["app"]["optim"],

@@ -75,7 +75,8 @@ def attach(trainer) -> CheckpointSession:
     from scaletrain.train.faults import FaultMonitor
 
     cfg = trainer.cfg
-    monitor = FaultMonitor(cfg.faults, has_scaler=trainer.scaler is not None)
+    monitor = FaultMonitor(cfg.faults, has_scaler=trainer.scaler is not None,
+                           loss_reducer=trainer.dist.sum_reducer)  # data-parallel sum
     trainer.step_opts.guard = monitor.guard
     manager = CheckpointManager(
         trainer.run_dir, cfg, model=trainer.model, optimizer=trainer.optimizer,

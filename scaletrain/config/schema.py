@@ -103,8 +103,10 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = F("adamw", "Optimizer from torch.optim.",
-                  choices=("sgd", "adam", "adamw", "adagrad", "rmsprop"))
+    name: str = F("adamw", "Optimizer from torch.optim, or 'adamw8bit' (AdamW with 8-bit "
+                  "block-wise quantised moments, ~2 bytes/param of state: "
+                  "scaletrain/optim/adamw8bit.py).",
+                  choices=("sgd", "adam", "adamw", "adagrad", "rmsprop", "adamw8bit"))
     lr: float = F(1e-3, "Peak learning rate (at optim.base_batch_size when scaled).", gt=0.0)
     weight_decay: float = F(0.1, "Decoupled (AdamW) or L2 (others) weight decay on >=2-D "
                             "weights only.", ge=0.0)
@@ -115,7 +117,8 @@ class OptimConfig:
     nesterov: bool = F(False, "SGD: Nesterov momentum.")
     decay_embeddings: bool = F(False, "Apply weight decay to embedding tables too.")
     implementation: str = F("foreach", "torch.optim kernel: 'foreach' (batched), 'fused' "
-                            "(one kernel; sgd/adam/adamw/adagrad) or 'for-loop'.",
+                            "(one kernel; sgd/adam/adamw/adagrad) or 'for-loop'; for "
+                            "adamw8bit 'fused' compiles its update.",
                             choices=("foreach", "fused", "for-loop"))
     lr_scaling: str = F("none", "Scale optim.lr with the global batch B: 'linear' "
                         "(lr*B/base, Goyal et al. 2017) or 'sqrt' (lr*sqrt(B/base)).",
@@ -272,6 +275,18 @@ class ParallelConfig:
 
 
 @dataclass
+class PlanConfig:
+    # Memory planning (issue #8; scaletrain/plan/): `scaletrain plan --fit` and this.
+    auto: bool = F(False, "At start-up, choose the cheapest micro-batch, activation "
+                   "checkpointing, CPU offload, precision and optimizer that fit the "
+                   "memory (scaletrain plan --fit) and apply them; logged in plan.json "
+                   "and summary.json.")
+    memory_gib: float = F(0.0, "Memory per rank the plan may use, GiB; 0 = detect (90% of "
+                          "MemAvailable / local ranks on CPU, of the GPU's free memory).",
+                          ge=0.0)
+
+
+@dataclass
 class GenerateConfig:
     prompt: str = F("def ", "Text the samples continue.")
     num_samples: int = F(3, "How many samples to draw.", ge=1)
@@ -371,6 +386,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     init: InitConfig = field(default_factory=InitConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

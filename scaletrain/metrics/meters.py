@@ -116,7 +116,8 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
         cache_path: JSON cache file (default :func:`default_cache_path`). Entries are
             keyed by device / CPU model, dtype, threads, torch version and n, so a
             new torch or machine re-measures.
-        use_cache: False always measures (and refreshes the entry).
+        use_cache: False always measures; the entry keeps the larger of the old and
+            new figures.
 
     Measure before training starts, and on one process per machine: ranks timing
     matmuls at once on shared cores would each see a fraction of the peak.
@@ -150,6 +151,11 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
         torch.set_num_threads(old_threads)
 
     flops = 2.0 * n ** 3 / seconds
+    # A peak is a maximum: other work on shared cores can only slow the matmul, so a
+    # re-measurement never lowers the cached figure (MFU errs low, never high).
+    old = cache.get(key)
+    if isinstance(old, dict) and isinstance(old.get("flops"), (int, float)):
+        flops = max(flops, float(old["flops"]))
     cache[key] = {"flops": flops, "gflops": round(flops / 1e9, 1),
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:

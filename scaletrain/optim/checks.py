@@ -32,6 +32,10 @@ def check_training_strategy(cfg: Config) -> None:
     if o.implementation == "fused" and o.name == "rmsprop":
         raise ConfigError("optim.implementation='fused': torch has no fused rmsprop; use "
                           "'foreach'")
+    if o.name == "adamw8bit" and cfg.parallel.tp > 1:
+        # Its quantisation blocks run along rows, which tensor parallelism splits.
+        raise ConfigError("optim.name='adamw8bit' does not support parallel.tp > 1 yet "
+                          "(use data parallelism / FSDP, or optim.name='adamw')")
     if s.min_lr > o.lr and s.name != "constant":
         raise ConfigError(f"schedule.min_lr={s.min_lr} exceeds optim.lr={o.lr}")
     if o.lr_scaling != "none" and t.descent == "full-batch" and not o.base_batch_size:

@@ -93,7 +93,10 @@ def add_master_weights(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     # Optimizers that create their state at construction (Adagrad's sums) made it in the
     # parameters' low precision: promote it.
     for p in _params(opt):
-        for k, v in opt.state[p].items():
+        # .get: indexing the state defaultdict would add an empty entry per parameter,
+        # and torch.distributed.checkpoint takes a non-empty `state` as initialised —
+        # it then loads no optimizer state at all on resume.
+        for k, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32:
                 opt.state[p][k] = v.to(torch.float32)
     return opt

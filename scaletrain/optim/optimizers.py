@@ -63,6 +63,10 @@ def _kernel_kwargs(o: OptimConfig) -> dict:
 
 def make_optimizer(groups: list[dict], o: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The `o.name` optimizer over `groups` at peak learning rate `lr`."""
+    if o.name == "adamw8bit":  # ours, not torch.optim's (optim/adamw8bit.py)
+        from scaletrain.optim.adamw8bit import build_adamw8bit
+
+        return build_adamw8bit(groups, o, lr)
     kw = _kernel_kwargs(o)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum,

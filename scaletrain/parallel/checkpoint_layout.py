@@ -8,6 +8,13 @@ state) are redistributed to the plain `Shard` of the same dimension (one all-to-
 checkpoint time, done by DTensor); the files then hold the ordinary global (3D, D) matrix
 that any other layout, a single process included, reads. After loading, the optimizer's
 state is brought back to its parameters' placements. Both are no-ops for other models.
+
+Tied embeddings under pipeline parallelism: one process has a single tensor for
+`wte.weight` and `lm_head.weight`, so its flattened optimizer state names only
+`state.wte.weight.*`; a pipeline's last stage holds its own copy as `lm_head.weight`
+(parallel/pipeline_step.py) whose optimizer entries exist in no other layout's files.
+The copy is kept identical to the embedding, so on load it reads the embedding's entries
+(`tied_load_names`), which every layout writes; its own are still saved (unused extras).
 """
 
 from __future__ import annotations
@@ -54,3 +61,45 @@ def restore_layout(optimizer: torch.optim.Optimizer) -> None:
             if isinstance(v, DTensor) and v.shape == p.shape and \
                     tuple(v.placements) != tuple(p.placements):
                 st[k] = v.redistribute(p.device_mesh, p.placements)
+
+
+def tied_aliases(model) -> dict[str, str]:
+    """{name of a tied copy: name of the weight it copies} (model_parallel.mark_tied_copy;
+    empty unless this rank holds a pipeline's last stage of a tied model)."""
+    return {n: p._tied_embedding for n, p in model.named_parameters()
+            if isinstance(getattr(p, "_tied_embedding", None), str)}
+
+
+def _rename(state, prefixes: dict[str, str]):
+    """Copy of nested dicts with keys starting with a `prefixes` key renamed (values are
+    the same objects, so DCP still loads tensors in place)."""
+    if not isinstance(state, dict):
+        return state
+    out = {}
+    for k, v in state.items():
+        for a, b in prefixes.items():
+            if isinstance(k, str) and k.startswith(a):
+                k = b + k[len(a):]
+                break
+        if k in out:
+            raise RuntimeError(f"checkpoint key {k!r} is both a tied copy and its source")
+        out[k] = _rename(v, prefixes)
+    return out
+
+
+def tied_load_names(state, aliases: dict[str, str]):
+    """`state` (flattened optimizer keys, at any depth) with the tied copies' optimizer
+    entries ("state.lm_head.weight.exp_avg", "param_groups.lm_head.weight.lr") renamed to
+    their source's; `tied_own_names` undoes it after `dcp.load` (which replaces
+    non-tensor values such as the learning rate in the dict it was given)."""
+    return _rename(state, _prefixes(aliases))
+
+
+def tied_own_names(state, aliases: dict[str, str]):
+    """The inverse of `tied_load_names`."""
+    return _rename(state, {b: a for a, b in _prefixes(aliases).items()})
+
+
+def _prefixes(aliases: dict[str, str]) -> dict[str, str]:
+    return {f"{kind}.{a}.": f"{kind}.{b}." for a, b in aliases.items()
+            for kind in ("state", "param_groups")}

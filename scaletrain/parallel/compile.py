@@ -12,6 +12,12 @@ and before FSDP/DDP, which must wrap the compiled module.
 `nn.Module.compile()` compiles the module's call in place: no `_orig_mod.` wrapper, so
 parameter names (seeded init, checkpoints, TP plans) do not change.
 
+The loss is compiled too (`compile_cross_entropy`): the model's (bf16) logits go in as
+they are, and inductor fuses the fp32 upcast, log-softmax and NLL into one pass over the
+(tokens × vocabulary) logits, forward and backward; eager materialises an fp32 copy and
+an fp32 log-softmax of them (2048 × 8192 logits: 0.21 s eager vs 0.07 s compiled
+per micro-batch forward+backward, 1 thread, this machine).
+
 Compilation is lazy: it happens in the first training step. `StepClock` times that step
 apart from the others; `compile_s` = first step - mean of the later steps.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import statistics
 
+import torch
 import torch.nn as nn
 
 
@@ -33,6 +40,15 @@ def apply_compile(model: nn.Module) -> nn.Module:
         if block is not None:  # a pipeline stage deletes the blocks of other stages
             block.compile()
     return model
+
+
+def compile_cross_entropy(enabled: bool):
+    """The step's default loss (train/losses.py `sum_cross_entropy`), compiled if
+    `enabled`. Tensor parallel's vocabulary-sharded (DTensor) logits keep the eager one:
+    its `loss_parallel` context is not traced by dynamo."""
+    from scaletrain.train.losses import sum_cross_entropy
+
+    return torch.compile(sum_cross_entropy) if enabled else sum_cross_entropy
 
 
 class StepClock:

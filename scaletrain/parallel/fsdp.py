@@ -22,13 +22,15 @@ import torch.nn as nn
 def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
                cpu_offload: bool = False, device: torch.device | None = None,
-               shard_placement_fn=None) -> nn.Module:
+               shard_placement_fn=None, roots: list[nn.Module] | None = None) -> nn.Module:
     """Shard `model` over `mesh` in place (1-D: FSDP; 2-D (replicate, shard): HSDP).
 
     `param_dtype`: the dtype parameters are all-gathered and computed in (bf16 for mixed
     precision); `reduce_dtype`: the dtype gradients are reduce-scattered in (fp32, so
     sums over ranks do not lose bits). `reshard_after_forward=False` keeps each block's
     gathered parameters until its backward (ZeRO-2-like memory, one all-gather less).
+    `roots`: modules sharing `model`'s blocks that are each sharded as a root in place of
+    `model` (a pipeline rank's stages under the interleaved schedule; model_parallel.py).
     """
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,
                                         OffloadPolicy, fully_shard)
@@ -41,17 +43,18 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     if shard_placement_fn is not None:  # TP's fused QKV: parallel/tensor.py
         kw["shard_placement_fn"] = shard_placement_fn
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None:
-        units = list(blocks.values())
-        for i, block in enumerate(units):
-            # The last block's parameters are needed again right at the start of the
-            # backward, so resharding them after forward only adds an all-gather.
-            fully_shard(block, reshard_after_forward=reshard_after_forward
-                        and i < len(units) - 1, **kw)
-    # FSDP2 never reshards the root after forward (its parameters are used first in
-    # the backward), whatever is passed here.
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    for root in roots or [model]:
+        blocks = getattr(root, "blocks", None)
+        if blocks is not None:
+            units = list(blocks.values())
+            for i, block in enumerate(units):
+                # The last block's parameters are needed again right at the start of the
+                # backward, so resharding them after forward only adds an all-gather.
+                fully_shard(block, reshard_after_forward=reshard_after_forward
+                            and i < len(units) - 1, **kw)
+        # FSDP2 never reshards the root after forward (its parameters are used first in
+        # the backward), whatever is passed here.
+        fully_shard(root, reshard_after_forward=reshard_after_forward, **kw)
     return model
 
 

@@ -1,8 +1,10 @@
 """Hooks that plug tensor and pipeline parallelism (issue #6) into the composition of
 parallel/parallelize.py, the step (train/step.py) and the trainer.
 
-    build on meta -> prune to this rank's pipeline stage(s) -> TP -> AC -> FSDP|DDP
-                  -> materialise + seeded init -> Pipeline (schedule) when pp > 1
+    build on meta -> prune to this rank's pipeline stage(s) [-> one view per stage]
+                  -> TP -> AC -> FSDP (a root per stage view) | DDP (not under PP: the
+                  pipeline all-reduces) -> materialise + seeded init
+                  -> Pipeline (schedule) when pp > 1
 """
 
 from __future__ import annotations
@@ -33,13 +35,33 @@ def prune_for_rank(model: nn.Module, pcfg, mesh) -> nn.Module:
     return prune_to_stage(model, (0, bounds[-1][1]), 0 in ids, n - 1 in ids)
 
 
+def make_stage_views(model: nn.Module, pcfg, mesh) -> list[nn.Module] | None:
+    """With several stages on this rank (interleaved schedule): one module per stage
+    sharing the pruned model's blocks (pipeline_step.stage_view), kept on the model as
+    `_pp_stage_views` for the Pipeline; made before FSDP, which shards each as its own
+    root — torch pipelining reduces a stage's gradients through the FSDP state of the
+    stage's module (stage.py `perform_reduce_grad`), as torchtitan's model parts do.
+    None with one stage per rank (the model is the stage)."""
+    from scaletrain.parallel.pipeline_step import stage_view
+
+    bounds, ids, n = pipeline_layout(model.config.n_layer, pcfg,
+                                     meshes.coordinate(mesh, "pp"))
+    if len(ids) == 1:
+        return None
+    views = [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids]
+    model._pp_stage_views = views
+    return views
+
+
 def mark_tied_copy(model: nn.Module) -> None:
     """Flag a last stage's `lm_head.weight` (its tied `wte` lives on the first stage) as
     an embedding, so the optimizer's groups (no weight decay on embeddings) treat both
-    copies alike and they stay identical (parallel/pipeline_step.py)."""
+    copies alike and they stay identical (parallel/pipeline_step.py). The flag's value is
+    the name of the weight it copies: a checkpoint load reads the copy's optimizer state
+    from that name's entries, which every layout saves (parallel/checkpoint_layout.py)."""
     if getattr(model, "wte", 1) is None and getattr(model, "lm_head", None) is not None \
             and hasattr(model, "tie_weights"):
-        model.lm_head.weight._tied_embedding = True
+        model.lm_head.weight._tied_embedding = "wte.weight"
 
 
 def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan) -> nn.Module:
@@ -105,16 +127,40 @@ def build_pipeline(model: nn.Module, ctx, pcfg, per_rank_batch: int, micro: int,
     n_layer = mcfg.n_layer
     m = pipeline_microbatches(pcfg, per_rank_batch, micro)
     check_pp(pcfg, n_layer, m)
-    if stages_per_rank(pcfg) > 1 and ctx.dims.dp > 1:
-        raise ConfigError("parallel.pp_schedule='interleaved-1f1b' with data parallel "
-                          "(dp_replicate or dp_shard > 1) is not supported yet; use "
-                          "'1f1b' or 'gpipe'")
     bounds, ids, _ = pipeline_layout(n_layer, pcfg, meshes.coordinate(ctx.mesh, "pp"))
     return Pipeline(model, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
                     pp_group=meshes.group(meshes.sub(ctx.mesh, "pp")), device=ctx.device,
                     loss_parallel=ctx.dims.tp > 1 and pcfg.loss_parallel,
                     io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype),
-                    loss_multiplier=float(ctx.dims.dp))
+                    loss_multiplier=float(ctx.dims.dp),
+                    ddp_group=ctx.dp_group if ctx.dims.ddp else None)
+
+
+def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | None]:
+    """(parameters, training FLOPs per token) of the whole model for a pipeline rank,
+    whose module holds only its stages (summary.json's `params`, the MFU's numerator).
+
+    Parameters: the sum over the pipeline ranks of each one's stages, less the last
+    stage's tied head copy (one process has one tensor for both); DTensor shards (TP,
+    FSDP) already count their global size. FLOPs per token describe the architecture:
+    the family's formula on the whole model built on meta (no memory), as one process
+    computes it (it counts the tied head once)."""
+    import torch
+    import torch.distributed as dist
+
+    from scaletrain.models.registry import count_params
+
+    model = pipeline.model
+    tied = sum(p.numel() for p in model.parameters()
+               if isinstance(getattr(p, "_tied_embedding", None), str))
+    n = torch.tensor([count_params(model) - tied], dtype=torch.int64, device=pipeline.device)
+    dist.all_reduce(n, group=pipeline.pp_group)
+    fpt = None
+    if spec.flops_per_token is not None:
+        with torch.device("meta"):
+            whole = spec.build(mcfg, facts)
+        fpt = spec.flops_per_token(whole, mcfg.seq_len)
+    return int(n.item()), fpt
 
 
 def check_model_parallel(cfg, vocab_size: int, world: int) -> None:

@@ -23,7 +23,8 @@ from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
-from scaletrain.parallel.model_parallel import mark_tied_copy, maybe_apply_tp, prune_for_rank
+from scaletrain.parallel.model_parallel import (make_stage_views, mark_tied_copy, maybe_apply_tp,
+                                                prune_for_rank)
 from scaletrain.parallel.tensor import fsdp_shard_placement
 from scaletrain.precision import PrecisionPolicy
 
@@ -35,10 +36,11 @@ def fsdp_mesh(mesh, dims: ParallelDims):
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                 policy: PrecisionPolicy, device: torch.device, tp_plan=None,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, stage_views=None) -> nn.Module:
     """Apply TP, AC, compile and FSDP/HSDP or DDP to `model` in place, per `pcfg`.
 
-    With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py).
+    With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py);
+    `stage_views`: its per-stage modules (interleaved schedule), FSDP's roots.
     """
     maybe_apply_tp(model, dims, mesh, pcfg, tp_plan)  # TP first: FSDP shards its DTensors
     apply_ac(model, pcfg.activation_checkpoint)
@@ -54,8 +56,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                    reduce_dtype=reduce_dtype, device=device,
                    reshard_after_forward=pcfg.reshard_after_forward,
                    cpu_offload=pcfg.cpu_offload,
-                   shard_placement_fn=fsdp_shard_placement if dims.tp > 1 else None)
-    elif dims.ddp:
+                   shard_placement_fn=fsdp_shard_placement if dims.tp > 1 else None,
+                   roots=stage_views)
+    elif dims.ddp and dims.pp == 1:
+        # Under a pipeline the schedule runs each micro-batch's backward itself (with DDP
+        # hooks only for the `DistributedDataParallel` class, torch pipelining stage.py),
+        # so the stages stay plain and the pipeline all-reduces their gradients once per
+        # step (parallel/pipeline_step.py `Pipeline.step`).
         apply_ddp(model, mesh["dp_replicate"], bucket_cap_mb=pcfg.ddp_bucket_mb)
     return model
 
@@ -70,10 +77,13 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
     spec = REGISTRY[mcfg.name]
     with torch.device("meta"):
         model = spec.build(mcfg, facts)
+    views = None
     if dims.pp > 1:  # keep only this rank's pipeline stage(s)
         prune_for_rank(model, pcfg, mesh)
+        views = make_stage_views(model, pcfg, mesh)  # several stages: one module each
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
-    parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile)
+    parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile,
+                stage_views=views)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
     materialize(model, init_device, seed)

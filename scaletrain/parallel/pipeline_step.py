@@ -10,6 +10,12 @@ uses (embedding lookup + output head), so after the backward the two copies' gra
 are all-reduced between the first and last stage (Megatron-LM's "embedding group",
 Narayanan et al. 2021 §4) and both copies take identical optimizer steps. The copy is
 left out of the gradient norm so that it is counted once, as in one process.
+
+Plain data parallelism (dp_replicate > 1, dp_shard = 1) around a pipeline: the stages
+are not DDP modules (parallel/parallelize.py), so after the schedule the gradients are
+all-reduced over the data-parallel group here — one flat buffer per dtype, once per step
+(no overlap with the backward, which the schedule runs micro-batch by micro-batch), and
+averaged as DDP does (the loss carries the factor dp: `loss_multiplier`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ def stage_view(model: nn.Module, bounds: tuple[int, int], first: bool,
     schedule) then live in one module whose names are the whole model's."""
     view = copy.copy(model)
     view._modules = dict(model._modules)
+    # Hooks of its own: FSDP makes each view a root (parallel/fsdp.py `roots`), and its
+    # hooks must not fire for the model or the other stages' views.
+    for name, value in vars(model).items():
+        if name.endswith("_hooks") or name.endswith("_hooks_with_kwargs") or \
+                name.endswith("_hooks_always_called"):
+            setattr(view, name, type(value)())
     view.blocks = nn.ModuleDict({k: b for k, b in model.blocks.items()
                                  if bounds[0] <= int(k) < bounds[1]})
     if not first:
@@ -71,7 +83,7 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, bounds: list[tuple[int, int]], ids: list[int],
                  *, pcfg, microbatches: int, mesh, pp_group, device, loss_parallel: bool,
-                 io: dict, loss_multiplier: float = 1.0):
+                 io: dict, loss_multiplier: float = 1.0, ddp_group=None):
         n = len(bounds)
         self.model = model
         self.ids = ids
@@ -83,10 +95,12 @@ class Pipeline:
         self.pp_group = pp_group
         self.device = torch.device(device)  # collectives' tensors live here (NCCL: GPU)
         self.loss_multiplier = loss_multiplier
+        self.ddp_group = ddp_group  # gradients all-reduced here (plain DP), else None
         self.loss_ctx = tp_loss_context(loss_parallel)
         self.denom = torch.ones(())
-        views = [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids] \
-            if len(ids) > 1 else [model]
+        views = getattr(model, "_pp_stage_views", None) or (
+            [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids]
+            if len(ids) > 1 else [model])
         self.views = views
         self.schedule = build_schedule(views, ids, n, microbatches, pcfg.pp_schedule,
                                        self._loss, device, pp_group, io)
@@ -130,6 +144,7 @@ class Pipeline:
         with policy.autocast():
             self._run(self.schedule.step, x, y, losses)
         loss = self._stage_loss(losses) / self.loss_multiplier
+        self._all_reduce_dp_grads()
         self._sync_tied_grad()
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm_params = [p for p in params if p is not self._tied_param]
@@ -181,6 +196,24 @@ class Pipeline:
         finally:
             self.loss_multiplier = saved
         return self._stage_loss(losses)
+
+    @torch.no_grad()
+    def _all_reduce_dp_grads(self) -> None:
+        """Average the gradients over the data-parallel replicas (plain DP only)."""
+        if self.ddp_group is None:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        n = dist.get_world_size(self.ddp_group)
+        for dtype in sorted({g.dtype for g in grads}, key=str):
+            same = [g for g in grads if g.dtype == dtype]
+            flat = _flatten_dense_tensors(same)
+            dist.all_reduce(flat, group=self.ddp_group)
+            flat.div_(n)
+            for g, r in zip(same, _unflatten_dense_tensors(flat, same)):
+                g.copy_(r)
 
     def _sync_tied_grad(self) -> None:
         """All-reduce the tied embedding/head gradient between first and last stage."""

@@ -1,48 +1,42 @@
 """`scaletrain plan`: the layout of a config on N ranks and its memory per rank, computed
 on the meta device (nothing is allocated, no process group is needed).
 
-Per pipeline rank (the stages it holds), in bytes:
-- parameters: each tensor's elements / tp if the TP plan shards it / dp_shard under
-  FSDP2, times the parameter dtype's size (fp32 masters under bf16 autocast);
-- gradients: the same count in the parameter dtype (FSDP2 keeps sharded gradients);
-- optimizer state: Adam/AdamW 2 fp32 moments, SGD with momentum 1, Adagrad/RMSprop 1,
-  plus fp32 master weights under bf16-pure;
-- activations kept for the backward, per transformer layer and micro-batch, after
-  Korthikanti et al. 2022 §4 (their Eq. 2 with SDPA, which keeps no T×T attention
-  matrix): s·b·h·(10 + 24/t) 2-byte units with TP (t ways), s·b·h·34/t with sequence
-  parallel, 2·s·b·h with full activation checkpointing (block inputs only) — doubled for
-  fp32 activations; times the micro-batches a stage holds at once (1 without PP; m for
-  GPipe; p − stage for 1F1B, Narayanan et al. 2021 §2.2); plus the logits and their
-  fp32 cross-entropy gradient, b·s·V/t·(dtype + 4 + 4) bytes on the last stage.
-- transient workspace at the optimizer step: the foreach Adam/AdamW kernels build one
-  parameter-sized temporary (`_foreach_sqrt(exp_avg_sq)`, torch/optim/adam.py
-  `_multi_tensor_adam`), and DDP keeps its gradient buckets as a second copy of the
-  gradients (`gradient_as_bucket_view=False`, the default);
+Per pipeline rank (the stages it holds), in bytes: parameters (each tensor's elements /
+tp if the TP plan shards it / dp_shard under FSDP2), gradients, optimizer state (+ fp32
+masters under bf16-pure), activations (+ logits and cross-entropy temporaries), the
+optimizer step's workspace, and the predicted PEAK per rank — the phase model of
+scaletrain/plan/memory.py (forward/backward with accumulation, optimizer step,
+evaluation, end of run; plus the process baseline on CPU). Activations per micro-batch
+are multiplied by the micro-batches a stage holds at once (1 without PP; m for GPipe;
+p − stage for 1F1B, Narayanan et al. 2021 §2.2).
 The pipeline bubble is (p−1)/(m+p−1) (GPipe, 1F1B) or (p−1)/(v·m+p−1) (interleaved).
-Not counted: the interpreter and libraries (measure a baseline), allocator caching and
-fragmentation, communication buffers.
 """
 
 from __future__ import annotations
 
 import torch
 
+from scaletrain.plan.memory import RankShape, rank_peak
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
 
 # Parameters the GPT TP plan (models/plans.py) shards over tp; all others are replicated.
 _TP_SHARDED = ("wte.weight", "lm_head.weight", "attn.c_attn.weight", "attn.c_proj.weight",
                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight")
-_OPT_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "adagrad": 1, "rmsprop": 1}
-
-
-def _dtype_bytes(name: str) -> tuple[int, int]:
-    """(parameter bytes, activation bytes) of a precision.dtype."""
-    return {"fp32": (4, 4), "fp64": (8, 8), "bf16": (4, 2), "fp16": (4, 2),
-            "bf16-pure": (2, 2)}[name]
 
 
 def _stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
-    """name -> shape of the parameters of the stages `ids` (meta model)."""
+    """name -> shape of the parameters of the stages `ids` (meta model); cached, since
+    `plan --fit` plans the same shape for every candidate."""
+    key = (repr(cfg.model), vocab, tuple(ids), repr(bounds))
+    if key not in _SHAPES:
+        _SHAPES[key] = _build_stage_params(cfg, vocab, ids, bounds)
+    return _SHAPES[key]
+
+
+_SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+
+
+def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
     from scaletrain.models.registry import REGISTRY
 
     with torch.device("meta"):
@@ -56,7 +50,15 @@ def _stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Si
     return {n: p.shape for n, p in model.named_parameters()}
 
 
-def plan(cfg, world: int, vocab: int) -> dict:
+def _gathered(cfg, m, layers: int, t: int) -> float:
+    """Parameters FSDP2 holds unsharded at once: two blocks (current + prefetched), or
+    all of them without reshard_after_forward (plan/memory.py)."""
+    d, ff = m.d_model, m.d_ff or 4 * m.d_model
+    block = (4 * d * d + 2 * d * ff) / t + 9 * d + ff
+    return block * (2 if cfg.parallel.reshard_after_forward else layers)
+
+
+def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     """The layout and per-rank memory of `cfg` on `world` ranks (see module doc)."""
     from scaletrain.parallel.dims import resolve_dims
     from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
@@ -66,32 +68,28 @@ def plan(cfg, world: int, vocab: int) -> dict:
     dims = resolve_dims(p, world)
     check_model_parallel(cfg, vocab, world)
     m, t = cfg.model, dims.tp
-    pbytes, abytes = _dtype_bytes(cfg.precision.dtype)
     per_rank = cfg.train.batch_size // dims.dp
     micro = cfg.train.micro_batch_size or per_rank
     v = stages_per_rank(p) if dims.pp > 1 else 1
     mb_count = pipeline_microbatches(p, per_rank, micro) if dims.pp > 1 else per_rank // micro
     mb = per_rank // mb_count if dims.pp > 1 else micro
-    s, h = m.seq_len, m.d_model
-    if p.activation_checkpoint == "full":
-        per_layer = 2 * s * mb * h
-    elif p.sequence_parallel and t > 1:
-        per_layer = s * mb * h * 34 / t
-    else:
-        per_layer = s * mb * h * (10 + 24 / t)
-    per_layer *= abytes / 2  # the formula counts 2-byte units
+    s = m.seq_len
+    full_numels = tuple(torch.Size(sh).numel()
+                        for sh in _stage_params(cfg, vocab, [0], None).values())
+    full_n = sum(full_numels)
     ranks = []
     for pp_rank in range(dims.pp):
         bounds, ids = None, [0]
         if dims.pp > 1:
             bounds, ids, _ = pipeline_layout(m.n_layer, p, pp_rank)
         shapes = _stage_params(cfg, vocab, ids, bounds)
-        n = 0.0
+        numels = []
         for name, shape in shapes.items():
             numel = torch.Size(shape).numel()
             if t > 1 and name.endswith(_TP_SHARDED):
                 numel /= t
-            n += numel / dims.dp_shard
+            numels.append(numel / dims.dp_shard)
+        n = float(sum(numels))
         layers = sum(1 for k in shapes if k.endswith("ln_1.weight"))
         if dims.pp <= 1:
             in_flight = 1
@@ -99,19 +97,36 @@ def plan(cfg, world: int, vocab: int) -> dict:
             in_flight = mb_count
         else:  # 1F1B: the first stage holds p micro-batches, the last one
             in_flight = min(mb_count, dims.pp - pp_rank) * v
-        act = per_layer * layers * in_flight
-        if "lm_head.weight" in shapes and (dims.pp == 1 or len(bounds) - 1 in ids):
-            act += mb * s * vocab / (t if p.loss_parallel else 1) * (abytes + 8)
-        opt_n = _OPT_STATES.get(cfg.optim.name, 2) + (1 if cfg.precision.dtype == "bf16-pure"
-                                                       else 0)
-        workspace = n * pbytes * ((1 if cfg.optim.name in ("adam", "adamw") else 0)
-                                  + (1 if dims.dp_replicate > 1 and dims.dp_shard == 1
-                                     else 0))
+        # (a tied lm_head.weight is listed once, as wte.weight: test the stage, not names)
+        has_head = m.name == "gpt" and (dims.pp == 1 or len(bounds) - 1 in ids)
+        shape = RankShape(
+            params=n, largest_param=max((torch.Size(sh).numel() for sh in shapes.values()),
+                                        default=0),
+            layers=layers, tokens=mb * s, in_flight=in_flight, has_head=has_head,
+            vocab_local=vocab / (t if p.loss_parallel and t > 1 else 1), tp=t,
+            accum=1 if dims.pp > 1 else mb_count,
+            ddp=dims.dp_replicate > 1 and dims.dp_shard == 1,
+            # PP evaluates through the schedule in its micro-batches (pipeline_step.py)
+            eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp)) * s,
+            full_params=full_n, sharded=t > 1 or dims.dp_shard > 1 or dims.pp > 1,
+            fsdp_gathered=_gathered(cfg, m, layers, t) if dims.dp_shard > 1 else 0.0,
+            numels=tuple(numels), full_numels=full_numels, pp=dims.pp)
+        peak = rank_peak(cfg, shape, device_type)
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
-                      "params": int(n), "param_bytes": int(n * pbytes),
-                      "grad_bytes": int(n * pbytes), "optim_bytes": int(n * 4 * opt_n),
-                      "activation_bytes": int(act), "workspace_bytes": int(workspace),
-                      "total_bytes": int(n * pbytes * 2 + n * 4 * opt_n + act + workspace)})
+                      "params": int(n), "param_bytes": int(peak["params_bytes"]),
+                      "grad_bytes": int(peak["grad_bytes"]),
+                      "optim_bytes": int(peak["optim_state_bytes"] + peak["master_bytes"]),
+                      "activation_bytes": int(peak["activation_bytes"] + peak["head_bytes"]),
+                      "workspace_bytes": int(peak["step_transient_bytes"]
+                                             + peak["ddp_bucket_bytes"]),
+                      "peak_phase": peak["peak_phase"],
+                      "peak_tensor_bytes": int(peak["peak_tensor_bytes"]),
+                      "baseline_bytes": int(peak["baseline_bytes"]),
+                      "peak_bytes": int(peak["peak_bytes"]),
+                      "peak_bytes_other_ranks": int(peak["peak_bytes_other"]),
+                      # the tensors' part of the peak (bench/model_parallel.py compares it
+                      # with the peak RSS above the process's baseline)
+                      "total_bytes": int(peak["peak_tensor_bytes"])})
     return {"world": world, "layout": {"dp_replicate": dims.dp_replicate,
                                        "dp_shard": dims.dp_shard, "tp": t, "pp": dims.pp,
                                        "strategy": dims.strategy,
@@ -137,4 +152,7 @@ def format_plan(r: dict) -> str:
                    f"{k['optim_bytes']:,} B, activations {k['activation_bytes']:,} B, step "
                    f"workspace {k['workspace_bytes']:,} B, "
                    f"total {k['total_bytes']:,} B per rank")
+        out.append(f"    predicted peak {k['peak_bytes'] / 2**20:,.0f} MiB per rank "
+                   f"(phase {k['peak_phase']}; baseline {k['baseline_bytes'] / 2**20:,.0f} "
+                   f"MiB + tensors {k['total_bytes'] / 2**20:,.0f} MiB)")
     return "\n".join(out)

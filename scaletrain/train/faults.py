@@ -14,7 +14,10 @@ Cost: the check reads the loss and gradient norm on the host, one sync per step;
 that is free, on a GPU it removes the step's launch-ahead slack (the logger reads them
 at log steps anyway). With several data-parallel ranks the loss is summed over ranks
 first (each rank holds its share of the global mean), so every rank takes the same
-decision.
+decision. Only over the data-parallel ranks (`loss_reducer`, the trainer's
+`DistContext.sum_reducer`): tensor-parallel ranks hold the same share, and a pipeline's
+step already shares the last stage's loss with every stage (parallel/pipeline_step.py),
+so a sum over the whole world would count it tp x pp times.
 
 With fp16 loss scaling a non-finite gradient is an overflow the GradScaler handles by
 itself (it skips the step and lowers the scale); it is not counted as a fault here.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,9 +38,12 @@ from scaletrain.config.schema import FaultsConfig
 class FaultMonitor:
     """Decides, per step, whether the update may be applied; holds the spike history."""
 
-    def __init__(self, cfg: FaultsConfig, *, has_scaler: bool = False):
+    def __init__(self, cfg: FaultsConfig, *, has_scaler: bool = False,
+                 loss_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.cfg = cfg
         self.has_scaler = has_scaler
+        # Sums the loss shares over the data-parallel ranks; None: over the whole world.
+        self.loss_reducer = loss_reducer
         self.history: deque[float] = deque(maxlen=cfg.spike_window)
         self.consecutive = 0  # bad steps in a row
         self.last_event: dict | None = None
@@ -45,7 +52,9 @@ class FaultMonitor:
     def guard(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """True to apply the update; False to skip it (the event is kept for the log)."""
         loss = loss.detach().float()
-        if dist.is_available() and dist.is_initialized():
+        if self.loss_reducer is not None:
+            loss = self.loss_reducer(loss.clone())
+        elif dist.is_available() and dist.is_initialized():
             loss = loss.clone()
             dist.all_reduce(loss)  # shares of the global mean -> the global mean
         loss_v, norm_v = float(loss), float(grad_norm)  # the host sync

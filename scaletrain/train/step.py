@@ -46,6 +46,10 @@ class StepOptions:
     # (logits, inputs, targets) -> summed loss; None = sum_cross_entropy. Distillation
     # (compress/distill.py) adds its KL term here, still summed over target positions.
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # The default loss, (logits, targets) -> summed CE; it receives the model's logits
+    # as they are (bf16 under autocast) and upcasts inside, so that with train.compile
+    # the cast, log-softmax and NLL fuse into one pass (parallel/compile.py).
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy
     # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
     # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
     # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
@@ -71,13 +75,14 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
     denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
-    loss_fn = opts.loss_fn or (lambda z, _x, t: sum_cross_entropy(z, t))
+    loss_fn = opts.loss_fn or (lambda z, _x, t: opts.cross_entropy(z, t))
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
             with policy.autocast():
                 logits = model(x)
-            loss = loss_fn(logits.to(denom.dtype), x, y)
+            # A custom loss gets logits in the loss dtype; the default one casts inside.
+            loss = loss_fn(logits if opts.loss_fn is None else logits.to(denom.dtype), x, y)
             if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
                 loss = loss.full_tensor()
             loss = loss / denom

@@ -28,9 +28,10 @@ from scaletrain.models import REGISTRY, count_params
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
-from scaletrain.parallel.compile import StepClock
+from scaletrain.parallel.compile import StepClock, compile_cross_entropy
 from scaletrain.parallel.context import DistContext
-from scaletrain.parallel.model_parallel import build_pipeline, check_model_parallel
+from scaletrain.parallel.model_parallel import (build_pipeline, check_model_parallel,
+                                                whole_model_stats)
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
@@ -96,6 +97,8 @@ class Trainer:
                                      grad_clip_value=cfg.train.grad_clip_value,
                                      add_penalty_grads=self.strategy.penalty,
                                      loss_fn=build_distill_loss(cfg, self.rt.device),
+                                     cross_entropy=compile_cross_entropy(
+                                         cfg.train.compile and cfg.parallel.tp == 1),
                                      **self.dist.step_options(self.model))
         # Fault guard + checkpoint manager; resumes here, before metrics.jsonl is opened.
         self.ckpt = attach_checkpointing(self)
@@ -103,6 +106,9 @@ class Trainer:
             if self.rt.is_main else None
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
                                 if self.spec.flops_per_token else None)
+        if self.pipeline is not None:  # the whole model's, not this rank's stage(s)
+            self.n_params, self.flops_per_token = whole_model_stats(
+                self.pipeline, self.spec, cfg.model, facts)
         self._peak_flops: float | None = None
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
 
@@ -114,6 +120,12 @@ class Trainer:
             self._peak_flops = measure_peak_flops(dt if dt != torch.float64 else torch.float32,
                                                   self.rt.threads, self.rt.device)
         return self._peak_flops
+
+    def world_peak_flops(self) -> float:
+        """The peak of every rank together: tokens/s are global (all data-parallel ranks)
+        and FLOPs/token the whole model's (all TP/PP ranks), so MFU divides by world ×
+        one device's peak."""
+        return self.peak_flops() * self.rt.world
 
     def log(self, record: dict) -> None:
         if self.sinks is not None:
@@ -227,7 +239,7 @@ class Trainer:
         record = {"kind": "train", "step": self.state.step, "loss": loss,
                   "lr": lr, "grad_norm": result.grad_norm.item(), "tokens": self.state.tokens,
                   "tokens_per_s": tok_s,
-                  "mfu": (meter.mfu(self.flops_per_token, self.peak_flops(), tok_s)
+                  "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
                           if self.flops_per_token else None),
                   "mem_mb": peak_memory_mb(self.rt.device)}
         if self.scaler is not None:
@@ -254,16 +266,19 @@ class Trainer:
             "train_loss": last_train.get("loss"), "val": val, "test": test,
             "best_val_loss": st.best_val, "best_step": st.best_step,
             "tokens_per_s": tok_s,
-            "mfu": (meter.mfu(self.flops_per_token, self.peak_flops(), tok_s)
+            "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
                     if self.flops_per_token else None),
             "peak_flops": self._peak_flops, "peak_mem_mb": peak_memory_mb(self.rt.device),
             "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
             **self.step_clock.report(compiled=cfg.train.compile),
-            "threads": self.rt.threads, "device": str(self.rt.device),
+            "threads": self.rt.threads, "interop_threads": torch.get_num_interop_threads(),
+            "device": str(self.rt.device),
             "world_size": self.rt.world, "precision": cfg.precision.dtype,
+            "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
             "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
                          "dp_replicate": self.dist.dims.dp_replicate,
                          "dp_shard": self.dist.dims.dp_shard,
+                         "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
                          "accumulation_steps": self.accum},
             # What differs between ranks (memory, speed); a collective, all ranks call.
             "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
@@ -283,7 +298,12 @@ def train(cfg: Config) -> dict:
         from scaletrain.paramserver import train_ps
 
         return train_ps(cfg)
+    from scaletrain.plan.auto import auto_plan, write_record
+
+    cfg, plan_record = auto_plan(cfg)  # plan.auto: memory techniques that fit (plan/)
     trainer = Trainer(cfg)
+    trainer.plan_record = plan_record  # -> summary.json "plan"
+    write_record(cfg.run.dir, plan_record)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()
     # Only after success: tearing the group down while a failed rank's peers are still

@@ -52,7 +52,7 @@ def default_spec(**kw) -> dict:
     spec = dict(dtype="fp32", steps=20, batch=8, micro=2, dp_replicate=1, dp_shard=-1,
                 masked=False, ac="none", reshard=True, cpu_offload=False, optim="adamw",
                 grad_clip=0.05, n_layer=2, d_model=32, assignment="block",
-                local_count=False, fault=None, timeout_s=60)
+                local_count=False, fault=None, timeout_s=60, compile=False)
     spec.update(kw)
     return spec
 
@@ -69,7 +69,8 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=2, d_model=spec["d_model"], seq_len=T)
     model = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
-                                 mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+                                 mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
+                                 compile=spec["compile"])
     opt = build_optimizer(model, OptimConfig(name=spec["optim"], lr=1e-2))
     loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=rank,
                             world=ctx.dims.dp, seed=5, assignment=spec["assignment"])

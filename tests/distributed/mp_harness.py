@@ -36,7 +36,8 @@ from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
                 schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
-                grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False)
+                grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
+                faults=False, nan_step=0)
     spec.update(kw)
     return spec
 
@@ -62,21 +63,43 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
                             world=dp, seed=5)
     opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(model))
+    monitor = _fault_guard(model, ctx, spec, opts) if spec["faults"] else None
     if spec["load"]:
         _checkpoint(model, opt, spec["load"], save=False)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
-    losses, norms = [], []
-    for _ in range(spec["steps"]):
+    losses, norms, skipped = [], [], []
+    for step in range(1, spec["steps"] + 1):
+        model._harness_step = step  # read by the NaN-injecting hook
         micro = split_micro_batches(loader.next(), spec["micro"])
         r = (pipe.step(micro, opt, policy, opts) if pipe is not None
              else train_step(model, micro, opt, policy, None, opts))
         losses.append(ctx.sum_reducer(r.loss.clone()).item())
         norms.append(float(r.grad_norm))
+        skipped.append(bool(r.skipped))
     if spec["save"]:
         _checkpoint(model, opt, spec["save"], save=True)
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
-    return {"losses": losses, "norms": norms}
+    out = {"losses": losses, "norms": norms, "skipped": skipped}
+    if monitor is not None:  # the losses the fault guard saw and accepted
+        out["guard_history"] = list(monitor.history)
+    return out
+
+
+def _fault_guard(model, ctx, spec: dict, opts):
+    """The trainer's fault guard (checkpoint/session.py attach) on `opts`; with
+    spec["nan_step"], the final norm's output turns NaN at that step (on the last
+    pipeline stage, which alone has `ln_f`)."""
+    from scaletrain.config.schema import FaultsConfig
+    from scaletrain.train.faults import FaultMonitor
+
+    monitor = FaultMonitor(FaultsConfig(), loss_reducer=ctx.sum_reducer)
+    opts.guard = monitor.guard
+    if spec["nan_step"] and model.ln_f is not None:
+        model.ln_f.register_forward_hook(
+            lambda m, a, out: out * float("nan")
+            if model._harness_step == spec["nan_step"] else out)
+    return monitor
 
 
 def _checkpoint(model, opt, path: str, save: bool) -> None:
@@ -84,7 +107,8 @@ def _checkpoint(model, opt, path: str, save: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from scaletrain.parallel.checkpoint_layout import restore_layout, savable
+    from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_aliases,
+                                                        tied_load_names, tied_own_names)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -96,7 +120,10 @@ def _checkpoint(model, opt, path: str, save: bool) -> None:
     if save:
         dcp.save(state, checkpoint_id=path)
         return
+    aliases = tied_aliases(model)  # the pipeline's tied head copy, as the manager does
+    state = tied_load_names(state, aliases)
     dcp.load(state, checkpoint_id=path)
+    state = tied_own_names(state, aliases)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=o)
     restore_layout(opt)

@@ -72,7 +72,8 @@ def test_plan_reports_bytes_and_bubble(capsys):
 def test_cli_pp2_and_tp2_train_like_one_process(tmp_path):
     """Through the real CLI (trainer: schedule-driven step, pipeline eval, weights
     gathered from the stages, checkpoints): `--nproc 2` with pp=2 and with tp=2 log the
-    one-process losses."""
+    one-process losses, and their summary.json counts the whole model's parameters and
+    FLOPs."""
     import json
     import os
     import subprocess
@@ -99,6 +100,8 @@ def test_cli_pp2_and_tp2_train_like_one_process(tmp_path):
         return [(r["kind"], r["loss"]) for r in map(json.loads, lines)]
 
     ref = losses(tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    one_fpt = one["mfu"] * one["peak_flops"] / one["tokens_per_s"]
     for name, extra in (("pp", "--parallel.pp=2"), ("tp", "--parallel.tp=2")):
         proc = subprocess.run([sys.executable, "-m", "scaletrain", "train", *common,
                                f"--run.dir={tmp_path / name}", "--nproc", "2", extra,
@@ -110,3 +113,11 @@ def test_cli_pp2_and_tp2_train_like_one_process(tmp_path):
         for (_, a), (_, b) in zip(ref, got):
             assert abs(a - b) / a <= 1e-6, (name, a, b)
         assert (tmp_path / name / "checkpoints" / "step-00000002").is_dir()
+        # summary.json describes the whole model, not rank 0's stage or shard: the same
+        # parameter count and FLOPs per token (= MFU x world peak / tokens per s) as one
+        # process
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s["params"] == one["params"], (name, s["params"], one["params"])
+        # MFU divides by the peak of all ranks together (world_size x one device's)
+        fpt = s["mfu"] * s["peak_flops"] * s["world_size"] / s["tokens_per_s"]
+        assert abs(fpt - one_fpt) / one_fpt <= 1e-6, (name, fpt, one_fpt)

@@ -58,3 +58,27 @@ def test_fewer_microbatches_than_stages_is_a_config_error():
     with pytest.raises(ConfigError, match="multiple of"):
         check_pp(ParallelConfig(pp=2, pp_schedule="interleaved-1f1b"), 4, 3)
     check_pp(ParallelConfig(pp=2), 4, 2)
+
+
+def test_pipeline_with_ddp_or_fsdp_matches_one_process_and_resumes(tmp_path):
+    """On 4 processes: plain DP (dp_replicate=2; the pipeline all-reduces the gradients
+    itself) x PP=2 with 1f1b and with interleaved-1f1b, and FSDP (dp_shard=2; each stage
+    of a rank its own FSDP root) x interleaved PP=2 — 10 steps each against one process;
+    then an FSDP x interleaved checkpoint (step 3) resumes in one process."""
+    from mp_harness import mp_run
+
+    il = dict(pp=2, n_layer=4, micro=1, schedule="interleaved-1f1b")
+    layouts = {"ddp2 x 1f1b": dict(dp_replicate=2, pp=2), "ddp2 x interleaved":
+               dict(dp_replicate=2, **il), "fsdp2 x interleaved": dict(dp_shard=2, **il)}
+    specs = [mp_spec(steps=10, **kw) for kw in layouts.values()]
+    specs.append(mp_spec(steps=3, dp_shard=2, save=str(tmp_path), **il))
+    outs = run_distributed(mp_runs, 4, specs, timeout=170)
+    for name, spec, r0, r3 in zip(layouts, specs, outs[0], outs[3]):
+        try:
+            assert_parity(reference(spec), r0)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+        assert r0["losses"] == r3["losses"], name
+    full = reference(mp_spec(steps=4, n_layer=4, micro=1))["losses"][3]
+    got = mp_run(0, 1, mp_spec(steps=1, n_layer=4, micro=1, load=str(tmp_path)))["losses"][0]
+    assert abs(got - full) / full <= 1e-6, (got, full)

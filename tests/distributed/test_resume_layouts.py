@@ -1,7 +1,7 @@
 """Checkpoints across layouts (issue #5, item 6): DCP reshards on load, so a run saved
 with dp_shard=2 resumes on 1 process or on DDP 2 — and a 1-process checkpoint resumes
-with dp_shard=2 — and the resumed steps' losses match the uninterrupted 2-process run
-to 1e-6 relative. Runs the real CLI (torchrun for 2 processes)."""
+with dp_shard=2 or pp=2 — and the resumed steps' losses match the uninterrupted
+2-process run to 1e-6 relative. Runs the real CLI (torchrun for 2 processes)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,12 @@ def test_resume_across_layouts(prepared, tmp_path):  # noqa: F811
     assert sorted(got) == list(range(16, 21))
     for s in got:
         assert got[s] == pytest.approx(ref[s], rel=1e-6), f"vice versa, step {s}"
+    # ... and into a pipeline (issue #6): its last stage's tied head copy has no optimizer
+    # entries in a 1-process checkpoint and reads the embedding's.
+    run = tmp_path / "resume_pp"
+    train([data, "--parallel.pp=2", "--parallel.dp_shard=1",
+           f"--checkpoint.resume={ckpt15}"], run, nproc=2)
+    got = losses(run)
+    assert sorted(got) == list(range(16, 21))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6), f"1-proc -> pp=2, step {s}"

@@ -32,6 +32,11 @@ def test_bench_breakdown_adds_up_and_writes_json_and_png(tiny_args, tmp_path):
     assert parts["forward"] > 0 and parts["optimizer"] > 0
     assert r["tokens_per_step"] == 8 * 32  # batch 8 x seq 32 targets
     assert 0 < r["mfu"] < 1 and r["hand_loop"]["hand_step_s"] > 0
+    # The profiled step's operator categories cover its wall time (self times + gaps),
+    # and a GPT's GEMMs are found; the shape-matched peak is measured, not assumed.
+    assert sum(r["ops_s"].values()) == pytest.approx(r["profiled_step_s"], rel=0.05)
+    assert r["ops_s"]["gemm"] > 0 and r["ops_s"]["optimizer"] > 0
+    assert r["shape_matched_peak_flops"] > 0 and r["mfu_vs_shape_matched"] > 0
     assert "scaletrain / hand" in format_table(r)
     paths = save(r, tmp_path / "out")
     assert json.loads(paths[0].read_text())["tokens_per_s"] == pytest.approx(r["tokens_per_s"])

@@ -32,10 +32,12 @@ def losses(tiny_args, tmp_path, name: str, extra: list[str]) -> tuple[list[float
     return [r["loss"] for r in recs], summary
 
 
-# fp32 with full activation checkpointing (compile traces the checkpointed block), bf16
-# without: the backward graph with recomputation doubles the compile time, and AC's
+# fp32 with full and with selective activation checkpointing (compile traces the
+# checkpointed block; selective AC's save-list policy runs inside the compiled graph),
+# bf16 without: the backward graph with recomputation doubles the compile time, and AC's
 # order is already covered in fp32.
-@pytest.mark.parametrize("dtype,rtol,ac", [("fp32", 1e-4, "full"), ("bf16", 2e-2, "none")])
+@pytest.mark.parametrize("dtype,rtol,ac", [("fp32", 1e-4, "full"), ("fp32", 1e-4, "selective"),
+                                          ("bf16", 2e-2, "none")])
 def test_compile_matches_eager_losses(tiny_args, tmp_path, dtype, rtol, ac):
     extra = [f"--precision.dtype={dtype}", f"--parallel.activation_checkpoint={ac}"]
     eager, s_eager = losses(tiny_args, tmp_path, "eager", extra)

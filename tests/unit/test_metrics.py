@@ -315,3 +315,17 @@ def test_progress_on_and_auto_tty(monkeypatch):
         assert "tok/s=2,048" in text
     with pytest.raises(ValueError):
         Progress(10, enabled="yes")
+
+
+def test_peak_flops_remeasure_keeps_the_higher_figure(tmp_path, monkeypatch):
+    """A re-measurement on busy cores (slower) must not lower the cached peak; a
+    quieter one (faster) raises it."""
+    times = iter([0.001, 0.004, 0.0005])
+    monkeypatch.setattr(meters, "_time_matmul", lambda *a: next(times))
+    cache = tmp_path / "peak.json"
+    kw = dict(threads=1, n=32, cache_path=cache, use_cache=False)
+    quiet = measure_peak_flops(torch.float32, **kw)
+    assert measure_peak_flops(torch.float32, **kw) == quiet  # busy: 4x slower, ignored
+    assert measure_peak_flops(torch.float32, **kw) == pytest.approx(2 * quiet)
+    assert measure_peak_flops(torch.float32, threads=1, n=32, cache_path=cache) == \
+        pytest.approx(2 * quiet)

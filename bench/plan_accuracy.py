@@ -1,0 +1,144 @@
+"""`scaletrain plan`'s predicted peak memory per rank vs the peak a real run measures.
+
+Each case is a real `scaletrain train` run (a fresh process, since peak RSS cannot be
+reset), shortened to a few steps with a small seq/batch but the same code path: data
+loader, step with gradient accumulation, AC, precision policy, optimizer, evaluation,
+checkpoint and weight saving. The measured peak is summary.json's `peak_mem_mb` (peak
+RSS on CPU; per rank for the 2-process layouts of bench/model_parallel.py), the
+prediction `plan(cfg, world, vocab)["ranks"][..]["peak_bytes"]`
+(scaletrain/plan/memory.py). Prints one table row per case and rank:
+predicted MiB, measured MiB, error %.
+
+    .venv/bin/python bench/plan_accuracy.py [--only NAME,...] [--with-1b] [--json OUT]
+
+The 1B case (configs/gpt-1b.toml at seq 64, ~12 GB resident) runs only with --with-1b.
+"run s" is each run's wall time, for orientation only (not a timing: no bench lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHORT = ["--train.steps=3", "--schedule.warmup_steps=0", "--eval.interval=0",
+         "--eval.batches=1", "--eval.batch_size=2", "--eval.test=false",
+         "--train.progress=off", "--train.log_interval=1", "--data.vocab_size=4096"]
+G10 = ["--config", "configs/gpt-10m.toml", "--model.seq_len=128", "--train.batch_size=8"]
+G125 = ["--config", "configs/gpt2-small.toml", "--model.seq_len=128",
+        "--train.batch_size=4", "--train.micro_batch_size=2"]
+MP = ["--config", "configs/gpt2-small.toml", "--model.seq_len=64", "--train.batch_size=4",
+      "--train.micro_batch_size=1", "--precision.dtype=fp32",
+      "--parallel.pp_schedule=1f1b"]
+CASES = {  # name -> (world, overrides)
+    "baseline": (1, ["--config", "configs/tiny.toml", "--model.n_layer=1",
+                     "--model.d_model=16", "--model.n_head=1", "--model.seq_len=16",
+                     "--train.batch_size=2"]),
+    "10m-bf16": (1, G10 + ["--train.micro_batch_size=4"]),
+    "10m-fp32": (1, G10 + ["--train.micro_batch_size=8", "--precision.dtype=fp32"]),
+    "10m-pure": (1, G10 + ["--train.micro_batch_size=8", "--precision.dtype=bf16-pure"]),
+    "10m-full-ac": (1, G10 + ["--train.micro_batch_size=8",
+                              "--parallel.activation_checkpoint=full"]),
+    "10m-sel-ac": (1, G10 + ["--train.micro_batch_size=8",
+                             "--parallel.activation_checkpoint=selective"]),
+    "125m-bf16": (1, G125),
+    "125m-fp32-fused": (1, G125 + ["--precision.dtype=fp32", "--optim.implementation=fused"]),
+    "125m-pure-sgd": (1, G125 + ["--precision.dtype=bf16-pure", "--optim.name=sgd",
+                                 "--parallel.activation_checkpoint=full"]),
+    "mp-ddp": (2, MP + ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+    "mp-tp2": (2, MP + ["--parallel.dp_shard=1", "--parallel.tp=2"]),
+    "mp-pp2": (2, MP + ["--parallel.dp_shard=1", "--parallel.pp=2"]),
+    "10m-8bit": (1, G10 + ["--train.micro_batch_size=8", "--optim.name=adamw8bit"]),
+    "1b": (1, ["--config", "configs/gpt-1b.toml", "--model.seq_len=64",
+               "--train.batch_size=2", "--train.micro_batch_size=1",
+               "--train.steps=2"]),
+}
+
+
+def _overrides(argv: list[str]):
+    from scaletrain.config import parse_overrides
+
+    over, rest = parse_overrides(argv)
+    return rest[rest.index("--config") + 1], over
+
+
+def predict(world: int, argv: list[str]) -> list[float]:
+    """Predicted peak MiB per pipeline rank."""
+    from scaletrain.config import build_config
+    from scaletrain.parallel.plan_report import plan
+
+    path, over = _overrides(argv)
+    cfg = build_config(str(ROOT / path), over)
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size
+    ranks = plan(cfg, world, vocab)["ranks"]
+    if len(ranks) == world:  # one rank per pipeline stage: rank i is stage i
+        return [r["peak_bytes"] / 2 ** 20 if i == 0 else r["peak_bytes_other_ranks"] / 2 ** 20
+                for i, r in enumerate(ranks)]
+    # global rank 0 writes the weights, the others do not
+    return [ranks[0]["peak_bytes"] / 2 ** 20] + \
+        [ranks[0]["peak_bytes_other_ranks"] / 2 ** 20] * (world - 1)
+
+
+def measure(world: int, argv: list[str], run_dir: Path) -> tuple[list[float], float]:
+    """Measured peak MiB per rank (rank order) and the wall seconds of the run."""
+    cmd = [sys.executable, "-m", "scaletrain", "train", *argv, f"--run.dir={run_dir}"]
+    if world > 1:
+        cmd += ["--nproc", str(world)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    s = json.loads((run_dir / "summary.json").read_text())
+    ranks = sorted(s["ranks"], key=lambda r: r["rank"])
+    return [r["peak_mem_mb"] for r in ranks], time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--with-1b", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--predict-only", action="store_true",
+                    help="print the predictions without running (seconds)")
+    a = ap.parse_args()
+    names = [n for n in (a.only.split(",") if a.only else CASES)
+             if a.only or n != "1b" or a.with_1b]
+    rows = []
+    print(f"{'case':16s} {'rank':>4s} {'predicted MiB':>14s} {'measured MiB':>13s} "
+          f"{'error':>8s} {'run s':>6s}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            world, argv = CASES[name]
+            argv = argv + SHORT
+            pred = predict(world, argv)
+            if a.predict_only:
+                print(f"{name:16s} " + " ".join(f"{p:.0f}" for p in pred), flush=True)
+                continue
+            meas, wall = measure(world, argv, Path(tmp) / name)
+            for rank, m in enumerate(meas):
+                p = pred[rank]
+                err = 100 * (p - m) / m
+                rows.append({"case": name, "rank": rank, "predicted_mib": p,
+                             "measured_mib": m, "error_pct": err, "wall_s": wall})
+                print(f"{name:16s} {rank:4d} {p:14.0f} {m:13.0f} {err:+7.1f}% {wall:6.0f}",
+                      flush=True)
+    if not rows:
+        return
+    worst = max(abs(r["error_pct"]) for r in rows)
+    print(f"worst |error| {worst:.1f}% over {len(rows)} rows")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Predicted PEAK memory of one rank during a training run: what `summary.json`'s
+`peak_mem_mb` reports (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA).
+
+The run passes through phases; each holds a different set of tensors and the peak is the
+largest (all sizes per rank, bytes; n = this rank's parameter count, pb / ab = bytes of
+the parameter / compute dtype, r = pb the dtype of the residual stream):
+
+- static, from the first optimizer step on: parameters n·pb, optimizer state
+  (Adam/AdamW 2 moments, SGD 1 if momentum > 0 else 0, Adagrad/RMSprop 1; fp32, or the
+  8-bit AdamW's 2 bytes/param + block scales), fp32 master copies n·4 under bf16-pure
+  (optim/master_weights.py keeps them in the optimizer state), DDP's gradient buckets
+  n·pb (a second copy of the gradients, `gradient_as_bucket_view=False`);
+- forward/backward of a micro-batch: static + the gradients of the earlier micro-batches
+  (gradient accumulation: present from the 2nd micro-batch on) + the activations kept for
+  the backward + the head's peak. Per token and block, saved tensors (counted from
+  models/gpt.py's forward; SDPA keeps no T×T matrix): the block input and the mid-block
+  residual (2·r·D), the LayerNorm outputs cast for the matmuls (2·ab·D), q/k/v (3·ab·D),
+  the attention output (ab·D), the MLP's c_fc output and GELU output (8·ab·D):
+  D·(2r + 14ab) — 64 B/D in fp32, 36 under bf16 autocast, 32 in bf16-pure, as measured
+  with `torch.autograd.graph.saved_tensors_hooks` on models/gpt.py (Korthikanti et al.
+  2022 §4 count 34 in fp16 with dropout masks). Under autocast each matmul also saves the
+  bf16 cast of its weight (12·D²·ab per block, V·D·ab for the head), whatever the
+  batch: on a 10M model at 512 tokens that is a third of the activations; with AC as
+  well, since autocast caches the casts of leaf weights until its context exits at the
+  end of the forward (measured: +2.0 GiB on the 1.2B GPT with selective AC). Full AC
+  keeps only the block input (r·D) plus one block recomputed in the backward; selective AC
+  keeps the input and the matmul/attention outputs (r + 10·ab)·D (parallel/ac.py's save
+  list) plus one block's recompute. Head: the logits (ab·V) are held by the step while
+  cross-entropy runs in fp32 (train/losses.py): an fp32 copy and log_softmax's output in
+  the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
+  backward: V·(ab + 12) per token, the larger of the two.
+- optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's
+  transient: torch's foreach Adam/AdamW builds `_foreach_sqrt(exp_avg_sq)` (n·4,
+  torch/optim/adam.py `_multi_tensor_adam`), Adagrad/RMSprop likewise one state-sized
+  list, L2 weight decay in SGD/Adam/Adagrad/RMSprop (`_foreach_add(grads, params)`) one
+  gradient-sized list; fused kernels none; for-loop one tensor's worth; the 8-bit AdamW
+  (optim/adamw8bit.py) works in slices of at most CHUNK = 2^22 values, ~24 B each
+  (fp32 moments, denominator, quantiser temporaries): min(n, 2^22)·24, all in the heap
+  (each fp32 slice is 16 MiB, under glibc's mmap threshold).
+- FSDP2 (dp_shard > 1): the forward and backward hold the unsharded parameters of two
+  blocks (the current one and the prefetched next), of every block with
+  reshard_after_forward = false, in the compute dtype; with cpu_offload on a GPU the
+  shards, gradients, optimizer state and step stay in host memory (not counted).
+- evaluation (no grad; gradients already freed): static + the eval batch's logits and CE
+  temporaries V·(ab + 8) per token (or one block's no-grad working set if larger).
+- end of the run: static + one copy of the weights as bytes (safetensors' `save_file`
+  serialises every tensor to a `bytes` object before writing: `_flatten`/`_tobytes`);
+  on global rank 0 of a split model also the gathered full weights.
+
+CUDA (`max_memory_allocated` counts live tensors): the peak is the largest phase.
+
+CPU (peak RSS, plan/cpu_rss.py): glibc serves tensors of 32 MiB and more from mmap and
+returns them on free; smaller ones come from its heap, whose freed pages stay resident.
+So the peak RSS is baseline + static + the largest heap part of any phase + the largest
+mmapped part of any phase (they may come from different phases). Traced on the 10M and
+125M GPTs (RSS sampled every 0.5 ms per phase): after the first step the RSS never falls
+back to params + state (the gradients' heap pages stay). The process's own baseline
+(interpreter, torch, tokenizers, the TensorBoard writer, the data memmap's touched
+pages) is `CPU_BASELINE_MIB`, measured with a 70K-parameter model (bench/plan_accuracy.py
+"baseline"); CUDA's counter starts at zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 2 ** 20
+# Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
+# interpreter, torch, tokenizers, the TensorBoard writer and the data loader. Measured on
+# this machine (torch 2.13 CPU, Python 3.11): 337 MiB (bench/plan_accuracy.py "baseline").
+CPU_BASELINE_MIB = 337.0
+# CPU: with gradient accumulation the 2nd micro-batch's heap activations are allocated
+# while the gradients, made during the 1st one's backward in the holes its freed
+# activations left, split the heap: traced on the 125M GPT (fp32, micro 2 x 2), the
+# peak RSS sat 375 MiB (~1.05x the activations) above params + state + gradients +
+# activations; on the 10M 0.66x. 1.6x the heap activations is the fit over
+# bench/plan_accuracy.py's accumulation cases (an empirical constant, not derived).
+CPU_ACCUM_FACTOR = 1.6
+
+OPT_STATES = {"adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 1}  # fp32 tensors per param
+ADAM8BIT_BLOCK = 256  # elements sharing one fp32 scale per moment (blockwise 8-bit Adam)
+
+
+@dataclass
+class RankShape:
+    """What the memory model needs to know about one rank (from plan_report.plan)."""
+
+    params: float  # parameters held by this rank (after TP / FSDP sharding)
+    largest_param: float  # elements of the largest parameter tensor on this rank
+    layers: int  # transformer blocks on this rank
+    tokens: int  # tokens in one micro-batch (micro × seq_len)
+    in_flight: int  # micro-batches whose activations are alive at once (pipeline)
+    has_head: bool  # the output head and loss run on this rank
+    vocab_local: float  # logits columns on this rank (V, or V / tp with loss_parallel)
+    tp: int  # tensor-parallel degree (matmul activations split tp ways)
+    accum: int  # micro-batches per optimizer step on this rank
+    ddp: bool  # DDP gradient buckets (dp_replicate > 1, no sharding)
+    eval_tokens: int  # tokens of one evaluation batch (0: no evaluation)
+    full_params: float = 0.0  # parameters of the whole model (rank 0 saves them all)
+    sharded: bool = False  # parameters split over ranks (TP, FSDP, PP): gathered to save
+    fsdp_gathered: float = 0.0  # parameters FSDP2 holds unsharded at once in the forward
+    numels: tuple = ()  # elements of each parameter tensor on this rank (after sharding)
+    full_numels: tuple = ()  # elements of each parameter tensor of the whole model
+    pp: int = 1  # pipeline degree (the end gathers every stage's weights everywhere)
+
+
+def dtype_bytes(precision: str) -> tuple[int, int]:
+    """(parameter bytes, compute/activation bytes) of a precision.dtype."""
+    return {"fp32": (4, 4), "fp64": (8, 8), "bf16": (4, 2), "fp16": (4, 2),
+            "bf16-pure": (2, 2)}[precision]
+
+
+def optimizer_state_bytes(cfg, n: float) -> float:
+    """Bytes of optimizer state for n parameters (masters excluded)."""
+    o = cfg.optim
+    if o.name == "adamw8bit":  # two uint8 moments + one fp32 scale per block each
+        return n * 2 + 2 * 4 * n / ADAM8BIT_BLOCK
+    if o.name == "sgd":
+        return n * 4 if o.momentum > 0 else 0.0
+    return n * 4 * OPT_STATES.get(o.name, 2)
+
+
+def optimizer_transient_bytes(cfg, n: float, largest: float, gbytes: int) -> float:
+    """Temporaries of one optimizer step (see module doc); gbytes: gradient dtype size."""
+    o = cfg.optim
+    l2 = o.weight_decay > 0 and o.name in ("sgd", "adam", "adagrad", "rmsprop")
+    sqrt_list = o.name in ("adam", "adamw", "adagrad", "rmsprop")
+    if o.name == "adamw8bit":
+        # optim/adamw8bit.py `_step_group`: at most CHUNK values dequantised at a time.
+        from scaletrain.optim.adamw8bit import CHUNK
+        return min(n, CHUNK) * 24.0
+    if o.implementation == "fused":
+        return 0.0
+    per = (4 if sqrt_list else 0) + (gbytes if l2 else 0) + \
+        (gbytes if o.name == "sgd" and o.nesterov else 0)
+    if o.implementation == "for-loop":
+        return largest * per
+    return n * per
+
+
+def block_bytes_per_token(cfg, r: int, ab: int, tp: int) -> float:
+    """Bytes one block keeps for the backward per token, without AC (module doc)."""
+    m = cfg.model
+    D, H = m.d_model, m.n_head
+    ff = (m.d_ff or 4 * D) / (4 * D)  # the MLP's 8·ab·D scale with d_ff
+    # residual stream and LayerNorm outputs are replicated over TP ranks (no sequence
+    # parallel); q/k/v, attention and MLP activations are split (Korthikanti §4.1)
+    per = D * (2 * r + 2 * ab + (4 + 8 * ff) * ab / tp) + 4 * H / tp + 16
+    if m.dropout > 0:  # masks, and CPU SDPA's math path keeps (T, T) probabilities
+        per += 3 * D + H / tp * m.seq_len * (2 * ab + 1)
+    return per
+
+
+def activation_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
+    """Activations alive at the start of the backward on this rank (module doc)."""
+    if not s.layers:
+        return 0.0
+    D = cfg.model.d_model
+    full = block_bytes_per_token(cfg, r, ab, s.tp)
+    mode = cfg.parallel.activation_checkpoint
+    if mode == "full":
+        kept = r * D
+    elif mode == "selective":
+        kept = r * D + 10 * ab * D / s.tp
+    else:
+        kept = full
+    per_token = kept * s.layers + (full if mode != "none" else 0)  # + one recompute
+    per_token += (r + ab) * D  # final block output (ln_f input) and ln_f output cast
+    total = per_token * s.tokens * s.in_flight
+    if r != ab:  # autocast: each matmul saves its weight's bf16 cast for the backward
+        m = cfg.model
+        block_w = (4 * D * D + 2 * D * (m.d_ff or 4 * D)) / s.tp
+        # Under AC too: autocast caches the casts of leaf weights until the autocast
+        # context exits (the end of the forward), so all of them are alive there.
+        total += ab * (block_w * s.layers + (D * s.vocab_local if s.has_head else 0))
+    return total
+
+
+def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
+    """The logits and the fp32 cross-entropy temporaries (module doc)."""
+    if not s.has_head:
+        return 0.0
+    return tokens * s.vocab_local * (ab + (12 if grad else 8))
+
+
+def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
+                  accumulating: bool, rank0: bool = True) -> tuple[float, str]:
+    """Peak RSS above baseline + static on a CPU (plan/cpu_rss.py): (bytes, phases)."""
+    from scaletrain.plan import cpu_rss as c
+
+    numels = s.numels or (s.params,)
+    full = s.full_numels or numels
+    grads = c.per_param(numels, pb)
+    act = c.add(c.activations(cfg, s, pb, ab),
+                c.head(s, ab, s.tokens * s.in_flight, 3),
+                c.hm(s.fsdp_gathered * ab))
+    if accumulating:
+        act = (act[0] * CPU_ACCUM_FACTOR, act[1])
+        if s.tp > 1:
+            # DTensor gradients are accumulated out of place (a new tensor per
+            # micro-batch): a second gradient-sized set of heap pages (bench/
+            # plan_accuracy.py mp-tp2: the non-saving rank sat ~270 MiB above the
+            # model without it, ~ this rank's 250 MiB of fp32 gradients).
+            act = c.add(act, grads)
+    o = cfg.optim
+    per = optimizer_transient_bytes(cfg, 1.0, 1.0, 4 if masters else pb)
+    if o.name == "adamw8bit":
+        transient = (optimizer_transient_bytes(cfg, float(sum(numels)), 0.0, 4), 0.0)
+    elif o.implementation == "foreach":
+        transient = c.per_param(numels, per)
+    else:  # fused: 0; for-loop: one tensor's temporaries at a time
+        transient = c.hm(s.largest_param * per)
+    evaluation = c.head(s, ab, s.eval_tokens, 2) if s.eval_tokens else (0.0, 0.0)
+    # Rank 0 writes the weights: safetensors' bytes of every tensor, + the gathered full
+    # tensors when split; under PP every rank pickles its stage, receives all stages
+    # (all_gather_object) and unpickles them (parallel/context.py gather).
+    # (measured on PP=2: both ranks peak alike at the end, within 1.3%)
+    save = c.per_param(full, pb) if rank0 or s.pp > 1 else (0.0, 0.0)
+    if s.sharded and (rank0 or s.pp > 1):
+        save = c.add(save, c.per_param(full, pb))
+    if s.pp > 1:
+        stage = s.params * pb
+        save = c.add(save, c.hm(stage, 2), c.hm(stage * s.pp))
+    # The forward's end holds the activations (+ the gradients of earlier micro-batches),
+    # the backward's end the gradients: mmapped tensors follow that exactly, the heap
+    # keeps the gradients' pages beside the activations' (measured, module doc).
+    phases = {"forward_backward": (grads[0] + act[0],
+                                   act[1] + (grads[1] if accumulating else 0.0)),
+              "backward_end": grads,
+              "optimizer_step": c.add(c.per_param(numels, 4) if masters else grads,
+                                      transient),
+              "eval": evaluation, "end": save}
+    total, heap_phase, mmap_phase = c.peak_above_static(phases)
+    return total, f"resident (heap {heap_phase}, mmap {mmap_phase})"
+
+
+def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
+    """Per-phase bytes and the predicted peak of one rank (module doc)."""
+    pb, ab = dtype_bytes(cfg.precision.dtype)
+    r = pb
+    n = s.params
+    masters = n * 4 if cfg.precision.dtype == "bf16-pure" else 0.0
+    opt_state = optimizer_state_bytes(cfg, n)
+    weights = n * pb
+    buckets = n * pb if s.ddp else 0.0
+    static = weights + masters + opt_state + buckets
+    grads = n * pb
+    if cfg.parallel.cpu_offload and s.fsdp_gathered and device_type == "cuda":
+        # FSDP2 CPUOffloadPolicy: shards, gradients, state and the optimizer step live
+        # in host memory; the device holds the gathered blocks and the activations.
+        masters = opt_state = weights = buckets = static = grads = 0.0
+    act = activation_bytes(cfg, s, r, ab) + s.fsdp_gathered * ab
+    head = head_bytes(s, ab, s.tokens * s.in_flight if s.in_flight > 1 else s.tokens)
+    fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
+    fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
+    step_grads = n * 4 if masters else grads  # cast to fp32 for the masters
+    transient = optimizer_transient_bytes(cfg, n, s.largest_param, 4 if masters else pb)
+    if not static and s.fsdp_gathered:  # offloaded: the step runs on the host
+        transient = 0.0
+    step = static + step_grads + transient
+    evaluation = 0.0
+    if s.eval_tokens:
+        blk = block_bytes_per_token(cfg, r, ab, s.tp) * 0.5  # no-grad: one block's set
+        evaluation = static + s.eval_tokens * max(
+            s.vocab_local * (ab + 8) if s.has_head else 0.0, blk)
+    # Saving the weights (train/run_dir.py): rank 0 gathers the full tensors when they
+    # are split (parallel/weights.py, pipeline stages via a pickled gather), then
+    # safetensors serialises them to bytes; a pipeline rank pickles its stage to send.
+    full = (s.full_params or n) * pb
+    end = static + full + (full if s.sharded else 0.0)
+    end_other = static + (2 * weights if s.sharded else 0.0)
+    phases = {"forward_backward": fwd_bwd, "optimizer_step": step, "eval": evaluation,
+              "end": end}
+    baseline = CPU_BASELINE_MIB * MiB if device_type == "cpu" else 0.0
+    phase = max(phases, key=phases.get)
+    if device_type == "cpu":
+        acc = s.accum > 1 and act > 0
+        tensors, phase = _cpu_resident(cfg, s, pb, ab, masters > 0, acc)
+        phases["resident"] = tensors = static + tensors
+        other = static + _cpu_resident(cfg, s, pb, ab, masters > 0, acc, rank0=False)[0]
+    else:
+        tensors = phases[phase]
+        other = max(v for k, v in phases.items() if k != "end") if end == tensors else tensors
+        other = max(other, end_other)
+    return {"params_bytes": weights, "grad_bytes": grads, "optim_state_bytes": opt_state,
+            "master_bytes": masters, "ddp_bucket_bytes": buckets, "activation_bytes": act,
+            "head_bytes": head, "step_transient_bytes": transient,
+            "baseline_bytes": baseline, "phases": phases, "peak_phase": phase,
+            "peak_tensor_bytes": tensors, "peak_bytes": baseline + tensors,
+            # ranks other than global rank 0 do not write the weights (module doc)
+            "peak_bytes_other": baseline + other}

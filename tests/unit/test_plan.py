@@ -1,0 +1,142 @@
+"""`scaletrain plan`'s memory arithmetic on known shapes (bytes computed by hand here,
+not by the code under test) and the --fit search."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletrain.config import build_config
+from scaletrain.parallel.plan_report import plan
+from scaletrain.plan import memory
+from scaletrain.plan.fit import NothingFits, fit
+
+# GPT: 2 layers, d 16, 2 heads, seq 8, vocab 32, biases, tied head. Parameters:
+#   wte 32*16 = 512, wpe 8*16 = 128, ln_f 2*16 = 32, per block:
+#   ln_1 32 + c_attn 16*48+48 = 816 + c_proj 16*16+16 = 272 + ln_2 32
+#   + c_fc 16*64+64 = 1088 + c_proj 64*16+16 = 1040  = 3280
+#   total 512 + 128 + 32 + 2 * 3280 = 7232
+N = 7232
+TOKENS = 2 * 8  # micro-batch 2 x seq 8
+SHAPE = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.seq_len=8",
+         "model.vocab_size=32", "train.batch_size=2", "train.micro_batch_size=2",
+         "eval.batch_size=2", "train.device=cpu"]
+
+
+def cfg_of(*extra: str):
+    return build_config(None, [tuple(a.split("=", 1)) for a in (*SHAPE, *extra)])
+
+
+def rank0(cfg, device_type="cpu"):
+    return plan(cfg, 1, cfg.model.vocab_size, device_type)["ranks"][0]
+
+
+def test_fp32_adamw_bytes_and_peak():
+    r = rank0(cfg_of("precision.dtype=fp32", "optim.name=adamw"))
+    assert r["params"] == N
+    assert r["param_bytes"] == N * 4 == 28928
+    assert r["grad_bytes"] == 28928
+    assert r["optim_bytes"] == N * 8 == 57856  # two fp32 moments
+    # activations per token: each block D*(2*4 + 14*4) + 4*H + 16 = 1024 + 8 + 16 = 1048,
+    # two blocks 2096, + ln_f input and output (4 + 4) * 16 = 128 -> 2224; x 16 tokens
+    # = 35584; head: 16 tokens * V 32 * (4 + 12) = 8192
+    assert r["activation_bytes"] == 35584 + 8192
+    assert r["workspace_bytes"] == N * 4  # foreach AdamW's sqrt(exp_avg_sq) list
+    # CPU, every tensor below glibc's 32 MiB mmap threshold (heap): params + moments +
+    # the largest phase: gradients + activations + head 28928 + 43776 (the step's is
+    # gradients + sqrt list 57856, the end's the weights as bytes 28928)
+    tensors = 28928 + 57856 + 28928 + 43776
+    assert r["peak_tensor_bytes"] == tensors
+    assert r["peak_bytes"] == int(memory.CPU_BASELINE_MIB * 2**20 + tensors)
+
+
+def test_fp32_adamw_peak_on_cuda_is_the_optimizer_step():
+    r = rank0(cfg_of("precision.dtype=fp32"), "cuda")
+    # phases: fwd/bwd 86784 + 43776 = 130560; step 86784 + grads 28928 + sqrt 28928
+    # = 144640; no baseline on CUDA (max_memory_allocated counts tensors only)
+    assert r["peak_phase"] == "optimizer_step"
+    assert r["peak_bytes"] == 144640 and r["baseline_bytes"] == 0
+
+
+def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
+    r = rank0(cfg_of("precision.dtype=bf16-pure", "optim.name=sgd", "optim.momentum=0.9",
+                     "optim.implementation=fused"), "cuda")
+    assert r["param_bytes"] == N * 2 == 14464
+    assert r["optim_bytes"] == N * 4 + N * 4  # momentum + fp32 master
+    assert r["workspace_bytes"] == 0  # fused kernel
+    # per token: block D*(2*2 + 14*2) + 24 = 536, x2 = 1072, + (2 + 2)*16 = 64 -> 1136,
+    # x16 = 18176; head 16 * 32 * (2 + 12) = 7168
+    assert r["activation_bytes"] == 18176 + 7168
+    # step: bf16 params 14464 + master 28928 + momentum 28928 + fp32 grads 28928
+    assert r["peak_phase"] == "optimizer_step" and r["peak_bytes"] == 101248
+
+
+def test_full_activation_checkpointing_keeps_block_inputs_plus_one_block():
+    r = rank0(cfg_of("precision.dtype=fp32", "parallel.activation_checkpoint=full"))
+    # per token: 2 block inputs 4*16 = 128 + one block recomputed 1048 + ln_f 128 = 1304
+    assert r["activation_bytes"] == 1304 * TOKENS + 8192
+
+
+def test_bf16_autocast_counts_the_saved_weight_casts():
+    r = rank0(cfg_of("precision.dtype=bf16", "optim.name=sgd", "optim.momentum=0"))
+    # per token: block D*(2*4 + 14*2) + 24 = 600, x2 = 1200, + (4 + 2)*16 = 96 -> 1296
+    # x16 = 20736; weight casts 2 * (4*16*16 + 2*16*64) * 2 B = 12288 + head 32*16*2 =
+    # 1024; head logits 16 * 32 * (2 + 12) = 7168
+    assert r["activation_bytes"] == 20736 + 12288 + 1024 + 7168
+    assert r["optim_bytes"] == 0  # SGD without momentum keeps no state
+
+
+def test_gradient_accumulation_divides_activations():
+    big = rank0(cfg_of("train.batch_size=4", "train.micro_batch_size=4"), "cuda")
+    small = rank0(cfg_of("train.batch_size=4", "train.micro_batch_size=1"), "cuda")
+    assert small["activation_bytes"] * 4 == big["activation_bytes"]
+
+
+def _peak(cfg):
+    return rank0(cfg)["peak_bytes"]
+
+
+def test_fit_keeps_a_config_that_fits():
+    cfg = cfg_of("train.batch_size=4", "train.micro_batch_size=4")
+    choice = fit(cfg, 1, 32, _peak(cfg) + 1, "cpu")
+    assert choice.overrides == {} and choice.lines() == []
+
+
+def test_fit_forces_activation_checkpointing_when_micro_batch_one_does_not_fit():
+    # per-rank batch 1: the micro-batch cannot shrink; activations dominate (seq 256)
+    extra = ("model.seq_len=256", "model.d_model=64", "model.n_head=2", "model.vocab_size=64",
+             "train.batch_size=1", "train.micro_batch_size=1", "optim.name=sgd",
+             "optim.momentum=0", "precision.dtype=bf16-pure")
+    cfg = cfg_of(*extra)
+    full = cfg_of(*extra, "parallel.activation_checkpoint=full")
+    assert _peak(full) < _peak(cfg)
+    choice = fit(cfg, 1, 64, _peak(full), "cpu")
+    assert choice.overrides.get("parallel.activation_checkpoint") in ("selective", "full")
+    assert choice.peak_bytes <= _peak(full)
+    ac = choice.overrides["parallel.activation_checkpoint"]
+    assert f"--parallel.activation_checkpoint={ac}" in choice.lines()
+
+
+def test_fit_prefers_a_smaller_micro_batch_to_recomputation():
+    cfg = cfg_of("model.seq_len=256", "model.vocab_size=64", "train.batch_size=8",
+                 "train.micro_batch_size=8")
+    half = cfg_of("model.seq_len=256", "model.vocab_size=64", "train.batch_size=8",
+                  "train.micro_batch_size=4")
+    choice = fit(cfg, 1, 64, _peak(half), "cpu")
+    assert choice.overrides == {"train.micro_batch_size": 4}
+
+
+def test_fit_raises_when_nothing_fits():
+    with pytest.raises(NothingFits, match="nothing fits 0.01 GiB"):
+        fit(cfg_of(), 1, 32, 0.01 * 2**30, "cpu")
+
+
+def test_cpu_rss_adds_the_heap_and_mmap_high_water_marks_of_different_phases():
+    from scaletrain.plan import cpu_rss
+
+    MiB = 2**20
+    assert cpu_rss.hm(31 * MiB) == (31 * MiB, 0.0)  # heap: below glibc's 32 MiB threshold
+    assert cpu_rss.hm(32 * MiB, 2) == (0.0, 64 * MiB)  # mmapped, returned on free
+    # the heap peaks in the backward, the mmapped tensors at the end: both stay counted
+    total, heap, mmap = cpu_rss.peak_above_static({"forward_backward": (50.0, 5.0),
+                                                   "end": (10.0, 100.0)})
+    assert (total, heap, mmap) == (150.0, "forward_backward", "end")
