@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint.session import attach as attach_checkpointing
-from scaletrain.config import Config, accumulation_steps
+from scaletrain.config import Config
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
 from scaletrain.evaluate import evaluate
@@ -82,8 +82,10 @@ class Trainer:
         self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
         self.dp = self.dist.dims.dp
-        self.accum = accumulation_steps(cfg, self.rt.world)
         self.micro = self.strategy.batch_plan.micro
+        # Micro-batches per rank in a full step of the resolved batch (full-batch descent:
+        # the whole train split; after any ramp), the last one possibly smaller.
+        self.accum = -(-self.strategy.batch_plan.full // self.dp // self.micro)
         self.loader = StatefulLoader(
             self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,

@@ -99,6 +99,9 @@ def test_full_batch_descent(digits_args, tmp_path):
     assert tokens == [n, 2 * n]
     assert tr.loader.state_dict()["epoch"] == 2 and tr.loader.state_dict()["pos"] == 0
     assert tr.micro == 500 and n % 500  # accumulated, with a smaller last micro-batch
+    # summary.json's accumulation: micro-batches of the whole split, not train.batch_size's
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["parallel"]["accumulation_steps"] == -(-n // 500) == 4  # 1617 samples
 
 
 def test_full_batch_is_the_exact_full_gradient(digits_args, tmp_path):
