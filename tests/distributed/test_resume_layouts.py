@@ -45,28 +45,22 @@ def test_resume_across_layouts(prepared, tmp_path):  # noqa: F811
         (["--parallel.dp_shard=1"], 1, step10, 11),
         (["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], 2, step10, 11),
     ]
-    for i, (layout, nproc, ckpt, first) in enumerate(cases):
-        run = tmp_path / f"resume{i}"
+
+    def resume_matches(layout, ckpt, run, nproc, first, label):
+        """Resume `ckpt` with `layout`; steps first..20 must match the reference run."""
         train([data, *layout, f"--checkpoint.resume={ckpt}"], run, nproc)
         got = losses(run)
-        assert sorted(got) == list(range(first, 21)), f"case {i}: steps {sorted(got)}"
+        assert sorted(got) == list(range(first, 21)), f"{label}: steps {sorted(got)}"
         for s in got:
-            assert got[s] == pytest.approx(ref[s], rel=1e-6), f"case {i}, step {s}"
+            assert got[s] == pytest.approx(ref[s], rel=1e-6), f"{label}, step {s}"
+
+    for i, (layout, nproc, ckpt, first) in enumerate(cases):
+        resume_matches(layout, ckpt, tmp_path / f"resume{i}", nproc, first, f"case {i}")
     # Vice versa: the 1-process resumed run saved step 15; continue it with dp_shard=2.
-    run = tmp_path / "resume_back"
     ckpt15 = tmp_path / "resume0" / "checkpoints" / "step-00000015"
-    train([data, "--parallel.dp_replicate=1", "--parallel.dp_shard=2",
-           f"--checkpoint.resume={ckpt15}"], run, nproc=2)
-    got = losses(run)
-    assert sorted(got) == list(range(16, 21))
-    for s in got:
-        assert got[s] == pytest.approx(ref[s], rel=1e-6), f"vice versa, step {s}"
+    resume_matches(["--parallel.dp_replicate=1", "--parallel.dp_shard=2"], ckpt15,
+                   tmp_path / "resume_back", 2, 16, "vice versa")
     # ... and into a pipeline (issue #6): its last stage's tied head copy has no optimizer
     # entries in a 1-process checkpoint and reads the embedding's.
-    run = tmp_path / "resume_pp"
-    train([data, "--parallel.pp=2", "--parallel.dp_shard=1",
-           f"--checkpoint.resume={ckpt15}"], run, nproc=2)
-    got = losses(run)
-    assert sorted(got) == list(range(16, 21))
-    for s in got:
-        assert got[s] == pytest.approx(ref[s], rel=1e-6), f"1-proc -> pp=2, step {s}"
+    resume_matches(["--parallel.pp=2", "--parallel.dp_shard=1"], ckpt15,
+                   tmp_path / "resume_pp", 2, 16, "1-proc -> pp=2")
