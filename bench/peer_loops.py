@@ -3,7 +3,8 @@
 Every loop trains the same thing, read from one scaletrain config: the same model class
 and initial weights (`scaletrain.models.gpt.GPT` via `build_model`, seeded), the same
 token windows (`build_data(cfg).train`), AdamW with the same parameter groups and
-hyper-parameters (`build_optimizer`: decay on matrices only, foreach kernel), the same
+hyper-parameters (`build_optimizer`: decay on matrices only; the kernel per
+`optim.implementation`, which bench/peers.py sets), the same
 micro-batch and sequence length, mean cross-entropy on fp32 logits, global-norm
 gradient clipping at `train.grad_clip`, and the same precision: fp32, or bf16 autocast
 of the forward (`precision.dtype=bf16`) with `train.compile` compiling the model the way

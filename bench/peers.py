@@ -18,8 +18,14 @@ own way of asking for both). The peers live only in the bench environment:
     flock /tmp/scaletrain-bench.lock .venv-bench/bin/python bench/peers.py --mode fp32
     flock /tmp/scaletrain-bench.lock .venv-bench/bin/python bench/peers.py --mode best
 
-Results accumulate per mode in bench/results/peers.json; bench/results/peers.md is the
-table of every mode measured so far.
+The optimizer is the same AdamW (same parameter groups and hyper-parameters) for all.
+Its kernel is each one's default: scaletrain's `optim.implementation = "auto"` runs
+torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-parameter
+loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
+peers the fused kernel too, which isolates what the rest of the loop costs.
+
+Results accumulate per mode (and peer kernel) in bench/results/peers.json;
+bench/results/peers.md is the table of every mode measured so far.
 """
 
 from __future__ import annotations
@@ -101,6 +107,8 @@ def build_cfg(args, name: str):
             # Evaluation only at the end, after the timed part, and short.
             ("eval.interval", "0"), ("eval.batches", "1"), ("eval.batch_size", micro),
             ("eval.test", "false"), *MODES[args.mode]]
+    if name not in ("scaletrain", A_A):  # scaletrain keeps its default kernel ("auto")
+        over.append(("optim.implementation", args.peer_optim))
     return build_config(args.config, over)
 
 
@@ -231,7 +239,8 @@ def summarise(args, workers, missing, vers) -> dict:
                      "ratio": statistics.median(ratios) if w is not workers[0] else None,
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "loss_end": w.losses[-1]})
-    return {"mode": args.mode, "config": args.config, "micro_batch": args.micro_batch,
+    return {"mode": args.mode, "peer_optim": args.peer_optim, "config": args.config,
+            "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine(), "versions": vers, "missing": missing, "rows": rows}
@@ -240,27 +249,35 @@ def summarise(args, workers, missing, vers) -> dict:
 MODE_TEXT = {"fp32": "fp32 eager", "best": "bf16 autocast + compile"}
 
 
+def _key(args) -> str:
+    return args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
+
+
+def _mode_text(res: dict) -> str:
+    peer = res.get("peer_optim", "foreach")
+    return MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
+
+
 def table(results: dict) -> str:
     lines = ["| mode | framework | tokens/s (median) | step ms | scaletrain ÷ peer "
              "(median of rounds) | range over rounds | last loss |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for mode in ("fp32", "best"):
-        res = results.get(mode)
-        if res is None:
-            continue
+    for key in sorted(results, key=lambda k: (k.split("+")[0] != "fp32", k)):
+        res = results[key]
+        mode = _mode_text(res)
         for row in res["rows"]:
             ratio = "1 (reference)" if row["ratio"] is None else f"{row['ratio']:.3f}"
             rng = "" if row["ratio"] is None else \
                 f"{row['ratio_min']:.3f}–{row['ratio_max']:.3f}"
             loss = "–" if row["loss_end"] is None else f"{row['loss_end']:.3f}"
-            lines.append(f"| {MODE_TEXT[mode]} | {row['framework']} | "
+            lines.append(f"| {mode} | {row['framework']} | "
                          f"{row['tokens_per_s']:.0f} | {row['step_ms']:.0f} | {ratio} | {rng} "
                          f"| {loss} |")
     notes = []
-    for mode, res in results.items():
+    for res in results.values():
         v = res["versions"]
         notes.append(
-            f"- {MODE_TEXT[mode]}: {res['config']}, micro-batch {res['micro_batch']} x seq "
+            f"- {_mode_text(res)}: {res['config']}, micro-batch {res['micro_batch']} x seq "
             f"{res['seq_len']}, {res['rounds']} rounds x {res['steps']} steps after "
             f"{res['warmup']} warm-up steps; {res['date']}; {res['machine']}; threads "
             f"{sorted({t for r in res['rows'] for t in r['threads']})}; torch {v['torch']}, "
@@ -281,6 +298,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated subset of frameworks")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--peer-optim", choices=("foreach", "fused"), default="foreach",
+                    help="the peers' AdamW kernel (scaletrain keeps its default, fused)")
     args = ap.parse_args()
     args.steps = args.steps or {"fp32": 2, "best": 4}[args.mode]
     args.rounds = args.rounds or {"fp32": 15, "best": 12}[args.mode]
@@ -294,7 +313,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "peers.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    results[args.mode] = res
+    results[_key(args)] = res
     store.write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)
     (out / "peers.md").write_text("# scaletrain and its peers (bench/peers.py)\n\n" + text)

@@ -72,19 +72,31 @@ def attach(trainer) -> CheckpointSession:
     Called from `Trainer.__init__` once model, optimizer, scheduler, scaler, loader,
     state and step options exist, and before the metric sinks open metrics.jsonl.
     """
+    from scaletrain.train.device_guard import DeviceGuard, device_guard_applies
     from scaletrain.train.faults import FaultMonitor
 
     cfg = trainer.cfg
     monitor = FaultMonitor(cfg.faults, has_scaler=trainer.scaler is not None,
                            loss_reducer=trainer.dist.sum_reducer)  # data-parallel sum
     trainer.step_opts.guard = monitor.guard
+    if trainer.reads.lag and device_guard_applies(trainer.optimizer,
+                                                 trainer.scaler is not None):
+        # train.host_reads = lagged: decide the skip on the device (train/device_guard.py)
+        st = trainer.state
+
+        def count_skip():
+            st.skipped_steps += 1
+
+        trainer.step_opts.guard = DeviceGuard(monitor, trainer.optimizer, trainer.reads,
+                                              step_of=lambda: st.step + 1,
+                                              on_skip=count_skip)
     manager = CheckpointManager(
         trainer.run_dir, cfg, model=trainer.model, optimizer=trainer.optimizer,
         rank=trainer.rt.rank,
         stateful={"scheduler": trainer.scheduler, "scaler": trainer.scaler,
                   "loader": trainer.loader, "train_state": trainer.state, "faults": monitor})
     session = CheckpointSession(manager, monitor, is_main=trainer.rt.is_main,
-                                on_signal=cfg.checkpoint.on_signal)
+                                on_signal=cfg.checkpoint.on_signal, reads=trainer.reads)
     session.device = trainer.rt.device
     if trainer.rt.is_main:
         manager.metrics_path = trainer.run_dir / "metrics.jsonl"
@@ -96,8 +108,13 @@ class CheckpointSession:
     """The checkpoint manager and fault monitor as the training loop sees them."""
 
     def __init__(self, manager: CheckpointManager, monitor=None, *, is_main: bool,
-                 on_signal: bool = True):
+                 on_signal: bool = True, reads=None):
+        from scaletrain.train.host_reads import LaggedReads
+
         self.manager = manager
+        # Step values read on the host (train/host_reads.py); lag 0 = at once.
+        self.reads = reads or LaggedReads(0, torch.device("cpu"))
+        self._stop_agreed = False  # lagged: the all-reduced stop flag, once read
         self.monitor = monitor
         self.is_main = is_main
         self.on_signal = on_signal
@@ -152,7 +169,15 @@ class CheckpointSession:
         if dist.is_available() and dist.is_initialized() and self.on_signal:
             t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops after one step
-            flag = bool(t.item())
+            if not self.reads.lag:
+                return bool(t.item())
+
+            def agree(v):
+                self._stop_agreed = self._stop_agreed or bool(v[0])
+
+            # Read a later step, at the same step on every rank (host_reads.py).
+            self.reads.push(t, agree)
+            return self._stop_agreed
         return flag
 
     # -- per step / end ----------------------------------------------------------------
@@ -163,9 +188,13 @@ class CheckpointSession:
             return  # rolled back: the state is the checkpoint's, nothing new to save
         if trainer.cfg.checkpoint.keep_best:
             self.manager.best_step = trainer.state.best_step
+        interval = trainer.cfg.checkpoint.interval
+        if interval and step % interval == 0:
+            self.reads.flush()  # the saved state (tokens, fault history) up to this step
         saved = self.manager.maybe_save(step)
         if self._stop_requested():
             if not saved:
+                self.reads.flush()
                 self.manager.save(step)
             self.manager.close()
             name = signal.Signals(self._signal).name if self._signal else "a signal"
@@ -190,6 +219,7 @@ class CheckpointSession:
         trainer.log({"kind": "fault", "step": st.step, **event})
         if not self.monitor.should_roll_back():
             return False
+        self.reads.flush()  # values of steps after the checkpoint: read, then restored over
         skipped, at = st.skipped_steps, st.step
         lr_factor = trainer.cfg.faults.rollback_lr_factor
         to = roll_back(self.manager, trainer.loader, trainer.scheduler, trainer.optimizer,
@@ -199,6 +229,7 @@ class CheckpointSession:
                          "reason": "no valid checkpoint"})
             self.monitor.consecutive = 0
             return False
+        self.monitor.last_event = None  # a flushed later step's: rolled back over
         trainer.log({"kind": "fault", "step": at, "event": "rollback", "to_step": to,
                      "lr_factor": lr_factor})
         st.skipped_steps = skipped  # the count survives the rollback
@@ -207,6 +238,7 @@ class CheckpointSession:
     def at_end(self, trainer) -> None:
         """Save the final state (unless this step was just saved) and wait for it."""
         step = trainer.state.step
+        self.reads.flush()
         if trainer.cfg.checkpoint.keep_best:
             self.manager.best_step = trainer.state.best_step
         if self.manager.last_requested_step != step:

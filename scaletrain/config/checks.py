@@ -69,6 +69,17 @@ def check_parallel(cfg: Config, world: int | None) -> None:
         return check_ps(cfg, world)
     t = cfg.train
     dp = data_parallel_degree(cfg, world)  # ConfigError naming the degrees if they clash
+    p = cfg.parallel
+    if p.activation_checkpoint == "budget" and p.activation_budget_gib <= 0:
+        raise ConfigError("parallel.activation_checkpoint='budget' needs "
+                          "parallel.activation_budget_gib > 0")
+    if p.activation_budget_gib > 0 and p.activation_checkpoint != "budget":
+        raise ConfigError("parallel.activation_budget_gib is read only with "
+                          "parallel.activation_checkpoint='budget'")
+    if p.activation_checkpoint_every > 1 and p.activation_checkpoint not in ("full",
+                                                                            "selective"):
+        raise ConfigError("parallel.activation_checkpoint_every > 1 needs "
+                          "parallel.activation_checkpoint='full' or 'selective'")
     if cfg.parallel.activation_checkpoint != "none" and cfg.model.name != "gpt":
         raise ConfigError(f"parallel.activation_checkpoint="
                           f"'{cfg.parallel.activation_checkpoint}' needs a model with "

@@ -89,7 +89,17 @@ class TrainConfig:
     compile: bool = F(False, "torch.compile each transformer block (after activation "
                       "checkpointing, before FSDP/DDP); compile time is reported apart "
                       "as compile_s in summary.json.")
+    compile_scope: str = F("blocks", "What train.compile compiles: 'blocks' (each block, "
+                           "plus the head and loss as one region: any layout) or 'model' "
+                           "(the whole forward with its loss as one graph: one process "
+                           "only; longer compile, fewer graph boundaries).",
+                           choices=("blocks", "model"))
     log_interval: int = F(10, "Write a train record every this many steps.", ge=1)
+    host_reads: str = F("auto", "When the host reads each step's values (token count, "
+                        "fault guard's loss and norm, stop flag): 'lagged' one step late "
+                        "(no sync inside the step; the skip is decided on the device with "
+                        "fused Adam/AdamW), 'every-step' at once; 'auto' = lagged on CUDA.",
+                        choices=("auto", "lagged", "every-step"))
     progress: str = F("auto", "Progress bar: 'auto' shows it only on a terminal.",
                       choices=("auto", "on", "off"))
     descent: str = F("mini-batch", "'mini-batch' (train.batch_size per step), "
@@ -116,10 +126,11 @@ class OptimConfig:
     momentum: float = F(0.9, "SGD / RMSprop momentum.", ge=0.0, lt=1.0)
     nesterov: bool = F(False, "SGD: Nesterov momentum.")
     decay_embeddings: bool = F(False, "Apply weight decay to embedding tables too.")
-    implementation: str = F("foreach", "torch.optim kernel: 'foreach' (batched), 'fused' "
-                            "(one kernel; sgd/adam/adamw/adagrad) or 'for-loop'; for "
-                            "adamw8bit 'fused' compiles its update.",
-                            choices=("foreach", "fused", "for-loop"))
+    implementation: str = F("auto", "torch.optim kernel: 'foreach' (batched), 'fused' "
+                            "(one kernel; sgd/adam/adamw/adagrad), 'for-loop', or 'auto' "
+                            "(fused where torch has it, else foreach); for adamw8bit "
+                            "'fused' compiles its update.",
+                            choices=("auto", "foreach", "fused", "for-loop"))
     lr_scaling: str = F("none", "Scale optim.lr with the global batch B: 'linear' "
                         "(lr*B/base, Goyal et al. 2017) or 'sqrt' (lr*sqrt(B/base)).",
                         choices=("none", "linear", "sqrt"))
@@ -243,9 +254,17 @@ class ParallelConfig:
     cpu_offload: bool = F(False, "FSDP2: keep parameter shards, gradients and optimizer "
                           "state in host memory (CPUOffloadPolicy).")
     activation_checkpoint: str = F("none", "Recompute activations per transformer block "
-                                   "in the backward: 'full' (keep only block inputs) or "
-                                   "'selective' (keep matmul/attention outputs).",
-                                   choices=("none", "full", "selective"))
+                                   "in the backward: 'full' (keep only block inputs), "
+                                   "'selective' (keep matmul/attention outputs), or "
+                                   "'budget' (the least recomputation, block by block, "
+                                   "that fits parallel.activation_budget_gib).",
+                                   choices=("none", "full", "selective", "budget"))
+    activation_checkpoint_every: int = F(1, "full / selective: checkpoint every k-th block "
+                                         "(0, k, 2k, ...); 1 = all blocks.", ge=1)
+    activation_budget_gib: float = F(0.0, "budget mode: GiB that this rank's blocks may "
+                                     "keep for the backward per micro-batch (the plan's "
+                                     "byte model; `scaletrain plan` shows the result).",
+                                     ge=0.0)
     ddp_bucket_mb: int = F(25, "DDP: gradient bucket size in MiB (all-reduce granularity, "
                            "overlapped with the backward).", ge=1)
     # Parameter-server mode (issue #7; scaletrain/paramserver/).

@@ -1,4 +1,4 @@
-"""A GPT-2-architecture decoder as a plain `nn.Module` (no distributed code, no loss).
+"""A GPT-2-architecture decoder as a plain `nn.Module` (no distributed code).
 
 Architecture (Radford et al. 2019; nanoGPT): learned token + position embeddings,
 pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm and an
@@ -12,6 +12,12 @@ HF stores linear weights as Conv1D, i.e. transposed (see checkpoint/export.py).
 Shaped for outside-in parallelism (DESIGN.md principle 3): blocks live in a `ModuleDict`
 keyed "0".."n-1" so names survive a pipeline split, and `forward` skips parts a pipeline
 stage deleted (set to None). Build on the `meta` device, then `materialize()`.
+
+`forward(idx, targets)` returns the summed cross-entropy instead of the logits (as
+nanoGPT and HF's `labels=` do): the final LayerNorm, the output head and the loss are
+then one function, `head_loss`, which `train.compile` compiles as one region, so the
+(tokens x vocabulary) logits are produced, upcast, log-softmaxed and differentiated
+without an eager round trip (parallel/compile.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from scaletrain.train.losses import sum_cross_entropy
 
 
 @dataclass
@@ -109,8 +117,9 @@ class GPT(nn.Module):
         if self.wte is not None and self.lm_head is not None:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) logits; a pipeline stage passes hidden states."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) logits; a pipeline stage passes hidden states.
+        With `targets` (B, T): the fp32 cross-entropy summed over targets (losses.py)."""
         if self.wte is not None:
             T = idx.shape[1]
             if T > self.config.seq_len:
@@ -121,11 +130,17 @@ class GPT(nn.Module):
             x = idx
         for block in self.blocks.values():
             x = block(x)
+        if targets is not None:
+            return self.head_loss(x, targets)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:
             x = self.lm_head(x)
         return x
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> summed cross-entropy of the head's logits."""
+        return sum_cross_entropy(self.lm_head(self.ln_f(h)), targets)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

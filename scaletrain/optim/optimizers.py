@@ -7,7 +7,11 @@ for the others `weight_decay` is the classic L2 term torch adds to the gradient.
 
 `optim.implementation` picks torch's kernel: "foreach" (one batched op per update term),
 "fused" (one kernel for the whole update; torch has it for SGD, Adam, AdamW and Adagrad,
-on CPU and CUDA) or "for-loop" (the reference per-parameter loop).
+on CPU and CUDA) or "for-loop" (the reference per-parameter loop). "auto" (the default)
+is "fused" where torch has it, else "foreach" (torchtitan's default too): one pass over
+parameters, gradients and state instead of ~10. gpt-10m's AdamW step on this 2-core CPU:
+foreach 30.7 ms, fused 9.5 ms (`torch.compile(opt.step)` 14 ms), ~6% of a bf16 step.
+Same update to rounding: the kernels order the same fp32 arithmetic differently.
 """
 
 from __future__ import annotations
@@ -51,14 +55,22 @@ def decayed_params(model: nn.Module, o: OptimConfig) -> list[nn.Parameter]:
     return [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
 
 
+def kernel(o: OptimConfig) -> str:
+    """The concrete kernel `o.implementation` means: foreach | fused | for-loop."""
+    if o.implementation != "auto":
+        return o.implementation
+    # adamw8bit's "fused" compiles its update (compile time at start-up): opt-in only.
+    return "fused" if o.name in FUSED else "foreach"
+
+
 def _kernel_kwargs(o: OptimConfig) -> dict:
-    if o.implementation == "fused":
+    if kernel(o) == "fused":
         if o.name not in FUSED:
             from scaletrain.errors import ConfigError
             raise ConfigError(f"optim.implementation='fused': torch has no fused "
                               f"{o.name}; use 'foreach'")
         return {"fused": True}
-    return {"foreach": o.implementation == "foreach"}
+    return {"foreach": kernel(o) == "foreach"}
 
 
 def make_optimizer(groups: list[dict], o: OptimConfig, lr: float) -> torch.optim.Optimizer:

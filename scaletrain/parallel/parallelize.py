@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.models.registry import REGISTRY, materialize
-from scaletrain.parallel.ac import apply_ac
+from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
 from scaletrain.parallel.dims import ParallelDims
@@ -36,16 +36,29 @@ def fsdp_mesh(mesh, dims: ParallelDims):
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                 policy: PrecisionPolicy, device: torch.device, tp_plan=None,
-                compile: bool = False, stage_views=None) -> nn.Module:
+                compile: bool | str = False, stage_views=None, ac=None) -> nn.Module:
     """Apply TP, AC, compile and FSDP/HSDP or DDP to `model` in place, per `pcfg`.
 
     With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py);
     `stage_views`: its per-stage modules (interleaved schedule), FSDP's roots.
+    `compile`: False, True / "blocks" (per block) or "model" (whole forward, one process).
+    `ac`: the `ACPolicy` (plan/memory.py `ac_policy`; needed for budget mode); default
+    from `pcfg`.
     """
     maybe_apply_tp(model, dims, mesh, pcfg, tp_plan)  # TP first: FSDP shards its DTensors
-    apply_ac(model, pcfg.activation_checkpoint)
+    if ac is None:
+        if pcfg.activation_checkpoint == "budget":
+            raise ValueError("budget activation checkpointing needs an ACPolicy "
+                             "(plan/memory.py ac_policy)")
+        ac = ACPolicy(pcfg.activation_checkpoint, pcfg.activation_checkpoint_every)
+    apply_ac(model, ac)
+    if compile == "model" and dims.world > 1:
+        from scaletrain.errors import ConfigError
+
+        raise ConfigError("train.compile_scope='model' needs one process: FSDP/DDP hooks "
+                          "and pipeline stages need the block boundaries; use 'blocks'")
     if compile:  # per block, on the checkpointed forward, inside FSDP's unit
-        apply_compile(model)
+        apply_compile(model, "model" if compile == "model" else "blocks")
     if dims.fsdp:
         # Mixed precision under FSDP: keep fp32 master shards, gather and compute in
         # bf16, reduce gradients in fp32 (torchtitan's default). bf16-pure already has
@@ -67,9 +80,28 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
     return model
 
 
+def activation_policy(cfg, dims: ParallelDims) -> ACPolicy:
+    """`cfg`'s activation checkpointing for this layout (budget mode: sized per block by
+    the plan's byte model at this rank's micro-batch); ConfigError if the budget is
+    below what checkpointing every block keeps."""
+    from scaletrain.errors import ConfigError
+    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
+    from scaletrain.plan.memory import ac_policy
+
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // dims.dp)
+    policy = ac_policy(cfg, dims.tp, micro)
+    n_local = -(-cfg.model.n_layer // dims.pp) if cfg.model.name == "gpt" else 0
+    try:
+        block_modes(policy, n_local)
+    except BudgetTooSmall as e:
+        raise ConfigError(f"parallel.activation_budget_gib: {e}; raise it or lower "
+                          f"train.micro_batch_size") from None
+    return policy
+
+
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
                          policy: PrecisionPolicy, device: torch.device,
-                         compile: bool = False) -> nn.Module:
+                         compile: bool | str = False, ac=None) -> nn.Module:
     """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
 
     With one process this gives exactly `models.build_model`'s weights.
@@ -83,7 +115,7 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
         views = make_stage_views(model, pcfg, mesh)  # several stages: one module each
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
     parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile,
-                stage_views=views)
+                stage_views=views, ac=ac)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
     materialize(model, init_device, seed)

@@ -113,6 +113,7 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp)
         peak = rank_peak(cfg, shape, device_type)
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
+                      "ac_blocks": _ac_blocks(cfg, t, mb, layers),
                       "params": int(n), "param_bytes": int(peak["params_bytes"]),
                       "grad_bytes": int(peak["grad_bytes"]),
                       "optim_bytes": int(peak["optim_state_bytes"] + peak["master_bytes"]),
@@ -138,6 +139,19 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
             "ranks": ranks}
 
 
+def _ac_blocks(cfg, tp: int, micro: int, layers: int) -> list[str] | str:
+    """Each local block's AC mode (budget mode: what fits), or why none fits."""
+    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
+    from scaletrain.plan.memory import ac_policy
+
+    if cfg.model.name != "gpt":
+        return []
+    try:
+        return block_modes(ac_policy(cfg, tp, micro), layers)
+    except BudgetTooSmall as e:
+        return str(e)
+
+
 def format_plan(r: dict) -> str:
     """Human-readable lines for `plan`'s result."""
     lay = r["layout"]
@@ -152,6 +166,12 @@ def format_plan(r: dict) -> str:
                    f"{k['optim_bytes']:,} B, activations {k['activation_bytes']:,} B, step "
                    f"workspace {k['workspace_bytes']:,} B, "
                    f"total {k['total_bytes']:,} B per rank")
+        if any(m != "none" for m in k["ac_blocks"]) or isinstance(k["ac_blocks"], str):
+            from scaletrain.parallel.ac import describe
+
+            ac = k["ac_blocks"]
+            out.append("    activation checkpointing: "
+                       + (ac if isinstance(ac, str) else describe(ac) + " (block order)"))
         out.append(f"    predicted peak {k['peak_bytes'] / 2**20:,.0f} MiB per rank "
                    f"(phase {k['peak_phase']}; baseline {k['baseline_bytes'] / 2**20:,.0f} "
                    f"MiB + tensors {k['total_bytes'] / 2**20:,.0f} MiB)")

@@ -5,7 +5,8 @@ not change):
 - train.micro_batch_size: the divisors of the per-rank batch up to the configured
   micro-batch (gradient accumulation keeps train.batch_size); not under pipeline
   parallelism (its micro-batches are the schedule's);
-- parallel.activation_checkpoint: none < selective < full;
+- parallel.activation_checkpoint (+ _every): none, selective or full on every 2nd block
+  or on every block (parallel/ac.py);
 - parallel.cpu_offload: only where it applies (FSDP2, dp_shard > 1, on a GPU: on a CPU
   device the "offloaded" tensors stay in the same memory);
 - precision.dtype: the configured one, and bf16 autocast / bf16-pure (fp32 masters) when
@@ -17,7 +18,8 @@ not change):
 (fractions of a step's time):
 - activation checkpointing: full recomputes the whole forward, +1/3 of the step (forward
   ≈ 1/3 of forward + backward; Chen et al. 2016); selective recomputes only the
-  element-wise ops, +0.05 (Korthikanti et al. 2022 §5 report 2–4% on GPUs);
+  element-wise ops, +0.05 (Korthikanti et al. 2022 §5 report 2–4% on GPUs); on every
+  2nd block, the share of blocks checkpointed times that;
 - micro-batch: +0.02 per halving (smaller matmuls, one more Python pass per micro-batch;
   on this CPU GEMM throughput is nearly flat above ~512 tokens);
 - CPU offload: +0.5 (parameters, gradients and optimizer state cross PCIe every step);
@@ -97,7 +99,10 @@ def candidates(cfg, world: int, device_type: str):
     cur_micro = cfg.train.micro_batch_size or per_rank
     micros = [cur_micro] if dims.pp > 1 else [d for d in _divisors_desc(per_rank)
                                               if d <= cur_micro]
-    acs = ["none", "selective", "full"] if cfg.model.name == "gpt" else ["none"]
+    acs = [("none", 1)]
+    if cfg.model.name == "gpt":
+        layers = cfg.model.n_layer
+        acs += [(ac, k) for ac in ("selective", "full") for k in (2, 1) if k < layers or k == 1]
     offloads = [False, True] if (dims.dp_shard > 1 and device_type == "cuda") \
         else [cfg.parallel.cpu_offload]
     dt = cfg.precision.dtype
@@ -107,13 +112,17 @@ def candidates(cfg, world: int, device_type: str):
     if cfg.optim.name in ("adam", "adamw") and "adamw8bit" in _schema_choices("optim", "name") \
             and dims.tp == 1:  # optim/checks.py: no 8-bit state under TP
         optims.append("adamw8bit")
-    for micro, ac, off, dtype, opt in itertools.product(micros, acs, offloads, dtypes,
-                                                        optims):
-        cost = (AC_COST[ac] + MICRO_HALVING_COST * math.log2(max(cur_micro, micro) / micro)
+    for micro, (ac, every), off, dtype, opt in itertools.product(micros, acs, offloads,
+                                                                 dtypes, optims):
+        share = (-(-cfg.model.n_layer // every) / cfg.model.n_layer
+                 if cfg.model.name == "gpt" else 1.0)  # blocks 0, k, 2k, ... of n
+        cost = (AC_COST[ac] * share + MICRO_HALVING_COST * math.log2(max(cur_micro, micro) / micro)
                 + (OFFLOAD_COST if off and not cfg.parallel.cpu_offload else 0.0)
                 + (DTYPE_SWITCH_COST if dtype != dt else 0.0)
                 + (ADAM8BIT_COST if opt == "adamw8bit" != cfg.optim.name else 0.0))
         over = {"train.micro_batch_size": micro, "parallel.activation_checkpoint": ac,
+                "parallel.activation_checkpoint_every": every,
+                "parallel.activation_budget_gib": 0.0,
                 "parallel.cpu_offload": off, "precision.dtype": dtype, "optim.name": opt}
         yield over, cost
 

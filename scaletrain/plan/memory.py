@@ -64,6 +64,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scaletrain.optim.optimizers import kernel
+
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
 # interpreter, torch, tokenizers, the TensorBoard writer and the data loader. Measured on
@@ -129,11 +131,11 @@ def optimizer_transient_bytes(cfg, n: float, largest: float, gbytes: int) -> flo
         # optim/adamw8bit.py `_step_group`: at most CHUNK values dequantised at a time.
         from scaletrain.optim.adamw8bit import CHUNK
         return min(n, CHUNK) * 24.0
-    if o.implementation == "fused":
+    if kernel(o) == "fused":
         return 0.0
     per = (4 if sqrt_list else 0) + (gbytes if l2 else 0) + \
         (gbytes if o.name == "sgd" and o.nesterov else 0)
-    if o.implementation == "for-loop":
+    if kernel(o) == "for-loop":
         return largest * per
     return n * per
 
@@ -151,20 +153,44 @@ def block_bytes_per_token(cfg, r: int, ab: int, tp: int) -> float:
     return per
 
 
+def ac_block_bytes(cfg, r: int, ab: int, tp: int) -> dict:
+    """Bytes per token one block keeps for the backward under each AC mode: all its
+    activations; its input + the matmul/attention outputs (selective); its input (full)."""
+    D = cfg.model.d_model
+    return {"none": block_bytes_per_token(cfg, r, ab, tp),
+            "selective": r * D + 10 * ab * D / tp, "full": r * D}
+
+
+def ac_policy(cfg, tp: int = 1, micro: int | None = None):
+    """The config's activation checkpointing as a `parallel.ac.ACPolicy`; budget mode
+    gets the bytes each block keeps for one micro-batch of `micro` samples (default:
+    train.micro_batch_size, else train.batch_size)."""
+    from scaletrain.parallel.ac import ACPolicy
+
+    p = cfg.parallel
+    if p.activation_checkpoint != "budget":
+        return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
+    pb, ab = dtype_bytes(cfg.precision.dtype)
+    tokens = (micro or cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.model.seq_len
+    per_token = ac_block_bytes(cfg, pb, ab, tp)
+    return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
+                    {k: v * tokens for k, v in per_token.items()})
+
+
 def activation_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
     """Activations alive at the start of the backward on this rank (module doc)."""
+    from scaletrain.parallel.ac import BudgetTooSmall, block_modes, kept_bytes
+
     if not s.layers:
         return 0.0
     D = cfg.model.d_model
-    full = block_bytes_per_token(cfg, r, ab, s.tp)
-    mode = cfg.parallel.activation_checkpoint
-    if mode == "full":
-        kept = r * D
-    elif mode == "selective":
-        kept = r * D + 10 * ab * D / s.tp
-    else:
-        kept = full
-    per_token = kept * s.layers + (full if mode != "none" else 0)  # + one recompute
+    per = ac_block_bytes(cfg, r, ab, s.tp)
+    policy = ac_policy(cfg, s.tp, micro=max(1, s.tokens // cfg.model.seq_len))
+    try:
+        modes = block_modes(policy, s.layers)
+    except BudgetTooSmall:  # the run refuses it (ConfigError); plan shows all-full
+        modes = ["full"] * s.layers
+    per_token = kept_bytes(modes, per)  # + one block's set while one is recomputed
     per_token += (r + ab) * D  # final block output (ln_f input) and ln_f output cast
     total = per_token * s.tokens * s.in_flight
     if r != ab:  # autocast: each matmul saves its weight's bf16 cast for the backward
@@ -206,7 +232,7 @@ def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     per = optimizer_transient_bytes(cfg, 1.0, 1.0, 4 if masters else pb)
     if o.name == "adamw8bit":
         transient = (optimizer_transient_bytes(cfg, float(sum(numels)), 0.0, 4), 0.0)
-    elif o.implementation == "foreach":
+    elif kernel(o) == "foreach":
         transient = c.per_param(numels, per)
     else:  # fused: 0; for-loop: one tensor's temporaries at a time
         transient = c.hm(s.largest_param * per)

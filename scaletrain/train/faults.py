@@ -59,25 +59,35 @@ class FaultMonitor:
             dist.all_reduce(loss)  # shares of the global mean -> the global mean
         loss_v, norm_v = float(loss), float(grad_norm)  # the host sync
         reason = self.classify(loss_v, norm_v)
+        self.record(loss_v, norm_v, reason)
+        return reason is None
+
+    def record(self, loss: float, grad_norm: float, reason: str | None,
+               step: int | None = None) -> None:
+        """Book a decided step: an accepted loss joins the history; a bad step is kept
+        as the event to log (`step`: its own, when it is logged later)."""
         if reason is None:
-            self.history.append(loss_v)
+            self.history.append(loss)
             self.consecutive = 0
             self.last_event = None
-            return True
+            return
         self.consecutive += 1
-        self.last_event = {"event": reason, "loss": loss_v, "grad_norm": norm_v,
+        self.last_event = {"event": reason, "loss": loss, "grad_norm": grad_norm,
                            "consecutive": self.consecutive}
-        return False
+        if step is not None:
+            self.last_event["step"] = step
 
-    def classify(self, loss: float, grad_norm: float) -> str | None:
-        """'nonfinite_loss' | 'nonfinite_grad_norm' | 'loss_spike' | None (a good step)."""
+    def classify(self, loss: float, grad_norm: float, limit=...) -> str | None:
+        """'nonfinite_loss' | 'nonfinite_grad_norm' | 'loss_spike' | None (a good step).
+        `limit`: the spike threshold (default: the current one)."""
         c = self.cfg
         if c.skip_nonfinite:
             if not math.isfinite(loss):
                 return "nonfinite_loss"
             if not math.isfinite(grad_norm) and not self.has_scaler:
                 return "nonfinite_grad_norm"
-        limit = self.threshold()
+        if limit is ...:
+            limit = self.threshold()
         if limit is not None and loss > limit:
             return "loss_spike"
         return None

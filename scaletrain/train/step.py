@@ -50,6 +50,10 @@ class StepOptions:
     # as they are (bf16 under autocast) and upcasts inside, so that with train.compile
     # the cast, log-softmax and NLL fuse into one pass (parallel/compile.py).
     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy
+    # The model computes the default loss itself: `model(x, targets=y)` returns the
+    # summed cross-entropy (GPT.head_loss; with train.compile the head and loss are one
+    # compiled region). Set only where the default loss applies to a plain head.
+    loss_in_model: bool = False
     # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
     # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
     # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
@@ -63,7 +67,6 @@ class StepResult:
     grad_norm: torch.Tensor
     n_targets: torch.Tensor  # global count of target positions in the step
     skipped: bool = False  # fp16 overflow: the optimizer step was not applied
-    n_targets_int: int = 0  # n_targets read on the host (filled in by the trainer)
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[Batch],
@@ -79,10 +82,15 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
-            with policy.autocast():
-                logits = model(x)
-            # A custom loss gets logits in the loss dtype; the default one casts inside.
-            loss = loss_fn(logits if opts.loss_fn is None else logits.to(denom.dtype), x, y)
+            if opts.loss_in_model:
+                with policy.autocast():  # the loss upcasts the logits itself
+                    loss = model(x, targets=y)
+            else:
+                with policy.autocast():
+                    logits = model(x)
+                # A custom loss gets logits in the loss dtype; the default casts inside.
+                loss = loss_fn(logits if opts.loss_fn is None else logits.to(denom.dtype),
+                               x, y)
             if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
                 loss = loss.full_tensor()
             loss = loss / denom

@@ -28,11 +28,13 @@ from scaletrain.models import REGISTRY, count_params
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
-from scaletrain.parallel.compile import StepClock, compile_cross_entropy
+from scaletrain.parallel.compile import StepClock, compile_cross_entropy, head_computes_loss
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import (build_pipeline, check_model_parallel,
                                                 whole_model_stats)
-from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.ac import block_modes
+from scaletrain.train.host_reads import LaggedReads, resolve_lag
+from scaletrain.parallel.parallelize import activation_policy, build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
@@ -67,10 +69,14 @@ class Trainer:
         # TP/PP shape constraints (heads, layers, vocabulary, micro-batches): ConfigError.
         check_model_parallel(cfg, self.data.vocab_size, self.rt.world)
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
+        ac = activation_policy(cfg, self.dist.dims)
         self.model = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
             pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
-            compile=cfg.train.compile)
+            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac)
+        blocks = getattr(self.model, "blocks", None) or {}
+        # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
+        self.ac_modes = block_modes(ac, sum(b is not None for b in blocks.values()))
         # Trained weights of init.from, then the freeze / LoRA converters.
         self.model = apply_init(self.model, cfg, self.data.vocab_size)
         self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
@@ -95,12 +101,22 @@ class Trainer:
                                        cfg.train.batch_size // self.dp, self.micro, cfg.model,
                                        self.data.vocab_size, self.policy.param_dtype)
         self.state = TrainState()
+        # Host reads of step values (tokens, fault guard, stop flag): one step late on a
+        # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next
+        # batch by the tokens seen.
+        lag = 0 if self.strategy.batch_plan.ramp_tokens else \
+            resolve_lag(cfg.train.host_reads, self.rt.device)
+        self.reads = LaggedReads(lag, self.rt.device)
+        self._tokens_since_log = 0
+        loss_fn = build_distill_loss(cfg, self.rt.device)
         self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
                                      grad_clip_value=cfg.train.grad_clip_value,
                                      add_penalty_grads=self.strategy.penalty,
-                                     loss_fn=build_distill_loss(cfg, self.rt.device),
+                                     loss_fn=loss_fn,
                                      cross_entropy=compile_cross_entropy(
                                          cfg.train.compile and cfg.parallel.tp == 1),
+                                     loss_in_model=loss_fn is None and head_computes_loss(
+                                         self.model, cfg.parallel),
                                      **self.dist.step_options(self.model))
         # Fault guard + checkpoint manager; resumes here, before metrics.jsonl is opened.
         self.ckpt = attach_checkpointing(self)
@@ -190,10 +206,14 @@ class Trainer:
                                 self.scaler, self.step_opts)
         self.scheduler.step()
         st.step += 1
-        result.n_targets_int = int(result.n_targets)  # host read, needed for the count
-        st.tokens += result.n_targets_int
         st.skipped_steps += int(result.skipped)
+        self.reads.push(result.n_targets.reshape(1), self._count_tokens)
+        self.reads.end_step()
         return result, lr
+
+    def _count_tokens(self, n: list) -> None:
+        self.state.tokens += int(n[0])
+        self._tokens_since_log += int(n[0])
 
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -205,16 +225,16 @@ class Trainer:
         self.model.train()
         meter.start()
         t0 = time.perf_counter()
-        tokens_since_log, last = 0, {}
+        self._tokens_since_log, last = 0, {}
         self.ckpt.install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit
         while st.step < cfg.train.steps:
             t_step = time.perf_counter()
             result, lr = self.train_one_step()
             self.step_clock.add(time.perf_counter() - t_step)
-            tokens_since_log += result.n_targets_int
             if st.step % cfg.train.log_interval == 0 or st.step == cfg.train.steps:
-                last = self._log_train(result, lr, meter, tokens_since_log)
-                tokens_since_log = 0
+                self.reads.flush()  # the step's values on the host: log steps only
+                last = self._log_train(result, lr, meter, self._tokens_since_log)
+                self._tokens_since_log = 0
                 progress.update(st.step, loss=last["loss"], lr=lr,
                                 tok_s=last["tokens_per_s"])
             if cfg.eval.interval and st.step % cfg.eval.interval == 0 \
@@ -226,7 +246,8 @@ class Trainer:
             self.ckpt.after_step(self)  # faults (skip log, rollback), interval save, signal
             if cfg.train.compile and not self.step_clock.rest and st.step < cfg.train.steps:
                 meter.start()  # tokens/s without the compiling first step (compile_s)
-                tokens_since_log = 0
+                self.reads.flush()
+                self._tokens_since_log = 0
         self.ckpt.at_end(self)
         progress.close()
         st.wall_time += time.perf_counter() - t0
@@ -281,7 +302,7 @@ class Trainer:
                          "dp_replicate": self.dist.dims.dp_replicate,
                          "dp_shard": self.dist.dims.dp_shard,
                          "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
-                         "accumulation_steps": self.accum},
+                         "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
             # What differs between ranks (memory, speed); a collective, all ranks call.
             "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
                                        "peak_mem_mb": peak_memory_mb(self.rt.device),

@@ -48,3 +48,30 @@ def test_compile_matches_eager_losses(tiny_args, tmp_path, dtype, rtol, ac):
     # Compile time is reported apart; the eager run has none.
     assert s_eager["compile_s"] is None
     assert s_comp["compile_s"] > 0 and s_comp["first_step_s"] > s_comp["step_s"]
+
+
+def test_compile_scope_model_matches_eager_losses(tiny_args, tmp_path):
+    """`train.compile_scope=model`: the whole forward + loss as one graph, same losses."""
+    extra = ["--precision.dtype=fp32"]
+    eager, _ = losses(tiny_args, tmp_path, "eager", extra)
+    comp, s_comp = losses(tiny_args, tmp_path, "whole", extra + [
+        "--train.compile=true", "--train.compile_scope=model"])
+    assert comp == pytest.approx(eager, rel=1e-4) and eager[-1] < eager[0]
+    assert s_comp["compile_s"] > 0
+
+
+def test_compile_scope_model_is_refused_on_several_ranks(tiny_cfg):
+    from scaletrain.errors import ConfigError
+    from scaletrain.models import build_model
+    from scaletrain.parallel.dims import ParallelDims
+    from scaletrain.parallel.parallelize import parallelize
+    from scaletrain.precision import PrecisionPolicy
+
+    import torch
+
+    model = build_model(tiny_cfg.model, {"vocab_size": 384}, seed=0)
+    dims = ParallelDims.resolve(2, 1, 1, 1, 2)
+    with pytest.raises(ConfigError, match="compile_scope='model' needs one process"):
+        parallelize(model, dims, None, tiny_cfg.parallel,
+                    PrecisionPolicy("fp32", torch.device("cpu")), torch.device("cpu"),
+                    compile="model")

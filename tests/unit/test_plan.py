@@ -31,7 +31,8 @@ def rank0(cfg, device_type="cpu"):
 
 
 def test_fp32_adamw_bytes_and_peak():
-    r = rank0(cfg_of("precision.dtype=fp32", "optim.name=adamw"))
+    r = rank0(cfg_of("precision.dtype=fp32", "optim.name=adamw",
+                     "optim.implementation=foreach"))
     assert r["params"] == N
     assert r["param_bytes"] == N * 4 == 28928
     assert r["grad_bytes"] == 28928
@@ -47,10 +48,12 @@ def test_fp32_adamw_bytes_and_peak():
     tensors = 28928 + 57856 + 28928 + 43776
     assert r["peak_tensor_bytes"] == tensors
     assert r["peak_bytes"] == int(memory.CPU_BASELINE_MIB * 2**20 + tensors)
+    # The default kernel ("auto": fused AdamW) updates in place: no step workspace.
+    assert rank0(cfg_of("precision.dtype=fp32", "optim.name=adamw"))["workspace_bytes"] == 0
 
 
 def test_fp32_adamw_peak_on_cuda_is_the_optimizer_step():
-    r = rank0(cfg_of("precision.dtype=fp32"), "cuda")
+    r = rank0(cfg_of("precision.dtype=fp32", "optim.implementation=foreach"), "cuda")
     # phases: fwd/bwd 86784 + 43776 = 130560; step 86784 + grads 28928 + sqrt 28928
     # = 144640; no baseline on CUDA (max_memory_allocated counts tensors only)
     assert r["peak_phase"] == "optimizer_step"
