@@ -191,6 +191,8 @@ class CheckpointSession:
         interval = trainer.cfg.checkpoint.interval
         if interval and step % interval == 0:
             self.reads.flush()  # the saved state (tokens, fault history) up to this step
+            if self.monitor is not None and self._handle_fault(trainer):
+                return  # this step's fault, read just now, rolled the run back
         saved = self.manager.maybe_save(step)
         if self._stop_requested():
             if not saved:

@@ -66,9 +66,13 @@ def test_degrees_that_do_not_fit_the_world_fail_before_launch(capsys):
     assert "world size is 2" in err[0]
 
 
-def test_sigterm_to_the_nproc_launcher_reaches_the_ranks_which_save(prepared, tmp_path):
+@pytest.mark.parametrize("host_reads", ["every-step", "lagged"])
+def test_sigterm_to_the_nproc_launcher_reaches_the_ranks_which_save(prepared, tmp_path,
+                                                                    host_reads):
     """A scheduler stops a job by signalling the command it started (`scaletrain train
-    --nproc 2`): the ranks must get the signal, save a checkpoint and exit 128+15."""
+    --nproc 2`): the ranks must get the signal, save a checkpoint and exit 128+15.
+    `lagged`: the all-reduced stop flag is read two steps later, at the same step on
+    both ranks (else one would wait in a collective the other never joins)."""
     import signal
     import time
 
@@ -78,7 +82,8 @@ def test_sigterm_to_the_nproc_launcher_reaches_the_ranks_which_save(prepared, tm
     proc = subprocess.Popen([sys.executable, "-m", "scaletrain", "train", *TINY,
                              f"--data.prepared_dir={prepared}", "--train.steps=100000",
                              "--eval.interval=0", "--eval.test=false",
-                             "--checkpoint.interval=0", f"--run.dir={run}", "--nproc", "2"],
+                             "--checkpoint.interval=0", f"--run.dir={run}", "--nproc", "2",
+                             f"--train.host_reads={host_reads}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -96,3 +101,22 @@ def test_sigterm_to_the_nproc_launcher_reaches_the_ranks_which_save(prepared, tm
     ckpts = [p for p in (run / "checkpoints").iterdir() if not p.name.endswith(".tmp")]
     assert len(ckpts) == 1, err[-2000:]
     assert "stopped by SIGTERM" in err
+
+
+def test_lagged_host_reads_under_ddp_give_the_synchronous_losses(prepared, tmp_path):
+    """DDP on 2 ranks: with `train.host_reads=lagged` (tokens, fault guard on the device,
+    stop flag read late) the losses and token counts are those of the synchronous loop."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    got = {}
+    for mode in ("every-step", "lagged"):
+        run = tmp_path / mode
+        proc = subprocess.run([sys.executable, "-m", "scaletrain", "train", *TINY,
+                               f"--data.prepared_dir={prepared}", "--eval.test=false",
+                               "--parallel.dp_replicate=2", "--parallel.dp_shard=1",
+                               "--precision.dtype=fp32", f"--train.host_reads={mode}",
+                               f"--run.dir={run}", "--nproc", "2"],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[mode] = [(r["step"], r["loss"], r["tokens"]) for r in records(run, "train")]
+    assert len(got["lagged"]) == 6 and got["lagged"] == got["every-step"]
