@@ -12,7 +12,8 @@ framework always goes first. A second scaletrain worker is the A/A control (DESI
 scaletrain's tokens/s divided by the peer's in the same round (> 1: scaletrain faster).
 
 Modes: `fp32` (eager, fp32) and `best` (bf16 autocast + torch.compile, each framework's
-own way of asking for both). The peers live only in the bench environment:
+own way of asking for both; scaletrain's is `train.compile_scope = "model"`, the whole
+forward and loss as one graph, which one process allows). The peers live only in the bench environment:
 
     make bench-env     # .venv-bench: the project + bench/requirements-peers.txt
     flock /tmp/scaletrain-bench.lock .venv-bench/bin/python bench/peers.py --mode fp32
@@ -109,6 +110,8 @@ def build_cfg(args, name: str):
             ("eval.test", "false"), *MODES[args.mode]]
     if name not in ("scaletrain", A_A):  # scaletrain keeps its default kernel ("auto")
         over.append(("optim.implementation", args.peer_optim))
+    elif args.mode == "best":  # one process: the whole forward + loss as one graph
+        over.append(("train.compile_scope", "model"))
     return build_config(args.config, over)
 
 

@@ -33,12 +33,12 @@ from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import (build_pipeline, check_model_parallel,
                                                 whole_model_stats)
 from scaletrain.parallel.ac import block_modes
-from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.parallel.parallelize import activation_policy, build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
+from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
