@@ -57,7 +57,8 @@ def test_compile_scope_model_matches_eager_losses(tiny_args, tmp_path):
     comp, s_comp = losses(tiny_args, tmp_path, "whole", extra + [
         "--train.compile=true", "--train.compile_scope=model"])
     assert comp == pytest.approx(eager, rel=1e-4) and eager[-1] < eager[0]
-    assert s_comp["compile_s"] > 0
+    # Reported (>= 0: with inductor's on-disk cache warm the first step may cost nothing).
+    assert s_comp["compile_s"] is not None and s_comp["compile_s"] >= 0
 
 
 def test_compile_scope_model_is_refused_on_several_ranks(tiny_cfg):
