@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint.compat import IncompatibleCheckpoint
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
+from scaletrain.train.host_reads import LaggedReads
 
 
 def cut_metrics(path: Path, nbytes: int) -> bool:
@@ -109,8 +110,6 @@ class CheckpointSession:
 
     def __init__(self, manager: CheckpointManager, monitor=None, *, is_main: bool,
                  on_signal: bool = True, reads=None):
-        from scaletrain.train.host_reads import LaggedReads
-
         self.manager = manager
         # Step values read on the host (train/host_reads.py); lag 0 = at once.
         self.reads = reads or LaggedReads(0, torch.device("cpu"))

@@ -37,7 +37,8 @@ from scaletrain.errors import ConfigError
 
 MODES = ("none", "full", "selective", "budget")
 BLOCK_MODES = ("none", "selective", "full")
-# Recompute per checkpointed block, as a fraction of its forward + backward (plan/fit.py).
+# Recompute per checkpointed block, as a fraction of its forward + backward (the sources
+# are in plan/fit.py's doc; its search and the budget mode both price AC with these).
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.05, "full": 1 / 3}
 
 

@@ -48,8 +48,9 @@ import itertools
 import math
 
 from scaletrain.errors import ConfigError
+from scaletrain.parallel.ac import RECOMPUTE_COST
 
-AC_COST = {"none": 0.0, "selective": 0.05, "full": 1 / 3}
+AC_COST = RECOMPUTE_COST  # per block (parallel/ac.py, which budget mode shares)
 MICRO_HALVING_COST = 0.02
 OFFLOAD_COST = 0.5
 DTYPE_SWITCH_COST = 0.04
@@ -116,7 +117,8 @@ def candidates(cfg, world: int, device_type: str):
                                                                  dtypes, optims):
         share = (-(-cfg.model.n_layer // every) / cfg.model.n_layer
                  if cfg.model.name == "gpt" else 1.0)  # blocks 0, k, 2k, ... of n
-        cost = (AC_COST[ac] * share + MICRO_HALVING_COST * math.log2(max(cur_micro, micro) / micro)
+        cost = (AC_COST[ac] * share
+                + MICRO_HALVING_COST * math.log2(max(cur_micro, micro) / micro)
                 + (OFFLOAD_COST if off and not cfg.parallel.cpu_offload else 0.0)
                 + (DTYPE_SWITCH_COST if dtype != dt else 0.0)
                 + (ADAM8BIT_COST if opt == "adamw8bit" != cfg.optim.name else 0.0))
