@@ -24,6 +24,8 @@ Its kernel is each one's default: scaletrain's `optim.implementation = "auto"` r
 torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-parameter
 loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
 peers the fused kernel too, which isolates what the rest of the loop costs.
+`--scaletrain-malloc-mib 256` runs scaletrain with `train.malloc_mmap_threshold_mib=256`
+(large tensors reuse heap pages instead of page-faulting every step; train/malloc.py).
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far.
@@ -110,8 +112,10 @@ def build_cfg(args, name: str):
             ("eval.test", "false"), *MODES[args.mode]]
     if name not in ("scaletrain", A_A):  # scaletrain keeps its default kernel ("auto")
         over.append(("optim.implementation", args.peer_optim))
-    elif args.mode == "best":  # one process: the whole forward + loss as one graph
-        over.append(("train.compile_scope", "model"))
+    else:
+        over.append(("train.malloc_mmap_threshold_mib", str(args.scaletrain_malloc_mib)))
+        if args.mode == "best":  # one process: the whole forward + loss as one graph
+            over.append(("train.compile_scope", "model"))
     return build_config(args.config, over)
 
 
@@ -242,7 +246,8 @@ def summarise(args, workers, missing, vers) -> dict:
                      "ratio": statistics.median(ratios) if w is not workers[0] else None,
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "loss_end": w.losses[-1]})
-    return {"mode": args.mode, "peer_optim": args.peer_optim, "config": args.config,
+    return {"mode": args.mode, "peer_optim": args.peer_optim,
+            "scaletrain_malloc_mib": args.scaletrain_malloc_mib, "config": args.config,
             "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -253,12 +258,14 @@ MODE_TEXT = {"fp32": "fp32 eager", "best": "bf16 autocast + compile"}
 
 
 def _key(args) -> str:
-    return args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
+    key = args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
+    return key + (f"+malloc{args.scaletrain_malloc_mib}" if args.scaletrain_malloc_mib else "")
 
 
 def _mode_text(res: dict) -> str:
-    peer = res.get("peer_optim", "foreach")
-    return MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
+    peer, mib = res.get("peer_optim", "foreach"), res.get("scaletrain_malloc_mib", 0)
+    return (MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
+            + (f", scaletrain malloc {mib} MiB" if mib else ""))
 
 
 def table(results: dict) -> str:
@@ -303,6 +310,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--peer-optim", choices=("foreach", "fused"), default="foreach",
                     help="the peers' AdamW kernel (scaletrain keeps its default, fused)")
+    ap.add_argument("--scaletrain-malloc-mib", type=int, default=0,
+                    help="scaletrain's train.malloc_mmap_threshold_mib (0: glibc's default)")
     args = ap.parse_args()
     args.steps = args.steps or {"fp32": 2, "best": 4}[args.mode]
     args.rounds = args.rounds or {"fp32": 15, "best": 12}[args.mode]

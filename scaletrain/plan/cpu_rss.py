@@ -6,7 +6,8 @@ so the RSS follows those tensors exactly. Smaller requests come from the heap ar
 freed pages stay resident and are reused by later small requests. The threshold is
 dynamic: it starts at 128 KiB and rises to the size of each freed mmapped chunk, up to
 DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB on 64-bit (mallopt(3)); after the first step every
-tensor below 32 MiB is a heap tensor. Hence (all bytes):
+tensor below 32 MiB is a heap tensor. With `train.malloc_mmap_threshold_mib` set
+(train/malloc.py) every tensor below that size is a heap tensor. Hence (all bytes):
 
     peak RSS = baseline + static + max over phases (heap bytes live in the phase)
                                  + max over phases (mmapped bytes live in the phase)
@@ -23,12 +24,25 @@ left among the gradients: CPU_ACCUM_FACTOR on the heap part (memory.py).
 
 from __future__ import annotations
 
+import contextlib
+
 MMAP_THRESHOLD = 32 * 2 ** 20  # glibc DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_threshold = [MMAP_THRESHOLD]  # the run's (train.malloc_mmap_threshold_mib): threshold()
+
+
+@contextlib.contextmanager
+def threshold(nbytes: int):
+    """Model a process whose mmap threshold is `nbytes` (train/malloc.py tunes it)."""
+    old, _threshold[0] = _threshold[0], nbytes
+    try:
+        yield
+    finally:
+        _threshold[0] = old
 
 
 def hm(size: float, count: float = 1.0) -> tuple[float, float]:
     """(heap, mmap) bytes of `count` tensors of `size` bytes each."""
-    return (size * count, 0.0) if size < MMAP_THRESHOLD else (0.0, size * count)
+    return (size * count, 0.0) if size < _threshold[0] else (0.0, size * count)
 
 
 def add(*vs: tuple[float, float]) -> tuple[float, float]:
@@ -57,16 +71,22 @@ def activations(cfg, s, r: int, ab: int) -> tuple[float, float]:
                    hm(toks * ab * D / t), hm(toks * ff * ab / t, 2),
                    hm(toks * (4 * m.n_head / t + 16)))  # SDPA logsumexp, LN statistics
 
-    mode = cfg.parallel.activation_checkpoint
-    if mode == "full":
-        kept = hm(toks * r * D, s.layers)
-    elif mode == "selective":
-        kept = add(hm(toks * r * D, s.layers), hm(toks * 3 * ab * D / t, s.layers),
-                   hm(toks * ab * D / t, 2 * s.layers), hm(toks * ab * D, s.layers),
-                   hm(toks * ff * ab / t, s.layers))
-    else:
-        kept = scale(block(), s.layers)
-    out = add(kept, block() if mode != "none" else (0.0, 0.0),
+    # Each block's mode (every k-th, budget: parallel/ac.py), as memory.activation_bytes.
+    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
+    from scaletrain.plan.memory import ac_policy
+
+    try:
+        modes = block_modes(ac_policy(cfg, t, max(1, s.tokens // m.seq_len)), s.layers)
+    except BudgetTooSmall:  # the run refuses it; plan shows all-full
+        modes = ["full"] * s.layers
+    n_full, n_sel = modes.count("full"), modes.count("selective")
+    n_none = s.layers - n_full - n_sel
+    full = hm(toks * r * D, n_full)
+    selective = add(hm(toks * r * D, n_sel), hm(toks * 3 * ab * D / t, n_sel),
+                    hm(toks * ab * D / t, 2 * n_sel), hm(toks * ab * D, n_sel),
+                    hm(toks * ff * ab / t, n_sel))
+    kept = add(full, selective, scale(block(), n_none))
+    out = add(kept, block() if n_none < s.layers else (0.0, 0.0),
               hm(toks * r * D), hm(toks * ab * D))  # + one recompute, ln_f in/out
     if r != ab:  # autocast weight casts, cached to the end of the forward (memory.py)
         w = add(hm(3 * D * D * ab / t), hm(D * D * ab / t), hm(D * ff * ab / t, 2))

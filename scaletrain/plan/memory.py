@@ -211,7 +211,17 @@ def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
 
 def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
                   accumulating: bool, rank0: bool = True) -> tuple[float, str]:
-    """Peak RSS above baseline + static on a CPU (plan/cpu_rss.py): (bytes, phases)."""
+    """Peak RSS above baseline + static on a CPU (plan/cpu_rss.py): (bytes, phases),
+    with the run's malloc threshold (train/malloc.py)."""
+    from scaletrain.plan import cpu_rss as c
+    from scaletrain.train.malloc import mmap_threshold_bytes
+
+    with c.threshold(mmap_threshold_bytes(cfg.train.malloc_mmap_threshold_mib)):
+        return _cpu_phases(cfg, s, pb, ab, masters, accumulating, rank0)
+
+
+def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
+                accumulating: bool, rank0: bool) -> tuple[float, str]:
     from scaletrain.plan import cpu_rss as c
 
     numels = s.numels or (s.params,)

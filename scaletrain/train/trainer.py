@@ -39,6 +39,7 @@ from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
+from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
@@ -49,6 +50,8 @@ class Trainer:
         # init.from: model shape and tokenizer from the source (finetune/init_from.py).
         self.cfg = cfg = resolve_init(cfg)
         self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
+        if self.rt.device.type == "cpu":  # before the model and data are allocated
+            tune_malloc(cfg.train.malloc_mmap_threshold_mib)
         # Process group, ParallelDims and device mesh (identity objects on one process).
         self.dist = DistContext.setup(cfg.parallel, self.rt.rank, self.rt.world,
                                       self.rt.device)

@@ -218,3 +218,35 @@ def test_cli_budget_below_the_floor_is_one_line_exit_2(tiny_args):
                    "--parallel.activation_checkpoint=budget",
                    "--parallel.activation_budget_gib=0.00000001")
     assert_user_error(proc, "activation_budget_gib", "lower train.micro_batch_size")
+
+
+def test_plan_peak_falls_from_none_to_every_2nd_block_to_every_block():
+    """Both byte models (memory.activation_bytes, and the CPU RSS model tensor by tensor)
+    see the per-block modes: checkpointing every 2nd block lands in between."""
+    from scaletrain.parallel.plan_report import plan
+
+    def peak(*extra):
+        c = cfg_of("--model.d_model=256", "--model.n_head=4", "--model.seq_len=256",
+                   "--train.batch_size=8", *extra)
+        r = plan(c, 1, 64, "cpu")["ranks"][0]
+        return r["peak_bytes"], r["activation_bytes"]
+
+    none, every2, full = (peak(), peak("--parallel.activation_checkpoint=full",
+                                       "--parallel.activation_checkpoint_every=2"),
+                          peak("--parallel.activation_checkpoint=full"))
+    assert none[0] > every2[0] > full[0]
+    assert none[1] > every2[1] > full[1]
+
+
+def test_malloc_threshold_is_applied_and_modelled():
+    from scaletrain.plan import cpu_rss
+    from scaletrain.train.malloc import mmap_threshold_bytes, tune_malloc
+
+    assert tune_malloc(0) is False
+    assert tune_malloc(256) is True  # Linux/glibc (CI and this machine)
+    assert mmap_threshold_bytes(0) == 32 * 2**20 and mmap_threshold_bytes(256) == 256 * 2**20
+    big = 64 * 2**20
+    assert cpu_rss.hm(big) == (0.0, big)  # glibc's default: mmapped
+    with cpu_rss.threshold(mmap_threshold_bytes(256)):
+        assert cpu_rss.hm(big) == (big, 0.0)  # tuned: a heap tensor
+    assert cpu_rss.hm(big) == (0.0, big)

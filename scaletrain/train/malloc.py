@@ -1,0 +1,48 @@
+"""glibc's malloc tuned for training on a CPU: large tensors reuse heap pages.
+
+By default glibc serves every request above its mmap threshold (dynamic, at most 32 MiB
+on 64-bit) with a fresh `mmap` and returns it with `munmap` on free. A training step
+frees and re-allocates the same large tensors every step (logits and their gradient,
+the MLP activations at a large micro-batch), so each step page-faults and zero-fills
+them again. On the gpt-10m bf16 step (micro 8 x 256, 2 threads) that costs ~11%:
+381 ms with glibc's defaults, 338 ms with a 256 MiB threshold (the same script,
+`MALLOC_MMAP_THRESHOLD_` set or not). Intel's PyTorch CPU guide recommends jemalloc or
+tcmalloc for the same reason; `mallopt` gets it without another library.
+
+`train.malloc_mmap_threshold_mib = M` (0, the default, keeps glibc's behaviour) sets
+M_MMAP_THRESHOLD, which also stops the dynamic adjustment, and M_TRIM_THRESHOLD to 4x
+that, so that freeing the top of the heap does not hand the pages back either. The cost
+is RSS: freed pages stay resident for reuse, which `scaletrain plan` models
+(plan/cpu_rss.py: tensors below the threshold are heap tensors). It is opt-in because
+that model has not been checked against measured peaks with a tuned threshold yet
+(bench/plan_accuracy.py validates glibc's defaults). Only on Linux with glibc, and only
+on CPU devices (a GPU run's large tensors are in device memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1  # <malloc.h>
+M_MMAP_THRESHOLD = -3
+GLIBC_DEFAULT_MAX = 32 * 2 ** 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+
+
+def mmap_threshold_bytes(mib: int) -> int:
+    """The threshold the plan should assume: glibc's own unless tuned."""
+    return mib * 2 ** 20 if mib > 0 else GLIBC_DEFAULT_MAX
+
+
+def tune_malloc(mib: int) -> bool:
+    """Apply `train.malloc_mmap_threshold_mib`; True if glibc took it."""
+    if mib <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    size = mib * 2 ** 20
+    return bool(mallopt(M_MMAP_THRESHOLD, size)) and bool(mallopt(M_TRIM_THRESHOLD, 4 * size))
