@@ -108,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--with-1b", action="store_true")
+    ap.add_argument("--extra", default="", help="space-separated overrides added to every "
+                    "case, e.g. --extra=--train.malloc_mmap_threshold_mib=256")
     ap.add_argument("--json", default=None)
     ap.add_argument("--predict-only", action="store_true",
                     help="print the predictions without running (seconds)")
@@ -120,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             world, argv = CASES[name]
-            argv = argv + SHORT
+            argv = argv + SHORT + a.extra.split()
             pred = predict(world, argv)
             if a.predict_only:
                 print(f"{name:16s} " + " ".join(f"{p:.0f}" for p in pred), flush=True)
