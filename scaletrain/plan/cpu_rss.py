@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 
-MMAP_THRESHOLD = 32 * 2 ** 20  # glibc DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+from scaletrain.train.malloc import GLIBC_DEFAULT_MAX
+
+MMAP_THRESHOLD = GLIBC_DEFAULT_MAX  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 _threshold = [MMAP_THRESHOLD]  # the run's (train.malloc_mmap_threshold_mib): threshold()
 
 
@@ -72,13 +74,9 @@ def activations(cfg, s, r: int, ab: int) -> tuple[float, float]:
                    hm(toks * (4 * m.n_head / t + 16)))  # SDPA logsumexp, LN statistics
 
     # Each block's mode (every k-th, budget: parallel/ac.py), as memory.activation_bytes.
-    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
-    from scaletrain.plan.memory import ac_policy
+    from scaletrain.plan.memory import rank_block_modes
 
-    try:
-        modes = block_modes(ac_policy(cfg, t, max(1, s.tokens // m.seq_len)), s.layers)
-    except BudgetTooSmall:  # the run refuses it; plan shows all-full
-        modes = ["full"] * s.layers
+    modes = rank_block_modes(cfg, s)
     n_full, n_sel = modes.count("full"), modes.count("selective")
     n_none = s.layers - n_full - n_sel
     full = hm(toks * r * D, n_full)

@@ -177,20 +177,27 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
                     {k: v * tokens for k, v in per_token.items()})
 
 
+def rank_block_modes(cfg, s: RankShape) -> list[str]:
+    """The AC mode of each of this rank's blocks at its micro-batch; a budget below the
+    floor (the run refuses it with a ConfigError) is shown as all-full."""
+    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
+
+    try:
+        return block_modes(ac_policy(cfg, s.tp, max(1, s.tokens // cfg.model.seq_len)),
+                           s.layers)
+    except BudgetTooSmall:
+        return ["full"] * s.layers
+
+
 def activation_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
     """Activations alive at the start of the backward on this rank (module doc)."""
-    from scaletrain.parallel.ac import BudgetTooSmall, block_modes, kept_bytes
+    from scaletrain.parallel.ac import kept_bytes
 
     if not s.layers:
         return 0.0
     D = cfg.model.d_model
     per = ac_block_bytes(cfg, r, ab, s.tp)
-    policy = ac_policy(cfg, s.tp, micro=max(1, s.tokens // cfg.model.seq_len))
-    try:
-        modes = block_modes(policy, s.layers)
-    except BudgetTooSmall:  # the run refuses it (ConfigError); plan shows all-full
-        modes = ["full"] * s.layers
-    per_token = kept_bytes(modes, per)  # + one block's set while one is recomputed
+    per_token = kept_bytes(rank_block_modes(cfg, s), per)  # + one block's set while one is recomputed
     per_token += (r + ab) * D  # final block output (ln_f input) and ln_f output cast
     total = per_token * s.tokens * s.in_flight
     if r != ab:  # autocast: each matmul saves its weight's bf16 cast for the backward
