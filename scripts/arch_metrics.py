@@ -1,0 +1,132 @@
+"""Measure the coupling that issue 14 ("one build, one step") sets out to remove.
+
+Run from the repository root: `python scripts/arch_metrics.py`. Prints, for `scaletrain/`:
+cross-package imports (module-level vs inside functions), the package cycles of the
+module-level import graph (strongly connected components), the places that derive the
+micro-batch or resolve `ParallelDims`, `StepOptions`' fields, the code that sniffs the model
+family or stashes layout facts on modules, and the longest functions. Static (ast + text),
+so it imports nothing of the project and runs on any checkout, before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+# Text patterns of the re-derivations and sniffs the issue lists; counted per line.
+PATTERNS = {
+    "micro-batch derived (`micro_batch_size or …`)": r"micro_batch_size\s+or\b",
+    "ParallelDims resolved (`resolve_dims(` / `ParallelDims.resolve(`)": r"(?<!def )resolve_dims\(|ParallelDims\.resolve\(",
+    "environment read for WORLD_SIZE/RANK/LOCAL_WORLD_SIZE": r"environ(\.get)?\W+[\"'](WORLD_SIZE|RANK|LOCAL_WORLD_SIZE)",
+    "family sniff (`hasattr(…, \"tie_weights\")`)": r"hasattr\([^)]*[\"']tie_weights[\"']",
+    "layout facts stashed on modules (`_pp_stage_views` …)": r"_pp_stage_views|_tp_loss_parallel|_tied_embedding",
+}
+
+
+def package_of(path: Path, root: Path) -> str:
+    return path.relative_to(root).parts[0].removesuffix(".py")
+
+
+def imports(tree: ast.AST) -> list[tuple[str, bool]]:
+    """(imported scaletrain module, inside a function?) for every import in a module."""
+    inner = {id(m) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for m in ast.walk(n) if m is not n}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.startswith("scaletrain."):
+                found.append((name, id(node) in inner))
+    return found
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's SCCs with more than one member: the package cycles."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="scaletrain")
+    ap.add_argument("--longest", type=int, default=8, help="how many of the longest functions")
+    args = ap.parse_args()
+    root = Path(args.root)
+    files = sorted(root.rglob("*.py"))
+
+    top = lazy = 0
+    graph: dict[str, set[str]] = defaultdict(set)
+    functions: list[tuple[int, str]] = []
+    hits: dict[str, list[str]] = {k: [] for k in PATTERNS}
+    step_fields: list[str] = []
+    for f in files:
+        text = f.read_text()
+        tree = ast.parse(text)
+        pkg = package_of(f, root)
+        for module, inside in imports(tree):
+            other = module.split(".")[1]
+            if other == pkg:
+                continue
+            lazy += inside
+            top += not inside
+            if not inside:
+                graph[pkg].add(other)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.append((node.end_lineno - node.lineno + 1, f"{f}:{node.lineno} {node.name}"))
+            if isinstance(node, ast.ClassDef) and node.name == "StepOptions":
+                step_fields = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign)]
+        for label, pattern in PATTERNS.items():
+            for no, line in enumerate(text.splitlines(), 1):
+                if re.search(pattern, line):
+                    hits[label].append(f"{f}:{no}")
+
+    total = top + lazy
+    print(f"cross-package imports: {total} ({lazy} inside functions, "
+          f"{100 * lazy // max(total, 1)}%)")
+    cycles = strongly_connected(graph)
+    print(f"package cycles at module level: {len(cycles)}"
+          + "".join(f"\n  {len(c)} packages: {' '.join(c)}" for c in cycles))
+    for label, where in hits.items():
+        print(f"{label}: {len(where)}" + "".join(f"\n  {w}" for w in where))
+    print(f"StepOptions fields: {len(step_fields)} {' '.join(step_fields)}")
+    print(f"longest functions (lines):")
+    for length, where in sorted(functions, reverse=True)[:args.longest]:
+        print(f"  {length:4d} {where}")
+
+
+if __name__ == "__main__":
+    main()
