@@ -57,10 +57,20 @@ def forward_cached(model: nn.Module, idx: torch.Tensor, cache: list, pos0: int) 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int,
           generator: torch.Generator | None) -> int:
-    """Next token from (V,) logits; temperature 0 is greedy."""
+    """Next token from (V,) logits; temperature 0 is greedy.
+
+    Any temperature > 0 is safe, down to the smallest float: the logits are shifted so
+    that their maximum is 0 (softmax is shift-invariant) and divided in float64, where a
+    Python float temperature is exact. Scaled values then lie in [-inf, 0] with at least
+    one 0, so the softmax has no inf/nan; a tiny temperature sends every non-maximal
+    logit to -inf, i.e. greedy (ties sampled evenly) — its limit. Dividing the raw fp32
+    logits instead overflowed (logit / 1e-45 = inf, and 1e-300 rounds to 0 in fp32),
+    which gave inf/nan probabilities.
+    """
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -23,6 +23,11 @@ safetensors, checkpoints go through the verified, allow-listed reader (safe_load
   as in `save_pretrained`, not stored.
 - `tokenizer.json` (the run's byte-level BPE), `tokenizer_config.json`,
   `special_tokens_map.json`: `<|endoftext|>` is bos, eos and unk, as in GPT-2.
+  `split_special_tokens: true`: text is text. A literal "<|endoftext|>" in a prompt or
+  document is ordinary text (a few BPE tokens), never the end-of-text id,
+  in scaletrain (data/tokenizer.py sets `encode_special_tokens`) and in transformers
+  alike, so a user's text cannot forge a document boundary; the id is only ever added
+  on purpose (prepare appends it after each document; `eos_token_id` stops generation).
 The reverse mapping is compress/hf_import.py.
 """
 
@@ -136,7 +141,10 @@ def export_hf(cfg, model, tok, out: Path) -> None:
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.seq_len,
-             "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special},
+             "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+             # Encode a literal "<|endoftext|>" as text, as scaletrain's Tokenizer does
+             # (the module docstring says why); transformers' default would parse it.
+             "split_special_tokens": True, **special},
             indent=2))
 
 

@@ -32,6 +32,20 @@ def _field_types(section_cls) -> dict[str, type]:
     return get_type_hints(section_cls)
 
 
+def _text(key: str, value: str) -> str:
+    """`value` if it is valid Unicode text. Python decodes command-line bytes that are not
+    UTF-8 into lone surrogates (surrogateescape); such a string cannot be tokenized, nor
+    written into the UTF-8 config.toml, so it is refused here, before any work."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(value[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise ConfigError(f"{key}: not valid UTF-8 text ({what} at character {e.start})"
+                          ) from None
+    return value
+
+
 def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
     """Convert `value` to `typ`; CLI values arrive as strings, TOML values typed."""
     if from_cli and isinstance(value, str):
@@ -60,7 +74,7 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got '{value}'") from None
         if typ is str:
-            return value
+            return _text(key, value)
         if typ in (list, tuple) or getattr(typ, "__origin__", None) in (list, tuple):
             try:
                 parsed = tomllib.loads(f"v = {text}")["v"]
@@ -87,7 +101,7 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
-            return value
+            return _text(key, value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     origin = getattr(typ, "__origin__", None)
     if origin in (list, tuple):

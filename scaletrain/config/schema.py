@@ -396,6 +396,11 @@ class ServeConfig:
     max_tokens: int = F(256, "Largest max_tokens a request may ask for.", ge=1)
     max_prompt_chars: int = F(8192, "Longest prompt accepted, in characters.", ge=1)
     max_body_bytes: int = F(65536, "Largest request body accepted (413 beyond).", ge=1)
+    read_timeout_s: float = F(30.0, "A connection that sends (or accepts) nothing for this "
+                              "many seconds is closed: a stalled client cannot hold a "
+                              "thread. Idle keep-alive connections end the same way.", gt=0.0)
+    max_connections: int = F(64, "Open connections served at once, each on its own thread; "
+                             "one more is answered 503 (JSON, Retry-After) and closed.", ge=1)
 
 
 @dataclass

@@ -31,8 +31,10 @@ class Tokenizer:
         if eot is None:
             raise ValueError(f"tokenizer has no {EOT} token")
         # A document that literally contains "<|endoftext|>" (this very file does) must
-        # be encoded as ordinary text, not as a document boundary. The flag is not part
-        # of tokenizer.json, so it is set here, on every construction.
+        # be encoded as ordinary text, not as a document boundary; so must a prompt
+        # (serve, generate), and the HF export says the same to transformers
+        # (`split_special_tokens`, checkpoint/export.py). The flag is not part of
+        # tokenizer.json, so it is set here, on every construction.
         hf.encode_special_tokens = True
         self._hf = hf
         self.eot_id: int = eot

@@ -1,15 +1,19 @@
-"""A small HTTP completion server (stdlib `http.server.ThreadingHTTPServer`).
+"""A small HTTP completion server (stdlib `http.server`, one thread per connection).
 
-    GET  /health          -> {"status": "ok", "model": ..., "params": ...}
+    GET  /health          -> {"status": "ok", "model": ..., "params": ...,
+                              "connections": open now, "max_connections": ...}
     POST /v1/completions  {"prompt": str, "max_tokens": int, "temperature": float,
                            "top_k": int, "seed": int}
                           -> {"object": "text_completion", "choices": [{"text", ...}],
                               "usage": {...}}   (the OpenAI completions shape)
 
-Errors are JSON `{"error": message}` with a 4xx status: 400 bad JSON, 404 unknown path,
-405 wrong method, 411 no Content-Length, 413 body over `serve.max_body_bytes`, 422 a
-field missing / mistyped / out of range; an unexpected failure answers 500 and the
-server keeps serving. Each connection has its own thread; generation itself is
+Every answer is JSON; errors are `{"error": message}`: 400 bad or too deeply nested
+JSON, 404 unknown path, 405 a method the path does not take (with `Allow`; HEAD, PUT,
+DELETE, OPTIONS, ... included), 411 no Content-Length, 413 body over
+`serve.max_body_bytes`, 422 a field missing / mistyped / out of range, 501 a method
+HTTP does not define, 503 more than `serve.max_connections` connections open; an
+unexpected failure answers 500 and the server keeps serving. A connection silent for
+`serve.read_timeout_s` is closed (serve/transport.py has both bounds). Generation is
 serialised by a lock (one CPU model; torch already uses every core for one request),
 so concurrent requests queue and are all answered. Each request's sampling uses its own
 seeded generator, so an answer does not depend on what else is being served.
@@ -21,10 +25,11 @@ import itertools
 import json
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import torch
 
+from scaletrain.serve.transport import BoundedHTTPServer
 from scaletrain.serve.validate import RequestError, parse_completion
 
 
@@ -59,34 +64,66 @@ class CompletionService:
                           "total_tokens": len(prompt) + len(new)}}
 
 
-def make_handler(service: CompletionService, max_body: int):
+ROUTES = {"/health": "GET", "/v1/completions": "POST"}
+"""Path -> its one method; any other method there is 405 with `Allow`."""
+
+
+def make_handler(service: CompletionService, max_body: int, read_timeout_s: float):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "scaletrain"
+        timeout = read_timeout_s  # per recv/send on the socket (serve/transport.py)
 
-        def _send(self, status: int, obj: dict, close: bool = False) -> None:
+        def _send(self, status: int, obj: dict, close: bool = False,
+                  headers: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             if close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # a HEAD response has headers only (RFC 9110)
+                self.wfile.write(body)
+
+        def send_error(self, code: int, message: str | None = None,
+                       explain: str | None = None) -> None:
+            """http.server's own errors (bad request line, header too long, unknown
+            method: 501) as JSON like every other answer, instead of its HTML page."""
+            self._send(code, {"error": message or self.responses.get(code, ("error",))[0]},
+                       close=True)
+
+        def _route(self) -> bool:
+            """True if this path takes this method; else answers 404 / 405 (+ Allow).
+            The connection is closed: an unread body must not be parsed as a request."""
+            allowed = ROUTES.get(self.path)
+            if allowed is None:
+                self._send(404, {"error": f"no such path {self.path}"}, close=True)
+                return False
+            if self.command != allowed:
+                self._send(405, {"error": f"use {allowed} for {self.path}"}, close=True,
+                           headers={"Allow": allowed})
+                return False
+            return True
+
+        def _not_allowed(self) -> None:
+            self._route()  # never True: no path takes these methods
+
+        do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = do_TRACE = do_CONNECT = \
+            _not_allowed  # noqa: N815 (http.server's naming)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path == "/health":
+            if self._route():
                 self._send(200, {"status": "ok", "model": service.name,
-                                 "params": service.params})
-            elif self.path == "/v1/completions":
-                self._send(405, {"error": "use POST for /v1/completions"})
-            else:
-                self._send(404, {"error": f"no such path {self.path}"})
+                                 "params": service.params,
+                                 "connections": self.server.open_connections,
+                                 "max_connections": self.server.max_connections})
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/v1/completions":
-                self._send(404, {"error": f"no such path {self.path}"}, close=True)
+            if not self._route():
                 return
             length = self.headers.get("Content-Length")
             if length is None or not length.strip().isdigit():
@@ -98,14 +135,16 @@ def make_handler(service: CompletionService, max_body: int):
                 self._send(413, {"error": f"body of {n} bytes exceeds {max_body}"},
                            close=True)
                 return
-            raw = self.rfile.read(n)
+            raw = self.rfile.read(n)  # TimeoutError if the client stalls: one log line
             try:
-                self._send(200, service.complete(raw))
+                status, answer = 200, service.complete(raw)
             except RequestError as e:
-                self._send(e.status, {"error": e.message})
+                status, answer = e.status, {"error": e.message}
             except Exception as e:  # never let one request take the server down
                 print(f"serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-                self._send(500, {"error": "internal error"})
+                status, answer = 500, {"error": "internal error"}
+            # Outside the try: a client that has gone away is the transport's to log.
+            self._send(status, answer)
 
         def log_message(self, fmt: str, *args) -> None:
             sys.stderr.write(f"serve: {self.address_string()} {fmt % args}\n")
@@ -113,7 +152,7 @@ def make_handler(service: CompletionService, max_body: int):
     return Handler
 
 
-def make_server(path: str, overrides=()) -> tuple[ThreadingHTTPServer, CompletionService]:
+def make_server(path: str, overrides=()) -> tuple[BoundedHTTPServer, CompletionService]:
     """Load the artefact at `path` and bind (not yet serving)."""
     from scaletrain.compress.artefact import load_artefact
     from scaletrain.errors import UserError
@@ -122,13 +161,14 @@ def make_server(path: str, overrides=()) -> tuple[ThreadingHTTPServer, Completio
     if tok is None:
         raise UserError(f"'{path}' has no tokenizer.json; serve needs a text model")
     service = CompletionService(model, tok, cfg, name=str(path))
+    s = cfg.serve
     try:
-        httpd = ThreadingHTTPServer((cfg.serve.host, cfg.serve.port),
-                                    make_handler(service, cfg.serve.max_body_bytes))
+        httpd = BoundedHTTPServer((s.host, s.port),
+                                  make_handler(service, s.max_body_bytes, s.read_timeout_s),
+                                  max_connections=s.max_connections)
     except OSError as e:
         raise UserError(f"serve.host/serve.port: cannot listen on "
-                        f"{cfg.serve.host}:{cfg.serve.port} ({e.strerror or e})") from None
-    httpd.daemon_threads = True
+                        f"{s.host}:{s.port} ({e.strerror or e})") from None
     return httpd, service
 
 

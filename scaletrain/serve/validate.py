@@ -1,8 +1,10 @@
 """Validation of a completion request body: every field's type and range, one message.
 
 Kept apart from the HTTP plumbing so it can be unit-tested without sockets. A failure
-raises `RequestError(status, message)`: 400 for a body that is not a JSON object, 422
-for a well-formed object with a missing, unknown, mistyped or out-of-range field.
+raises `RequestError(status, message)`: 400 for a body that is not a JSON object (or is
+nested too deeply to parse), 422 for a well-formed object with a missing, unknown,
+mistyped or out-of-range field (a prompt with a lone surrogate is out of range: it is
+not text the tokenizer can encode).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def parse_completion(raw: bytes, *, max_tokens: int, max_prompt_chars: int) -> C
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, f"body is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:  # json's parser recurses per nesting level ([[[[...]]]])
+        raise RequestError(400, "body is nested too deeply to be a completion request"
+                           ) from None
     if not isinstance(body, dict):
         raise RequestError(400, "body must be a JSON object")
     unknown = sorted(set(body) - {"prompt", "max_tokens", "temperature", "top_k", "seed"})
@@ -54,6 +59,12 @@ def parse_completion(raw: bytes, *, max_tokens: int, max_prompt_chars: int) -> C
         raise RequestError(422, f"'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt:
         raise RequestError(422, "'prompt' must not be empty")
+    try:  # JSON may escape a lone surrogate ("\ud800"): valid JSON, not valid text
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(422, f"'prompt' is not valid Unicode text (lone surrogate "
+                                f"U+{ord(prompt[e.start]):04X} at character {e.start})"
+                           ) from None
     if len(prompt) > max_prompt_chars:
         raise RequestError(422, f"'prompt' is {len(prompt)} characters, more than "
                                 f"{max_prompt_chars}")

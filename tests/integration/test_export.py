@@ -43,6 +43,25 @@ def test_hf_export_loads_in_transformers_with_matching_logits(trained_run, tmp_p
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_hf_tokenizer_reads_a_literal_endoftext_as_text_like_scaletrain(trained_run, tmp_path):
+    # Text is text: "<|endoftext|>" typed in a prompt is ordinary characters in both
+    # tokenizers, never the end-of-text id (which only prepare / eos_token_id use).
+    transformers = pytest.importorskip("transformers")
+    from scaletrain.data.tokenizer import EOT, Tokenizer
+
+    out = tmp_path / "hf"
+    proc = run_cli("export", str(trained_run), "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = Tokenizer.load(trained_run / "tokenizer.json")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = f"x = 1{EOT}def f():{EOT}"
+    ids = ours.encode(text)
+    assert ours.eot_id not in ids and len(ids) > 4
+    assert hf(text)["input_ids"] == ids
+    assert hf.decode(ids) == ours.decode(ids) == text
+    assert hf.eos_token_id == ours.eot_id  # the id itself is still the special token
+
+
 def test_safetensors_export_round_trips_and_checkpoint_fallback(trained_run, tmp_path):
     from safetensors.torch import load_file
 

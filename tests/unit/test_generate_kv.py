@@ -89,3 +89,14 @@ def test_dynamic_int8_cached_logits_are_close():
     ref = m(ids)
     quant_error = (ref - gpt()(ids)).abs().max()  # int8 vs fp32, whole-context calls
     assert 0 < (got - ref).abs().max() < 2 * quant_error
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_tiny_temperatures_are_greedy_not_nan(temperature):
+    # logits / T overflowed (and 1e-300 is 0 in fp32): inf/nan probabilities. The limit
+    # of sampling as T -> 0 is greedy, and so is what sample() now returns.
+    m = gpt()
+    greedy = sample(m, [3, 1, 4], max_new_tokens=20, seq_len=CFG.seq_len, temperature=0)
+    got = sample(m, [3, 1, 4], max_new_tokens=20, seq_len=CFG.seq_len,
+                 temperature=temperature, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert got == greedy

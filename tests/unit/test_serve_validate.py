@@ -18,6 +18,7 @@ def test_defaults_and_values():
     c = parse({"prompt": "def f", "max_tokens": 5, "temperature": 0, "top_k": 3, "seed": 9})
     assert (c.prompt, c.max_tokens, c.temperature, c.top_k, c.seed) == ("def f", 5, 0.0, 3, 9)
     assert parse({"prompt": "x"}).max_tokens == 16
+    assert parse(b'{"prompt": "\\ud83d\\ude00"}').prompt == "\U0001F600"  # a pair is text
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -37,6 +38,10 @@ def test_defaults_and_values():
     ({"prompt": "x", "top_k": 1.5}, 422, "top_k"),
     ({"prompt": "x", "seed": -1}, 422, "seed"),
     ({"prompt": "x", "stream": True}, 422, "unknown field"),
+    (b'{"prompt": "a\\ud800b"}', 422, "lone surrogate U+D800 at character 1"),
+    (b'{"prompt": "\\udfff"}', 422, "lone surrogate U+DFFF"),
+    (b"[" * 30000 + b"]" * 30000, 400, "nested too deeply"),
+    (b'{"prompt": "x", "seed": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, "nested too"),
 ])
 def test_bad_requests(body, status, fragment):
     with pytest.raises(RequestError) as e:
