@@ -42,6 +42,19 @@ def differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'section.key: saved -> now' for every field that differs (the allowed changes a
+    resume applies from the resumed step on, e.g. optim.lr or train.steps)."""
+    out = []
+    for sec, table in now.items():
+        old = saved.get(sec, {})
+        for k, v in table.items():
+            if k in old and old[k] != v and not (isinstance(v, (list, tuple))
+                                                 and list(old[k]) == list(v)):
+                out.append(f"{sec}.{k}: {old[k]!r} -> {v!r}")
+    return out
+
+
 class IncompatibleCheckpoint(CheckpointError):
     """The config differs from the checkpoint's in a field that cannot change."""
 

@@ -52,6 +52,7 @@ from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied
 
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
+from scaletrain.checkpoint.reconfigure import reapply, settings_of
 from scaletrain.checkpoint.rng import get_rng_state, set_rng_state
 from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
                                               safe_unpickle_metadata)
@@ -144,6 +145,9 @@ class CheckpointManager:
         self.root = self.run_dir / CKPT_DIR
         self.model, self.optimizer = model, optimizer
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        # The optimizer/schedule settings of the current config, written back over a
+        # checkpoint's after every load (checkpoint/reconfigure.py).
+        self.fresh_settings = settings_of(optimizer, self.stateful.get("scheduler"))
         self.rank = rank
         self.config_dict = config_dict if config_dict is not None else to_dict(cfg)
         self.last_saved_step: int | None = None  # newest checkpoint known complete
@@ -152,6 +156,7 @@ class CheckpointManager:
         self.metrics_path: Path | None = None  # rank 0: its size is saved (exact resume)
         self.loaded_extra: dict = {}  # the extra state of the checkpoint last loaded
         self.last_loaded: Path | None = None
+        self.loaded_config: dict = {}  # the resolved config the loaded checkpoint saved
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._async_pg = None
@@ -402,6 +407,8 @@ class CheckpointManager:
             if name in extra:
                 obj.load_state_dict(extra[name])
         set_rng_state(extra["rng"])
+        reapply(self.optimizer, self.stateful.get("scheduler"), self.fresh_settings)
+        self.loaded_config = m.get("config", {})
         self.last_saved_step = self.last_requested_step = m["step"]
         self.last_loaded = path
         return m
