@@ -68,10 +68,12 @@ def _split_args(cmd: str, argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
-    from scaletrain.config import build_config
+    from scaletrain.train.resume_config import build_train_config
 
     args, overrides = _split_args("train", argv)
-    cfg = build_config(args.config, overrides)  # validate everything before any compute
+    # Validate everything before any compute; a resume's base is the run's config.toml,
+    # and a run.dir training must not use is refused here (train/run_guard.py).
+    cfg = build_train_config(args.config, overrides)
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
         from scaletrain.config.checks import check_parallel
 

@@ -1,0 +1,46 @@
+"""The config of `scaletrain train`: a resume starts from the run's own config.toml.
+
+Precedence (README "Resuming"): CLI > --config file > the run's saved config.toml >
+defaults, where the saved config counts only when run.dir holds a checkpoint to resume
+from (and run.overwrite is off). So `scaletrain train --run.dir=runs/demo` resumes the
+demo as it was configured, not with the defaults (issue 13 item 4), and every flag or
+file value on top of it is a change: refused if it cannot change (checkpoint/compat.py),
+otherwise applied from the resumed step on (checkpoint/reconfigure.py).
+
+The saved config's run.dir, run.overwrite and checkpoint.resume are not inherited: they
+say what to do with the directory *this* time (the run may have been moved; a fine-tune
+that started from another run's checkpoint resumes from its own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scaletrain.config import Config, build_config
+from scaletrain.config.load import load_toml
+from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, has_checkpoint
+
+NOT_INHERITED = {"run": ("dir", "overwrite"), "checkpoint": ("resume",)}
+
+
+def saved_base(run_dir: Path) -> dict:
+    """The run's saved config.toml without the fields that are not inherited."""
+    saved = load_toml(run_dir / CONFIG_FILE)
+    for sec, keys in NOT_INHERITED.items():
+        table = saved.get(sec)
+        if isinstance(table, dict):
+            for k in keys:
+                table.pop(k, None)
+    return saved
+
+
+def build_train_config(config_file: str | None, overrides: list[tuple[str, str]]) -> Config:
+    """The validated config a `train` command runs; refuses a run.dir it must not use."""
+    cfg = build_config(config_file, overrides)
+    d = Path(cfg.run.dir)
+    if cfg.run.dir.strip() and not cfg.run.overwrite and has_checkpoint(d) \
+            and (d / CONFIG_FILE).is_file():
+        cfg = build_config(config_file, [*overrides, ("run.dir", cfg.run.dir)],
+                           base=saved_base(d))
+    check_run_dir(cfg)
+    return cfg
