@@ -7,6 +7,7 @@ field or file, no traceback; 1 an internal error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -280,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[cmd](rest)
     except UserError as e:
         print(f"scaletrain {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The machine's disk, not a bug: one line (metrics, summary, config writes).
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"scaletrain {cmd}: error: {e.strerror}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"scaletrain {cmd}: interrupted", file=sys.stderr)

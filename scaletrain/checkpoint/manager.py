@@ -52,6 +52,7 @@ from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied
 
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
+from scaletrain.checkpoint.files import is_write_failure, write_failure_reason
 from scaletrain.checkpoint.reconfigure import reapply, settings_of
 from scaletrain.checkpoint.rng import get_rng_state, set_rng_state
 from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
@@ -211,11 +212,12 @@ class CheckpointManager:
                 _barrier()
                 self._finish(None, tmp, final, step)
                 _barrier()
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             self._pending = None
+            error = self._save_error(final, e)  # before the removal: the free space then
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # free the space; earlier ones stay
-            raise self._save_error(final, e) from None
+            raise error from None
         return final
 
     def _get_stager(self) -> DefaultStager:
@@ -275,19 +277,20 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         try:
             pending.result()
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             raise self._save_error(self.root, e) from None
 
     def _save_error(self, where: Path, e: BaseException) -> BaseException:
-        """A full disk (or any OSError) becomes one line; anything else stays internal."""
+        """A full disk (any failed write: an OSError, or torch's zip writer's RuntimeError
+        that drops the errno) becomes one line; anything else stays internal."""
         cause = root_cause(e)
-        if not isinstance(cause, OSError):
+        if not is_write_failure(cause):
             return cause if isinstance(cause, Exception) else RuntimeError(str(e))
         last = self.last_saved_step
         keep = (f"; the last good checkpoint ({step_dir_name(last)}) is untouched"
                 if last is not None else "")
         return CheckpointError(f"saving checkpoint {where} failed: "
-                               f"{cause.strerror or cause}{keep}")
+                               f"{write_failure_reason(cause, where)}{keep}")
 
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root)

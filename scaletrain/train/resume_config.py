@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaletrain.checkpoint.compat import NOT_SETTINGS as NOT_INHERITED
 from scaletrain.config import Config, build_config
 from scaletrain.config.load import load_toml
 from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, has_checkpoint
-
-NOT_INHERITED = {"run": ("dir", "overwrite"), "checkpoint": ("resume",)}
 
 
 def saved_base(run_dir: Path) -> dict:

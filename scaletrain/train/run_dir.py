@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.compress.lora import adapter_only
 from scaletrain.config import Config, build_config, dumps_toml, to_dict
 from scaletrain.config.load import load_toml
@@ -54,9 +55,7 @@ def save_weights(model: nn.Module, path: Path, cfg: Config,
     state = adapter_only(state)  # a LoRA model saves only its adapters (compress/lora.py)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
              if not k.startswith("lm_head.") or not hasattr(model, "tie_weights")}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
-    os.replace(tmp, path)
+    save_safetensors(state, path, metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
