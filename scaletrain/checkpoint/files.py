@@ -26,6 +26,7 @@ from scaletrain.errors import CheckpointError
 _TORCH_WRITE_MARKERS = ("inline_container.cc", "PytorchStreamWriter")
 # safetensors' Rust writer: SafetensorError("Error while serializing: I/O error: …").
 _SAFETENSORS_IO_MARKER = "I/O error"
+_NEARLY_FULL = 1 << 20  # bytes free below which a short write is taken as a full disk
 
 
 def umask() -> int:
@@ -58,20 +59,22 @@ def is_write_failure(e: BaseException) -> bool:
 
 def write_failure_reason(e: BaseException, where: Path) -> str:
     """A short reason for a failed write, with the free space left where it was."""
-    if isinstance(e, OSError) and e.strerror:
-        reason = e.strerror
-    elif isinstance(e, SafetensorError):
-        reason = str(e).split(_SAFETENSORS_IO_MARKER + ":", 1)[-1].strip()
-    else:
-        reason = "the write stopped short"
     probe = Path(where)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
         free = shutil.disk_usage(probe).free
     except OSError:
-        return reason
-    return f"{reason}; {free / 2**20:.1f} MiB free on its file system"
+        free = None
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    elif isinstance(e, SafetensorError):
+        reason = str(e).split(_SAFETENSORS_IO_MARKER + ":", 1)[-1].strip()
+    elif free is not None and free < _NEARLY_FULL:  # torch's writer dropped the errno
+        reason = "No space left on device (the write stopped short)"
+    else:
+        reason = "the write stopped short"
+    return reason if free is None else f"{reason}; {free / 2**20:.1f} MiB free on its file system"
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path,

@@ -141,6 +141,45 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     mf.verify(good)
 
 
+# What a real full disk made torch's zip writer raise inside DCP's save (issue 13 item
+# 12, seen on a 1 MiB tmpfs): a RuntimeError without the errno.
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_as_torch_reports_it_is_one_line(tmp_path, monkeypatch, async_save):
+    cfg = cfg_for(tmp_path, "mlp", "adam", f"--checkpoint.async_save={async_save}")
+    a = Parts(cfg)
+    a.step(0)
+    good = a.mgr.save(1)
+    a.mgr.wait()
+
+    def full(self, *args, **kw):
+        raise RuntimeError(TORCH_FULL_DISK)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError) as e:
+        a.mgr.save(2)
+        a.mgr.wait()
+    msg = str(e.value)
+    assert "\n" not in msg and "stopped short" in msg and "MiB free" in msg, msg
+    assert "step-00000001" in msg and "untouched" in msg
+    assert [p.name for _, p in list_checkpoints(tmp_path / "checkpoints")] == [good.name]
+    mf.verify(good)
+
+
+def test_a_bug_during_save_stays_an_internal_error(tmp_path, monkeypatch):
+    a = Parts(cfg_for(tmp_path, "mlp", "adam"))
+    a.step(0)
+
+    def bug(self, *args, **kw):
+        raise RuntimeError("expected a tensor, got NoneType")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", bug)
+    with pytest.raises(RuntimeError, match="expected a tensor"):
+        a.mgr.save(1)
+
+
 def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path):
     """A process SIGKILLed after writing the data, before the manifest and rename."""
     script = textwrap.dedent(f"""
