@@ -252,17 +252,19 @@ def test_resume_with_new_lr_trains_at_the_new_schedule(two_checkpoints, tmp_path
 
 
 def test_resume_with_more_steps_follows_the_longer_schedule(two_checkpoints, tmp_path):
-    """An allowed change (train.steps) still resumes; the LR from the resumed step on is
-    the longer run's cosine (the first resumed step included)."""
+    """An allowed change (train.steps, eval interval) still resumes; the LR from the
+    resumed step on is the longer run's cosine, the first resumed step included (it was
+    the old schedule's last value, 0.0)."""
     src, args = two_checkpoints
     run = copy_run(src, tmp_path / "run")
     proc = run_cli("train", *args, f"--run.dir={run}", "--train.steps=14",
-                   "--eval.interval=7", "--train.log_interval=2")
+                   "--eval.interval=7")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lrs = train_lrs(run)
-    assert [s for s in lrs if s > 10] == [12, 14]
-    for step in (12, 14):
+    assert sorted(lrs) == list(range(1, 15))
+    for step in range(11, 15):
         assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-3, 0.0, 14), rel=1e-12)
+    assert [r[1] for r in records(run, ("eval",)) if r[1] > 10] == [14]
 
 
 def test_bare_resume_takes_the_runs_own_config(two_checkpoints, tmp_path):
