@@ -294,3 +294,36 @@ def test_grad_scaler_and_loader_state_round_trip(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     a.loader.close()
     b.loader.close()
+
+
+def test_load_applies_the_current_configs_lr_and_settings(tmp_path):
+    """Issue 13 item 3 at the manager: after a load, the peak LR, weight decay and the
+    next step's LR are the current config's; a rollback's LR factor is kept."""
+    a = Parts(cfg_for(tmp_path, "mlp", "adamw"))
+    for i in range(3):
+        a.step(i)
+    a.sched.base_lrs = [b * 0.5 for b in a.sched.base_lrs]  # as faults.roll_back does
+    a.mgr.save(3)
+    b = Parts(cfg_for(tmp_path, "mlp", "adamw", "--optim.lr=1e-4", "--optim.weight_decay=0.01",
+                      "--train.steps=20"))
+    b.mgr.maybe_resume()
+    from scaletrain.optim.schedules import lr_multiplier
+
+    m = lr_multiplier(b.cfg)
+    for g, base in zip(b.opt.param_groups, b.sched.base_lrs):
+        assert g["initial_lr"] == 1e-4 and base == 1e-4 * 0.5
+        assert g["lr"] == base * m(3)
+        assert g["weight_decay"] in (0.01, 0.0)  # decayed / no-decay group
+    assert {g["weight_decay"] for g in b.opt.param_groups} == {0.01, 0.0}
+
+
+def test_load_applies_the_current_plateau_settings(tmp_path):
+    a = Parts(cfg_for(tmp_path, "mlp", "adam", "--schedule.name=plateau"))
+    for i in range(4):
+        a.step(i)
+    a.mgr.save(4)
+    b = Parts(cfg_for(tmp_path, "mlp", "adam", "--schedule.name=plateau", "--optim.lr=1e-4",
+                      "--schedule.gamma=0.5", "--schedule.patience=7"))
+    b.mgr.maybe_resume()
+    assert b.sched.plateau.factor == 0.5 and b.sched.plateau.patience == 7
+    assert [g["lr"] for g in b.opt.param_groups] == pytest.approx([1e-4] * len(b.opt.param_groups))
