@@ -74,7 +74,8 @@ def cmd_train(argv: list[str]) -> int:
     args, overrides = _split_args("train", argv)
     # Validate everything before any compute; a resume's base is the run's config.toml,
     # and a run.dir training must not use is refused here (train/run_guard.py).
-    cfg = build_train_config(args.config, overrides)
+    cfg = build_train_config(args.config, overrides,
+                             guard=int(os.environ.get("RANK", 0)) == 0)
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
         from scaletrain.config.checks import check_parallel
 

@@ -33,13 +33,20 @@ def saved_base(run_dir: Path) -> dict:
     return saved
 
 
-def build_train_config(config_file: str | None, overrides: list[tuple[str, str]]) -> Config:
-    """The validated config a `train` command runs; refuses a run.dir it must not use."""
+def build_train_config(config_file: str | None, overrides: list[tuple[str, str]],
+                       guard: bool = True) -> Config:
+    """The validated config a `train` command runs; with `guard`, refuses a run.dir it
+    must not use (train/run_guard.py).
+
+    `guard` is for the process that writes the run directory (the launcher and rank 0):
+    another rank may look only after rank 0 has written config.toml (the parameter-server
+    rank 0 does so before the rendezvous) and would take the fresh run for a foreign one."""
     cfg = build_config(config_file, overrides)
     d = Path(cfg.run.dir)
     if cfg.run.dir.strip() and not cfg.run.overwrite and has_checkpoint(d) \
             and (d / CONFIG_FILE).is_file():
         cfg = build_config(config_file, [*overrides, ("run.dir", cfg.run.dir)],
                            base=saved_base(d))
-    check_run_dir(cfg)
+    if guard:
+        check_run_dir(cfg)
     return cfg
