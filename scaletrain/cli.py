@@ -7,6 +7,7 @@ field or file, no traceback; 1 an internal error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -68,10 +69,13 @@ def _split_args(cmd: str, argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
-    from scaletrain.config import build_config
+    from scaletrain.train.resume_config import build_train_config
 
     args, overrides = _split_args("train", argv)
-    cfg = build_config(args.config, overrides)  # validate everything before any compute
+    # Validate everything before any compute; a resume's base is the run's config.toml,
+    # and a run.dir training must not use is refused here (train/run_guard.py).
+    cfg = build_train_config(args.config, overrides,
+                             guard=int(os.environ.get("RANK", 0)) == 0)
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
         from scaletrain.config.checks import check_parallel
 
@@ -278,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[cmd](rest)
     except UserError as e:
         print(f"scaletrain {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The machine's disk, not a bug: one line (metrics, summary, config writes).
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"scaletrain {cmd}: error: {e.strerror}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"scaletrain {cmd}: interrupted", file=sys.stderr)

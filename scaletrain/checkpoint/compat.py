@@ -42,6 +42,24 @@ def differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
+# Where the run is and how to treat its directory this time, not how it trains: a moved
+# run or a resume of a fine-tune is no "changed setting".
+NOT_SETTINGS = {"run": ("dir", "overwrite"), "checkpoint": ("resume",)}
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'section.key: saved -> now' for every field that differs (the allowed changes a
+    resume applies from the resumed step on, e.g. optim.lr or train.steps)."""
+    out = []
+    for sec, table in now.items():
+        old = saved.get(sec, {})
+        for k, v in table.items():
+            if k in old and k not in NOT_SETTINGS.get(sec, ()) and old[k] != v and not (isinstance(v, (list, tuple))
+                                                 and list(old[k]) == list(v)):
+                out.append(f"{sec}.{k}: {old[k]!r} -> {v!r}")
+    return out
+
+
 class IncompatibleCheckpoint(CheckpointError):
     """The config differs from the checkpoint's in a field that cannot change."""
 

@@ -39,8 +39,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.errors import CheckpointError, ConfigError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -134,7 +134,7 @@ def export_hf(cfg, model, tok, out: Path) -> None:
                           "has biases (use --format safetensors)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(cfg, model, tok), indent=2))
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     if tok is not None:
         tok.save(out / "tokenizer.json")
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}

@@ -52,6 +52,8 @@ from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied
 
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
+from scaletrain.checkpoint.files import is_write_failure, write_failure_reason
+from scaletrain.checkpoint.reconfigure import reapply, settings_of
 from scaletrain.checkpoint.rng import get_rng_state, set_rng_state
 from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
                                               safe_unpickle_metadata)
@@ -144,6 +146,9 @@ class CheckpointManager:
         self.root = self.run_dir / CKPT_DIR
         self.model, self.optimizer = model, optimizer
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        # The optimizer/schedule settings of the current config, written back over a
+        # checkpoint's after every load (checkpoint/reconfigure.py).
+        self.fresh_settings = settings_of(optimizer, self.stateful.get("scheduler"))
         self.rank = rank
         self.config_dict = config_dict if config_dict is not None else to_dict(cfg)
         self.last_saved_step: int | None = None  # newest checkpoint known complete
@@ -152,6 +157,7 @@ class CheckpointManager:
         self.metrics_path: Path | None = None  # rank 0: its size is saved (exact resume)
         self.loaded_extra: dict = {}  # the extra state of the checkpoint last loaded
         self.last_loaded: Path | None = None
+        self.loaded_config: dict = {}  # the resolved config the loaded checkpoint saved
         self._pending: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._async_pg = None
@@ -206,11 +212,12 @@ class CheckpointManager:
                 _barrier()
                 self._finish(None, tmp, final, step)
                 _barrier()
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             self._pending = None
+            error = self._save_error(final, e)  # before the removal: the free space then
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # free the space; earlier ones stay
-            raise self._save_error(final, e) from None
+            raise error from None
         return final
 
     def _get_stager(self) -> DefaultStager:
@@ -270,19 +277,20 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         try:
             pending.result()
-        except (OSError, CheckpointException) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             raise self._save_error(self.root, e) from None
 
     def _save_error(self, where: Path, e: BaseException) -> BaseException:
-        """A full disk (or any OSError) becomes one line; anything else stays internal."""
+        """A full disk (any failed write: an OSError, or torch's zip writer's RuntimeError
+        that drops the errno) becomes one line; anything else stays internal."""
         cause = root_cause(e)
-        if not isinstance(cause, OSError):
+        if not is_write_failure(cause):
             return cause if isinstance(cause, Exception) else RuntimeError(str(e))
         last = self.last_saved_step
         keep = (f"; the last good checkpoint ({step_dir_name(last)}) is untouched"
                 if last is not None else "")
         return CheckpointError(f"saving checkpoint {where} failed: "
-                               f"{cause.strerror or cause}{keep}")
+                               f"{write_failure_reason(cause, where)}{keep}")
 
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root)
@@ -402,6 +410,8 @@ class CheckpointManager:
             if name in extra:
                 obj.load_state_dict(extra[name])
         set_rng_state(extra["rng"])
+        reapply(self.optimizer, self.stateful.get("scheduler"), self.fresh_settings)
+        self.loaded_config = m.get("config", {})
         self.last_saved_step = self.last_requested_step = m["step"]
         self.last_loaded = path
         return m

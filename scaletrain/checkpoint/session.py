@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scaletrain.checkpoint.compat import IncompatibleCheckpoint
+from scaletrain.checkpoint.compat import IncompatibleCheckpoint, changed_settings
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
 from scaletrain.train.host_reads import LaggedReads
 
@@ -144,6 +144,11 @@ class CheckpointSession:
             if step is not None:
                 print(f"scaletrain: resumed from {step_dir_name(step)} "
                       f"({self.manager.root})", file=sys.stderr, flush=True)
+                changes = changed_settings(self.manager.loaded_config,
+                                           self.manager.config_dict)
+                if changes:  # applied from the resumed step on (checkpoint/reconfigure.py)
+                    print("scaletrain: resuming with changed settings: "
+                          + "; ".join(changes), file=sys.stderr, flush=True)
         return step
 
     # -- signals -----------------------------------------------------------------------

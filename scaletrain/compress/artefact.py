@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.errors import CheckpointError, UserError
 
 ARTEFACT_FILE = "artefact.json"
@@ -42,10 +43,8 @@ def save_artefact(out: Path, state: dict[str, torch.Tensor], cfg, tokenizer, kin
     write_atomic(out / CONFIG_FILE, dumps_toml(cfg))
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"artefact_kind": kind})
-    os.replace(tmp, out / WEIGHTS)
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                     out / WEIGHTS, metadata={"artefact_kind": kind})
     write_atomic(out / ARTEFACT_FILE, json.dumps({"format": FORMAT, "kind": kind, **meta},
                                                  indent=1))
     return out

@@ -9,36 +9,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.compress.lora import adapter_only
 from scaletrain.config import Config, build_config, dumps_toml, to_dict
 from scaletrain.config.load import load_toml
-from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.errors import CheckpointError
+from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, clear_run_outputs
 
-CONFIG_FILE = "config.toml"
 FINAL_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run directory and write the resolved config (rank 0 only)."""
-    d = Path(cfg.run.dir)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"run.dir '{d}' exists and is not a directory")
-    if cfg.run.overwrite and d.exists():
-        for name in (CONFIG_FILE, FINAL_WEIGHTS, BEST_WEIGHTS, "metrics.jsonl", "summary.json"):
-            (d / name).unlink(missing_ok=True)
-        for sub in ("tensorboard", "plots", "checkpoints"):
-            shutil.rmtree(d / sub, ignore_errors=True)
-    d.mkdir(parents=True, exist_ok=True)
+    """Check the run directory may be trained into (train/run_guard.py), clear a run's
+    outputs when asked (run.overwrite) and write the resolved config (rank 0 only)."""
+    d = check_run_dir(cfg)
+    if cfg.run.overwrite:
+        clear_run_outputs(d)
     write_atomic(d / CONFIG_FILE, dumps_toml(cfg))
     return d
 
@@ -60,9 +55,7 @@ def save_weights(model: nn.Module, path: Path, cfg: Config,
     state = adapter_only(state)  # a LoRA model saves only its adapters (compress/lora.py)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
              if not k.startswith("lm_head.") or not hasattr(model, "tie_weights")}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
-    os.replace(tmp, path)
+    save_safetensors(state, path, metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

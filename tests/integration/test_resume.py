@@ -10,6 +10,7 @@ final weights `torch.equal`. It uses dropout (the RNG streams must be restored),
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -217,3 +218,75 @@ def test_rerunning_a_finished_run_logs_nothing_twice(two_checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step-00000010" in proc.stderr
     assert records(run) == before  # the final evals were cut and logged again, once
+
+
+def train_lrs(run: Path) -> dict[int, float]:
+    return {r[1]: r[3] for r in records(run, ("train",))}
+
+
+def cosine_lr(t: int, lr: float, min_lr: float, steps: int) -> float:
+    """The default schedule (cosine, no warmup) at 0-based step t, by its definition."""
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t / steps)))
+
+
+def test_resume_with_new_lr_trains_at_the_new_schedule(two_checkpoints, tmp_path):
+    """Issue 13 item 3: the LR after a resume with new optim/schedule flags is the new
+    config's schedule at every step (not the old peak under the new schedule)."""
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    proc = run_cli("train", *args, f"--run.dir={run}", "--train.steps=16",
+                   "--optim.lr=1e-4", "--schedule.min_lr=1e-5", "--optim.weight_decay=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step-00000010" in proc.stderr
+    changed = [ln for ln in proc.stderr.splitlines() if "changed settings" in ln]
+    assert len(changed) == 1, proc.stderr
+    for fragment in ("optim.lr: 0.001 -> 0.0001", "schedule.min_lr: 0.0 -> 1e-05",
+                     "train.steps: 10 -> 16", "optim.weight_decay: 0.1 -> 0.05"):
+        assert fragment in changed[0], changed[0]
+    lrs = train_lrs(run)
+    assert sorted(lrs) == list(range(1, 17))
+    for step in range(11, 17):
+        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-4, 1e-5, 16), rel=1e-12), step
+    saved = (run / "config.toml").read_text()
+    assert "lr = 0.0001" in saved and "min_lr = 1e-05" in saved
+
+
+def test_resume_with_more_steps_follows_the_longer_schedule(two_checkpoints, tmp_path):
+    """An allowed change (train.steps, eval interval) still resumes; the LR from the
+    resumed step on is the longer run's cosine, the first resumed step included (it was
+    the old schedule's last value, 0.0)."""
+    src, args = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    proc = run_cli("train", *args, f"--run.dir={run}", "--train.steps=14",
+                   "--eval.interval=7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lrs = train_lrs(run)
+    assert sorted(lrs) == list(range(1, 15))
+    for step in range(11, 15):
+        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-3, 0.0, 14), rel=1e-12)
+    assert [r[1] for r in records(run, ("eval",)) if r[1] > 10] == [14]
+
+
+def test_bare_resume_takes_the_runs_own_config(two_checkpoints, tmp_path):
+    """Issue 13 item 4: `train --run.dir=RUN` alone resumes RUN as configured (its
+    model, data and steps), not with the defaults, and leaves config.toml as it was."""
+    src, _ = two_checkpoints
+    run = copy_run(src, tmp_path / "run")
+    def saved_config():  # run.dir names the copy's location: not a training setting
+        return [ln for ln in (run / "config.toml").read_text().splitlines()
+                if not ln.startswith("dir = ")]
+
+    before = saved_config()
+    records_before = records(run)
+    proc = run_cli("train", f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step-00000010" in proc.stderr
+    assert "changed settings" not in proc.stderr, proc.stderr
+    assert saved_config() == before
+    assert records(run) == records_before  # the 10-step run was already finished
+    # A flag on top of the bare resume is a change of the saved config.
+    proc = run_cli("train", f"--run.dir={run}", "--train.steps=12")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.steps: 10 -> 12" in proc.stderr
+    assert max(train_lrs(run)) == 12
+    assert "n_layer = 2" in (run / "config.toml").read_text()

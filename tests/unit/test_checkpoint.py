@@ -141,6 +141,45 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     mf.verify(good)
 
 
+# What a real full disk made torch's zip writer raise inside DCP's save (issue 13 item
+# 12, seen on a 1 MiB tmpfs): a RuntimeError without the errno.
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_as_torch_reports_it_is_one_line(tmp_path, monkeypatch, async_save):
+    cfg = cfg_for(tmp_path, "mlp", "adam", f"--checkpoint.async_save={async_save}")
+    a = Parts(cfg)
+    a.step(0)
+    good = a.mgr.save(1)
+    a.mgr.wait()
+
+    def full(self, *args, **kw):
+        raise RuntimeError(TORCH_FULL_DISK)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(CheckpointError) as e:
+        a.mgr.save(2)
+        a.mgr.wait()
+    msg = str(e.value)
+    assert "\n" not in msg and "stopped short" in msg and "MiB free" in msg, msg
+    assert "step-00000001" in msg and "untouched" in msg
+    assert [p.name for _, p in list_checkpoints(tmp_path / "checkpoints")] == [good.name]
+    mf.verify(good)
+
+
+def test_a_bug_during_save_stays_an_internal_error(tmp_path, monkeypatch):
+    a = Parts(cfg_for(tmp_path, "mlp", "adam"))
+    a.step(0)
+
+    def bug(self, *args, **kw):
+        raise RuntimeError("expected a tensor, got NoneType")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", bug)
+    with pytest.raises(RuntimeError, match="expected a tensor"):
+        a.mgr.save(1)
+
+
 def test_kill_during_write_leaves_previous_checkpoint_intact(tmp_path):
     """A process SIGKILLed after writing the data, before the manifest and rename."""
     script = textwrap.dedent(f"""
@@ -255,3 +294,36 @@ def test_grad_scaler_and_loader_state_round_trip(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     a.loader.close()
     b.loader.close()
+
+
+def test_load_applies_the_current_configs_lr_and_settings(tmp_path):
+    """Issue 13 item 3 at the manager: after a load, the peak LR, weight decay and the
+    next step's LR are the current config's; a rollback's LR factor is kept."""
+    a = Parts(cfg_for(tmp_path, "mlp", "adamw"))
+    for i in range(3):
+        a.step(i)
+    a.sched.base_lrs = [b * 0.5 for b in a.sched.base_lrs]  # as faults.roll_back does
+    a.mgr.save(3)
+    b = Parts(cfg_for(tmp_path, "mlp", "adamw", "--optim.lr=1e-4", "--optim.weight_decay=0.01",
+                      "--train.steps=20"))
+    b.mgr.maybe_resume()
+    from scaletrain.optim.schedules import lr_multiplier
+
+    m = lr_multiplier(b.cfg)
+    for g, base in zip(b.opt.param_groups, b.sched.base_lrs):
+        assert g["initial_lr"] == 1e-4 and base == 1e-4 * 0.5
+        assert g["lr"] == base * m(3)
+        assert g["weight_decay"] in (0.01, 0.0)  # decayed / no-decay group
+    assert {g["weight_decay"] for g in b.opt.param_groups} == {0.01, 0.0}
+
+
+def test_load_applies_the_current_plateau_settings(tmp_path):
+    a = Parts(cfg_for(tmp_path, "mlp", "adam", "--schedule.name=plateau"))
+    for i in range(4):
+        a.step(i)
+    a.mgr.save(4)
+    b = Parts(cfg_for(tmp_path, "mlp", "adam", "--schedule.name=plateau", "--optim.lr=1e-4",
+                      "--schedule.gamma=0.5", "--schedule.patience=7"))
+    b.mgr.maybe_resume()
+    assert b.sched.plateau.factor == 0.5 and b.sched.plateau.patience == 7
+    assert [g["lr"] for g in b.opt.param_groups] == pytest.approx([1e-4] * len(b.opt.param_groups))
