@@ -197,7 +197,8 @@ def local_loss(loss: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def parallel_grad_norm(params, max_norm: float, pp_group=None) -> torch.Tensor:
     """Global L2 norm of the gradients of a TP/PP/FSDP model, clipped to `max_norm`
-    (0 = measure only). Returns the norm (plain fp32 tensor, same on every rank).
+    (0 = measure only). Returns the norm (a plain tensor, same on every rank): fp32, or
+    fp64 for fp64 gradients (verification runs must not round the clip coefficient).
 
     DTensor gradients (TP- or FSDP-sharded) contribute their global norm via DTensor's
     reductions; plain ones (replicated) their local norm. Pipeline stages hold disjoint
@@ -209,8 +210,11 @@ def parallel_grad_norm(params, max_norm: float, pp_group=None) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float64, device=device)
+    out_dtype = torch.float32
     for g in grads:
-        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        norm_dtype = torch.promote_types(g.dtype, torch.float32)  # fp64 stays fp64
+        out_dtype = torch.promote_types(out_dtype, norm_dtype)
+        n = torch.linalg.vector_norm(g, dtype=norm_dtype)
         if isinstance(n, DTensor):
             n = n.full_tensor()
         sq += n.double() ** 2
@@ -218,7 +222,7 @@ def parallel_grad_norm(params, max_norm: float, pp_group=None) -> torch.Tensor:
         import torch.distributed as dist
 
         dist.all_reduce(sq, group=pp_group)
-    total = sq.sqrt().float()
+    total = sq.sqrt().to(out_dtype)
     if max_norm > 0 and math.isfinite(max_norm):
         coef = float(max_norm) / (float(total) + 1e-6)
         if coef < 1.0:

@@ -12,10 +12,18 @@ optimizer steps on every shard, one update at a time:
   staleness (version at apply - version computed on) <= s. With s = 0 this is exactly
   synchronous training.
 - async (Downpour, Dean et al. 2012): every push is its own update, applied in arrival
-  order, normalised by its own token count; nobody waits. The run ends after the same
-  number of samples as sync (train.steps x n_workers worker-steps), however they are
-  split between workers: a fast worker does more of them than a straggler. Pushes that
-  arrive after the budget is full are refused ("stop").
+  order, normalised by its own token count; no worker waits for another. A worker's
+  pull does wait until its own earlier pushes are applied (read-your-writes): the applier
+  runs behind the pushes (it also evaluates and checkpoints between two updates), and
+  without that wait a worker would go on pulling parameters its own gradients are not in
+  yet — during a long evaluation it spent the whole sample budget on the initial
+  weights. So at most ceil(P/Q) pushes per worker are queued (P = ps_pull_every,
+  Q = ps_push_every), and a gradient is stale by at most ceil((P-1)/Q) of its own
+  worker's updates plus the updates other workers applied while it was computed (that
+  part depends on their relative speed: async has no bound on it; ssp does). The run
+  ends after the same number of samples as sync (train.steps x n_workers worker-steps),
+  however they are split between workers: a fast worker does more of them than a
+  straggler. Pushes that arrive after the budget is full are refused ("stop").
 
 The LR schedule advances once per global batch of samples (one update in sync/ssp;
 n_workers worker-steps in async), so the learning rate follows the same curve in
@@ -78,7 +86,9 @@ class Coordinator:
         self.live = set(range(n_workers))
         self.finished: set[int] = set()
         self.last_seen = {w: time.monotonic() for w in self.live}
-        self.waiting: dict[int, tuple[int, torch.futures.Future]] = {}
+        # Workers waiting to pull: (the condition they wait for, their future).
+        self.waiting: dict[int, tuple[Callable[[], bool], torch.futures.Future]] = {}
+        self.applied_pushes = {w: 0 for w in self.live}  # async: per worker, this session
         self.contribs: dict[str, dict[int, Contribution]] = {}
         self.queue: deque[str] = deque()  # async: keys in arrival order
         st = state or {}
@@ -134,17 +144,25 @@ class Coordinator:
         return refused
 
     def wait_version(self, w: int, target: int) -> torch.futures.Future:
-        """A future that completes with "ok" once version >= target ("dropped" if `w`
-        is dropped first)."""
+        """sync/ssp: a future that completes with "ok" once version >= target
+        ("dropped" if `w` is dropped first)."""
+        return self._wait(w, lambda: self.version >= target)
+
+    def wait_own_pushes(self, w: int, pushed: int) -> torch.futures.Future:
+        """async: a future that completes with "ok" once `pushed` pushes of worker `w`
+        (all it made this session) are applied ("dropped" if `w` is dropped first)."""
+        return self._wait(w, lambda: self.applied_pushes[w] >= pushed)
+
+    def _wait(self, w: int, ready: Callable[[], bool]) -> torch.futures.Future:
         fut = torch.futures.Future()
         with self.cond:
             if w not in self.live:
                 result = "dropped"
-            elif self.version >= target:
+            elif ready():
                 self.last_seen[w] = time.monotonic()
                 result = "ok"
             else:
-                self.waiting[w] = (target, fut)
+                self.waiting[w] = (ready, fut)
                 return fut
         fut.set_result(result)
         return fut
@@ -214,9 +232,10 @@ class Coordinator:
                 self.next_clock += 1
             for w, c in contribs.items():
                 self.positions[w] = (c.clock, c.loader)
+                self.applied_pushes[w] += 1
             for s in stale:
                 self.hist[s] = self.hist.get(s, 0) + 1
-            ready = [(w, f) for w, (t, f) in self.waiting.items() if self.version >= t]
+            ready = [(w, f) for w, (ok, f) in self.waiting.items() if ok()]
             for w, _ in ready:
                 del self.waiting[w]
                 self.last_seen[w] = time.monotonic()
@@ -280,14 +299,25 @@ def rpc_hello(w: int):
     return _COORD.hello(w)
 
 
+def _with_shard0(fut: torch.futures.Future) -> torch.futures.Future:
+    """Once `fut` is "ok": ("ok", version, tensors) of shard 0 — the wait and the pull
+    of this process's shard in one round trip; ("dropped", -1, []) if dropped."""
+    def reply(done):
+        status = done.value()
+        return (status, *server.rpc_pull()) if status == "ok" else (status, -1, [])
+    return fut.then(reply)
+
+
 @torch.distributed.rpc.functions.async_execution
 def rpc_wait_pull(w: int, target: int):
-    """Once version >= target: ("ok", version, tensors) of shard 0 — the wait and the
-    pull of this process's shard in one round trip; ("dropped", -1, []) if dropped."""
-    def reply(fut):
-        status = fut.value()
-        return (status, *server.rpc_pull()) if status == "ok" else (status, -1, [])
-    return _COORD.wait_version(w, target).then(reply)
+    """sync/ssp: pull shard 0 once version >= target."""
+    return _with_shard0(_COORD.wait_version(w, target))
+
+
+@torch.distributed.rpc.functions.async_execution
+def rpc_wait_own_pull(w: int, pushed: int):
+    """async: pull shard 0 once worker `w`'s `pushed` pushes are applied."""
+    return _with_shard0(_COORD.wait_own_pushes(w, pushed))
 
 
 def rpc_push_report(w: int, key: str, grads: list[torch.Tensor], c: Contribution) -> str:

@@ -113,23 +113,30 @@ class _Run:
         self.hist_writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)
         self.progress = Progress(cfg.train.steps, initial=self.coord.step,
                                  enabled=cfg.train.progress)
-        self._window = {"loss": 0.0, "tokens": 0, "stale": []}
+        # The logged loss is the logged step's own (as the main trainer logs it): the
+        # updates since the previous step — one in sync/ssp, the pushes that completed
+        # the step's samples in async. Staleness counts every applied gradient once, over
+        # the log interval.
+        self._step_loss = {"loss": 0.0, "tokens": 0}
+        self._stale: list[int] = []
         self.last_train: dict = {}
         self.t0 = self.t_log = time.perf_counter()
         self.tokens_at_log = self.coord.tokens
 
     # -- hooks from the applier thread (between two updates) ----------------------------
     def on_update(self, u: coord_mod.Update) -> None:
-        w = self._window
-        w["loss"] += u.loss * u.tokens
-        w["tokens"] += u.tokens
-        w["stale"] += u.staleness
+        step = self._step_loss
+        step["loss"] += u.loss * u.tokens
+        step["tokens"] += u.tokens
+        self._stale += u.staleness
         c = self.cfg
         crossed = lambda every: every and u.step // every > u.prev_step // every
         if u.step == u.prev_step:
             return
+        step_loss = step["loss"] / max(step["tokens"], 1)
+        self._step_loss = {"loss": 0.0, "tokens": 0}
         if crossed(c.train.log_interval) or u.step >= c.train.steps:
-            self._log_train(u)
+            self._log_train(u, step_loss)
         if crossed(c.eval.interval) and u.step < c.train.steps:
             val = self.evaluate("val", u.step)
             self.progress.write(f"step {u.step}: val loss {val['loss']:.4f}")
@@ -141,23 +148,23 @@ class _Run:
         print(f"scaletrain: PS: {event}", file=sys.stderr, flush=True)
         self.sinks.write({"kind": "ps_event", "step": self.coord.step, **event})
 
-    def _log_train(self, u) -> None:
-        w, now = self._window, time.perf_counter()
-        stale = w["stale"] or [0]
+    def _log_train(self, u, loss: float) -> None:
+        now = time.perf_counter()
+        stale = self._stale or [0]
         counts = {str(s): stale.count(s) for s in sorted(set(stale))}
         tok_s = (self.coord.tokens - self.tokens_at_log) / max(now - self.t_log, 1e-9)
-        record = {"kind": "train", "step": u.step, "loss": w["loss"] / max(w["tokens"], 1),
+        record = {"kind": "train", "step": u.step, "loss": loss,
                   "lr": u.lr, "grad_norm": u.grad_norm, "tokens": self.coord.tokens,
                   "tokens_per_s": tok_s, "mfu": None, "mem_mb": peak_memory_mb(self.rt.device),
                   "version": u.version, "workers": len(self.coord.live),
                   "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                   "staleness_counts": counts}
         self.sinks.write(record)
-        if w["stale"]:
-            self.hist_writer.add_histogram("ps/staleness", torch.tensor(w["stale"]), u.step)
-        self.progress.update(u.step, loss=record["loss"], lr=u.lr, tok_s=tok_s)
+        if self._stale:
+            self.hist_writer.add_histogram("ps/staleness", torch.tensor(self._stale), u.step)
+        self.progress.update(u.step, loss=loss, lr=u.lr, tok_s=tok_s)
         self.last_train = record
-        self._window = {"loss": 0.0, "tokens": 0, "stale": []}
+        self._stale = []
         self.t_log, self.tokens_at_log = now, self.coord.tokens
 
     # -- parameters, evaluation, checkpoints ------------------------------------------

@@ -5,6 +5,10 @@ Worker i of n reads slice i of every global batch from the world-size-independen
 exactly the single-process batch of step c+1. It sends the gradient of its *summed*
 loss and its target count; the server divides by the total count of the update
 (global-count normalisation, as in train/step.py).
+
+Every pull first waits on the coordinator: sync/ssp until the clock's staleness bound
+allows it, async until this worker's own earlier pushes are applied (coordinator.py
+says why), so the parameters a worker computes on always contain its own updates.
 """
 
 from __future__ import annotations
@@ -40,24 +44,24 @@ class Worker:
                                      shuffle=cfg.data.shuffle, assignment=cfg.data.assignment)
         self.delay = p.ps_slow_delay_s if p.ps_slow_worker == index else 0.0
         self.version = 0  # the oldest shard version of the parameters held here
+        self.pushes = 0  # async: pushes the coordinator accepted, this session
         # Test hook: called with the clock after every step (fault tests kill from it).
         self.on_step = lambda clock: None
 
-    def pull(self, wait_for: int | None = None) -> str:
-        """Copy every shard's current tensors in. With `wait_for`, first wait until the
-        coordinator's version reaches it (sync/ssp); returns "ok" or "dropped"."""
+    def pull(self, clock: int) -> str:
+        """Copy every shard's current tensors in, once the coordinator allows it (see the
+        module docstring) — before starting `clock`; returns "ok" or "dropped"."""
         n = len(self.shard_params)
-        if wait_for is None:
-            futs = [transport.call_async(s, server.rpc_pull) for s in range(n)]
-            replies = [f.wait() for f in futs]
-        else:
-            status, v0, t0 = transport.call(0, coord.rpc_wait_pull, self.w, wait_for,
-                                            timeout=0)
-            if status != "ok":
-                return status
-            # Every server has applied an update before the coordinator counts it.
-            futs = [transport.call_async(s, server.rpc_pull) for s in range(1, n)]
-            replies = [(v0, t0)] + [f.wait() for f in futs]
+        if self.mode == "async":
+            wait = (coord.rpc_wait_own_pull, self.w, self.pushes)
+        else:  # SSP: start clock c only once every clock < c - s is applied.
+            wait = (coord.rpc_wait_pull, self.w, clock - self.s)
+        status, v0, t0 = transport.call(0, *wait, timeout=0)
+        if status != "ok":
+            return status
+        # Every server has applied an update before the coordinator counts it.
+        futs = [transport.call_async(s, server.rpc_pull) for s in range(1, n)]
+        replies = [(v0, t0)] + [f.wait() for f in futs]
         with torch.no_grad():
             for params, (_, tensors) in zip(self.shard_params, replies):
                 for p, t in zip(params, tensors):
@@ -94,12 +98,9 @@ class Worker:
         # sync/ssp: train.steps clocks; async: until the coordinator's sample budget
         # (train.steps x n_workers worker-steps, split by speed) is full.
         while self.mode == "async" or clock < self.steps:
-            if self.mode != "async":
-                # SSP: start clock c only once every clock < c - s is applied.
-                if self.pull(wait_for=clock - self.s) != "ok":
+            if self.mode != "async" or (clock - start) % p.ps_pull_every == 0:
+                if self.pull(clock) != "ok":
                     return self._dropped()
-            elif (clock - start) % p.ps_pull_every == 0:
-                self.pull()
             grads, loss_sum, count = self.gradient()
             if acc is None:
                 acc, acc_version = grads, self.version
@@ -119,6 +120,7 @@ class Worker:
                 answer = transport.call(0, coord.rpc_push_report, self.w, key, acc[0], c)
                 if answer == "dropped":
                     return self._dropped()
+                self.pushes += 1
                 acc, acc_loss, acc_count, acc_steps = None, 0.0, 0, 0
                 if answer == "stop":
                     break

@@ -1,5 +1,6 @@
 """Parameter-server mode (issue #7): parity of sync with single-process training, the SSP
-staleness bound, async convergence, a killed worker, and exact resume.
+staleness bound, a killed worker, and exact resume (async staleness and convergence:
+test_paramserver_async.py, through the CLI).
 
 Each run spawns `world` processes (servers first, then workers) with the torchrun
 environment (spawn.py) and calls `train_ps` in each; rank 0 returns the run's summary.
@@ -97,18 +98,6 @@ def test_ssp_staleness_is_bounded(tiny_args, s):
     assert all(r["staleness_max"] <= s for r in train)
     # The fast worker does run ahead (the bound is reached, not vacuous).
     assert summary["staleness_max"] >= 1
-
-
-def test_async_converges_like_sync(tiny_args, tmp_path):
-    common = tiny_args + ["--train.steps=20", "--optim.lr=3e-3", "--eval.test=false",
-                          "--schedule.name=constant", "--train.log_interval=10"]
-    sync = run_ps(common + [f"--run.dir={tmp_path / 'sync'}"], 1, 2)
-    asyn = run_ps(common + ["--parallel.ps_consistency=async",
-                            f"--run.dir={tmp_path / 'async'}"], 1, 2)
-    assert asyn["tokens"] == sync["tokens"]  # the same number of samples
-    assert asyn["ps_updates"] == 2 * sync["ps_updates"]  # one update per push
-    assert sync["val"]["loss"] < 5.7  # both learned something (initial ~ln 384 = 5.95)
-    assert abs(asyn["val"]["loss"] - sync["val"]["loss"]) <= 0.05 * sync["val"]["loss"]
 
 
 @pytest.mark.parametrize("consistency", ["async", "sync"])
