@@ -387,6 +387,8 @@ class CompressConfig:
     gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
                          "decoding of a small model is latency-bound: 1 is often fastest.",
                          ge=0)
+    gen_repeats: int = F(5, "Timed generations per artefact, after one untimed warm-up; "
+                         "the report gives their median tokens/s.", ge=1)
 
 
 @dataclass
