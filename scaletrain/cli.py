@@ -155,7 +155,7 @@ def _run_config(args, overrides):
 
 def cmd_eval(argv: list[str]) -> int:
     from scaletrain.data.loader import eval_batches
-    from scaletrain.evaluate import evaluate
+    from scaletrain.evaluate import covered_samples, evaluate
     from scaletrain.evaluate.model_data import data_for_model
     from scaletrain.models import REGISTRY
     from scaletrain.precision import PrecisionPolicy
@@ -170,10 +170,13 @@ def cmd_eval(argv: list[str]) -> int:
     if dataset is None:
         raise UserError(f"data.{args.split}_fraction is 0: the run has no {args.split} split")
     policy = PrecisionPolicy(cfg.precision.dtype, next(model.parameters()).device)
-    # The whole split: what the run's summary.json reports for test (evaluate/evaluator.py).
-    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, 0), policy,
+    # val: the whole split; test: the batches the run's own test loss covers (all by
+    # default), so that the two agree (evaluate/evaluator.py).
+    n_batches = cfg.eval.test_batches if args.split == "test" else 0
+    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, n_batches), policy,
                       policy.device, REGISTRY[cfg.model.name].kind)
-    print(json.dumps({"split": args.split, **result, "samples": len(dataset)}))
+    samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
+    print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0
 
 

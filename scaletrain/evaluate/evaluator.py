@@ -12,15 +12,15 @@ from scaletrain.train.losses import IGNORE_INDEX, count_targets, sum_cross_entro
 
 
 def split_batches(split: str, eval_cfg) -> int:
-    """How many evaluation batches a split gets (0 = all of it).
+    """How many evaluation batches a split gets during and at the end of a run (0 = all).
 
     Validation runs many times during training, so it reads a fixed sample of
-    `eval.batches` batches; the test evaluation runs once, at the end, and is the number
-    a run reports, so it covers the whole split — the same number `scaletrain eval
-    --split test` gives (issue 13 item 5: 640 of 3,315 samples had reported 4.15 where
-    the split gives 3.67).
+    `eval.batches` batches; the test evaluation runs once, at the end, is the number a
+    run reports, and by default covers the whole split (`eval.test_batches` = 0) — the
+    number `scaletrain eval --split test` gives, which reads the same `eval.test_batches`
+    (issue 13 item 5: 640 of 3,315 samples had reported 4.15 where the split gives 3.67).
     """
-    return 0 if split == "test" else eval_cfg.batches
+    return eval_cfg.test_batches if split == "test" else eval_cfg.batches
 
 
 def covered_samples(dataset, batch_size: int, batches: int) -> int:

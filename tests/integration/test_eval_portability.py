@@ -32,13 +32,13 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=200)
 
 
-def _eval(capsys, run_dir: Path, split: str) -> dict:
+def _eval(capsys, run_dir: Path, split: str, *extra: str) -> dict:
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared machine: one thread is faster for a tiny model
     try:
-        assert main(["eval", str(run_dir), "--split", split]) == 0
+        assert main(["eval", str(run_dir), "--split", split, *extra]) == 0
     finally:
         torch.set_num_threads(threads)
     return json.loads(capsys.readouterr().out)
@@ -64,6 +64,8 @@ def test_reported_test_loss_is_eval_of_the_whole_test_split(work, capsys):
     # eval.batches=2 of 128 samples; the test split is larger.
     assert summary["test"]["samples"] == result["samples"] > 2 * 128
     assert summary["val"]["samples"] == 2 * 128  # validation: the configured sample, said so
+    # A run that sets eval.test_batches reports that part; eval reads the same part.
+    assert _eval(capsys, base, "test", "--eval.test_batches=3")["samples"] == 3 * 128
     done = [r for r in map(json.loads, (base / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "eval" and r["split"] == "test"]
     assert done[-1]["loss"] == summary["test"]["loss"]
