@@ -31,11 +31,20 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def resolved(section: str, name: str, value):
+    """`value` of field `section.name` as `resolve_paths` would leave it (unchanged for
+    fields that are not paths): for comparing with configs saved before paths were made
+    absolute, which were relative to the directory they were run in — like now."""
+    for sec, field, names in PATH_FIELDS:
+        if (sec, field) == (section, name) and isinstance(value, str) and value \
+                and value not in names:
+            return absolute(value)
+    return value
+
+
 def resolve_paths(cfg) -> None:
     """Make every path field of `cfg` absolute, in place; empty values stay empty (they
     mean "unset", and validation reports the ones that must not be)."""
-    for section, name, names in PATH_FIELDS:
+    for section, name, _ in PATH_FIELDS:
         sec = getattr(cfg, section)
-        value = getattr(sec, name)
-        if value and value not in names:
-            setattr(sec, name, absolute(value))
+        setattr(sec, name, resolved(section, name, getattr(sec, name)))

@@ -28,3 +28,17 @@ def test_cache_name_is_the_same_for_relative_and_absolute_sources(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     for rel in ("*.txt", ".", "corpus/", "corpus/**/*.md"):
         assert slug(rel) == slug(os.path.abspath(rel)), rel
+
+
+def test_resume_check_reads_an_old_relative_source_as_today(tmp_path, monkeypatch):
+    """A checkpoint saved before paths were absolute holds `corpus/`; the same flag now
+    builds `<cwd>/corpus`: not a change of data."""
+    from scaletrain.checkpoint.compat import differences
+    from scaletrain.config import to_dict
+
+    monkeypatch.chdir(tmp_path)
+    now = to_dict(build_config(None, [("data.source", "corpus/")]))
+    saved = {**now, "data": {**now["data"], "source": "corpus/"}}
+    assert differences(saved, now) == []
+    saved["data"]["source"] = "other/"
+    assert differences(saved, now) == [f"data.source: 'other/' -> '{tmp_path}/corpus'"]
