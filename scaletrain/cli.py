@@ -158,22 +158,29 @@ def _run_config(args, overrides):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from scaletrain.data import build_data
     from scaletrain.data.loader import eval_batches
-    from scaletrain.evaluate import evaluate
+    from scaletrain.evaluate import covered_samples, evaluate
+    from scaletrain.evaluate.model_data import data_for_model
     from scaletrain.models import REGISTRY
     from scaletrain.precision import PrecisionPolicy
     from scaletrain.compress.artefact import load_artefact
 
     args, overrides = _split_args("eval", argv)
     run_dir = _run_config(args, overrides)
-    cfg, model, _ = load_artefact(run_dir, overrides, which=args.weights)
-    data = build_data(cfg, progress=False)
+    cfg, model, tok = load_artefact(run_dir, overrides, which=args.weights)
+    # Encoded with the directory's own tokenizer, whatever the config's data says.
+    data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
     dataset = {"val": data.val, "test": data.test}[args.split]
+    if dataset is None:
+        raise UserError(f"data.{args.split}_fraction is 0: the run has no {args.split} split")
     policy = PrecisionPolicy(cfg.precision.dtype, next(model.parameters()).device)
-    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, 0), policy,
+    # val: the whole split; test: the batches the run's own test loss covers (all by
+    # default), so that the two agree (evaluate/evaluator.py).
+    n_batches = cfg.eval.test_batches if args.split == "test" else 0
+    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, n_batches), policy,
                       policy.device, REGISTRY[cfg.model.name].kind)
-    print(json.dumps({"split": args.split, **result}))
+    samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
+    print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0
 
 

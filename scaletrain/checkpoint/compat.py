@@ -10,6 +10,7 @@ intervals, threads, the parallel layout — DCP reshards) is allowed.
 
 from __future__ import annotations
 
+from scaletrain.config.paths import resolved
 from scaletrain.errors import CheckpointError
 
 INCOMPATIBLE = {
@@ -31,8 +32,8 @@ def differences(saved: dict, now: dict) -> list[str]:
     out = []
     for sec, keys in INCOMPATIBLE.items():
         a, b = saved.get(sec, {}), now.get(sec, {})
-        for k in keys:
-            if a.get(k) != b.get(k):
+        for k in keys:  # a checkpoint from before paths were absolute: same meaning
+            if resolved(sec, k, a.get(k)) != resolved(sec, k, b.get(k)):
                 out.append(f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
     pa = _PARAM_DTYPE.get(saved.get("precision", {}).get("dtype"))
     pb = _PARAM_DTYPE.get(now.get("precision", {}).get("dtype"))

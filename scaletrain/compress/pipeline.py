@@ -19,7 +19,7 @@ import torch.nn as nn
 from scaletrain.compress import artefact as art
 from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
-from scaletrain.compress.lora import merge_lora
+from scaletrain.compress.lora import has_lora, merge_lora_run
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
 from scaletrain.errors import ConfigError
 
@@ -64,16 +64,16 @@ def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int
 
 def compress(run_dir: str, overrides=()) -> dict:
     """Run the requested pruning / quantization on `run_dir`; returns the report."""
-    from scaletrain.data import build_data
+    from scaletrain.evaluate.model_data import data_for_model
 
     cfg, model, tok = art.load_artefact(run_dir, overrides)
     check(cfg)
-    merge_lora(model)  # a LoRA run compresses as its merged model
     if tok is None:
         raise ConfigError(f"'{run_dir}' has no tokenizer.json; compress needs a text run")
     out = Path(cfg.compress.out or Path(run_dir) / "compressed")
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(cfg, progress=False)
+    # Encoded with the run's own tokenizer, whatever the config's data says.
+    data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
     if data.val is None:
         raise ConfigError("compress measures validation loss; data.val_fraction is 0")
     c = cfg.compress
@@ -81,8 +81,16 @@ def compress(run_dir: str, overrides=()) -> dict:
     opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches)
     torch.manual_seed(cfg.train.seed)
 
-    original_file = _weights_file(Path(run_dir))
-    rows = [measure("original", "dense", original_file, model, data.val, **opts)]
+    original, original_file = "original", _weights_file(Path(run_dir))
+    if has_lora(model):
+        # A LoRA run's weights file holds only its adapters (0.13 MB for the demo): the
+        # baseline every artefact is compared with is the merged model they all come
+        # from, written out as the dense artefact it is (issue 13 item 8).
+        merge_lora_run(cfg, model)
+        original = "original-merged"
+        d = art.save_artefact(out / original, art.dense_state(model), cfg, tok, "dense")
+        original_file = d / art.WEIGHTS
+    rows = [measure(original, "dense", original_file, model, data.val, **opts)]
     models = [model]  # kept for the round-robin speed measurement at the end
     extra: dict = {"source": str(run_dir), "threads": torch.get_num_threads()}
     p = cfg.prune
@@ -116,10 +124,11 @@ def compress(run_dir: str, overrides=()) -> dict:
         rows.append(measure(name, method, d / art.WEIGHTS, loaded, data.val, **opts))
         models.append(loaded)
     speeds = generation_speeds(models, prompt, c.gen_tokens, cfg.model.seq_len,
-                               threads=c.gen_threads)
+                               rounds=c.gen_repeats, threads=c.gen_threads)
     for row, speed in zip(rows, speeds):
         row["tokens_per_s"] = speed
     extra["gen_threads"] = c.gen_threads or torch.get_num_threads()
+    extra["gen_speed"] = f"median of {c.gen_repeats} round-robin repeats after a warm-up"
     write_report(out, rows, extra)
     return {"rows": rows, "out": str(out), "table": table(rows), **extra}
 

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from scaletrain.config.paths import resolve_paths
 from scaletrain.config.schema import Config, sections
 from scaletrain.errors import ConfigError
 
@@ -207,6 +208,7 @@ def build_config(config_file: str | None = None, overrides: list[tuple[str, str]
         apply_dict(cfg, load_toml(config_file), source=str(config_file))
     for key, value in overrides:
         _set(cfg, key, value, from_cli=True)
+    resolve_paths(cfg)  # a saved config must mean the same from any directory
     return validate(cfg)
 
 

@@ -194,6 +194,9 @@ class EvalConfig:
     batches: int = F(20, "Validation batches per evaluation; 0 = the whole split.", ge=0)
     batch_size: int = F(32, "Samples per evaluation batch.", ge=1)
     test: bool = F(True, "Evaluate the best-validation model on the test split at the end.")
+    test_batches: int = F(0, "Test batches of that final evaluation; 0 = the whole split. "
+                          "`scaletrain eval --split test` reads the same batches, and "
+                          "summary.json gives the samples covered.", ge=0)
 
 
 @dataclass
@@ -387,6 +390,8 @@ class CompressConfig:
     gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
                          "decoding of a small model is latency-bound: 1 is often fastest.",
                          ge=0)
+    gen_repeats: int = F(5, "Timed generations per artefact, after one untimed warm-up; "
+                         "the report gives their median tokens/s.", ge=1)
 
 
 @dataclass

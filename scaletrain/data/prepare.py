@@ -16,7 +16,7 @@ import tokenizers
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
-from scaletrain.data.cache import build_cached, cache_key
+from scaletrain.data.cache import build_cached, cache_key, valid_manifest
 from scaletrain.data.clean import (SPLITS, check_fractions, documents_needed, read_documents,
                                    split_documents)
 from scaletrain.data.shards import Encoder, token_dtype, write_split
@@ -24,7 +24,7 @@ from scaletrain.data.sources import InputFiles, list_text_files, slug
 from scaletrain.data.vision import DIGITS, prepare_digits
 from scaletrain.errors import DataError
 
-__all__ = ["prepare", "prepare_text", "prepare_digits", "text_settings", "MIN_TRAIN_TOKENS"]
+__all__ = ["cached_text_dir", "prepare", "prepare_text", "prepare_digits", "text_settings", "MIN_TRAIN_TOKENS"]
 
 MIN_TRAIN_TOKENS = 2
 """The train split must give at least one (input, target) pair; the seq_len-specific
@@ -78,15 +78,27 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
     `shards.py`), `tokenizer.json` and `manifest.json`. Raises DataError, with the source
     in the message, when there is nothing usable to prepare.
     """
+    inputs, settings, final, key = _text_target(dcfg)
+    return build_cached(final, key,
+                        lambda tmp: _build_text(tmp, inputs, dcfg, settings, progress))
+
+
+def cached_text_dir(dcfg: DataConfig) -> Path | None:
+    """The prepared directory of a text source if it is already cached, else None (a
+    look-up only: nothing is read beyond the file listing, nothing is written)."""
+    _, _, final, key = _text_target(dcfg)
+    return final if valid_manifest(final, key) is not None else None
+
+
+def _text_target(dcfg: DataConfig):
+    """(input files, settings, prepared directory, cache key) of a text source."""
     check_fractions(dcfg.val_fraction, dcfg.test_fraction)
     inputs = list_text_files(dcfg.source, dcfg.max_files)
     settings = text_settings(dcfg)
     # The root is in the key so that two copies of a corpus with equal names, sizes and
     # times (cp -p) in different places are still told apart.
     key = cache_key({"root": str(inputs.root), "files": inputs.fingerprint()}, settings)
-    final = Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-{key[:12]}"
-    return build_cached(final, key,
-                        lambda tmp: _build_text(tmp, inputs, dcfg, settings, progress))
+    return inputs, settings, Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-{key[:12]}", key
 
 
 def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,

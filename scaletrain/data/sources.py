@@ -101,6 +101,9 @@ def slug(source: str) -> str:
     """A short, filesystem-safe name for the source, the first part of the cache dir."""
     if source == STDLIB:
         return STDLIB
+    # Of the absolute spelling: saved configs record sources absolute (config/paths.py),
+    # and `corpus/*.txt` must name the same cache as `/home/me/corpus/*.txt`.
+    source = os.path.abspath(os.path.expanduser(source))
     base = Path(_GLOB_MAGIC.split(source)[0]).name or Path(source).name
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")
     return s[:40] or "text"

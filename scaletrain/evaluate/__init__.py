@@ -1,5 +1,5 @@
 """Validation and test evaluation."""
 
-from scaletrain.evaluate.evaluator import evaluate
+from scaletrain.evaluate.evaluator import covered_samples, evaluate, split_batches
 
-__all__ = ["evaluate"]
+__all__ = ["covered_samples", "evaluate", "split_batches"]

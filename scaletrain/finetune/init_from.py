@@ -165,6 +165,10 @@ def prepare_loaded_model(model: nn.Module, cfg) -> nn.Module:
     base from `init.from` and wrap it before the adapters are read. Else unchanged."""
     if not cfg.finetune.lora_rank:
         return model
+    if not Path(cfg.init.from_).is_dir():  # the one thing a LoRA run does not carry
+        raise CheckpointError(f"init.from: '{cfg.init.from_}' is gone; a LoRA run stores "
+                              "only its adapters and needs its base: pass "
+                              "--init.from=<the base's directory now>")
     load_into(model, source_state(find_source(cfg.init.from_, cfg.init.weights)),
                cfg.init.from_)
     return apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha,

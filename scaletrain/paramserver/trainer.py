@@ -23,7 +23,7 @@ from scaletrain.config import Config
 from scaletrain.data import build_data
 from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
-from scaletrain.evaluate import evaluate
+from scaletrain.evaluate import covered_samples, evaluate, split_batches
 from scaletrain.metrics import Progress, build_sinks, peak_memory_mb, plot_run, write_summary
 from scaletrain.models import REGISTRY, build_model, count_params
 from scaletrain.paramserver import checkpoint as ckpt
@@ -185,12 +185,13 @@ class _Run:
         e = self.cfg.eval
         if split == "val":
             self.pull_full()
-        result = evaluate(self.model, eval_batches(dataset, e.batch_size, e.batches),
+        n_batches = split_batches(split, e)  # test: the whole split
+        result = evaluate(self.model, eval_batches(dataset, e.batch_size, n_batches),
                           self.policy, self.policy.device, self.kind)
         # wall_s: seconds since this session's start (bench/paramserver.py: time to a loss).
         self.sinks.write({"kind": "eval", "split": split, "step": step, **result,
                           "wall_s": time.perf_counter() - self.t0})
-        return result
+        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
 
     def keep_best(self, val_loss: float, step: int) -> None:
         if val_loss < self.best_val:

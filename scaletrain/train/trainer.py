@@ -19,7 +19,7 @@ from scaletrain.checkpoint.session import attach as attach_checkpointing
 from scaletrain.config import Config
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
-from scaletrain.evaluate import evaluate
+from scaletrain.evaluate import covered_samples, evaluate, split_batches
 from scaletrain.compress.distill import build_distill_loss
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
@@ -156,7 +156,8 @@ class Trainer:
     def evaluate(self, split: str) -> dict:
         dataset = {"val": self.data.val, "test": self.data.test}[split]
         e = self.cfg.eval
-        batches = eval_batches(dataset, e.batch_size, e.batches, rank=self.dist.dp_rank,
+        n_batches = split_batches(split, e)  # test: the whole split
+        batches = eval_batches(dataset, e.batch_size, n_batches, rank=self.dist.dp_rank,
                                world=self.dp)
         batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
                    for x, y in batches)
@@ -171,7 +172,8 @@ class Trainer:
             observe_val_loss(self.scheduler, result["loss"])
         record = {"kind": "eval", "split": split, "step": self.state.step, **result}
         self.log(record)
-        return result
+        # summary.json says what each loss covers (metrics.jsonl keeps its schema).
+        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
 
     def maybe_keep_best(self, val_loss: float) -> None:
         if val_loss < self.state.best_val:

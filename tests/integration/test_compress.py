@@ -158,3 +158,52 @@ def test_compress_user_errors(base_run, tmp_path):
     assert proc.returncode == 2 and "quant.methods" in proc.stderr
     proc = run_cli("train", f"--init.from={tmp_path}/nope", f"--run.dir={tmp_path}/r")
     assert proc.returncode == 2 and "init.from" in proc.stderr
+
+
+def test_compress_of_a_lora_run_compares_with_the_merged_model(base_run, prepared_dir,
+                                                               tmp_path):
+    """Issue 13 item 8: the baseline is the merged model, not the adapter file."""
+    lora = tmp_path / "lora"
+    no_shape = [a for a in TINY_GPT if not a.startswith("--model.")]  # from init.from
+    proc = run_cli("train", *TINY_DATA, *no_shape, f"--data.prepared_dir={prepared_dir}",
+                   f"--run.dir={lora}", f"--init.from={base_run}", "--finetune.lora_rank=2",
+                   "--train.steps=2", "--eval.test=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "c"
+    proc = run_cli("compress", str(lora), f"--compress.out={out}", "--quant.methods=weight-int8",
+                   "--compress.eval_batches=1", "--compress.gen_tokens=4",
+                   "--compress.gen_repeats=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    orig, quant = report["rows"]
+    merged = out / "original-merged" / "model.safetensors"
+    assert orig["name"] == "original-merged" and orig["path"] == str(merged)
+    assert orig["size_mb"] == merged.stat().st_size / 2**20
+    adapters = (lora / "model.safetensors").stat().st_size / 2**20
+    assert orig["size_mb"] > 10 * adapters
+    assert 2 < orig["size_mb"] / quant["size_mb"] < 5  # fp32 -> int8 + scales
+    assert "median of 2" in report["gen_speed"]
+
+
+def test_generation_speed_is_a_median_after_an_untimed_warm_up(monkeypatch):
+    """Every model first decodes the timed length once, untimed, then `rounds` timed
+    calls round-robin; its speed is their median. The clock is fake: each call "takes"
+    the next of its model's durations, the first (the cold one) far the slowest."""
+    from types import SimpleNamespace
+
+    import scaletrain.generate
+    from scaletrain.compress import report
+
+    durations = {"a": [500.0, 4.0, 1.0, 100.0], "b": [900.0, 2.0, 8.0, 1.0]}
+    now, calls = [0.0], []
+
+    def fake_sample(model, prompt, max_new_tokens, **_):
+        calls.append((model, max_new_tokens))
+        now[0] += durations[model].pop(0)
+        return [0] * max_new_tokens
+
+    monkeypatch.setattr(scaletrain.generate, "sample", fake_sample)
+    monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    speeds = report.generation_speeds(["a", "b"], [1], tokens=8, seq_len=32, rounds=3)
+    assert calls == [("a", 8), ("b", 8)] + [("a", 8), ("b", 8)] * 3  # warm-up, then rounds
+    assert speeds == [8 / 4.0, 8 / 2.0]  # medians of 8/d over the timed calls only

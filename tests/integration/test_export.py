@@ -3,6 +3,8 @@ scaletrain's logits; safetensors export round-trips; bad input exits 2 with one 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -91,3 +93,44 @@ def test_export_refuses_bias_free_gpt_and_foreign_dirs(prepared_dir, tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def _eval(capsys, *args: str) -> dict:
+    from scaletrain.cli import main
+
+    assert main(["eval", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_of_an_hf_export_uses_the_directory_tokenizer(trained_run, prepared_dir,
+                                                           tmp_path, capsys):
+    """Issue 13 item 6: an exported directory brings its tokenizer, on any data."""
+    from scaletrain.cli import main
+    from scaletrain.data.tokenizer import train_bpe
+    from tests.conftest import TINY_DATA
+
+    out = tmp_path / "hf"
+    proc = run_cli("export", str(trained_run), "--format", "hf", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # On the run's own corpus: the export's loss is the run's (the cached data is reused).
+    tiny = [*TINY_DATA, f"--data.prepared_dir={prepared_dir}"]
+    run = _eval(capsys, str(trained_run), "--weights", "final")
+    assert _eval(capsys, str(out), *tiny)["loss"] == pytest.approx(run["loss"], rel=1e-5)
+    # On a corpus the model never saw: encoded with the export's tokenizer, not a BPE
+    # trained on the new text (what the HF directory's default config would ask for).
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    words = "the cat sat on a mat while the dog ran to the park by the old river".split()
+    for i in range(12):
+        (prose / f"doc{i}.txt").write_text(" ".join(words[(i + 5 * j) % len(words)]
+                                                    for j in range(300)))
+    new = [f"--data.source={prose}", "--data.prep_workers=1",
+           f"--data.prepared_dir={tmp_path / 'prep'}"]
+    want = _eval(capsys, str(trained_run), "--weights", "final", *new,
+                 f"--data.tokenizer={trained_run / 'tokenizer.json'}")
+    assert _eval(capsys, str(out), *new)["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    # A tokenizer that is not the directory's own is refused, not silently used.
+    other = tmp_path / "other.json"
+    train_bpe(["def f(x):\n    return x\n"] * 4, 300).save(other)
+    assert main(["eval", str(out), *new, f"--data.tokenizer={other}"]) == 2
+    assert "data.tokenizer" in capsys.readouterr().err
