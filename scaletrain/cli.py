@@ -80,6 +80,10 @@ def cmd_train(argv: list[str]) -> int:
         from scaletrain.config.checks import check_parallel
 
         check_parallel(cfg, args.nproc)  # degrees vs world: one line here, not N ranks
+        if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: likewise
+            from scaletrain.paramserver.checkpoint import check_resume
+
+            check_resume(cfg)
         if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
             from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
 

@@ -1,7 +1,8 @@
 """PS checkpoints: every server's shard (parameters, optimizer and schedule state,
-version) and the coordinator's counters and worker positions.
+version), the coordinator's counters and worker positions, and the resolved config.
 
-Layout: `run.dir/checkpoints/step-<8 digits>/{server-<r>.pt, coordinator.pt}`, written
+Layout: `run.dir/checkpoints/step-<8 digits>/{server-<r>.pt, coordinator.pt,
+config.json}`, written
 by rank 0 (it gathers the shards over RPC between two updates, so they are consistent)
 into a temporary directory renamed into place: a directory with that name is complete.
 Files hold tensors and plain containers only and are read with
@@ -9,19 +10,28 @@ Files hold tensors and plain containers only and are read with
 DCP manager of scaletrain/checkpoint: it is built on a c10d process group, and PS
 processes talk over RPC only. Resume reads the files from a filesystem shared by the
 server processes (true on one node; across nodes mount run.dir on every server).
+
+The saved config is what a resume is judged against, as for the DCP checkpoints'
+manifest (checkpoint/compat.py): a changed model shape is refused with the list of
+differences; changed optimizer/schedule settings are applied from the resumed step on
+(server.py, checkpoint/reconfigure.py) and listed on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint.compat import check_compatible
+from scaletrain.config import to_dict
 from scaletrain.errors import CheckpointError
 
 PREFIX = "step-"
+CONFIG_FILE = "config.json"  # plain JSON, like the DCP manifest's config
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -29,7 +39,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, step: int, servers: list[dict], coordinator: dict,
-         keep: int) -> Path:
+         keep: int, config: dict) -> Path:
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,6 +47,7 @@ def save(run_dir: Path, step: int, servers: list[dict], coordinator: dict,
     for r, state in enumerate(servers):
         torch.save(state, tmp / f"server-{r}.pt")
     torch.save(coordinator, tmp / "coordinator.pt")
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -83,3 +94,27 @@ def load(path: Path, name: str) -> dict:
         return torch.load(f, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{f}: not a readable PS checkpoint file ({e})") from None
+
+
+def saved_config(path: Path) -> dict | None:
+    """The resolved config checkpoint `path` was saved under; None for a checkpoint
+    written before PS checkpoints carried it (nothing to compare against)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: not a readable PS checkpoint file ({e})") from None
+
+
+def check_resume(cfg) -> Path | None:
+    """The checkpoint this run resumes from (None: a fresh start), refused with the
+    list of differences (IncompatibleCheckpoint, exit 2) when the config changed what
+    the checkpoint's shape depends on. Called by the launcher before any process starts
+    and by every server before it loads its shard."""
+    path = resolve(cfg)
+    saved = saved_config(path) if path is not None else None
+    if saved is not None:
+        check_compatible(str(path), saved, to_dict(cfg))
+    return path

@@ -19,7 +19,9 @@ import threading
 import torch
 import torch.nn as nn
 
+from scaletrain.checkpoint.reconfigure import reapply, settings_of
 from scaletrain.config import Config
+from scaletrain.errors import CheckpointError
 from scaletrain.optim import build_optimizer, build_scheduler
 
 
@@ -39,6 +41,10 @@ class ShardServer:
         # module type), restricted to this shard: the same groups as single-process.
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        # This config's optimizer/schedule settings, written back over a checkpoint's
+        # after a load: a resume with new optim.*/schedule.* flags trains at the new
+        # schedule from the resumed step (checkpoint/reconfigure.py, issue 13 item 3).
+        self.fresh_settings = settings_of(self.optimizer, self.scheduler)
         for n, p in params.items():
             if n not in mine:
                 p.data = torch.empty(0, dtype=p.dtype)  # free what another server holds
@@ -117,8 +123,6 @@ class ShardServer:
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
             if list(state["names"]) != self.names:
-                from scaletrain.errors import CheckpointError
-
                 raise CheckpointError("the checkpoint's PS shards do not match this model "
                                       "and parallel.ps_servers")
             with torch.no_grad():
@@ -126,6 +130,7 @@ class ShardServer:
                     p.copy_(state["params"][n])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            reapply(self.optimizer, self.scheduler, self.fresh_settings)
             self.version = int(state["version"])
 
 

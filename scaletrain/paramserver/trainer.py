@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.config import Config
+from scaletrain.checkpoint.compat import changed_settings
+from scaletrain.config import Config, to_dict
 from scaletrain.data import build_data
 from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
@@ -63,7 +64,8 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
 
     model = new_model()
     shards = assign_shards({n: p.numel() for n, p in model.named_parameters()}, n_servers)
-    resume = ckpt.resolve(cfg) if is_server else None
+    # A shape change is refused before any shard is touched (the launcher checked too).
+    resume = ckpt.check_resume(cfg) if is_server else None
     # Build every role's state before joining: the RPC rendezvous is the barrier after
     # which workers may call.
     if is_server:
@@ -88,6 +90,17 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
         transport.stop()
 
 
+def _report_resume(path: Path, saved: dict | None, now: dict) -> None:
+    """Rank 0's lines on a resume, as the main trainer prints them (checkpoint/session.py):
+    where from, and the settings that changed (applied from the resumed step on)."""
+    print(f"scaletrain: resumed from {path.name} ({path.parent})", file=sys.stderr,
+          flush=True)
+    changes = changed_settings(saved, now) if saved is not None else []
+    if changes:
+        print("scaletrain: resuming with changed settings: " + "; ".join(changes),
+              file=sys.stderr, flush=True)
+
+
 class _Run:
     """Rank 0: the coordinator plus everything a run writes."""
 
@@ -101,6 +114,8 @@ class _Run:
         self.names = [n for n, _ in self.model.named_parameters()]
         self.kind = REGISTRY[cfg.model.name].kind
         state = ckpt.load(resume, "coordinator") if resume is not None else {}
+        if resume is not None:
+            _report_resume(resume, ckpt.saved_config(resume), to_dict(cfg))
         self.best_val = float(state.get("best_val", float("inf")))
         self.best_step = int(state.get("best_step", 0))
         self.wall_prev = float(state.get("wall_time", 0.0))
@@ -204,7 +219,8 @@ class _Run:
         extra = {"coordinator": self.coord.state_dict(), "best_val": self.best_val,
                  "best_step": self.best_step,
                  "wall_time": self.wall_prev + time.perf_counter() - self.t0}
-        ckpt.save(self.run_dir, step, states, extra, self.cfg.checkpoint.keep)
+        ckpt.save(self.run_dir, step, states, extra, self.cfg.checkpoint.keep,
+                  config=to_dict(self.cfg))
 
     # -- the run ------------------------------------------------------------------------
     def fit(self) -> dict:
