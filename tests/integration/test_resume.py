@@ -246,7 +246,7 @@ def test_resume_with_new_lr_trains_at_the_new_schedule(two_checkpoints, tmp_path
     lrs = train_lrs(run)
     assert sorted(lrs) == list(range(1, 17))
     for step in range(11, 17):
-        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-4, 1e-5, 16), rel=1e-12), step
+        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-4, 1e-5, 16), rel=1e-12, abs=0), step
     saved = (run / "config.toml").read_text()
     assert "lr = 0.0001" in saved and "min_lr = 1e-05" in saved
 
@@ -263,7 +263,7 @@ def test_resume_with_more_steps_follows_the_longer_schedule(two_checkpoints, tmp
     lrs = train_lrs(run)
     assert sorted(lrs) == list(range(1, 15))
     for step in range(11, 15):
-        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-3, 0.0, 14), rel=1e-12)
+        assert lrs[step] == pytest.approx(cosine_lr(step - 1, 1e-3, 0.0, 14), rel=1e-12, abs=0)
     assert [r[1] for r in records(run, ("eval",)) if r[1] > 10] == [14]
 
 
