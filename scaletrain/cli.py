@@ -72,10 +72,13 @@ def cmd_train(argv: list[str]) -> int:
 
     args, overrides = _split_args("train", argv)
     cfg = build_config(args.config, overrides)  # validate everything before any compute
-    if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
-        from scaletrain.config.checks import check_parallel
-
-        check_parallel(cfg, args.nproc)  # degrees vs world: one line here, not N ranks
+    if args.nproc < 0:
+        raise UserError(f"--nproc must be a number of processes >= 1 (0 or omitted: one "
+                        f"process), got {args.nproc}")
+    launch = args.nproc > 1 and "RANK" not in os.environ
+    _preflight(cfg, args.nproc if launch else int(os.environ.get("WORLD_SIZE", 1)),
+               args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if launch:
         if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
             from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
 
@@ -103,6 +106,20 @@ def cmd_train(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _preflight(cfg, world: int, local_world: int) -> None:
+    """What the world size and the machine's memory allow, judged before the launch or
+    any allocation: one line here, not the same line from N ranks and torchrun's report."""
+    import copy
+
+    from scaletrain.finetune import resolve_init
+    from scaletrain.parallel.world_checks import check_world
+    from scaletrain.plan.preflight import check_memory
+
+    shaped = resolve_init(copy.deepcopy(cfg))  # init.from fixes the model's shape
+    check_world(shaped, world, shaped.model.vocab_size or None)
+    check_memory(shaped, world, local_world)
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
