@@ -14,6 +14,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# Bounds shared by several fields. A seed must be a TOML integer (int64) to round-trip
+# through config.toml; torch.manual_seed overflows above 2**64-1. Thread counts: libgomp
+# segfaults when asked for 100,000 threads (issue 13); 1024 is far above any machine's
+# useful intra-op parallelism.
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
+
+
 def F(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
       gt: float | None = None, le: float | None = None, lt: float | None = None):
     """A config field with its documentation and the constraints `load.validate` checks."""
@@ -79,13 +87,15 @@ class TrainConfig:
     batch_size: int = F(32, "Global batch in samples per optimizer step.", ge=1)
     micro_batch_size: int = F(0, "Samples per forward on one rank; 0 = the whole per-rank "
                               "batch. Accumulation = batch / (micro * data-parallel).", ge=0)
-    seed: int = F(1337, "Seed of weights, data order and dropout.", ge=0)
+    seed: int = F(1337, "Seed of weights, data order and dropout; 0 .. 2**63-1 (a TOML "
+                  "integer; torch.manual_seed's range).", ge=0, le=MAX_SEED)
     grad_clip: float = F(1.0, "Clip the global gradient norm to this; 0 = off.", ge=0.0)
     grad_clip_value: float = F(0.0, "Clip each gradient element to [-v, v]; 0 = off.", ge=0.0)
     device: str = F("auto", "'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'.",
                     choices=("auto", "cpu", "cuda"))
-    threads: int = F(0, "torch intra-op threads; 0 = the cores available to this rank.",
-                     ge=0)
+    threads: int = F(0, "torch intra-op threads; 0 = the cores available to this rank; "
+                     f"at most {MAX_THREADS} (OpenMP crashes on absurd counts).", ge=0,
+                     le=MAX_THREADS)
     compile: bool = F(False, "torch.compile each transformer block (after activation "
                       "checkpointing, before FSDP/DDP); compile time is reported apart "
                       "as compile_s in summary.json.")
@@ -318,7 +328,7 @@ class GenerateConfig:
     max_new_tokens: int = F(120, "Tokens to generate per sample.", ge=1)
     temperature: float = F(0.8, "Softmax temperature; 0 = greedy.", ge=0.0)
     top_k: int = F(40, "Sample among the k most likely tokens; 0 = all.", ge=0)
-    seed: int = F(0, "Seed of the sampling.", ge=0)
+    seed: int = F(0, "Seed of the sampling; 0 .. 2**63-1.", ge=0, le=MAX_SEED)
 
 
 @dataclass
@@ -386,7 +396,7 @@ class CompressConfig:
     gen_tokens: int = F(64, "Tokens generated (greedy, KV cache) to time tokens/s.", ge=1)
     gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
                          "decoding of a small model is latency-bound: 1 is often fastest.",
-                         ge=0)
+                         ge=0, le=MAX_THREADS)
 
 
 @dataclass

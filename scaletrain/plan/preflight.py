@@ -77,7 +77,8 @@ def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) 
     device_type = device_type_of(cfg)
     limit = machine_bytes(device_type, local_world)
     where = "GPU" if device_type == "cuda" else "machine"
-    dp = resolve_dims(cfg.parallel, world).dp
+    dims = resolve_dims(cfg.parallel, world)
+    dp = dims.dp
     full = full_batch_size(cfg, n_train)
     need = batch_bytes(cfg, full, dp)
     if not need <= limit:
@@ -93,8 +94,10 @@ def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) 
     sized.train.batch_size = full  # the batch this descent mode trains on
     if sized.train.micro_batch_size > full // dp:
         sized.train.micro_batch_size = 0
-    need += max(r["peak_bytes"] for r in plan(sized, world, plan_vocab(sized),
-                                              device_type)["ranks"])
+    # The tokenizer's vocabulary is not known yet; the configured one rounded up to a
+    # multiple of tp bounds the memory without judging its TP split (the ranks do that).
+    vocab = -(-plan_vocab(sized) // dims.tp) * dims.tp
+    need += max(r["peak_bytes"] for r in plan(sized, world, vocab, device_type)["ranks"])
     if math.isfinite(need) and need <= limit:
         return
     raise ConfigError(
