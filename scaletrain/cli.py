@@ -113,10 +113,12 @@ def _preflight(cfg, world: int, local_world: int) -> None:
     any allocation: one line here, not the same line from N ranks and torchrun's report."""
     import copy
 
+    from scaletrain.config.paths import check_dir_field
     from scaletrain.finetune import resolve_init
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.preflight import check_memory
 
+    check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
     shaped = resolve_init(copy.deepcopy(cfg))  # init.from fixes the model's shape
     check_world(shaped, world, shaped.model.vocab_size or None)
     check_memory(shaped, world, local_world)

@@ -21,6 +21,7 @@ from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
 from scaletrain.compress.lora import merge_lora
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
+from scaletrain.config.paths import make_dir
 from scaletrain.errors import ConfigError
 
 
@@ -71,8 +72,7 @@ def compress(run_dir: str, overrides=()) -> dict:
     merge_lora(model)  # a LoRA run compresses as its merged model
     if tok is None:
         raise ConfigError(f"'{run_dir}' has no tokenizer.json; compress needs a text run")
-    out = Path(cfg.compress.out or Path(run_dir) / "compressed")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir("compress.out", cfg.compress.out or Path(run_dir) / "compressed")
     data = build_data(cfg, progress=False)
     if data.val is None:
         raise ConfigError("compress measures validation loss; data.val_fraction is 0")

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from scaletrain.config.paths import expand_user
 from scaletrain.config.schema import Config, sections
 from scaletrain.errors import ConfigError
 
@@ -132,6 +133,7 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every field's own constraints, then the combinations between fields."""
+    expand_user(cfg)  # `~` in path fields (config/paths.py)
     for sec_name, section in sections(cfg).items():
         for f in dataclasses.fields(section):
             _check_field(f"{sec_name}.{f.name}", getattr(section, f.name), f.metadata)

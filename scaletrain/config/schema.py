@@ -23,9 +23,14 @@ MAX_THREADS = 1024
 
 
 def F(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-      gt: float | None = None, le: float | None = None, lt: float | None = None):
-    """A config field with its documentation and the constraints `load.validate` checks."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+      gt: float | None = None, le: float | None = None, lt: float | None = None,
+      path: bool = False):
+    """A config field with its documentation and the constraints `load.validate` checks.
+
+    `path`: the value names a file or directory (or a glob): a leading `~` is expanded
+    to the home directory (config/paths.py), as a shell does outside quotes."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,7 +38,8 @@ def F(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None 
 
 @dataclass
 class RunConfig:
-    dir: str = F("runs/default", "Run directory: config, metrics, checkpoints, plots, tokenizer.")
+    dir: str = F("runs/default", "Run directory: config, metrics, checkpoints, plots, tokenizer.",
+             path=True)
     overwrite: bool = F(False, "Start afresh even if the run directory already holds a run.")
 
 
@@ -60,13 +66,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = F("python-stdlib", "'python-stdlib' (built-in text corpus), 'digits' "
-                    "(scikit-learn images), or a directory / glob of UTF-8 text files.")
+                    "(scikit-learn images), or a directory / glob of UTF-8 text files.",
+                    path=True)
     prepared_dir: str = F("data/prepared", "Where prepared datasets are cached, keyed by "
-                          "a hash of the inputs and settings.")
+                          "a hash of the inputs and settings.", path=True)
     vocab_size: int = F(4096, "BPE vocabulary size trained on the train split.",
                         ge=260, le=65536 * 64)
     tokenizer: str = F("", "A tokenizer.json to encode with instead of training a BPE "
-                       "(set from init.from / distill.teacher so ids mean the same).")
+                       "(set from init.from / distill.teacher so ids mean the same).",
+                       path=True)
     val_fraction: float = F(0.05, "Fraction of documents in the validation split.",
                             ge=0.0, lt=1.0)
     test_fraction: float = F(0.05, "Fraction of documents in the test split.", ge=0.0, lt=1.0)
@@ -215,7 +223,8 @@ class CheckpointConfig:
                          "while state is copied to memory; at most one save in flight.")
     resume: str = F("auto", "'auto': resume an existing run.dir from its newest valid "
                     "checkpoint; 'none': refuse to reuse a run.dir that has checkpoints; "
-                    "or the path of a checkpoint (or run) directory to resume from.")
+                    "or the path of a checkpoint (or run) directory to resume from.",
+                    path=True)
     on_signal: bool = F(True, "On SIGTERM/SIGINT finish the current step, save, and exit.")
 
 
@@ -340,7 +349,7 @@ class InitConfig:
                    "compressed artefact directory, or a Hugging Face GPT-2 directory "
                    "(config.json + model.safetensors). The model config and tokenizer "
                    "come from it; data and optimizer from this config. Empty = train "
-                   "from scratch.")
+                   "from scratch.", path=True)
     weights: str = F("best", "Which weights of a run directory: best validation or final.",
                      choices=("best", "final"))
 
@@ -362,7 +371,7 @@ class FinetuneConfig:
 class DistillConfig:
     teacher: str = F("", "Run (or artefact) directory of a teacher model; empty = off. Loss "
                      "= (1-alpha) CE + alpha T^2 KL(teacher_T || student_T) (Hinton et al. "
-                     "2015). The teacher must share the student's tokenizer.")
+                     "2015). The teacher must share the student's tokenizer.", path=True)
     alpha: float = F(0.5, "Weight of the distillation term.", ge=0.0, le=1.0)
     temperature: float = F(2.0, "Softmax temperature T of both distributions.", gt=0.0)
 
@@ -391,7 +400,7 @@ class QuantConfig:
 @dataclass
 class CompressConfig:
     out: str = F("", "Where `compress` writes artefacts, report.json and report.png; "
-                 "empty = <run>/compressed.")
+                 "empty = <run>/compressed.", path=True)
     eval_batches: int = F(20, "Validation batches for the report's loss.", ge=1)
     gen_tokens: int = F(64, "Tokens generated (greedy, KV cache) to time tokens/s.", ge=1)
     gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
