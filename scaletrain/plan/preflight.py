@@ -61,6 +61,8 @@ def batch_bytes(cfg, global_batch: int, dp: int) -> float:
 
 def _fmt_gib(b: float) -> str:
     g = b / GiB
+    if g < 1:
+        return f"{b / 2 ** 20:,.0f} MiB"
     return f"{g:,.1f} GiB" if g < 1e6 else f"{g:.3g} GiB"
 
 
@@ -103,6 +105,7 @@ def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) 
     raise ConfigError(
         f"the predicted peak memory of this run is {_fmt_gib(need)} per rank (a step's "
         f"batch of {full:,} samples, train.micro_batch_size="
-        f"{cfg.train.micro_batch_size}, train.descent='{cfg.train.descent}'), more than "
+        f"{cfg.train.micro_batch_size}, train.descent='{cfg.train.descent}', "
+        f"eval.batch_size={cfg.eval.batch_size}), more than "
         f"the {_fmt_gib(limit)} this {where} has per rank; `scaletrain plan --fit` finds "
         "a micro-batch, checkpointing, offload, precision and optimizer that fit")
