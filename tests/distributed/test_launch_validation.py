@@ -158,3 +158,19 @@ def test_a_hung_rank_ends_the_launcher_with_rank_0s_line_and_exit_1(prepared, tm
     assert lines and lines[0].startswith("scaletrain: rank 0:"), err[-3000:]
     for noise in ("Traceback", "ChildFailedError", "FAILED", "exitcode"):
         assert noise not in err, err[-3000:]
+
+
+def test_the_launcher_exits_with_the_first_failed_rank_s_code():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from scaletrain.parallel.launch import exit_code
+
+    def failure(rank: int, code: int, at: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="<N/A>")
+        f.timestamp = at
+        return f
+
+    killed_first = ChildFailedError("scaletrain", {1: failure(1, -9, 10), 0: failure(0, 1, 11)})
+    assert exit_code(killed_first) == 128 + 9  # as a shell reports a signal
+    config_error = ChildFailedError("scaletrain", {0: failure(0, 2, 5), 1: failure(1, 2, 6)})
+    assert exit_code(config_error) == 2
