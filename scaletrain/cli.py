@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,26 @@ commands:
 """
 
 
+def _count(text: str) -> int:
+    """An integer option, also written 1e3 (as config integers may be)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if value.is_integer():
+            return int(value)
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+
+
+def _at_least(option: str, value: float, low: float) -> None:
+    """UserError naming the option when `value` is below `low` (or not finite)."""
+    if not (math.isfinite(value) and value >= low):
+        raise UserError(f"{option} must be >= {low:g}, got {value}")
+
+
 def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"scaletrain {cmd}", add_help=True)
     p.add_argument("--config", help="a TOML config file (see configs/)")
@@ -41,19 +62,19 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd in ("eval", "generate", "compress", "serve"):
         p.add_argument("run_dir", nargs="?", help="run directory (default: --run.dir)")
     if cmd == "plan":
-        p.add_argument("--world", type=int, default=1, help="number of ranks")
+        p.add_argument("--world", type=_count, default=1, help="number of ranks")
         p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.add_argument("--fit", action="store_true", help="search the cheapest micro-batch / "
                        "checkpointing / offload / precision / optimizer that fits; print "
                        "them as --section.key=value lines (exit 2 if nothing fits)")
-        p.add_argument("--memory-gib", type=float, default=0.0, help="memory per rank for "
+        p.add_argument("--memory-gib", type=float, default=None, help="memory per rank for "
                        "--fit (default: plan.memory_gib, else 90%% of what is available)")
     if cmd == "bench":
         p.add_argument("--out", help="folder for bench.json / bench.png "
                        "(default: <run.dir>/bench)")
-        p.add_argument("--steps", type=int, default=5, help="timed steps")
-        p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile)")
-        p.add_argument("--pairs", type=int, default=3, help="scaletrain/hand-loop pairs")
+        p.add_argument("--steps", type=_count, default=5, help="timed steps")
+        p.add_argument("--warmup", type=_count, default=2, help="untimed steps (compile)")
+        p.add_argument("--pairs", type=_count, default=3, help="scaletrain/hand-loop pairs")
     if cmd == "eval":
         p.add_argument("--split", choices=("val", "test"), default="val")
         p.add_argument("--weights", choices=("best", "final"), default="best")
@@ -72,15 +93,18 @@ def cmd_train(argv: list[str]) -> int:
     from scaletrain.train.resume_config import build_train_config
 
     args, overrides = _split_args("train", argv)
+    if args.nproc < 0:
+        raise UserError(f"--nproc must be a number of processes >= 1 (0 or omitted: one "
+                        f"process), got {args.nproc}")
     # Validate everything before any compute; a resume's base is the run's config.toml,
     # and a run.dir training must not use is refused here (train/run_guard.py).
     cfg = build_train_config(args.config, overrides,
                              guard=int(os.environ.get("RANK", 0)) == 0)
-    if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
-        from scaletrain.config.checks import check_parallel
-
-        check_parallel(cfg, args.nproc)  # degrees vs world: one line here, not N ranks
-        if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: likewise
+    launch = args.nproc > 1 and "RANK" not in os.environ
+    _preflight(cfg, args.nproc if launch else int(os.environ.get("WORLD_SIZE", 1)),
+               args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if launch:
+        if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: one line here
             from scaletrain.paramserver.checkpoint import check_resume
 
             check_resume(cfg)
@@ -111,6 +135,22 @@ def cmd_train(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _preflight(cfg, world: int, local_world: int) -> None:
+    """What the world size and the machine's memory allow, judged before the launch or
+    any allocation: one line here, not the same line from N ranks and torchrun's report."""
+    import copy
+
+    from scaletrain.config.paths import check_dir_field
+    from scaletrain.finetune import resolve_init
+    from scaletrain.parallel.world_checks import check_world
+    from scaletrain.plan.preflight import check_memory
+
+    check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
+    shaped = resolve_init(copy.deepcopy(cfg))  # init.from fixes the model's shape
+    check_world(shaped, world, shaped.model.vocab_size or None)
+    check_memory(shaped, world, local_world)
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -242,14 +282,21 @@ def cmd_plan(argv: list[str]) -> int:
     plan_report.py (layout, bytes, predicted peak) and plan/fit.py (the search)."""
     from scaletrain.config import build_config
     from scaletrain.parallel.plan_report import format_plan, plan
+    from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.auto import plan_vocab
     from scaletrain.plan.cli import run_fit
 
     args, overrides = _split_args("plan", argv)
+    _at_least("plan --world", args.world, 1)
+    if args.memory_gib is not None and not (math.isfinite(args.memory_gib)
+                                            and args.memory_gib > 0):
+        raise UserError(f"plan --memory-gib must be a number of GiB > 0 (omit it to use "
+                        f"plan.memory_gib or what is available), got {args.memory_gib}")
     cfg = build_config(args.config, overrides)
     vocab = plan_vocab(cfg)
+    check_world(cfg, args.world, vocab)  # the rules train --nproc N judges a layout by
     if args.fit:
-        return run_fit(cfg, args.world, vocab, args.memory_gib, as_json=args.json)
+        return run_fit(cfg, args.world, vocab, args.memory_gib or 0.0, as_json=args.json)
     result = plan(cfg, args.world, vocab)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
@@ -261,6 +308,9 @@ def cmd_bench(argv: list[str]) -> int:
     from scaletrain.config import build_config
 
     args, overrides = _split_args("bench", argv)
+    _at_least("bench --steps", args.steps, 1)
+    _at_least("bench --warmup", args.warmup, 0)
+    _at_least("bench --pairs", args.pairs, 1)
     bench_command(build_config(args.config, overrides), out=args.out, steps=args.steps,
                   warmup=args.warmup, pairs=args.pairs)
     return 0

@@ -21,6 +21,7 @@ from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
 from scaletrain.compress.lora import has_lora, merge_lora_run
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
+from scaletrain.config.paths import make_dir
 from scaletrain.errors import ConfigError
 
 
@@ -70,8 +71,7 @@ def compress(run_dir: str, overrides=()) -> dict:
     check(cfg)
     if tok is None:
         raise ConfigError(f"'{run_dir}' has no tokenizer.json; compress needs a text run")
-    out = Path(cfg.compress.out or Path(run_dir) / "compressed")
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir("compress.out", cfg.compress.out or Path(run_dir) / "compressed")
     # Encoded with the run's own tokenizer, whatever the config's data says.
     data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
     if data.val is None:

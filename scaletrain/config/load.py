@@ -147,6 +147,7 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every field's own constraints, then the combinations between fields."""
+    resolve_paths(cfg)  # `~` and absolute paths (config/paths.py); idempotent
     for sec_name, section in sections(cfg).items():
         for f in dataclasses.fields(section):
             _check_field(f"{sec_name}.{f.name}", getattr(section, f.name), f.metadata)

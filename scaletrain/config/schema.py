@@ -14,10 +14,23 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# Bounds shared by several fields. A seed must be a TOML integer (int64) to round-trip
+# through config.toml; torch.manual_seed overflows above 2**64-1. Thread counts: libgomp
+# segfaults when asked for 100,000 threads (issue 13); 1024 is far above any machine's
+# useful intra-op parallelism.
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
+
+
 def F(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
-      gt: float | None = None, le: float | None = None, lt: float | None = None):
-    """A config field with its documentation and the constraints `load.validate` checks."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+      gt: float | None = None, le: float | None = None, lt: float | None = None,
+      path: bool = False):
+    """A config field with its documentation and the constraints `load.validate` checks.
+
+    `path`: the value names a file or directory (or a glob): a leading `~` is expanded
+    to the home directory (config/paths.py), as a shell does outside quotes."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -25,7 +38,8 @@ def F(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None 
 
 @dataclass
 class RunConfig:
-    dir: str = F("runs/default", "Run directory: config, metrics, checkpoints, plots, tokenizer.")
+    dir: str = F("runs/default", "Run directory: config, metrics, checkpoints, plots, tokenizer.",
+             path=True)
     overwrite: bool = F(False, "Start afresh even if the run directory already holds a run.")
 
 
@@ -52,13 +66,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = F("python-stdlib", "'python-stdlib' (built-in text corpus), 'digits' "
-                    "(scikit-learn images), or a directory / glob of UTF-8 text files.")
+                    "(scikit-learn images), or a directory / glob of UTF-8 text files.",
+                    path=True)
     prepared_dir: str = F("data/prepared", "Where prepared datasets are cached, keyed by "
-                          "a hash of the inputs and settings.")
+                          "a hash of the inputs and settings.", path=True)
     vocab_size: int = F(4096, "BPE vocabulary size trained on the train split.",
                         ge=260, le=65536 * 64)
     tokenizer: str = F("", "A tokenizer.json to encode with instead of training a BPE "
-                       "(set from init.from / distill.teacher so ids mean the same).")
+                       "(set from init.from / distill.teacher so ids mean the same).",
+                       path=True)
     val_fraction: float = F(0.05, "Fraction of documents in the validation split.",
                             ge=0.0, lt=1.0)
     test_fraction: float = F(0.05, "Fraction of documents in the test split.", ge=0.0, lt=1.0)
@@ -79,13 +95,15 @@ class TrainConfig:
     batch_size: int = F(32, "Global batch in samples per optimizer step.", ge=1)
     micro_batch_size: int = F(0, "Samples per forward on one rank; 0 = the whole per-rank "
                               "batch. Accumulation = batch / (micro * data-parallel).", ge=0)
-    seed: int = F(1337, "Seed of weights, data order and dropout.", ge=0)
+    seed: int = F(1337, "Seed of weights, data order and dropout; 0 .. 2**63-1 (a TOML "
+                  "integer; torch.manual_seed's range).", ge=0, le=MAX_SEED)
     grad_clip: float = F(1.0, "Clip the global gradient norm to this; 0 = off.", ge=0.0)
     grad_clip_value: float = F(0.0, "Clip each gradient element to [-v, v]; 0 = off.", ge=0.0)
     device: str = F("auto", "'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'.",
                     choices=("auto", "cpu", "cuda"))
-    threads: int = F(0, "torch intra-op threads; 0 = the cores available to this rank.",
-                     ge=0)
+    threads: int = F(0, "torch intra-op threads; 0 = the cores available to this rank; "
+                     f"at most {MAX_THREADS} (OpenMP crashes on absurd counts).", ge=0,
+                     le=MAX_THREADS)
     compile: bool = F(False, "torch.compile each transformer block (after activation "
                       "checkpointing, before FSDP/DDP); compile time is reported apart "
                       "as compile_s in summary.json.")
@@ -208,7 +226,8 @@ class CheckpointConfig:
                          "while state is copied to memory; at most one save in flight.")
     resume: str = F("auto", "'auto': resume an existing run.dir from its newest valid "
                     "checkpoint; 'none': refuse to reuse a run.dir that has checkpoints; "
-                    "or the path of a checkpoint (or run) directory to resume from.")
+                    "or the path of a checkpoint (or run) directory to resume from.",
+                    path=True)
     on_signal: bool = F(True, "On SIGTERM/SIGINT finish the current step, save, and exit.")
 
 
@@ -321,7 +340,7 @@ class GenerateConfig:
     max_new_tokens: int = F(120, "Tokens to generate per sample.", ge=1)
     temperature: float = F(0.8, "Softmax temperature; 0 = greedy.", ge=0.0)
     top_k: int = F(40, "Sample among the k most likely tokens; 0 = all.", ge=0)
-    seed: int = F(0, "Seed of the sampling.", ge=0)
+    seed: int = F(0, "Seed of the sampling; 0 .. 2**63-1.", ge=0, le=MAX_SEED)
 
 
 @dataclass
@@ -333,7 +352,7 @@ class InitConfig:
                    "compressed artefact directory, or a Hugging Face GPT-2 directory "
                    "(config.json + model.safetensors). The model config and tokenizer "
                    "come from it; data and optimizer from this config. Empty = train "
-                   "from scratch.")
+                   "from scratch.", path=True)
     weights: str = F("best", "Which weights of a run directory: best validation or final.",
                      choices=("best", "final"))
 
@@ -355,7 +374,7 @@ class FinetuneConfig:
 class DistillConfig:
     teacher: str = F("", "Run (or artefact) directory of a teacher model; empty = off. Loss "
                      "= (1-alpha) CE + alpha T^2 KL(teacher_T || student_T) (Hinton et al. "
-                     "2015). The teacher must share the student's tokenizer.")
+                     "2015). The teacher must share the student's tokenizer.", path=True)
     alpha: float = F(0.5, "Weight of the distillation term.", ge=0.0, le=1.0)
     temperature: float = F(2.0, "Softmax temperature T of both distributions.", gt=0.0)
 
@@ -384,12 +403,12 @@ class QuantConfig:
 @dataclass
 class CompressConfig:
     out: str = F("", "Where `compress` writes artefacts, report.json and report.png; "
-                 "empty = <run>/compressed.")
+                 "empty = <run>/compressed.", path=True)
     eval_batches: int = F(20, "Validation batches for the report's loss.", ge=1)
     gen_tokens: int = F(64, "Tokens generated (greedy, KV cache) to time tokens/s.", ge=1)
     gen_threads: int = F(0, "torch threads while timing generation; 0 = as set. Batch-1 "
                          "decoding of a small model is latency-bound: 1 is often fastest.",
-                         ge=0)
+                         ge=0, le=MAX_THREADS)
     gen_repeats: int = F(5, "Timed generations per artefact, after one untimed warm-up; "
                          "the report gives their median tokens/s.", ge=1)
 

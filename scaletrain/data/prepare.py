@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tokenizers
 
+from scaletrain.config.paths import check_dir_field
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.cache import build_cached, cache_key, valid_manifest
@@ -36,6 +37,7 @@ def prepare(dcfg: DataConfig, *, progress: bool) -> Path:
 
     Returns the prepared directory (it holds manifest.json).
     """
+    check_dir_field("data.prepared_dir", dcfg.prepared_dir)  # a file there: one line
     if dcfg.source == DIGITS:
         return prepare_digits(dcfg, progress=progress)
     return prepare_text(dcfg, progress=progress)

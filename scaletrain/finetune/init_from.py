@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from scaletrain.compress import hf_import
 from scaletrain.compress.lora import apply_lora, freeze
+from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
 
 # The model fields that define the weights' shapes; the rest (dropout) stays the user's.
@@ -88,14 +89,12 @@ def source_state(src: Source) -> dict[str, torch.Tensor]:
 def resolve_init(cfg):
     """Fill `cfg.model` (shape fields) and `cfg.data.tokenizer` from `init.from`, in place.
 
-    A no-op without `init.from`. Also rejects LoRA / freezing with several processes:
-    the converters run after DDP / FSDP wrapped the model, whose gradient hooks and
-    buckets would not know about the new or frozen parameters.
+    A no-op without `init.from`. A shape field the user set (anything but its default)
+    that differs from the source's is refused, naming the field: the weights fix the
+    shape, and dropping the override without a word trained another model than asked.
+    (LoRA / freezing with several processes: parallel/world_checks.py.)
     """
     f = cfg.finetune
-    if (f.lora_rank or f.freeze) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("finetune.lora_rank / finetune.freeze run in a single process "
-                          "only (no --nproc)")
     if f.lora_rank and not cfg.init.from_:
         raise ConfigError("finetune.lora_rank needs init.from (the frozen base weights)")
     if cfg.distill.teacher and not cfg.init.from_ and not cfg.data.tokenizer:
@@ -105,6 +104,9 @@ def resolve_init(cfg):
     if not cfg.init.from_:
         return cfg
     src = find_source(cfg.init.from_, cfg.init.weights)
+    defaults = ModelConfig()
+    asked = {k: getattr(cfg.model, k) for k in SHAPE_FIELDS
+             if getattr(cfg.model, k) != getattr(defaults, k)}
     for key in SHAPE_FIELDS:
         if key in src.model:
             setattr(cfg.model, key, src.model[key])
@@ -114,6 +116,12 @@ def resolve_init(cfg):
         from scaletrain.data.tokenizer import Tokenizer  # 0 meant "the source's tokenizer"
 
         cfg.model.vocab_size = Tokenizer.load(src.tokenizer).vocab_size
+    for key, value in asked.items():
+        if getattr(cfg.model, key) != value:
+            raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
+                              f"init.from='{cfg.init.from_}', whose {key} is "
+                              f"{getattr(cfg.model, key)!r}; drop the override (or train "
+                              "from scratch without init.from)")
     from scaletrain.config.load import validate
 
     return validate(cfg)

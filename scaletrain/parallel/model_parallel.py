@@ -163,8 +163,9 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
     return int(n.item()), fpt
 
 
-def check_model_parallel(cfg, vocab_size: int, world: int) -> None:
-    """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line."""
+def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
+    """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
+    (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
     from scaletrain.parallel.dims import resolve_dims
 
     p = cfg.parallel

@@ -132,7 +132,7 @@ def fused_colwise(split: int = 3, **kw):
     return _fused_colwise_style(split, **kw)
 
 
-def check_tp(model_cfg, vocab_size: int, tp: int, sequence_parallel: bool) -> None:
+def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool) -> None:
     """ConfigError naming the constraint when the GPT shape does not split `tp` ways."""
     from scaletrain.errors import ConfigError
 
@@ -146,7 +146,7 @@ def check_tp(model_cfg, vocab_size: int, tp: int, sequence_parallel: bool) -> No
     for what, n in (("model.n_head", m.n_head), ("model.d_ff (4*d_model if 0)", ff),
                     ("the vocabulary size (model.vocab_size or the tokenizer's)",
                      vocab_size)):
-        if n % tp:
+        if n is not None and n % tp:  # vocab_size None: not known yet (world_checks.py)
             raise ConfigError(f"parallel.tp={tp} must divide {what}={n} "
                               "(each rank holds 1/tp of the heads, MLP columns and vocab)")
     if sequence_parallel and m.seq_len % tp:

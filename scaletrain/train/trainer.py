@@ -30,12 +30,13 @@ from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.compile import StepClock, compile_cross_entropy, head_computes_loss
 from scaletrain.parallel.context import DistContext
-from scaletrain.parallel.model_parallel import (build_pipeline, check_model_parallel,
-                                                whole_model_stats)
+from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
+from scaletrain.parallel.world_checks import check_world
 from scaletrain.parallel.ac import block_modes
 from scaletrain.parallel.parallelize import activation_policy, build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
+from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
@@ -61,6 +62,11 @@ class Trainer:
             cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
         with self.dist.main_first():  # rank 0 fills the data cache, the others read it
             self.data = build_data(cfg, progress=self.show_progress)
+        # Everything the world size constrains (the launcher checked it before torchrun
+        # without the tokenizer's vocabulary): TP/PP shapes, single-process features.
+        check_world(cfg, self.rt.world, self.data.vocab_size)
+        if cfg.train.descent == "full-batch":  # its batch is the split: known only now
+            check_memory(cfg, self.rt.world, self.rt.local_world, len(self.data.train))
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
             rd.prepare_run_dir(cfg)
@@ -69,8 +75,6 @@ class Trainer:
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
-        # TP/PP shape constraints (heads, layers, vocabulary, micro-batches): ConfigError.
-        check_model_parallel(cfg, self.data.vocab_size, self.rt.world)
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
         ac = activation_policy(cfg, self.dist.dims)
         self.model = build_parallel_model(
