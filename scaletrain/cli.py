@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from scaletrain.errors import UserError
 
@@ -91,6 +92,7 @@ def _split_args(cmd: str, argv: list[str]):
 
 def cmd_train(argv: list[str]) -> int:
     from scaletrain.train.resume_config import build_train_config
+    from scaletrain.train.run_guard import make_run_dir
 
     args, overrides = _split_args("train", argv)
     if args.nproc < 0:
@@ -98,11 +100,13 @@ def cmd_train(argv: list[str]) -> int:
                         f"process), got {args.nproc}")
     # Validate everything before any compute; a resume's base is the run's config.toml,
     # and a run.dir training must not use is refused here (train/run_guard.py).
-    cfg = build_train_config(args.config, overrides,
-                             guard=int(os.environ.get("RANK", 0)) == 0)
+    writes_run_dir = int(os.environ.get("RANK", 0)) == 0
+    cfg = build_train_config(args.config, overrides, guard=writes_run_dir)
     launch = args.nproc > 1 and "RANK" not in os.environ
     _preflight(cfg, args.nproc if launch else int(os.environ.get("WORLD_SIZE", 1)),
                args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if writes_run_dir:  # every check passed: only now may the run dir appear (or fail to)
+        make_run_dir(Path(cfg.run.dir))
     if launch:
         if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: one line here
             from scaletrain.paramserver.checkpoint import check_resume
@@ -293,6 +297,9 @@ def cmd_plan(argv: list[str]) -> int:
         raise UserError(f"plan --memory-gib must be a number of GiB > 0 (omit it to use "
                         f"plan.memory_gib or what is available), got {args.memory_gib}")
     cfg = build_config(args.config, overrides)
+    if cfg.model.name != "gpt":  # plan/memory.py's byte model is the GPT's
+        raise UserError(f"model.name='{cfg.model.name}' has no memory model; plan "
+                        "covers model.name='gpt'")
     vocab = plan_vocab(cfg)
     check_world(cfg, args.world, vocab)  # the rules train --nproc N judges a layout by
     if args.fit:

@@ -80,6 +80,9 @@ def check_parallel(cfg: Config, world: int | None) -> None:
                                                                             "selective"):
         raise ConfigError("parallel.activation_checkpoint_every > 1 needs "
                           "parallel.activation_checkpoint='full' or 'selective'")
+    if cfg.plan.auto and cfg.model.name != "gpt":  # plan/memory.py models the GPT only
+        raise ConfigError(f"plan.auto needs a model the memory plan knows (model.name="
+                          f"'gpt'), not '{cfg.model.name}'")
     if cfg.parallel.activation_checkpoint != "none" and cfg.model.name != "gpt":
         raise ConfigError(f"parallel.activation_checkpoint="
                           f"'{cfg.parallel.activation_checkpoint}' needs a model with "

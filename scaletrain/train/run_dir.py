@@ -21,7 +21,8 @@ from scaletrain.compress.lora import adapter_only
 from scaletrain.config import Config, build_config, dumps_toml, to_dict
 from scaletrain.config.load import load_toml
 from scaletrain.errors import CheckpointError
-from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, clear_run_outputs
+from scaletrain.train.run_guard import (CONFIG_FILE, check_run_dir, clear_run_outputs,
+                                        make_run_dir)
 
 FINAL_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
@@ -31,7 +32,7 @@ TOKENIZER_FILE = "tokenizer.json"
 def prepare_run_dir(cfg: Config) -> Path:
     """Check the run directory may be trained into (train/run_guard.py), clear a run's
     outputs when asked (run.overwrite) and write the resolved config (rank 0 only)."""
-    d = check_run_dir(cfg)
+    d = make_run_dir(check_run_dir(cfg))
     if cfg.run.overwrite:
         clear_run_outputs(d)
     write_atomic(d / CONFIG_FILE, dumps_toml(cfg))

@@ -63,7 +63,8 @@ def outputs_in(d: Path) -> list[str]:
 
 
 def check_run_dir(cfg) -> Path:
-    """Refuse a run directory training must not use (one ConfigError line); create it.
+    """Refuse a run directory training must not use (one ConfigError line); creates
+    nothing (`make_run_dir` does, once every other check has passed).
 
     Called before any data is prepared (cli.py) and again by the trainer's rank 0."""
     raw = cfg.run.dir
@@ -85,6 +86,11 @@ def check_run_dir(cfg) -> Path:
                 raise ConfigError(f"run.dir '{d}' holds {', '.join(found)} but no checkpoint "
                                   "to resume from; training would overwrite them: set "
                                   "run.overwrite=true to start afresh or choose a new run.dir")
+    return d
+
+
+def make_run_dir(d: Path) -> Path:
+    """Create run directory `d` (and its parents); one ConfigError line if it cannot be."""
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -77,6 +77,16 @@ def test_plan_refuses_worlds_and_budgets_it_cannot_use(args, fragment):
     assert_user_error(run_cli("plan", *args, timeout=60), fragment)
 
 
+def test_plan_of_an_image_model_is_one_line(tmp_path):
+    """plan's byte model is the GPT's: an image model used to end in KeyError."""
+    assert_user_error(run_cli("plan", "--config", "configs/digits-cnn.toml", timeout=60),
+                      "model.name='cnn' has no memory model")
+    assert_user_error(run_cli("train", "--config", "configs/digits-cnn.toml",
+                              "--plan.auto=true", f"--run.dir={tmp_path}/r", timeout=60),
+                      "plan.auto needs a model the memory plan knows")
+    assert not (tmp_path / "r").exists()
+
+
 def test_plan_and_train_refuse_the_same_layout(tmp_path):
     plan = run_cli("plan", "--world", "3", timeout=60)
     train = run_cli("train", f"--run.dir={tmp_path}/r", "--nproc", "3", timeout=60)
