@@ -6,8 +6,56 @@ when it is known (the launcher's --nproc, or $WORLD_SIZE on every rank).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import keyword
+
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
+
+# Fields the PS path (trainer.py, worker.py, server.py, coordinator.py and the shared
+# data/, evaluate/, metrics/, optim/ code they call) does not read: field -> (why,
+# values that say what PS does anyway, e.g. a feature's "off"). Adding support for one
+# means deleting its row. Not listed: fields refused by check_ps below (layouts,
+# precision, ...), and fields that only refine a listed or refused one (compile_scope,
+# batch_ramp_start, pp_*, lora_alpha, distill.alpha, ...), which spmd ignores too while
+# their parent is off. Known gap: the defaults checkpoint.on_signal=true,
+# faults.skip_nonfinite=true and faults.spike_sigmas=6 are not honoured either, and a
+# value equal to its default cannot be told from an unset one.
+UNSUPPORTED: dict[str, tuple[str, tuple]] = {
+    "train.compile": ("the workers run the model eagerly", ()),
+    "train.grad_clip_value": ("the servers clip the global norm only (train.grad_clip)",
+                              ()),
+    "train.host_reads": ("the coordinator reads every push's loss at once",
+                         ("every-step",)),
+    "train.malloc_mmap_threshold_mib": ("only the spmd trainer tunes glibc's allocator",
+                                        ()),
+    "data.loader_workers": ("the workers read their batches in the loop", ()),
+    "optim.lr_scaling": ("the servers' optimizers run at optim.lr, unscaled", ()),
+    "schedule.name": ("the servers' schedules never see the validation loss", ()),
+    "schedule.epoch_steps": ("the servers' schedules do not know the epoch length", ()),
+    "checkpoint.keep_best": ("PS keeps only the newest checkpoint.keep checkpoints", ()),
+    "checkpoint.async_save": ("PS checkpoints are written synchronously", ()),
+    **{f"faults.{k}": ("PS has no fault guard: no step is skipped or rolled back", off)
+       for k, off in (("spike_sigmas", (0.0,)), ("spike_window", ()),
+                      ("spike_min_history", ()), ("max_consecutive", (0,)),
+                      ("rollback_lr_factor", ()))},
+    "parallel.backend": ("PS talks over torch RPC (TensorPipe), no collective backend",
+                         ()),
+    "parallel.timeout_s": ("PS waits parallel.ps_timeout_s instead", ()),
+    "parallel.cpu_offload": ("it is an FSDP2 setting; PS servers hold the parameters",
+                             ()),
+    "parallel.reshard_after_forward": ("it is an FSDP2 setting; PS servers hold the "
+                                       "parameters", ()),
+    "parallel.ddp_bucket_mb": ("it is a DDP setting; PS workers push whole gradients", ()),
+    "plan.auto": ("the plan does not model PS ranks", ()),
+    "init.from": ("PS builds its weights from train.seed only", ()),
+    "finetune.freeze": ("PS trains every parameter of the model", ()),
+    "finetune.lora_rank": ("PS trains every parameter of the model", ()),
+    "distill.teacher": ("PS workers compute the plain cross-entropy", ()),
+}
+# Only these values of a field whose other values PS honours are refused.
+REFUSED_ONLY = {"schedule.name": ("plateau",), "schedule.epoch_steps": (0,)}
 
 
 def n_workers(cfg: Config, world: int) -> int:
@@ -38,6 +86,7 @@ def check_ps(cfg: Config, world: int | None) -> None:
     if t.descent != "mini-batch" or t.batch_ramp:
         raise ConfigError("parallel.mode='ps' needs train.descent='mini-batch' and "
                           "train.batch_ramp=0")
+    check_unsupported(cfg)
     if world is None:
         return
     w = n_workers(cfg, world)
@@ -54,3 +103,27 @@ def check_ps(cfg: Config, world: int | None) -> None:
     if p.ps_slow_worker >= w:
         raise ConfigError(f"parallel.ps_slow_worker={p.ps_slow_worker} but there are only "
                           f"{w} workers")
+
+
+def _value_and_default(cfg: Config, key: str):
+    """(value in `cfg`, schema default) of `section.key` (`init.from` is `from_`)."""
+    sec_name, name = key.split(".")
+    attr = name + "_" if keyword.iskeyword(name) else name
+    section = getattr(cfg, sec_name)
+    f = next(f for f in dataclasses.fields(section) if f.name == attr)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return getattr(section, attr), default
+
+
+def check_unsupported(cfg: Config) -> None:
+    """ConfigError naming the first UNSUPPORTED field set to a value PS would ignore.
+
+    Compared with the schema default: a field explicitly set to its default cannot be
+    told apart from an unset one, and passes."""
+    for key, (why, off) in UNSUPPORTED.items():
+        value, default = _value_and_default(cfg, key)
+        refused = (value in REFUSED_ONLY[key] if key in REFUSED_ONLY
+                   else value != default and value not in off)
+        if refused:
+            raise ConfigError(f"{key}={json.dumps(value)}: parallel.mode='ps' does not "
+                              f"support it ({why})")
