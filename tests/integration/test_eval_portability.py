@@ -101,14 +101,17 @@ def test_finetune_resumes_after_its_base_is_deleted(work):
     # item 7: a resume reads the run's own config and checkpoint, never init.from.
     no_shape = [a for a in ARGS if not a.startswith("--model.")]  # from init.from
     ft = [*no_shape, "--schedule.name=constant", "--checkpoint.interval=2"]
-    shutil.copytree(work / "work" / "base", work / "work" / "doomed")
+    # A base of its own: the test above moves `base` away.
+    proc = _cli(work / "work", "train", *ARGS, "--run.dir=base7", "--train.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(work / "work" / "base7", work / "work" / "doomed")
     proc = _cli(work / "work", "train", *ft, "--init.from=doomed", "--run.dir=cut",
                 "--train.steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.rmtree(work / "work" / "doomed")
     proc = _cli(work / "work", "train", *ft, "--run.dir=cut", "--train.steps=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _cli(work / "work", "train", *ft, "--init.from=base", "--run.dir=whole",
+    proc = _cli(work / "work", "train", *ft, "--init.from=base7", "--run.dir=whole",
                 "--train.steps=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
