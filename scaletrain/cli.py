@@ -91,6 +91,7 @@ def _split_args(cmd: str, argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
+    from scaletrain.config.load import user_keys
     from scaletrain.train.resume_config import build_train_config
     from scaletrain.train.run_guard import make_run_dir
 
@@ -104,7 +105,8 @@ def cmd_train(argv: list[str]) -> int:
     cfg = build_train_config(args.config, overrides, guard=writes_run_dir)
     launch = args.nproc > 1 and "RANK" not in os.environ
     _preflight(cfg, args.nproc if launch else int(os.environ.get("WORLD_SIZE", 1)),
-               args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+               args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+               user_keys(args.config, overrides))
     if writes_run_dir:  # every check passed: only now may the run dir appear (or fail to)
         make_run_dir(Path(cfg.run.dir))
     if launch:
@@ -141,18 +143,21 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _preflight(cfg, world: int, local_world: int) -> None:
+def _preflight(cfg, world: int, local_world: int, user_set: frozenset[str]) -> None:
     """What the world size and the machine's memory allow, judged before the launch or
-    any allocation: one line here, not the same line from N ranks and torchrun's report."""
+    any allocation: one line here, not the same line from N ranks and torchrun's report.
+    `user_set`: the keys the user set, which init.from must not silently replace."""
     import copy
 
     from scaletrain.config.paths import check_dir_field
     from scaletrain.finetune import resolve_init
+    from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.preflight import check_memory
 
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
-    shaped = resolve_init(copy.deepcopy(cfg))  # init.from fixes the model's shape
+    shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
+                          resuming=resumes_in_place(cfg))
     check_world(shaped, world, shaped.model.vocab_size or None)
     check_memory(shaped, world, local_world)
 

@@ -213,6 +213,19 @@ def build_config(config_file: str | None = None, overrides: list[tuple[str, str]
     return validate(cfg)
 
 
+def user_keys(config_file: str | None, overrides: list[tuple[str, str]]) -> frozenset[str]:
+    """The `section.key`s the user set for this command: the --config file's and the
+    CLI's, as written (`init.from`), not a resumed run's saved config nor a default.
+
+    Passed to `resolve_init` (finetune/init_from.py), which refuses such a model shape
+    field when init.from's differs, even if the value equals the field's default."""
+    keys = {key for key, _ in overrides}
+    if config_file:
+        keys |= {f"{sec}.{name}" for sec, table in load_toml(config_file).items()
+                 if isinstance(table, dict) for name in table}
+    return frozenset(keys)
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from safetensors.torch import load_file
 
 from scaletrain.compress import hf_import
 from scaletrain.compress.lora import apply_lora, freeze
-from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
 
 # The model fields that define the weights' shapes; the rest (dropout) stays the user's.
@@ -86,12 +86,19 @@ def source_state(src: Source) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{src.weights}: not a readable safetensors file ({e})") from None
 
 
-def resolve_init(cfg):
+def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     """Fill `cfg.model` (shape fields) and `cfg.data.tokenizer` from `init.from`, in place.
 
-    A no-op without `init.from`. A shape field the user set (anything but its default)
-    that differs from the source's is refused, naming the field: the weights fix the
-    shape, and dropping the override without a word trained another model than asked.
+    A no-op without `init.from`. `user_set`: the `section.key`s the user set (config/
+    load.py `user_keys`); a shape field among them that differs from the source's is
+    refused, naming it, even when it equals the default: the weights fix the shape, and
+    dropping the override without a word trained another model than asked. The trainer
+    passes none: the command line checked them before anything was launched (cli.py).
+
+    `resuming` (train/run_guard.py `resumes_in_place`): the shape is the run's own saved
+    config.toml's and a checkpoint replaces every weight, so init.from is not read; it
+    may have been moved or deleted since. A tokenizer that came from init.from is then
+    read from the run's own copy (the same token ids).
     (LoRA / freezing with several processes: parallel/world_checks.py.)
     """
     f = cfg.finetune
@@ -103,25 +110,32 @@ def resolve_init(cfg):
             cfg.data.tokenizer = str(teacher.tokenizer.resolve())
     if not cfg.init.from_:
         return cfg
-    src = find_source(cfg.init.from_, cfg.init.weights)
-    defaults = ModelConfig()
-    asked = {k: getattr(cfg.model, k) for k in SHAPE_FIELDS
-             if getattr(cfg.model, k) != getattr(defaults, k)}
+    if resuming:
+        from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE
+
+        run = Path(cfg.run.dir)
+        shape, origin = _read_toml_model(run / CONFIG_FILE), f"the resumed run.dir '{run}'"
+        from_source = str((Path(cfg.init.from_) / TOKENIZER_FILE).resolve())
+        if cfg.data.tokenizer == from_source and (run / TOKENIZER_FILE).is_file():
+            cfg.data.tokenizer = str((run / TOKENIZER_FILE).resolve())
+    else:
+        src = find_source(cfg.init.from_, cfg.init.weights)
+        shape, origin = src.model, f"init.from='{cfg.init.from_}'"
+        if src.tokenizer is not None and not cfg.data.tokenizer:
+            cfg.data.tokenizer = str(src.tokenizer.resolve())
+    asked = {k: getattr(cfg.model, k) for k in SHAPE_FIELDS if f"model.{k}" in user_set}
     for key in SHAPE_FIELDS:
-        if key in src.model:
-            setattr(cfg.model, key, src.model[key])
-    if src.tokenizer is not None and not cfg.data.tokenizer:
-        cfg.data.tokenizer = str(src.tokenizer.resolve())
-    if not cfg.model.vocab_size and src.tokenizer is not None:
+        if key in shape:
+            setattr(cfg.model, key, shape[key])
+    if not resuming and not cfg.model.vocab_size and src.tokenizer is not None:
         from scaletrain.data.tokenizer import Tokenizer  # 0 meant "the source's tokenizer"
 
         cfg.model.vocab_size = Tokenizer.load(src.tokenizer).vocab_size
     for key, value in asked.items():
         if getattr(cfg.model, key) != value:
             raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
-                              f"init.from='{cfg.init.from_}', whose {key} is "
-                              f"{getattr(cfg.model, key)!r}; drop the override (or train "
-                              "from scratch without init.from)")
+                              f"{origin}, whose {key} is {getattr(cfg.model, key)!r}; drop "
+                              "the override (or train from scratch without init.from)")
     from scaletrain.config.load import validate
 
     return validate(cfg)
@@ -148,14 +162,21 @@ def load_into(model: nn.Module, state: dict, where: str) -> None:
         model.tie_weights()
 
 
-def apply_init(model: nn.Module, cfg, vocab_size: int | None = None) -> nn.Module:
-    """Trainer hook after the model is built: load `init.from`, freeze, add LoRA."""
+def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
+               resuming: bool = False) -> nn.Module:
+    """Trainer hook after the model is built: load `init.from`, freeze, add LoRA.
+
+    `resuming` (see `resolve_init`): the checkpoint about to be loaded holds every
+    weight, the frozen base of a LoRA run included (DCP saves all parameters), so
+    init.from is not read; the converters still run, the checkpoint's layout needs them.
+    """
     if cfg.init.from_:
-        src = find_source(cfg.init.from_, cfg.init.weights)
         if vocab_size and vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"data: the tokenizer has {vocab_size} tokens, more than the "
                               f"model of init.from ({cfg.model.vocab_size})")
-        load_into(model, source_state(src), cfg.init.from_)
+        if not resuming:
+            src = find_source(cfg.init.from_, cfg.init.weights)
+            load_into(model, source_state(src), cfg.init.from_)
     return _convert(model, cfg)
 
 

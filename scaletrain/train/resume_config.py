@@ -19,7 +19,7 @@ from pathlib import Path
 from scaletrain.checkpoint.compat import NOT_SETTINGS as NOT_INHERITED
 from scaletrain.config import Config, build_config
 from scaletrain.config.load import load_toml
-from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, has_checkpoint
+from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, resumes_in_place
 
 
 def saved_base(run_dir: Path) -> dict:
@@ -42,11 +42,9 @@ def build_train_config(config_file: str | None, overrides: list[tuple[str, str]]
     another rank may look only after rank 0 has written config.toml (the parameter-server
     rank 0 does so before the rendezvous) and would take the fresh run for a foreign one."""
     cfg = build_config(config_file, overrides)
-    d = Path(cfg.run.dir)
-    if cfg.run.dir.strip() and not cfg.run.overwrite and has_checkpoint(d) \
-            and (d / CONFIG_FILE).is_file():
+    if resumes_in_place(cfg):
         cfg = build_config(config_file, [*overrides, ("run.dir", cfg.run.dir)],
-                           base=saved_base(d))
+                           base=saved_base(Path(cfg.run.dir)))
     if guard:
         check_run_dir(cfg)
     return cfg

@@ -54,6 +54,15 @@ def has_checkpoint(d: Path) -> bool:
         for p in root.iterdir())
 
 
+def resumes_in_place(cfg) -> bool:
+    """True if `train` resumes run.dir from its own checkpoint: the run's config.toml is
+    the config's base (train/resume_config.py) and a checkpoint replaces every weight,
+    so a fine-tune needs nothing from its init.from any more (issue 13 item 7)."""
+    d = Path(cfg.run.dir)
+    return bool(cfg.run.dir.strip()) and not cfg.run.overwrite and has_checkpoint(d) \
+        and (d / CONFIG_FILE).is_file()
+
+
 def outputs_in(d: Path) -> list[str]:
     """The names of what training writes that `d` already holds."""
     found = [n for n in OUTPUT_FILES if (d / n).exists()]

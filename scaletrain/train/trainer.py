@@ -41,6 +41,7 @@ from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
+from scaletrain.train.run_guard import resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
@@ -48,8 +49,10 @@ from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
-        # init.from: model shape and tokenizer from the source (finetune/init_from.py).
-        self.cfg = cfg = resolve_init(cfg)
+        # init.from: model shape and tokenizer from the source (finetune/init_from.py);
+        # resuming run.dir in place, from its own config and checkpoint instead.
+        resuming = resumes_in_place(cfg)
+        self.cfg = cfg = resolve_init(cfg, resuming=resuming)
         self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
@@ -85,7 +88,7 @@ class Trainer:
         # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
         self.ac_modes = block_modes(ac, sum(b is not None for b in blocks.values()))
         # Trained weights of init.from, then the freeze / LoRA converters.
-        self.model = apply_init(self.model, cfg, self.data.vocab_size)
+        self.model = apply_init(self.model, cfg, self.data.vocab_size, resuming)
         self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
         self.n_params = count_params(self.model)
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan

@@ -3,6 +3,8 @@ code 2 and one line naming what is wrong, before anything is allocated or launch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import TINY_DATA, TINY_GPT, run_cli
@@ -112,6 +114,23 @@ def test_init_from_refuses_a_shape_override(tiny_run, tmp_path):
     proc = run_cli("train", f"--init.from={tiny_run}", "--model.n_layer=8",
                    f"--run.dir={tmp_path}/r", timeout=60)
     assert_user_error(proc, "model.n_layer=8", "init.from", "whose n_layer is 2")
+
+
+def test_init_from_refuses_a_shape_override_equal_to_the_default(tiny_run, tmp_path):
+    # item 19: n_layer=4 is the default, set explicitly over a 2-layer source: refused,
+    # on the command line and in a --config file (it used to train 2 layers silently).
+    from scaletrain.config.schema import ModelConfig
+
+    assert ModelConfig().n_layer == 4
+    data = [*TINY_DATA, f"--data.prepared_dir={Path(tiny_run).parent / 'prep'}",
+            "--train.steps=1"]
+    proc = run_cli("train", f"--init.from={tiny_run}", "--model.n_layer=4", *data,
+                   f"--run.dir={tmp_path}/r", timeout=60)
+    assert_user_error(proc, "model.n_layer=4", "init.from", "whose n_layer is 2")
+    (tmp_path / "c.toml").write_text("[model]\nn_layer = 4\n")
+    proc = run_cli("train", "--config", str(tmp_path / "c.toml"), f"--init.from={tiny_run}",
+                   *data, f"--run.dir={tmp_path}/r2", timeout=60)
+    assert_user_error(proc, "model.n_layer=4", "init.from", "whose n_layer is 2")
 
 
 # -- item 20: the README's quoted glob under ~ ------------------------------------------

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from scaletrain.cli import main
 from tests.conftest import REPO, TINY_DATA, TINY_GPT
@@ -93,3 +95,31 @@ def test_moved_finetune_and_base_evaluate_from_another_directory(work, capsys, m
     assert not any(other.iterdir()) and not (work / "a" / "b" / "prep").exists()
     saved = (moved / "ft" / "config.toml").read_text()
     assert f'prepared_dir = "{work / "prep"}"' in saved
+
+
+def test_finetune_resumes_after_its_base_is_deleted(work):
+    # item 7: a resume reads the run's own config and checkpoint, never init.from.
+    no_shape = [a for a in ARGS if not a.startswith("--model.")]  # from init.from
+    ft = [*no_shape, "--schedule.name=constant", "--checkpoint.interval=2"]
+    # A base of its own: the test above moves `base` away.
+    proc = _cli(work / "work", "train", *ARGS, "--run.dir=base7", "--train.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(work / "work" / "base7", work / "work" / "doomed")
+    proc = _cli(work / "work", "train", *ft, "--init.from=doomed", "--run.dir=cut",
+                "--train.steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(work / "work" / "doomed")
+    proc = _cli(work / "work", "train", *ft, "--run.dir=cut", "--train.steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _cli(work / "work", "train", *ft, "--init.from=base7", "--run.dir=whole",
+                "--train.steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def train_losses(name):
+        lines = (work / "work" / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert train_losses("cut") == train_losses("whole") and len(train_losses("cut")) == 6
+    cut, whole = (load_file(work / "work" / n / "model.safetensors") for n in ("cut", "whole"))
+    assert cut.keys() == whole.keys()
+    assert all(torch.equal(cut[k], whole[k]) for k in cut)

@@ -98,3 +98,13 @@ def test_list_fields_from_cli_both_forms():
         assert cfg.schedule.milestones == [3, 5]
     with pytest.raises(ConfigError, match=r"schedule.milestones\[1\]: expected an integer"):
         build_config(None, [("schedule.name", "multistep"), ("schedule.milestones", "3,x")])
+
+
+def test_user_keys_are_the_cli_and_file_keys_only(tmp_path):
+    from scaletrain.config.load import user_keys
+
+    f = tmp_path / "c.toml"
+    f.write_text("[model]\nn_layer = 4\n[train]\nsteps = 7\n")
+    assert user_keys(str(f), [("init.from", "r"), ("train.steps", "9")]) == \
+        {"model.n_layer", "train.steps", "init.from"}
+    assert user_keys(None, []) == frozenset()
