@@ -39,6 +39,22 @@ def device_guard_applies(optimizer: torch.optim.Optimizer, has_scaler: bool) -> 
     return not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
 
 
+def step_guard(monitor: FaultMonitor, optimizer: torch.optim.Optimizer, reads: LaggedReads,
+               state, *, has_scaler: bool) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+    """The run's `StepOptions.guard`: the monitor's host check, or with lagged host reads
+    (`train.host_reads`) and a fused Adam/AdamW the skip decided on the device.
+    `state`: the run's TrainState, whose step numbers the booked faults and whose
+    `skipped_steps` counts the device's skips."""
+    if not (reads.lag and device_guard_applies(optimizer, has_scaler)):
+        return monitor.guard
+
+    def count_skip():
+        state.skipped_steps += 1
+
+    return DeviceGuard(monitor, optimizer, reads, step_of=lambda: state.step + 1,
+                       on_skip=count_skip)
+
+
 class DeviceGuard:
     """`StepOptions.guard` that flags a bad step to the fused optimizer on the device."""
 
