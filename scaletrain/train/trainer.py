@@ -40,8 +40,8 @@ from scaletrain.parallel.weights import full_state_dict
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
-from scaletrain.train.device_guard import step_guard
-from scaletrain.train.faults import FaultMonitor, Rollback
+from scaletrain.train.device_guard import fault_guard
+from scaletrain.train.faults import Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
@@ -119,16 +119,13 @@ class Trainer:
         self.reads = LaggedReads(lag, self.rt.device)
         self._tokens_since_log = 0
         loss_fn = build_distill_loss(cfg, self.rt.device)
-        # Numerical faults (train/faults.py): the step asks the guard whether to apply the
-        # update; the checkpoint session logs the monitor's events and rolls back.
-        self.faults = FaultMonitor(cfg.faults, has_scaler=self.scaler is not None,
-                                   loss_reducer=self.dist.sum_reducer)  # data-parallel sum
+        self.faults, guard = fault_guard(  # guard: skips a bad update (train/faults.py)
+            cfg.faults, self.optimizer, self.reads, self.state,
+            has_scaler=self.scaler is not None, loss_reducer=self.dist.sum_reducer)
         self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
                                      grad_clip_value=cfg.train.grad_clip_value,
                                      add_penalty_grads=self.strategy.penalty,
-                                     guard=step_guard(self.faults, self.optimizer, self.reads,
-                                                      self.state,
-                                                      has_scaler=self.scaler is not None),
+                                     guard=guard,
                                      loss_fn=loss_fn,
                                      cross_entropy=compile_cross_entropy(
                                          cfg.train.compile and cfg.parallel.tp == 1),
@@ -157,7 +154,8 @@ class Trainer:
         rollback = Rollback(self.faults, self.loader, self.scheduler, self.optimizer,
                             self.state, cfg.faults.rollback_lr_factor)
         return CheckpointSession(
-            states, cfg=cfg, run_dir=self.run_dir, metrics_path=self.run_dir / "metrics.jsonl",
+            states, cfg=cfg, run_dir=self.run_dir,
+            metrics_path=self.run_dir / "metrics.jsonl",
             rank=self.rt.rank, is_main=self.rt.is_main, device=self.rt.device,
             reads=self.reads, log=self.log, faults=self.faults, rollback=rollback,
             on_signal=cfg.checkpoint.on_signal)
