@@ -120,9 +120,12 @@ def cmd_train(argv: list[str]) -> int:
             gib = budget_bytes(cfg, device_type_of(cfg), args.nproc) / GiB
             argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
         return _launch_torchrun(args.nproc, argv)
+    from scaletrain.checkpoint.decisions import Stop
     from scaletrain.train.trainer import train
 
     summary = train(cfg)
+    if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
+        return summary.exit_code
     if int(os.environ.get("RANK", 0)) == 0:
         val, test = summary["val"], summary.get("test")
         line = f"done: {summary['steps']} steps, val loss {val['loss']:.4f}"

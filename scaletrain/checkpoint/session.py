@@ -1,14 +1,19 @@
 """The trainer's side of checkpointing: resume at start, save on interval / signal / end.
 
 Kept out of the training loop so the loop has three one-line hooks (DESIGN.md §1.8):
-`resume()` once before the loop, `after_step(step)` after each step (interval save and a
-pending SIGTERM/SIGINT), `at_end(step)` after the loop.
+`resume()` once before the loop, `after_step(step)` after each step (fault events,
+interval save, a pending SIGTERM/SIGINT), `at_end(step)` after the loop.
+
+Like torchtitan's `CheckpointManager(states=...)` the session is handed everything it
+uses — the Stateful objects it saves, the fault monitor it consults and the rollback it
+calls, paths, this rank's facts, the signal policy — and writes no attribute on any of
+them. `after_step` returns a decision (checkpoint/decisions.py) that the loop acts on.
 
 Signals: SIGTERM (what schedulers and torchrun send) and SIGINT only set a flag; the
-current step finishes, a checkpoint is written, and the process exits with 128 + the
-signal number. A second SIGINT interrupts at once. With several ranks the flag is
-all-reduced every step, so every rank stops after the same step (DCP's save is
-collective).
+current step finishes, a checkpoint is written, and `after_step` returns `Stop` with
+exit code 128 + the signal number, which the CLI exits with. A second SIGINT interrupts
+at once. With several ranks the flag is all-reduced every step, so every rank stops
+after the same step (DCP's save is collective).
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from scaletrain.checkpoint.compat import IncompatibleCheckpoint, changed_settings
+from scaletrain.checkpoint.decisions import CONTINUE, Decision, RolledBack, Stop
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
-from scaletrain.train.host_reads import LaggedReads
 
 
 def cut_metrics(path: Path, nbytes: int) -> bool:
@@ -67,62 +73,50 @@ def truncate_metrics(path: Path, through_step: int | None) -> int:
     return dropped
 
 
-def attach(trainer) -> CheckpointSession:
-    """Build the fault monitor and checkpoint manager of a Trainer, and resume.
-
-    Called from `Trainer.__init__` once model, optimizer, scheduler, scaler, loader,
-    state and step options exist, and before the metric sinks open metrics.jsonl.
-    """
-    from scaletrain.train.device_guard import DeviceGuard, device_guard_applies
-    from scaletrain.train.faults import FaultMonitor
-
-    cfg = trainer.cfg
-    monitor = FaultMonitor(cfg.faults, has_scaler=trainer.scaler is not None,
-                           loss_reducer=trainer.dist.sum_reducer)  # data-parallel sum
-    trainer.step_opts.guard = monitor.guard
-    if trainer.reads.lag and device_guard_applies(trainer.optimizer,
-                                                 trainer.scaler is not None):
-        # train.host_reads = lagged: decide the skip on the device (train/device_guard.py)
-        st = trainer.state
-
-        def count_skip():
-            st.skipped_steps += 1
-
-        trainer.step_opts.guard = DeviceGuard(monitor, trainer.optimizer, trainer.reads,
-                                              step_of=lambda: st.step + 1,
-                                              on_skip=count_skip)
-    manager = CheckpointManager(
-        trainer.run_dir, cfg, model=trainer.model, optimizer=trainer.optimizer,
-        rank=trainer.rt.rank,
-        stateful={"scheduler": trainer.scheduler, "scaler": trainer.scaler,
-                  "loader": trainer.loader, "train_state": trainer.state, "faults": monitor})
-    session = CheckpointSession(manager, monitor, is_main=trainer.rt.is_main,
-                                on_signal=cfg.checkpoint.on_signal, reads=trainer.reads)
-    session.device = trainer.rt.device
-    if trainer.rt.is_main:
-        manager.metrics_path = trainer.run_dir / "metrics.jsonl"
-    session.resume(trainer.run_dir / "metrics.jsonl")
-    return session
+# The two states DCP saves (sharded, resharded on load); the others are small JSON state.
+DCP_STATES = ("model", "optimizer")
 
 
 class CheckpointSession:
-    """The checkpoint manager and fault monitor as the training loop sees them."""
+    """The checkpoint manager and fault handling as the training loop sees them.
 
-    def __init__(self, manager: CheckpointManager, monitor=None, *, is_main: bool,
-                 on_signal: bool = True, reads=None):
-        self.manager = manager
+    states: name -> Stateful to save: "model" and "optimizer" (through DCP) and any
+      small ones (scheduler, scaler, loader, train state, fault monitor); None skipped.
+    faults: the fault monitor whose events it logs (`pop_event()`) and whose verdict it
+      asks (`should_roll_back()`); None: no fault handling.
+    rollback: called with the manager when the monitor says so; restores the newest
+      valid checkpoint and returns its step (None: there is none); `lr_factor` is logged.
+    reads: the run's host reads (train/host_reads.py), flushed before a save or rollback.
+    log: writes one metrics record (fault events), before any save that follows, so
+      the saved metrics size includes it.
+    device: where the stop flag is all-reduced (NCCL needs the GPU).
+    """
+
+    def __init__(self, states: dict[str, Any], *, cfg, run_dir: Path, metrics_path: Path,
+                 rank: int, is_main: bool, device: torch.device, reads,
+                 log: Callable[[dict], None], faults=None, rollback=None,
+                 on_signal: bool = True):
+        small = {k: v for k, v in states.items() if k not in DCP_STATES}
+        self.manager = CheckpointManager(run_dir, cfg, model=states["model"],
+                                         optimizer=states["optimizer"], stateful=small,
+                                         rank=rank)
+        if is_main:  # its size at each save makes a resume exact (manager._extra_state)
+            self.manager.metrics_path = metrics_path
+        self.checkpoint_cfg = cfg.checkpoint
+        self.run_dir, self.metrics_path = Path(run_dir), metrics_path
+        self.faults, self.rollback = faults, rollback
         # Step values read on the host (train/host_reads.py); lag 0 = at once.
-        self.reads = reads or LaggedReads(0, torch.device("cpu"))
+        self.reads = reads
+        self.log = log
         self._stop_agreed = False  # lagged: the all-reduced stop flag, once read
-        self.monitor = monitor
         self.is_main = is_main
         self.on_signal = on_signal
-        self.device = torch.device("cpu")  # of the all-reduce (NCCL needs the GPU)
+        self.device = device
         self._signal: int | None = None
         self._old_handlers: dict[int, object] = {}
 
     # -- start -------------------------------------------------------------------------
-    def resume(self, metrics_path: Path) -> int | None:
+    def resume(self) -> int | None:
         """Load the checkpoint `checkpoint.resume` picks; make metrics.jsonl agree."""
         try:
             step = self.manager.maybe_resume()
@@ -131,7 +125,7 @@ class CheckpointSession:
                 from scaletrain.config.load import dumps_toml
                 from scaletrain.train.run_dir import CONFIG_FILE, write_atomic
 
-                write_atomic(metrics_path.parent / CONFIG_FILE, dumps_toml(e.saved))
+                write_atomic(self.run_dir / CONFIG_FILE, dumps_toml(e.saved))
             raise
         if self.is_main:
             own = step is not None and self.manager.root.resolve() in \
@@ -139,8 +133,8 @@ class CheckpointSession:
             nbytes = self.manager.loaded_extra.get("metrics_bytes")
             # Exact: back to what was logged when the checkpoint was saved. Otherwise
             # (another run's checkpoint, an edited file) by step.
-            if not (own and nbytes is not None and cut_metrics(metrics_path, nbytes)):
-                truncate_metrics(metrics_path, step)
+            if not (own and nbytes is not None and cut_metrics(self.metrics_path, nbytes)):
+                truncate_metrics(self.metrics_path, step)
             if step is not None:
                 print(f"scaletrain: resumed from {step_dir_name(step)} "
                       f"({self.manager.root})", file=sys.stderr, flush=True)
@@ -185,68 +179,57 @@ class CheckpointSession:
         return flag
 
     # -- per step / end ----------------------------------------------------------------
-    def after_step(self, trainer) -> None:
-        """Fault events (log, roll back), interval save, and a pending signal (save, exit)."""
-        step = trainer.state.step
-        if self.monitor is not None and self._handle_fault(trainer):
-            return  # rolled back: the state is the checkpoint's, nothing new to save
-        if trainer.cfg.checkpoint.keep_best:
-            self.manager.best_step = trainer.state.best_step
-        interval = trainer.cfg.checkpoint.interval
+    def after_step(self, step: int, *, best_step: int) -> Decision:
+        """Fault events (log, roll back), interval save, and a pending signal (save,
+        stop) after optimizer step `step`; `best_step`: keep_best's, kept when pruning."""
+        if self.faults is not None and (to := self._handle_fault(step)) is not None:
+            return RolledBack(step=to)  # the state is the checkpoint's, nothing new to save
+        if self.checkpoint_cfg.keep_best:
+            self.manager.best_step = best_step
+        interval = self.checkpoint_cfg.interval
         if interval and step % interval == 0:
             self.reads.flush()  # the saved state (tokens, fault history) up to this step
-            if self.monitor is not None and self._handle_fault(trainer):
-                return  # this step's fault, read just now, rolled the run back
+            if self.faults is not None and (to := self._handle_fault(step)) is not None:
+                return RolledBack(step=to)  # this step's fault, read just now, rolled back
         saved = self.manager.maybe_save(step)
-        if self._stop_requested():
-            if not saved:
-                self.reads.flush()
-                self.manager.save(step)
-            self.manager.close()
-            name = signal.Signals(self._signal).name if self._signal else "a signal"
-            if self.is_main:
-                print(f"scaletrain: stopped by {name} after step {step}; checkpoint "
-                      f"{step_dir_name(step)} saved; run the same command to resume",
-                      file=sys.stderr, flush=True)
-            self.restore_signal_handlers()
-            if trainer.sinks is not None:
-                trainer.sinks.close()
-            raise SystemExit(128 + (self._signal or 0))
+        if not self._stop_requested():
+            return CONTINUE
+        if not saved:
+            self.reads.flush()
+            self.manager.save(step)
+        self.manager.close()
+        name = signal.Signals(self._signal).name if self._signal else "a signal"
+        if self.is_main:
+            print(f"scaletrain: stopped by {name} after step {step}; checkpoint "
+                  f"{step_dir_name(step)} saved; run the same command to resume",
+                  file=sys.stderr, flush=True)
+        self.restore_signal_handlers()
+        return Stop(step=step, exit_code=128 + (self._signal or 0))
 
-    def _handle_fault(self, trainer) -> bool:
-        """Log the last step's fault, if any; roll back if too many in a row. True if
-        the run was rolled back."""
-        from scaletrain.train.faults import roll_back
-
-        event = self.monitor.pop_event()
+    def _handle_fault(self, step: int) -> int | None:
+        """Log the last step's fault, if any; roll back if too many in a row. The step
+        rolled back to, or None (no fault, not yet too many, nothing to go back to)."""
+        event = self.faults.pop_event()
         if event is None:
-            return False
-        st = trainer.state
-        trainer.log({"kind": "fault", "step": st.step, **event})
-        if not self.monitor.should_roll_back():
-            return False
+            return None
+        self.log({"kind": "fault", "step": step, **event})
+        if not self.faults.should_roll_back():
+            return None
         self.reads.flush()  # values of steps after the checkpoint: read, then restored over
-        skipped, at = st.skipped_steps, st.step
-        lr_factor = trainer.cfg.faults.rollback_lr_factor
-        to = roll_back(self.manager, trainer.loader, trainer.scheduler, trainer.optimizer,
-                       lr_factor)
-        if to is None:  # nothing to go back to: keep skipping bad steps
-            trainer.log({"kind": "fault", "step": st.step, "event": "rollback_impossible",
-                         "reason": "no valid checkpoint"})
-            self.monitor.consecutive = 0
-            return False
-        self.monitor.last_event = None  # a flushed later step's: rolled back over
-        trainer.log({"kind": "fault", "step": at, "event": "rollback", "to_step": to,
-                     "lr_factor": lr_factor})
-        st.skipped_steps = skipped  # the count survives the rollback
-        return True
+        to = self.rollback(self.manager)
+        if to is None:  # nothing to go back to: the rollback keeps skipping bad steps
+            self.log({"kind": "fault", "step": step, "event": "rollback_impossible",
+                      "reason": "no valid checkpoint"})
+            return None
+        self.log({"kind": "fault", "step": step, "event": "rollback", "to_step": to,
+                  "lr_factor": self.rollback.lr_factor})
+        return to
 
-    def at_end(self, trainer) -> None:
+    def at_end(self, step: int, *, best_step: int) -> None:
         """Save the final state (unless this step was just saved) and wait for it."""
-        step = trainer.state.step
         self.reads.flush()
-        if trainer.cfg.checkpoint.keep_best:
-            self.manager.best_step = trainer.state.best_step
+        if self.checkpoint_cfg.keep_best:
+            self.manager.best_step = best_step
         if self.manager.last_requested_step != step:
             self.manager.save(step)
         self.manager.close()

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from scaletrain.config.schema import FaultsConfig
 from scaletrain.train.faults import FaultMonitor
 from scaletrain.train.host_reads import LaggedReads
 
@@ -37,6 +38,24 @@ def device_guard_applies(optimizer: torch.optim.Optimizer, has_scaler: bool) -> 
     from torch.distributed.tensor import DTensor
 
     return not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
+def fault_guard(cfg: FaultsConfig, optimizer: torch.optim.Optimizer, reads: LaggedReads,
+                state, *, has_scaler: bool, loss_reducer) -> tuple[FaultMonitor, Callable]:
+    """The run's fault monitor (train/faults.py) and the `StepOptions.guard` consulting
+    it: the monitor's host check, or with lagged host reads (`train.host_reads`) and a
+    fused Adam/AdamW the skip decided on the device. `state`: the run's TrainState, whose
+    step numbers the booked faults and whose `skipped_steps` counts the device's skips;
+    `loss_reducer`: the data-parallel sum of the loss shares."""
+    monitor = FaultMonitor(cfg, has_scaler=has_scaler, loss_reducer=loss_reducer)
+    if not (reads.lag and device_guard_applies(optimizer, has_scaler)):
+        return monitor, monitor.guard
+
+    def count_skip():
+        state.skipped_steps += 1
+
+    return monitor, DeviceGuard(monitor, optimizer, reads, step_of=lambda: state.step + 1,
+                                on_skip=count_skip)
 
 
 class DeviceGuard:

@@ -139,3 +139,31 @@ def roll_back(manager, loader, scheduler, optimizer, lr_factor: float) -> int | 
         for g in optimizer.param_groups:
             g["lr"] *= lr_factor
     return m["step"]
+
+
+class Rollback:
+    """What `faults.max_consecutive` bad steps in a row do; the checkpoint session
+    calls it with its manager (checkpoint/session.py) and logs the outcome.
+
+    Restores the newest valid checkpoint (`roll_back`: the loader keeps its position, the
+    LR is scaled by `lr_factor`) and keeps the skipped-step count, which counts every
+    skipped step, rolled back over or not. Returns the step rolled back to, or None when
+    there is no checkpoint: then the bad steps in a row are counted afresh (the run keeps
+    skipping them).
+    """
+
+    def __init__(self, monitor: FaultMonitor, loader, scheduler, optimizer, state,
+                 lr_factor: float):
+        self.monitor, self.loader, self.state = monitor, loader, state
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.lr_factor = lr_factor
+
+    def __call__(self, manager) -> int | None:
+        skipped = self.state.skipped_steps
+        to = roll_back(manager, self.loader, self.scheduler, self.optimizer, self.lr_factor)
+        if to is None:
+            self.monitor.consecutive = 0
+            return None
+        self.monitor.last_event = None  # a flushed later step's: rolled back over
+        self.state.skipped_steps = skipped  # the count survives the rollback
+        return to

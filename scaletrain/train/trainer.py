@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.checkpoint.session import attach as attach_checkpointing
+from scaletrain.checkpoint.decisions import Decision, Stop
+from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
@@ -39,6 +40,8 @@ from scaletrain.parallel.weights import full_state_dict
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
+from scaletrain.train.device_guard import fault_guard
+from scaletrain.train.faults import Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.run_guard import resumes_in_place
@@ -119,17 +122,21 @@ class Trainer:
         self.reads = LaggedReads(lag, self.rt.device)
         self._tokens_since_log = 0
         loss_fn = build_distill_loss(cfg, self.rt.device)
+        self.faults, guard = fault_guard(  # guard: skips a bad update (train/faults.py)
+            cfg.faults, self.optimizer, self.reads, self.state,
+            has_scaler=self.scaler is not None, loss_reducer=self.dist.sum_reducer)
         self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
                                      grad_clip_value=cfg.train.grad_clip_value,
                                      add_penalty_grads=self.strategy.penalty,
+                                     guard=guard,
                                      loss_fn=loss_fn,
                                      cross_entropy=compile_cross_entropy(
                                          cfg.train.compile and cfg.parallel.tp == 1),
                                      loss_in_model=loss_fn is None and head_computes_loss(
                                          self.model, cfg.parallel),
                                      **self.dist.step_options(self.model))
-        # Fault guard + checkpoint manager; resumes here, before metrics.jsonl is opened.
-        self.ckpt = attach_checkpointing(self)
+        self.ckpt = self._checkpoint_session()
+        self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
             if self.rt.is_main else None
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
@@ -139,6 +146,22 @@ class Trainer:
                 self.pipeline, self.spec, cfg.model, facts)
         self._peak_flops: float | None = None
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
+
+    def _checkpoint_session(self) -> CheckpointSession:
+        """Checkpointing handed what it saves (torchtitan's `CheckpointManager(states=)`)
+        and the fault monitor and rollback it consults; it writes none of them."""
+        cfg = self.cfg
+        states = {"model": self.model, "optimizer": self.optimizer,
+                  "scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader,
+                  "train_state": self.state, "faults": self.faults}
+        rollback = Rollback(self.faults, self.loader, self.scheduler, self.optimizer,
+                            self.state, cfg.faults.rollback_lr_factor)
+        return CheckpointSession(
+            states, cfg=cfg, run_dir=self.run_dir,
+            metrics_path=self.run_dir / "metrics.jsonl",
+            rank=self.rt.rank, is_main=self.rt.is_main, device=self.rt.device,
+            reads=self.reads, log=self.log, faults=self.faults, rollback=rollback,
+            on_signal=cfg.checkpoint.on_signal)
 
     # -- metrics -----------------------------------------------------------------------
     def peak_flops(self) -> float:
@@ -227,7 +250,9 @@ class Trainer:
         self.state.tokens += int(n[0])
         self._tokens_since_log += int(n[0])
 
-    def fit(self) -> dict:
+    def fit(self) -> dict | Stop:
+        """Train to `train.steps`; the summary, or the `Stop` of a SIGTERM/SIGINT (its
+        checkpoint saved, metric sinks closed; the CLI exits with its code)."""
         cfg, st = self.cfg, self.state
         progress = Progress(cfg.train.steps, initial=st.step, enabled=cfg.train.progress
                             if self.rt.is_main else "off")
@@ -238,7 +263,7 @@ class Trainer:
         meter.start()
         t0 = time.perf_counter()
         self._tokens_since_log, last = 0, {}
-        self.ckpt.install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit
+        self.ckpt.install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, stop
         while st.step < cfg.train.steps:
             t_step = time.perf_counter()
             result, lr = self.train_one_step()
@@ -255,12 +280,18 @@ class Trainer:
                 if self.rt.is_main:  # one line per run, not one per rank
                     progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
                 self.maybe_keep_best(val["loss"])
-            self.ckpt.after_step(self)  # faults (skip log, rollback), interval save, signal
+            # Faults (skip log, rollback), interval save, a signal (save, stop).
+            decision: Decision = self.ckpt.after_step(st.step, best_step=st.best_step)
+            if isinstance(decision, Stop):
+                progress.close()
+                if self.sinks is not None:
+                    self.sinks.close()
+                return decision  # RolledBack: the state is the checkpoint's; go on
             if cfg.train.compile and not self.step_clock.rest and st.step < cfg.train.steps:
                 meter.start()  # tokens/s without the compiling first step (compile_s)
                 self.reads.flush()
                 self._tokens_since_log = 0
-        self.ckpt.at_end(self)
+        self.ckpt.at_end(st.step, best_step=st.best_step)
         progress.close()
         st.wall_time += time.perf_counter() - t0
         return self.finish(last, meter)
@@ -327,8 +358,8 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config) -> dict:
-    """Train `cfg` to the end and return its summary."""
+def train(cfg: Config) -> dict | Stop:
+    """Train `cfg` to the end and return its summary (or the `Stop` of a signal)."""
     if cfg.parallel.mode == "ps":  # parameter-server training (scaletrain/paramserver/)
         from scaletrain.paramserver import train_ps
 
@@ -341,6 +372,10 @@ def train(cfg: Config) -> dict:
     write_record(cfg.run.dir, plan_record)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()
+    if isinstance(summary, Stop):
+        # Stopped by a signal, checkpoint saved: the CLI exits 128 + N next. The group is
+        # left to the process's exit, as a stop always did.
+        return summary
     # Only after success: tearing the group down while a failed rank's peers are still
     # inside a collective would deadlock (torchtitan #1342 does the same).
     trainer.dist.close()

@@ -87,7 +87,7 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
 
 
 def _fault_guard(model, ctx, spec: dict, opts):
-    """The trainer's fault guard (checkpoint/session.py attach) on `opts`; with
+    """The trainer's fault guard (train/device_guard.py fault_guard) on `opts`; with
     spec["nan_step"], the final norm's output turns NaN at that step (on the last
     pipeline stage, which alone has `ln_f`)."""
     from scaletrain.config.schema import FaultsConfig
