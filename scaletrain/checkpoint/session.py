@@ -93,7 +93,7 @@ def attach(trainer) -> CheckpointSession:
                                               on_skip=count_skip)
     manager = CheckpointManager(
         trainer.run_dir, cfg, model=trainer.model, optimizer=trainer.optimizer,
-        rank=trainer.rt.rank,
+        rank=trainer.rt.rank, tied_copies=trainer.parallel.tied_copies,
         stateful={"scheduler": trainer.scheduler, "scaler": trainer.scaler,
                   "loader": trainer.loader, "train_state": trainer.state, "faults": monitor})
     session = CheckpointSession(manager, monitor, is_main=trainer.rt.is_main,
