@@ -57,11 +57,12 @@ def mem_run(rank: int, world: int, spec: dict) -> dict:
     policy = PrecisionPolicy("bf16", device)
     mcfg = ModelConfig(n_layer=12, n_head=12, d_model=768, seq_len=spec["seq"],
                        vocab_size=VOCAB)
-    model = build_parallel_model(mcfg, {}, seed=0, dims=ctx.dims, mesh=ctx.mesh, pcfg=pcfg,
-                                 policy=policy, device=device)
+    pm = build_parallel_model(mcfg, {}, seed=0, dims=ctx.dims, mesh=ctx.mesh, pcfg=pcfg,
+                              policy=policy, device=device)
+    model = pm.module
     n_params = sum(p.numel() for p in model.parameters())  # global (DTensor numel)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(model))
+    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
     g = torch.Generator().manual_seed(rank)
     per_rank = spec["micro"] * spec["accum"]
     for _ in range(spec["steps"]):

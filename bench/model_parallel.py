@@ -67,13 +67,14 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
     V = cfg.model.vocab_size
     base = _rss_mb()
     policy = PrecisionPolicy("fp32", dev)
-    model = build_parallel_model(cfg.model, {"vocab_size": V}, seed=0, dims=ctx.dims,
-                                 mesh=ctx.mesh, pcfg=cfg.parallel, policy=policy, device=dev)
+    pm = build_parallel_model(cfg.model, {"vocab_size": V}, seed=0, dims=ctx.dims,
+                              mesh=ctx.mesh, pcfg=cfg.parallel, policy=policy, device=dev)
+    model = pm.module
     dp = ctx.dims.dp
-    pipe = build_pipeline(model, ctx, cfg.parallel, batch // dp, micro, cfg.model, V,
+    pipe = build_pipeline(pm, ctx, cfg.parallel, batch // dp, micro, cfg.model, V,
                           torch.float32)
-    opt = build_optimizer(model, cfg.optim)
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(model))
+    opt = build_optimizer(model, cfg.optim, embedding_copies=pm.tied_copies)
+    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
     g = torch.Generator().manual_seed(ctx.dp_rank)
     times = []
     for i in range(steps):

@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from scaletrain.metrics.meters import current_rss_mb, peak_memory_mb  # noqa: E402
 from scaletrain.models.gpt import GPT, GPTConfig  # noqa: E402
-from scaletrain.models.registry import materialize  # noqa: E402
+from scaletrain.models.registry import materialize, spec_for  # noqa: E402
 from scaletrain.parallel.ac import apply_ac  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def main() -> None:
         model = GPT(c)
     model.to(dtype=torch.bfloat16)  # on meta: dtypes only, no memory
     apply_ac(model, "full")
-    materialize(model, "cpu", seed=0)  # allocates bf16 directly; init drawn per tensor
+    materialize(model, "cpu", seed=0, tied=spec_for("gpt").tied)  # allocates bf16 directly; init drawn per tensor
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e9:.3f} B parameters, built in {time.perf_counter() - t0:.1f} s, "
           f"RSS {current_rss_mb():.0f} MB", flush=True)

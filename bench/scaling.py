@@ -51,10 +51,11 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=spec["seq"],
                        vocab_size=spec["vocab"])
-    model = build_parallel_model(mcfg, {}, seed=0, dims=ctx.dims, mesh=ctx.mesh,
-                                 pcfg=pcfg, policy=policy, device=device)
+    pm = build_parallel_model(mcfg, {}, seed=0, dims=ctx.dims, mesh=ctx.mesh,
+                              pcfg=pcfg, policy=policy, device=device)
+    model = pm.module
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(model))
+    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
     per_rank = spec["batch"] // ctx.dims.dp
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, spec["vocab"], (per_rank, spec["seq"]), generator=g)

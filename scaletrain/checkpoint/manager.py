@@ -47,8 +47,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_aliases,
-                                                    tied_load_names, tied_own_names)
+from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_load_names,
+                                                    tied_own_names)
 
 from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint.compat import check_compatible
@@ -137,7 +137,8 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, cfg, *, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, stateful: dict[str, Any],
-                 rank: int = 0, config_dict: dict | None = None):
+                 rank: int = 0, config_dict: dict | None = None,
+                 tied_copies: dict[str, str] | None = None):
         from scaletrain.config import to_dict
 
         self.cfg = cfg
@@ -145,6 +146,9 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CKPT_DIR
         self.model, self.optimizer = model, optimizer
+        # {tied copy: weight it copies} on this rank (ParallelModel.tied_copies): a
+        # pipeline's last-stage head reads the embedding's optimizer entries on load.
+        self.tied_copies = dict(tied_copies or {})
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         # The optimizer/schedule settings of the current config, written back over a
         # checkpoint's after every load (checkpoint/reconfigure.py).
@@ -390,7 +394,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: cannot be loaded safely ({e})") from None
         state = self._app_state()  # fqn-keyed, in this process's layout (DCP reshards)
         # A pipeline's tied head copy reads the embedding's optimizer entries (any layout).
-        aliases = tied_aliases(self.model)
+        aliases = self.tied_copies
         state = tied_load_names(state, aliases)
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())

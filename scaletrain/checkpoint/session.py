@@ -95,11 +95,11 @@ class CheckpointSession:
     def __init__(self, states: dict[str, Any], *, cfg, run_dir: Path, metrics_path: Path,
                  rank: int, is_main: bool, device: torch.device, reads,
                  log: Callable[[dict], None], faults=None, rollback=None,
-                 on_signal: bool = True):
+                 on_signal: bool = True, tied_copies: dict[str, str] | None = None):
         small = {k: v for k, v in states.items() if k not in DCP_STATES}
         self.manager = CheckpointManager(run_dir, cfg, model=states["model"],
                                          optimizer=states["optimizer"], stateful=small,
-                                         rank=rank)
+                                         rank=rank, tied_copies=tied_copies)
         if is_main:  # its size at each save makes a resume exact (manager._extra_state)
             self.manager.metrics_path = metrics_path
         self.checkpoint_cfg = cfg.checkpoint

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.errors import CheckpointError, UserError
+from scaletrain.models.contract import TiedPairs, stored_once
+from scaletrain.models.registry import spec_of
 
 ARTEFACT_FILE = "artefact.json"
 FORMAT = "scaletrain-artefact"
@@ -50,11 +52,10 @@ def save_artefact(out: Path, state: dict[str, torch.Tensor], cfg, tokenizer, kin
     return out
 
 
-def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors of a plain model as a run directory stores them (tied head once)."""
-    tied = hasattr(model, "tie_weights")
-    return {k: v for k, v in model.state_dict().items()
-            if not (tied and k.startswith("lm_head."))}
+def dense_state(model: nn.Module, tied: TiedPairs) -> dict[str, torch.Tensor]:
+    """Tensors of a plain model as a run directory stores them (tied heads once;
+    `tied`: the family's pairs, ModelSpec.tied)."""
+    return {k: v for k, v in model.state_dict().items() if not stored_once(k, tied)}
 
 
 def read_meta(path: Path) -> dict | None:
@@ -103,7 +104,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
     if kind in ("dense", "structured"):
         from scaletrain.finetune.init_from import load_into
 
-        load_into(model, state, str(d / WEIGHTS))
+        load_into(model, state, str(d / WEIGHTS), spec_of(cfg.model).tied)
         model.to(device)
     else:
         from scaletrain.compress.quantize import load_quantized
@@ -127,7 +128,7 @@ def _load_hf(d: Path, overrides, device):
     cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
                               for k, v in fields.items()] + list(overrides))
     model = build_model(cfg.model, {}, seed=0, device="cpu")
-    load_into(model, hf_import.hf_state_dict(d), str(d))
+    load_into(model, hf_import.hf_state_dict(d), str(d), spec_of(cfg.model).tied)
     tok = None
     if (d / "tokenizer.json").is_file():
         try:

@@ -23,6 +23,7 @@ from scaletrain.compress.lora import has_lora, merge_lora_run
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
 from scaletrain.config.paths import make_dir
 from scaletrain.errors import ConfigError
+from scaletrain.models.registry import spec_of
 
 
 def check(cfg) -> None:
@@ -78,7 +79,8 @@ def compress(run_dir: str, overrides=()) -> dict:
         raise ConfigError("compress measures validation loss; data.val_fraction is 0")
     c = cfg.compress
     prompt = tok.encode(cfg.generate.prompt) or [tok.eot_id]
-    opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches)
+    tied = spec_of(cfg.model).tied  # the family's tied pairs (models/contract.py)
+    opts = dict(batch_size=cfg.eval.batch_size, batches=c.eval_batches, tied=tied)
     torch.manual_seed(cfg.train.seed)
 
     original, original_file = "original", _weights_file(Path(run_dir))
@@ -88,7 +90,8 @@ def compress(run_dir: str, overrides=()) -> dict:
         # from, written out as the dense artefact it is (issue 13 item 8).
         merge_lora_run(cfg, model)
         original = "original-merged"
-        d = art.save_artefact(out / original, art.dense_state(model), cfg, tok, "dense")
+        d = art.save_artefact(out / original, art.dense_state(model, tied), cfg, tok,
+                              "dense")
         original_file = d / art.WEIGHTS
     rows = [measure(original, "dense", original_file, model, data.val, **opts)]
     models = [model]  # kept for the round-robin speed measurement at the end
@@ -112,7 +115,8 @@ def compress(run_dir: str, overrides=()) -> dict:
             extra["sparsity"] = pr.sparsity(pruned)
         kind = "dense" if p.method == "magnitude" else "structured"
         name = f"pruned-{p.method}-{p.amount:g}"
-        d = art.save_artefact(out / name, art.dense_state(pruned), cfg, tok, kind, **meta)
+        d = art.save_artefact(out / name, art.dense_state(pruned, tied), cfg, tok, kind,
+                              **meta)
         _, loaded, _ = art.load_artefact(d)
         rows.append(measure(name, kind, d / art.WEIGHTS, loaded, data.val, **opts))
         models.append(loaded)

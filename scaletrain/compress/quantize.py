@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.models.contract import shared_names
+
 METHODS = ("dynamic-int8", "weight-int8", "weight-int4")
 
 
@@ -116,9 +118,10 @@ class DynamicInt8Linear(nn.Module):
 def quantized_state(model: nn.Module, method: str, group: int = 32) -> dict[str, torch.Tensor]:
     """The artefact's tensors: every 2-D weight quantized, the rest as is (fp32)."""
     out = {}
+    shared = shared_names(model)  # tied heads (GPT: lm_head.weight is wte.weight)
     for name, t in model.state_dict().items():
-        if name.startswith("lm_head."):
-            continue  # tied to wte: stored once
+        if name in shared:
+            continue  # tied to its embedding: stored once
         if t.dim() == 2 and t.is_floating_point():
             base = name[: -len(".weight")]
             if method == "weight-int4" and t.shape[1] % group == 0 and not name.startswith(("wte", "wpe")):
@@ -141,7 +144,12 @@ def _codes(state: dict, base: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_quantized(model: nn.Module, state: dict[str, torch.Tensor], method: str) -> nn.Module:
     """Put an artefact's tensors into a freshly built fp32 `model` and swap its linears
-    for quantized modules. Returns the model (eval mode)."""
+    for quantized modules. Returns the model (eval mode).
+
+    A built model carries its family's ties in its tensors (a tied head is its
+    embedding: the same parameter under two names, models/contract.py): they are read
+    from there, and survive the in-place copy of `load_state_dict`."""
+    shared = shared_names(model)
     plain = {}
     for key in list(state):
         if key.endswith(".qweight"):
@@ -151,14 +159,13 @@ def load_quantized(model: nn.Module, state: dict[str, torch.Tensor], method: str
         elif not key.endswith(".scale"):
             plain[key] = state[key]
     model.load_state_dict(plain, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     for mod_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{mod_name}.{child_name}" if mod_name else child_name
-            base = "wte" if full == "lm_head" else full  # the head is the tied embedding
+            # A tied head is quantized as its embedding (stored once, under its name).
+            base = shared.get(f"{full}.weight", f"{full}.weight").rpartition(".")[0]
             q, s = _codes(state, base)
             bias = child.bias.detach() if child.bias is not None else None
             if method == "dynamic-int8":

@@ -13,15 +13,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from scaletrain.models.contract import TiedPairs, head_modules
+
 COLUMNS = ("name", "kind", "size_mb", "params", "nonzero_params", "val_loss", "val_ppl",
            "tokens_per_s")
 
 
-def logical_params(model: nn.Module) -> tuple[int, int]:
+def logical_params(model: nn.Module, tied: TiedPairs) -> tuple[int, int]:
     """(parameters, non-zero parameters) of a model, quantized linears included.
 
     Quantized linears keep their weights as buffers or packed torch.ao params; each
-    weight value counts once whatever its storage type. Tied tensors count once.
+    weight value counts once whatever its storage type. Tied tensors count once
+    (`tied`: the family's pairs, ModelSpec.tied).
     """
     from scaletrain.compress.quantize import DynamicInt8Linear, QLinear
 
@@ -31,9 +34,9 @@ def logical_params(model: nn.Module) -> tuple[int, int]:
             seen.add(id(p))
             total += p.numel()
             nonzero += int((p != 0).sum())
-    tied = hasattr(model, "tie_weights")
+    heads = head_modules(tied)
     for name, m in model.named_modules():
-        if tied and name == "lm_head":
+        if name in heads:
             continue  # a quantized copy of the tied embedding: counted through wte
         if isinstance(m, QLinear):
             total += m.q.numel()
@@ -87,9 +90,9 @@ def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, s
 
 
 def measure(name: str, kind: str, weights_file: Path, model: nn.Module, dataset, *,
-            batch_size: int, batches: int) -> dict:
+            batch_size: int, batches: int, tied: TiedPairs) -> dict:
     """One row of the table, without the speed (see `generation_speeds`)."""
-    total, nonzero = logical_params(model)
+    total, nonzero = logical_params(model, tied)
     loss = val_loss(model, dataset, batch_size, batches)
     return {"name": name, "kind": kind, "path": str(weights_file),
             "size_mb": weights_file.stat().st_size / 2**20, "params": total,

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from scaletrain.compress import hf_import
 from scaletrain.compress.lora import apply_lora, freeze
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.models.contract import TiedPairs, stored_once, tie
+from scaletrain.models.registry import spec_of
 
 # The model fields that define the weights' shapes; the rest (dropout) stays the user's.
 SHAPE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size", "bias")
@@ -141,13 +143,13 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     return validate(cfg)
 
 
-def load_into(model: nn.Module, state: dict, where: str) -> None:
+def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs) -> None:
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
-    mis-shaped tensors with a CheckpointError naming `where`."""
+    mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
+    tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding."""
     from scaletrain.parallel.weights import load_full_state_dict
 
-    tied = hasattr(model, "tie_weights")
-    expected = {k for k in model.state_dict() if not (tied and k.startswith("lm_head."))}
+    expected = {k for k in model.state_dict() if not stored_once(k, tied)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{where}: weights do not match the model "
@@ -158,8 +160,7 @@ def load_into(model: nn.Module, state: dict, where: str) -> None:
             raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the model "
                                   f"{tuple(ref[k].shape)}")
     load_full_state_dict(model, {k: v.to(ref[k].dtype) for k, v in state.items()})
-    if tied:
-        model.tie_weights()
+    tie(model, tied)
 
 
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
@@ -176,7 +177,7 @@ def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
                               f"model of init.from ({cfg.model.vocab_size})")
         if not resuming:
             src = find_source(cfg.init.from_, cfg.init.weights)
-            load_into(model, source_state(src), cfg.init.from_)
+            load_into(model, source_state(src), cfg.init.from_, spec_of(cfg.model).tied)
     return _convert(model, cfg)
 
 
@@ -199,6 +200,6 @@ def prepare_loaded_model(model: nn.Module, cfg) -> nn.Module:
                               "only its adapters and needs its base: pass "
                               "--init.from=<the base's directory now>")
     load_into(model, source_state(find_source(cfg.init.from_, cfg.init.weights)),
-               cfg.init.from_)
+              cfg.init.from_, spec_of(cfg.model).tied)
     return apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha,
                       cfg.finetune.lora_targets)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.config.schema import ModelConfig
+from scaletrain.models.contract import PipelineSplit, TiedPairs, tie
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
 from scaletrain.models.plans import gpt_tp_plan
 from scaletrain.models.vision import CNN, MLP
@@ -20,6 +21,10 @@ class ModelSpec:
     kind: str  # "text" (targets are next tokens) or "image" (targets are class labels)
     build: Callable[[ModelConfig, dict], nn.Module]  # (model config, data facts) -> module
     flops_per_token: Callable[[nn.Module, int], float] | None = None
+    # Family contract (models/contract.py): (head, embedding) parameter pairs that are one
+    # tensor, and how the model splits into pipeline stages (None = no pipeline).
+    tied: TiedPairs = ()
+    pipeline: PipelineSplit | None = None
     # Tensor-parallel plan: (model, loss_parallel=, sequence_parallel=) -> {path: style}
     # for parallelize_module (models/plans.py); None = the family has no TP.
     tp_plan: Callable[..., dict] | None = None
@@ -40,10 +45,23 @@ def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token, gpt_tp_plan),
+    "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,
+                     tied=(("lm_head.weight", "wte.weight"),),
+                     pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
+                     tp_plan=gpt_tp_plan),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }
+
+
+def spec_for(name: str) -> ModelSpec:
+    """The registered family called `name` (model.name)."""
+    return REGISTRY[name]
+
+
+def spec_of(m: ModelConfig) -> ModelSpec:
+    """The family of model config `m`."""
+    return REGISTRY[m.name]
 
 
 def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device | str = "cpu",
@@ -52,15 +70,16 @@ def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device 
     spec = REGISTRY[m.name]
     with torch.device("meta"):
         model = spec.build(m, facts)
-    materialize(model, device, seed)
+    materialize(model, device, seed, tied=spec.tied)
     return model.to(dtype=dtype)
 
 
-def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None:
-    """Allocate a meta-built (possibly sharded) model on `device` and run its init."""
+def materialize(model: nn.Module, device: torch.device | str, seed: int, *,
+                tied: TiedPairs) -> None:
+    """Allocate a meta-built (possibly sharded) model on `device` and run its init;
+    `tied`: its family's tied pairs (ModelSpec.tied)."""
     model.to_empty(device=device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # to_empty gives each module its own tensor; re-share
+    tie(model, tied)  # to_empty gives each module its own tensor; re-share
     model.init_weights(seed)
 
 

@@ -30,16 +30,20 @@ def _no_decay_by_shape(name: str, p: torch.Tensor) -> bool:
     return p.dim() < 2 or name.endswith("parametrizations.weight.original0")
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
-    """[{params to decay, weight_decay}, {the others, 0.0}] (empty groups dropped)."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool,
+                 embedding_copies=()) -> list[dict]:
+    """[{params to decay, weight_decay}, {the others, 0.0}] (empty groups dropped).
+
+    `embedding_copies`: names of parameters that are copies of a tied embedding (a
+    pipeline's last-stage head, ParallelModel.tied_copies): grouped as embeddings."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # shared (tied) tensors are listed once
         if not p.requires_grad:
             continue
-        # A last pipeline stage's copy of the tied embedding is still the embedding
-        # (parallel/model_parallel.py mark_tied_copy).
-        is_embedding = id(p) in embedding_params or getattr(p, "_tied_embedding", False)
+        # A last pipeline stage's copy of the tied embedding is still the embedding, so
+        # both copies take the same update and stay identical.
+        is_embedding = id(p) in embedding_params or name in embedding_copies
         if not _no_decay_by_shape(name, p) and (decay_embeddings or not is_embedding):
             decay.append(p)
         else:
@@ -49,9 +53,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [g for g in groups if g["params"]]
 
 
-def decayed_params(model: nn.Module, o: OptimConfig) -> list[nn.Parameter]:
+def decayed_params(model: nn.Module, o: OptimConfig,
+                   embedding_copies=()) -> list[nn.Parameter]:
     """The parameters weight decay (and the L1/L2 penalties) apply to."""
-    groups = param_groups(model, 1.0, o.decay_embeddings)
+    groups = param_groups(model, 1.0, o.decay_embeddings, embedding_copies)
     return [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
 
 
@@ -95,15 +100,17 @@ def make_optimizer(groups: list[dict], o: OptimConfig, lr: float) -> torch.optim
 
 
 def build_optimizer(model: nn.Module, o: OptimConfig, *, lr: float | None = None,
-                    master_weights: bool = False) -> torch.optim.Optimizer:
+                    master_weights: bool = False,
+                    embedding_copies=()) -> torch.optim.Optimizer:
     """The optimizer of `o` over `model`'s parameter groups.
 
     `lr`: the peak LR (default `o.lr`; the trainer passes the batch-scaled one).
     `master_weights`: keep fp32 master copies of low-precision parameters and run the
     optimizer on them (bf16-pure; see optim/master_weights.py).
+    `embedding_copies`: see `param_groups`.
     """
-    opt = make_optimizer(param_groups(model, o.weight_decay, o.decay_embeddings), o,
-                         lr or o.lr)
+    opt = make_optimizer(param_groups(model, o.weight_decay, o.decay_embeddings,
+                                      embedding_copies), o, lr or o.lr)
     if master_weights:
         from scaletrain.optim.master_weights import add_master_weights
 

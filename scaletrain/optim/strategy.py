@@ -28,12 +28,15 @@ class Strategy:
 
 
 def build_strategy(cfg: Config, model: nn.Module, policy: PrecisionPolicy, n_train: int,
-                   dp: int) -> Strategy:
-    """Everything above for `model`, a train split of `n_train` samples and `dp` ranks."""
+                   dp: int, embedding_copies=()) -> Strategy:
+    """Everything above for `model`, a train split of `n_train` samples and `dp` ranks
+    (`embedding_copies`: its tied-embedding copies, ParallelModel.tied_copies)."""
     plan = build_batch_plan(cfg, n_train, dp)
     optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg, plan.full),
-                                master_weights=policy.master_weights)
+                                master_weights=policy.master_weights,
+                                embedding_copies=embedding_copies)
     steps_per_epoch = math.ceil(n_train / plan.full)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
-    penalty = build_penalty(decayed_params(model, cfg.optim), cfg.optim.l1, cfg.optim.l2)
+    penalty = build_penalty(decayed_params(model, cfg.optim, embedding_copies),
+                            cfg.optim.l1, cfg.optim.l2)
     return Strategy(optimizer, scheduler, plan, penalty)

@@ -15,6 +15,8 @@ Tied embeddings under pipeline parallelism: one process has a single tensor for
 (parallel/pipeline_step.py) whose optimizer entries exist in no other layout's files.
 The copy is kept identical to the embedding, so on load it reads the embedding's entries
 (`tied_load_names`), which every layout writes; its own are still saved (unused extras).
+Which parameters are such copies is a fact of the build (`ParallelModel.tied_copies`,
+parallel/parallelize.py), handed to the checkpoint manager.
 """
 
 from __future__ import annotations
@@ -61,13 +63,6 @@ def restore_layout(optimizer: torch.optim.Optimizer) -> None:
             if isinstance(v, DTensor) and v.shape == p.shape and \
                     tuple(v.placements) != tuple(p.placements):
                 st[k] = v.redistribute(p.device_mesh, p.placements)
-
-
-def tied_aliases(model) -> dict[str, str]:
-    """{name of a tied copy: name of the weight it copies} (model_parallel.mark_tied_copy;
-    empty unless this rank holds a pipeline's last stage of a tied model)."""
-    return {n: p._tied_embedding for n, p in model.named_parameters()
-            if isinstance(getattr(p, "_tied_embedding", None), str)}
 
 
 def _rename(state, prefixes: dict[str, str]):

@@ -6,7 +6,7 @@ mesh and hands the step and the evaluator what they need to aggregate correctly:
 - `sum_reducer`: all-reduce SUM over the data-parallel ranks (the step's target count,
   the evaluator's (loss sum, count, correct) vector), so every rank normalises by the
   *global* count — the weighted aggregation, not a mean of per-rank means;
-- `step_options(model)`: `count_reducer`, `no_sync` (all but the last micro-batch) and
+- `step_options(pm)`: `count_reducer`, `no_sync` (all but the last micro-batch) and
   `loss_multiplier` = dp: DDP and FSDP2 both *average* gradients over the data-parallel
   group (FSDP2: ReduceOp.AVG or a post-division by the group size, see
   `_get_gradient_divide_factors` in torch/distributed/fsdp/_fully_shard/
@@ -89,10 +89,12 @@ class DistContext:
 
         return dp_rank(self.mesh, self.dims)
 
-    def step_options(self, model) -> dict:
-        """Keyword arguments for `StepOptions` that make the step data-parallel."""
+    def step_options(self, pm) -> dict:
+        """Keyword arguments for `StepOptions` that make the step data-parallel
+        (`pm`: the ParallelModel of parallel/parallelize.py `build_parallel_model`)."""
         if not self.distributed:
             return {}
+        model = pm.module
         from scaletrain.parallel.ddp import ddp_no_sync
         from scaletrain.parallel.fsdp import fsdp_no_sync
 
@@ -100,7 +102,7 @@ class DistContext:
         if self.dims.tp > 1 or self.dims.pp > 1:  # issue #6: TP/PP hooks of the step
             from scaletrain.parallel.model_parallel import model_parallel_step_options
 
-            return model_parallel_step_options(self, model, no_sync)
+            return model_parallel_step_options(self, model, no_sync, pm.tp_loss_parallel)
         return {"count_reducer": self.sum_reducer,
                 "no_sync": lambda: no_sync(model),
                 "loss_multiplier": float(self.dims.dp)}

@@ -5,6 +5,11 @@ parallel/parallelize.py, the step (train/step.py) and the trainer.
                   -> TP -> AC -> FSDP (a root per stage view) | DDP (not under PP: the
                   pipeline all-reduces) -> materialise + seeded init
                   -> Pipeline (schedule) when pp > 1
+
+What the model looks like to these hooks is its family's contract (models/contract.py):
+the blocks in `model.blocks`, the modules of the first and last stage and the tied
+pairs come from the `ModelSpec`; the facts a build produces (stage views, tied copies,
+loss-parallel logits) travel in the `ParallelModel` it returns.
 """
 
 from __future__ import annotations
@@ -25,46 +30,40 @@ def pipeline_layout(n_layer: int, pcfg, pp_rank: int):
     return bounds, stage_ids(pp_rank, pcfg.pp, v), len(bounds)
 
 
-def prune_for_rank(model: nn.Module, pcfg, mesh) -> nn.Module:
-    """Keep only the blocks (and ends) of the stages this pipeline rank runs."""
+def prune_for_rank(model: nn.Module, split, pcfg, mesh) -> nn.Module:
+    """Keep only the blocks (and ends) of the stages this pipeline rank runs
+    (`split`: the family's PipelineSplit)."""
     bounds, ids, n = pipeline_layout(len(model.blocks), pcfg, meshes.coordinate(mesh, "pp"))
     keep = {i for s in ids for i in range(*bounds[s])}
     for name in list(model.blocks.keys()):
         if int(name) not in keep:
             del model.blocks[name]
-    return prune_to_stage(model, (0, bounds[-1][1]), 0 in ids, n - 1 in ids)
+    return prune_to_stage(model, split, (0, bounds[-1][1]), 0 in ids, n - 1 in ids)
 
 
-def make_stage_views(model: nn.Module, pcfg, mesh) -> list[nn.Module] | None:
+def holds_last_stage(n_layer: int, pcfg, mesh) -> bool:
+    """This pipeline rank runs the last stage (the one producing the logits)."""
+    _, ids, n = pipeline_layout(n_layer, pcfg, meshes.coordinate(mesh, "pp"))
+    return n - 1 in ids
+
+
+def make_stage_views(model: nn.Module, split, n_layer: int, pcfg,
+                     mesh) -> tuple[nn.Module, ...] | None:
     """With several stages on this rank (interleaved schedule): one module per stage
-    sharing the pruned model's blocks (pipeline_step.stage_view), kept on the model as
-    `_pp_stage_views` for the Pipeline; made before FSDP, which shards each as its own
-    root — torch pipelining reduces a stage's gradients through the FSDP state of the
-    stage's module (stage.py `perform_reduce_grad`), as torchtitan's model parts do.
-    None with one stage per rank (the model is the stage)."""
+    sharing the pruned model's blocks (pipeline_step.stage_view), handed to the Pipeline
+    in the ParallelModel; made before FSDP, which shards each as its own root — torch
+    pipelining reduces a stage's gradients through the FSDP state of the stage's module
+    (stage.py `perform_reduce_grad`), as torchtitan's model parts do. None with one
+    stage per rank (the model is the stage)."""
     from scaletrain.parallel.pipeline_step import stage_view
 
-    bounds, ids, n = pipeline_layout(model.config.n_layer, pcfg,
-                                     meshes.coordinate(mesh, "pp"))
+    bounds, ids, n = pipeline_layout(n_layer, pcfg, meshes.coordinate(mesh, "pp"))
     if len(ids) == 1:
         return None
-    views = [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids]
-    model._pp_stage_views = views
-    return views
+    return tuple(stage_view(model, split, bounds[s], s == 0, s == n - 1) for s in ids)
 
 
-def mark_tied_copy(model: nn.Module) -> None:
-    """Flag a last stage's `lm_head.weight` (its tied `wte` lives on the first stage) as
-    an embedding, so the optimizer's groups (no weight decay on embeddings) treat both
-    copies alike and they stay identical (parallel/pipeline_step.py). The flag's value is
-    the name of the weight it copies: a checkpoint load reads the copy's optimizer state
-    from that name's entries, which every layout saves (parallel/checkpoint_layout.py)."""
-    if getattr(model, "wte", 1) is None and getattr(model, "lm_head", None) is not None \
-            and hasattr(model, "tie_weights"):
-        model.lm_head.weight._tied_embedding = "wte.weight"
-
-
-def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan) -> nn.Module:
+def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan, tied=()) -> nn.Module:
     """TP over the mesh's 'tp' dimension when parallel.tp > 1 (first in the order)."""
     if dims.tp <= 1:
         return model
@@ -72,24 +71,21 @@ def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan) -> nn.Module:
         raise ConfigError(f"parallel.tp={dims.tp}: this model family has no tensor-"
                           "parallel plan (models/plans.py)")
     return apply_tp(model, mesh["tp"], tp_plan, loss_parallel=pcfg.loss_parallel,
-                    sequence_parallel=pcfg.sequence_parallel)
+                    sequence_parallel=pcfg.sequence_parallel, tied=tied)
 
 
-def model_parallel_step_options(ctx, model: nn.Module, no_sync) -> dict:
-    """StepOptions for a TP and/or PP layout (DistContext.step_options)."""
+def model_parallel_step_options(ctx, model: nn.Module, no_sync,
+                                loss_parallel: bool = False) -> dict:
+    """StepOptions for a TP and/or PP layout (DistContext.step_options);
+    `loss_parallel`: the logits are vocabulary-sharded (ParallelModel.tp_loss_parallel)."""
     dims = ctx.dims
     opts = {"count_reducer": ctx.sum_reducer, "loss_multiplier": float(dims.dp),
             "grad_norm_fn": lambda params, clip: parallel_grad_norm(params, clip, None)}
     if dims.dp > 1:
         opts["no_sync"] = lambda: no_sync(model)
     if dims.tp > 1:
-        opts["loss_context"] = tp_loss_context(_loss_parallel(model))
+        opts["loss_context"] = tp_loss_context(loss_parallel)
     return opts
-
-
-def _loss_parallel(model: nn.Module) -> bool:
-    """apply_tp left the logits vocabulary-sharded (parallel.loss_parallel)."""
-    return bool(getattr(model, "_tp_loss_parallel", False))
 
 
 def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
@@ -102,11 +98,12 @@ def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
     return m
 
 
-def example_io(mcfg, vocab_size: int, micro_batch: int, dtype) -> dict:
-    """Meta tensors of a stage's inputs/outputs (PipelineStage static shapes)."""
+def example_io(mcfg, vocab_size: int, micro_batch: int, dtype, width: int) -> dict:
+    """Meta tensors of a stage's inputs/outputs (PipelineStage static shapes);
+    `width`: features of the hidden state between stages (PipelineSplit.width)."""
     import torch
 
-    mb, T, D = micro_batch, mcfg.seq_len, mcfg.d_model
+    mb, T, D = micro_batch, mcfg.seq_len, width
     meta = torch.device("meta")
     return {"tokens": torch.empty(mb, T, dtype=torch.int64, device=meta),
             # requires_grad: a stage sends the gradient of its hidden-state input back
@@ -116,22 +113,24 @@ def example_io(mcfg, vocab_size: int, micro_batch: int, dtype) -> dict:
             "static": True}
 
 
-def build_pipeline(model: nn.Module, ctx, pcfg, per_rank_batch: int, micro: int,
+def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
                    mcfg, vocab_size: int, dtype):
     """The `Pipeline` (schedule over this rank's stages) for a pruned, materialised
-    model; None when parallel.pp = 1."""
+    model (`pm`: the ParallelModel); None when parallel.pp = 1."""
     if ctx.dims.pp <= 1:
         return None
     from scaletrain.parallel.pipeline_step import Pipeline
 
-    n_layer = mcfg.n_layer
+    split = pm.spec.pipeline
+    n_layer = split.depth(mcfg)
     m = pipeline_microbatches(pcfg, per_rank_batch, micro)
     check_pp(pcfg, n_layer, m)
     bounds, ids, _ = pipeline_layout(n_layer, pcfg, meshes.coordinate(ctx.mesh, "pp"))
-    return Pipeline(model, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
+    return Pipeline(pm, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
                     pp_group=meshes.group(meshes.sub(ctx.mesh, "pp")), device=ctx.device,
                     loss_parallel=ctx.dims.tp > 1 and pcfg.loss_parallel,
-                    io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype),
+                    io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype,
+                                  split.width(mcfg)),
                     loss_multiplier=float(ctx.dims.dp),
                     ddp_group=ctx.dp_group if ctx.dims.ddp else None)
 
@@ -151,8 +150,7 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
     from scaletrain.models.registry import count_params
 
     model = pipeline.model
-    tied = sum(p.numel() for p in model.parameters()
-               if isinstance(getattr(p, "_tied_embedding", None), str))
+    tied = sum(p.numel() for p in pipeline.tied_params)
     n = torch.tensor([count_params(model) - tied], dtype=torch.int64, device=pipeline.device)
     dist.all_reduce(n, group=pipeline.pp_group)
     fpt = None
@@ -166,6 +164,7 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
 def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
     """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
     (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
+    from scaletrain.models.registry import spec_of
     from scaletrain.parallel.dims import resolve_dims
 
     p = cfg.parallel
@@ -175,10 +174,11 @@ def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
         if cfg.precision.dtype == "fp16":
             raise ConfigError("parallel.pp > 1 with precision.dtype='fp16' is not supported "
                               "(no loss scaler through the pipeline schedule); use bf16")
-        if cfg.model.name != "gpt":
+        split = spec_of(cfg.model).pipeline
+        if split is None:
             raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
                               f"(model.name='gpt'), not {cfg.model.name!r}")
         per_rank = cfg.train.batch_size // dims.dp
         micro = cfg.train.micro_batch_size or per_rank
-        check_pp(p, cfg.model.n_layer, pipeline_microbatches(p, per_rank, micro))
+        check_pp(p, split.depth(cfg.model), pipeline_microbatches(p, per_rank, micro))
 

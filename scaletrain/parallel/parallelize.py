@@ -17,14 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from scaletrain.models.contract import tied_copies
 from scaletrain.models.registry import REGISTRY, materialize
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
 from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
-from scaletrain.parallel.model_parallel import (make_stage_views, mark_tied_copy, maybe_apply_tp,
-                                                prune_for_rank)
+from scaletrain.parallel.model_parallel import (holds_last_stage, make_stage_views,
+                                                maybe_apply_tp, prune_for_rank)
+from scaletrain.parallel.parallel_model import ParallelModel
 from scaletrain.parallel.tensor import fsdp_shard_placement
 from scaletrain.precision import PrecisionPolicy
 
@@ -36,16 +38,17 @@ def fsdp_mesh(mesh, dims: ParallelDims):
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                 policy: PrecisionPolicy, device: torch.device, tp_plan=None,
-                compile: bool | str = False, stage_views=None, ac=None) -> nn.Module:
+                compile: bool | str = False, stage_views=None, ac=None,
+                tied=()) -> nn.Module:
     """Apply TP, AC, compile and FSDP/HSDP or DDP to `model` in place, per `pcfg`.
 
     With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py);
     `stage_views`: its per-stage modules (interleaved schedule), FSDP's roots.
     `compile`: False, True / "blocks" (per block) or "model" (whole forward, one process).
     `ac`: the `ACPolicy` (plan/memory.py `ac_policy`; needed for budget mode); default
-    from `pcfg`.
+    from `pcfg`. `tied`: the family's tied pairs, re-tied after TP (ModelSpec.tied).
     """
-    maybe_apply_tp(model, dims, mesh, pcfg, tp_plan)  # TP first: FSDP shards its DTensors
+    maybe_apply_tp(model, dims, mesh, pcfg, tp_plan, tied)  # TP first: FSDP shards its DTensors
     if ac is None:
         if pcfg.activation_checkpoint == "budget":
             raise ValueError("budget activation checkpointing needs an ACPolicy "
@@ -90,7 +93,8 @@ def activation_policy(cfg, dims: ParallelDims) -> ACPolicy:
 
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // dims.dp)
     policy = ac_policy(cfg, dims.tp, micro)
-    n_local = -(-cfg.model.n_layer // dims.pp) if cfg.model.name == "gpt" else 0
+    split = REGISTRY[cfg.model.name].pipeline  # families with blocks split into stages
+    n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0
     try:
         block_modes(policy, n_local)
     except BudgetTooSmall as e:
@@ -101,24 +105,29 @@ def activation_policy(cfg, dims: ParallelDims) -> ACPolicy:
 
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
                          policy: PrecisionPolicy, device: torch.device,
-                         compile: bool | str = False, ac=None) -> nn.Module:
+                         compile: bool | str = False, ac=None) -> ParallelModel:
     """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
 
-    With one process this gives exactly `models.build_model`'s weights.
+    Returns the module with its layout facts (stage views, tied copies, loss-parallel
+    logits). With one process this gives exactly `models.build_model`'s weights.
     """
     spec = REGISTRY[mcfg.name]
     with torch.device("meta"):
         model = spec.build(mcfg, facts)
-    views = None
+    views, last = None, True
     if dims.pp > 1:  # keep only this rank's pipeline stage(s)
-        prune_for_rank(model, pcfg, mesh)
-        views = make_stage_views(model, pcfg, mesh)  # several stages: one module each
+        prune_for_rank(model, spec.pipeline, pcfg, mesh)
+        n_layer = spec.pipeline.depth(mcfg)
+        views = make_stage_views(model, spec.pipeline, n_layer, pcfg, mesh)
+        last = holds_last_stage(n_layer, pcfg, mesh)
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
     parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile,
-                stage_views=views, ac=ac)
+                stage_views=views, ac=ac, tied=spec.tied)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
-    materialize(model, init_device, seed)
-    if dims.pp > 1:
-        mark_tied_copy(model)
-    return model
+    materialize(model, init_device, seed, tied=spec.tied)
+    # A last stage's head whose embedding lives on the first stage is a copy of it.
+    copies = tied_copies(model, spec.tied) if dims.pp > 1 else {}
+    return ParallelModel(model, spec, stage_views=views,
+                         tp_loss_parallel=dims.tp > 1 and bool(pcfg.loss_parallel) and last,
+                         tied_copies=copies)

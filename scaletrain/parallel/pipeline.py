@@ -1,9 +1,10 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: stage split and schedules.
 
 A stage is the full model built on meta with the blocks it does not own *deleted* from
-the `blocks` ModuleDict and wte/wpe (all but the first stage) or ln_f/lm_head (all but the
-last) set to None; models/gpt.py's forward passes through what is missing, so a middle
-stage maps hidden states (B, T, D) -> (B, T, D). Blocks keep their names ("blocks.7"), so
+the `blocks` ModuleDict and the family's first-stage modules (GPT: wte/wpe; all but the
+first stage) or last-stage modules (GPT: ln_f/lm_head; all but the last) set to None, per
+its `PipelineSplit` (models/contract.py); the forward passes through what is missing, so
+a middle stage maps hidden states (B, T, D) -> (B, T, D). Blocks keep their names ("blocks.7"), so
 seeded init and checkpoint keys are those of the whole model (torchtitan
 `pipeline_llama_manual_split`).
 
@@ -93,20 +94,23 @@ def stage_ids(pp_rank: int, pp: int, v: int) -> list[int]:
     return [pp_rank + i * pp for i in range(v)]
 
 
-def prune_to_stage(model: nn.Module, bounds: tuple[int, int], first: bool,
+def prune_to_stage(model: nn.Module, split, bounds: tuple[int, int], first: bool,
                    last: bool) -> nn.Module:
-    """Delete what stage [start, end) does not own (in place; model on meta)."""
+    """Delete what stage [start, end) does not own (in place; model on meta);
+    `split`: the family's PipelineSplit."""
     start, end = bounds
     for name in list(model.blocks.keys()):
         if not start <= int(name) < end:
             del model.blocks[name]
-    if not first:
-        model.wte = None
-        model.wpe = None
-    if not last:
-        model.ln_f = None
-        model.lm_head = None
+    drop_ends(model, split, first, last)
     return model
+
+
+def drop_ends(module: nn.Module, split, first: bool, last: bool) -> None:
+    """Set the first-stage modules (unless `first`) and the last-stage ones (unless
+    `last`) to None."""
+    for name in (() if first else split.first) + (() if last else split.last):
+        setattr(module, name, None)
 
 
 def build_schedule(stage_modules: list[nn.Module], ids: list[int], n_stages: int,

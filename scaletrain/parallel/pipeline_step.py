@@ -4,8 +4,9 @@
 micro-batch loop itself (forward/backward interleaved across stages), then the same
 clip -> optimizer step -> zero grad.
 
-Tied embeddings across stages: the first stage owns `wte.weight`, the last a copy as
-`lm_head.weight`, initialised with the same values. The tied gradient is the sum of both
+Tied embeddings across stages (the family's `ModelSpec.tied` pairs; GPT: the head
+`lm_head.weight` is `wte.weight`): the first stage owns `wte.weight`, the last a copy as
+`lm_head.weight` (`ParallelModel.tied_copies`), initialised with the same values. The tied gradient is the sum of both
 uses (embedding lookup + output head), so after the backward the two copies' gradients
 are all-reduced between the first and last stage (Megatron-LM's "embedding group",
 Narayanan et al. 2021 §4) and both copies take identical optimizer steps. The copy is
@@ -26,13 +27,14 @@ import math
 import torch
 import torch.nn as nn
 
-from scaletrain.parallel.pipeline import build_schedule
+from scaletrain.models.contract import param_at
+from scaletrain.parallel.pipeline import build_schedule, drop_ends
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
 from scaletrain.train.losses import count_targets, sum_cross_entropy
 from scaletrain.train.step import StepResult
 
 
-def stage_view(model: nn.Module, bounds: tuple[int, int], first: bool,
+def stage_view(model: nn.Module, split, bounds: tuple[int, int], first: bool,
                last: bool) -> nn.Module:
     """A module that runs blocks [start, end) of `model` and shares its parameters
     (a shallow copy with its own child table): several stages of one rank (interleaved
@@ -47,10 +49,7 @@ def stage_view(model: nn.Module, bounds: tuple[int, int], first: bool,
             setattr(view, name, type(value)())
     view.blocks = nn.ModuleDict({k: b for k, b in model.blocks.items()
                                  if bounds[0] <= int(k) < bounds[1]})
-    if not first:
-        view.wte, view.wpe = None, None
-    if not last:
-        view.ln_f, view.lm_head = None, None
+    drop_ends(view, split, first, last)  # the family's PipelineSplit ends
     return view
 
 
@@ -81,11 +80,13 @@ def merge_stage_states(states: list[dict]) -> dict:
 class Pipeline:
     """This rank's stages, their schedule and what a step needs around it."""
 
-    def __init__(self, model: nn.Module, bounds: list[tuple[int, int]], ids: list[int],
+    def __init__(self, pm, bounds: list[tuple[int, int]], ids: list[int],
                  *, pcfg, microbatches: int, mesh, pp_group, device, loss_parallel: bool,
                  io: dict, loss_multiplier: float = 1.0, ddp_group=None):
         n = len(bounds)
+        model = pm.module  # pm: the ParallelModel (parallel/parallel_model.py)
         self.model = model
+        self.tied = pm.spec.tied
         self.ids = ids
         self.n_stages = n
         self.first = 0 in ids
@@ -98,15 +99,17 @@ class Pipeline:
         self.ddp_group = ddp_group  # gradients all-reduced here (plain DP), else None
         self.loss_ctx = tp_loss_context(loss_parallel)
         self.denom = torch.ones(())
-        views = getattr(model, "_pp_stage_views", None) or (
-            [stage_view(model, bounds[s], s == 0, s == n - 1) for s in ids]
-            if len(ids) > 1 else [model])
+        views = list(pm.stage_views or (
+            [stage_view(model, pm.spec.pipeline, bounds[s], s == 0, s == n - 1) for s in ids]
+            if len(ids) > 1 else [model]))
         self.views = views
         self.schedule = build_schedule(views, ids, n, microbatches, pcfg.pp_schedule,
                                        self._loss, device, pp_group, io)
         # Every rank creates every first/last pair's group (new_group is collective).
-        self.tied_group = _tied_group(mesh) if _ties_expected(model) else None
-        self._tied_param = _tied_copy(model)  # counted once: left out of the norm
+        self.tied_group = _tied_group(mesh) if self.tied else None
+        # This rank's copies of tied weights (last stage): counted once, left out of
+        # the norm.
+        self.tied_params = [param_at(model, h) for h in pm.tied_copies]
 
     # -- loss: the sum over the micro-batch's targets / the step's global count ------
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,17 +150,18 @@ class Pipeline:
         self._all_reduce_dp_grads()
         self._sync_tied_grad()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm_params = [p for p in params if p is not self._tied_param]
+        copies = {id(p) for p in self.tied_params}
+        norm_params = [p for p in params if id(p) not in copies]
         opts.add_penalty_grads()  # L1/L2 penalty, once per step (optim/penalties.py)
         if opts.grad_clip_value > 0:
             torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
         clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
         grad_norm = parallel_grad_norm(norm_params, clip, self.pp_group)
-        if self._tied_param is not None and clip < math.inf and self._tied_param.grad \
-                is not None:
-            coef = min(1.0, clip / (float(grad_norm) + 1e-6))
-            g = self._tied_param.grad
-            (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
+        for copy_ in self.tied_params:
+            if clip < math.inf and copy_.grad is not None:
+                coef = min(1.0, clip / (float(grad_norm) + 1e-6))
+                g = copy_.grad
+                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
         if opts.guard is not None and not opts.guard(loss, grad_norm):  # faults.py
             optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, grad_norm, n_total, skipped=True)
@@ -216,15 +220,14 @@ class Pipeline:
                 g.copy_(r)
 
     def _sync_tied_grad(self) -> None:
-        """All-reduce the tied embedding/head gradient between first and last stage."""
-        m = self.model
-        p = None
-        if m.wte is not None and m.lm_head is None:
-            p = m.wte.weight
-        elif m.lm_head is not None and m.wte is None:
-            p = m.lm_head.weight
-        if p is None or self.tied_group is None or p.grad is None:
-            return
+        """All-reduce the tied embedding/head gradients between first and last stage."""
+        for head, emb in self.tied:
+            h, e = param_at(self.model, head), param_at(self.model, emb)
+            p = e if h is None else h if e is None else None  # one side on this rank
+            if p is not None and self.tied_group is not None and p.grad is not None:
+                self._all_reduce_tied(p)
+
+    def _all_reduce_tied(self, p) -> None:
         import torch.distributed as dist
 
         g = p.grad
@@ -235,14 +238,3 @@ class Pipeline:
         dist.all_reduce(g.to_local() if hasattr(g, "to_local") else g,
                         group=self.tied_group)
 
-
-def _ties_expected(model: nn.Module) -> bool:
-    """The model family ties its head to its embedding (models/gpt.py tie_weights)."""
-    return hasattr(model, "tie_weights") and hasattr(model, "lm_head")
-
-
-def _tied_copy(model: nn.Module):
-    """The last stage's copy of the tied weight (lm_head without wte), else None."""
-    if _ties_expected(model) and model.lm_head is not None and model.wte is None:
-        return model.lm_head.weight
-    return None

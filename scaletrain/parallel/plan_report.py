@@ -39,14 +39,16 @@ _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
 def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
     from scaletrain.models.registry import REGISTRY
 
+    spec = REGISTRY[cfg.model.name]
     with torch.device("meta"):
-        model = REGISTRY[cfg.model.name].build(cfg.model, {"vocab_size": vocab})
+        model = spec.build(cfg.model, {"vocab_size": vocab})
     if bounds is not None:
         keep = {i for s in ids for i in range(*bounds[s])}
         for name in list(model.blocks.keys()):
             if int(name) not in keep:
                 del model.blocks[name]
-        prune_to_stage(model, (0, bounds[-1][1]), 0 in ids, len(bounds) - 1 in ids)
+        prune_to_stage(model, spec.pipeline, (0, bounds[-1][1]), 0 in ids,
+                       len(bounds) - 1 in ids)
     return {n: p.shape for n, p in model.named_parameters()}
 
 

@@ -135,11 +135,12 @@ def fused_colwise(split: int = 3, **kw):
 def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool) -> None:
     """ConfigError naming the constraint when the GPT shape does not split `tp` ways."""
     from scaletrain.errors import ConfigError
+    from scaletrain.models.registry import spec_of
 
     if tp <= 1:
         return
     m = model_cfg
-    if m.name != "gpt":
+    if spec_of(m).tp_plan is None:
         raise ConfigError(f"parallel.tp={tp} needs a model with a tensor-parallel plan "
                           f"(model.name='gpt'), not model.name={m.name!r}")
     ff = m.d_ff or 4 * m.d_model
@@ -155,22 +156,20 @@ def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool
 
 
 def apply_tp(model: nn.Module, tp_mesh, plan_fn, *, loss_parallel: bool = True,
-             sequence_parallel: bool = False) -> nn.Module:
+             sequence_parallel: bool = False, tied=()) -> nn.Module:
     """Shard `model` (on meta or materialised) over the 1-D `tp_mesh` per `plan_fn`.
 
     `plan_fn(model, loss_parallel=, sequence_parallel=)` returns {module path: style}
-    (models/plans.py). Tied weights are re-tied afterwards: `parallelize_module` gives
-    every module its own new DTensor parameter.
+    (models/plans.py). The `tied` pairs (ModelSpec.tied) are re-tied afterwards:
+    `parallelize_module` gives every module its own new DTensor parameter.
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from scaletrain.models.contract import tie
+
     plan = plan_fn(model, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     parallelize_module(model, tp_mesh, plan)
-    # Read by the step's hooks (parallel/model_parallel.py): logits stay vocab-sharded.
-    model._tp_loss_parallel = bool(loss_parallel and getattr(model, "lm_head", None)
-                                   is not None)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # lm_head.weight = wte.weight: same (V, D) Shard(0) DTensor
+    tie(model, tied)  # lm_head.weight = wte.weight: same (V, D) Shard(0) DTensor
     return model
 
 

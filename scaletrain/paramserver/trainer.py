@@ -239,7 +239,7 @@ class _Run:
             if cfg.eval.test and self.data.test is not None:
                 best = self.run_dir / rd.BEST_WEIGHTS
                 if best.is_file() and self.best_step != c.step:
-                    rd.load_weights(self.model, best)
+                    rd.load_weights(self.model, best, REGISTRY[cfg.model.name].tied)
                 test = self.evaluate("test", c.step)
             summary = self._summary(val, test, wall)
             self.sinks.close()

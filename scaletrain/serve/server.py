@@ -41,8 +41,9 @@ class CompletionService:
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
         from scaletrain.compress.report import logical_params
+        from scaletrain.models.registry import spec_of
 
-        self.params = logical_params(model)[0]
+        self.params = logical_params(model, spec_of(cfg.model).tied)[0]
 
     def complete(self, raw: bytes) -> dict:
         from scaletrain.generate import sample

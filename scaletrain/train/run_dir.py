@@ -21,6 +21,8 @@ from scaletrain.compress.lora import adapter_only
 from scaletrain.config import Config, build_config, dumps_toml, to_dict
 from scaletrain.config.load import load_toml
 from scaletrain.errors import CheckpointError
+from scaletrain.models.contract import TiedPairs, stored_once, tie
+from scaletrain.models.registry import spec_of
 from scaletrain.train.run_guard import (CONFIG_FILE, check_run_dir, clear_run_outputs,
                                         make_run_dir)
 
@@ -50,23 +52,25 @@ def save_weights(model: nn.Module, path: Path, cfg: Config,
     """Write the model's tensors as safetensors, atomically (tied weights stored once).
 
     `state`: full tensors gathered beforehand from a sharded model
-    (parallel/weights.py `full_state_dict`); default `model.state_dict()`.
+    (parallel/weights.py `full_state_dict`); default `model.state_dict()`. The tied
+    heads are those of `cfg.model`'s family (ModelSpec.tied).
     """
+    tied = spec_of(cfg.model).tied
     state = model.state_dict() if state is None else state
     state = adapter_only(state)  # a LoRA model saves only its adapters (compress/lora.py)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
-             if not k.startswith("lm_head.") or not hasattr(model, "tie_weights")}
+             if not stored_once(k, tied)}
     save_safetensors(state, path, metadata={"scaletrain_config": json.dumps(to_dict(cfg))})
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights into `model`, refusing files that do not fit it."""
+def load_weights(model: nn.Module, path: Path, tied: TiedPairs) -> None:
+    """Load safetensors weights into `model`, refusing files that do not fit it;
+    `tied`: its family's tied pairs (ModelSpec.tied), stored once and re-tied."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {k for k in adapter_only(model.state_dict()) if not k.startswith("lm_head.")
-                or not hasattr(model, "tie_weights")}
+    expected = {k for k in adapter_only(model.state_dict()) if not stored_once(k, tied)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{path}: weights do not match the model "
@@ -74,8 +78,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     from scaletrain.parallel.weights import load_full_state_dict
 
     load_full_state_dict(model, state)  # re-shards when the model is sharded (FSDP2)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie(model, tied)
 
 
 def load_run_config(run_dir: str | Path, overrides=()) -> Config:
@@ -110,5 +113,5 @@ def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
              "num_classes": 10}
     model = build_model(cfg.model, facts, seed=cfg.train.seed, device=device)
     model = prepare_loaded_model(model, cfg)  # a LoRA run: base from init.from + adapters
-    load_weights(model, pick_weights(d, which))
+    load_weights(model, pick_weights(d, which), spec_of(cfg.model).tied)
     return cfg, model.eval(), tok

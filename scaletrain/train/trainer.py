@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,21 +84,24 @@ class Trainer:
                  "num_classes": self.data.num_classes}
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
         ac = activation_policy(cfg, self.dist.dims)
-        self.model = build_parallel_model(
+        # The module with its layout facts (stage views, tied copies, loss parallel).
+        self.parallel = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
             pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
             compile=cfg.train.compile and cfg.train.compile_scope, ac=ac)
+        self.model = self.parallel.module
         blocks = getattr(self.model, "blocks", None) or {}
         # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
         self.ac_modes = block_modes(ac, sum(b is not None for b in blocks.values()))
         # Trained weights of init.from, then the freeze / LoRA converters.
         self.model = apply_init(self.model, cfg, self.data.vocab_size, resuming)
         self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
+        self.parallel = replace(self.parallel, module=self.model)  # converters may wrap
         self.n_params = count_params(self.model)
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
         # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
         self.strategy = build_strategy(cfg, self.model, self.policy, len(self.data.train),
-                                       self.dist.dims.dp)
+                                       self.dist.dims.dp, self.parallel.tied_copies)
         self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
         self.dp = self.dist.dims.dp
@@ -110,7 +114,7 @@ class Trainer:
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
-        self.pipeline = build_pipeline(self.model, self.dist, cfg.parallel,
+        self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        cfg.train.batch_size // self.dp, self.micro, cfg.model,
                                        self.data.vocab_size, self.policy.param_dtype)
         self.state = TrainState()
@@ -134,7 +138,7 @@ class Trainer:
                                          cfg.train.compile and cfg.parallel.tp == 1),
                                      loss_in_model=loss_fn is None and head_computes_loss(
                                          self.model, cfg.parallel),
-                                     **self.dist.step_options(self.model))
+                                     **self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
@@ -161,7 +165,7 @@ class Trainer:
             metrics_path=self.run_dir / "metrics.jsonl",
             rank=self.rt.rank, is_main=self.rt.is_main, device=self.rt.device,
             reads=self.reads, log=self.log, faults=self.faults, rollback=rollback,
-            on_signal=cfg.checkpoint.on_signal)
+            on_signal=cfg.checkpoint.on_signal, tied_copies=self.parallel.tied_copies)
 
     # -- metrics -----------------------------------------------------------------------
     def peak_flops(self) -> float:
@@ -324,7 +328,7 @@ class Trainer:
             best = self.run_dir / rd.BEST_WEIGHTS
             self.dist.barrier()  # rank 0 has finished writing best.safetensors
             if best.is_file() and st.best_step != st.step:
-                rd.load_weights(self.model, best)  # test the model chosen on validation
+                rd.load_weights(self.model, best, self.spec.tied)  # test the model chosen on validation
             test = self.evaluate("test")
         tok_s = meter.avg_tokens_per_s
         summary = {

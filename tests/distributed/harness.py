@@ -68,13 +68,14 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
     ctx = DistContext.setup(pcfg, rank, world, device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=2, d_model=spec["d_model"], seq_len=T)
-    model = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
-                                 mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
-                                 compile=spec["compile"])
+    pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
+                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
+                              compile=spec["compile"])
+    model = pm.module
     opt = build_optimizer(model, OptimConfig(name=spec["optim"], lr=1e-2))
     loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=rank,
                             world=ctx.dims.dp, seed=5, assignment=spec["assignment"])
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(model))
+    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
     if spec["local_count"]:  # the bug a test must catch: per-rank normalisation
         opts.count_reducer = lambda n: n
     losses, norms = [], []

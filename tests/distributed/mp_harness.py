@@ -54,18 +54,20 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=T)
-    model = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
-                                 mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+    pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
+                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+    model = pm.module
     dp = ctx.dims.dp
-    pipe = build_pipeline(model, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
+    pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
                           policy.param_dtype)
-    opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2))
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
+                          embedding_copies=pm.tied_copies)
     loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
                             world=dp, seed=5)
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(model))
+    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
     monitor = _fault_guard(model, ctx, spec, opts) if spec["faults"] else None
     if spec["load"]:
-        _checkpoint(model, opt, spec["load"], save=False)
+        _checkpoint(model, opt, spec["load"], save=False, aliases=pm.tied_copies)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
     losses, norms, skipped = [], [], []
     for step in range(1, spec["steps"] + 1):
@@ -77,7 +79,7 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
         norms.append(float(r.grad_norm))
         skipped.append(bool(r.skipped))
     if spec["save"]:
-        _checkpoint(model, opt, spec["save"], save=True)
+        _checkpoint(model, opt, spec["save"], save=True, aliases=pm.tied_copies)
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
     out = {"losses": losses, "norms": norms, "skipped": skipped}
@@ -102,12 +104,12 @@ def _fault_guard(model, ctx, spec: dict, opts):
     return monitor
 
 
-def _checkpoint(model, opt, path: str, save: bool) -> None:
+def _checkpoint(model, opt, path: str, save: bool, aliases: dict) -> None:
     """Model + optimizer through DCP, as checkpoint/manager.py does (with its TP hooks)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_aliases,
+    from scaletrain.parallel.checkpoint_layout import (restore_layout, savable,
                                                         tied_load_names, tied_own_names)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -120,7 +122,8 @@ def _checkpoint(model, opt, path: str, save: bool) -> None:
     if save:
         dcp.save(state, checkpoint_id=path)
         return
-    aliases = tied_aliases(model)  # the pipeline's tied head copy, as the manager does
+    # `aliases`: the pipeline's tied head copy (ParallelModel.tied_copies), as the
+    # manager is given them.
     state = tied_load_names(state, aliases)
     dcp.load(state, checkpoint_id=path)
     state = tied_own_names(state, aliases)

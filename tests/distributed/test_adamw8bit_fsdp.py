@@ -57,7 +57,7 @@ def _state_layout(rank: int, world: int) -> dict:
     model = build_parallel_model(ModelConfig(n_layer=1, n_head=2, d_model=64, seq_len=16),
                                  {"vocab_size": 67}, seed=3, dims=ctx.dims, mesh=ctx.mesh,
                                  pcfg=pcfg, policy=PrecisionPolicy("fp32", "cpu"),
-                                 device=torch.device("cpu"))
+                                 device=torch.device("cpu")).module
     opt = build_optimizer(model, OptimConfig(name="adamw8bit"))
     model(torch.zeros(2, 16, dtype=torch.long)).sum().backward()
     opt.step()
