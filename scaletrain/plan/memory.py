@@ -12,20 +12,22 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   n·pb (a second copy of the gradients, `gradient_as_bucket_view=False`);
 - forward/backward of a micro-batch: static + the gradients of the earlier micro-batches
   (gradient accumulation: present from the 2nd micro-batch on) + the activations kept for
-  the backward + the head's peak. Per token and block, saved tensors (counted from
-  models/gpt.py's forward; SDPA keeps no T×T matrix): the block input and the mid-block
-  residual (2·r·D), the LayerNorm outputs cast for the matmuls (2·ab·D), q/k/v (3·ab·D),
-  the attention output (ab·D), the MLP's c_fc output and GELU output (8·ab·D):
-  D·(2r + 14ab) — 64 B/D in fp32, 36 under bf16 autocast, 32 in bf16-pure, as measured
-  with `torch.autograd.graph.saved_tensors_hooks` on models/gpt.py (Korthikanti et al.
-  2022 §4 count 34 in fp16 with dropout masks). Under autocast each matmul also saves the
-  bf16 cast of its weight (12·D²·ab per block, V·D·ab for the head), whatever the
-  batch: on a 10M model at 512 tokens that is a third of the activations; with AC as
-  well, since autocast caches the casts of leaf weights until its context exits at the
-  end of the forward (measured: +2.0 GiB on the 1.2B GPT with selective AC). Full AC
-  keeps only the block input (r·D) plus one block recomputed in the backward; selective AC
-  keeps the input and the matmul/attention outputs (r + 10·ab)·D (parallel/ac.py's save
-  list) plus one block's recompute. Head: the logits (ab·V) are held by the step while
+  the backward + the head's peak. Per token and block, the tensors the block saves are
+  measured on the family's own block (plan/activations.py: its forward on fake tensors
+  under saved-tensor hooks, as training runs it). For models/gpt.py (SDPA keeps no T×T
+  matrix): the block input and the mid-block residual (2·r·D), the LayerNorm outputs
+  cast for the matmuls (2·ab·D), q/k/v (3·ab·D), the attention output (ab·D), the MLP's
+  c_fc output and GELU output (8·ab·D), + SDPA's logsumexp and the LayerNorm statistics:
+  D·(2r + 14ab) — 64 B/D in fp32, 36 under bf16 autocast, 32 in bf16-pure (Korthikanti
+  et al. 2022 §4 count 34 in fp16 with dropout masks). Under autocast each matmul also
+  saves the bf16 cast of its weight (12·D²·ab per block, measured as the block's fixed
+  bytes; V·D·ab for the head), whatever the batch: on a 10M model at 512 tokens that is
+  a third of the activations; with AC as well, since autocast caches the casts of leaf
+  weights until its context exits at the end of the forward (measured: +2.0 GiB on the
+  1.2B GPT with selective AC). Full AC keeps only the block input (r·D) plus one block
+  recomputed in the backward; selective AC keeps the input and the outputs of
+  parallel/ac.py's save list (the matmuls and attention: (r + 10·ab)·D for the GPT)
+  plus one block's recompute. Head: the logits (ab·V) are held by the step while
   cross-entropy runs in fp32 (train/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two.
