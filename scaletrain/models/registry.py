@@ -28,12 +28,22 @@ class ModelSpec:
     # Tensor-parallel plan: (model, loss_parallel=, sequence_parallel=) -> {path: style}
     # for parallelize_module (models/plans.py); None = the family has no TP.
     tp_plan: Callable[..., dict] | None = None
+    # What the plan measures its activations on (plan/activations.py): (model built on
+    # meta, samples, seq_len) -> (one transformer block, its forward's inputs on meta);
+    # None = no blocks to measure (the image families).
+    activation_block: Callable[[nn.Module, int, int], tuple] | None = None
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
     return GPT(GPTConfig(vocab_size=m.vocab_size or facts["vocab_size"], seq_len=m.seq_len,
                          n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff,
                          dropout=m.dropout, bias=m.bias, init_std=m.init_std))
+
+
+def _gpt_block(model: GPT, samples: int, seq_len: int) -> tuple:
+    """Block 0 and its input, the (B, T, D) residual stream (all blocks are alike)."""
+    return model.blocks["0"], (torch.empty(samples, seq_len, model.config.d_model,
+                                           device="meta"),)
 
 
 def _build_mlp(m: ModelConfig, facts: dict) -> MLP:
@@ -48,7 +58,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
-                     tp_plan=gpt_tp_plan),
+                     tp_plan=gpt_tp_plan, activation_block=_gpt_block),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 
+from scaletrain.plan.activations import block_activations
 from scaletrain.train.malloc import GLIBC_DEFAULT_MAX
 
 MMAP_THRESHOLD = GLIBC_DEFAULT_MAX  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
@@ -61,35 +62,28 @@ def per_param(numels, nbytes: float) -> tuple[float, float]:
 
 
 def activations(cfg, s, r: int, ab: int) -> tuple[float, float]:
-    """The activations of plan/memory.py `activation_bytes`, tensor by tensor."""
+    """The activations of plan/memory.py `activation_bytes`, tensor by tensor (each
+    saved tensor measured on the family's block, plan/activations.py)."""
     if not s.layers:
         return (0.0, 0.0)
-    m = cfg.model
-    D, t, toks = m.d_model, s.tp, s.tokens * s.in_flight
-    ff = m.d_ff or 4 * D
+    D, t, toks = cfg.model.d_model, s.tp, s.tokens * s.in_flight
 
-    def block() -> tuple[float, float]:  # the no-AC block, per memory.block_bytes
-        return add(hm(toks * r * D, 2), hm(toks * ab * D, 2), hm(toks * 3 * ab * D / t),
-                   hm(toks * ab * D / t), hm(toks * ff * ab / t, 2),
-                   hm(toks * (4 * m.n_head / t + 16)))  # SDPA logsumexp, LN statistics
+    def block(mode: str) -> tuple[float, float]:  # one block's saved tensors
+        measured = block_activations(cfg.model, cfg.precision.dtype, mode)
+        return add((0.0, 0.0), *(hm(toks * b) for b in measured.tensor_bytes(t)))
 
     # Each block's mode (every k-th, budget: parallel/ac.py), as memory.activation_bytes.
     from scaletrain.plan.memory import rank_block_modes
 
     modes = rank_block_modes(cfg, s)
-    n_full, n_sel = modes.count("full"), modes.count("selective")
-    n_none = s.layers - n_full - n_sel
-    full = hm(toks * r * D, n_full)
-    selective = add(hm(toks * r * D, n_sel), hm(toks * 3 * ab * D / t, n_sel),
-                    hm(toks * ab * D / t, 2 * n_sel), hm(toks * ab * D, n_sel),
-                    hm(toks * ff * ab / t, n_sel))
-    kept = add(full, selective, scale(block(), n_none))
-    out = add(kept, block() if n_none < s.layers else (0.0, 0.0),
-              hm(toks * r * D), hm(toks * ab * D))  # + one recompute, ln_f in/out
-    if r != ab:  # autocast weight casts, cached to the end of the forward (memory.py)
-        w = add(hm(3 * D * D * ab / t), hm(D * D * ab / t), hm(D * ff * ab / t, 2))
-        out = add(out, scale(w, s.layers),
-                  hm(D * s.vocab_local * ab) if s.has_head else (0.0, 0.0))
+    kept = add((0.0, 0.0), *(scale(block(m), modes.count(m)) for m in set(modes)))
+    recompute = block("none") if any(m != "none" for m in modes) else (0.0, 0.0)
+    out = add(kept, recompute, hm(toks * r * D), hm(toks * ab * D))  # + ln_f in/out
+    # autocast weight casts, cached to the end of the forward (memory.py)
+    fixed = block_activations(cfg.model, cfg.precision.dtype, "none").fixed_bytes(t)
+    out = add(out, scale(add((0.0, 0.0), *(hm(b) for b in fixed)), s.layers))
+    if r != ab and s.has_head:
+        out = add(out, hm(D * s.vocab_local * ab))
     return out
 
 

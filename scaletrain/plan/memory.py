@@ -12,20 +12,22 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   n·pb (a second copy of the gradients, `gradient_as_bucket_view=False`);
 - forward/backward of a micro-batch: static + the gradients of the earlier micro-batches
   (gradient accumulation: present from the 2nd micro-batch on) + the activations kept for
-  the backward + the head's peak. Per token and block, saved tensors (counted from
-  models/gpt.py's forward; SDPA keeps no T×T matrix): the block input and the mid-block
-  residual (2·r·D), the LayerNorm outputs cast for the matmuls (2·ab·D), q/k/v (3·ab·D),
-  the attention output (ab·D), the MLP's c_fc output and GELU output (8·ab·D):
-  D·(2r + 14ab) — 64 B/D in fp32, 36 under bf16 autocast, 32 in bf16-pure, as measured
-  with `torch.autograd.graph.saved_tensors_hooks` on models/gpt.py (Korthikanti et al.
-  2022 §4 count 34 in fp16 with dropout masks). Under autocast each matmul also saves the
-  bf16 cast of its weight (12·D²·ab per block, V·D·ab for the head), whatever the
-  batch: on a 10M model at 512 tokens that is a third of the activations; with AC as
-  well, since autocast caches the casts of leaf weights until its context exits at the
-  end of the forward (measured: +2.0 GiB on the 1.2B GPT with selective AC). Full AC
-  keeps only the block input (r·D) plus one block recomputed in the backward; selective AC
-  keeps the input and the matmul/attention outputs (r + 10·ab)·D (parallel/ac.py's save
-  list) plus one block's recompute. Head: the logits (ab·V) are held by the step while
+  the backward + the head's peak. Per token and block, the tensors the block saves are
+  measured on the family's own block (plan/activations.py: its forward on fake tensors
+  under saved-tensor hooks, as training runs it). For models/gpt.py (SDPA keeps no T×T
+  matrix): the block input and the mid-block residual (2·r·D), the LayerNorm outputs
+  cast for the matmuls (2·ab·D), q/k/v (3·ab·D), the attention output (ab·D), the MLP's
+  c_fc output and GELU output (8·ab·D), + SDPA's logsumexp and the LayerNorm statistics:
+  D·(2r + 14ab) — 64 B/D in fp32, 36 under bf16 autocast, 32 in bf16-pure (Korthikanti
+  et al. 2022 §4 count 34 in fp16 with dropout masks). Under autocast each matmul also
+  saves the bf16 cast of its weight (12·D²·ab per block, measured as the block's fixed
+  bytes; V·D·ab for the head), whatever the batch: on a 10M model at 512 tokens that is
+  a third of the activations; with AC as well, since autocast caches the casts of leaf
+  weights until its context exits at the end of the forward (measured: +2.0 GiB on the
+  1.2B GPT with selective AC). Full AC keeps only the block input (r·D) plus one block
+  recomputed in the backward; selective AC keeps the input and the outputs of
+  parallel/ac.py's save list (the matmuls and attention: (r + 10·ab)·D for the GPT)
+  plus one block's recompute. Head: the logits (ab·V) are held by the step while
   cross-entropy runs in fp32 (train/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two.
@@ -65,6 +67,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.optim.optimizers import kernel
+from scaletrain.plan.activations import block_activations
 
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
@@ -140,25 +143,27 @@ def optimizer_transient_bytes(cfg, n: float, largest: float, gbytes: int) -> flo
     return n * per
 
 
-def block_bytes_per_token(cfg, r: int, ab: int, tp: int) -> float:
-    """Bytes one block keeps for the backward per token, without AC (module doc)."""
-    m = cfg.model
-    D, H = m.d_model, m.n_head
-    ff = (m.d_ff or 4 * D) / (4 * D)  # the MLP's 8·ab·D scale with d_ff
-    # residual stream and LayerNorm outputs are replicated over TP ranks (no sequence
-    # parallel); q/k/v, attention and MLP activations are split (Korthikanti §4.1)
-    per = D * (2 * r + 2 * ab + (4 + 8 * ff) * ab / tp) + 4 * H / tp + 16
-    if m.dropout > 0:  # masks, and CPU SDPA's math path keeps (T, T) probabilities
-        per += 3 * D + H / tp * m.seq_len * (2 * ab + 1)
-    return per
+def block_bytes_per_token(cfg, tp: int, device_type: str = "cpu") -> float:
+    """Bytes one block keeps for the backward per token, without AC, measured on the
+    family's block (plan/activations.py; TP: the split tensors divided by tp)."""
+    return block_activations(cfg.model, cfg.precision.dtype, "none",
+                             device_type).per_token(tp)
 
 
-def ac_block_bytes(cfg, r: int, ab: int, tp: int) -> dict:
+def ac_block_bytes(cfg, tp: int, device_type: str = "cpu") -> dict:
     """Bytes per token one block keeps for the backward under each AC mode: all its
-    activations; its input + the matmul/attention outputs (selective); its input (full)."""
-    D = cfg.model.d_model
-    return {"none": block_bytes_per_token(cfg, r, ab, tp),
-            "selective": r * D + 10 * ab * D / tp, "full": r * D}
+    activations; its input + the matmul/attention outputs (selective); its input (full).
+    Measured on the family's block (plan/activations.py)."""
+    return {mode: block_activations(cfg.model, cfg.precision.dtype, mode,
+                                    device_type).per_token(tp)
+            for mode in ("none", "selective", "full")}
+
+
+def block_fixed_bytes(cfg, tp: int, device_type: str = "cpu") -> float:
+    """Bytes one block keeps whatever the batch: under autocast its matmul weights' casts
+    (cached to the end of the forward, AC or not), measured (plan/activations.py)."""
+    return sum(block_activations(cfg.model, cfg.precision.dtype, "none",
+                                 device_type).fixed_bytes(tp))
 
 
 def ac_policy(cfg, tp: int = 1, micro: int | None = None):
@@ -170,9 +175,8 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     p = cfg.parallel
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
-    pb, ab = dtype_bytes(cfg.precision.dtype)
     tokens = (micro or cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.model.seq_len
-    per_token = ac_block_bytes(cfg, pb, ab, tp)
+    per_token = ac_block_bytes(cfg, tp)
     return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
                     {k: v * tokens for k, v in per_token.items()})
 
@@ -189,23 +193,23 @@ def rank_block_modes(cfg, s: RankShape) -> list[str]:
         return ["full"] * s.layers
 
 
-def activation_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
+def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu") -> float:
     """Activations alive at the start of the backward on this rank (module doc)."""
     from scaletrain.parallel.ac import kept_bytes
 
     if not s.layers:
         return 0.0
     D = cfg.model.d_model
-    per = ac_block_bytes(cfg, r, ab, s.tp)
+    per = ac_block_bytes(cfg, s.tp, device_type)
     per_token = kept_bytes(rank_block_modes(cfg, s), per)  # + one block's set while one is recomputed
     per_token += (r + ab) * D  # final block output (ln_f input) and ln_f output cast
     total = per_token * s.tokens * s.in_flight
-    if r != ab:  # autocast: each matmul saves its weight's bf16 cast for the backward
-        m = cfg.model
-        block_w = (4 * D * D + 2 * D * (m.d_ff or 4 * D)) / s.tp
-        # Under AC too: autocast caches the casts of leaf weights until the autocast
-        # context exits (the end of the forward), so all of them are alive there.
-        total += ab * (block_w * s.layers + (D * s.vocab_local if s.has_head else 0))
+    # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
+    # autocast caches the casts of leaf weights until the autocast context exits (the
+    # end of the forward), so all of them are alive there (measured per block).
+    total += block_fixed_bytes(cfg, s.tp, device_type) * s.layers
+    if r != ab and s.has_head:
+        total += ab * D * s.vocab_local
     return total
 
 
@@ -292,7 +296,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
         # FSDP2 CPUOffloadPolicy: shards, gradients, state and the optimizer step live
         # in host memory; the device holds the gathered blocks and the activations.
         masters = opt_state = weights = buckets = static = grads = 0.0
-    act = activation_bytes(cfg, s, r, ab) + s.fsdp_gathered * ab
+    act = activation_bytes(cfg, s, r, ab, device_type) + s.fsdp_gathered * ab
     head = head_bytes(s, ab, s.tokens * s.in_flight if s.in_flight > 1 else s.tokens)
     fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
     fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
@@ -303,7 +307,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
     step = static + step_grads + transient
     evaluation = 0.0
     if s.eval_tokens:
-        blk = block_bytes_per_token(cfg, r, ab, s.tp) * 0.5  # no-grad: one block's set
+        blk = block_bytes_per_token(cfg, s.tp, device_type) * 0.5  # no-grad: one block's set
         evaluation = static + s.eval_tokens * max(
             s.vocab_local * (ab + 8) if s.has_head else 0.0, blk)
     # Saving the weights (train/run_dir.py): rank 0 gathers the full tensors when they
