@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 from scaletrain.parallel.dims import resolve_dims
@@ -28,10 +29,9 @@ def data_parallel_degree(cfg: Config, world: int | None = None) -> int:
 
 
 def accumulation_steps(cfg: Config, world: int | None = None) -> int:
-    """Micro-batches per optimizer step on each rank (DESIGN.md §3)."""
-    dp = data_parallel_degree(cfg, world)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size // dp
-    return cfg.train.batch_size // (micro * dp)
+    """Micro-batches per optimizer step on each rank (DESIGN.md §3): the batch plan's,
+    the count the trainer runs and reports."""
+    return batch_plan(cfg, data_parallel_degree(cfg, world)).accum
 
 
 def check_combinations(cfg: Config) -> None:

@@ -19,22 +19,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from scaletrain.config.batch_plan import BatchPlan, batch_plan, full_batch_size
 from scaletrain.config.schema import Config
-from scaletrain.errors import ConfigError
 
-
-def full_batch_size(cfg: Config, n_train: int | None = None) -> int:
-    """The global batch of one step once any ramp is over (samples)."""
-    mode = cfg.train.descent
-    if mode == "stochastic":
-        return 1
-    if mode == "full-batch":
-        if n_train is None:
-            raise ValueError("full-batch descent needs the size of the train split")
-        return n_train
-    return cfg.train.batch_size
+__all__ = ["BatchPlan", "batch_plan", "build_batch_plan", "full_batch_size", "scaled_lr"]
 
 
 def scaled_lr(cfg: Config, batch: int | None = None) -> float:
@@ -50,38 +39,5 @@ def scaled_lr(cfg: Config, batch: int | None = None) -> float:
     return o.lr * (ratio if o.lr_scaling == "linear" else math.sqrt(ratio))
 
 
-@dataclass
-class BatchPlan:
-    """Global batch and micro-batch size of every step."""
-
-    full: int  # global batch after the ramp
-    micro: int  # samples per forward on one rank
-    dp: int
-    ramp_start: int = 0  # 0: no ramp
-    ramp_tokens: int = 0
-
-    def batch_size(self, tokens_seen: int) -> int:
-        """Global batch of the step that follows `tokens_seen` trained tokens."""
-        if not self.ramp_tokens or tokens_seen >= self.ramp_tokens:
-            return self.full
-        # Integer arithmetic: the same batch sizes on every machine.
-        b = self.ramp_start + (self.full - self.ramp_start) * tokens_seen // self.ramp_tokens
-        return min(self.full, b // self.ramp_start * self.ramp_start)
-
-
-def build_batch_plan(cfg: Config, n_train: int, dp: int) -> BatchPlan:
-    """The batch plan of `cfg` for a train split of `n_train` samples over `dp` ranks."""
-    t = cfg.train
-    full = full_batch_size(cfg, n_train)
-    if full % dp:
-        raise ConfigError(f"train.descent='{t.descent}': the global batch of {full} samples "
-                          f"does not divide over the data-parallel degree {dp}")
-    per_rank = full // dp
-    # A micro-batch that does not divide a full-batch split leaves a smaller last one;
-    # the step normalises by the global target count, so that is still exact.
-    micro = min(t.micro_batch_size, per_rank) if t.micro_batch_size else per_rank
-    if t.batch_ramp and t.batch_ramp_start > full:
-        raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} exceeds the "
-                          f"global batch {full}")
-    return BatchPlan(full=full, micro=micro, dp=dp, ramp_start=t.batch_ramp_start,
-                     ramp_tokens=t.batch_ramp)
+# The batch plan itself (computed once per run) lives in config/batch_plan.py.
+build_batch_plan = batch_plan

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from scaletrain.config.schema import Config
-from scaletrain.optim.batch_rules import BatchPlan, build_batch_plan, scaled_lr
+from scaletrain.config.batch_plan import BatchPlan
+from scaletrain.optim.batch_rules import scaled_lr
 from scaletrain.optim.optimizers import build_optimizer, decayed_params
 from scaletrain.optim.penalties import build_penalty
 from scaletrain.optim.schedules import build_scheduler
@@ -28,10 +29,9 @@ class Strategy:
 
 
 def build_strategy(cfg: Config, model: nn.Module, policy: PrecisionPolicy, n_train: int,
-                   dp: int, embedding_copies=()) -> Strategy:
-    """Everything above for `model`, a train split of `n_train` samples and `dp` ranks
-    (`embedding_copies`: its tied-embedding copies, ParallelModel.tied_copies)."""
-    plan = build_batch_plan(cfg, n_train, dp)
+                   plan: BatchPlan, embedding_copies=()) -> Strategy:
+    """Everything above for `model`, a train split of `n_train` samples and the run's
+    batch plan (`embedding_copies`: its tied-embedding copies, ParallelModel.tied_copies)."""
     optimizer = build_optimizer(model, cfg.optim, lr=scaled_lr(cfg, plan.full),
                                 master_weights=policy.master_weights,
                                 embedding_copies=embedding_copies)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.errors import ConfigError
 from scaletrain.parallel import meshes
 from scaletrain.parallel.pipeline import (check_pp, prune_to_stage, split_bounds, stage_ids,
@@ -178,7 +179,7 @@ def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
         if split is None:
             raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
                               f"(model.name='gpt'), not {cfg.model.name!r}")
-        per_rank = cfg.train.batch_size // dims.dp
-        micro = cfg.train.micro_batch_size or per_rank
-        check_pp(p, split.depth(cfg.model), pipeline_microbatches(p, per_rank, micro))
+        batch = batch_plan(cfg, dims.dp)  # pp > 1 runs mini-batch descent only
+        check_pp(p, split.depth(cfg.model),
+                 pipeline_microbatches(p, batch.per_rank, batch.micro))
 

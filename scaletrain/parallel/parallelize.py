@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from scaletrain.config.batch_plan import BatchPlan, batch_plan
 from scaletrain.models.contract import tied_copies
 from scaletrain.models.registry import REGISTRY, materialize
 from scaletrain.parallel.ac import ACPolicy, apply_ac
@@ -83,16 +84,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
     return model
 
 
-def activation_policy(cfg, dims: ParallelDims) -> ACPolicy:
+def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan | None = None) -> ACPolicy:
     """`cfg`'s activation checkpointing for this layout (budget mode: sized per block by
-    the plan's byte model at this rank's micro-batch); ConfigError if the budget is
-    below what checkpointing every block keeps."""
+    the plan's byte model at the micro-batch the step runs, `batch.micro`; the trainer
+    hands its run's plan, default: `cfg`'s before the data is known); ConfigError if the
+    budget is below what checkpointing every block keeps."""
     from scaletrain.errors import ConfigError
     from scaletrain.parallel.ac import BudgetTooSmall, block_modes
     from scaletrain.plan.memory import ac_policy
 
-    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // dims.dp)
-    policy = ac_policy(cfg, dims.tp, micro)
+    batch = batch or batch_plan(cfg, dims.dp)
+    policy = ac_policy(cfg, dims.tp, batch.micro)
     split = REGISTRY[cfg.model.name].pipeline  # families with blocks split into stages
     n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.plan.memory import RankShape, rank_peak
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
 
@@ -70,8 +71,8 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     dims = resolve_dims(p, world)
     check_model_parallel(cfg, vocab, world)
     m, t = cfg.model, dims.tp
-    per_rank = cfg.train.batch_size // dims.dp
-    micro = cfg.train.micro_batch_size or per_rank
+    batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
+    per_rank, micro = batch.per_rank, batch.micro
     v = stages_per_rank(p) if dims.pp > 1 else 1
     mb_count = pipeline_microbatches(p, per_rank, micro) if dims.pp > 1 else per_rank // micro
     mb = per_rank // mb_count if dims.pp > 1 else micro

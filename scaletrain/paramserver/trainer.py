@@ -21,6 +21,7 @@ import torch
 
 from scaletrain.checkpoint.compat import changed_settings
 from scaletrain.config import Config, to_dict
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
 from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
@@ -82,7 +83,7 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
             server.wait_for_stop()
             return {"role": "server", "rank": rt.rank}
         w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
-                   device)
+                   device, batch_plan(cfg, n_workers))
         if worker_hook is not None:
             worker_hook(w)
         return {"role": "worker", "rank": rt.rank, "clock": w.run()}

@@ -22,6 +22,7 @@ import torch.nn as nn
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.paramserver import coordinator as coord
 from scaletrain.paramserver import server, transport
+from scaletrain.config.batch_plan import BatchPlan
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.losses import count_targets, sum_cross_entropy
 from scaletrain.train.step import split_micro_batches
@@ -30,16 +31,15 @@ from scaletrain.train.step import split_micro_batches
 class Worker:
     def __init__(self, cfg, index: int, n_workers: int, model: nn.Module,
                  shards: list[list[str]], train_set, policy: PrecisionPolicy,
-                 device: torch.device):
+                 device: torch.device, batch: BatchPlan):
         p = cfg.parallel
         self.cfg, self.w, self.model, self.policy, self.device = cfg, index, model, policy, device
         self.mode, self.steps = p.ps_consistency, cfg.train.steps
         self.s = 0 if self.mode == "sync" else p.ps_staleness
         params = dict(model.named_parameters())
         self.shard_params = [[params[n] for n in names] for names in shards]
-        per_worker = cfg.train.batch_size // n_workers
-        self.micro = cfg.train.micro_batch_size or per_worker
-        self.loader = StatefulLoader(train_set, cfg.train.batch_size, rank=index,
+        self.micro = batch.micro  # the run's batch plan over the workers
+        self.loader = StatefulLoader(train_set, batch.full, rank=index,
                                      world=n_workers, seed=cfg.train.seed,
                                      shuffle=cfg.data.shuffle, assignment=cfg.data.assignment)
         self.delay = p.ps_slow_delay_s if p.ps_slow_worker == index else 0.0

@@ -47,6 +47,7 @@ import dataclasses
 import itertools
 import math
 
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.errors import ConfigError
 from scaletrain.parallel.ac import RECOMPUTE_COST
 
@@ -96,8 +97,8 @@ def candidates(cfg, world: int, device_type: str):
     from scaletrain.parallel.dims import resolve_dims
 
     dims = resolve_dims(cfg.parallel, world)
-    per_rank = cfg.train.batch_size // dims.dp
-    cur_micro = cfg.train.micro_batch_size or per_rank
+    batch = batch_plan(cfg, dims.dp)
+    per_rank, cur_micro = batch.per_rank, batch.micro
     micros = [cur_micro] if dims.pp > 1 else [d for d in _divisors_desc(per_rank)
                                               if d <= cur_micro]
     acs = [("none", 1)]
@@ -186,7 +187,7 @@ def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cp
     _, over, cost, peak = best
     changed = {k: v for k, v in over.items() if v != _current(cfg, k)
                and not (k == "train.micro_batch_size" and _current(cfg, k) == 0
-                        and v == cfg.train.batch_size // _dp(cfg, world))}
+                        and v == _default_micro(cfg, world))}
     return Choice(changed, cost, peak, budget_bytes)
 
 
@@ -200,7 +201,8 @@ def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> f
     return max(r["peak_bytes"] for r in plan(c, world, vocab, device_type)["ranks"])
 
 
-def _dp(cfg, world: int) -> int:
+def _default_micro(cfg, world: int) -> int:
+    """The micro-batch train.micro_batch_size=0 runs (the whole per-rank batch)."""
     from scaletrain.parallel.dims import resolve_dims
 
-    return resolve_dims(cfg.parallel, world).dp
+    return batch_plan(cfg, resolve_dims(cfg.parallel, world).dp).per_rank

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.optim.optimizers import kernel
 from scaletrain.plan.activations import block_activations
 
@@ -168,14 +169,14 @@ def block_fixed_bytes(cfg, tp: int, device_type: str = "cpu") -> float:
 
 def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     """The config's activation checkpointing as a `parallel.ac.ACPolicy`; budget mode
-    gets the bytes each block keeps for one micro-batch of `micro` samples (default:
-    train.micro_batch_size, else train.batch_size)."""
+    gets the bytes each block keeps for one micro-batch of `micro` samples (callers pass
+    their batch plan's; default: the micro-batch of `cfg`'s plan on one rank)."""
     from scaletrain.parallel.ac import ACPolicy
 
     p = cfg.parallel
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
-    tokens = (micro or cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.model.seq_len
+    tokens = (micro or batch_plan(cfg, 1).micro) * cfg.model.seq_len
     per_token = ac_block_bytes(cfg, tp)
     return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
                     {k: v * tokens for k, v in per_token.items()})

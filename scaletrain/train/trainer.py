@@ -19,6 +19,7 @@ import torch
 from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config
+from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
 from scaletrain.evaluate import covered_samples, evaluate, split_batches
@@ -82,8 +83,11 @@ class Trainer:
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
+        # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
+        # once here and handed to AC, the pipeline, the strategy and the summary.
+        self.batch = batch_plan(cfg, self.dist.dims.dp, len(self.data.train))
         # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
-        ac = activation_policy(cfg, self.dist.dims)
+        ac = activation_policy(cfg, self.dist.dims, self.batch)
         # The module with its layout facts (stage views, tied copies, loss parallel).
         self.parallel = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
@@ -101,21 +105,21 @@ class Trainer:
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
         # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
         self.strategy = build_strategy(cfg, self.model, self.policy, len(self.data.train),
-                                       self.dist.dims.dp, self.parallel.tied_copies)
+                                       self.batch, self.parallel.tied_copies)
         self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
         self.dp = self.dist.dims.dp
-        self.micro = self.strategy.batch_plan.micro
+        self.micro = self.batch.micro
         # Micro-batches per rank in a full step of the resolved batch (full-batch descent:
         # the whole train split; after any ramp), the last one possibly smaller.
-        self.accum = -(-self.strategy.batch_plan.full // self.dp // self.micro)
+        self.accum = self.batch.accum
         self.loader = StatefulLoader(
             self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
-                                       cfg.train.batch_size // self.dp, self.micro, cfg.model,
+                                       self.batch.per_rank, self.micro, cfg.model,
                                        self.data.vocab_size, self.policy.param_dtype)
         self.state = TrainState()
         # Host reads of step values (tokens, fault guard, stop flag): one step late on a

@@ -1,0 +1,51 @@
+"""The run's batch plan (config/batch_plan.py) is computed once and drives activation
+checkpointing: under full-batch descent the budget is sized for the micro-batch the step
+runs (the whole split per rank), not for train.batch_size."""
+
+from __future__ import annotations
+
+from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.checks import accumulation_steps
+from scaletrain.data import build_data
+from scaletrain.parallel.ac import block_modes, kept_bytes
+from scaletrain.plan.memory import ac_policy
+from scaletrain.train.trainer import Trainer
+from tests.conftest import make_cfg
+
+
+def test_plan_of_each_descent_mode(tiny_args):
+    def tiny_cfg_with(*extra):
+        return make_cfg(tiny_args + list(extra))
+
+    mini = batch_plan(tiny_cfg_with("--train.micro_batch_size=2"), dp=2)
+    assert (mini.full, mini.per_rank, mini.micro, mini.accum) == (8, 4, 2, 2)
+    sgd = batch_plan(tiny_cfg_with("--train.descent=stochastic"), dp=1)
+    assert (sgd.full, sgd.micro, sgd.accum) == (1, 1, 1)
+    full = batch_plan(tiny_cfg_with("--train.descent=full-batch",
+                                    "--train.micro_batch_size=40"), dp=1, n_train=100)
+    assert (full.full, full.micro, full.accum) == (100, 40, 3)  # the last one smaller
+    # validation's count is the plan's
+    assert accumulation_steps(tiny_cfg_with("--train.micro_batch_size=2"), 1) == 4
+
+
+def test_full_batch_ac_budget_is_sized_for_the_whole_split(tiny_args):
+    """A budget that keeps every block at train.batch_size's 8 samples must checkpoint
+    at the split's micro-batch: the trainer's modes are those of the split's plan."""
+    args = tiny_args + ["--train.descent=full-batch", "--model.n_layer=4"]
+    n_train = len(build_data(make_cfg(args), progress=False).train)
+    assert n_train > 8
+    sizing = make_cfg(args + ["--parallel.activation_checkpoint=budget",
+                              "--parallel.activation_budget_gib=1"])
+    at_split = ac_policy(sizing, 1, n_train).block_bytes
+    at_batch = ac_policy(sizing, 1, 8).block_bytes
+    # Above the floor at the split's micro-batch, above "no checkpointing" at 8 samples.
+    budget = max(1.5 * kept_bytes(["full"] * 4, at_split),
+                 2 * kept_bytes(["none"] * 4, at_batch))
+    assert budget < kept_bytes(["none"] * 4, at_split)
+    cfg = make_cfg(args + ["--parallel.activation_checkpoint=budget",
+                           f"--parallel.activation_budget_gib={budget / 2**30!r}"])
+    tr = Trainer(cfg)
+    assert tr.batch.micro == n_train
+    expected = block_modes(ac_policy(cfg, 1, n_train), 4)
+    assert set(expected) != {"none"}
+    assert tr.ac_modes == expected
