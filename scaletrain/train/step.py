@@ -1,4 +1,5 @@
-"""One optimizer step: micro-batch loop -> clip -> optimizer step -> zero grad.
+"""One optimizer step: micro-batch loop, then optim/step_end.py's `finish_step` (clip ->
+optimizer step -> zero grad).
 
 The loss of each micro-batch is its *sum* over target positions divided by the number of
 target positions of the whole step (all micro-batches, and all data-parallel ranks when a
@@ -10,13 +11,13 @@ targets; a mean of per-micro-batch means would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+from scaletrain.optim.step_end import clip_grad_norm, finish_step
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.losses import count_targets, sum_cross_entropy
 
@@ -98,29 +99,12 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     params = opts.params or [p for p in model.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # clip and measure the true gradients
-    opts.add_penalty_grads()
-    if opts.grad_clip_value > 0:
-        torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
-    clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
-    grad_norm = (opts.grad_norm_fn(params, clip) if opts.grad_norm_fn is not None
-                 else torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
-    if opts.guard is not None and not opts.guard(loss_sum, grad_norm):
-        if scaler is not None:
-            scaler.update()  # unscale_ recorded this step's inf checks; keep them in sync
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum, grad_norm, n_total, skipped=True)
-    skipped = False
-    if scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skipped internally when a gradient is inf/NaN
-        scaler.update()
-        skipped = scaler.get_scale() < scale_before
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, grad_norm, n_total, skipped)
+    end = finish_step(optimizer, params, scaler=scaler,
+                      add_penalty_grads=opts.add_penalty_grads,
+                      grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
+                      clip_norm=opts.grad_norm_fn or clip_grad_norm, guard=opts.guard,
+                      loss=loss_sum)
+    return StepResult(loss_sum, end.grad_norm, n_total, end.skipped)
 
 
 def split_micro_batches(batch: Batch, micro: int) -> list[Batch]:
