@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from scaletrain.optim.step_end import clip_grad_norm, finish_step
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.train.losses import count_targets
+from scaletrain.train.step_loss import StepLoss, default_step_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,17 +45,9 @@ class StepOptions:
     # Called after clipping, before the update: False skips it (numerical faults,
     # train/faults.py); the gradients are then zeroed and nothing else changes.
     guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
-    # (logits, inputs, targets) -> summed loss; None = sum_cross_entropy. Distillation
-    # (compress/distill.py) adds its KL term here, still summed over target positions.
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # The default loss, (logits, targets) -> summed CE; it receives the model's logits
-    # as they are (bf16 under autocast) and upcasts inside, so that with train.compile
-    # the cast, log-softmax and NLL fuse into one pass (parallel/compile.py).
-    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy
-    # The model computes the default loss itself: `model(x, targets=y)` returns the
-    # summed cross-entropy (GPT.head_loss; with train.compile the head and loss are one
-    # compiled region). Set only where the default loss applies to a plain head.
-    loss_in_model: bool = False
+    # The micro-batch loss, built once per run (train/step_loss.py: in-model loss,
+    # cross-entropy on the logits, or distillation's custom loss).
+    loss: StepLoss = default_step_loss
     # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
     # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
     # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
@@ -79,19 +72,10 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
     denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
-    loss_fn = opts.loss_fn or (lambda z, _x, t: opts.cross_entropy(z, t))
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
-            if opts.loss_in_model:
-                with policy.autocast():  # the loss upcasts the logits itself
-                    loss = model(x, targets=y)
-            else:
-                with policy.autocast():
-                    logits = model(x)
-                # A custom loss gets logits in the loss dtype; the default casts inside.
-                loss = loss_fn(logits if opts.loss_fn is None else logits.to(denom.dtype),
-                               x, y)
+            loss = opts.loss(model, x, y, policy, denom.dtype)
             if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
                 loss = loss.full_tensor()
             loss = loss / denom
