@@ -31,19 +31,20 @@ CustomLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def build_step_loss(loss_fn: CustomLoss | None = None,
                     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                     = sum_cross_entropy, loss_in_model: bool = False) -> StepLoss:
-    """The run's micro-batch loss: `loss_fn` if given, else the in-model loss where the
-    model computes it (`loss_in_model`), else `cross_entropy` on the logits."""
+    """The run's micro-batch loss: the in-model loss where the model computes it
+    (`loss_in_model`: the caller sets it only for the default loss), else `loss_fn` if
+    given, else `cross_entropy` on the logits."""
+    if loss_in_model:
+        def in_model(model, x, y, policy, loss_dtype):
+            with policy.autocast():  # the loss upcasts the logits itself
+                return model(x, targets=y)
+        return in_model
     if loss_fn is not None:
         def custom(model, x, y, policy, loss_dtype):
             with policy.autocast():
                 logits = model(x)
             return loss_fn(logits.to(loss_dtype), x, y)
         return custom
-    if loss_in_model:
-        def in_model(model, x, y, policy, loss_dtype):
-            with policy.autocast():  # the loss upcasts the logits itself
-                return model(x, targets=y)
-        return in_model
 
     def on_logits(model, x, y, policy, loss_dtype):
         with policy.autocast():
