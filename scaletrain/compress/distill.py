@@ -41,7 +41,8 @@ def distill_sum_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def make_distill_loss(teacher: nn.Module, alpha: float, temperature: float
                       ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The `StepOptions.loss_fn` hook: (student logits, inputs, targets) -> summed loss."""
+    """The custom loss of train/step_loss.py `build_step_loss`: (student logits,
+    inputs, targets) -> summed loss."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -2,7 +2,7 @@
 
 `Pipeline.step` is train/step.py's `train_step` for pp > 1: the schedule runs the
 micro-batch loop itself (forward/backward interleaved across stages), then the same
-clip -> optimizer step -> zero grad.
+end of step (optim/step_end.py: clip -> optimizer step -> zero grad).
 
 Tied embeddings across stages (the family's `ModelSpec.tied` pairs; GPT: the head
 `lm_head.weight` is `wte.weight`): the first stage owns `wte.weight`, the last a copy as
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.models.contract import param_at
+from scaletrain.optim.step_end import finish_step
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
 from scaletrain.train.losses import count_targets, sum_cross_entropy
@@ -151,23 +152,23 @@ class Pipeline:
         self._sync_tied_grad()
         params = [p for p in self.model.parameters() if p.requires_grad]
         copies = {id(p) for p in self.tied_params}
-        norm_params = [p for p in params if id(p) not in copies]
-        opts.add_penalty_grads()  # L1/L2 penalty, once per step (optim/penalties.py)
-        if opts.grad_clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
-        clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
+        end = finish_step(optimizer, params, add_penalty_grads=opts.add_penalty_grads,
+                          grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
+                          clip_norm=self._clip_norm,
+                          norm_params=[p for p in params if id(p) not in copies],
+                          guard=opts.guard, loss=loss)  # guard: train/faults.py
+        return StepResult(loss, end.grad_norm, n_total, end.skipped)
+
+    def _clip_norm(self, norm_params: list, clip: float) -> torch.Tensor:
+        """The global grad norm over the pipeline ranks' stages, clipped to `clip`; the
+        tied copies (left out of the norm) are scaled by the same coefficient."""
         grad_norm = parallel_grad_norm(norm_params, clip, self.pp_group)
         for copy_ in self.tied_params:
             if clip < math.inf and copy_.grad is not None:
                 coef = min(1.0, clip / (float(grad_norm) + 1e-6))
                 g = copy_.grad
                 (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
-        if opts.guard is not None and not opts.guard(loss, grad_norm):  # faults.py
-            optimizer.zero_grad(set_to_none=True)
-            return StepResult(loss, grad_norm, n_total, skipped=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, n_total)
+        return grad_norm
 
     def evaluate(self, batches, count_reducer, batch_size: int) -> dict:
         """{"loss", "ppl"} over `batches` through the pipeline (evaluate/evaluator.py's

@@ -23,6 +23,7 @@ from scaletrain.checkpoint.reconfigure import reapply, settings_of
 from scaletrain.config import Config
 from scaletrain.errors import CheckpointError
 from scaletrain.optim import build_optimizer, build_scheduler
+from scaletrain.optim.step_end import finish_step
 
 
 class ShardServer:
@@ -92,13 +93,16 @@ class ShardServer:
     def apply(self, key: str, clip_coef: float, sched_steps: int) -> int:
         """Clip by the global coefficient, step the optimizer, advance the schedule."""
         with self.lock:
-            grads = self.agg.pop(key)
-            if clip_coef < 1.0:
-                torch._foreach_mul_(grads, clip_coef)
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.params, self.agg.pop(key)):
+                # A no-op cast (fp16/bf16-pure are refused, paramserver/checks.py): the
+                # pushed gradients are in the parameters' dtype, so scaling them after
+                # this is bitwise what scaling before it was.
                 p.grad = g.to(p.dtype)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            # The global norm was measured by the coordinator over every shard; this
+            # shard applies its clip coefficient (no penalty, value clip or guard here:
+            # paramserver/checks.py refuses them).
+            finish_step(self.optimizer, self.params,
+                        clip_norm=lambda params, _max_norm: scale_grads(params, clip_coef))
             for _ in range(sched_steps):
                 self.scheduler.step()
             self.version += 1
@@ -132,6 +136,13 @@ class ShardServer:
             self.scheduler.load_state_dict(state["scheduler"])
             reapply(self.optimizer, self.scheduler, self.fresh_settings)
             self.version = int(state["version"])
+
+
+def scale_grads(params: list[torch.Tensor], coef: float) -> None:
+    """Multiply the gradients by the global clip coefficient (1.0: left unclipped);
+    returns no norm, the coordinator measured it."""
+    if coef < 1.0:
+        torch._foreach_mul_([p.grad for p in params], coef)
 
 
 # -- RPC entry points (run on the server process) --------------------------------------

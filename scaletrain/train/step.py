@@ -1,4 +1,5 @@
-"""One optimizer step: micro-batch loop -> clip -> optimizer step -> zero grad.
+"""One optimizer step: micro-batch loop, then optim/step_end.py's `finish_step` (clip ->
+optimizer step -> zero grad).
 
 The loss of each micro-batch is its *sum* over target positions divided by the number of
 target positions of the whole step (all micro-batches, and all data-parallel ranks when a
@@ -10,15 +11,16 @@ targets; a mean of per-micro-batch means would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+from scaletrain.optim.step_end import clip_grad_norm, finish_step
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.train.losses import count_targets
+from scaletrain.train.step_loss import StepLoss, default_step_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,17 +45,9 @@ class StepOptions:
     # Called after clipping, before the update: False skips it (numerical faults,
     # train/faults.py); the gradients are then zeroed and nothing else changes.
     guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
-    # (logits, inputs, targets) -> summed loss; None = sum_cross_entropy. Distillation
-    # (compress/distill.py) adds its KL term here, still summed over target positions.
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # The default loss, (logits, targets) -> summed CE; it receives the model's logits
-    # as they are (bf16 under autocast) and upcasts inside, so that with train.compile
-    # the cast, log-softmax and NLL fuse into one pass (parallel/compile.py).
-    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sum_cross_entropy
-    # The model computes the default loss itself: `model(x, targets=y)` returns the
-    # summed cross-entropy (GPT.head_loss; with train.compile the head and loss are one
-    # compiled region). Set only where the default loss applies to a plain head.
-    loss_in_model: bool = False
+    # The micro-batch loss, built once per run (train/step_loss.py: in-model loss,
+    # cross-entropy on the logits, or distillation's custom loss).
+    loss: StepLoss = default_step_loss
     # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
     # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
     # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
@@ -78,19 +72,10 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
     denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
-    loss_fn = opts.loss_fn or (lambda z, _x, t: opts.cross_entropy(z, t))
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
-            if opts.loss_in_model:
-                with policy.autocast():  # the loss upcasts the logits itself
-                    loss = model(x, targets=y)
-            else:
-                with policy.autocast():
-                    logits = model(x)
-                # A custom loss gets logits in the loss dtype; the default casts inside.
-                loss = loss_fn(logits if opts.loss_fn is None else logits.to(denom.dtype),
-                               x, y)
+            loss = opts.loss(model, x, y, policy, denom.dtype)
             if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
                 loss = loss.full_tensor()
             loss = loss / denom
@@ -98,29 +83,12 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     params = opts.params or [p for p in model.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # clip and measure the true gradients
-    opts.add_penalty_grads()
-    if opts.grad_clip_value > 0:
-        torch.nn.utils.clip_grad_value_(params, opts.grad_clip_value)
-    clip = opts.grad_clip if opts.grad_clip > 0 else math.inf
-    grad_norm = (opts.grad_norm_fn(params, clip) if opts.grad_norm_fn is not None
-                 else torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
-    if opts.guard is not None and not opts.guard(loss_sum, grad_norm):
-        if scaler is not None:
-            scaler.update()  # unscale_ recorded this step's inf checks; keep them in sync
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum, grad_norm, n_total, skipped=True)
-    skipped = False
-    if scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skipped internally when a gradient is inf/NaN
-        scaler.update()
-        skipped = scaler.get_scale() < scale_before
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, grad_norm, n_total, skipped)
+    end = finish_step(optimizer, params, scaler=scaler,
+                      add_penalty_grads=opts.add_penalty_grads,
+                      grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
+                      clip_norm=opts.grad_norm_fn or clip_grad_norm, guard=opts.guard,
+                      loss=loss_sum)
+    return StepResult(loss_sum, end.grad_norm, n_total, end.skipped)
 
 
 def split_micro_batches(batch: Batch, micro: int) -> list[Batch]:

@@ -50,6 +50,7 @@ from scaletrain.train.run_guard import resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+from scaletrain.train.step_loss import build_step_loss
 
 
 class Trainer:
@@ -137,11 +138,11 @@ class Trainer:
                                      grad_clip_value=cfg.train.grad_clip_value,
                                      add_penalty_grads=self.strategy.penalty,
                                      guard=guard,
-                                     loss_fn=loss_fn,
-                                     cross_entropy=compile_cross_entropy(
-                                         cfg.train.compile and cfg.parallel.tp == 1),
-                                     loss_in_model=loss_fn is None and head_computes_loss(
-                                         self.model, cfg.parallel),
+                                     loss=build_step_loss(
+                                         loss_fn, compile_cross_entropy(
+                                             cfg.train.compile and cfg.parallel.tp == 1),
+                                         loss_in_model=loss_fn is None and
+                                         head_computes_loss(self.model, cfg.parallel)),
                                      **self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
