@@ -130,20 +130,10 @@ class Trainer:
             resolve_lag(cfg.train.host_reads, self.rt.device)
         self.reads = LaggedReads(lag, self.rt.device)
         self._tokens_since_log = 0
-        loss_fn = build_distill_loss(cfg, self.rt.device)
         self.faults, guard = fault_guard(  # guard: skips a bad update (train/faults.py)
             cfg.faults, self.optimizer, self.reads, self.state,
             has_scaler=self.scaler is not None, loss_reducer=self.dist.sum_reducer)
-        self.step_opts = StepOptions(grad_clip=cfg.train.grad_clip,
-                                     grad_clip_value=cfg.train.grad_clip_value,
-                                     add_penalty_grads=self.strategy.penalty,
-                                     guard=guard,
-                                     loss=build_step_loss(
-                                         loss_fn, compile_cross_entropy(
-                                             cfg.train.compile and cfg.parallel.tp == 1),
-                                         loss_in_model=loss_fn is None and
-                                         head_computes_loss(self.model, cfg.parallel)),
-                                     **self.dist.step_options(self.parallel))
+        self.step_opts = self._step_options(guard)
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
@@ -155,6 +145,21 @@ class Trainer:
                 self.pipeline, self.spec, cfg.model, facts)
         self._peak_flops: float | None = None
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
+
+    def _step_options(self, guard) -> StepOptions:
+        """What the step needs: clipping, the penalty hook, the fault guard, the run's one
+        loss callable (distillation, the in-model head + loss, or cross-entropy on the
+        logits: train/step_loss.py) and the layout's reducers / no_sync."""
+        cfg = self.cfg
+        distill_loss = build_distill_loss(cfg, self.rt.device)
+        loss = build_step_loss(
+            distill_loss, compile_cross_entropy(cfg.train.compile and cfg.parallel.tp == 1),
+            loss_in_model=distill_loss is None and head_computes_loss(self.model,
+                                                                       cfg.parallel))
+        return StepOptions(grad_clip=cfg.train.grad_clip,
+                           grad_clip_value=cfg.train.grad_clip_value,
+                           add_penalty_grads=self.strategy.penalty, guard=guard, loss=loss,
+                           **self.dist.step_options(self.parallel))
 
     def _checkpoint_session(self) -> CheckpointSession:
         """Checkpointing handed what it saves (torchtitan's `CheckpointManager(states=)`)
