@@ -65,3 +65,14 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "scaletrain", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def one_error_line(proc, *fragments) -> str:
+    """The user-error contract: exit 2, exactly one stderr line holding `fragments`, no
+    traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]

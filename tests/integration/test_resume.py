@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, one_error_line, run_cli
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,15 +142,6 @@ def two_checkpoints(prepared_dir, tmp_path_factory):
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def one_error_line(proc, *fragments) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def damage(ckpt: Path, how: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_DATA, TINY_GPT
+from tests.conftest import REPO, TINY_DATA, TINY_GPT, one_error_line
 
 UMASK = 0o022  # the usual one: files 0644
 
@@ -25,15 +25,6 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 120):
                           preexec_fn=lambda: os.umask(UMASK))
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def one_error_line(proc, *fragments) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
