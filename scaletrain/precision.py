@@ -8,7 +8,7 @@ has no precision `if`s (DESIGN.md principle 8).
 - bf16-pure: bf16 parameters and compute; the optimizer runs on fp32 master copies and
   keeps fp32 state (optim/master_weights.py), so updates below a bf16 ulp accumulate.
 
-The loss is always computed in fp32 (see train/losses.py).
+The loss is always computed in fp32 (see models/losses.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scaletrain.errors import ConfigError
-from scaletrain.train.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 
 
 def distill_sum_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -45,7 +45,7 @@ def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int
     Pruning masks (forward pre-hooks of torch.nn.utils.prune) stay attached, so pruned
     weights stay zero; the gradient flows to `weight_orig` masked.
     """
-    from scaletrain.train.losses import count_targets, sum_cross_entropy
+    from scaletrain.models.losses import count_targets, sum_cross_entropy
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

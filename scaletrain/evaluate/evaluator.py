@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
 
 
 def split_batches(split: str, eval_cfg) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaletrain.train.losses import sum_cross_entropy
+from scaletrain.models.losses import sum_cross_entropy
 
 
 @dataclass

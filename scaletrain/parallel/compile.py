@@ -69,10 +69,10 @@ def head_computes_loss(model: nn.Module, pcfg) -> bool:
 
 
 def compile_cross_entropy(enabled: bool):
-    """The step's default loss (train/losses.py `sum_cross_entropy`), compiled if
+    """The step's default loss (models/losses.py `sum_cross_entropy`), compiled if
     `enabled`. Tensor parallel's vocabulary-sharded (DTensor) logits keep the eager one:
     its `loss_parallel` context is not traced by dynamo."""
-    from scaletrain.train.losses import sum_cross_entropy
+    from scaletrain.models.losses import sum_cross_entropy
 
     return torch.compile(sum_cross_entropy) if enabled else sum_cross_entropy
 

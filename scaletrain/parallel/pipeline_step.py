@@ -31,7 +31,7 @@ from scaletrain.models.contract import param_at
 from scaletrain.optim.step_end import finish_step
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
-from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.models.losses import count_targets, sum_cross_entropy
 from scaletrain.train.step import StepResult
 
 
@@ -175,7 +175,7 @@ class Pipeline:
         result). Batches are cut/padded to the training batch of `batch_size` samples:
         the stages were built with static micro-batch shapes; padded rows have ignored
         targets and add nothing."""
-        from scaletrain.train.losses import IGNORE_INDEX
+        from scaletrain.models.losses import IGNORE_INDEX
 
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for x, y in batches:

@@ -24,7 +24,7 @@ from scaletrain.paramserver import coordinator as coord
 from scaletrain.paramserver import server, transport
 from scaletrain.config.batch_plan import BatchPlan
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import count_targets, sum_cross_entropy
+from scaletrain.models.losses import count_targets, sum_cross_entropy
 from scaletrain.train.step import split_micro_batches
 
 

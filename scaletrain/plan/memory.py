@@ -28,7 +28,7 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   recomputed in the backward; selective AC keeps the input and the outputs of
   parallel/ac.py's save list (the matmuls and attention: (r + 10·ab)·D for the GPT)
   plus one block's recompute. Head: the logits (ab·V) are held by the step while
-  cross-entropy runs in fp32 (train/losses.py): an fp32 copy and log_softmax's output in
+  cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two.
 - optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's

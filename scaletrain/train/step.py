@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from scaletrain.optim.step_end import clip_grad_norm, finish_step
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import count_targets
+from scaletrain.models.losses import count_targets
 from scaletrain.train.step_loss import StepLoss, default_step_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]

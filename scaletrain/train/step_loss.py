@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import sum_cross_entropy
+from scaletrain.models.losses import sum_cross_entropy
 
 StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, PrecisionPolicy, torch.dtype],
                     torch.Tensor]

@@ -22,7 +22,7 @@ from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import IGNORE_INDEX
+from scaletrain.models.losses import IGNORE_INDEX
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 V, T = 67, 16

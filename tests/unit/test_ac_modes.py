@@ -19,7 +19,7 @@ from scaletrain.models import build_model
 from scaletrain.parallel.ac import (ACPolicy, BudgetTooSmall, apply_ac, block_modes,
                                     describe, kept_bytes)
 from scaletrain.plan.memory import ac_policy
-from scaletrain.train.losses import sum_cross_entropy
+from scaletrain.models.losses import sum_cross_entropy
 
 GPT = ["--model.name=gpt", "--model.n_layer=6", "--model.n_head=2", "--model.d_model=32",
        "--model.seq_len=32", "--model.vocab_size=64", "--train.batch_size=4",

@@ -14,7 +14,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 V, T, B = 61, 12, 8

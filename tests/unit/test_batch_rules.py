@@ -109,7 +109,7 @@ def test_full_batch_is_the_exact_full_gradient(digits_args, tmp_path):
     gradient descent on the mean loss of the whole train split (float64)."""
     import torch
 
-    from scaletrain.train.losses import sum_cross_entropy
+    from scaletrain.models.losses import sum_cross_entropy
     from scaletrain.train.trainer import Trainer
 
     args = digits_args + [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.compress.distill import distill_sum_loss, make_distill_loss
-from scaletrain.train.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 
 
 def test_alpha_zero_is_cross_entropy_and_equal_logits_have_zero_kl():

@@ -19,7 +19,7 @@ from scaletrain.optim import build_optimizer, param_groups
 from scaletrain.optim.optimizers import decayed_params
 from scaletrain.optim.penalties import build_penalty
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 V, T, B = 61, 12, 8

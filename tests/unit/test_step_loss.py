@@ -3,7 +3,7 @@
 import torch
 
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.losses import sum_cross_entropy
+from scaletrain.models.losses import sum_cross_entropy
 from scaletrain.train.step_loss import build_step_loss
 
 CPU = PrecisionPolicy("fp32", torch.device("cpu"))
