@@ -52,14 +52,15 @@ def load_for_export(run_dir: Path, weights: str = "auto"):
     """(config, model in eval mode on CPU, tokenizer or None) from a run directory."""
     from scaletrain.checkpoint.manager import CKPT_DIR, CheckpointManager
     from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.checkpoint import run_model
+    from scaletrain.config import run_files
     from scaletrain.models import build_model
-    from scaletrain.train import run_dir as rd
 
-    cfg = rd.load_run_config(run_dir)  # CheckpointError for a foreign directory
-    has_final = (run_dir / rd.FINAL_WEIGHTS).is_file()
+    cfg = run_model.load_run_config(run_dir)  # CheckpointError for a foreign directory
+    has_final = (run_dir / run_files.FINAL_WEIGHTS).is_file()
     if weights in ("final", "best") or (weights == "auto" and has_final):
-        return rd.load_model_from_run(run_dir, which="best" if weights == "best" else "final")
-    tok_path = run_dir / rd.TOKENIZER_FILE
+        return run_model.load_model_from_run(run_dir, which="best" if weights == "best" else "final")
+    tok_path = run_dir / run_files.TOKENIZER_FILE
     tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
@@ -149,14 +150,15 @@ def export_hf(cfg, model, tok, out: Path) -> None:
 
 
 def export_safetensors(cfg, model, tok, out: Path) -> None:
+    from scaletrain.checkpoint import run_model
+    from scaletrain.config import run_files
     from scaletrain.config.load import dumps_toml
-    from scaletrain.train import run_dir as rd
 
     out.mkdir(parents=True, exist_ok=True)
-    rd.save_weights(model, out / rd.FINAL_WEIGHTS, cfg)
-    rd.write_atomic(out / rd.CONFIG_FILE, dumps_toml(cfg))
+    run_model.save_weights(model, out / run_files.FINAL_WEIGHTS, cfg)
+    run_files.write_atomic(out / run_files.CONFIG_FILE, dumps_toml(cfg))
     if tok is not None:
-        tok.save(out / rd.TOKENIZER_FILE)
+        tok.save(out / run_files.TOKENIZER_FILE)
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path | None = None,

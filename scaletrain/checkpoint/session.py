@@ -123,7 +123,7 @@ class CheckpointSession:
         except IncompatibleCheckpoint as e:
             if self.is_main:  # the trainer already wrote the new config: put the run's back
                 from scaletrain.config.load import dumps_toml
-                from scaletrain.train.run_dir import CONFIG_FILE, write_atomic
+                from scaletrain.config.run_files import CONFIG_FILE, write_atomic
 
                 write_atomic(self.run_dir / CONFIG_FILE, dumps_toml(e.saved))
             raise

@@ -37,7 +37,7 @@ def save_artefact(out: Path, state: dict[str, torch.Tensor], cfg, tokenizer, kin
                   **meta) -> Path:
     """Write an artefact directory (weights atomically, artefact.json last)."""
     from scaletrain.config import dumps_toml
-    from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE, write_atomic
+    from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, write_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,8 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
     """(config, model in eval mode, tokenizer or None) of any weights directory."""
     from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.models import build_model
-    from scaletrain.train.run_dir import TOKENIZER_FILE, load_model_from_run, load_run_config
+    from scaletrain.checkpoint.run_model import load_model_from_run, load_run_config
+    from scaletrain.config.run_files import TOKENIZER_FILE
 
     d = Path(path)
     if not d.is_dir():

@@ -141,6 +141,6 @@ def _weights_file(d: Path) -> Path:
     meta = art.read_meta(d)
     if meta is not None:
         return d / art.WEIGHTS
-    from scaletrain.train.run_dir import pick_weights
+    from scaletrain.config.run_files import pick_weights
 
     return pick_weights(d, "best")

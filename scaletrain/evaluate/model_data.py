@@ -19,7 +19,7 @@ from scaletrain.data.prepare import cached_text_dir
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.data.vision import DIGITS
 from scaletrain.errors import ConfigError, DataError
-from scaletrain.train.run_dir import TOKENIZER_FILE
+from scaletrain.config.run_files import TOKENIZER_FILE
 
 
 def data_for_model(cfg, model_dir: str | Path, tokenizer: Tokenizer | None,

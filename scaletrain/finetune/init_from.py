@@ -47,7 +47,7 @@ def _read_toml_model(path: Path) -> dict:
 
 def find_source(path: str | os.PathLike, which: str = "best", what: str = "init.from") -> Source:
     """Identify what kind of weights directory `path` is; CheckpointError if none."""
-    from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE, pick_weights
+    from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
 
     d = Path(path)
     if not d.is_dir():
@@ -113,7 +113,7 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     if not cfg.init.from_:
         return cfg
     if resuming:
-        from scaletrain.train.run_dir import CONFIG_FILE, TOKENIZER_FILE
+        from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE
 
         run = Path(cfg.run.dir)
         shape, origin = _read_toml_model(run / CONFIG_FILE), f"the resumed run.dir '{run}'"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.compat import changed_settings
-from scaletrain.config import Config, to_dict
+from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
 from scaletrain.data.loader import eval_batches
@@ -35,7 +36,7 @@ from scaletrain.paramserver.checks import check_ps
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train import run_dir as rd
+from scaletrain.train.run_guard import prepare_run_dir
 from scaletrain.train.runtime import detect_runtime, seed_everything
 
 
@@ -108,9 +109,9 @@ class _Run:
     def __init__(self, cfg, rt, data, policy, new_model, n_workers, resume):
         self.cfg, self.rt, self.data, self.policy = cfg, rt, data, policy
         self.run_dir = Path(cfg.run.dir)
-        rd.prepare_run_dir(cfg)
+        prepare_run_dir(cfg)
         if data.tokenizer is not None:
-            data.tokenizer.save(self.run_dir / rd.TOKENIZER_FILE)
+            data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
         self.model = new_model()  # evaluation replica, filled from the servers
         self.names = [n for n, _ in self.model.named_parameters()]
         self.kind = REGISTRY[cfg.model.name].kind
@@ -212,7 +213,7 @@ class _Run:
     def keep_best(self, val_loss: float, step: int) -> None:
         if val_loss < self.best_val:
             self.best_val, self.best_step = val_loss, step
-            rd.save_weights(self.model, self.run_dir / rd.BEST_WEIGHTS, self.cfg)
+            run_model.save_weights(self.model, self.run_dir / run_files.BEST_WEIGHTS, self.cfg)
 
     def save_checkpoint(self, step: int) -> None:
         states = [transport.call(s, server.rpc_state_dict)
@@ -234,13 +235,13 @@ class _Run:
             self.progress.close()
             val = self.evaluate("val", c.step)
             self.keep_best(val["loss"], c.step)
-            rd.save_weights(self.model, self.run_dir / rd.FINAL_WEIGHTS, cfg)
+            run_model.save_weights(self.model, self.run_dir / run_files.FINAL_WEIGHTS, cfg)
             self.save_checkpoint(c.step)
             test = None
             if cfg.eval.test and self.data.test is not None:
-                best = self.run_dir / rd.BEST_WEIGHTS
+                best = self.run_dir / run_files.BEST_WEIGHTS
                 if best.is_file() and self.best_step != c.step:
-                    rd.load_weights(self.model, best, REGISTRY[cfg.model.name].tied)
+                    run_model.load_weights(self.model, best, REGISTRY[cfg.model.name].tied)
                 test = self.evaluate("test", c.step)
             summary = self._summary(val, test, wall)
             self.sinks.close()

@@ -311,7 +311,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
         blk = block_bytes_per_token(cfg, s.tp, device_type) * 0.5  # no-grad: one block's set
         evaluation = static + s.eval_tokens * max(
             s.vocab_local * (ab + 8) if s.has_head else 0.0, blk)
-    # Saving the weights (train/run_dir.py): rank 0 gathers the full tensors when they
+    # Saving the weights (checkpoint/run_model.py): rank 0 gathers the full tensors when they
     # are split (parallel/weights.py, pipeline stages via a pickled gather), then
     # safetensors serialises them to bytes; a pipeline rank pickles its stage to send.
     full = (s.full_params or n) * pb

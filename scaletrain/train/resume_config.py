@@ -19,7 +19,8 @@ from pathlib import Path
 from scaletrain.checkpoint.compat import NOT_SETTINGS as NOT_INHERITED
 from scaletrain.config import Config, build_config
 from scaletrain.config.load import load_toml
-from scaletrain.train.run_guard import CONFIG_FILE, check_run_dir, resumes_in_place
+from scaletrain.config.run_files import CONFIG_FILE
+from scaletrain.train.run_guard import check_run_dir, resumes_in_place
 
 
 def saved_base(run_dir: Path) -> dict:

@@ -20,10 +20,11 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from scaletrain.config import Config, dumps_toml
+from scaletrain.config.run_files import CONFIG_FILE, write_atomic
 from scaletrain.config.schema import sections
 from scaletrain.errors import ConfigError
 
-CONFIG_FILE = "config.toml"
 # Files and folders training writes into a run directory (trainer.py, paramserver/,
 # plan/auto.py, metrics/): what overwrite removes and what a fresh start would clobber.
 OUTPUT_FILES = (CONFIG_FILE, "model.safetensors", "best.safetensors", "metrics.jsonl",
@@ -129,3 +130,13 @@ def clear_run_outputs(d: Path) -> None:
             (d / sub).rmdir()
         except OSError:
             pass  # absent, or still holding the user's files
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Check the run directory may be trained into (`check_run_dir`), clear a run's
+    outputs when asked (run.overwrite) and write the resolved config (rank 0 only)."""
+    d = make_run_dir(check_run_dir(cfg))
+    if cfg.run.overwrite:
+        clear_run_outputs(d)
+    write_atomic(d / CONFIG_FILE, dumps_toml(cfg))
+    return d

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
-from scaletrain.config import Config
+from scaletrain.config import Config, run_files
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
@@ -41,12 +42,11 @@ from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train import run_dir as rd
 from scaletrain.train.device_guard import fault_guard
 from scaletrain.train.faults import Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
-from scaletrain.train.run_guard import resumes_in_place
+from scaletrain.train.run_guard import prepare_run_dir, resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
@@ -78,9 +78,9 @@ class Trainer:
             check_memory(cfg, self.rt.world, self.rt.local_world, len(self.data.train))
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
-            rd.prepare_run_dir(cfg)
+            prepare_run_dir(cfg)
             if self.data.tokenizer is not None:
-                self.data.tokenizer.save(self.run_dir / rd.TOKENIZER_FILE)
+                self.data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
@@ -222,7 +222,7 @@ class Trainer:
     def maybe_keep_best(self, val_loss: float) -> None:
         if val_loss < self.state.best_val:
             self.state.best_val, self.state.best_step = val_loss, self.state.step
-            self.save_weights(self.run_dir / rd.BEST_WEIGHTS)
+            self.save_weights(self.run_dir / run_files.BEST_WEIGHTS)
 
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let
@@ -231,7 +231,7 @@ class Trainer:
         if self.pipeline is not None:  # each pipeline rank holds its stages' weights
             state = merge_stage_states(self.dist.gather(state))
         if self.rt.is_main:
-            rd.save_weights(self.model, path, self.cfg, state=state)
+            run_model.save_weights(self.model, path, self.cfg, state=state)
 
     # -- the loop ----------------------------------------------------------------------
     def next_micro_batches(self):
@@ -332,13 +332,13 @@ class Trainer:
         cfg, st = self.cfg, self.state
         val = self.evaluate("val")
         self.maybe_keep_best(val["loss"])
-        self.save_weights(self.run_dir / rd.FINAL_WEIGHTS)
+        self.save_weights(self.run_dir / run_files.FINAL_WEIGHTS)
         test = None
         if cfg.eval.test:
-            best = self.run_dir / rd.BEST_WEIGHTS
+            best = self.run_dir / run_files.BEST_WEIGHTS
             self.dist.barrier()  # rank 0 has finished writing best.safetensors
             if best.is_file() and st.best_step != st.step:
-                rd.load_weights(self.model, best, self.spec.tied)  # test the model chosen on validation
+                run_model.load_weights(self.model, best, self.spec.tied)  # test the model chosen on validation
             test = self.evaluate("test")
         tok_s = meter.avg_tokens_per_s
         summary = {

@@ -27,7 +27,7 @@ def trained_run(prepared_dir, tmp_path_factory):
 
 def test_hf_export_loads_in_transformers_with_matching_logits(trained_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from scaletrain.train.run_dir import load_model_from_run
+    from scaletrain.checkpoint.run_model import load_model_from_run
 
     out = tmp_path / "hf"
     proc = run_cli("export", f"--run.dir={trained_run}", "--format", "hf", "--out", str(out))

@@ -22,7 +22,7 @@ from scaletrain.models import registry
 from scaletrain.models.contract import PipelineSplit, tied_copies
 from scaletrain.models.registry import ModelSpec, build_model, spec_for, spec_of
 from scaletrain.parallel.pipeline import prune_to_stage
-from scaletrain.train.run_dir import load_weights, save_weights
+from scaletrain.checkpoint.run_model import load_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[2]
 

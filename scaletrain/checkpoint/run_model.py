@@ -1,4 +1,6 @@
-"""The run directory (DESIGN.md §3): resolved config, tokenizer, weights, metrics, plots.
+"""A run directory's model (DESIGN.md §3): its weights saved and loaded, and a trained
+run rebuilt from its directory (config, tokenizer, weights). The file names are
+config/run_files.py's.
 
 Weights written here are safetensors (never pickles): `model.safetensors` (the final
 model) and `best.safetensors` (the best validation model), each with the resolved config
@@ -8,7 +10,6 @@ in the metadata so a file is self-describing.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,33 +19,12 @@ from safetensors.torch import load_file
 
 from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.compress.lora import adapter_only
-from scaletrain.config import Config, build_config, dumps_toml, to_dict
+from scaletrain.config import Config, build_config, to_dict
 from scaletrain.config.load import load_toml
+from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
 from scaletrain.errors import CheckpointError
 from scaletrain.models.contract import TiedPairs, stored_once, tie
 from scaletrain.models.registry import spec_of
-from scaletrain.train.run_guard import (CONFIG_FILE, check_run_dir, clear_run_outputs,
-                                        make_run_dir)
-
-FINAL_WEIGHTS = "model.safetensors"
-BEST_WEIGHTS = "best.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """Check the run directory may be trained into (train/run_guard.py), clear a run's
-    outputs when asked (run.overwrite) and write the resolved config (rank 0 only)."""
-    d = make_run_dir(check_run_dir(cfg))
-    if cfg.run.overwrite:
-        clear_run_outputs(d)
-    write_atomic(d / CONFIG_FILE, dumps_toml(cfg))
-    return d
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_weights(model: nn.Module, path: Path, cfg: Config,
@@ -88,15 +68,6 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
         raise CheckpointError(f"'{d}' is not a scaletrain run directory (no {CONFIG_FILE})")
     saved = load_toml(d / CONFIG_FILE)
     return build_config(None, list(overrides), base=saved)
-
-
-def pick_weights(run_dir: Path, which: str = "best") -> Path:
-    """The best-validation weights if asked and present, else the final ones."""
-    for name in ([BEST_WEIGHTS, FINAL_WEIGHTS] if which == "best" else [FINAL_WEIGHTS]):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise CheckpointError(f"'{run_dir}' holds no trained weights ({FINAL_WEIGHTS}); "
-                          "has the run finished?")
 
 
 def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
