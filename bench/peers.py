@@ -25,7 +25,7 @@ torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-par
 loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
 peers the fused kernel too, which isolates what the rest of the loop costs.
 `--scaletrain-malloc-mib 256` runs scaletrain with `train.malloc_mmap_threshold_mib=256`
-(large tensors reuse heap pages instead of page-faulting every step; train/malloc.py).
+(large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py).
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far.

@@ -74,7 +74,7 @@ def _overrides(argv: list[str]):
 def predict(world: int, argv: list[str]) -> list[float]:
     """Predicted peak MiB per pipeline rank."""
     from scaletrain.config import build_config
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.plan.report import plan
 
     path, over = _overrides(argv)
     cfg = build_config(str(ROOT / path), over)

@@ -121,9 +121,11 @@ def cmd_train(argv: list[str]) -> int:
             argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
         return _launch_torchrun(args.nproc, argv)
     from scaletrain.checkpoint.decisions import Stop
+    from scaletrain.paramserver import train_ps
     from scaletrain.train.trainer import train
 
-    summary = train(cfg)
+    # parameter-server training is its own mode (scaletrain/paramserver/)
+    summary = train_ps(cfg) if cfg.parallel.mode == "ps" else train(cfg)
     if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
         return summary.exit_code
     if int(os.environ.get("RANK", 0)) == 0:
@@ -290,10 +292,10 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    """`scaletrain plan --config F --world N [--fit [--memory-gib G]]`: parallel/
-    plan_report.py (layout, bytes, predicted peak) and plan/fit.py (the search)."""
+    """`scaletrain plan --config F --world N [--fit [--memory-gib G]]`: plan/report.py
+    (layout, bytes, predicted peak) and plan/fit.py (the search)."""
     from scaletrain.config import build_config
-    from scaletrain.parallel.plan_report import format_plan, plan
+    from scaletrain.plan.report import format_plan, plan
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.auto import plan_vocab
     from scaletrain.plan.cli import run_fit

@@ -28,7 +28,7 @@ safetensors, checkpoints go through the verified, allow-listed reader (safe_load
   in scaletrain (data/tokenizer.py sets `encode_special_tokens`) and in transformers
   alike, so a user's text cannot forge a document boundary; the id is only ever added
   on purpose (prepare appends it after each document; `eos_token_id` stops generation).
-The reverse mapping is compress/hf_import.py.
+The reverse mapping is finetune/hf_import.py.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' exists and is not a directory")
     cfg, model, tok = load_for_export(run_dir, weights)
-    from scaletrain.compress.lora import merge_lora_run
+    from scaletrain.finetune.lora import merge_lora_run
 
     model = merge_lora_run(cfg, model)  # a LoRA run exports W + (alpha/r) B A
     tmp = out.with_name(out.name + ".tmp")  # complete or absent, like checkpoints

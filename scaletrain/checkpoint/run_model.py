@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from scaletrain.checkpoint.files import save_safetensors
-from scaletrain.compress.lora import adapter_only
+from scaletrain.finetune.lora import adapter_only
 from scaletrain.config import Config, build_config, to_dict
 from scaletrain.config.load import load_toml
 from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
@@ -37,7 +37,7 @@ def save_weights(model: nn.Module, path: Path, cfg: Config,
     """
     tied = spec_of(cfg.model).tied
     state = model.state_dict() if state is None else state
-    state = adapter_only(state)  # a LoRA model saves only its adapters (compress/lora.py)
+    state = adapter_only(state)  # a LoRA model saves only its adapters (finetune/lora.py)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
              if not stored_once(k, tied)}
     save_safetensors(state, path, metadata={"scaletrain_config": json.dumps(to_dict(cfg))})

@@ -84,7 +84,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
         raise CheckpointError(f"'{d}' is not a directory")
     meta = read_meta(d)
     if meta is None:
-        from scaletrain.compress import hf_import
+        from scaletrain.finetune import hf_import
 
         if hf_import.is_hf_dir(d) and not (d / "config.toml").is_file():
             return _load_hf(d, overrides, device)
@@ -119,7 +119,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
 
 def _load_hf(d: Path, overrides, device):
     """A Hugging Face GPT-2 directory: model fields from config.json, default settings."""
-    from scaletrain.compress import hf_import
+    from scaletrain.finetune import hf_import
     from scaletrain.config import build_config
     from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.finetune.init_from import load_into

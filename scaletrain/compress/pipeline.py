@@ -19,7 +19,7 @@ import torch.nn as nn
 from scaletrain.compress import artefact as art
 from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
-from scaletrain.compress.lora import has_lora, merge_lora_run
+from scaletrain.finetune.lora import has_lora, merge_lora_run
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
 from scaletrain.config.paths import make_dir
 from scaletrain.errors import ConfigError

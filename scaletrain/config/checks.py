@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.dims import resolve_dims
+from scaletrain.config.faults_checks import check_checkpoint_config
+from scaletrain.config.ps_checks import check_ps
 from scaletrain.config.schema import Config
+from scaletrain.config.strategy_checks import check_training_strategy
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.dims import resolve_dims
 
 
 def _env_world() -> int | None:
@@ -20,7 +23,7 @@ def data_parallel_degree(cfg: Config, world: int | None = None) -> int:
     """dp_replicate × dp_shard, with a -1 inferred from `world` (default: $WORLD_SIZE).
 
     Before a launch (no world known yet) a -1 counts as 1; the launcher and every rank
-    check again with the real world size (parallel/dims.py).
+    check again with the real world size (config/dims.py).
     """
     world = world or _env_world()
     if world is None:
@@ -53,19 +56,13 @@ def check_combinations(cfg: Config) -> None:
     if cfg.schedule.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
                           f"train.steps={t.steps}")
-    from scaletrain.optim.checks import check_training_strategy  # schedules, batch rules
-
-    check_training_strategy(cfg)
-    from scaletrain.checkpoint.checks import check_checkpoint_config  # resume, faults
-
-    check_checkpoint_config(cfg)
+    check_training_strategy(cfg, data_parallel_degree(cfg))  # schedules, batch rules
+    check_checkpoint_config(cfg)  # faults
 
 
 def check_parallel(cfg: Config, world: int | None) -> None:
     """Parallel degrees against the world size (when known) and the batch against dp."""
     if cfg.parallel.mode == "ps":  # parameter-server mode has its own rules (issue #7)
-        from scaletrain.paramserver.checks import check_ps
-
         return check_ps(cfg, world)
     t = cfg.train
     dp = data_parallel_degree(cfg, world)  # ConfigError naming the degrees if they clash

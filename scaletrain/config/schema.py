@@ -117,7 +117,7 @@ class TrainConfig:
                                        "from the heap and reuse its pages step after "
                                        "step instead of being mapped and zero-filled "
                                        "anew (~11% faster gpt-10m bf16 steps at 256; "
-                                       "train/malloc.py); 0 = glibc's defaults.",
+                                       "plan/malloc.py); 0 = glibc's defaults.",
                                        ge=0, le=65536)
     host_reads: str = F("auto", "When the host reads each step's values (token count, "
                         "fault guard's loss and norm, stop flag): 'lagged' one step late "

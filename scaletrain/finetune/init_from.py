@@ -19,8 +19,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from scaletrain.compress import hf_import
-from scaletrain.compress.lora import apply_lora, freeze
+from scaletrain.finetune import hf_import
+from scaletrain.finetune.lora import apply_lora, freeze
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.models.contract import TiedPairs, stored_once, tie
 from scaletrain.models.registry import spec_of

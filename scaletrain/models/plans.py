@@ -23,7 +23,7 @@ def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel)
 
-    from scaletrain.parallel.tensor import fused_colwise, replicate_style
+    from scaletrain.models.tp_styles import fused_colwise, replicate_style
 
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream

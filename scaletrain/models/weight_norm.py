@@ -9,7 +9,7 @@ exactly what the original did until the first update.
 Linear layers whose weight is shared with an embedding (the GPT's tied `lm_head`) are
 left alone: parametrising one side of a tie would untie it. Applied after the weights
 are initialised and before the optimizer is built; not combined with parallel layouts
-(DDP/FSDP register the parameters before it would replace them; see optim/checks.py).
+(DDP/FSDP register the parameters before it would replace them; see config/strategy_checks.py).
 """
 
 from __future__ import annotations

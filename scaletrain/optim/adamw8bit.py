@@ -48,7 +48,7 @@ Parallel layouts: plain tensors (one process, DDP, pipeline stages) and DTensor
 parameters placed Replicate / Shard(0) (FSDP2, HSDP): the update runs on the local
 shard and the state is stored as DTensors with the parameter's placements, so DCP saves
 each rank's rows. Tensor parallelism (Shard(d) with d > 0) is rejected
-(optim/checks.py): a block would straddle the shard boundary.
+(config/strategy_checks.py): a block would straddle the shard boundary.
 """
 
 from __future__ import annotations

@@ -35,6 +35,15 @@ class StepEnd:
     skipped: bool  # the update was not applied (guard refused it, or fp16 overflow)
 
 
+# What a whole step (train/step.py, parallel/pipeline_step.py) hands the loop.
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's share of the step's mean loss (detached, fp32)
+    grad_norm: torch.Tensor
+    n_targets: torch.Tensor  # global count of target positions in the step
+    skipped: bool = False  # fp16 overflow: the optimizer step was not applied
+
+
 def finish_step(optimizer: torch.optim.Optimizer, params: list, *,
                 scaler: torch.amp.GradScaler | None = None,
                 add_penalty_grads: Callable[[], None] | None = None,

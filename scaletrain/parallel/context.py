@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scaletrain.parallel.dims import ParallelDims, resolve_dims
+from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.parallel.init import destroy_distributed, init_distributed, peer_guard
 
 

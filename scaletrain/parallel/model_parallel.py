@@ -166,7 +166,7 @@ def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
     """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
     (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
     from scaletrain.models.registry import spec_of
-    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.config.dims import resolve_dims
 
     p = cfg.parallel
     dims = resolve_dims(p, world)

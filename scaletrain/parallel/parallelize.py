@@ -17,13 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from scaletrain.config.batch_plan import BatchPlan, batch_plan
 from scaletrain.models.contract import tied_copies
 from scaletrain.models.registry import REGISTRY, materialize
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
-from scaletrain.parallel.dims import ParallelDims
+from scaletrain.config.dims import ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
 from scaletrain.parallel.model_parallel import (holds_last_stage, make_stage_views,
                                                 maybe_apply_tp, prune_for_rank)
@@ -82,27 +81,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
         # step (parallel/pipeline_step.py `Pipeline.step`).
         apply_ddp(model, mesh["dp_replicate"], bucket_cap_mb=pcfg.ddp_bucket_mb)
     return model
-
-
-def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan | None = None) -> ACPolicy:
-    """`cfg`'s activation checkpointing for this layout (budget mode: sized per block by
-    the plan's byte model at the micro-batch the step runs, `batch.micro`; the trainer
-    hands its run's plan, default: `cfg`'s before the data is known); ConfigError if the
-    budget is below what checkpointing every block keeps."""
-    from scaletrain.errors import ConfigError
-    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
-    from scaletrain.plan.memory import ac_policy
-
-    batch = batch or batch_plan(cfg, dims.dp)
-    policy = ac_policy(cfg, dims.tp, batch.micro)
-    split = REGISTRY[cfg.model.name].pipeline  # families with blocks split into stages
-    n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0
-    try:
-        block_modes(policy, n_local)
-    except BudgetTooSmall as e:
-        raise ConfigError(f"parallel.activation_budget_gib: {e}; raise it or lower "
-                          f"train.micro_batch_size") from None
-    return policy
 
 
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,

@@ -28,11 +28,10 @@ import torch
 import torch.nn as nn
 
 from scaletrain.models.contract import param_at
-from scaletrain.optim.step_end import finish_step
+from scaletrain.optim.step_end import StepResult, finish_step
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
 from scaletrain.models.losses import count_targets, sum_cross_entropy
-from scaletrain.train.step import StepResult
 
 
 def stage_view(model: nn.Module, split, bounds: tuple[int, int], first: bool,

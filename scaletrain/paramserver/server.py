@@ -94,13 +94,13 @@ class ShardServer:
         """Clip by the global coefficient, step the optimizer, advance the schedule."""
         with self.lock:
             for p, g in zip(self.params, self.agg.pop(key)):
-                # A no-op cast (fp16/bf16-pure are refused, paramserver/checks.py): the
+                # A no-op cast (fp16/bf16-pure are refused, config/ps_checks.py): the
                 # pushed gradients are in the parameters' dtype, so scaling them after
                 # this is bitwise what scaling before it was.
                 p.grad = g.to(p.dtype)
             # The global norm was measured by the coordinator over every shard; this
             # shard applies its clip coefficient (no penalty, value clip or guard here:
-            # paramserver/checks.py refuses them).
+            # config/ps_checks.py refuses them).
             finish_step(self.optimizer, self.params,
                         clip_norm=lambda params, _max_norm: scale_grads(params, clip_coef))
             for _ in range(sched_steps):

@@ -23,6 +23,7 @@ from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.compat import changed_settings
 from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.ps_checks import check_ps
 from scaletrain.data import build_data
 from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
@@ -32,7 +33,6 @@ from scaletrain.models import REGISTRY, build_model, count_params
 from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import coordinator as coord_mod
 from scaletrain.paramserver import server, transport
-from scaletrain.paramserver.checks import check_ps
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
 from scaletrain.precision import PrecisionPolicy

@@ -7,7 +7,7 @@ freed pages stay resident and are reused by later small requests. The threshold 
 dynamic: it starts at 128 KiB and rises to the size of each freed mmapped chunk, up to
 DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB on 64-bit (mallopt(3)); after the first step every
 tensor below 32 MiB is a heap tensor. With `train.malloc_mmap_threshold_mib` set
-(train/malloc.py) every tensor below that size is a heap tensor. Hence (all bytes):
+(plan/malloc.py) every tensor below that size is a heap tensor. Hence (all bytes):
 
     peak RSS = baseline + static + max over phases (heap bytes live in the phase)
                                  + max over phases (mmapped bytes live in the phase)
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 
 from scaletrain.plan.activations import block_activations
-from scaletrain.train.malloc import GLIBC_DEFAULT_MAX
+from scaletrain.plan.malloc import GLIBC_DEFAULT_MAX
 
 MMAP_THRESHOLD = GLIBC_DEFAULT_MAX  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 _threshold = [MMAP_THRESHOLD]  # the run's (train.malloc_mmap_threshold_mib): threshold()
@@ -35,7 +35,7 @@ _threshold = [MMAP_THRESHOLD]  # the run's (train.malloc_mmap_threshold_mib): th
 
 @contextlib.contextmanager
 def threshold(nbytes: int):
-    """Model a process whose mmap threshold is `nbytes` (train/malloc.py tunes it)."""
+    """Model a process whose mmap threshold is `nbytes` (plan/malloc.py tunes it)."""
     old, _threshold[0] = _threshold[0], nbytes
     try:
         yield

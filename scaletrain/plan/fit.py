@@ -94,7 +94,7 @@ def _schema_choices(section: str, key: str) -> tuple:
 
 def candidates(cfg, world: int, device_type: str):
     """Every (overrides, cost) of the search space (module doc), unordered."""
-    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.config.dims import resolve_dims
 
     dims = resolve_dims(cfg.parallel, world)
     batch = batch_plan(cfg, dims.dp)
@@ -112,7 +112,7 @@ def candidates(cfg, world: int, device_type: str):
                      if dt in ("fp32", "bf16", "bf16-pure") else [])
     optims = [cfg.optim.name]
     if cfg.optim.name in ("adam", "adamw") and "adamw8bit" in _schema_choices("optim", "name") \
-            and dims.tp == 1:  # optim/checks.py: no 8-bit state under TP
+            and dims.tp == 1:  # config/strategy_checks.py: no 8-bit state under TP
         optims.append("adamw8bit")
     for micro, (ac, every), off, dtype, opt in itertools.product(micros, acs, offloads,
                                                                  dtypes, optims):
@@ -157,7 +157,7 @@ def _current(cfg, key: str):
 
 def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cpu") -> Choice:
     """The cheapest candidate whose predicted peak fits `budget_bytes` per rank."""
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.plan.report import plan
 
     best = None
     for over, cost in candidates(cfg, world, device_type):
@@ -192,7 +192,7 @@ def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cp
 
 
 def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> float:
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.plan.report import plan
 
     try:
         c = apply_overrides(cfg, over)
@@ -203,6 +203,6 @@ def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> f
 
 def _default_micro(cfg, world: int) -> int:
     """The micro-batch train.micro_batch_size=0 runs (the whole per-rank batch)."""
-    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.config.dims import resolve_dims
 
     return batch_plan(cfg, resolve_dims(cfg.parallel, world).dp).per_rank

@@ -89,7 +89,7 @@ ADAM8BIT_BLOCK = 256  # elements sharing one fp32 scale per moment (blockwise 8-
 
 @dataclass
 class RankShape:
-    """What the memory model needs to know about one rank (from plan_report.plan)."""
+    """What the memory model needs to know about one rank (from plan/report.py `plan`)."""
 
     params: float  # parameters held by this rank (after TP / FSDP sharding)
     largest_param: float  # elements of the largest parameter tensor on this rank
@@ -224,9 +224,9 @@ def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
 def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
                   accumulating: bool, rank0: bool = True) -> tuple[float, str]:
     """Peak RSS above baseline + static on a CPU (plan/cpu_rss.py): (bytes, phases),
-    with the run's malloc threshold (train/malloc.py)."""
+    with the run's malloc threshold (plan/malloc.py)."""
     from scaletrain.plan import cpu_rss as c
-    from scaletrain.train.malloc import mmap_threshold_bytes
+    from scaletrain.plan.malloc import mmap_threshold_bytes
 
     with c.threshold(mmap_threshold_bytes(cfg.train.malloc_mmap_threshold_mib)):
         return _cpu_phases(cfg, s, pb, ab, masters, accumulating, rank0)

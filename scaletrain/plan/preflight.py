@@ -2,7 +2,7 @@
 allocated or launched (issue 13 item 13: `--train.batch_size=1e20` grew to 24 GB over
 11 minutes and was killed by the kernel).
 
-The prediction is `scaletrain plan`'s (parallel/plan_report.py, plan/memory.py) plus the
+The prediction is `scaletrain plan`'s (plan/report.py, plan/memory.py) plus the
 host memory of one step's batch, which the plan leaves out because it is small for any
 sane batch: the sampler's global index array (data/sampler.py: int64 per sample, built
 and then concatenated) and the rank's token rows (data/datasets.py: the gathered (B, T+1)
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from scaletrain.errors import ConfigError
 from scaletrain.optim.batch_rules import full_batch_size
-from scaletrain.parallel.dims import resolve_dims
-from scaletrain.parallel.plan_report import plan
+from scaletrain.config.dims import resolve_dims
+from scaletrain.plan.report import plan
 from scaletrain.plan.auto import device_type_of, plan_vocab
 
 GiB = 2 ** 30

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from scaletrain.optim.step_end import clip_grad_norm, finish_step
+from scaletrain.optim.step_end import StepResult, clip_grad_norm, finish_step
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import count_targets
 from scaletrain.train.step_loss import StepLoss, default_step_loss
@@ -53,14 +53,6 @@ class StepOptions:
     # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
     loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     grad_norm_fn: Callable[[list, float], torch.Tensor] | None = None
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # this rank's share of the step's mean loss (detached, fp32)
-    grad_norm: torch.Tensor
-    n_targets: torch.Tensor  # global count of target positions in the step
-    skipped: bool = False  # fp16 overflow: the optimizer step was not applied
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[Batch],

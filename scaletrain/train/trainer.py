@@ -37,15 +37,17 @@ from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
 from scaletrain.parallel.world_checks import check_world
 from scaletrain.parallel.ac import block_modes
-from scaletrain.parallel.parallelize import activation_policy, build_parallel_model
+from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
+from scaletrain.plan.ac_budget import activation_policy
+from scaletrain.plan.auto import auto_plan, write_record
+from scaletrain.plan.malloc import tune_malloc
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.device_guard import fault_guard
 from scaletrain.train.faults import Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
-from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.run_guard import prepare_run_dir, resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
@@ -373,13 +375,8 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict | Stop:
-    """Train `cfg` to the end and return its summary (or the `Stop` of a signal)."""
-    if cfg.parallel.mode == "ps":  # parameter-server training (scaletrain/paramserver/)
-        from scaletrain.paramserver import train_ps
-
-        return train_ps(cfg)
-    from scaletrain.plan.auto import auto_plan, write_record
-
+    """Train `cfg` to the end and return its summary (or the `Stop` of a signal);
+    parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
     cfg, plan_record = auto_plan(cfg)  # plan.auto: memory techniques that fit (plan/)
     trainer = Trainer(cfg)
     trainer.plan_record = plan_record  # -> summary.json "plan"

@@ -7,7 +7,7 @@ import pytest
 from scaletrain.config import build_config
 from scaletrain.config.checks import accumulation_steps, check_parallel
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.dims import ParallelDims
+from scaletrain.config.dims import ParallelDims
 
 
 @pytest.mark.parametrize("given,world,want", [

@@ -20,7 +20,7 @@ def _layers(rank: int, world: int) -> dict:
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    loss_parallel, parallelize_module)
 
-    from scaletrain.parallel.tensor import fused_colwise
+    from scaletrain.models.tp_styles import fused_colwise
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (world,))

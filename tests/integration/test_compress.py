@@ -57,7 +57,7 @@ def test_lora_finetune_on_another_source(base_run, other_source, prepared_dir, t
     assert (d / "tokenizer.json").read_text() == (base_run / "tokenizer.json").read_text()
 
     from scaletrain.compress.artefact import load_artefact
-    from scaletrain.compress.lora import has_lora, merge_lora, trainable_fraction
+    from scaletrain.finetune.lora import has_lora, merge_lora, trainable_fraction
 
     _, model, _ = load_artefact(d, which="final")
     assert has_lora(model)

@@ -9,7 +9,7 @@ from tests.conftest import make_cfg, run_cli
 
 
 def test_plan_auto_applies_and_logs_the_chosen_micro_batch(tiny_args, tmp_path):
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.plan.report import plan
     from scaletrain.plan.auto import plan_vocab
 
     args = tiny_args + ["--train.steps=2", "--train.micro_batch_size=8",

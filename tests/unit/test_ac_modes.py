@@ -165,8 +165,8 @@ def test_budget_config_errors_are_config_errors():
         cfg_of("--parallel.activation_budget_gib=1")
     with pytest.raises(ConfigError, match="every > 1"):
         cfg_of("--parallel.activation_checkpoint_every=2")
-    from scaletrain.parallel.dims import ParallelDims
-    from scaletrain.parallel.parallelize import activation_policy
+    from scaletrain.config.dims import ParallelDims
+    from scaletrain.plan.ac_budget import activation_policy
 
     tiny = cfg_of("--parallel.activation_checkpoint=budget",
                   "--parallel.activation_budget_gib=0.0000001")
@@ -223,7 +223,7 @@ def test_cli_budget_below_the_floor_is_one_line_exit_2(tiny_args):
 def test_plan_peak_falls_from_none_to_every_2nd_block_to_every_block():
     """Both byte models (memory.activation_bytes, and the CPU RSS model tensor by tensor)
     see the per-block modes: checkpointing every 2nd block lands in between."""
-    from scaletrain.parallel.plan_report import plan
+    from scaletrain.plan.report import plan
 
     def peak(*extra):
         c = cfg_of("--model.d_model=256", "--model.n_head=4", "--model.seq_len=256",
@@ -240,7 +240,7 @@ def test_plan_peak_falls_from_none_to_every_2nd_block_to_every_block():
 
 def test_malloc_threshold_is_applied_and_modelled():
     from scaletrain.plan import cpu_rss
-    from scaletrain.train.malloc import mmap_threshold_bytes, tune_malloc
+    from scaletrain.plan.malloc import mmap_threshold_bytes, tune_malloc
 
     assert tune_malloc(0) is False
     assert tune_malloc(256) is True  # Linux/glibc (CI and this machine)

@@ -64,7 +64,7 @@ def test_compile_scope_model_matches_eager_losses(tiny_args, tmp_path):
 def test_compile_scope_model_is_refused_on_several_ranks(tiny_cfg):
     from scaletrain.errors import ConfigError
     from scaletrain.models import build_model
-    from scaletrain.parallel.dims import ParallelDims
+    from scaletrain.config.dims import ParallelDims
     from scaletrain.parallel.parallelize import parallelize
     from scaletrain.precision import PrecisionPolicy
 

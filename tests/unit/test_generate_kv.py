@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaletrain.compress.lora import LoRALinear, apply_lora
+from scaletrain.finetune.lora import LoRALinear, apply_lora
 from scaletrain.compress.prune import structured_prune
 from scaletrain.compress.quantize import load_quantized, quantized_state
 from scaletrain.generate import forward_cached, sample

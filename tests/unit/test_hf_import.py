@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from scaletrain.compress import hf_import
+from scaletrain.finetune import hf_import
 from scaletrain.compress.artefact import load_artefact
 from scaletrain.errors import CheckpointError
 from scaletrain.finetune import find_source

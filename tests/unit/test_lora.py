@@ -1,11 +1,11 @@
-"""LoRA converter, freezing and merging (compress/lora.py)."""
+"""LoRA converter, freezing and merging (finetune/lora.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scaletrain.compress.lora import (LoRALinear, adapter_only, apply_lora, freeze, has_lora,
+from scaletrain.finetune.lora import (LoRALinear, adapter_only, apply_lora, freeze, has_lora,
                                       lora_state_dict, merge_lora, trainable_fraction)
 from scaletrain.errors import ConfigError
 from scaletrain.models.gpt import GPT, GPTConfig

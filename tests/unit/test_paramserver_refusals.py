@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import TINY_DATA, TINY_GPT, make_cfg, run_cli
 from scaletrain.errors import ConfigError
-from scaletrain.paramserver.checks import UNSUPPORTED
+from scaletrain.config.ps_checks import UNSUPPORTED
 
 PS = ["--parallel.mode=ps"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scaletrain.config import build_config
-from scaletrain.parallel.plan_report import plan
+from scaletrain.plan.report import plan
 from scaletrain.plan import memory
 from scaletrain.plan.fit import NothingFits, fit
 

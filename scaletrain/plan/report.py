@@ -63,7 +63,7 @@ def _gathered(cfg, m, layers: int, t: int) -> float:
 
 def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     """The layout and per-rank memory of `cfg` on `world` ranks (see module doc)."""
-    from scaletrain.parallel.dims import resolve_dims
+    from scaletrain.config.dims import resolve_dims
     from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
                                                     pipeline_microbatches)
 

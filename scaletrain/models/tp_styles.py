@@ -1,0 +1,91 @@
+"""The tensor-parallel styles the family plans (models/plans.py) use beyond torch's own:
+a column-parallel linear over fused parts ([Q; K; V], each sharded separately with
+DTensor's `_StridedShard`) and replicated parameters for the modules TP does not split.
+parallel/tensor.py explains the layout; this module sits beside the models so that a
+family's plan needs nothing from the parallel package.
+
+torch.distributed.tensor is imported inside the factories: it is slow to import and
+absent from builds without distributed support, and plain (one-process) runs never
+build a plan.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+
+def _fused_colwise_style(split: int, **kw):
+    """A ColwiseParallel whose weight is sharded per fused part (see module doc)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    strided = [_StridedShard(0, split_factor=split)]
+
+    def forward(mod, x):
+        # x: replicated DTensor (B, T, D); weight (split*D, D) strided over tp, so the
+        # local output is (B, T, split*D/tp) = [q_r, k_r, v_r].
+        y = torch.nn.functional.linear(x, mod.weight).to_local()
+        if mod.bias is not None:
+            # The bias is a replicated DTensor (FSDP can then shard it on dim 0 without
+            # composing two strided shardings); cutting this rank's [bq_r, bk_r, bv_r] is
+            # a redistribute, whose backward all-gathers the bias gradient.
+            y = y + mod.bias.redistribute(mod.bias.device_mesh, strided).to_local()
+        return y
+
+    class FusedColwiseParallel(ColwiseParallel):
+        """Column-parallel for a linear whose output rows are `split` stacked parts
+        ([Q; K; V]): rank r computes rows r/tp of *each* part."""
+
+        def _partition_linear_fn(self, name, module, device_mesh):
+            for pname, p in list(module.named_parameters(recurse=False)):
+                placement = strided if pname == "weight" else [Replicate()]
+                module.register_parameter(pname, nn.Parameter(
+                    distribute_tensor(p, device_mesh, placement),
+                    requires_grad=p.requires_grad))
+
+        def _apply(self, module, device_mesh):
+            module.forward = types.MethodType(forward, module)  # this instance only
+            return distribute_module(
+                module, device_mesh, self._partition_linear_fn,
+                lambda mod, inputs, mesh: self._prepare_input_fn(
+                    self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
+                lambda mod, out, mesh: out.to_local() if isinstance(out, DTensor) else out)
+
+    return FusedColwiseParallel(**kw)
+
+
+def replicate_style(output_layout=None):
+    """Parameters as replicated DTensors; inputs and outputs stay plain tensors.
+
+    For the modules TP does not split (position table, LayerNorms without SP): every
+    parameter must be a DTensor on the tp mesh, because the optimizers' foreach kernels
+    refuse a mix of DTensor and plain tensors. `output_layout`: optionally hand on only
+    this rank's part of the output (Shard(0) of the position table under SP).
+    """
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicateParallel(ParallelStyle):
+        def _apply(self, module, mesh):
+            def inputs(mod, args, mesh):
+                return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                             if isinstance(a, torch.Tensor) and not isinstance(a, DTensor)
+                             else a for a in args)
+
+            def outputs(mod, out, mesh):
+                if output_layout is not None:
+                    out = out.redistribute(mesh, [output_layout])
+                return out.to_local()
+
+            return distribute_module(module, mesh, None, inputs, outputs)
+
+    return ReplicateParallel()
+
+
+def fused_colwise(split: int = 3, **kw):
+    """Public factory for plans: column-parallel over `split` fused output parts."""
+    return _fused_colwise_style(split, **kw)
