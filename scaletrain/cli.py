@@ -17,6 +17,10 @@ from pathlib import Path
 
 from scaletrain.errors import UserError
 
+# Each command imports the project's modules inside its function, the one place in
+# scaletrain that does (tests/unit/test_layers.py): most of them pull in torch (seconds),
+# and `--help`, a mistyped command or a config mistake must answer at once (exit 2).
+
 USAGE = """scaletrain <command> [--config FILE.toml] [--section.key=value ...]
 
 commands:
@@ -83,7 +87,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 
 
 def _split_args(cmd: str, argv: list[str]):
-    from scaletrain.config import parse_overrides
+    from scaletrain.config import parse_overrides  # lazy (module note)
 
     overrides, rest = parse_overrides(argv)
     args = _parser(cmd).parse_args(rest)
@@ -91,7 +95,7 @@ def _split_args(cmd: str, argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
-    from scaletrain.config.load import user_keys
+    from scaletrain.config.load import user_keys  # lazy (module note)
     from scaletrain.train.resume_config import build_train_config
     from scaletrain.train.run_guard import make_run_dir
 
@@ -111,21 +115,24 @@ def cmd_train(argv: list[str]) -> int:
         make_run_dir(Path(cfg.run.dir))
     if launch:
         if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: one line here
-            from scaletrain.paramserver.checkpoint import check_resume
+            from scaletrain.paramserver.checkpoint import check_resume  # lazy (module note)
 
             check_resume(cfg)
         if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
-            from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
+            from scaletrain.plan.auto import GiB, budget_bytes, device_type_of  # lazy (module note)
 
             gib = budget_bytes(cfg, device_type_of(cfg), args.nproc) / GiB
             argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
         return _launch_torchrun(args.nproc, argv)
-    from scaletrain.checkpoint.decisions import Stop
-    from scaletrain.paramserver import train_ps
+    from scaletrain.checkpoint.decisions import Stop  # lazy (module note)
     from scaletrain.train.trainer import train
 
-    # parameter-server training is its own mode (scaletrain/paramserver/)
-    summary = train_ps(cfg) if cfg.parallel.mode == "ps" else train(cfg)
+    if cfg.parallel.mode == "ps":  # parameter-server training is its own mode
+        from scaletrain.paramserver import train_ps  # lazy: torch.distributed.rpc
+
+        summary = train_ps(cfg)
+    else:
+        summary = train(cfg)
     if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
         return summary.exit_code
     if int(os.environ.get("RANK", 0)) == 0:
@@ -154,7 +161,7 @@ def _preflight(cfg, world: int, local_world: int, user_set: frozenset[str]) -> N
     `user_set`: the keys the user set, which init.from must not silently replace."""
     import copy
 
-    from scaletrain.config.paths import check_dir_field
+    from scaletrain.config.paths import check_dir_field  # lazy (module note)
     from scaletrain.finetune import resolve_init
     from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
@@ -191,7 +198,7 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    from scaletrain.config import build_config
+    from scaletrain.config import build_config  # lazy (module note)
     from scaletrain.data.prepare import prepare
 
     args, overrides = _split_args("prepare", argv)
@@ -206,7 +213,7 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def _run_config(args, overrides):
-    from scaletrain.config import build_config
+    from scaletrain.config import build_config  # lazy (module note)
 
     run_dir = args.run_dir
     if run_dir is None:
@@ -216,7 +223,7 @@ def _run_config(args, overrides):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from scaletrain.data.loader import eval_batches
+    from scaletrain.data.loader import eval_batches  # lazy (module note)
     from scaletrain.evaluate import covered_samples, evaluate
     from scaletrain.evaluate.model_data import data_for_model
     from scaletrain.models import REGISTRY
@@ -245,7 +252,7 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
-    from scaletrain.generate import sample
+    from scaletrain.generate import sample  # lazy (module note)
     from scaletrain.compress.artefact import load_artefact
 
     args, overrides = _split_args("generate", argv)
@@ -268,7 +275,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_compress(argv: list[str]) -> int:
-    from scaletrain.compress.pipeline import compress
+    from scaletrain.compress.pipeline import compress  # lazy (module note)
 
     args, overrides = _split_args("compress", argv)
     report = compress(_run_config(args, overrides), overrides)
@@ -278,7 +285,7 @@ def cmd_compress(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    from scaletrain.serve.server import serve
+    from scaletrain.serve.server import serve  # lazy (module note)
 
     args, overrides = _split_args("serve", argv)
     serve(_run_config(args, overrides), overrides)
@@ -286,7 +293,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from scaletrain.checkpoint.export import main as export_main
+    from scaletrain.checkpoint.export import main as export_main  # lazy (module note)
 
     return export_main(argv)
 
@@ -294,7 +301,7 @@ def cmd_export(argv: list[str]) -> int:
 def cmd_plan(argv: list[str]) -> int:
     """`scaletrain plan --config F --world N [--fit [--memory-gib G]]`: plan/report.py
     (layout, bytes, predicted peak) and plan/fit.py (the search)."""
-    from scaletrain.config import build_config
+    from scaletrain.config import build_config  # lazy (module note)
     from scaletrain.plan.report import format_plan, plan
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.auto import plan_vocab
@@ -321,7 +328,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     """`scaletrain bench --config F [--out DIR]`: bench/report.py."""
-    from scaletrain.bench.report import bench_command
+    from scaletrain.bench.report import bench_command  # lazy (module note)
     from scaletrain.config import build_config
 
     args, overrides = _split_args("bench", argv)
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if argv[0] == "--help-config":
-        from scaletrain.config.load import describe
+        from scaletrain.config.load import describe  # lazy (module note)
 
         print(describe())
         return 0

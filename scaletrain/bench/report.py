@@ -32,6 +32,11 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.bench.handloop import HandLoop
+from scaletrain.bench.ops import profile_step
+from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
+from scaletrain.metrics import measure_peak_flops
+from scaletrain.train.trainer import Trainer
 
 
 def _timed(fn, steps: int) -> float:
@@ -78,11 +83,6 @@ class _PieceTimer:
 
 def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     """Measure `tr` (a Trainer); see the module docstring. Returns the result dict."""
-    from scaletrain.bench.handloop import HandLoop
-    from scaletrain.bench.ops import profile_step
-    from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
-    from scaletrain.metrics import measure_peak_flops
-
     threads = tr.rt.threads
     # Measured now (and the cache refreshed): a peak cached while the cores were busy
     # would inflate the MFU; measuring is ~1 s.
@@ -219,8 +219,6 @@ def save(r: dict, out: Path) -> list[Path]:
 
 def bench_command(cfg, *, out: str | None, steps: int, warmup: int, pairs: int) -> dict:
     """Build the trainer of `cfg`, measure it, print the table, save JSON + PNG."""
-    from scaletrain.train.trainer import Trainer
-
     tr = Trainer(cfg)
     try:
         r = run_bench(tr, steps=steps, warmup=warmup, pairs=pairs)

@@ -40,8 +40,17 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.files import save_safetensors
+from scaletrain.checkpoint.manager import CKPT_DIR, CheckpointManager  # + silences DCP's warning
+from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
+                                             safe_unpickle_metadata)
+from scaletrain.config import run_files
+from scaletrain.config.load import dumps_toml, parse_overrides
+from scaletrain.data.tokenizer import EOT, Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.finetune.lora import merge_lora_run
+from scaletrain.models import build_model
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 FORMATS = ("safetensors", "hf")
@@ -50,12 +59,6 @@ WEIGHTS = ("auto", "final", "best", "checkpoint")
 
 def load_for_export(run_dir: Path, weights: str = "auto"):
     """(config, model in eval mode on CPU, tokenizer or None) from a run directory."""
-    from scaletrain.checkpoint.manager import CKPT_DIR, CheckpointManager
-    from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.checkpoint import run_model
-    from scaletrain.config import run_files
-    from scaletrain.models import build_model
-
     cfg = run_model.load_run_config(run_dir)  # CheckpointError for a foreign directory
     has_final = (run_dir / run_files.FINAL_WEIGHTS).is_file()
     if weights in ("final", "best") or (weights == "auto" and has_final):
@@ -77,10 +80,6 @@ def load_model_from_checkpoint(model: torch.nn.Module, path: Path, manifest: dic
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          set_model_state_dict)
-
-    import scaletrain.checkpoint.manager  # noqa: F401 - silences DCP's one-process warning
-    from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner,
-                                                 safe_unpickle_metadata)
 
     try:
         safe_unpickle_metadata((path / ".metadata").read_bytes())
@@ -125,8 +124,6 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def export_hf(cfg, model, tok, out: Path) -> None:
-    from scaletrain.data.tokenizer import EOT
-
     if cfg.model.name != "gpt":
         raise ConfigError(f"--format hf exports a GPT; this run's model.name is "
                           f"'{cfg.model.name}' (use --format safetensors)")
@@ -150,10 +147,6 @@ def export_hf(cfg, model, tok, out: Path) -> None:
 
 
 def export_safetensors(cfg, model, tok, out: Path) -> None:
-    from scaletrain.checkpoint import run_model
-    from scaletrain.config import run_files
-    from scaletrain.config.load import dumps_toml
-
     out.mkdir(parents=True, exist_ok=True)
     run_model.save_weights(model, out / run_files.FINAL_WEIGHTS, cfg)
     run_files.write_atomic(out / run_files.CONFIG_FILE, dumps_toml(cfg))
@@ -171,7 +164,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' exists and is not a directory")
     cfg, model, tok = load_for_export(run_dir, weights)
-    from scaletrain.finetune.lora import merge_lora_run
 
     model = merge_lora_run(cfg, model)  # a LoRA run exports W + (alpha/r) B A
     tmp = out.with_name(out.name + ".tmp")  # complete or absent, like checkpoints
@@ -184,8 +176,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None,
 
 def main(argv: list[str]) -> int:
     """`scaletrain export` (see the module docstring)."""
-    from scaletrain.config.load import parse_overrides
-
     overrides, rest = parse_overrides(argv)
     p = argparse.ArgumentParser(prog="scaletrain export")
     p.add_argument("run_dir", nargs="?", help="run directory (default: --run.dir)")

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from scaletrain.config import to_dict
 from scaletrain.parallel.checkpoint_layout import (restore_layout, savable, tied_load_names,
                                                     tied_own_names)
 
@@ -139,8 +140,6 @@ class CheckpointManager:
                  optimizer: torch.optim.Optimizer, stateful: dict[str, Any],
                  rank: int = 0, config_dict: dict | None = None,
                  tied_copies: dict[str, str] | None = None):
-        from scaletrain.config import to_dict
-
         self.cfg = cfg
         self.c = cfg.checkpoint
         self.run_dir = Path(run_dir)

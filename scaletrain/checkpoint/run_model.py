@@ -18,13 +18,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from scaletrain.checkpoint.files import save_safetensors
-from scaletrain.finetune.lora import adapter_only
 from scaletrain.config import Config, build_config, to_dict
 from scaletrain.config.load import load_toml
 from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
+from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError
+from scaletrain.finetune import prepare_loaded_model
+from scaletrain.finetune.lora import adapter_only
+from scaletrain.models import build_model
 from scaletrain.models.contract import TiedPairs, stored_once, tie
 from scaletrain.models.registry import spec_of
+from scaletrain.parallel.weights import load_full_state_dict
 
 
 def save_weights(model: nn.Module, path: Path, cfg: Config,
@@ -55,7 +59,6 @@ def load_weights(model: nn.Module, path: Path, tied: TiedPairs) -> None:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{path}: weights do not match the model "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    from scaletrain.parallel.weights import load_full_state_dict
 
     load_full_state_dict(model, state)  # re-shards when the model is sharded (FSDP2)
     tie(model, tied)
@@ -73,10 +76,6 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
 def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
                         device: str | torch.device = "cpu"):
     """(config, model with trained weights in eval mode, tokenizer or None) of a run."""
-    from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.models import build_model
-    from scaletrain.finetune import prepare_loaded_model
-
     d = Path(run_dir)
     cfg = load_run_config(d, overrides)
     tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from scaletrain.checkpoint.compat import IncompatibleCheckpoint, changed_settings
 from scaletrain.checkpoint.decisions import CONTINUE, Decision, RolledBack, Stop
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
+from scaletrain.config.load import dumps_toml
+from scaletrain.config.run_files import CONFIG_FILE, write_atomic
 
 
 def cut_metrics(path: Path, nbytes: int) -> bool:
@@ -122,9 +124,6 @@ class CheckpointSession:
             step = self.manager.maybe_resume()
         except IncompatibleCheckpoint as e:
             if self.is_main:  # the trainer already wrote the new config: put the run's back
-                from scaletrain.config.load import dumps_toml
-                from scaletrain.config.run_files import CONFIG_FILE, write_atomic
-
                 write_atomic(self.run_dir / CONFIG_FILE, dumps_toml(e.saved))
             raise
         if self.is_main:

@@ -23,7 +23,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from scaletrain.checkpoint.files import save_safetensors
+from scaletrain.checkpoint.run_model import load_model_from_run, load_run_config
+from scaletrain.compress.prune import shrink_to
+from scaletrain.compress.quantize import load_quantized
+from scaletrain.config import build_config, dumps_toml
+from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, write_atomic
+from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, UserError
+from scaletrain.finetune import hf_import
+from scaletrain.finetune.init_from import load_into
+from scaletrain.models import build_model
 from scaletrain.models.contract import TiedPairs, stored_once
 from scaletrain.models.registry import spec_of
 
@@ -36,9 +45,6 @@ KINDS = ("dense", "structured", "dynamic-int8", "weight-int8", "weight-int4")
 def save_artefact(out: Path, state: dict[str, torch.Tensor], cfg, tokenizer, kind: str,
                   **meta) -> Path:
     """Write an artefact directory (weights atomically, artefact.json last)."""
-    from scaletrain.config import dumps_toml
-    from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, write_atomic
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ARTEFACT_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
@@ -74,18 +80,11 @@ def read_meta(path: Path) -> dict | None:
 def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
                   device: str | torch.device = "cpu"):
     """(config, model in eval mode, tokenizer or None) of any weights directory."""
-    from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.models import build_model
-    from scaletrain.checkpoint.run_model import load_model_from_run, load_run_config
-    from scaletrain.config.run_files import TOKENIZER_FILE
-
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"'{d}' is not a directory")
     meta = read_meta(d)
     if meta is None:
-        from scaletrain.finetune import hf_import
-
         if hf_import.is_hf_dir(d) and not (d / "config.toml").is_file():
             return _load_hf(d, overrides, device)
         return load_model_from_run(d, overrides, which=which, device=device)
@@ -99,17 +98,11 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
         raise CheckpointError(f"{d / WEIGHTS}: not a readable safetensors file ({e})") from None
     kind = meta["kind"]
     if kind == "structured":
-        from scaletrain.compress.prune import shrink_to
-
         shrink_to(model, meta["heads"], meta["d_ff"])
     if kind in ("dense", "structured"):
-        from scaletrain.finetune.init_from import load_into
-
         load_into(model, state, str(d / WEIGHTS), spec_of(cfg.model).tied)
         model.to(device)
     else:
-        from scaletrain.compress.quantize import load_quantized
-
         if str(device) != "cpu" and kind == "dynamic-int8":
             raise CheckpointError(f"'{d}': dynamic-int8 artefacts run on the CPU only")
         load_quantized(model, state, kind)
@@ -119,12 +112,6 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
 
 def _load_hf(d: Path, overrides, device):
     """A Hugging Face GPT-2 directory: model fields from config.json, default settings."""
-    from scaletrain.finetune import hf_import
-    from scaletrain.config import build_config
-    from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.finetune.init_from import load_into
-    from scaletrain.models import build_model
-
     fields = hf_import.hf_model_fields(d)
     cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
                               for k, v in fields.items()] + list(overrides))

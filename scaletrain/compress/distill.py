@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.compress.artefact import load_artefact
 from scaletrain.errors import ConfigError
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 
@@ -63,7 +64,6 @@ def build_distill_loss(cfg, device: torch.device | str):
     d = cfg.distill
     if not d.teacher:
         return None
-    from scaletrain.compress.artefact import load_artefact
 
     tcfg, teacher, _ = load_artefact(d.teacher, device=device)
     if tcfg.model.seq_len < cfg.model.seq_len:

@@ -19,10 +19,13 @@ import torch.nn as nn
 from scaletrain.compress import artefact as art
 from scaletrain.compress import prune as pr
 from scaletrain.compress import quantize as qz
-from scaletrain.finetune.lora import has_lora, merge_lora_run
 from scaletrain.compress.report import generation_speeds, measure, table, write_report
 from scaletrain.config.paths import make_dir
+from scaletrain.config.run_files import pick_weights
 from scaletrain.errors import ConfigError
+from scaletrain.evaluate.model_data import data_for_model
+from scaletrain.finetune.lora import has_lora, merge_lora_run
+from scaletrain.models.losses import count_targets, sum_cross_entropy
 from scaletrain.models.registry import spec_of
 
 
@@ -45,8 +48,6 @@ def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int
     Pruning masks (forward pre-hooks of torch.nn.utils.prune) stay attached, so pruned
     weights stay zero; the gradient flows to `weight_orig` masked.
     """
-    from scaletrain.models.losses import count_targets, sum_cross_entropy
-
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -66,8 +67,6 @@ def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int
 
 def compress(run_dir: str, overrides=()) -> dict:
     """Run the requested pruning / quantization on `run_dir`; returns the report."""
-    from scaletrain.evaluate.model_data import data_for_model
-
     cfg, model, tok = art.load_artefact(run_dir, overrides)
     check(cfg)
     if tok is None:
@@ -141,6 +140,5 @@ def _weights_file(d: Path) -> Path:
     meta = art.read_meta(d)
     if meta is not None:
         return d / art.WEIGHTS
-    from scaletrain.config.run_files import pick_weights
 
     return pick_weights(d, "best")

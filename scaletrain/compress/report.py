@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from scaletrain.compress.quantize import DynamicInt8Linear, QLinear
+from scaletrain.data.loader import eval_batches
+from scaletrain.evaluate import evaluate
+from scaletrain.generate import sample
 from scaletrain.models.contract import TiedPairs, head_modules
+from scaletrain.precision import PrecisionPolicy
 
 COLUMNS = ("name", "kind", "size_mb", "params", "nonzero_params", "val_loss", "val_ppl",
            "tokens_per_s")
@@ -26,8 +31,6 @@ def logical_params(model: nn.Module, tied: TiedPairs) -> tuple[int, int]:
     weight value counts once whatever its storage type. Tied tensors count once
     (`tied`: the family's pairs, ModelSpec.tied).
     """
-    from scaletrain.compress.quantize import DynamicInt8Linear, QLinear
-
     seen, total, nonzero = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -51,10 +54,6 @@ def logical_params(model: nn.Module, tied: TiedPairs) -> tuple[int, int]:
 
 @torch.no_grad()
 def val_loss(model: nn.Module, dataset, batch_size: int, batches: int) -> float:
-    from scaletrain.data.loader import eval_batches
-    from scaletrain.evaluate import evaluate
-    from scaletrain.precision import PrecisionPolicy
-
     policy = PrecisionPolicy("fp32", torch.device("cpu"))
     return evaluate(model, eval_batches(dataset, batch_size, batches), policy,
                     torch.device("cpu"), "text")["loss"]
@@ -70,8 +69,6 @@ def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, s
     kernel selection, allocator growth and the cache's full length, and timing it made
     the first row of the table 7 tokens/s where repeats gave 429 (issue 13 item 8).
     """
-    from scaletrain.generate import sample
-
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

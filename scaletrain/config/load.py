@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from scaletrain.config.checks import check_combinations
 from scaletrain.config.paths import resolve_paths
 from scaletrain.config.schema import Config, sections
 from scaletrain.errors import ConfigError
@@ -151,9 +152,7 @@ def validate(cfg: Config) -> Config:
     for sec_name, section in sections(cfg).items():
         for f in dataclasses.fields(section):
             _check_field(f"{sec_name}.{f.name}", getattr(section, f.name), f.metadata)
-    from scaletrain.config.checks import check_combinations  # cross-field rules
-
-    check_combinations(cfg)
+    check_combinations(cfg)  # cross-field rules (config/checks.py)
     return cfg
 
 

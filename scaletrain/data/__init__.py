@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scaletrain.data.cache import read_manifest
+from scaletrain.data.datasets import ArrayDataset, TokenWindows
+from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
+from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.data.vision import load_digits_arrays
+from scaletrain.errors import DataError
+
 if TYPE_CHECKING:
     from scaletrain.config.schema import Config
-    from scaletrain.data.tokenizer import Tokenizer
 
 __all__ = ["Data", "build_data"]
 
@@ -45,16 +51,9 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     Text windows are `cfg.model.seq_len` tokens long; a split too short for one window
     raises DataError naming it.
     """
-    from scaletrain.data.cache import read_manifest
-    from scaletrain.data.datasets import ArrayDataset, TokenWindows
-    from scaletrain.data.prepare import prepare
-    from scaletrain.data.tokenizer import Tokenizer
-    from scaletrain.data.vision import load_digits_arrays
-
-    path = prepare(cfg.data, progress=progress)
+    path = prepare_data(cfg.data, progress=progress)
     manifest = read_manifest(path)
     if manifest is None:  # prepare() just validated it; only a concurrent delete gets here
-        from scaletrain.errors import DataError
         raise DataError(f"{path}: manifest.json is missing or unreadable")
 
     if manifest["kind"] == "image":

@@ -19,11 +19,15 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from scaletrain.config.load import load_toml, validate
+from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
+from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune import hf_import
 from scaletrain.finetune.lora import apply_lora, freeze
-from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.models.contract import TiedPairs, stored_once, tie
 from scaletrain.models.registry import spec_of
+from scaletrain.parallel.weights import load_full_state_dict
 
 # The model fields that define the weights' shapes; the rest (dropout) stays the user's.
 SHAPE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size", "bias")
@@ -40,15 +44,11 @@ class Source:
 
 
 def _read_toml_model(path: Path) -> dict:
-    from scaletrain.config.load import load_toml
-
     return load_toml(path).get("model", {})
 
 
 def find_source(path: str | os.PathLike, which: str = "best", what: str = "init.from") -> Source:
     """Identify what kind of weights directory `path` is; CheckpointError if none."""
-    from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weights
-
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"{what}: '{d}' is not a directory")
@@ -113,8 +113,6 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     if not cfg.init.from_:
         return cfg
     if resuming:
-        from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE
-
         run = Path(cfg.run.dir)
         shape, origin = _read_toml_model(run / CONFIG_FILE), f"the resumed run.dir '{run}'"
         from_source = str((Path(cfg.init.from_) / TOKENIZER_FILE).resolve())
@@ -130,15 +128,13 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
         if key in shape:
             setattr(cfg.model, key, shape[key])
     if not resuming and not cfg.model.vocab_size and src.tokenizer is not None:
-        from scaletrain.data.tokenizer import Tokenizer  # 0 meant "the source's tokenizer"
-
+        # 0 meant "the source's tokenizer"
         cfg.model.vocab_size = Tokenizer.load(src.tokenizer).vocab_size
     for key, value in asked.items():
         if getattr(cfg.model, key) != value:
             raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
                               f"{origin}, whose {key} is {getattr(cfg.model, key)!r}; drop "
                               "the override (or train from scratch without init.from)")
-    from scaletrain.config.load import validate
 
     return validate(cfg)
 
@@ -147,8 +143,6 @@ def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs) -> Non
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
     mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
     tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding."""
-    from scaletrain.parallel.weights import load_full_state_dict
-
     expected = {k for k in model.state_dict() if not stored_once(k, tied)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

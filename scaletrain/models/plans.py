@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from scaletrain.models.tp_styles import fused_colwise, replicate_style
+
 
 def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
                 sequence_parallel: bool = False) -> dict:
@@ -22,8 +24,6 @@ def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel)
-
-    from scaletrain.models.tp_styles import fused_colwise, replicate_style
 
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream

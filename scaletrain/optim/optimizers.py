@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 
 from scaletrain.config.schema import OptimConfig
+from scaletrain.errors import ConfigError
+from scaletrain.optim.adamw8bit import build_adamw8bit
+from scaletrain.optim.master_weights import add_master_weights
 
 FUSED = ("sgd", "adam", "adamw", "adagrad")  # torch.optim classes with `fused=`
 
@@ -71,7 +74,6 @@ def kernel(o: OptimConfig) -> str:
 def _kernel_kwargs(o: OptimConfig) -> dict:
     if kernel(o) == "fused":
         if o.name not in FUSED:
-            from scaletrain.errors import ConfigError
             raise ConfigError(f"optim.implementation='fused': torch has no fused "
                               f"{o.name}; use 'foreach'")
         return {"fused": True}
@@ -81,8 +83,6 @@ def _kernel_kwargs(o: OptimConfig) -> dict:
 def make_optimizer(groups: list[dict], o: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The `o.name` optimizer over `groups` at peak learning rate `lr`."""
     if o.name == "adamw8bit":  # ours, not torch.optim's (optim/adamw8bit.py)
-        from scaletrain.optim.adamw8bit import build_adamw8bit
-
         return build_adamw8bit(groups, o, lr)
     kw = _kernel_kwargs(o)
     if o.name == "sgd":
@@ -112,7 +112,5 @@ def build_optimizer(model: nn.Module, o: OptimConfig, *, lr: float | None = None
     opt = make_optimizer(param_groups(model, o.weight_decay, o.decay_embeddings,
                                       embedding_copies), o, lr or o.lr)
     if master_weights:
-        from scaletrain.optim.master_weights import add_master_weights
-
         add_master_weights(opt)
     return opt

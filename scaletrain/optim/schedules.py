@@ -49,14 +49,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from scaletrain.config.schema import Config
+from scaletrain.optim.batch_rules import scaled_lr
 
 ONECYCLE_FINAL_DIV = 1e4  # OneCycleLR's default final_div_factor
 
 
 def peak_lr(cfg: Config) -> float:
     """The peak LR after batch-size scaling (see optim/batch_rules.py)."""
-    from scaletrain.optim.batch_rules import scaled_lr
-
     return scaled_lr(cfg)
 
 

@@ -38,6 +38,8 @@ import statistics
 import torch
 import torch.nn as nn
 
+from scaletrain.models.losses import sum_cross_entropy
+
 
 def apply_compile(model: nn.Module, scope: str = "blocks") -> nn.Module:
     """Compile every block of `model.blocks` and the head + loss in place; with
@@ -72,8 +74,6 @@ def compile_cross_entropy(enabled: bool):
     """The step's default loss (models/losses.py `sum_cross_entropy`), compiled if
     `enabled`. Tensor parallel's vocabulary-sharded (DTensor) logits keep the eager one:
     its `loss_parallel` context is not traced by dynamo."""
-    from scaletrain.models.losses import sum_cross_entropy
-
     return torch.compile(sum_cross_entropy) if enabled else sum_cross_entropy
 
 

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from scaletrain.config.dims import ParallelDims, resolve_dims
+from scaletrain.parallel.ddp import ddp_no_sync
+from scaletrain.parallel.fsdp import fsdp_no_sync
 from scaletrain.parallel.init import destroy_distributed, init_distributed, peer_guard
+from scaletrain.parallel.meshes import dp_mesh, dp_rank, group
+from scaletrain.parallel.model_parallel import model_parallel_step_options
 
 
 @dataclass
@@ -75,8 +79,6 @@ class DistContext:
         if self.dims.tp == 1 and self.dims.pp == 1:
             return None  # the default group
         if not hasattr(self, "_dp_group"):
-            from scaletrain.parallel.meshes import dp_mesh, group
-
             self._dp_group = group(dp_mesh(self.mesh))
         return self._dp_group
 
@@ -85,7 +87,6 @@ class DistContext:
         """Which data-parallel slice of each global batch this rank reads."""
         if not self.distributed:
             return 0
-        from scaletrain.parallel.meshes import dp_rank
 
         return dp_rank(self.mesh, self.dims)
 
@@ -95,13 +96,9 @@ class DistContext:
         if not self.distributed:
             return {}
         model = pm.module
-        from scaletrain.parallel.ddp import ddp_no_sync
-        from scaletrain.parallel.fsdp import fsdp_no_sync
 
         no_sync = fsdp_no_sync if self.dims.fsdp else ddp_no_sync
         if self.dims.tp > 1 or self.dims.pp > 1:  # issue #6: TP/PP hooks of the step
-            from scaletrain.parallel.model_parallel import model_parallel_step_options
-
             return model_parallel_step_options(self, model, no_sync, pm.tp_loss_parallel)
         return {"count_reducer": self.sum_reducer,
                 "no_sync": lambda: no_sync(model),

@@ -17,10 +17,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.dims import resolve_dims
 from scaletrain.errors import ConfigError
+from scaletrain.models.registry import count_params, spec_of
 from scaletrain.parallel import meshes
 from scaletrain.parallel.pipeline import (check_pp, prune_to_stage, split_bounds, stage_ids,
                                           stages_per_rank)
+from scaletrain.parallel.pipeline_step import Pipeline, stage_view
 from scaletrain.parallel.tensor import apply_tp, check_tp, parallel_grad_norm, tp_loss_context
 
 
@@ -56,8 +59,6 @@ def make_stage_views(model: nn.Module, split, n_layer: int, pcfg,
     pipelining reduces a stage's gradients through the FSDP state of the stage's module
     (stage.py `perform_reduce_grad`), as torchtitan's model parts do. None with one
     stage per rank (the model is the stage)."""
-    from scaletrain.parallel.pipeline_step import stage_view
-
     bounds, ids, n = pipeline_layout(n_layer, pcfg, meshes.coordinate(mesh, "pp"))
     if len(ids) == 1:
         return None
@@ -120,7 +121,6 @@ def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
     model (`pm`: the ParallelModel); None when parallel.pp = 1."""
     if ctx.dims.pp <= 1:
         return None
-    from scaletrain.parallel.pipeline_step import Pipeline
 
     split = pm.spec.pipeline
     n_layer = split.depth(mcfg)
@@ -148,8 +148,6 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
     import torch
     import torch.distributed as dist
 
-    from scaletrain.models.registry import count_params
-
     model = pipeline.model
     tied = sum(p.numel() for p in pipeline.tied_params)
     n = torch.tensor([count_params(model) - tied], dtype=torch.int64, device=pipeline.device)
@@ -165,9 +163,6 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
 def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
     """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
     (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
-    from scaletrain.models.registry import spec_of
-    from scaletrain.config.dims import resolve_dims
-
     p = cfg.parallel
     dims = resolve_dims(p, world)
     check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)

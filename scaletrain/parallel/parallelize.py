@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from scaletrain.config.dims import ParallelDims
+from scaletrain.errors import ConfigError
 from scaletrain.models.contract import tied_copies
 from scaletrain.models.registry import REGISTRY, materialize
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
-from scaletrain.config.dims import ParallelDims
 from scaletrain.parallel.fsdp import apply_fsdp
 from scaletrain.parallel.model_parallel import (holds_last_stage, make_stage_views,
                                                 maybe_apply_tp, prune_for_rank)
@@ -56,8 +57,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
         ac = ACPolicy(pcfg.activation_checkpoint, pcfg.activation_checkpoint_every)
     apply_ac(model, ac)
     if compile == "model" and dims.world > 1:
-        from scaletrain.errors import ConfigError
-
         raise ConfigError("train.compile_scope='model' needs one process: FSDP/DDP hooks "
                           "and pipeline stages need the block boundaries; use 'blocks'")
     if compile:  # per block, on the checkpointed forward, inside FSDP's unit

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from scaletrain.models.contract import param_at
+from scaletrain.models.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
 from scaletrain.optim.step_end import StepResult, finish_step
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
-from scaletrain.models.losses import count_targets, sum_cross_entropy
 
 
 def stage_view(model: nn.Module, split, bounds: tuple[int, int], first: bool,
@@ -174,8 +174,6 @@ class Pipeline:
         result). Batches are cut/padded to the training batch of `batch_size` samples:
         the stages were built with static micro-batch shapes; padded rows have ignored
         targets and add nothing."""
-        from scaletrain.models.losses import IGNORE_INDEX
-
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for x, y in batches:
             for xs, ys in zip(x.split(batch_size), y.split(batch_size)):

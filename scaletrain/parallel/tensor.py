@@ -43,6 +43,10 @@ import math
 import torch
 import torch.nn as nn
 
+from scaletrain.errors import ConfigError
+from scaletrain.models.contract import tie
+from scaletrain.models.registry import spec_of
+
 
 def fsdp_shard_placement(param):
     """FSDP2 `shard_placement_fn` for TP models: shard a strided (fused QKV) weight on
@@ -60,9 +64,6 @@ def fsdp_shard_placement(param):
 
 def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool) -> None:
     """ConfigError naming the constraint when the GPT shape does not split `tp` ways."""
-    from scaletrain.errors import ConfigError
-    from scaletrain.models.registry import spec_of
-
     if tp <= 1:
         return
     m = model_cfg
@@ -90,8 +91,6 @@ def apply_tp(model: nn.Module, tp_mesh, plan_fn, *, loss_parallel: bool = True,
     `parallelize_module` gives every module its own new DTensor parameter.
     """
     from torch.distributed.tensor.parallel import parallelize_module
-
-    from scaletrain.models.contract import tie
 
     plan = plan_fn(model, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     parallelize_module(model, tp_mesh, plan)

@@ -20,6 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from scaletrain.errors import ConfigError
+from scaletrain.metrics.meters import MiB, current_rss_mb
+from scaletrain.plan.fit import DETECTED_FRACTION, apply_overrides, fit
+
 GiB = 2 ** 30
 
 
@@ -40,7 +44,6 @@ def detect_memory(device_type: str, local_world: int = 1) -> float:
 
         free, _total = torch.cuda.mem_get_info()
         return float(free)
-    from scaletrain.metrics.meters import MiB, current_rss_mb
 
     return (mem_available_bytes() + current_rss_mb() * MiB) / max(1, local_world)
 
@@ -56,8 +59,6 @@ def device_type_of(cfg) -> str:
 
 def budget_bytes(cfg, device_type: str, local_world: int = 1) -> float:
     """The per-rank budget the search fits under (module doc)."""
-    from scaletrain.plan.fit import DETECTED_FRACTION
-
     if cfg.plan.memory_gib > 0:
         return cfg.plan.memory_gib * GiB
     return DETECTED_FRACTION * detect_memory(device_type, local_world)
@@ -66,8 +67,6 @@ def budget_bytes(cfg, device_type: str, local_world: int = 1) -> float:
 def plan_vocab(cfg) -> int:
     """The vocabulary the plan assumes: model.vocab_size, else data.vocab_size (the BPE's
     size; a byte-level or smaller trained vocabulary only lowers the real peak)."""
-    from scaletrain.errors import ConfigError
-
     vocab = cfg.model.vocab_size or getattr(cfg.data, "vocab_size", 0)
     if not vocab:
         raise ConfigError("plan needs the vocabulary size: set model.vocab_size (or "
@@ -80,8 +79,6 @@ def auto_plan(cfg):
     (cfg, None). Raises plan/fit.py NothingFits (exit 2) when nothing fits."""
     if not cfg.plan.auto:
         return cfg, None
-    from scaletrain.errors import ConfigError
-    from scaletrain.plan.fit import apply_overrides, fit
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and cfg.plan.memory_gib <= 0:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
+from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
+from scaletrain.plan.fit import fit
+
 
 def run_fit(cfg, world: int, vocab: int, memory_gib: float, as_json: bool = False) -> int:
     """Print the chosen overrides (one `--section.key=value` per line) and the predicted
     peak; plan/fit.py NothingFits (a ConfigError: one line, exit 2) when nothing fits."""
-    from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
-    from scaletrain.plan.fit import fit
-
     device_type = device_type_of(cfg)
     budget = memory_gib * GiB if memory_gib > 0 else budget_bytes(cfg, device_type, world)
     choice = fit(cfg, world, vocab, budget, device_type)

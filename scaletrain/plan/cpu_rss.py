@@ -61,9 +61,10 @@ def per_param(numels, nbytes: float) -> tuple[float, float]:
     return add((0.0, 0.0), *(hm(n * nbytes) for n in numels))
 
 
-def activations(cfg, s, r: int, ab: int) -> tuple[float, float]:
+def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float]:
     """The activations of plan/memory.py `activation_bytes`, tensor by tensor (each
-    saved tensor measured on the family's block, plan/activations.py)."""
+    saved tensor measured on the family's block, plan/activations.py); `modes`: each
+    block's AC mode (every k-th, budget: parallel/ac.py), memory.py `rank_block_modes`."""
     if not s.layers:
         return (0.0, 0.0)
     D, t, toks = cfg.model.d_model, s.tp, s.tokens * s.in_flight
@@ -72,10 +73,6 @@ def activations(cfg, s, r: int, ab: int) -> tuple[float, float]:
         measured = block_activations(cfg.model, cfg.precision.dtype, mode)
         return add((0.0, 0.0), *(hm(toks * b) for b in measured.tensor_bytes(t)))
 
-    # Each block's mode (every k-th, budget: parallel/ac.py), as memory.activation_bytes.
-    from scaletrain.plan.memory import rank_block_modes
-
-    modes = rank_block_modes(cfg, s)
     kept = add((0.0, 0.0), *(scale(block(m), modes.count(m)) for m in set(modes)))
     recompute = block("none") if any(m != "none" for m in modes) else (0.0, 0.0)
     out = add(kept, recompute, hm(toks * r * D), hm(toks * ab * D))  # + ln_f in/out

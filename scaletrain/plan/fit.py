@@ -48,8 +48,12 @@ import itertools
 import math
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.dims import resolve_dims
+from scaletrain.config.load import apply_dict, validate
+from scaletrain.config.schema import sections
 from scaletrain.errors import ConfigError
 from scaletrain.parallel.ac import RECOMPUTE_COST
+from scaletrain.plan.report import plan
 
 AC_COST = RECOMPUTE_COST  # per block (parallel/ac.py, which budget mode shares)
 MICRO_HALVING_COST = 0.02
@@ -85,8 +89,6 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def _schema_choices(section: str, key: str) -> tuple:
-    from scaletrain.config.schema import sections
-
     cls = sections()[section]
     f = {f.name: f for f in dataclasses.fields(cls)}[key]
     return f.metadata.get("choices") or ()
@@ -94,8 +96,6 @@ def _schema_choices(section: str, key: str) -> tuple:
 
 def candidates(cfg, world: int, device_type: str):
     """Every (overrides, cost) of the search space (module doc), unordered."""
-    from scaletrain.config.dims import resolve_dims
-
     dims = resolve_dims(cfg.parallel, world)
     batch = batch_plan(cfg, dims.dp)
     per_rank, cur_micro = batch.per_rank, batch.micro
@@ -140,8 +140,6 @@ def _eval_batches(configured: int) -> list[int]:
 
 def apply_overrides(cfg, overrides: dict):
     """A validated copy of `cfg` with `overrides` ("section.key" -> value) applied."""
-    from scaletrain.config.load import apply_dict, validate
-
     out = copy.deepcopy(cfg)
     table: dict = {}
     for key, value in overrides.items():
@@ -157,8 +155,6 @@ def _current(cfg, key: str):
 
 def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cpu") -> Choice:
     """The cheapest candidate whose predicted peak fits `budget_bytes` per rank."""
-    from scaletrain.plan.report import plan
-
     best = None
     for over, cost in candidates(cfg, world, device_type):
         peak = math.inf
@@ -192,8 +188,6 @@ def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cp
 
 
 def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> float:
-    from scaletrain.plan.report import plan
-
     try:
         c = apply_overrides(cfg, over)
     except ConfigError:
@@ -203,6 +197,4 @@ def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> f
 
 def _default_micro(cfg, world: int) -> int:
     """The micro-batch train.micro_batch_size=0 runs (the whole per-rank batch)."""
-    from scaletrain.config.dims import resolve_dims
-
     return batch_plan(cfg, resolve_dims(cfg.parallel, world).dp).per_rank

@@ -67,8 +67,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
+from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes, kept_bytes
+from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm, ...
 from scaletrain.plan.activations import block_activations
+from scaletrain.plan.malloc import mmap_threshold_bytes
 
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
@@ -133,7 +137,6 @@ def optimizer_transient_bytes(cfg, n: float, largest: float, gbytes: int) -> flo
     sqrt_list = o.name in ("adam", "adamw", "adagrad", "rmsprop")
     if o.name == "adamw8bit":
         # optim/adamw8bit.py `_step_group`: at most CHUNK values dequantised at a time.
-        from scaletrain.optim.adamw8bit import CHUNK
         return min(n, CHUNK) * 24.0
     if kernel(o) == "fused":
         return 0.0
@@ -171,8 +174,6 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     """The config's activation checkpointing as a `parallel.ac.ACPolicy`; budget mode
     gets the bytes each block keeps for one micro-batch of `micro` samples (callers pass
     their batch plan's; default: the micro-batch of `cfg`'s plan on one rank)."""
-    from scaletrain.parallel.ac import ACPolicy
-
     p = cfg.parallel
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
@@ -185,8 +186,6 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
 def rank_block_modes(cfg, s: RankShape) -> list[str]:
     """The AC mode of each of this rank's blocks at its micro-batch; a budget below the
     floor (the run refuses it with a ConfigError) is shown as all-full."""
-    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
-
     try:
         return block_modes(ac_policy(cfg, s.tp, max(1, s.tokens // cfg.model.seq_len)),
                            s.layers)
@@ -196,8 +195,6 @@ def rank_block_modes(cfg, s: RankShape) -> list[str]:
 
 def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu") -> float:
     """Activations alive at the start of the backward on this rank (module doc)."""
-    from scaletrain.parallel.ac import kept_bytes
-
     if not s.layers:
         return 0.0
     D = cfg.model.d_model
@@ -225,21 +222,16 @@ def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
                   accumulating: bool, rank0: bool = True) -> tuple[float, str]:
     """Peak RSS above baseline + static on a CPU (plan/cpu_rss.py): (bytes, phases),
     with the run's malloc threshold (plan/malloc.py)."""
-    from scaletrain.plan import cpu_rss as c
-    from scaletrain.plan.malloc import mmap_threshold_bytes
-
     with c.threshold(mmap_threshold_bytes(cfg.train.malloc_mmap_threshold_mib)):
         return _cpu_phases(cfg, s, pb, ab, masters, accumulating, rank0)
 
 
 def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
                 accumulating: bool, rank0: bool) -> tuple[float, str]:
-    from scaletrain.plan import cpu_rss as c
-
     numels = s.numels or (s.params,)
     full = s.full_numels or numels
     grads = c.per_param(numels, pb)
-    act = c.add(c.activations(cfg, s, pb, ab),
+    act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s)),
                 c.head(s, ab, s.tokens * s.in_flight, 3),
                 c.hm(s.fsdp_gathered * ab))
     if accumulating:

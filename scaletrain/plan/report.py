@@ -17,8 +17,13 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.plan.memory import RankShape, rank_peak
+from scaletrain.config.dims import resolve_dims
+from scaletrain.models.registry import REGISTRY
+from scaletrain.parallel.ac import BudgetTooSmall, block_modes, describe
+from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
+                                                pipeline_microbatches)
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
+from scaletrain.plan.memory import RankShape, ac_policy, rank_peak
 
 # Parameters the GPT TP plan (models/plans.py) shards over tp; all others are replicated.
 _TP_SHARDED = ("wte.weight", "lm_head.weight", "attn.c_attn.weight", "attn.c_proj.weight",
@@ -38,8 +43,6 @@ _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
 
 
 def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
-    from scaletrain.models.registry import REGISTRY
-
     spec = REGISTRY[cfg.model.name]
     with torch.device("meta"):
         model = spec.build(cfg.model, {"vocab_size": vocab})
@@ -63,10 +66,6 @@ def _gathered(cfg, m, layers: int, t: int) -> float:
 
 def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     """The layout and per-rank memory of `cfg` on `world` ranks (see module doc)."""
-    from scaletrain.config.dims import resolve_dims
-    from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
-                                                    pipeline_microbatches)
-
     p = cfg.parallel
     dims = resolve_dims(p, world)
     check_model_parallel(cfg, vocab, world)
@@ -144,9 +143,6 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
 
 def _ac_blocks(cfg, tp: int, micro: int, layers: int) -> list[str] | str:
     """Each local block's AC mode (budget mode: what fits), or why none fits."""
-    from scaletrain.parallel.ac import BudgetTooSmall, block_modes
-    from scaletrain.plan.memory import ac_policy
-
     if cfg.model.name != "gpt":
         return []
     try:
@@ -170,8 +166,6 @@ def format_plan(r: dict) -> str:
                    f"workspace {k['workspace_bytes']:,} B, "
                    f"total {k['total_bytes']:,} B per rank")
         if any(m != "none" for m in k["ac_blocks"]) or isinstance(k["ac_blocks"], str):
-            from scaletrain.parallel.ac import describe
-
             ac = k["ac_blocks"]
             out.append("    activation checkpointing: "
                        + (ac if isinstance(ac, str) else describe(ac) + " (block order)"))

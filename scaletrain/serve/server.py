@@ -29,6 +29,11 @@ from http.server import BaseHTTPRequestHandler
 
 import torch
 
+from scaletrain.compress.artefact import load_artefact
+from scaletrain.compress.report import logical_params
+from scaletrain.errors import UserError
+from scaletrain.generate import sample
+from scaletrain.models.registry import spec_of
 from scaletrain.serve.transport import BoundedHTTPServer
 from scaletrain.serve.validate import RequestError, parse_completion
 
@@ -40,14 +45,10 @@ class CompletionService:
         self.model, self.tok, self.cfg, self.name = model, tokenizer, cfg, name
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
-        from scaletrain.compress.report import logical_params
-        from scaletrain.models.registry import spec_of
 
         self.params = logical_params(model, spec_of(cfg.model).tied)[0]
 
     def complete(self, raw: bytes) -> dict:
-        from scaletrain.generate import sample
-
         s = self.cfg.serve
         req = parse_completion(raw, max_tokens=s.max_tokens, max_prompt_chars=s.max_prompt_chars)
         prompt = self.tok.encode(req.prompt)
@@ -155,9 +156,6 @@ def make_handler(service: CompletionService, max_body: int, read_timeout_s: floa
 
 def make_server(path: str, overrides=()) -> tuple[BoundedHTTPServer, CompletionService]:
     """Load the artefact at `path` and bind (not yet serving)."""
-    from scaletrain.compress.artefact import load_artefact
-    from scaletrain.errors import UserError
-
     cfg, model, tok = load_artefact(path, overrides)
     if tok is None:
         raise UserError(f"'{path}' has no tokenizer.json; serve needs a text model")

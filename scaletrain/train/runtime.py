@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from scaletrain.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -31,8 +33,6 @@ class Runtime:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from scaletrain.errors import ConfigError
-
             raise ConfigError("train.device='cuda' but no CUDA device is available")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
