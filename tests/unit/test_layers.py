@@ -1,0 +1,162 @@
+"""The package layers (issue 14 item 1): scaletrain's packages import each other only
+downward, in the one order the README's architecture paragraph states, with no cycle;
+imports sit at the top of their module (cli.py alone loads each command's modules when
+the command runs). Static: parses scaletrain/ with `ast`, imports nothing of it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "scaletrain"
+
+# Bottom -> top. A package may import only the packages before it. README.md says the
+# same (test_readme_states_the_order); a top-level module (errors.py, precision.py,
+# generate.py, cli.py) counts as a package.
+ORDER = ["errors", "config", "metrics", "precision", "models", "data", "optim", "parallel",
+         "plan", "finetune", "checkpoint", "evaluate", "generate", "compress", "train",
+         "paramserver", "serve", "bench", "cli"]
+# `python -m scaletrain` runs cli; scaletrain/__init__.py imports nothing of the project.
+ENTRY = {"__main__": len(ORDER), "__init__": -1}
+# Where a function-level import of the project is the design: each command imports its
+# modules (torch among them) when it runs, so `scaletrain --help` and a config mistake
+# answer at once.
+LAZY_OK = {"scaletrain/cli.py"}
+
+
+def package_of(path: Path) -> str:
+    return path.relative_to(SRC).parts[0].removesuffix(".py")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(tree: ast.Module):
+    """(imported scaletrain module, line, inside a function?, module level?) of each
+    import; `from pkg import submodule` names the submodule."""
+    inner = {id(m) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for m in ast.walk(n) if m is not n}
+    typing_only = {id(m) for n in ast.walk(tree) if isinstance(n, ast.If)
+                   and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+                   for m in ast.walk(n) if m is not n}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not node.level, f"line {node.lineno}: relative import"
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "scaletrain" or name.startswith("scaletrain."):
+                yield name, node.lineno, id(node) in inner, id(node) not in typing_only
+
+
+def files():
+    return sorted(SRC.rglob("*.py"))
+
+
+def package_graph() -> dict[str, dict[str, list[str]]]:
+    """package -> imported package -> where (file:line); module- and function-level."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for f in files():
+        src = package_of(f)
+        for name, line, _, _ in project_imports(ast.parse(f.read_text())):
+            parts = name.split(".")
+            if len(parts) > 1 and parts[1] != src:
+                graph[src][parts[1]].append(f"{f.relative_to(ROOT)}:{line}")
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one member."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_readme_states_the_order():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"import only downward,\s+in\s+this\s+order\s+\(bottom\s+to\s+top\):(.*?)\.\s",
+                  text, re.S)
+    assert m, "README.md's architecture paragraph must state the package order"
+    assert re.findall(r"`(\w+)`", m.group(1)) == ORDER
+
+
+def test_every_package_is_placed():
+    found = {package_of(f) for f in files()} - set(ENTRY)
+    assert found == set(ORDER), f"not in ORDER: {found - set(ORDER)}; gone: {set(ORDER) - found}"
+
+
+def test_no_package_cycle():
+    graph = package_graph()
+    assert cycles({p: set(d) for p, d in graph.items()}) == []
+
+
+def test_imports_only_downward():
+    rank = {p: i for i, p in enumerate(ORDER)} | ENTRY
+    upward = sorted({f"{where}: {src} imports {dst}"
+                     for src, deps in package_graph().items() for dst, wheres in deps.items()
+                     for where in wheres if rank[dst] >= rank[src]})
+    assert upward == []
+
+
+def test_imports_at_the_top():
+    lazy = sorted({f"{f.relative_to(ROOT)}:{line}" for f in files()
+                   if str(f.relative_to(ROOT)) not in LAZY_OK
+                   for _, line, inside, _ in project_imports(ast.parse(f.read_text()))
+                   if inside})
+    assert lazy == [], "project imports inside functions (move them to the top)"
+
+
+def module_level_deps(tree: ast.Module, known: set[str]) -> set[str]:
+    """The project modules a module needs while it is imported: `from m import name`
+    needs m, `from pkg import submodule` the submodule (TYPE_CHECKING blocks: none)."""
+    deps = set()
+    for name, _, inside, runtime in project_imports(tree):
+        if not inside and runtime and name in known:
+            deps.add(name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in known and all(
+                f"{node.module}.{a.name}" in known for a in node.names):
+            if not any(isinstance(n, ast.ImportFrom) and n.module == node.module and any(
+                    f"{n.module}.{a.name}" not in known for a in n.names)
+                    for n in ast.walk(tree)):
+                deps.discard(node.module)
+    return deps
+
+
+def test_no_module_cycle():
+    """Module-level imports between modules form no cycle either (with `from m import
+    name`, a cycle fails at import time depending on which module comes first)."""
+    known = {module_name(f) for f in files()}
+    graph = {module_name(f): module_level_deps(ast.parse(f.read_text()), known) - {module_name(f)}
+             for f in files()}
+    assert cycles(graph) == []
