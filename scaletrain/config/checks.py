@@ -36,16 +36,19 @@ def accumulation_steps(cfg: Config, world: int | None = None) -> int:
 
 def check_combinations(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
-    if m.name == "gpt":
-        if m.d_model % m.n_head:
-            raise ConfigError(f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    from scaletrain.models.registry import spec_of  # models import config: no cycle
+
+    spec = spec_of(m)
+    if spec.kind == "text":
         if m.vocab_size and m.vocab_size < 2:
             raise ConfigError(f"model.vocab_size must be 0 (from the tokenizer) or >= 2")
         if cfg.data.source == "digits":
-            raise ConfigError("model.name='gpt' needs a text data.source, not 'digits' "
+            raise ConfigError(f"model.name='{m.name}' needs a text data.source, not 'digits' "
                               "(use model.name='cnn' or 'mlp')")
     elif cfg.data.source != "digits":
         raise ConfigError(f"model.name='{m.name}' is an image model; set data.source='digits'")
+    if spec.check is not None:
+        spec.check(m)  # the family's own shape rules
     check_parallel(cfg, _env_world())
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must be < 1 "

@@ -27,7 +27,7 @@ from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
 from scaletrain.evaluate import covered_samples, evaluate, split_batches
 from scaletrain.metrics import Progress, build_sinks, peak_memory_mb, plot_run, write_summary
-from scaletrain.models import REGISTRY, build_model, count_params
+from scaletrain.models import REGISTRY, build_model, count_params, spec_of
 from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import coordinator as coord_mod
 from scaletrain.paramserver import server, transport
@@ -240,7 +240,7 @@ class _Run:
             if cfg.eval.test and self.data.test is not None:
                 best = self.run_dir / rd.BEST_WEIGHTS
                 if best.is_file() and self.best_step != c.step:
-                    rd.load_weights(self.model, best, REGISTRY[cfg.model.name].tied)
+                    rd.load_weights(self.model, best, spec_of(cfg.model).tied)
                 test = self.evaluate("test", c.step)
             summary = self._summary(val, test, wall)
             self.sinks.close()

@@ -27,7 +27,7 @@ from scaletrain.compress.distill import build_distill_loss
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
-from scaletrain.models import REGISTRY, count_params
+from scaletrain.models import count_params, spec_of
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
@@ -65,7 +65,7 @@ class Trainer:
         # Process group, ParallelDims and device mesh (identity objects on one process).
         self.dist = DistContext.setup(cfg.parallel, self.rt.rank, self.rt.world,
                                       self.rt.device)
-        self.spec = REGISTRY[cfg.model.name]
+        self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = self.rt.is_main and (
             cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
