@@ -92,10 +92,9 @@ def _schema_choices(section: str, key: str) -> tuple:
     return f.metadata.get("choices") or ()
 
 
-def candidates(cfg, dims, device_type: str):
+def candidates(cfg, dims, batch, device_type: str):
     """Every (overrides, cost) of the search space (module doc) on the layout `dims`
-    (ParallelDims), unordered."""
-    batch = batch_plan(cfg, dims.dp)
+    (ParallelDims) from `cfg`'s batch plan `batch`, unordered."""
     per_rank, cur_micro = batch.per_rank, batch.micro
     micros = [cur_micro] if dims.pp > 1 else [d for d in _divisors_desc(per_rank)
                                               if d <= cur_micro]
@@ -160,8 +159,9 @@ def fit(cfg, dims, vocab: int, budget_bytes: float, device_type: str = "cpu") ->
     parallel degrees, so every candidate is planned on this one layout."""
     from scaletrain.parallel.plan_report import plan
 
+    batch = batch_plan(cfg, dims.dp)  # the searched config's: its micro-batch shrinks
     best = None
-    for over, cost in candidates(cfg, dims, device_type):
+    for over, cost in candidates(cfg, dims, batch, device_type):
         peak = math.inf
         for ev in _eval_batches(cfg.eval.batch_size):  # largest evaluation batch that fits
             over = {**over, "eval.batch_size": ev}
@@ -181,15 +181,14 @@ def fit(cfg, dims, vocab: int, budget_bytes: float, device_type: str = "cpu") ->
     if best is None:
         smallest = min(_peak_or_inf(cfg, {**o, "eval.batch_size": 1}, dims, vocab,
                                     device_type)
-                       for o, _ in candidates(cfg, dims, device_type))
+                       for o, _ in candidates(cfg, dims, batch, device_type))
         raise NothingFits(f"nothing fits {budget_bytes / 2**30:.2f} GiB per rank; "
                           f"the smallest predicted peak is {smallest / 2**30:.2f} GiB "
                           f"(set plan.memory_gib, or a smaller model / batch)")
     _, over, cost, peak = best
-    whole = batch_plan(cfg, dims.dp).per_rank  # what train.micro_batch_size=0 runs
     changed = {k: v for k, v in over.items() if v != _current(cfg, k)
                and not (k == "train.micro_batch_size" and _current(cfg, k) == 0
-                        and v == whole)}
+                        and v == batch.per_rank)}  # what micro_batch_size=0 runs
     return Choice(changed, cost, peak, budget_bytes)
 
 
