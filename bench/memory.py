@@ -35,6 +35,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig  #
 from scaletrain.metrics import current_rss_mb, peak_memory_mb  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.parallel.context import DistContext  # noqa: E402
+from scaletrain.parallel.dims import resolve_dims  # noqa: E402
 from scaletrain.parallel.parallelize import build_parallel_model  # noqa: E402
 from scaletrain.precision import PrecisionPolicy  # noqa: E402
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step  # noqa: E402
@@ -52,7 +53,7 @@ def mem_run(rank: int, world: int, spec: dict) -> dict:
     device = torch.device("cpu")
     pcfg = ParallelConfig(dp_replicate=spec["dp_replicate"], dp_shard=spec["dp_shard"],
                           activation_checkpoint=spec["ac"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     baseline = current_rss_mb()
     policy = PrecisionPolicy("bf16", device)
     mcfg = ModelConfig(n_layer=12, n_head=12, d_model=768, seq_len=spec["seq"],

@@ -55,6 +55,7 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
          steps: int) -> dict:
     from scaletrain.optim import build_optimizer
     from scaletrain.parallel.context import DistContext
+    from scaletrain.parallel.dims import resolve_dims
     from scaletrain.parallel.model_parallel import build_pipeline
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.parallel.pipeline import bubble_fraction
@@ -63,7 +64,7 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
 
     cfg = _config(layout, seq_len, batch, micro)
     dev = torch.device("cpu")
-    ctx = DistContext.setup(cfg.parallel, rank, world, dev)
+    ctx = DistContext.setup(cfg.parallel, rank, resolve_dims(cfg.parallel, world), dev)
     V = cfg.model.vocab_size
     base = _rss_mb()
     policy = PrecisionPolicy("fp32", dev)

@@ -39,6 +39,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
     from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
     from scaletrain.optim import build_optimizer
     from scaletrain.parallel.context import DistContext
+    from scaletrain.parallel.dims import resolve_dims
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.precision import PrecisionPolicy
     from scaletrain.train.step import StepOptions, split_micro_batches, train_step
@@ -46,7 +47,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     pcfg = ParallelConfig(dp_replicate=spec["dp_replicate"], dp_shard=spec["dp_shard"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=spec["seq"],

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.dims import resolve_dims
-
-
-def _env_world() -> int | None:
-    """WORLD_SIZE of this process when launched by torchrun; None before the launch."""
-    w = os.environ.get("WORLD_SIZE")
-    return int(w) if w else None
+from scaletrain.parallel.dims import ParallelDims, resolve_dims
 
 
 def data_parallel_degree(cfg: Config, world: int | None = None) -> int:
-    """dp_replicate × dp_shard, with a -1 inferred from `world` (default: $WORLD_SIZE).
+    """dp_replicate × dp_shard, with a -1 inferred from `world` when given.
 
-    Before a launch (no world known yet) a -1 counts as 1; the launcher and every rank
-    check again with the real world size (parallel/dims.py).
+    Without a world (a config validated on its own: `build_config`) a -1 counts as 1; the
+    world is never read here: the launcher, `plan --world` and every rank judge the
+    config on theirs (parallel/world_checks.py), with the layout they resolved.
     """
-    world = world or _env_world()
     if world is None:
         return max(cfg.parallel.dp_replicate, 1) * max(cfg.parallel.dp_shard, 1)
     return resolve_dims(cfg.parallel, world).dp
@@ -49,7 +41,7 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(f"model.name='{m.name}' is an image model; set data.source='digits'")
     if spec.check is not None:
         spec.check(m)  # the family's own shape rules
-    check_parallel(cfg, _env_world())
+    check_parallel(cfg, None)  # the world's part: parallel/world_checks.py check_world
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must be < 1 "
                           "(something must be left to train on)")
@@ -64,14 +56,17 @@ def check_combinations(cfg: Config) -> None:
     check_checkpoint_config(cfg)
 
 
-def check_parallel(cfg: Config, world: int | None) -> None:
-    """Parallel degrees against the world size (when known) and the batch against dp."""
+def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = None) -> None:
+    """Parallel degrees against the world size (when known) and the batch against dp.
+
+    `dims`: the layout already resolved for `world` (the world checks pass theirs)."""
     if cfg.parallel.mode == "ps":  # parameter-server mode has its own rules (issue #7)
         from scaletrain.paramserver.checks import check_ps
 
         return check_ps(cfg, world)
     t = cfg.train
-    dp = data_parallel_degree(cfg, world)  # ConfigError naming the degrees if they clash
+    # ConfigError naming the degrees if they clash
+    dp = dims.dp if dims is not None else data_parallel_degree(cfg, world)
     p = cfg.parallel
     if p.activation_checkpoint == "budget" and p.activation_budget_gib <= 0:
         raise ConfigError("parallel.activation_checkpoint='budget' needs "

@@ -7,10 +7,15 @@ from scaletrain.config.schema import Config
 from scaletrain.errors import ConfigError
 
 
-def check_training_strategy(cfg: Config) -> None:
-    """Raise ConfigError (one line naming the fields) on a bad combination."""
+def check_training_strategy(cfg: Config, dp: int | None = None) -> None:
+    """Raise ConfigError (one line naming the fields) on a bad combination.
+
+    `dp`: the data-parallel degree of the resolved layout (the world checks pass it);
+    None for a config judged without a world, where a -1 degree counts as 1."""
     from scaletrain.config.checks import data_parallel_degree
 
+    if dp is None:
+        dp = data_parallel_degree(cfg)
     s, t, o = cfg.schedule, cfg.train, cfg.optim
     if s.name == "multistep" and not s.milestones:
         raise ConfigError("schedule.milestones must list at least one step for "
@@ -41,9 +46,8 @@ def check_training_strategy(cfg: Config) -> None:
     if o.lr_scaling != "none" and t.descent == "full-batch" and not o.base_batch_size:
         raise ConfigError("optim.lr_scaling with train.descent='full-batch' needs "
                           "optim.base_batch_size (the batch at which optim.lr holds)")
-    if t.descent == "stochastic" and data_parallel_degree(cfg) > 1:
+    if t.descent == "stochastic" and dp > 1:
         raise ConfigError("train.descent='stochastic' (batch 1) cannot run data-parallel")
-    dp = data_parallel_degree(cfg)
     if cfg.model.weight_norm and (dp > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         raise ConfigError("model.weight_norm is not supported with parallel layouts yet "
                           "(parallel.* must all be 1)")

@@ -162,14 +162,13 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
     return int(n.item()), fpt
 
 
-def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
-    """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
-    (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
+def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
+    """Every TP/PP constraint of `cfg` on the resolved layout `dims` (ParallelDims), as
+    one ConfigError line (`vocab_size` None: not known yet, its TP divisibility is left
+    to the ranks)."""
     from scaletrain.models.registry import spec_of
-    from scaletrain.parallel.dims import resolve_dims
 
     p = cfg.parallel
-    dims = resolve_dims(p, world)
     check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)
     if dims.pp > 1:
         if cfg.precision.dtype == "fp16":

@@ -61,15 +61,14 @@ def _gathered(cfg, m, layers: int, t: int) -> float:
     return block * (2 if cfg.parallel.reshard_after_forward else layers)
 
 
-def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
-    """The layout and per-rank memory of `cfg` on `world` ranks (see module doc)."""
-    from scaletrain.parallel.dims import resolve_dims
+def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
+    """The layout and per-rank memory of `cfg` on the resolved layout `dims`
+    (ParallelDims of `dims.world` ranks; see module doc)."""
     from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
                                                     pipeline_microbatches)
 
     p = cfg.parallel
-    dims = resolve_dims(p, world)
-    check_model_parallel(cfg, vocab, world)
+    check_model_parallel(cfg, vocab, dims)
     m, t = cfg.model, dims.tp
     batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
     per_rank, micro = batch.per_rank, batch.micro
@@ -131,7 +130,7 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
                       # the tensors' part of the peak (bench/model_parallel.py compares it
                       # with the peak RSS above the process's baseline)
                       "total_bytes": int(peak["peak_tensor_bytes"])})
-    return {"world": world, "layout": {"dp_replicate": dims.dp_replicate,
+    return {"world": dims.world, "layout": {"dp_replicate": dims.dp_replicate,
                                        "dp_shard": dims.dp_shard, "tp": t, "pp": dims.pp,
                                        "strategy": dims.strategy,
                                        "mesh": dict(zip(dims.mesh_shape()[1],

@@ -33,12 +33,14 @@ from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.compile import StepClock, compile_cross_entropy, head_computes_loss
 from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.dims import ParallelDims, resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
 from scaletrain.parallel.world_checks import check_world
 from scaletrain.parallel.ac import block_modes
 from scaletrain.parallel.parallelize import activation_policy, build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
+from scaletrain.parallel.world import World
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
@@ -54,7 +56,8 @@ from scaletrain.train.step_loss import build_step_loss
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None):
+    def __init__(self, cfg: Config, runtime: Runtime | None = None,
+                 dims: ParallelDims | None = None):
         # init.from: model shape and tokenizer from the source (finetune/init_from.py);
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
@@ -62,9 +65,10 @@ class Trainer:
         self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
-        # Process group, ParallelDims and device mesh (identity objects on one process).
-        self.dist = DistContext.setup(cfg.parallel, self.rt.rank, self.rt.world,
-                                      self.rt.device)
+        # The run's ParallelDims (from `train`, else resolved here), handed to everything as
+        # self.dist.dims; process group and device mesh (identities on one process).
+        dims = dims or resolve_dims(cfg.parallel, self.rt.world)
+        self.dist = DistContext.setup(cfg.parallel, self.rt.rank, dims, self.rt.device)
         self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = self.rt.is_main and (
@@ -73,9 +77,9 @@ class Trainer:
             self.data = build_data(cfg, progress=self.show_progress)
         # Everything the world size constrains (the launcher checked it before torchrun
         # without the tokenizer's vocabulary): TP/PP shapes, single-process features.
-        check_world(cfg, self.rt.world, self.data.vocab_size)
+        check_world(cfg, self.rt.world, self.data.vocab_size, dims=dims)
         if cfg.train.descent == "full-batch":  # its batch is the split: known only now
-            check_memory(cfg, self.rt.world, self.rt.local_world, len(self.data.train))
+            check_memory(cfg, dims, self.rt.local_world, len(self.data.train))
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
             rd.prepare_run_dir(cfg)
@@ -372,18 +376,23 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config) -> dict | Stop:
-    """Train `cfg` to the end and return its summary (or the `Stop` of a signal)."""
+def train(cfg: Config, world: World | None = None) -> dict | Stop:
+    """Train `cfg` to the end and return its summary (or the `Stop` of a signal).
+
+    `world`: this process's place in the world (default: read from the environment)."""
     if cfg.parallel.mode == "ps":  # parameter-server training (scaletrain/paramserver/)
         from scaletrain.paramserver import train_ps
 
         return train_ps(cfg)
     from scaletrain.plan.auto import auto_plan, write_record
 
-    cfg, plan_record = auto_plan(cfg)  # plan.auto: memory techniques that fit (plan/)
-    trainer = Trainer(cfg)
+    world = world or World.from_env()
+    rt = detect_runtime(cfg.train.device, cfg.train.threads, world)
+    dims = resolve_dims(cfg.parallel, rt.world)  # the run's layout; plan.auto keeps it
+    cfg, plan_record = auto_plan(cfg, world, dims)  # memory techniques that fit (plan/)
+    trainer = Trainer(cfg, rt, dims)
     trainer.plan_record = plan_record  # -> summary.json "plan"
-    write_record(cfg.run.dir, plan_record)
+    write_record(cfg.run.dir, plan_record, rt.is_main)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()
     if isinstance(summary, Stop):

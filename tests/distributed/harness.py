@@ -19,6 +19,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
 from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
@@ -65,7 +66,7 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
                           cpu_offload=spec["cpu_offload"])
     if world == 1:
         pcfg.dp_replicate, pcfg.dp_shard = 1, 1
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=2, d_model=spec["d_model"], seq_len=T)
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,

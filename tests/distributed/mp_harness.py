@@ -27,6 +27,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
 from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.precision import PrecisionPolicy
@@ -50,7 +51,7 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                           tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
                           pp_schedule=spec["schedule"], timeout_s=60,
                           sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=T)
