@@ -42,6 +42,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
     from scaletrain.parallel.dims import resolve_dims
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.precision import PrecisionPolicy
+    from scaletrain.optim.step_end import StepEnd
     from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
     torch.set_num_threads(threads)
@@ -56,7 +57,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
                               pcfg=pcfg, policy=policy, device=device)
     model = pm.module
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
+    opts, end = StepOptions(**ctx.step_options(pm)), StepEnd(grad_clip=1.0)
     per_rank = spec["batch"] // ctx.dims.dp
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, spec["vocab"], (per_rank, spec["seq"]), generator=g)
@@ -66,7 +67,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
         ctx.barrier()
         t = time.perf_counter()
         for _ in range(n):
-            train_step(model, batch, opt, policy, None, opts)
+            train_step(model, batch, opt, policy, None, opts, end=end)
         ctx.barrier()  # the step of the group ends when its slowest rank is done
         return time.perf_counter() - t
 

@@ -103,7 +103,7 @@ class DistContext:
         if self.dims.tp > 1 or self.dims.pp > 1:  # issue #6: TP/PP hooks of the step
             from scaletrain.parallel.model_parallel import model_parallel_step_options
 
-            return model_parallel_step_options(self, model, no_sync, pm.tp_loss_parallel)
+            return model_parallel_step_options(self, model, no_sync)
         return {"count_reducer": self.sum_reducer,
                 "no_sync": lambda: no_sync(model),
                 "loss_multiplier": float(self.dims.dp)}

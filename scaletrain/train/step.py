@@ -11,13 +11,13 @@ targets; a mean of per-micro-batch means would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from scaletrain.optim.step_end import clip_grad_norm, finish_step
+from scaletrain.optim.step_end import ClipNorm, StepEnd, clip_grad_norm
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.losses import count_targets
 from scaletrain.train.step_loss import StepLoss, default_step_loss
@@ -27,10 +27,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class StepOptions:
-    """What the step needs beyond the model and optimizer; set once by the trainer."""
+    """What differs by layout in the micro-batch loop, set once by the trainer
+    (parallel/context.py `DistContext.step_options`). The run's loss (train/step_loss.py)
+    and end-of-step settings (optim/step_end.py `StepEnd`) are the same on every layout
+    and come separately."""
 
-    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (norm still measured)
-    grad_clip_value: float = 0.0  # elementwise clip; 0 = off
     # Sums the step's target count over data-parallel ranks (identity on one process).
     count_reducer: Callable[[torch.Tensor], torch.Tensor] = lambda n: n
     # Context for every micro-batch but the last (DDP's no_sync: one all-reduce per step).
@@ -38,21 +39,9 @@ class StepOptions:
     # Gradients are averaged by DDP over ranks; multiplying the loss by the data-parallel
     # degree turns that average back into the sum the global normalisation needs.
     loss_multiplier: float = 1.0
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    # Adds the L1/L2 penalty gradient once per step, after unscaling and before clipping
-    # (optim/penalties.py: once, not per micro-batch, keeps accumulation exact).
-    add_penalty_grads: Callable[[], None] = lambda: None
-    # Called after clipping, before the update: False skips it (numerical faults,
-    # train/faults.py); the gradients are then zeroed and nothing else changes.
-    guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
-    # The micro-batch loss, built once per run (train/step_loss.py: in-model loss,
-    # cross-entropy on the logits, or distillation's custom loss).
-    loss: StepLoss = default_step_loss
-    # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
-    # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
-    # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
-    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    grad_norm_fn: Callable[[list, float], torch.Tensor] | None = None
+    # The global grad norm (+ clip) of this layout's gradients: torch's for plain / DDP /
+    # FSDP ones, parallel/tensor.py `parallel_grad_norm` for TP's mixed DTensor / plain.
+    clip_norm: ClipNorm = clip_grad_norm
 
 
 @dataclass
@@ -65,7 +54,10 @@ class StepResult:
 
 def train_step(model: nn.Module, micro_batches: Iterable[Batch],
                optimizer: torch.optim.Optimizer, policy: PrecisionPolicy,
-               scaler: torch.amp.GradScaler | None, opts: StepOptions) -> StepResult:
+               scaler: torch.amp.GradScaler | None, opts: StepOptions, *,
+               step_loss: StepLoss = default_step_loss, end: StepEnd = StepEnd()
+               ) -> StepResult:
+    """One optimizer step over `micro_batches` with the run's loss and end of step."""
     micro_batches = list(micro_batches)
     local = sum(count_targets(y) for _, y in micro_batches)
     n_total = opts.count_reducer(local.clone())
@@ -74,21 +66,15 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
-            loss = opts.loss(model, x, y, policy, denom.dtype)
-            if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
-                loss = loss.full_tensor()
-            loss = loss / denom
+        with (contextlib.nullcontext() if last else opts.no_sync()), step_loss.context():
+            loss = step_loss(model, x, y, policy, denom.dtype) / denom
             scaled = loss * opts.loss_multiplier
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-    params = opts.params or [p for p in model.parameters() if p.requires_grad]
-    end = finish_step(optimizer, params, scaler=scaler,
-                      add_penalty_grads=opts.add_penalty_grads,
-                      grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
-                      clip_norm=opts.grad_norm_fn or clip_grad_norm, guard=opts.guard,
+    params = [p for p in model.parameters() if p.requires_grad]
+    done = end.finish(optimizer, params, clip_norm=opts.clip_norm, scaler=scaler,
                       loss=loss_sum)
-    return StepResult(loss_sum, end.grad_norm, n_total, end.skipped)
+    return StepResult(loss_sum, done.grad_norm, n_total, done.skipped)
 
 
 def split_micro_batches(batch: Batch, micro: int) -> list[Batch]:

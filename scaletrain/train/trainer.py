@@ -23,15 +23,15 @@ from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
 from scaletrain.data.loader import StatefulLoader, eval_batches
 from scaletrain.evaluate import covered_samples, evaluate, split_batches
-from scaletrain.compress.distill import build_distill_loss
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
 from scaletrain.models import count_params, spec_of
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.optim.strategy import build_strategy
-from scaletrain.parallel.compile import StepClock, compile_cross_entropy, head_computes_loss
+from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.dims import ParallelDims, resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
@@ -45,14 +45,14 @@ from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.device_guard import fault_guard
-from scaletrain.train.faults import Rollback
+from scaletrain.train.faults import FaultMonitor, Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.run_guard import resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
-from scaletrain.train.step_loss import build_step_loss
+from scaletrain.train.step_loss import run_loss
 
 
 class Trainer:
@@ -122,10 +122,11 @@ class Trainer:
             self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
+        self.loss = run_loss(cfg, self.parallel, self.rt.device)  # for either step path
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
-                                       self.data.vocab_size, self.policy.param_dtype)
+                                       self.data.vocab_size, self.policy.param_dtype, self.loss)
         self.state = TrainState()
         # Host reads of step values (tokens, fault guard, stop flag): one step late on a
         # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next
@@ -134,10 +135,9 @@ class Trainer:
             resolve_lag(cfg.train.host_reads, self.rt.device)
         self.reads = LaggedReads(lag, self.rt.device)
         self._tokens_since_log = 0
-        self.faults, guard = fault_guard(  # guard: skips a bad update (train/faults.py)
-            cfg.faults, self.optimizer, self.reads, self.state,
-            has_scaler=self.scaler is not None, loss_reducer=self.dist.sum_reducer)
-        self.step_opts = self._step_options(guard)
+        # The run's end of step and the layout's micro-batch loop (reducers, no_sync, norm).
+        self.faults, self.step_end = self._end_of_step()
+        self.step_opts = StepOptions(**self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
@@ -150,20 +150,16 @@ class Trainer:
         self._peak_flops: float | None = None
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
 
-    def _step_options(self, guard) -> StepOptions:
-        """What the step needs: clipping, the penalty hook, the fault guard, the run's one
-        loss callable (distillation, the in-model head + loss, or cross-entropy on the
-        logits: train/step_loss.py) and the layout's reducers / no_sync."""
+    def _end_of_step(self) -> tuple[FaultMonitor, StepEnd]:
+        """The run's end of step (optim/step_end.py): clipping, the penalty hook and the
+        guard that skips a bad update, with the fault monitor behind it (train/faults.py)."""
         cfg = self.cfg
-        distill_loss = build_distill_loss(cfg, self.rt.device)
-        loss = build_step_loss(
-            distill_loss, compile_cross_entropy(cfg.train.compile and cfg.parallel.tp == 1),
-            loss_in_model=distill_loss is None and head_computes_loss(self.model,
-                                                                       cfg.parallel))
-        return StepOptions(grad_clip=cfg.train.grad_clip,
-                           grad_clip_value=cfg.train.grad_clip_value,
-                           add_penalty_grads=self.strategy.penalty, guard=guard, loss=loss,
-                           **self.dist.step_options(self.parallel))
+        faults, guard = fault_guard(cfg.faults, self.optimizer, self.reads, self.state,
+                                    has_scaler=self.scaler is not None,
+                                    loss_reducer=self.dist.sum_reducer)
+        return faults, StepEnd(grad_clip=cfg.train.grad_clip,
+                               grad_clip_value=cfg.train.grad_clip_value,
+                               add_penalty_grads=self.strategy.penalty, guard=guard)
 
     def _checkpoint_session(self) -> CheckpointSession:
         """Checkpointing handed what it saves (torchtitan's `CheckpointManager(states=)`)
@@ -253,10 +249,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.pipeline is not None:  # the schedule runs the micro-batch loop
             result = self.pipeline.step(micro_batches, self.optimizer, self.policy,
-                                        self.step_opts)
+                                        self.step_opts, self.step_end)
         else:
             result = train_step(self.model, micro_batches, self.optimizer, self.policy,
-                                self.scaler, self.step_opts)
+                                self.scaler, self.step_opts, step_loss=self.loss,
+                                end=self.step_end)
         self.scheduler.step()
         st.step += 1
         st.skipped_steps += int(result.skipped)

@@ -18,6 +18,7 @@ import torch
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.parallelize import build_parallel_model
@@ -76,7 +77,8 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
     opt = build_optimizer(model, OptimConfig(name=spec["optim"], lr=1e-2))
     loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=rank,
                             world=ctx.dims.dp, seed=5, assignment=spec["assignment"])
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
+    opts = StepOptions(**ctx.step_options(pm))
+    end = StepEnd(grad_clip=spec["grad_clip"])
     if spec["local_count"]:  # the bug a test must catch: per-rank normalisation
         opts.count_reducer = lambda n: n
     losses, norms = [], []
@@ -88,7 +90,7 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
                     os._exit(3)
                 time.sleep(600)
             micro = split_micro_batches(loader.next(), spec["micro"])
-            r = train_step(model, micro, opt, policy, None, opts)
+            r = train_step(model, micro, opt, policy, None, opts, end=end)
             # Each rank's loss is its share of the global mean; the sum over ranks is it.
             losses.append(ctx.sum_reducer(r.loss.clone()).item())
             gn = r.grad_norm

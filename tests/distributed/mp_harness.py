@@ -26,12 +26,14 @@ class Tokens64(Tokens):
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.dims import resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+from scaletrain.train.step_loss import build_step_loss
 
 
 def mp_spec(**kw) -> dict:
@@ -59,14 +61,16 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                               mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
     model = pm.module
     dp = ctx.dims.dp
+    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel)  # as the trainer's
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
-                          policy.param_dtype)
+                          policy.param_dtype, loss)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
                           embedding_copies=pm.tied_copies)
     loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
                             world=dp, seed=5)
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
-    monitor = _fault_guard(model, ctx, spec, opts) if spec["faults"] else None
+    opts = StepOptions(**ctx.step_options(pm))
+    monitor = _fault_guard(model, ctx, spec) if spec["faults"] else None
+    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None)
     if spec["load"]:
         _checkpoint(model, opt, spec["load"], save=False, aliases=pm.tied_copies)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
@@ -74,8 +78,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     for step in range(1, spec["steps"] + 1):
         model._harness_step = step  # read by the NaN-injecting hook
         micro = split_micro_batches(loader.next(), spec["micro"])
-        r = (pipe.step(micro, opt, policy, opts) if pipe is not None
-             else train_step(model, micro, opt, policy, None, opts))
+        r = (pipe.step(micro, opt, policy, opts, end) if pipe is not None
+             else train_step(model, micro, opt, policy, None, opts, step_loss=loss, end=end))
         losses.append(ctx.sum_reducer(r.loss.clone()).item())
         norms.append(float(r.grad_norm))
         skipped.append(bool(r.skipped))
@@ -89,15 +93,14 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     return out
 
 
-def _fault_guard(model, ctx, spec: dict, opts):
-    """The trainer's fault guard (train/device_guard.py fault_guard) on `opts`; with
+def _fault_guard(model, ctx, spec: dict):
+    """The trainer's fault monitor (its `guard` goes into the StepEnd); with
     spec["nan_step"], the final norm's output turns NaN at that step (on the last
     pipeline stage, which alone has `ln_f`)."""
     from scaletrain.config.schema import FaultsConfig
     from scaletrain.train.faults import FaultMonitor
 
     monitor = FaultMonitor(FaultsConfig(), loss_reducer=ctx.sum_reducer)
-    opts.guard = monitor.guard
     if spec["nan_step"] and model.ln_f is not None:
         model.ln_f.register_forward_hook(
             lambda m, a, out: out * float("nan")

@@ -62,10 +62,13 @@ def one_line(proc) -> str:
     # they would (issue 14 item 2), not on a world of 1 with dp_shard=-1 counted as 1
     (["--nproc", "2", "--parallel.dp_shard=-1", "--train.descent=stochastic"],
      "cannot run data-parallel"),
+    (["--nproc", "2", "--parallel.pp=2", "TEACHER"],
+     "distill.teacher with parallel.pp > 1"),
 ])
 def test_layouts_the_world_cannot_run_fail_before_torchrun(args, fragment, prepared,
                                                            base_run, tmp_path):
-    args = [f"--init.from={base_run}" if a == "INIT" else a for a in args]
+    args = [f"--init.from={base_run}" if a == "INIT" else
+            f"--distill.teacher={base_run}" if a == "TEACHER" else a for a in args]
     t = time.monotonic()
     proc = scaletrain("train", *DATA, "--data.vocab_size=300", *TINY,
                       f"--data.prepared_dir={prepared}", f"--run.dir={tmp_path}/r", *args)
