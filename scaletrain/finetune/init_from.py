@@ -131,9 +131,6 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     for key in fixed:
         if key in shape:
             setattr(cfg.model, key, shape[key])
-    for key in spec.source_default_fields:  # the source's unless the user set one
-        if key in shape and f"model.{key}" not in user_set:
-            setattr(cfg.model, key, shape[key])
     if not resuming and not cfg.model.vocab_size and src.tokenizer is not None:
         from scaletrain.data.tokenizer import Tokenizer  # 0 meant "the source's tokenizer"
 

@@ -13,8 +13,8 @@ either mapped or refused, so a loaded checkpoint computes what transformers comp
   (older files, the Hub's Llama 3.1): type default or llama3; others are refused.
 - a sliding window (Mistral; Qwen's use_sliding_window) must be off or no shorter than
   the context (max_position_embeddings): within it, windowed attention is full attention.
-- seq_len is max_position_embeddings: a suggestion, not a weight shape (RoPE has none),
-  so a run may set its own model.seq_len.
+- seq_len is max_position_embeddings for eval / generate of the directory; a run from
+  it (init.from) keeps its own model.seq_len: RoPE has no position table to fix one.
 The source architecture is kept in `model.hf_architecture`, so an export writes the
 family it came from (empty: derived from the flags, Qwen3 / Qwen2 / Llama).
 """

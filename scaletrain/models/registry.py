@@ -46,10 +46,9 @@ class ModelSpec:
     # Hugging Face checkpoints in and out (models/hf_map.py); None = no HF format.
     hf: HFMap | None = None
     # The model.* fields a weights source (init.from) fixes: what the weights' shapes
-    # and values mean. The others (dropout, ...) stay the new run's; seq_len is in
-    # `source_default_fields` where the weights do not fix it (RoPE has no positions).
+    # and values mean. The others (dropout, ...) stay the new run's — a llama's seq_len
+    # too: RoPE has no position table, so the weights fix no context length.
     source_fields: tuple[str, ...] = ()
-    source_default_fields: tuple[str, ...] = ()
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -134,7 +133,7 @@ REGISTRY: dict[str, ModelSpec] = {
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
                        activation_block=_llama_block, check=_check_llama, hf=LLAMA_HF,
-                       source_fields=LLAMA_SOURCE_FIELDS, source_default_fields=("seq_len",)),
+                       source_fields=LLAMA_SOURCE_FIELDS),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

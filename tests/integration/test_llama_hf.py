@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_DATA, one_error_line, run_cli
+from tests.conftest import TINY_DATA, make_cfg, one_error_line, run_cli
 from scaletrain.compress.artefact import load_artefact
 from scaletrain.generate import sample
 
@@ -138,6 +138,34 @@ def test_init_from_trains_then_exports_back(hf_dirs, tmp_path):
         torch.testing.assert_close(back(ids).logits, trained(ids), atol=1e-5, rtol=0)
         assert (back(ids).logits - hf(ids).logits).abs().max() > 1e-4  # it did train
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS
+    proc = run_cli("eval", str(d), *TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}",
+                   "--model.seq_len=32")  # the HF directory itself, its own tokenizer
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(json.loads(proc.stdout)["loss"] - torch.log(torch.tensor(VOCAB)).item()) < 1.0
+
+
+def test_fsdp_ranks_load_their_slices(hf_dirs, tmp_path):
+    """Two FSDP2 ranks each read their own slices of the sharded checkpoint: the
+    step-0 validation loss is the HF model's, computed in one process."""
+    from scaletrain.compress.report import val_loss
+    from scaletrain.data import build_data
+    
+    d, _ = hf_dirs["qwen3"]
+    run = tmp_path / "run"
+    args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}",
+            f"--init.from={d}", "--model.seq_len=32", "--train.batch_size=4",
+            "--eval.batches=2", "--eval.batch_size=4", "--eval.test=false"]
+    proc = run_cli("train", *args, "--nproc=2", "--train.steps=1", "--eval.interval=1",
+                   "--train.progress=off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step0 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"][0]
+    cfg = make_cfg([a for a in args if not a.startswith(("--init.from", "--run.dir"))]
+                   + [f"--data.tokenizer={d / 'tokenizer.json'}"])
+    assert cfg.model.seq_len == 32 and "seq_len = 32" in (run / "config.toml").read_text()
+    _, model, _ = load_artefact(d, [("model.seq_len", "32")])
+    expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
 
 
 def test_bad_hf_directories_exit_2_before_writing(hf_dirs, tmp_path):
