@@ -184,6 +184,38 @@ def _local_block(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "F64": torch.float64}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _read_rows(file: Path, header: tuple[int, dict], name: str,
+               index: tuple[slice, ...]) -> torch.Tensor | None:
+    """The block `index` of tensor `name` read with one pread when it is whole rows (a
+    dim-0 shard: contiguous bytes), so only those bytes enter memory; reading through
+    the mmap would leave the pages resident in this process until the file closes."""
+    start, meta = header[0], header[1][name]
+    shape, dtype = meta["shape"], DTYPES.get(meta["dtype"])
+    if dtype is None or any(s.start != 0 or s.stop != n for s, n in zip(index[1:], shape[1:])):
+        return None
+    row = dtype.itemsize
+    for n in shape[1:]:
+        row *= n
+    lo = start + meta["data_offsets"][0] + index[0].start * row
+    size = (index[0].stop - index[0].start) * row if shape else dtype.itemsize
+    buf = bytearray(size)
+    with open(file, "rb", buffering=0) as fh:
+        fh.seek(lo)
+        fh.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+
+
 @torch.no_grad()
 def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
     """Copy HF directory `path`'s weights into `model` (plain or DTensor-sharded), shard
@@ -194,14 +226,19 @@ def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
               if not stored_once(k, tied)}
     check_against(weights, {k: tuple(v.shape) for k, v in params.items()}, str(path))
     for file, names in weights.by_file(params).items():
+        header = _header(file)
         with safe_open(str(file), "pt") as f:
             for name in names:
                 local, index = _local_block(params[name])
                 if local.numel() == 0:
                     continue
-                sl = f.get_slice(weights.where[name][1])
-                block = sl[index[::-1]].t() if weights.transposed(name) else sl[index]
-                local.copy_(block.reshape(local.shape))
+                hf_name = weights.where[name][1]
+                rows = None if weights.transposed(name) else _read_rows(file, header, hf_name,
+                                                                        index)
+                if rows is None:  # not a block of whole rows (a TP column shard, Conv1D)
+                    sl = f.get_slice(hf_name)
+                    rows = sl[index[::-1]].t() if weights.transposed(name) else sl[index]
+                local.copy_(rows.reshape(local.shape))
     tie(model, tied)
 
 
