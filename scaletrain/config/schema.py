@@ -83,6 +83,10 @@ class ModelConfig:
     qk_norm: bool = F(False, "llama: RMSNorm over each head of q and k (Qwen3 has it).")
     tie_embeddings: bool = F(False, "llama: the output head shares the token embedding "
                              "(small Qwen / SmolLM models; Llama 3 8B does not).")
+    hf_architecture: str = F("", "llama: the Hugging Face class the weights came from "
+                             "(LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                             "MistralForCausalLM), which `export --format hf` writes; set "
+                             "by init.from of an HF directory; empty: from the flags.")
     hidden: int = F(256, "MLP: hidden width.", ge=1)
     channels: int = F(32, "CNN: channels of the residual blocks.", ge=1)
     n_blocks: int = F(2, "CNN: number of residual blocks.", ge=1)

@@ -13,7 +13,10 @@ from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.models.contract import PipelineSplit, TiedPairs, tie
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
+from scaletrain.models.gpt_hf import GPT_HF
+from scaletrain.models.hf_map import HFMap
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
+from scaletrain.models.llama_hf import LLAMA_HF
 from scaletrain.models.plans import gpt_tp_plan
 from scaletrain.models.vision import CNN, MLP
 
@@ -40,6 +43,12 @@ class ModelSpec:
     # The family's own config rules (model config -> None, or ConfigError naming the
     # fields), run by config/checks.py before anything is built.
     check: Callable[[ModelConfig], None] | None = None
+    # Hugging Face checkpoints in and out (models/hf_map.py); None = no HF format.
+    hf: HFMap | None = None
+    # The model.* fields a weights source (init.from) fixes: what the weights' shapes
+    # and values mean. The others (dropout, ...) stay the new run's — a llama's seq_len
+    # too: RoPE has no position table, so the weights fix no context length.
+    source_fields: tuple[str, ...] = ()
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -106,15 +115,25 @@ def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
     return CNN(facts["input_shape"], facts["num_classes"], m.channels, m.n_blocks, m.dropout)
 
 
+GPT_SOURCE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size",
+                     "bias")
+LLAMA_SOURCE_FIELDS = ("name", "n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff",
+                       "vocab_size", "norm_eps", "rope_theta", "rope_scaling", "rope_factor",
+                       "rope_low_freq_factor", "rope_high_freq_factor",
+                       "rope_original_seq_len", "qkv_bias", "qk_norm", "tie_embeddings",
+                       "hf_architecture")
+
 REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
-                     tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt),
+                     tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt,
+                     hf=GPT_HF, source_fields=GPT_SOURCE_FIELDS),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
-                       activation_block=_llama_block, check=_check_llama),
+                       activation_block=_llama_block, check=_check_llama, hf=LLAMA_HF,
+                       source_fields=LLAMA_SOURCE_FIELDS),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }
