@@ -69,8 +69,8 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
         pcfg.dp_replicate, pcfg.dp_shard = 1, 1
     ctx = DistContext.setup(pcfg, rank, world, device)
     policy = PrecisionPolicy(spec["dtype"], device)
-    mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=2, d_model=spec["d_model"], seq_len=T,
-                       **dict(spec["model"]))
+    mcfg = ModelConfig(**{"n_layer": spec["n_layer"], "n_head": 2, "d_model": spec["d_model"],
+                          "seq_len": T, **dict(spec["model"])})
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
                               mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
                               compile=spec["compile"])

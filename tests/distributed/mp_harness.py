@@ -37,7 +37,7 @@ def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
                 schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
-                faults=False, nan_step=0,
+                faults=False, nan_step=0, params=False,
                 model=())  # model: extra ModelConfig fields as (name, value) pairs
     spec.update(kw)
     return spec
@@ -84,6 +84,10 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
     out = {"losses": losses, "norms": norms, "skipped": skipped}
+    if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
+        from scaletrain.parallel.weights import full_state_dict
+
+        out["params"] = full_state_dict(model)
     if monitor is not None:  # the losses the fault guard saw and accepted
         out["guard_history"] = list(monitor.history)
     return out
@@ -142,9 +146,9 @@ def reference(spec: dict) -> dict:
     """The one-process run of `spec` (cached per test session: several layouts share it)."""
     key = tuple(sorted((k, v) for k, v in spec.items()
                        if k not in ("tp", "pp", "dp_shard", "dp_replicate", "schedule", "sp",
-                                    "lp", "save", "load")))
+                                    "lp", "save", "load", "params")))
     if key not in _REFERENCES:
-        _REFERENCES[key] = mp_run(0, 1, spec)
+        _REFERENCES[key] = mp_run(0, 1, {**spec, "params": True})
     return _REFERENCES[key]
 
 
