@@ -81,10 +81,14 @@ def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = N
     if cfg.plan.auto and cfg.model.name != "gpt":  # plan/memory.py models the GPT only
         raise ConfigError(f"plan.auto needs a model the memory plan knows (model.name="
                           f"'gpt'), not '{cfg.model.name}'")
-    if cfg.parallel.activation_checkpoint != "none" and cfg.model.name != "gpt":
-        raise ConfigError(f"parallel.activation_checkpoint="
-                          f"'{cfg.parallel.activation_checkpoint}' needs a model with "
-                          f"transformer blocks (model.name='gpt'), not '{cfg.model.name}'")
+    from scaletrain.models.registry import REGISTRY, spec_of  # models import config
+
+    if p.activation_checkpoint != "none" and spec_of(cfg.model).activation_block is None:
+        with_blocks = ", ".join(repr(n) for n, s in REGISTRY.items()
+                                if s.activation_block is not None)
+        raise ConfigError(f"parallel.activation_checkpoint='{p.activation_checkpoint}' "
+                          f"needs a model family with transformer blocks ({with_blocks}), "
+                          f"not '{cfg.model.name}'")
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                           f"data-parallel degree {dp} (parallel.dp_replicate * dp_shard)")

@@ -17,7 +17,7 @@ from scaletrain.models.gpt_hf import GPT_HF
 from scaletrain.models.hf_map import HFMap
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
 from scaletrain.models.llama_hf import LLAMA_HF
-from scaletrain.models.plans import gpt_tp_plan
+from scaletrain.models.plans import gpt_tp_plan, llama_tp_plan
 from scaletrain.models.vision import CNN, MLP
 
 
@@ -36,6 +36,10 @@ class ModelSpec:
     # Tensor-parallel plan: (model, loss_parallel=, sequence_parallel=) -> {path: style}
     # for parallelize_module (models/plans.py); None = the family has no TP.
     tp_plan: Callable[..., dict] | None = None
+    # The sizes the plan splits over tp ranks: model config -> ((what, size), ...), each
+    # of which tp must divide (parallel/tensor.py check_tp; the vocabulary is checked
+    # for every family with a plan).
+    tp_sizes: Callable[[ModelConfig], tuple] | None = None
     # What the plan measures its activations on (plan/activations.py): (model built on
     # meta, samples, seq_len) -> (one transformer block, its forward's inputs on meta);
     # None = no blocks to measure (the image families).
@@ -86,6 +90,17 @@ def _llama_block(model: Llama, samples: int, seq_len: int) -> tuple:
     return model.blocks["0"], (x, *model.rope(seq_len, "meta", x.dtype))
 
 
+def _gpt_tp_sizes(m: ModelConfig) -> tuple:
+    return (("model.n_head", m.n_head), ("model.d_ff (4*d_model if 0)", m.d_ff or 4 * m.d_model))
+
+
+def _llama_tp_sizes(m: ModelConfig) -> tuple:
+    ff = LlamaConfig(vocab_size=0, d_model=m.d_model, d_ff=m.d_ff).ff
+    return (("model.n_head", m.n_head),
+            ("model.n_kv_head (n_head if 0)", m.n_kv_head or m.n_head),
+            ("model.d_ff (the Llama rule from d_model if 0)", ff))
+
+
 def _check_gpt(m: ModelConfig) -> None:
     if m.d_model % m.n_head:
         raise ConfigError(f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
@@ -127,11 +142,12 @@ REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
-                     tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt,
-                     hf=GPT_HF, source_fields=GPT_SOURCE_FIELDS),
+                     tp_plan=gpt_tp_plan, tp_sizes=_gpt_tp_sizes, activation_block=_gpt_block,
+                     check=_check_gpt, hf=GPT_HF, source_fields=GPT_SOURCE_FIELDS),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
+                       tp_plan=llama_tp_plan, tp_sizes=_llama_tp_sizes,
                        activation_block=_llama_block, check=_check_llama, hf=LLAMA_HF,
                        source_fields=LLAMA_SOURCE_FIELDS),
     "mlp": ModelSpec("mlp", "image", _build_mlp),

@@ -164,7 +164,7 @@ def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
     """Every TP/PP constraint of `cfg` on the resolved layout `dims` (ParallelDims), as
     one ConfigError line (`vocab_size` None: not known yet, its TP divisibility is left
     to the ranks)."""
-    from scaletrain.models.registry import spec_of
+    from scaletrain.models.registry import REGISTRY, spec_of
 
     p = cfg.parallel
     check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)
@@ -178,8 +178,11 @@ def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
                               "the teacher reads")
         split = spec_of(cfg.model).pipeline
         if split is None:
-            raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
-                              f"(model.name='gpt'), not {cfg.model.name!r}")
+            with_split = ", ".join(repr(n) for n, s in REGISTRY.items()
+                                   if s.pipeline is not None)
+            raise ConfigError(f"parallel.pp={dims.pp} needs a model family that splits "
+                              f"into pipeline stages ({with_split}), not "
+                              f"model.name={cfg.model.name!r}")
         batch = batch_plan(cfg, dims.dp)  # pp > 1 runs mini-batch descent only
         check_pp(p, split.depth(cfg.model),
                  pipeline_microbatches(p, batch.per_rank, batch.micro))

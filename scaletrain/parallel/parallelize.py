@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from scaletrain.config.batch_plan import BatchPlan, batch_plan
 from scaletrain.models.contract import tied_copies
-from scaletrain.models.registry import REGISTRY, materialize, spec_of
+from scaletrain.models.registry import materialize, spec_of
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
@@ -95,7 +95,7 @@ def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan | None = None) -
 
     batch = batch or batch_plan(cfg, dims.dp)
     policy = ac_policy(cfg, dims.tp, batch.micro)
-    split = REGISTRY[cfg.model.name].pipeline  # families with blocks split into stages
+    split = spec_of(cfg.model).pipeline  # families with blocks split into stages
     n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0
     try:
         block_modes(policy, n_local)

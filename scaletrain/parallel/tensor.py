@@ -67,6 +67,8 @@ def _fused_colwise_style(split: int, **kw):
         """Column-parallel for a linear whose output rows are `split` stacked parts
         ([Q; K; V]): rank r computes rows r/tp of *each* part."""
 
+        bias_sharded = False  # the bias stays replicated (see `forward`)
+
         def _partition_linear_fn(self, name, module, device_mesh):
             for pname, p in list(module.named_parameters(recurse=False)):
                 placement = strided if pname == "weight" else [Replicate()]
@@ -127,26 +129,49 @@ def replicate_style(output_layout=None):
     return ReplicateParallel()
 
 
+def plan_sharded(model: nn.Module, plan: dict) -> set[str]:
+    """Names of `model`'s parameters that `plan` shards over tp (the others are
+    replicated): column-parallel weights and biases (a fused one's bias stays
+    replicated), row-parallel weights (embedding rows included). For the planner
+    (parallel/plan_report.py), which counts 1/tp of each."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    out = set()
+    for path, style in plan.items():
+        if isinstance(style, ColwiseParallel):
+            leaves = ("weight", "bias") if getattr(style, "bias_sharded", True) else ("weight",)
+        elif isinstance(style, RowwiseParallel):
+            leaves = ("weight",)
+        else:
+            continue
+        module = model.get_submodule(path)
+        out.update(f"{path}.{leaf}" for leaf in leaves
+                   if getattr(module, leaf, None) is not None)
+    return out
+
+
 def fused_colwise(split: int = 3, **kw):
     """Public factory for plans: column-parallel over `split` fused output parts."""
     return _fused_colwise_style(split, **kw)
 
 
 def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool) -> None:
-    """ConfigError naming the constraint when the GPT shape does not split `tp` ways."""
+    """ConfigError naming the constraint when the family's shape does not split `tp`
+    ways (the sizes its plan shards: ModelSpec.tp_sizes, and the vocabulary)."""
     from scaletrain.errors import ConfigError
-    from scaletrain.models.registry import spec_of
+    from scaletrain.models.registry import REGISTRY, spec_of
 
     if tp <= 1:
         return
     m = model_cfg
-    if spec_of(m).tp_plan is None:
-        raise ConfigError(f"parallel.tp={tp} needs a model with a tensor-parallel plan "
-                          f"(model.name='gpt'), not model.name={m.name!r}")
-    ff = m.d_ff or 4 * m.d_model
-    for what, n in (("model.n_head", m.n_head), ("model.d_ff (4*d_model if 0)", ff),
-                    ("the vocabulary size (model.vocab_size or the tokenizer's)",
-                     vocab_size)):
+    spec = spec_of(m)
+    if spec.tp_plan is None:
+        with_plan = ", ".join(repr(n) for n, s in REGISTRY.items() if s.tp_plan is not None)
+        raise ConfigError(f"parallel.tp={tp} needs a model family with a tensor-parallel "
+                          f"plan ({with_plan}), not model.name={m.name!r}")
+    sizes = spec.tp_sizes(m) if spec.tp_sizes is not None else ()
+    for what, n in (*sizes, ("the vocabulary size (model.vocab_size or the tokenizer's)",
+                             vocab_size)):
         if n is not None and n % tp:  # vocab_size None: not known yet (world_checks.py)
             raise ConfigError(f"parallel.tp={tp} must divide {what}={n} "
                               "(each rank holds 1/tp of the heads, MLP columns and vocab)")
@@ -169,7 +194,7 @@ def apply_tp(model: nn.Module, tp_mesh, plan_fn, *, loss_parallel: bool = True,
 
     plan = plan_fn(model, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     parallelize_module(model, tp_mesh, plan)
-    tie(model, tied)  # lm_head.weight = wte.weight: same (V, D) Shard(0) DTensor
+    tie(model, tied)  # the head's weight = the embedding's: one (V, D) Shard(0) DTensor
     return model
 
 
