@@ -13,6 +13,7 @@ import torch
 from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.losses import IGNORE_INDEX, sum_cross_entropy
@@ -103,7 +104,7 @@ def _precision_losses(name: str, steps: int = 12) -> list[float]:
         x = (x[:, :1] + torch.arange(T)) % V
         y = (x + 1) % V
         r = train_step(model, split_micro_batches((x, y), 4), opt, policy, scaler,
-                       StepOptions(grad_clip=1.0))
+                       StepOptions(), end=StepEnd(grad_clip=1.0))
         out.append(float(r.loss))
     return out
 
