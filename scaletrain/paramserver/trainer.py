@@ -34,9 +34,11 @@ from scaletrain.paramserver import server, transport
 from scaletrain.paramserver.checks import check_ps
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
+from scaletrain.parallel.compile import head_computes_loss
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train import run_dir as rd
 from scaletrain.train.runtime import detect_runtime, seed_everything
+from scaletrain.train.step_loss import build_step_loss
 
 
 def train_ps(cfg: Config, worker_hook=None) -> dict:
@@ -82,8 +84,10 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
         if is_server:
             server.wait_for_stop()
             return {"role": "server", "rank": rt.rank}
+        # The spmd trainer's loss for this model (in-model head loss for a GPT).
+        loss = build_step_loss(loss_in_model=head_computes_loss(model, cfg.parallel))
         w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
-                   device, batch_plan(cfg, n_workers))
+                   device, batch_plan(cfg, n_workers), loss)
         if worker_hook is not None:
             worker_hook(w)
         return {"role": "worker", "rank": rt.rank, "clock": w.run()}
