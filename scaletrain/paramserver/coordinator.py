@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from scaletrain.paramserver import server, transport
+from scaletrain.train.faults import FaultMonitor
 
 
 @dataclass
@@ -69,12 +70,14 @@ class Update:
     lr: float  # the LR this update used
     tokens: int
     staleness: list[int] = field(default_factory=list)
+    fault: dict | None = None  # the fault guard skipped it (train/faults.py's event)
 
 
 class Coordinator:
     def __init__(self, cfg, n_workers: int, state: dict | None = None,
                  on_update: Callable[[Update], None] = lambda u: None,
-                 on_event: Callable[[dict], None] = lambda e: None):
+                 on_event: Callable[[dict], None] = lambda e: None,
+                 faults: FaultMonitor | None = None):
         p = cfg.parallel
         self.mode = p.ps_consistency
         self.s = 0 if self.mode == "sync" else p.ps_staleness
@@ -101,12 +104,20 @@ class Coordinator:
         self.hist: dict[int, int] = {int(k): v for k, v in st.get("hist", {}).items()}
         self.budget = self.steps * n_workers  # async: worker-steps of the whole run
         self.accepted = self.units  # async: worker-steps accepted (applied or queued)
+        # The spmd trainer's fault guard (faults.skip_nonfinite, spike_*), consulted on
+        # every update's loss and global grad norm: a bad update is not applied.
+        self.faults = faults
+        if faults is not None and "faults" in st:
+            faults.load_state_dict(st["faults"])
 
     def state_dict(self) -> dict:
         """Counters and worker positions (between two updates: call from on_update)."""
-        return {"version": self.version, "next_clock": self.next_clock, "units": self.units,
-                "step": self.step, "tokens": self.tokens, "positions": dict(self.positions),
-                "hist": dict(self.hist)}
+        state = {"version": self.version, "next_clock": self.next_clock,
+                 "units": self.units, "step": self.step, "tokens": self.tokens,
+                 "positions": dict(self.positions), "hist": dict(self.hist)}
+        if self.faults is not None:  # the spike history: a resume decides alike
+            state["faults"] = self.faults.state_dict()
+        return state
 
     # -- called by workers (RPC threads) ----------------------------------------------
     def hello(self, w: int) -> tuple[int, dict | None]:
@@ -219,9 +230,10 @@ class Coordinator:
         else:
             new_step = self.step + 1
         lr = server.rpc_lr()  # this process is server 0; every shard has the same LR
-        self._on_servers(server.rpc_apply, key, coef, new_step - self.step)
-        stale = [self.version - c.version for c in contribs.values()]
         loss = sum(c.loss_sum for c in contribs.values()) / max(total, 1)
+        fault = self._judge(loss, grad_norm, new_step)
+        self._on_servers(server.rpc_apply, key, coef, new_step - self.step, fault is None)
+        stale = [self.version - c.version for c in contribs.values()]
         with self.cond:
             prev = self.step
             self.version += 1
@@ -246,7 +258,17 @@ class Coordinator:
             # The SSP bound, checked on every applied gradient (a bug here is ours).
             assert max(stale) <= self.s, f"staleness {max(stale)} > bound {self.s}"
         self.on_update(Update(self.version, self.step, prev, loss, grad_norm, lr, total,
-                              stale))
+                              stale, fault))
+
+    def _judge(self, loss: float, grad_norm: float, step: int) -> dict | None:
+        """The fault guard's verdict on an update (train/faults.py, as the spmd step's
+        guard): None to apply it, else the event to log (the servers skip it: the
+        parameters and optimizer state stay, the schedule advances, as in spmd)."""
+        if self.faults is None:
+            return None
+        reason = self.faults.classify(loss, grad_norm)
+        self.faults.record(loss, grad_norm, reason, step=step)
+        return self.faults.pop_event()
 
     def _on_servers(self, fn, *args) -> list:
         """fn(*args) on every server: the others over RPC (concurrently), this process's
