@@ -21,7 +21,8 @@ from scaletrain.errors import ConfigError
 # batch_ramp_start, pp_*, lora_alpha, distill.alpha, ...), which spmd ignores too while
 # their parent is off. Honoured through the parts PS shares with the spmd trainer:
 # checkpoint.keep_best (PS checkpoint pruning), faults.skip_nonfinite / spike_* (the
-# coordinator consults train/faults.py's monitor on every update). Known gap: a value
+# coordinator consults train/faults.py's monitor on every update), checkpoint.on_signal
+# (paramserver/stop.py). Known gap: a value
 # equal to its default cannot be told from an unset one, so the default
 # faults.max_consecutive=8 passes although PS never rolls back (bad updates stay
 # skipped, as spmd does when it has no checkpoint to go back to).

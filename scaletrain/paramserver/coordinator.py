@@ -109,6 +109,9 @@ class Coordinator:
         self.faults = faults
         if faults is not None and "faults" in st:
             faults.load_state_dict(st["faults"])
+        # checkpoint.on_signal: the signal that stops the run (set from a handler, so
+        # without the lock); the applier then applies nothing more and answers "stop".
+        self.stop_signal: int | None = None
 
     def state_dict(self) -> dict:
         """Counters and worker positions (between two updates: call from on_update)."""
@@ -141,7 +144,8 @@ class Coordinator:
             self.last_seen[w] = time.monotonic()
             if w not in self.live:
                 refused = "dropped"
-            elif self.mode == "async" and self.accepted >= self.budget:
+            elif self.stop_signal is not None or (self.mode == "async"
+                                                  and self.accepted >= self.budget):
                 refused = "stop"
             else:
                 self.contribs.setdefault(key, {})[w] = c
@@ -169,6 +173,8 @@ class Coordinator:
         with self.cond:
             if w not in self.live:
                 result = "dropped"
+            elif self.stop_signal is not None:
+                result = "stop"
             elif ready():
                 self.last_seen[w] = time.monotonic()
                 result = "ok"
@@ -183,13 +189,22 @@ class Coordinator:
             self.finished.add(w)
             self.cond.notify_all()
 
+    def request_stop(self, signum: int) -> None:
+        """checkpoint.on_signal: stop after the update being applied (called from a
+        signal handler on this process, or over RPC by a signalled worker)."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
     # -- the applier thread -----------------------------------------------------------
     def run(self) -> None:
-        """Apply updates until every live worker has finished (or none is left)."""
+        """Apply updates until every live worker has finished (or none is left). After
+        a stop request: no further update; every pull and push is answered "stop", and
+        the run waits for the live workers' goodbyes (or drops them when silent)."""
         while True:
             with self.cond:
                 key = self._next_ready()
                 while key is None and not self._done():
+                    self._release_on_stop()
                     self.cond.wait(timeout=min(0.5, self.timeout / 4))
                     self._drop_silent()
                     key = self._next_ready()
@@ -198,7 +213,18 @@ class Coordinator:
                 contribs = self.contribs.pop(key)
             self._apply(key, contribs)
 
+    def _release_on_stop(self) -> None:
+        """After a stop request, answer the waiting pulls "stop" (lock held)."""
+        if self.stop_signal is None:
+            return
+        self.queue.clear()
+        for w, (_, fut) in list(self.waiting.items()):
+            del self.waiting[w]
+            fut.set_result("stop")
+
     def _next_ready(self) -> str | None:
+        if self.stop_signal is not None:
+            return None
         if self.mode == "async":
             while self.queue:
                 key = self.queue.popleft()
@@ -351,3 +377,8 @@ def rpc_push_report(w: int, key: str, grads: list[torch.Tensor], c: Contribution
 
 def rpc_finish(w: int) -> None:
     _COORD.finish(w)
+
+
+def rpc_request_stop(signum: int) -> None:
+    """A worker got SIGTERM/SIGINT (checkpoint.on_signal): stop the run."""
+    _COORD.request_stop(signum)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.checkpoint.compat import changed_settings
+from scaletrain.checkpoint.decisions import Stop
 from scaletrain.config import Config, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
@@ -29,7 +30,7 @@ from scaletrain.metrics import Progress, build_sinks, peak_memory_mb
 from scaletrain.models import REGISTRY, build_model, count_params
 from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import coordinator as coord_mod
-from scaletrain.paramserver import server, transport
+from scaletrain.paramserver import server, stop, transport
 from scaletrain.paramserver.checks import check_ps
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
@@ -43,8 +44,9 @@ from scaletrain.train.state import TrainState
 from scaletrain.train.step_loss import build_step_loss
 
 
-def train_ps(cfg: Config, worker_hook=None) -> dict:
-    """Run this process's role to the end; rank 0 returns the run's summary.
+def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
+    """Run this process's role to the end; rank 0 returns the run's summary (or the
+    `Stop` of a SIGTERM/SIGINT: checkpoint saved, the CLI exits with its code).
 
     `worker_hook(worker)` (tests) may set `worker.on_step` before the worker starts.
     """
@@ -80,6 +82,8 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
         server.install(shard)
     run = _Run(cfg, rt, data, policy, new_model, n_workers, resume) if rt.rank == 0 else None
     transport.start(rt.rank, rt.world, cfg.parallel.ps_timeout_s)
+    stop.install(cfg.checkpoint.on_signal,
+                 run.coord.request_stop if rt.rank == 0 else stop.ask_coordinator)
     try:
         if rt.rank == 0:
             return run.fit()
@@ -221,25 +225,31 @@ class _Run:
             self.pull_full()
         return evaluate(self.model, batches, self.policy, self.policy.device, self.kind)
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path:
         states = [transport.call(s, server.rpc_state_dict)
                   for s in range(self.cfg.parallel.ps_servers)]
         extra = {"coordinator": self.coord.state_dict(), "best_val": self.state.best_val,
                  "best_step": self.state.best_step,
                  "wall_time": self.wall_prev + time.perf_counter() - self.t0}
         k = self.cfg.checkpoint
-        ckpt.save(self.run_dir, step, states, extra, k.keep, config=to_dict(self.cfg),
-                  best_step=self.state.best_step if k.keep_best else None)
+        return ckpt.save(self.run_dir, step, states, extra, k.keep,
+                         config=to_dict(self.cfg),
+                         best_step=self.state.best_step if k.keep_best else None)
 
     # -- the run ------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self) -> dict | Stop:
         cfg, c = self.cfg, self.coord
         try:
             if cfg.eval.interval and c.step == 0:
                 self.recorder.validate(0)
-            c.run()  # until every live worker has finished
+            c.run()  # until every live worker has finished (or a signal stopped it)
             wall = self.wall_prev + time.perf_counter() - self.t0
             self.progress.close()
+            if c.stop_signal is not None:  # checkpoint.on_signal (paramserver/stop.py)
+                path = self.save_checkpoint(c.step)
+                self._close()
+                stop.report(c.stop_signal, c.step, path.name)
+                return Stop(step=c.step, exit_code=128 + c.stop_signal)
             return self.recorder.finish(
                 c.step, tokens=c.tokens, params=count_params(self.model),
                 train_loss=self.last_train.get("loss"), details=lambda: self._details(wall),

@@ -52,7 +52,8 @@ class Worker:
 
     def pull(self, clock: int) -> str:
         """Copy every shard's current tensors in, once the coordinator allows it (see the
-        module docstring) — before starting `clock`; returns "ok" or "dropped"."""
+        module docstring) — before starting `clock`; returns "ok", "dropped" or "stop"
+        (a signal stopped the run)."""
         n = len(self.shard_params)
         if self.mode == "async":
             wait = (coord.rpc_wait_own_pull, self.w, self.pushes)
@@ -99,7 +100,10 @@ class Worker:
         # (train.steps x n_workers worker-steps, split by speed) is full.
         while self.mode == "async" or clock < self.steps:
             if self.mode != "async" or (clock - start) % p.ps_pull_every == 0:
-                if self.pull(clock) != "ok":
+                status = self.pull(clock)
+                if status == "stop":  # a signal stopped the run (paramserver/stop.py)
+                    break
+                if status != "ok":
                     return self._dropped()
             grads, loss_sum, count = self.gradient()
             if acc is None:

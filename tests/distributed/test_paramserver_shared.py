@@ -8,11 +8,18 @@ the cheapest layout; the update of clock c is step c + 1).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 from safetensors.torch import load_file
 
 from test_paramserver import records, run_ps
+from tests.conftest import REPO, run_cli
 
 
 def _poison(worker) -> None:
@@ -70,3 +77,40 @@ def test_keep_best_keeps_the_best_checkpoint(tiny_args, tmp_path):
     assert kept == ["step-00000002", "step-00000006"]
     assert summary["best_val_loss"] == min(r["loss"] for r in records(tmp_path / "run",
                                                                       "eval"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_128_plus_n(tiny_args, tmp_path):
+    """checkpoint.on_signal through the CLI (`--nproc 2`: one server, one worker): a
+    scheduler's SIGTERM to the launcher ends the run after the update being applied,
+    with that step's checkpoint, exit 143 and the spmd trainer's line; the same
+    command then resumes from it."""
+    run = tmp_path / "run"
+    ps = ["--parallel.mode=ps", "--parallel.ps_servers=1", "--train.log_interval=1",
+          "--eval.interval=0", "--eval.test=false", "--checkpoint.interval=0",
+          "--train.progress=off"]
+    cmd = [sys.executable, "-m", "scaletrain", "train", *tiny_args, *ps, "--nproc", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, "--train.steps=100000"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and records(run, "train")):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no training step within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp"), ckpts
+    step = int(ckpts[0].name.split("-")[1])
+    assert f"after step {step}; checkpoint {ckpts[0].name} saved" in err
+    # Resume in place: train to two steps past the checkpoint.
+    done = run_cli("train", *tiny_args, *ps, f"--train.steps={step + 2}", "--nproc", "2",
+                   timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 2
