@@ -62,19 +62,45 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
     local = sum(count_targets(y) for _, y in micro_batches)
     n_total = opts.count_reducer(local.clone())
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
-    denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
-    loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last else opts.no_sync()), step_loss.context():
-            loss = step_loss(model, x, y, policy, denom.dtype) / denom
-            scaled = loss * opts.loss_multiplier
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach()
+    denom = n_total.to(loss_dtype(policy))
+    loss_sum = accumulate_gradients(model, micro_batches, policy, step_loss, denom,
+                                    scaler=scaler, no_sync=opts.no_sync,
+                                    loss_multiplier=opts.loss_multiplier)
     params = [p for p in model.parameters() if p.requires_grad]
     done = end.finish(optimizer, params, clip_norm=opts.clip_norm, scaler=scaler,
                       loss=loss_sum)
     return StepResult(loss_sum, done.grad_norm, n_total, done.skipped)
+
+
+def loss_dtype(policy: PrecisionPolicy) -> torch.dtype:
+    """The dtype losses are summed and divided in: fp64 for fp64 runs, else fp32."""
+    return torch.float64 if policy.param_dtype == torch.float64 else torch.float32
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[Batch],
+                         policy: PrecisionPolicy, loss: StepLoss, denom: torch.Tensor, *,
+                         scaler: torch.amp.GradScaler | None = None,
+                         no_sync: Callable[[], contextlib.AbstractContextManager]
+                         = contextlib.nullcontext,
+                         loss_multiplier: float = 1.0) -> torch.Tensor:
+    """The micro-batch loop: forward, loss (a sum over targets) / `denom`, backward, for
+    every micro-batch; the gradients accumulate in `.grad`. Returns the sum of the
+    divided losses (detached, in `denom`'s dtype).
+
+    Shared by the spmd step above (`denom`: the step's global target count) and the
+    parameter server's workers (paramserver/worker.py: `denom` = 1, the gradient of the
+    summed loss, which the servers divide by the update's count). `no_sync` wraps every
+    micro-batch but the last (DDP); the loss's own `context` each one (TP's
+    loss_parallel, train/step_loss.py)."""
+    loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last else no_sync()), loss.context():
+            mb_loss = loss(model, x, y, policy, denom.dtype) / denom
+            scaled = mb_loss * loss_multiplier
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += mb_loss.detach()
+    return loss_sum
 
 
 def split_micro_batches(batch: Batch, micro: int) -> list[Batch]:

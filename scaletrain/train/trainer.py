@@ -21,11 +21,11 @@ from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.data import build_data
-from scaletrain.data.loader import StatefulLoader, eval_batches
-from scaletrain.evaluate import covered_samples, evaluate, split_batches
+from scaletrain.data.loader import StatefulLoader
+from scaletrain.evaluate import evaluate
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
-from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
+from scaletrain.metrics import peak_memory_mb
 from scaletrain.models import count_params, spec_of
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
@@ -50,6 +50,7 @@ from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.malloc import tune_malloc
 from scaletrain.train.run_guard import resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
+from scaletrain.train.recorder import RunRecorder
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 from scaletrain.train.step_loss import run_loss
@@ -148,6 +149,7 @@ class Trainer:
             self.n_params, self.flops_per_token = whole_model_stats(
                 self.pipeline, self.spec, cfg.model, facts)
         self._peak_flops: float | None = None
+        self.recorder = self._recorder()
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
 
     def _end_of_step(self) -> tuple[FaultMonitor, StepEnd]:
@@ -196,33 +198,26 @@ class Trainer:
         if self.sinks is not None:
             self.sinks.write(record)
 
-    # -- evaluation --------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict:
-        dataset = {"val": self.data.val, "test": self.data.test}[split]
-        e = self.cfg.eval
-        n_batches = split_batches(split, e)  # test: the whole split
-        batches = eval_batches(dataset, e.batch_size, n_batches, rank=self.dist.dp_rank,
-                               world=self.dp)
+    # -- evaluation, keep-best, the end of the run: train/recorder.py ----------------
+    def _recorder(self) -> RunRecorder:
+        return RunRecorder(
+            self.cfg, self.run_dir, self.data, self.state, run_eval=self._run_eval,
+            save_weights=self.save_weights,
+            load_weights=lambda path: rd.load_weights(self.model, path, self.spec.tied),
+            log=self.log, is_main=self.rt.is_main, rank=self.dist.dp_rank, world=self.dp,
+            barrier=self.dist.barrier,
+            # plateau schedules reduce the LR from validation losses
+            on_val=lambda loss: observe_val_loss(self.scheduler, loss))
+
+    def _run_eval(self, split: str, batches) -> dict:
         batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
                    for x, y in batches)
         if self.pipeline is not None:  # forward through the stages (schedule.eval)
             with self.policy.autocast():
-                result = self.pipeline.evaluate(batches, self.dist.sum_reducer,
-                                                self.pipeline.batch_size)
-        else:
-            result = evaluate(self.model, batches, self.policy, self.rt.device,
-                              self.spec.kind, count_reducer=self.dist.sum_reducer)
-        if split == "val":  # plateau schedules reduce the LR from validation losses
-            observe_val_loss(self.scheduler, result["loss"])
-        record = {"kind": "eval", "split": split, "step": self.state.step, **result}
-        self.log(record)
-        # summary.json says what each loss covers (metrics.jsonl keeps its schema).
-        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
-
-    def maybe_keep_best(self, val_loss: float) -> None:
-        if val_loss < self.state.best_val:
-            self.state.best_val, self.state.best_step = val_loss, self.state.step
-            self.save_weights(self.run_dir / rd.BEST_WEIGHTS)
+                return self.pipeline.evaluate(batches, self.dist.sum_reducer,
+                                              self.pipeline.batch_size)
+        return evaluate(self.model, batches, self.policy, self.rt.device,
+                        self.spec.kind, count_reducer=self.dist.sum_reducer)
 
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let
@@ -273,7 +268,7 @@ class Trainer:
                             if self.rt.is_main else "off")
         meter = Throughput()
         if cfg.eval.interval and st.step == 0:
-            self.maybe_keep_best(self.evaluate("val")["loss"])
+            self.recorder.validate(st.step)
         self.model.train()
         meter.start()
         t0 = time.perf_counter()
@@ -291,10 +286,9 @@ class Trainer:
                                 tok_s=last["tokens_per_s"])
             if cfg.eval.interval and st.step % cfg.eval.interval == 0 \
                     and st.step != cfg.train.steps:
-                val = self.evaluate("val")
+                val = self.recorder.validate(st.step)
                 if self.rt.is_main:  # one line per run, not one per rank
                     progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
-                self.maybe_keep_best(val["loss"])
             # Faults (skip log, rollback), interval save, a signal (save, stop).
             decision: Decision = self.ckpt.after_step(st.step, best_step=st.best_step)
             if isinstance(decision, Stop):
@@ -330,47 +324,39 @@ class Trainer:
         return record
 
     def finish(self, last_train: dict, meter: Throughput) -> dict:
+        """Validation, final weights, test on the best weights, summary and plots
+        (train/recorder.py); the fields below are this layout's."""
         cfg, st = self.cfg, self.state
-        val = self.evaluate("val")
-        self.maybe_keep_best(val["loss"])
-        self.save_weights(self.run_dir / rd.FINAL_WEIGHTS)
-        test = None
-        if cfg.eval.test:
-            best = self.run_dir / rd.BEST_WEIGHTS
-            self.dist.barrier()  # rank 0 has finished writing best.safetensors
-            if best.is_file() and st.best_step != st.step:
-                rd.load_weights(self.model, best, self.spec.tied)  # test the model chosen on validation
-            test = self.evaluate("test")
         tok_s = meter.avg_tokens_per_s
-        summary = {
-            "steps": st.step, "tokens": st.tokens, "params": self.n_params,
-            "train_loss": last_train.get("loss"), "val": val, "test": test,
-            "best_val_loss": st.best_val, "best_step": st.best_step,
-            "tokens_per_s": tok_s,
-            "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
-                    if self.flops_per_token else None),
-            "peak_flops": self._peak_flops, "peak_mem_mb": peak_memory_mb(self.rt.device),
-            "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
-            **self.step_clock.report(compiled=cfg.train.compile),
-            "threads": self.rt.threads, "interop_threads": torch.get_num_interop_threads(),
-            "device": str(self.rt.device),
-            "world_size": self.rt.world, "precision": cfg.precision.dtype,
-            "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
-            "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
-                         "dp_replicate": self.dist.dims.dp_replicate,
-                         "dp_shard": self.dist.dims.dp_shard,
-                         "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
-                         "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
-            # What differs between ranks (memory, speed); a collective, all ranks call.
-            "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
-                                       "peak_mem_mb": peak_memory_mb(self.rt.device),
-                                       "wall_time_s": st.wall_time}),
-        }
-        if self.rt.is_main:
-            self.sinks.close()
-            write_summary(self.run_dir / "summary.json", summary)
-            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-        return summary
+
+        def details() -> dict:
+            return {
+                "tokens_per_s": tok_s,
+                "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
+                        if self.flops_per_token else None),
+                "peak_flops": self._peak_flops,
+                "peak_mem_mb": peak_memory_mb(self.rt.device),
+                "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
+                **self.step_clock.report(compiled=cfg.train.compile),
+                "threads": self.rt.threads,
+                "interop_threads": torch.get_num_interop_threads(),
+                "device": str(self.rt.device),
+                "world_size": self.rt.world, "precision": cfg.precision.dtype,
+                "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
+                "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
+                             "dp_replicate": self.dist.dims.dp_replicate,
+                             "dp_shard": self.dist.dims.dp_shard,
+                             "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
+                             "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
+                # What differs between ranks (memory, speed); a collective, all ranks call.
+                "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
+                                           "peak_mem_mb": peak_memory_mb(self.rt.device),
+                                           "wall_time_s": st.wall_time}),
+            }
+
+        return self.recorder.finish(st.step, tokens=st.tokens, params=self.n_params,
+                                    train_loss=last_train.get("loss"), details=details,
+                                    close=self.sinks.close if self.sinks else lambda: None)
 
 
 def train(cfg: Config, world: World | None = None) -> dict | Stop:
