@@ -35,8 +35,10 @@ from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig  #
 from scaletrain.metrics import current_rss_mb, peak_memory_mb  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.parallel.context import DistContext  # noqa: E402
+from scaletrain.config.dims import resolve_dims  # noqa: E402
 from scaletrain.parallel.parallelize import build_parallel_model  # noqa: E402
 from scaletrain.precision import PrecisionPolicy  # noqa: E402
+from scaletrain.optim.step_end import StepEnd  # noqa: E402
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step  # noqa: E402
 from spawn import run_distributed  # noqa: E402
 
@@ -52,7 +54,7 @@ def mem_run(rank: int, world: int, spec: dict) -> dict:
     device = torch.device("cpu")
     pcfg = ParallelConfig(dp_replicate=spec["dp_replicate"], dp_shard=spec["dp_shard"],
                           activation_checkpoint=spec["ac"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     baseline = current_rss_mb()
     policy = PrecisionPolicy("bf16", device)
     mcfg = ModelConfig(n_layer=12, n_head=12, d_model=768, seq_len=spec["seq"],
@@ -62,13 +64,13 @@ def mem_run(rank: int, world: int, spec: dict) -> dict:
     model = pm.module
     n_params = sum(p.numel() for p in model.parameters())  # global (DTensor numel)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
+    opts, end = StepOptions(**ctx.step_options(pm)), StepEnd(grad_clip=1.0)
     g = torch.Generator().manual_seed(rank)
     per_rank = spec["micro"] * spec["accum"]
     for _ in range(spec["steps"]):
         x = torch.randint(0, VOCAB, (per_rank, spec["seq"]), generator=g)
         train_step(model, split_micro_batches((x, x.roll(-1, 1)), spec["micro"]), opt,
-                   policy, None, opts)
+                   policy, None, opts, end=end)
     params = sum(_local_bytes(p) for p in model.parameters())
     optim = sum(_local_bytes(v) for st in opt.state.values() for v in st.values()
                 if torch.is_tensor(v) and v.dim() > 0)

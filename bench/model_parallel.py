@@ -55,15 +55,18 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
          steps: int) -> dict:
     from scaletrain.optim import build_optimizer
     from scaletrain.parallel.context import DistContext
+    from scaletrain.config.dims import resolve_dims
     from scaletrain.parallel.model_parallel import build_pipeline
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.parallel.pipeline import bubble_fraction
     from scaletrain.precision import PrecisionPolicy
+    from scaletrain.optim.step_end import StepEnd
     from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+    from scaletrain.train.step_loss import build_step_loss
 
     cfg = _config(layout, seq_len, batch, micro)
     dev = torch.device("cpu")
-    ctx = DistContext.setup(cfg.parallel, rank, world, dev)
+    ctx = DistContext.setup(cfg.parallel, rank, resolve_dims(cfg.parallel, world), dev)
     V = cfg.model.vocab_size
     base = _rss_mb()
     policy = PrecisionPolicy("fp32", dev)
@@ -71,10 +74,11 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
                               mesh=ctx.mesh, pcfg=cfg.parallel, policy=policy, device=dev)
     model = pm.module
     dp = ctx.dims.dp
+    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel)
     pipe = build_pipeline(pm, ctx, cfg.parallel, batch // dp, micro, cfg.model, V,
-                          torch.float32)
+                          torch.float32, loss)
     opt = build_optimizer(model, cfg.optim, embedding_copies=pm.tied_copies)
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
+    opts, end = StepOptions(**ctx.step_options(pm)), StepEnd(grad_clip=1.0)
     g = torch.Generator().manual_seed(ctx.dp_rank)
     times = []
     for i in range(steps):
@@ -83,9 +87,9 @@ def _run(rank: int, world: int, layout: str, seq_len: int, batch: int, micro: in
         ctx.barrier()
         t0 = time.perf_counter()
         if pipe is not None:
-            pipe.step(micro_batches, opt, policy, opts)
+            pipe.step(micro_batches, opt, policy, opts, end)
         else:
-            train_step(model, micro_batches, opt, policy, None, opts)
+            train_step(model, micro_batches, opt, policy, None, opts, step_loss=loss, end=end)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
     out = {"layout": layout, "rank": rank, "step_s": step_s,

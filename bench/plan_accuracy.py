@@ -5,7 +5,7 @@ reset), shortened to a few steps with a small seq/batch but the same code path: 
 loader, step with gradient accumulation, AC, precision policy, optimizer, evaluation,
 checkpoint and weight saving. The measured peak is summary.json's `peak_mem_mb` (peak
 RSS on CPU; per rank for the 2-process layouts of bench/model_parallel.py), the
-prediction `plan(cfg, world, vocab)["ranks"][..]["peak_bytes"]`
+prediction `plan(cfg, dims, vocab)["ranks"][..]["peak_bytes"]`
 (scaletrain/plan/memory.py). Prints one table row per case and rank:
 predicted MiB, measured MiB, error %.
 
@@ -74,12 +74,13 @@ def _overrides(argv: list[str]):
 def predict(world: int, argv: list[str]) -> list[float]:
     """Predicted peak MiB per pipeline rank."""
     from scaletrain.config import build_config
+    from scaletrain.config.dims import resolve_dims
     from scaletrain.plan.report import plan
 
     path, over = _overrides(argv)
     cfg = build_config(str(ROOT / path), over)
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
-    ranks = plan(cfg, world, vocab)["ranks"]
+    ranks = plan(cfg, resolve_dims(cfg.parallel, world), vocab)["ranks"]
     if len(ranks) == world:  # one rank per pipeline stage: rank i is stage i
         return [r["peak_bytes"] / 2 ** 20 if i == 0 else r["peak_bytes_other_ranks"] / 2 ** 20
                 for i, r in enumerate(ranks)]

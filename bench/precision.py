@@ -31,6 +31,7 @@ from scaletrain.metrics import measure_peak_flops  # noqa: E402
 from scaletrain.models import build_model, count_params  # noqa: E402
 from scaletrain.optim import build_optimizer  # noqa: E402
 from scaletrain.precision import PrecisionPolicy  # noqa: E402
+from scaletrain.optim.step_end import StepEnd  # noqa: E402
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step  # noqa: E402
 
 MODES = ("fp32", "bf16", "bf16-pure", "fp32-control")
@@ -47,7 +48,7 @@ class Runner:
         self.device = device
         self.opt = build_optimizer(self.model, cfg.optim,
                                    master_weights=self.policy.master_weights)
-        self.opts = StepOptions(grad_clip=cfg.train.grad_clip)
+        self.end = StepEnd(grad_clip=cfg.train.grad_clip)
         self.batch, self.micro, self.seq = batch, micro, cfg.model.seq_len
         self.gen = torch.Generator().manual_seed(0)
 
@@ -57,7 +58,8 @@ class Runner:
             x = torch.randint(0, VOCAB, (self.batch, self.seq + 1), generator=self.gen)
             x = x.to(self.device)
             mb = split_micro_batches((x[:, :-1], x[:, 1:]), self.micro)
-            train_step(self.model, mb, self.opt, self.policy, None, self.opts)
+            train_step(self.model, mb, self.opt, self.policy, None, StepOptions(),
+                       end=self.end)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

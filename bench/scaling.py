@@ -39,14 +39,16 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
     from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
     from scaletrain.optim import build_optimizer
     from scaletrain.parallel.context import DistContext
+    from scaletrain.config.dims import resolve_dims
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.precision import PrecisionPolicy
+    from scaletrain.optim.step_end import StepEnd
     from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     pcfg = ParallelConfig(dp_replicate=spec["dp_replicate"], dp_shard=spec["dp_shard"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=spec["seq"],
@@ -55,7 +57,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
                               pcfg=pcfg, policy=policy, device=device)
     model = pm.module
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-4))
-    opts = StepOptions(grad_clip=1.0, **ctx.step_options(pm))
+    opts, end = StepOptions(**ctx.step_options(pm)), StepEnd(grad_clip=1.0)
     per_rank = spec["batch"] // ctx.dims.dp
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, spec["vocab"], (per_rank, spec["seq"]), generator=g)
@@ -65,7 +67,7 @@ def worker(rank: int, world: int, port: int, threads: int, spec: dict, cmds, res
         ctx.barrier()
         t = time.perf_counter()
         for _ in range(n):
-            train_step(model, batch, opt, policy, None, opts)
+            train_step(model, batch, opt, policy, None, opts, end=end)
         ctx.barrier()  # the step of the group ends when its slowest rank is done
         return time.perf_counter() - t
 

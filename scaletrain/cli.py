@@ -96,6 +96,7 @@ def _split_args(cmd: str, argv: list[str]):
 
 def cmd_train(argv: list[str]) -> int:
     from scaletrain.config.load import user_keys  # lazy (module note)
+    from scaletrain.parallel.world import World  # lazy (module note)
     from scaletrain.train.resume_config import build_train_config
     from scaletrain.train.run_guard import make_run_dir
 
@@ -105,12 +106,14 @@ def cmd_train(argv: list[str]) -> int:
                         f"process), got {args.nproc}")
     # Validate everything before any compute; a resume's base is the run's config.toml,
     # and a run.dir training must not use is refused here (train/run_guard.py).
-    writes_run_dir = int(os.environ.get("RANK", 0)) == 0
+    # This process's place in the world, read once (parallel/world.py); a launcher judges
+    # the config on the world it is about to start, exactly as each of its ranks will.
+    here = World.from_env()
+    launch = args.nproc > 1 and not here.launched
+    world = World.launching(args.nproc) if launch else here
+    writes_run_dir = world.is_main
     cfg = build_train_config(args.config, overrides, guard=writes_run_dir)
-    launch = args.nproc > 1 and "RANK" not in os.environ
-    _preflight(cfg, args.nproc if launch else int(os.environ.get("WORLD_SIZE", 1)),
-               args.nproc if launch else int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-               user_keys(args.config, overrides))
+    _preflight(cfg, world, user_keys(args.config, overrides))
     if writes_run_dir:  # every check passed: only now may the run dir appear (or fail to)
         make_run_dir(Path(cfg.run.dir))
     if launch:
@@ -132,10 +135,10 @@ def cmd_train(argv: list[str]) -> int:
 
         summary = train_ps(cfg)
     else:
-        summary = train(cfg)
+        summary = train(cfg, world)
     if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
         return summary.exit_code
-    if int(os.environ.get("RANK", 0)) == 0:
+    if world.is_main:
         val, test = summary["val"], summary.get("test")
         line = f"done: {summary['steps']} steps, val loss {val['loss']:.4f}"
         if test:
@@ -144,7 +147,7 @@ def cmd_train(argv: list[str]) -> int:
                 line += f", test accuracy {test['accuracy']:.4f}"
         line += f", {summary['tokens_per_s']:.0f} tokens/s -> {cfg.run.dir}"
         print(line)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if world.size > 1:
         # Everything is written and the process group destroyed. Skip the interpreter's
         # teardown: gloo worker threads can still hold async work (pipeline P2P) whose
         # destruction during finalization aborts the process ("terminate called without
@@ -155,9 +158,10 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _preflight(cfg, world: int, local_world: int, user_set: frozenset[str]) -> None:
-    """What the world size and the machine's memory allow, judged before the launch or
-    any allocation: one line here, not the same line from N ranks and torchrun's report.
+def _preflight(cfg, world, user_set: frozenset[str]) -> None:
+    """What the world (parallel/world.py `World`: the one about to be launched, or this
+    rank's) and the machine's memory allow, judged before the launch or any allocation:
+    one line here, not the same line from N ranks and torchrun's report.
     `user_set`: the keys the user set, which init.from must not silently replace."""
     import copy
 
@@ -170,8 +174,8 @@ def _preflight(cfg, world: int, local_world: int, user_set: frozenset[str]) -> N
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
     shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
                           resuming=resumes_in_place(cfg))
-    check_world(shaped, world, shaped.model.vocab_size or None)
-    check_memory(shaped, world, local_world)
+    dims = check_world(shaped, world.size, shaped.model.vocab_size or None)  # its layout
+    check_memory(shaped, dims, world.local_size)
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -318,10 +322,14 @@ def cmd_plan(argv: list[str]) -> int:
         raise UserError(f"model.name='{cfg.model.name}' has no memory model; plan "
                         "covers model.name='gpt'")
     vocab = plan_vocab(cfg)
-    check_world(cfg, args.world, vocab)  # the rules train --nproc N judges a layout by
+    dims = check_world(cfg, args.world, vocab)  # the rules train --nproc N judges by
+    if dims is None:  # parallel.mode='ps' has no layout; the plan shows its degrees'
+        from scaletrain.config.dims import resolve_dims  # lazy (module note)
+
+        dims = resolve_dims(cfg.parallel, args.world)
     if args.fit:
-        return run_fit(cfg, args.world, vocab, args.memory_gib or 0.0, as_json=args.json)
-    result = plan(cfg, args.world, vocab)
+        return run_fit(cfg, dims, vocab, args.memory_gib or 0.0, as_json=args.json)
+    result = plan(cfg, dims, vocab)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 

@@ -20,9 +20,16 @@ from pathlib import Path
 PATTERNS = {
     "micro-batch derived (`micro_batch_size or …`)": r"micro_batch_size\s+or\b",
     "ParallelDims resolved (`resolve_dims(` / `ParallelDims.resolve(`)": r"(?<!def )resolve_dims\(|ParallelDims\.resolve\(",
-    "environment read for WORLD_SIZE/RANK/LOCAL_WORLD_SIZE": r"environ(\.get)?\W+[\"'](WORLD_SIZE|RANK|LOCAL_WORLD_SIZE)",
+    # `env = os.environ; env.get("RANK")` counts too (train/runtime.py read it that way)
+    "environment read for WORLD_SIZE/RANK/LOCAL_WORLD_SIZE": r"(environ|\benv)(\.get\(|\[)\s*[\"'](WORLD_SIZE|RANK|LOCAL_WORLD_SIZE)[\"']",
     "family sniff (`hasattr(…, \"tie_weights\")`)": r"hasattr\([^)]*[\"']tie_weights[\"']",
     "layout facts stashed on modules (`_pp_stage_views` …)": r"_pp_stage_views|_tp_loss_parallel|_tied_embedding",
+}
+# Hits that are the definition itself, not a use: pattern label -> the defining module
+# (its own lines are listed apart, marked "definition", and not counted).
+DEFINED_IN = {
+    "ParallelDims resolved (`resolve_dims(` / `ParallelDims.resolve(`)": "config/dims.py",
+    "environment read for WORLD_SIZE/RANK/LOCAL_WORLD_SIZE": "parallel/world.py",
 }
 
 
@@ -121,7 +128,10 @@ def main() -> None:
     print(f"package cycles at module level: {len(cycles)}"
           + "".join(f"\n  {len(c)} packages: {' '.join(c)}" for c in cycles))
     for label, where in hits.items():
-        print(f"{label}: {len(where)}" + "".join(f"\n  {w}" for w in where))
+        home = DEFINED_IN.get(label)
+        uses = [w for w in where if not (home and w.split(":")[0].endswith(home))]
+        print(f"{label}: {len(uses)}" + "".join(f"\n  {w}" for w in uses)
+              + "".join(f"\n  ({w}: definition)" for w in where if w not in uses))
     print(f"StepOptions fields: {len(step_fields)} {' '.join(step_fields)}")
     print(f"longest functions (lines):")
     for length, where in sorted(functions, reverse=True)[:args.longest]:

@@ -111,12 +111,13 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
 
 
 def _load_hf(d: Path, overrides, device):
-    """A Hugging Face GPT-2 directory: model fields from config.json, default settings."""
-    fields = hf_import.hf_model_fields(d)
+    """A Hugging Face directory (any family with an HF map): model fields from
+    config.json, default settings, weights read shard by shard."""
+    fields = hf_import.check_hf_dir(d)
     cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
                               for k, v in fields.items()] + list(overrides))
     model = build_model(cfg.model, {}, seed=0, device="cpu")
-    load_into(model, hf_import.hf_state_dict(d), str(d), spec_of(cfg.model).tied)
+    hf_import.load_hf_into(model, d, spec_of(cfg.model).tied)
     tok = None
     if (d / "tokenizer.json").is_file():
         try:

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import os
-
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import resolve_dims
+from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.config.faults_checks import check_checkpoint_config
+from scaletrain.config.model_checks import FAMILY_RULES
 from scaletrain.config.ps_checks import check_ps
 from scaletrain.config.schema import Config
 from scaletrain.config.strategy_checks import check_training_strategy
 from scaletrain.errors import ConfigError
 
 
-def _env_world() -> int | None:
-    """WORLD_SIZE of this process when launched by torchrun; None before the launch."""
-    w = os.environ.get("WORLD_SIZE")
-    return int(w) if w else None
-
-
 def data_parallel_degree(cfg: Config, world: int | None = None) -> int:
-    """dp_replicate × dp_shard, with a -1 inferred from `world` (default: $WORLD_SIZE).
+    """dp_replicate × dp_shard, with a -1 inferred from `world` when given.
 
-    Before a launch (no world known yet) a -1 counts as 1; the launcher and every rank
-    check again with the real world size (config/dims.py).
+    Without a world (a config validated on its own: `build_config`) a -1 counts as 1; the
+    world is never read here: the launcher, `plan --world` and every rank judge the
+    config on theirs (parallel/world_checks.py), with the layout they resolved.
     """
-    world = world or _env_world()
     if world is None:
         return max(cfg.parallel.dp_replicate, 1) * max(cfg.parallel.dp_shard, 1)
     return resolve_dims(cfg.parallel, world).dp
@@ -39,17 +32,18 @@ def accumulation_steps(cfg: Config, world: int | None = None) -> int:
 
 def check_combinations(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
-    if m.name == "gpt":
-        if m.d_model % m.n_head:
-            raise ConfigError(f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
+    family = FAMILY_RULES[m.name]  # the registry's facts validation needs (model_checks.py)
+    if family.kind == "text":
         if m.vocab_size and m.vocab_size < 2:
             raise ConfigError(f"model.vocab_size must be 0 (from the tokenizer) or >= 2")
         if cfg.data.source == "digits":
-            raise ConfigError("model.name='gpt' needs a text data.source, not 'digits' "
+            raise ConfigError(f"model.name='{m.name}' needs a text data.source, not 'digits' "
                               "(use model.name='cnn' or 'mlp')")
     elif cfg.data.source != "digits":
         raise ConfigError(f"model.name='{m.name}' is an image model; set data.source='digits'")
-    check_parallel(cfg, _env_world())
+    if family.check is not None:
+        family.check(m)  # the family's own shape rules
+    check_parallel(cfg, None)  # the world's part: parallel/world_checks.py check_world
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must be < 1 "
                           "(something must be left to train on)")
@@ -60,12 +54,15 @@ def check_combinations(cfg: Config) -> None:
     check_checkpoint_config(cfg)  # faults
 
 
-def check_parallel(cfg: Config, world: int | None) -> None:
-    """Parallel degrees against the world size (when known) and the batch against dp."""
+def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = None) -> None:
+    """Parallel degrees against the world size (when known) and the batch against dp.
+
+    `dims`: the layout already resolved for `world` (the world checks pass theirs)."""
     if cfg.parallel.mode == "ps":  # parameter-server mode has its own rules (issue #7)
         return check_ps(cfg, world)
     t = cfg.train
-    dp = data_parallel_degree(cfg, world)  # ConfigError naming the degrees if they clash
+    # ConfigError naming the degrees if they clash
+    dp = dims.dp if dims is not None else data_parallel_degree(cfg, world)
     p = cfg.parallel
     if p.activation_checkpoint == "budget" and p.activation_budget_gib <= 0:
         raise ConfigError("parallel.activation_checkpoint='budget' needs "
@@ -80,10 +77,11 @@ def check_parallel(cfg: Config, world: int | None) -> None:
     if cfg.plan.auto and cfg.model.name != "gpt":  # plan/memory.py models the GPT only
         raise ConfigError(f"plan.auto needs a model the memory plan knows (model.name="
                           f"'gpt'), not '{cfg.model.name}'")
-    if cfg.parallel.activation_checkpoint != "none" and cfg.model.name != "gpt":
-        raise ConfigError(f"parallel.activation_checkpoint="
-                          f"'{cfg.parallel.activation_checkpoint}' needs a model with "
-                          f"transformer blocks (model.name='gpt'), not '{cfg.model.name}'")
+    if p.activation_checkpoint != "none" and not FAMILY_RULES[cfg.model.name].blocks:
+        with_blocks = ", ".join(repr(n) for n, f in FAMILY_RULES.items() if f.blocks)
+        raise ConfigError(f"parallel.activation_checkpoint='{p.activation_checkpoint}' "
+                          f"needs a model family with transformer blocks ({with_blocks}), "
+                          f"not '{cfg.model.name}'")
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                           f"data-parallel degree {dp} (parallel.dp_replicate * dp_shard)")

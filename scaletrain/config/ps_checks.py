@@ -19,9 +19,13 @@ from scaletrain.errors import ConfigError
 # means deleting its row. Not listed: fields refused by check_ps below (layouts,
 # precision, ...), and fields that only refine a listed or refused one (compile_scope,
 # batch_ramp_start, pp_*, lora_alpha, distill.alpha, ...), which spmd ignores too while
-# their parent is off. Known gap: the defaults checkpoint.on_signal=true,
-# faults.skip_nonfinite=true and faults.spike_sigmas=6 are not honoured either, and a
-# value equal to its default cannot be told from an unset one.
+# their parent is off. Honoured through the parts PS shares with the spmd trainer:
+# checkpoint.keep_best (PS checkpoint pruning), faults.skip_nonfinite / spike_* (the
+# coordinator consults train/faults.py's monitor on every update), checkpoint.on_signal
+# (paramserver/stop.py). Known gap: a value
+# equal to its default cannot be told from an unset one, so the default
+# faults.max_consecutive=8 passes although PS never rolls back (bad updates stay
+# skipped, as spmd does when it has no checkpoint to go back to).
 UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "train.compile": ("the workers run the model eagerly", ()),
     "train.grad_clip_value": ("the servers clip the global norm only (train.grad_clip)",
@@ -34,12 +38,9 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "optim.lr_scaling": ("the servers' optimizers run at optim.lr, unscaled", ()),
     "schedule.name": ("the servers' schedules never see the validation loss", ()),
     "schedule.epoch_steps": ("the servers' schedules do not know the epoch length", ()),
-    "checkpoint.keep_best": ("PS keeps only the newest checkpoint.keep checkpoints", ()),
     "checkpoint.async_save": ("PS checkpoints are written synchronously", ()),
-    **{f"faults.{k}": ("PS has no fault guard: no step is skipped or rolled back", off)
-       for k, off in (("spike_sigmas", (0.0,)), ("spike_window", ()),
-                      ("spike_min_history", ()), ("max_consecutive", (0,)),
-                      ("rollback_lr_factor", ()))},
+    **{f"faults.{k}": ("the coordinator skips a bad update but never rolls back", off)
+       for k, off in (("max_consecutive", (0,)), ("rollback_lr_factor", ()))},
     "parallel.backend": ("PS talks over torch RPC (TensorPipe), no collective backend",
                          ()),
     "parallel.timeout_s": ("PS waits parallel.ps_timeout_s instead", ()),

@@ -45,17 +45,48 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = F("gpt", "Model family from the registry.", choices=("gpt", "mlp", "cnn"))
-    n_layer: int = F(4, "GPT: number of transformer blocks.", ge=1)
-    n_head: int = F(4, "GPT: attention heads per block; must divide d_model.", ge=1)
-    d_model: int = F(128, "GPT: residual stream width.", ge=1)
-    d_ff: int = F(0, "GPT: MLP hidden width; 0 means 4 * d_model.", ge=0)
-    seq_len: int = F(128, "GPT: context length in tokens (learned positions).", ge=1)
-    vocab_size: int = F(0, "GPT: vocabulary size; 0 takes the prepared tokenizer's.", ge=0)
+    name: str = F("gpt", "Model family from the registry: 'gpt' (GPT-2), 'llama' (Llama 3 / "
+                  "Qwen 2.5 / Qwen 3 / Mistral decoders), 'mlp' or 'cnn' (images).",
+                  choices=("gpt", "llama", "mlp", "cnn"))
+    n_layer: int = F(4, "Text models: number of transformer blocks.", ge=1)
+    n_head: int = F(4, "Text models: attention (query) heads per block; GPT: must divide "
+                    "d_model.", ge=1)
+    d_model: int = F(128, "Text models: residual stream width.", ge=1)
+    d_ff: int = F(0, "Text models: MLP hidden width; 0 means 4 * d_model (GPT) or Llama's "
+                  "8/3 * d_model rounded up to a multiple of 64 (llama).", ge=0)
+    seq_len: int = F(128, "Text models: context length in tokens.", ge=1)
+    vocab_size: int = F(0, "Text models: vocabulary size; 0 takes the prepared tokenizer's.",
+                        ge=0)
     dropout: float = F(0.0, "Dropout probability (GPT: embeddings, attention, residual).",
                        ge=0.0, lt=1.0)
     bias: bool = F(True, "GPT: biases in linear layers and LayerNorms (GPT-2 has them).")
     init_std: float = F(0.02, "Std of the normal initialisation of weights.", gt=0.0)
+    n_kv_head: int = F(0, "llama: key/value heads (grouped-query attention); 0 means n_head; "
+                       "n_head must be a multiple.", ge=0)
+    head_dim: int = F(0, "llama: features per attention head; 0 means d_model / n_head.",
+                      ge=0)
+    norm_eps: float = F(1e-5, "llama: epsilon of the RMSNorms.", gt=0.0, lt=1.0)
+    rope_theta: float = F(10000.0, "llama: base of the rotary position embedding's "
+                          "frequencies (Llama 3: 500000).", gt=0.0)
+    rope_scaling: str = F("none", "llama: rotary frequency scaling: 'none' or 'llama3' "
+                          "(Llama 3.1's, with the rope_factor / rope_*_freq_factor / "
+                          "rope_original_seq_len fields).", choices=("none", "llama3"))
+    rope_factor: float = F(8.0, "llama: rope_scaling='llama3' slow-down of long wavelengths.",
+                           ge=1.0)
+    rope_low_freq_factor: float = F(1.0, "llama: rope_scaling='llama3' low-frequency factor.",
+                                    gt=0.0)
+    rope_high_freq_factor: float = F(4.0, "llama: rope_scaling='llama3' high-frequency "
+                                     "factor (> rope_low_freq_factor).", gt=0.0)
+    rope_original_seq_len: int = F(8192, "llama: rope_scaling='llama3' original context "
+                                   "length.", ge=1)
+    qkv_bias: bool = F(False, "llama: biases on the q/k/v projections (Qwen2 has them).")
+    qk_norm: bool = F(False, "llama: RMSNorm over each head of q and k (Qwen3 has it).")
+    tie_embeddings: bool = F(False, "llama: the output head shares the token embedding "
+                             "(small Qwen / SmolLM models; Llama 3 8B does not).")
+    hf_architecture: str = F("", "llama: the Hugging Face class the weights came from "
+                             "(LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                             "MistralForCausalLM), which `export --format hf` writes; set "
+                             "by init.from of an HF directory; empty: from the flags.")
     hidden: int = F(256, "MLP: hidden width.", ge=1)
     channels: int = F(32, "CNN: channels of the residual blocks.", ge=1)
     n_blocks: int = F(2, "CNN: number of residual blocks.", ge=1)

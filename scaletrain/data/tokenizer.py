@@ -21,15 +21,23 @@ from scaletrain.errors import DataError
 
 EOT = "<|endoftext|>"
 """The one special token, appended after every document (as in GPT-2)."""
+# The end-of-text (document separator) token of a tokenizer that came from a Hugging
+# Face model directory (init.from), first one present: GPT-2 / Qwen / SmolLM's, Llama 3's
+# base-model one, Mistral / Llama 2's. Read from tokenizer.json alone, so the choice
+# survives every copy (run directory, worker processes) without a side file. A chat
+# model's turn-end token (<|im_end|>, <|eot_id|>) is not a document boundary.
+EOT_NAMES = (EOT, "<|end_of_text|>", "</s>")
 
 
 class Tokenizer:
     """A thin wrapper around a `tokenizers.Tokenizer` with the end-of-text id at hand."""
 
     def __init__(self, hf: HFTokenizer):
-        eot = hf.token_to_id(EOT)
-        if eot is None:
-            raise ValueError(f"tokenizer has no {EOT} token")
+        found = [name for name in EOT_NAMES if hf.token_to_id(name) is not None]
+        if not found:
+            raise ValueError(f"tokenizer has no end-of-text token (one of "
+                             f"{', '.join(EOT_NAMES)})")
+        eot = hf.token_to_id(found[0])
         # A document that literally contains "<|endoftext|>" (this very file does) must
         # be encoded as ordinary text, not as a document boundary; so must a prompt
         # (serve, generate), and the HF export says the same to transformers
@@ -38,6 +46,7 @@ class Tokenizer:
         hf.encode_special_tokens = True
         self._hf = hf
         self.eot_id: int = eot
+        self.eot_token: str = found[0]
         self.vocab_size: int = hf.get_vocab_size()
 
     @classmethod
@@ -51,7 +60,10 @@ class Tokenizer:
         except Exception as e:  # the library raises a bare Exception on malformed JSON
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"{path}: not a valid tokenizer file ({first})") from None
-        return cls(hf)
+        try:
+            return cls(hf)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as a single `tokenizer.json` file."""

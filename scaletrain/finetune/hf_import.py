@@ -1,84 +1,254 @@
-"""Read a Hugging Face GPT-2 directory (`save_pretrained` of `GPT2LMHeadModel`) into
-scaletrain's GPT: the reverse of the export mapping (checkpoint/export.py, issue #4).
+"""Read a Hugging Face `save_pretrained` directory into a scaletrain family: the
+architecture check, the weights index, and the shard-by-shard, slice-by-slice load.
 
-Names: `transformer.wte/wpe/ln_f.*` -> `wte/wpe/ln_f.*`, `transformer.h.<i>.*` ->
-`blocks.<i>.*` (same sub-names), `lm_head` tied to `wte`. HF's GPT-2 linear layers are
-`Conv1D` modules that store the weight as (in, out) — `transformers`
-`pytorch_utils.Conv1D` computes x @ W + b — so every `attn.c_attn`, `attn.c_proj`,
-`mlp.c_fc`, `mlp.c_proj` weight is transposed into `nn.Linear`'s (out, in).
+Each family says how its names and config map (`ModelSpec.hf`, models/hf_map.py: GPT-2
+in models/gpt_hf.py, Llama / Qwen2 / Qwen3 / Mistral in models/llama_hf.py); this module
+knows only the directory format: `config.json`, and either `model.safetensors` or
+`model.safetensors.index.json` naming the shard of every tensor. Only safetensors are
+read (never a pickle), without importing transformers.
 
-Only `config.json` and `model.safetensors` are read (no pickles, no `transformers`
-import): the file format is the library's, the code path is plain safetensors.
+Loading big checkpoints: `load_hf_into` walks the shards one at a time and copies into
+each parameter only the part this rank holds — the local block of a DTensor (FSDP2,
+TP), read with safetensors' `get_slice` from the memory-mapped file, so the bytes of
+other ranks' slices are never touched and no rank ever holds the whole model.
+Everything a user can get wrong in the directory (unsupported architecture, a shard
+listed in the index but missing, shapes that disagree with config.json) is found by
+`check_hf_dir`, which reads only headers, before anything is launched or written.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 
-from scaletrain.errors import CheckpointError
+from scaletrain.config.schema import ModelConfig
+from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.models.contract import TiedPairs, stored_once, tie
+from scaletrain.models.hf_map import HFMap
+from scaletrain.models.registry import REGISTRY, spec_of
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers older transformers versions saved with the attention (causal mask, -1e4 fill).
-IGNORED = (".attn.bias", ".attn.masked_bias")
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # what models/gpt.py computes
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# config.json files without "architectures" (old GPT-2 saves) name only a model_type.
+MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "mistral": "MistralForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def hf_model_fields(path: Path) -> dict:
-    """scaletrain `model.*` fields of a HF GPT-2 `config.json`; CheckpointError when the
-    checkpoint is not a GPT-2 this GPT computes exactly."""
+def _maps() -> dict[str, HFMap]:
+    return {arch: spec.hf for spec in REGISTRY.values() if spec.hf is not None
+            for arch in spec.hf.architectures}
+
+
+def read_config(path: Path) -> tuple[dict, HFMap]:
+    """(config.json, the family map of its architecture); CheckpointError naming an
+    architecture no family reads, with the ones that are read."""
     f = path / "config.json"
     try:
         c = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not a readable JSON config ({e})") from None
-    if c.get("model_type") != "gpt2":
-        raise CheckpointError(f"{f}: model_type {c.get('model_type')!r} is not 'gpt2'")
-    checks = [("activation_function", c.get("activation_function", "gelu_new") in GELU_TANH),
-              ("layer_norm_epsilon", abs(c.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12),
-              ("scale_attn_weights", c.get("scale_attn_weights", True)),
-              ("scale_attn_by_inverse_layer_idx",
-               not c.get("scale_attn_by_inverse_layer_idx", False)),
-              ("tie_word_embeddings", c.get("tie_word_embeddings", True)),
-              ("add_cross_attention", not c.get("add_cross_attention", False))]
-    for key, ok in checks:
-        if not ok:
-            raise CheckpointError(f"{f}: {key}={c.get(key)!r} is not supported (scaletrain's "
-                                  "GPT is GPT-2 with tanh GELU, LayerNorm eps 1e-5, tied head)")
-    return {"name": "gpt", "n_layer": c["n_layer"], "n_head": c["n_head"],
-            "d_model": c["n_embd"], "d_ff": c.get("n_inner") or 0,
-            "seq_len": c["n_positions"], "vocab_size": c["vocab_size"], "bias": True}
+    maps = _maps()
+    arch = (c.get("architectures") or [MODEL_TYPE_ARCH.get(c.get("model_type"), "")])[0]
+    if arch not in maps:
+        raise CheckpointError(f"{f}: architecture {arch or c.get('model_type')!r} is not "
+                              f"supported (supported: {', '.join(maps)})")
+    return c, maps[arch]
+
+
+def hf_model_fields(path: Path) -> dict:
+    """scaletrain `model.*` fields (with "name") of a HF directory's config.json."""
+    c, m = read_config(path)
+    return m.model_fields(c, str(path / "config.json"))
+
+
+class HFWeights:
+    """The tensors of a HF directory by scaletrain name: which file holds each, its HF
+    name and shape in scaletrain's orientation (headers only; nothing is read yet).
+    `tied`: the family's tied pairs, whose heads are read as their embedding."""
+
+    def __init__(self, path: Path, hfmap: HFMap, tied: TiedPairs):
+        self.path, self.map = path, hfmap
+        self.where: dict[str, tuple[Path, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for file, names in self._files().items():
+            try:
+                with safe_open(str(file), "pt") as f:
+                    for hf_name in names or f.keys():
+                        ours = hfmap.to_ours(hf_name)
+                        if ours is None or stored_once(ours, tied):
+                            continue  # not a weight, or a tied head (its embedding's)
+                        sl = f.get_slice(hf_name)
+                        shape = tuple(sl.get_shape())
+                        self.where[ours] = (file, hf_name)
+                        self.shapes[ours] = shape[::-1] if self.transposed(ours) else shape
+                        self.dtypes[ours] = sl.get_dtype()
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def transposed(self, name: str) -> bool:
+        return name.endswith(self.map.transposed) if self.map.transposed else False
+
+    def _files(self) -> dict[Path, list[str] | None]:
+        """file -> the HF names the index puts there (None: every tensor it holds)."""
+        index = self.path / INDEX
+        if not index.is_file():
+            if not (self.path / SINGLE).is_file():
+                raise CheckpointError(f"'{self.path}': no {SINGLE} nor {INDEX} (save_pretrained "
+                                      "with safe_serialization, the default)")
+            return {self.path / SINGLE: None}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        files: dict[Path, list[str]] = defaultdict(list)
+        for hf_name, file in weight_map.items():
+            if Path(file).name != file or not file.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: shard {file!r} is not a .safetensors file "
+                                      "in the directory")
+            files[self.path / file].append(hf_name)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: shard '{file.name}' listed in the index is "
+                                      "missing")
+        return dict(files)
+
+    def by_file(self, names) -> dict[Path, list[str]]:
+        out: dict[Path, list[str]] = defaultdict(list)
+        for n in names:
+            out[self.where[n][0]].append(n)
+        return dict(out)
+
+
+def check_against(weights: HFWeights, expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """The tensors the model needs, each with the shape config.json implies."""
+    missing = sorted(set(expected) - set(weights.shapes))
+    extra = sorted(set(weights.shapes) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}: the safetensors do not match config.json (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]})")
+    for name, shape in expected.items():
+        if weights.shapes[name] != shape:
+            raise CheckpointError(f"{where}: {weights.map.to_hf(name)} has shape "
+                                  f"{list(weights.shapes[name])} in the safetensors, "
+                                  f"config.json implies {list(shape)}")
+
+
+def expected_shapes(model: nn.Module, tied: TiedPairs) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the tensors a weights file holds for `model` (meta or sharded)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not stored_once(k, tied)}
+
+
+def check_hf_dir(path: Path) -> dict:
+    """The model fields of HF directory `path`, after checking its architecture, its
+    shards and every tensor's shape against config.json (headers only)."""
+    c, hfmap = read_config(path)
+    fields = hfmap.model_fields(c, str(path / "config.json"))
+    mcfg = ModelConfig(**fields)
+    spec = spec_of(mcfg)
+    try:
+        if spec.check is not None:  # the family's rules (head counts, ...) first
+            spec.check(mcfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    with torch.device("meta"):
+        model = spec.build(mcfg, {})
+    check_against(HFWeights(path, hfmap, spec.tied), expected_shapes(model, spec.tied),
+                  str(path / "config.json"))
+    return fields
+
+
+def _local_block(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(the tensor this rank writes into, the index of its block in the full tensor)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p, DTensor):
+        return p, tuple(slice(0, n) for n in p.shape)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                          p.placements)
+    return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "F64": torch.float64}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def _read_rows(file: Path, header: tuple[int, dict], name: str,
+               index: tuple[slice, ...]) -> torch.Tensor | None:
+    """The block `index` of tensor `name` read with one pread when it is whole rows (a
+    dim-0 shard: contiguous bytes), so only those bytes enter memory; reading through
+    the mmap would leave the pages resident in this process until the file closes."""
+    start, meta = header[0], header[1][name]
+    shape, dtype = meta["shape"], DTYPES.get(meta["dtype"])
+    if dtype is None or any(s.start != 0 or s.stop != n for s, n in zip(index[1:], shape[1:])):
+        return None
+    row = dtype.itemsize
+    for n in shape[1:]:
+        row *= n
+    lo = start + meta["data_offsets"][0] + index[0].start * row
+    size = (index[0].stop - index[0].start) * row if shape else dtype.itemsize
+    buf = bytearray(size)
+    with open(file, "rb", buffering=0) as fh:
+        fh.seek(lo)
+        fh.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+
+
+@torch.no_grad()
+def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
+    """Copy HF directory `path`'s weights into `model` (plain or DTensor-sharded), shard
+    file by shard file, each parameter only in the block this rank holds."""
+    _, hfmap = read_config(path)
+    weights = HFWeights(path, hfmap, tied)
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items()
+              if not stored_once(k, tied)}
+    check_against(weights, {k: tuple(v.shape) for k, v in params.items()}, str(path))
+    for file, names in weights.by_file(params).items():
+        header = _header(file)
+        with safe_open(str(file), "pt") as f:
+            for name in names:
+                local, index = _local_block(params[name])
+                if local.numel() == 0:
+                    continue
+                hf_name = weights.where[name][1]
+                rows = None if weights.transposed(name) else _read_rows(file, header, hf_name,
+                                                                        index)
+                if rows is None:  # not a block of whole rows (a TP column shard, Conv1D)
+                    sl = f.get_slice(hf_name)
+                    rows = sl[index[::-1]].t() if weights.transposed(name) else sl[index]
+                local.copy_(rows.reshape(local.shape))
+    tie(model, tied)
 
 
 def hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a HF GPT-2 directory under scaletrain names (float32, (out, in))."""
-    f = path / "model.safetensors"
-    if not f.is_file():
-        raise CheckpointError(f"'{path}': no model.safetensors (save_pretrained with "
-                              "safe_serialization, the default)")
-    try:
-        hf = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    out: dict[str, torch.Tensor] = {}
-    for key, t in hf.items():
-        name = key.removeprefix("transformer.")
-        if name.startswith("h."):
-            name = "blocks." + name[2:]
-        if name.endswith(IGNORED) or name == "lm_head.weight":
-            continue  # masks are recomputed; the head is the (tied) embedding
-        if name.endswith(CONV1D):
-            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-        out[name] = t.float().contiguous()
-    if "lm_head.weight" in hf and "wte.weight" in out \
-            and not torch.equal(hf["lm_head.weight"].float(), out["wte.weight"]):
-        raise CheckpointError(f"{f}: lm_head differs from wte; only tied heads are supported")
+    """The full weights of a HF directory under scaletrain names, float32 (one
+    process: eval, compress)."""
+    c, hfmap = read_config(path)
+    tied = spec_of(ModelConfig(**hfmap.model_fields(c, str(path / "config.json")))).tied
+    weights = HFWeights(path, hfmap, tied)
+    out = {}
+    for file, names in weights.by_file(weights.where).items():
+        with safe_open(str(file), "pt") as f:
+            for name in names:
+                t = f.get_tensor(weights.where[name][1])
+                out[name] = (t.t() if weights.transposed(name) else t).float().contiguous()
     return out

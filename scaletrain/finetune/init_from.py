@@ -1,9 +1,11 @@
 """`init.from`: a run directory, a compress artefact / export directory, or a Hugging
-Face GPT-2 directory, as the starting point of a new training run.
+Face `save_pretrained` directory of a family with an HF map (GPT-2; Llama, Qwen2, Qwen3,
+Mistral: finetune/hf_import.py), as the starting point of a new training run.
 
-What comes from the source: the model architecture (`model.*` shape fields) and the
-tokenizer (so the new data is encoded with the ids the weights were trained on). What
-comes from the new config: data, optimizer, schedule, steps, dropout.
+What comes from the source: the model architecture (the family's `source_fields`,
+models/registry.py) and the tokenizer (so the new data is encoded with the ids the
+weights were trained on). What comes from the new config: data, optimizer, schedule,
+steps, dropout, and a llama's seq_len (its weights do not fix one).
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune import hf_import
 from scaletrain.finetune.lora import apply_lora, freeze
 from scaletrain.models.contract import TiedPairs, stored_once, tie
-from scaletrain.models.registry import spec_of
+from scaletrain.models.registry import spec_for, spec_of
 from scaletrain.parallel.weights import load_full_state_dict
 
-# The model fields that define the weights' shapes; the rest (dropout) stays the user's.
-SHAPE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size", "bias")
 ARTEFACT_FILE = "artefact.json"
 
 
@@ -40,7 +40,7 @@ class Source:
     dir: Path
     model: dict  # model.* fields
     tokenizer: Path | None
-    weights: Path | None  # None for "hf" (read through hf_import)
+    weights: Path | None  # None for "hf" (read through hf_import, shard by shard)
 
 
 def _read_toml_model(path: Path) -> dict:
@@ -62,8 +62,8 @@ def find_source(path: str | os.PathLike, which: str = "best", what: str = "init.
                       d / "model.safetensors")
     if (d / CONFIG_FILE).is_file():
         return Source("run", d, _read_toml_model(d / CONFIG_FILE), tok, pick_weights(d, which))
-    if hf_import.is_hf_dir(d):
-        return Source("hf", d, hf_import.hf_model_fields(d), tok, None)
+    if hf_import.is_hf_dir(d):  # architecture, shards and shapes checked from headers
+        return Source("hf", d, hf_import.check_hf_dir(d), tok, None)
     w = d / "model.safetensors"
     if w.is_file():  # a bare export: the resolved config is in the file's metadata
         try:
@@ -75,7 +75,7 @@ def find_source(path: str | os.PathLike, which: str = "best", what: str = "init.
             return Source("safetensors", d, json.loads(meta["scaletrain_config"])["model"],
                           tok, w)
     raise CheckpointError(f"{what}: '{d}' holds no weights scaletrain can read (a run "
-                          "directory, an artefact, or a Hugging Face GPT-2 directory)")
+                          "directory, an artefact, or a Hugging Face directory)")
 
 
 def source_state(src: Source) -> dict[str, torch.Tensor]:
@@ -123,8 +123,10 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
         shape, origin = src.model, f"init.from='{cfg.init.from_}'"
         if src.tokenizer is not None and not cfg.data.tokenizer:
             cfg.data.tokenizer = str(src.tokenizer.resolve())
-    asked = {k: getattr(cfg.model, k) for k in SHAPE_FIELDS if f"model.{k}" in user_set}
-    for key in SHAPE_FIELDS:
+    spec = spec_for(shape.get("name", "gpt"))
+    fixed = spec.source_fields
+    asked = {k: getattr(cfg.model, k) for k in fixed if f"model.{k}" in user_set}
+    for key in fixed:
         if key in shape:
             setattr(cfg.model, key, shape[key])
     if not resuming and not cfg.model.vocab_size and src.tokenizer is not None:
@@ -171,7 +173,11 @@ def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
                               f"model of init.from ({cfg.model.vocab_size})")
         if not resuming:
             src = find_source(cfg.init.from_, cfg.init.weights)
-            load_into(model, source_state(src), cfg.init.from_, spec_of(cfg.model).tied)
+            tied = spec_of(cfg.model).tied
+            if src.kind == "hf":  # each rank reads only its own slices
+                hf_import.load_hf_into(model, src.dir, tied)
+            else:
+                load_into(model, source_state(src), cfg.init.from_, tied)
     return _convert(model, cfg)
 
 

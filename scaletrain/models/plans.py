@@ -56,3 +56,58 @@ def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel)
     return plan
+
+
+def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
+                  sequence_parallel: bool = False) -> dict:
+    """Megatron-style plan for models/llama.py's Llama (or one pipeline stage of it).
+
+    q/k/v are separate linears, each column-parallel over its heads (rank r holds query
+    heads r·Hq/tp.. and kv heads r·Hkv/tp..: tp divides n_kv_head, so every rank's query
+    heads find their kv group locally); o_proj and down_proj row-parallel; gate/up
+    column-parallel. The rotary angles are computed in the forward from the full
+    sequence length (of the token ids) and need no plan. With SP the residual stream is
+    (B, T/tp, D) and the sublayers' inputs are all-gathered (PrepareModuleInput), as in
+    the GPT plan; the per-head q/k norms (qk_norm) see head-sharded (B, T, H/tp, hd)
+    tensors, so their replicated weight takes its gradient summed over the tp ranks.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel)
+
+    sp = sequence_parallel
+    stream = Shard(1) if sp else Replicate()
+    norm = (lambda: SequenceParallel()) if sp else replicate_style
+    plan: dict = {}
+    if model.embed_tokens is not None:
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    for name in model.blocks.keys():
+        b = f"blocks.{name}"
+        plan[f"{b}.input_layernorm"] = norm()
+        plan[f"{b}.post_attention_layernorm"] = norm()
+        if sp:  # attention's inputs: (x, cos, sin, mask); only x is sequence-sharded
+            plan[f"{b}.self_attn"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None))
+            plan[f"{b}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                  desired_input_layouts=(Replicate(),))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            plan[f"{b}.self_attn.{proj}"] = ColwiseParallel()
+        attn = model.blocks[name].self_attn
+        if attn.q_norm is not None:  # (B, T, H/tp, hd): sharded on the head dim
+            plan[f"{b}.self_attn.q_norm"] = SequenceParallel(sequence_dim=2,
+                                                             use_local_output=True)
+            plan[f"{b}.self_attn.k_norm"] = SequenceParallel(sequence_dim=2,
+                                                             use_local_output=True)
+        plan[f"{b}.self_attn.o_proj"] = RowwiseParallel(output_layouts=stream)
+        plan[f"{b}.mlp.gate_proj"] = ColwiseParallel()
+        plan[f"{b}.mlp.up_proj"] = ColwiseParallel()
+        plan[f"{b}.mlp.down_proj"] = RowwiseParallel(output_layouts=stream)
+    if model.norm is not None:
+        plan["norm"] = norm()
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(
+            input_layouts=stream,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel)
+    return plan

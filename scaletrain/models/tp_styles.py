@@ -40,6 +40,8 @@ def _fused_colwise_style(split: int, **kw):
         """Column-parallel for a linear whose output rows are `split` stacked parts
         ([Q; K; V]): rank r computes rows r/tp of *each* part."""
 
+        bias_sharded = False  # the bias stays replicated (see `forward`)
+
         def _partition_linear_fn(self, name, module, device_mesh):
             for pname, p in list(module.named_parameters(recurse=False)):
                 placement = strided if pname == "weight" else [Replicate()]
@@ -89,3 +91,24 @@ def replicate_style(output_layout=None):
 def fused_colwise(split: int = 3, **kw):
     """Public factory for plans: column-parallel over `split` fused output parts."""
     return _fused_colwise_style(split, **kw)
+
+
+def plan_sharded(model: nn.Module, plan: dict) -> set[str]:
+    """Names of `model`'s parameters that `plan` shards over tp (the others are
+    replicated): column-parallel weights and biases (a fused one's bias stays
+    replicated), row-parallel weights (embedding rows included). For the planner
+    (plan/report.py), which counts 1/tp of each."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    out = set()
+    for path, style in plan.items():
+        if isinstance(style, ColwiseParallel):
+            leaves = ("weight", "bias") if getattr(style, "bias_sharded", True) else ("weight",)
+        elif isinstance(style, RowwiseParallel):
+            leaves = ("weight",)
+        else:
+            continue
+        module = model.get_submodule(path)
+        out.update(f"{path}.{leaf}" for leaf in leaves
+                   if getattr(module, leaf, None) is not None)
+    return out

@@ -5,9 +5,14 @@ Shared by the plain / DDP / FSDP / TP step (train/step.py), the pipeline step
 (parallel/pipeline_step.py) and the parameter server's update (paramserver/server.py),
 so a change to the order (which the parity and resume tests check bitwise) is made in
 one place. It takes every setting explicitly and imports nothing of the trainer, so the
-lower layers can call it. What differs by layout comes in as arguments: the gradient
-norm of sharded / pipelined gradients (`clip_norm`), and the parameters that the norm
-counts (`norm_params`: a pipeline's tied copies are counted once).
+lower layers can call it.
+
+`StepEnd` holds the run's settings (what the config says: clipping, the penalty hook, the
+fault guard), built once by the trainer and handed to the step paths, which call
+`StepEnd.finish`. What differs by layout comes in at that call: the gradient norm of
+sharded / pipelined gradients (`clip_norm`: train/step.py StepOptions.clip_norm, the
+pipeline's over its group, the parameter server's coordinator coefficient), and the
+parameters that the norm counts (`norm_params`: a pipeline's tied copies are counted once).
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
+# (loss, grad norm) -> False: skip this update (train/faults.py)
+Guard = Callable[[torch.Tensor, torch.Tensor], bool]
+
+
 @dataclass
-class StepEnd:
+class StepEndResult:
     grad_norm: torch.Tensor | None  # before clipping; None where measured elsewhere
     skipped: bool  # the update was not applied (guard refused it, or fp16 overflow)
 
@@ -44,13 +53,35 @@ class StepResult:
     skipped: bool = False  # fp16 overflow: the optimizer step was not applied
 
 
+@dataclass(frozen=True)
+class StepEnd:
+    """The run's end-of-step settings, the same for every step path and layout."""
+
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (norm still measured)
+    grad_clip_value: float = 0.0  # elementwise clip; 0 = off
+    # Adds the L1/L2 penalty gradient once per step (optim/penalties.py).
+    add_penalty_grads: Callable[[], None] | None = None
+    guard: Guard | None = None  # the fault guard (train/faults.py, train/device_guard.py)
+
+    def finish(self, optimizer: torch.optim.Optimizer, params: list, *,
+               clip_norm: ClipNorm = clip_grad_norm, norm_params: list | None = None,
+               scaler: torch.amp.GradScaler | None = None,
+               loss: torch.Tensor | None = None) -> StepEndResult:
+        """`finish_step` with these settings and the layout's `clip_norm`."""
+        return finish_step(optimizer, params, scaler=scaler,
+                           add_penalty_grads=self.add_penalty_grads,
+                           grad_clip_value=self.grad_clip_value, grad_clip=self.grad_clip,
+                           clip_norm=clip_norm, norm_params=norm_params, guard=self.guard,
+                           loss=loss)
+
+
 def finish_step(optimizer: torch.optim.Optimizer, params: list, *,
                 scaler: torch.amp.GradScaler | None = None,
                 add_penalty_grads: Callable[[], None] | None = None,
                 grad_clip_value: float = 0.0, grad_clip: float = 0.0,
                 clip_norm: ClipNorm = clip_grad_norm, norm_params: list | None = None,
-                guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
-                loss: torch.Tensor | None = None) -> StepEnd:
+                guard: Guard | None = None,
+                loss: torch.Tensor | None = None) -> StepEndResult:
     """Apply the step's accumulated gradients of `params` and zero them.
 
     `grad_clip` is the max global grad norm (0: measure only), `grad_clip_value` the
@@ -70,7 +101,7 @@ def finish_step(optimizer: torch.optim.Optimizer, params: list, *,
         if scaler is not None:
             scaler.update()  # unscale_ recorded this step's inf checks; keep them in sync
         optimizer.zero_grad(set_to_none=True)
-        return StepEnd(grad_norm, skipped=True)
+        return StepEndResult(grad_norm, skipped=True)
     skipped = False
     if scaler is not None:
         scale_before = scaler.get_scale()
@@ -80,4 +111,4 @@ def finish_step(optimizer: torch.optim.Optimizer, params: list, *,
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepEnd(grad_norm, skipped)
+    return StepEndResult(grad_norm, skipped)

@@ -1,7 +1,8 @@
 """`DistContext`: the one object the trainer asks about the parallel world.
 
-It joins the process group (parallel/init.py), resolves `ParallelDims`, builds the device
-mesh and hands the step and the evaluator what they need to aggregate correctly:
+It joins the process group (parallel/init.py), holds the run's `ParallelDims` (resolved
+once by the run's build and handed in), builds the device mesh and hands the step and
+the evaluator what they need to aggregate correctly:
 
 - `sum_reducer`: all-reduce SUM over the data-parallel ranks (the step's target count,
   the evaluator's (loss sum, count, correct) vector), so every rank normalises by the
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scaletrain.config.dims import ParallelDims, resolve_dims
+from scaletrain.config.dims import ParallelDims
 from scaletrain.parallel.ddp import ddp_no_sync
 from scaletrain.parallel.fsdp import fsdp_no_sync
 from scaletrain.parallel.init import destroy_distributed, init_distributed, peer_guard
@@ -42,10 +43,10 @@ class DistContext:
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    def setup(cls, pcfg, rank: int, world: int, device: torch.device) -> DistContext:
-        """Join the process group (world > 1), resolve the degrees, build the mesh."""
-        dims = resolve_dims(pcfg, world)  # ConfigError before any communication
-        owns = init_distributed(world, device, pcfg.backend, pcfg.timeout_s)
+    def setup(cls, pcfg, rank: int, dims: ParallelDims, device: torch.device) -> DistContext:
+        """Join the process group (dims.world > 1) and build the mesh of the resolved
+        layout `dims`."""
+        owns = init_distributed(dims.world, device, pcfg.backend, pcfg.timeout_s)
         ctx = cls(dims, rank, device, pcfg.timeout_s, owns_group=owns)
         with ctx.guard():
             ctx.mesh = dims.build_mesh(device.type)
@@ -99,7 +100,7 @@ class DistContext:
 
         no_sync = fsdp_no_sync if self.dims.fsdp else ddp_no_sync
         if self.dims.tp > 1 or self.dims.pp > 1:  # issue #6: TP/PP hooks of the step
-            return model_parallel_step_options(self, model, no_sync, pm.tp_loss_parallel)
+            return model_parallel_step_options(self, model, no_sync)
         return {"count_reducer": self.sum_reducer,
                 "no_sync": lambda: no_sync(model),
                 "loss_multiplier": float(self.dims.dp)}

@@ -17,14 +17,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import resolve_dims
 from scaletrain.errors import ConfigError
-from scaletrain.models.registry import count_params, spec_of
+from scaletrain.models.registry import REGISTRY, count_params, spec_of
 from scaletrain.parallel import meshes
 from scaletrain.parallel.pipeline import (check_pp, prune_to_stage, split_bounds, stage_ids,
                                           stages_per_rank)
 from scaletrain.parallel.pipeline_step import Pipeline, stage_view
-from scaletrain.parallel.tensor import apply_tp, check_tp, parallel_grad_norm, tp_loss_context
+from scaletrain.parallel.tensor import apply_tp, check_tp, parallel_grad_norm
 
 
 def pipeline_layout(n_layer: int, pcfg, pp_rank: int):
@@ -76,17 +75,14 @@ def maybe_apply_tp(model: nn.Module, dims, mesh, pcfg, tp_plan, tied=()) -> nn.M
                     sequence_parallel=pcfg.sequence_parallel, tied=tied)
 
 
-def model_parallel_step_options(ctx, model: nn.Module, no_sync,
-                                loss_parallel: bool = False) -> dict:
-    """StepOptions for a TP and/or PP layout (DistContext.step_options);
-    `loss_parallel`: the logits are vocabulary-sharded (ParallelModel.tp_loss_parallel)."""
+def model_parallel_step_options(ctx, model: nn.Module, no_sync) -> dict:
+    """StepOptions for a TP and/or PP layout (DistContext.step_options); TP's
+    loss-parallel is the loss's own (train/step_loss.py)."""
     dims = ctx.dims
     opts = {"count_reducer": ctx.sum_reducer, "loss_multiplier": float(dims.dp),
-            "grad_norm_fn": lambda params, clip: parallel_grad_norm(params, clip, None)}
+            "clip_norm": lambda params, clip: parallel_grad_norm(params, clip, None)}
     if dims.dp > 1:
         opts["no_sync"] = lambda: no_sync(model)
-    if dims.tp > 1:
-        opts["loss_context"] = tp_loss_context(loss_parallel)
     return opts
 
 
@@ -116,9 +112,10 @@ def example_io(mcfg, vocab_size: int, micro_batch: int, dtype, width: int) -> di
 
 
 def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
-                   mcfg, vocab_size: int, dtype):
+                   mcfg, vocab_size: int, dtype, step_loss):
     """The `Pipeline` (schedule over this rank's stages) for a pruned, materialised
-    model (`pm`: the ParallelModel); None when parallel.pp = 1."""
+    model (`pm`: the ParallelModel); None when parallel.pp = 1. `step_loss`: the run's
+    loss (train/step_loss.py), which the last stage computes."""
     if ctx.dims.pp <= 1:
         return None
 
@@ -129,7 +126,7 @@ def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
     bounds, ids, _ = pipeline_layout(n_layer, pcfg, meshes.coordinate(ctx.mesh, "pp"))
     return Pipeline(pm, bounds, ids, pcfg=pcfg, microbatches=m, mesh=ctx.mesh,
                     pp_group=meshes.group(meshes.sub(ctx.mesh, "pp")), device=ctx.device,
-                    loss_parallel=ctx.dims.tp > 1 and pcfg.loss_parallel,
+                    step_loss=step_loss,
                     io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype,
                                   split.width(mcfg)),
                     loss_multiplier=float(ctx.dims.dp),
@@ -160,20 +157,27 @@ def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | N
     return int(n.item()), fpt
 
 
-def check_model_parallel(cfg, vocab_size: int | None, world: int) -> None:
-    """Every TP/PP constraint of `cfg` for `world` ranks, as one ConfigError line
-    (`vocab_size` None: not known yet, its TP divisibility is left to the ranks)."""
+def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
+    """Every TP/PP constraint of `cfg` on the resolved layout `dims` (ParallelDims), as
+    one ConfigError line (`vocab_size` None: not known yet, its TP divisibility is left
+    to the ranks)."""
     p = cfg.parallel
-    dims = resolve_dims(p, world)
     check_tp(cfg.model, vocab_size, dims.tp, p.sequence_parallel)
     if dims.pp > 1:
         if cfg.precision.dtype == "fp16":
             raise ConfigError("parallel.pp > 1 with precision.dtype='fp16' is not supported "
                               "(no loss scaler through the pipeline schedule); use bf16")
+        if cfg.distill.teacher:  # the run's loss is computed on the last stage's logits
+            raise ConfigError("distill.teacher with parallel.pp > 1 is not supported: the "
+                              "last pipeline stage computes the loss without the inputs "
+                              "the teacher reads")
         split = spec_of(cfg.model).pipeline
         if split is None:
-            raise ConfigError(f"parallel.pp={dims.pp} needs a model with blocks "
-                              f"(model.name='gpt'), not {cfg.model.name!r}")
+            with_split = ", ".join(repr(n) for n, s in REGISTRY.items()
+                                   if s.pipeline is not None)
+            raise ConfigError(f"parallel.pp={dims.pp} needs a model family that splits "
+                              f"into pipeline stages ({with_split}), not "
+                              f"model.name={cfg.model.name!r}")
         batch = batch_plan(cfg, dims.dp)  # pp > 1 runs mini-batch descent only
         check_pp(p, split.depth(cfg.model),
                  pipeline_microbatches(p, batch.per_rank, batch.micro))

@@ -20,7 +20,7 @@ import torch.nn as nn
 from scaletrain.config.dims import ParallelDims
 from scaletrain.errors import ConfigError
 from scaletrain.models.contract import tied_copies
-from scaletrain.models.registry import REGISTRY, materialize
+from scaletrain.models.registry import materialize, spec_of
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
@@ -90,7 +90,7 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
     Returns the module with its layout facts (stage views, tied copies, loss-parallel
     logits). With one process this gives exactly `models.build_model`'s weights.
     """
-    spec = REGISTRY[mcfg.name]
+    spec = spec_of(mcfg)
     with torch.device("meta"):
         model = spec.build(mcfg, facts)
     views, last = None, True

@@ -2,7 +2,10 @@
 
 `Pipeline.step` is train/step.py's `train_step` for pp > 1: the schedule runs the
 micro-batch loop itself (forward/backward interleaved across stages), then the same
-end of step (optim/step_end.py: clip -> optimizer step -> zero grad).
+end of step (optim/step_end.py `StepEnd`: clip -> optimizer step -> zero grad). The loss
+is the run's one loss (train/step_loss.py `StepLoss`, built by the trainer): the schedule
+calls `loss_fn(logits, targets)` on the last stage, which `_loss` adapts to its
+`on_logits`; its `context` (TP's loss_parallel) is held around the schedule.
 
 Tied embeddings across stages (the family's `ModelSpec.tied` pairs; GPT: the head
 `lm_head.weight` is `wte.weight`): the first stage owns `wte.weight`, the last a copy as
@@ -28,10 +31,10 @@ import torch
 import torch.nn as nn
 
 from scaletrain.models.contract import param_at
-from scaletrain.models.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
-from scaletrain.optim.step_end import StepResult, finish_step
+from scaletrain.models.losses import IGNORE_INDEX, count_targets
+from scaletrain.optim.step_end import StepResult
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
-from scaletrain.parallel.tensor import local_loss, parallel_grad_norm, tp_loss_context
+from scaletrain.parallel.tensor import local_loss, parallel_grad_norm
 
 
 def stage_view(model: nn.Module, split, bounds: tuple[int, int], first: bool,
@@ -81,7 +84,7 @@ class Pipeline:
     """This rank's stages, their schedule and what a step needs around it."""
 
     def __init__(self, pm, bounds: list[tuple[int, int]], ids: list[int],
-                 *, pcfg, microbatches: int, mesh, pp_group, device, loss_parallel: bool,
+                 *, pcfg, microbatches: int, mesh, pp_group, device, step_loss,
                  io: dict, loss_multiplier: float = 1.0, ddp_group=None):
         n = len(bounds)
         model = pm.module  # pm: the ParallelModel (parallel/parallel_model.py)
@@ -97,7 +100,7 @@ class Pipeline:
         self.device = torch.device(device)  # collectives' tensors live here (NCCL: GPU)
         self.loss_multiplier = loss_multiplier
         self.ddp_group = ddp_group  # gradients all-reduced here (plain DP), else None
-        self.loss_ctx = tp_loss_context(loss_parallel)
+        self.step_loss = step_loss  # the run's StepLoss (train/step_loss.py)
         self.denom = torch.ones(())
         views = list(pm.stage_views or (
             [stage_view(model, pm.spec.pipeline, bounds[s], s == 0, s == n - 1) for s in ids]
@@ -113,12 +116,15 @@ class Pipeline:
 
     # -- loss: the sum over the micro-batch's targets / the step's global count ------
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's `loss_fn(output, target)`: the run's loss on the last stage's
+        logits (in the loss dtype; the inputs are on the first stage, so no loss that
+        reads them runs here: parallel/model_parallel.py refuses distillation)."""
         z = logits if logits.dtype == self.denom.dtype else logits.to(self.denom.dtype)
-        loss = local_loss(sum_cross_entropy(z, targets)) / self.denom
-        return loss * self.loss_multiplier
+        loss = self.step_loss.on_logits(z, None, targets, self.denom.dtype)
+        return local_loss(loss) / self.denom * self.loss_multiplier
 
     def _run(self, fn, x, y, losses):
-        with self.loss_ctx():
+        with self.step_loss.context():
             if self.first:
                 fn(x, target=y if self.last else None, losses=losses)
             elif self.last:
@@ -136,8 +142,9 @@ class Pipeline:
         dist.all_reduce(out, group=self.pp_group)
         return out
 
-    def step(self, micro_batches, optimizer, policy, opts) -> StepResult:
-        """One optimizer step on this rank's batch (its micro-batches concatenated)."""
+    def step(self, micro_batches, optimizer, policy, opts, end) -> StepResult:
+        """One optimizer step on this rank's batch (its micro-batches concatenated);
+        `opts`: the layout's StepOptions (count_reducer), `end`: the run's StepEnd."""
         x = torch.cat([b[0] for b in micro_batches])
         y = torch.cat([b[1] for b in micro_batches])
         n_total = opts.count_reducer(count_targets(y).clone())
@@ -151,12 +158,9 @@ class Pipeline:
         self._sync_tied_grad()
         params = [p for p in self.model.parameters() if p.requires_grad]
         copies = {id(p) for p in self.tied_params}
-        end = finish_step(optimizer, params, add_penalty_grads=opts.add_penalty_grads,
-                          grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
-                          clip_norm=self._clip_norm,
-                          norm_params=[p for p in params if id(p) not in copies],
-                          guard=opts.guard, loss=loss)  # guard: train/faults.py
-        return StepResult(loss, end.grad_norm, n_total, end.skipped)
+        done = end.finish(optimizer, params, clip_norm=self._clip_norm,
+                          norm_params=[p for p in params if id(p) not in copies], loss=loss)
+        return StepResult(loss, done.grad_norm, n_total, done.skipped)
 
     def _clip_norm(self, norm_params: list, clip: float) -> torch.Tensor:
         """The global grad norm over the pipeline ranks' stages, clipped to `clip`; the

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from scaletrain.errors import ConfigError
 from scaletrain.models.contract import tie
-from scaletrain.models.registry import spec_of
+from scaletrain.models.registry import REGISTRY, spec_of
 
 
 def fsdp_shard_placement(param):
@@ -63,17 +63,19 @@ def fsdp_shard_placement(param):
 
 
 def check_tp(model_cfg, vocab_size: int | None, tp: int, sequence_parallel: bool) -> None:
-    """ConfigError naming the constraint when the GPT shape does not split `tp` ways."""
+    """ConfigError naming the constraint when the family's shape does not split `tp`
+    ways (the sizes its plan shards: ModelSpec.tp_sizes, and the vocabulary)."""
     if tp <= 1:
         return
     m = model_cfg
-    if spec_of(m).tp_plan is None:
-        raise ConfigError(f"parallel.tp={tp} needs a model with a tensor-parallel plan "
-                          f"(model.name='gpt'), not model.name={m.name!r}")
-    ff = m.d_ff or 4 * m.d_model
-    for what, n in (("model.n_head", m.n_head), ("model.d_ff (4*d_model if 0)", ff),
-                    ("the vocabulary size (model.vocab_size or the tokenizer's)",
-                     vocab_size)):
+    spec = spec_of(m)
+    if spec.tp_plan is None:
+        with_plan = ", ".join(repr(n) for n, s in REGISTRY.items() if s.tp_plan is not None)
+        raise ConfigError(f"parallel.tp={tp} needs a model family with a tensor-parallel "
+                          f"plan ({with_plan}), not model.name={m.name!r}")
+    sizes = spec.tp_sizes(m) if spec.tp_sizes is not None else ()
+    for what, n in (*sizes, ("the vocabulary size (model.vocab_size or the tokenizer's)",
+                             vocab_size)):
         if n is not None and n % tp:  # vocab_size None: not known yet (world_checks.py)
             raise ConfigError(f"parallel.tp={tp} must divide {what}={n} "
                               "(each rank holds 1/tp of the heads, MLP columns and vocab)")
@@ -94,7 +96,7 @@ def apply_tp(model: nn.Module, tp_mesh, plan_fn, *, loss_parallel: bool = True,
 
     plan = plan_fn(model, loss_parallel=loss_parallel, sequence_parallel=sequence_parallel)
     parallelize_module(model, tp_mesh, plan)
-    tie(model, tied)  # lm_head.weight = wte.weight: same (V, D) Shard(0) DTensor
+    tie(model, tied)  # the head's weight = the embedding's: one (V, D) Shard(0) DTensor
     return model
 
 

@@ -39,7 +39,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def save(run_dir: Path, step: int, servers: list[dict], coordinator: dict,
-         keep: int, config: dict) -> Path:
+         keep: int, config: dict, best_step: int | None = None) -> Path:
+    """Write checkpoint `step`; keep the newest `keep` and the one of `best_step`
+    (checkpoint.keep_best; None: off), as checkpoint/manager.py prunes."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,7 +53,8 @@ def save(run_dir: Path, step: int, servers: list[dict], coordinator: dict,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if best_step is None or old != step_dir(run_dir, best_step):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

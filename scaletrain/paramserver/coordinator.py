@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from scaletrain.paramserver import server, transport
+from scaletrain.train.faults import FaultMonitor
 
 
 @dataclass
@@ -69,12 +70,14 @@ class Update:
     lr: float  # the LR this update used
     tokens: int
     staleness: list[int] = field(default_factory=list)
+    fault: dict | None = None  # the fault guard skipped it (train/faults.py's event)
 
 
 class Coordinator:
     def __init__(self, cfg, n_workers: int, state: dict | None = None,
                  on_update: Callable[[Update], None] = lambda u: None,
-                 on_event: Callable[[dict], None] = lambda e: None):
+                 on_event: Callable[[dict], None] = lambda e: None,
+                 faults: FaultMonitor | None = None):
         p = cfg.parallel
         self.mode = p.ps_consistency
         self.s = 0 if self.mode == "sync" else p.ps_staleness
@@ -101,12 +104,23 @@ class Coordinator:
         self.hist: dict[int, int] = {int(k): v for k, v in st.get("hist", {}).items()}
         self.budget = self.steps * n_workers  # async: worker-steps of the whole run
         self.accepted = self.units  # async: worker-steps accepted (applied or queued)
+        # The spmd trainer's fault guard (faults.skip_nonfinite, spike_*), consulted on
+        # every update's loss and global grad norm: a bad update is not applied.
+        self.faults = faults
+        if faults is not None and "faults" in st:
+            faults.load_state_dict(st["faults"])
+        # checkpoint.on_signal: the signal that stops the run (set from a handler, so
+        # without the lock); the applier then applies nothing more and answers "stop".
+        self.stop_signal: int | None = None
 
     def state_dict(self) -> dict:
         """Counters and worker positions (between two updates: call from on_update)."""
-        return {"version": self.version, "next_clock": self.next_clock, "units": self.units,
-                "step": self.step, "tokens": self.tokens, "positions": dict(self.positions),
-                "hist": dict(self.hist)}
+        state = {"version": self.version, "next_clock": self.next_clock,
+                 "units": self.units, "step": self.step, "tokens": self.tokens,
+                 "positions": dict(self.positions), "hist": dict(self.hist)}
+        if self.faults is not None:  # the spike history: a resume decides alike
+            state["faults"] = self.faults.state_dict()
+        return state
 
     # -- called by workers (RPC threads) ----------------------------------------------
     def hello(self, w: int) -> tuple[int, dict | None]:
@@ -130,7 +144,8 @@ class Coordinator:
             self.last_seen[w] = time.monotonic()
             if w not in self.live:
                 refused = "dropped"
-            elif self.mode == "async" and self.accepted >= self.budget:
+            elif self.stop_signal is not None or (self.mode == "async"
+                                                  and self.accepted >= self.budget):
                 refused = "stop"
             else:
                 self.contribs.setdefault(key, {})[w] = c
@@ -158,6 +173,8 @@ class Coordinator:
         with self.cond:
             if w not in self.live:
                 result = "dropped"
+            elif self.stop_signal is not None:
+                result = "stop"
             elif ready():
                 self.last_seen[w] = time.monotonic()
                 result = "ok"
@@ -172,13 +189,22 @@ class Coordinator:
             self.finished.add(w)
             self.cond.notify_all()
 
+    def request_stop(self, signum: int) -> None:
+        """checkpoint.on_signal: stop after the update being applied (called from a
+        signal handler on this process, or over RPC by a signalled worker)."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
     # -- the applier thread -----------------------------------------------------------
     def run(self) -> None:
-        """Apply updates until every live worker has finished (or none is left)."""
+        """Apply updates until every live worker has finished (or none is left). After
+        a stop request: no further update; every pull and push is answered "stop", and
+        the run waits for the live workers' goodbyes (or drops them when silent)."""
         while True:
             with self.cond:
                 key = self._next_ready()
                 while key is None and not self._done():
+                    self._release_on_stop()
                     self.cond.wait(timeout=min(0.5, self.timeout / 4))
                     self._drop_silent()
                     key = self._next_ready()
@@ -187,7 +213,18 @@ class Coordinator:
                 contribs = self.contribs.pop(key)
             self._apply(key, contribs)
 
+    def _release_on_stop(self) -> None:
+        """After a stop request, answer the waiting pulls "stop" (lock held)."""
+        if self.stop_signal is None:
+            return
+        self.queue.clear()
+        for w, (_, fut) in list(self.waiting.items()):
+            del self.waiting[w]
+            fut.set_result("stop")
+
     def _next_ready(self) -> str | None:
+        if self.stop_signal is not None:
+            return None
         if self.mode == "async":
             while self.queue:
                 key = self.queue.popleft()
@@ -219,9 +256,10 @@ class Coordinator:
         else:
             new_step = self.step + 1
         lr = server.rpc_lr()  # this process is server 0; every shard has the same LR
-        self._on_servers(server.rpc_apply, key, coef, new_step - self.step)
-        stale = [self.version - c.version for c in contribs.values()]
         loss = sum(c.loss_sum for c in contribs.values()) / max(total, 1)
+        fault = self._judge(loss, grad_norm, new_step)
+        self._on_servers(server.rpc_apply, key, coef, new_step - self.step, fault is None)
+        stale = [self.version - c.version for c in contribs.values()]
         with self.cond:
             prev = self.step
             self.version += 1
@@ -246,7 +284,17 @@ class Coordinator:
             # The SSP bound, checked on every applied gradient (a bug here is ours).
             assert max(stale) <= self.s, f"staleness {max(stale)} > bound {self.s}"
         self.on_update(Update(self.version, self.step, prev, loss, grad_norm, lr, total,
-                              stale))
+                              stale, fault))
+
+    def _judge(self, loss: float, grad_norm: float, step: int) -> dict | None:
+        """The fault guard's verdict on an update (train/faults.py, as the spmd step's
+        guard): None to apply it, else the event to log (the servers skip it: the
+        parameters and optimizer state stay, the schedule advances, as in spmd)."""
+        if self.faults is None:
+            return None
+        reason = self.faults.classify(loss, grad_norm)
+        self.faults.record(loss, grad_norm, reason, step=step)
+        return self.faults.pop_event()
 
     def _on_servers(self, fn, *args) -> list:
         """fn(*args) on every server: the others over RPC (concurrently), this process's
@@ -329,3 +377,8 @@ def rpc_push_report(w: int, key: str, grads: list[torch.Tensor], c: Contribution
 
 def rpc_finish(w: int) -> None:
     _COORD.finish(w)
+
+
+def rpc_request_stop(signum: int) -> None:
+    """A worker got SIGTERM/SIGINT (checkpoint.on_signal): stop the run."""
+    _COORD.request_stop(signum)

@@ -90,8 +90,10 @@ class ShardServer:
             self.agg[key] = agg
             return torch.stack(torch._foreach_norm(agg))
 
-    def apply(self, key: str, clip_coef: float, sched_steps: int) -> int:
-        """Clip by the global coefficient, step the optimizer, advance the schedule."""
+    def apply(self, key: str, clip_coef: float, sched_steps: int,
+              accept: bool = True) -> int:
+        """Clip by the global coefficient, step the optimizer (unless the coordinator's
+        fault guard refused the update: `accept` False), advance the schedule."""
         with self.lock:
             for p, g in zip(self.params, self.agg.pop(key)):
                 # A no-op cast (fp16/bf16-pure are refused, config/ps_checks.py): the
@@ -99,10 +101,12 @@ class ShardServer:
                 # this is bitwise what scaling before it was.
                 p.grad = g.to(p.dtype)
             # The global norm was measured by the coordinator over every shard; this
-            # shard applies its clip coefficient (no penalty, value clip or guard here:
-            # config/ps_checks.py refuses them).
+            # shard applies its clip coefficient (no penalty or value clip here:
+            # config/ps_checks.py refuses them). The guard is the coordinator's
+            # verdict (faults.*), taken on the whole update's loss and norm.
             finish_step(self.optimizer, self.params,
-                        clip_norm=lambda params, _max_norm: scale_grads(params, clip_coef))
+                        clip_norm=lambda params, _max_norm: scale_grads(params, clip_coef),
+                        guard=None if accept else lambda _loss, _norm: False)
             for _ in range(sched_steps):
                 self.scheduler.step()
             self.version += 1
@@ -167,8 +171,8 @@ def rpc_aggregate(key: str, scales: dict[int, float]) -> torch.Tensor:
     return _SERVER.aggregate(key, scales)
 
 
-def rpc_apply(key: str, clip_coef: float, sched_steps: int) -> int:
-    return _SERVER.apply(key, clip_coef, sched_steps)
+def rpc_apply(key: str, clip_coef: float, sched_steps: int, accept: bool = True) -> int:
+    return _SERVER.apply(key, clip_coef, sched_steps, accept)
 
 
 def rpc_discard(key: str) -> None:

@@ -21,27 +21,33 @@ import torch
 
 from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.compat import changed_settings
+from scaletrain.checkpoint.decisions import Stop
 from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.ps_checks import check_ps
 from scaletrain.data import build_data
-from scaletrain.data.loader import eval_batches
 from scaletrain.errors import ConfigError
-from scaletrain.evaluate import covered_samples, evaluate, split_batches
-from scaletrain.metrics import Progress, build_sinks, peak_memory_mb, plot_run, write_summary
+from scaletrain.evaluate import evaluate
+from scaletrain.metrics import Progress, build_sinks, peak_memory_mb
 from scaletrain.models import REGISTRY, build_model, count_params
 from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import coordinator as coord_mod
-from scaletrain.paramserver import server, transport
+from scaletrain.paramserver import server, stop, transport
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
+from scaletrain.parallel.compile import head_computes_loss
 from scaletrain.precision import PrecisionPolicy
+from scaletrain.train.faults import FaultMonitor
+from scaletrain.train.recorder import RunRecorder
 from scaletrain.train.run_guard import prepare_run_dir
 from scaletrain.train.runtime import detect_runtime, seed_everything
+from scaletrain.train.state import TrainState
+from scaletrain.train.step_loss import build_step_loss
 
 
-def train_ps(cfg: Config, worker_hook=None) -> dict:
-    """Run this process's role to the end; rank 0 returns the run's summary.
+def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
+    """Run this process's role to the end; rank 0 returns the run's summary (or the
+    `Stop` of a SIGTERM/SIGINT: checkpoint saved, the CLI exits with its code).
 
     `worker_hook(worker)` (tests) may set `worker.on_step` before the worker starts.
     """
@@ -77,14 +83,18 @@ def train_ps(cfg: Config, worker_hook=None) -> dict:
         server.install(shard)
     run = _Run(cfg, rt, data, policy, new_model, n_workers, resume) if rt.rank == 0 else None
     transport.start(rt.rank, rt.world, cfg.parallel.ps_timeout_s)
+    stop.install(cfg.checkpoint.on_signal,
+                 run.coord.request_stop if rt.rank == 0 else stop.ask_coordinator)
     try:
         if rt.rank == 0:
             return run.fit()
         if is_server:
             server.wait_for_stop()
             return {"role": "server", "rank": rt.rank}
+        # The spmd trainer's loss for this model (in-model head loss for a GPT).
+        loss = build_step_loss(loss_in_model=head_computes_loss(model, cfg.parallel))
         w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
-                   device, batch_plan(cfg, n_workers))
+                   device, batch_plan(cfg, n_workers), loss)
         if worker_hook is not None:
             worker_hook(w)
         return {"role": "worker", "rank": rt.rank, "clock": w.run()}
@@ -118,16 +128,27 @@ class _Run:
         state = ckpt.load(resume, "coordinator") if resume is not None else {}
         if resume is not None:
             _report_resume(resume, ckpt.saved_config(resume), to_dict(cfg))
-        self.best_val = float(state.get("best_val", float("inf")))
-        self.best_step = int(state.get("best_step", 0))
+        # Best validation loss and step: the run recorder's (train/recorder.py).
+        self.state = TrainState(best_val=float(state.get("best_val", float("inf"))),
+                                best_step=int(state.get("best_step", 0)))
         self.wall_prev = float(state.get("wall_time", 0.0))
         self.coord = coord_mod.Coordinator(cfg, n_workers, state.get("coordinator"),
-                                           on_update=self.on_update, on_event=self.on_event)
+                                           on_update=self.on_update, on_event=self.on_event,
+                                           faults=FaultMonitor(cfg.faults))
         coord_mod.install(self.coord)
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True)
         from torch.utils.tensorboard import SummaryWriter
 
         self.hist_writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)
+        # Evaluation, keep-best, final weights, test on the best weights, summary and
+        # plots: the spmd trainer's recorder; wall_s: seconds since this session's start
+        # (bench/paramserver.py: time to a loss).
+        self.recorder = RunRecorder(
+            cfg, self.run_dir, data, self.state, run_eval=self._run_eval,
+            save_weights=lambda path: run_model.save_weights(self.model, path, cfg),
+            load_weights=lambda path: run_model.load_weights(self.model, path,
+                                                             REGISTRY[cfg.model.name].tied),
+            log=self.sinks.write, eval_extra=lambda: {"wall_s": time.perf_counter() - self.t0})
         self.progress = Progress(cfg.train.steps, initial=self.coord.step,
                                  enabled=cfg.train.progress)
         # The logged loss is the logged step's own (as the main trainer logs it): the
@@ -142,6 +163,8 @@ class _Run:
 
     # -- hooks from the applier thread (between two updates) ----------------------------
     def on_update(self, u: coord_mod.Update) -> None:
+        if u.fault is not None:  # a skipped update, logged as the spmd trainer does
+            self.sinks.write({"kind": "fault", "step": u.step, **u.fault})
         step = self._step_loss
         step["loss"] += u.loss * u.tokens
         step["tokens"] += u.tokens
@@ -155,9 +178,8 @@ class _Run:
         if crossed(c.train.log_interval) or u.step >= c.train.steps:
             self._log_train(u, step_loss)
         if crossed(c.eval.interval) and u.step < c.train.steps:
-            val = self.evaluate("val", u.step)
+            val = self.recorder.validate(u.step)
             self.progress.write(f"step {u.step}: val loss {val['loss']:.4f}")
-            self.keep_best(val["loss"], u.step)
         if crossed(c.checkpoint.interval) and u.step < c.train.steps:
             self.save_checkpoint(u.step)
 
@@ -197,58 +219,42 @@ class _Run:
                 for n, t in zip(names, f.wait()[1]):
                     params[n].copy_(t)
 
-    def evaluate(self, split: str, step: int) -> dict:
-        dataset = {"val": self.data.val, "test": self.data.test}[split]
-        e = self.cfg.eval
+    def _run_eval(self, split: str, batches) -> dict:
+        """The recorder's evaluation: validation on the servers' current parameters,
+        the test on the replica as the recorder left it (the best weights)."""
         if split == "val":
             self.pull_full()
-        n_batches = split_batches(split, e)  # test: the whole split
-        result = evaluate(self.model, eval_batches(dataset, e.batch_size, n_batches),
-                          self.policy, self.policy.device, self.kind)
-        # wall_s: seconds since this session's start (bench/paramserver.py: time to a loss).
-        self.sinks.write({"kind": "eval", "split": split, "step": step, **result,
-                          "wall_s": time.perf_counter() - self.t0})
-        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
+        return evaluate(self.model, batches, self.policy, self.policy.device, self.kind)
 
-    def keep_best(self, val_loss: float, step: int) -> None:
-        if val_loss < self.best_val:
-            self.best_val, self.best_step = val_loss, step
-            run_model.save_weights(self.model, self.run_dir / run_files.BEST_WEIGHTS, self.cfg)
-
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path:
         states = [transport.call(s, server.rpc_state_dict)
                   for s in range(self.cfg.parallel.ps_servers)]
-        extra = {"coordinator": self.coord.state_dict(), "best_val": self.best_val,
-                 "best_step": self.best_step,
+        extra = {"coordinator": self.coord.state_dict(), "best_val": self.state.best_val,
+                 "best_step": self.state.best_step,
                  "wall_time": self.wall_prev + time.perf_counter() - self.t0}
-        ckpt.save(self.run_dir, step, states, extra, self.cfg.checkpoint.keep,
-                  config=to_dict(self.cfg))
+        k = self.cfg.checkpoint
+        return ckpt.save(self.run_dir, step, states, extra, k.keep,
+                         config=to_dict(self.cfg),
+                         best_step=self.state.best_step if k.keep_best else None)
 
     # -- the run ------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self) -> dict | Stop:
         cfg, c = self.cfg, self.coord
         try:
             if cfg.eval.interval and c.step == 0:
-                self.keep_best(self.evaluate("val", 0)["loss"], 0)
-            c.run()  # until every live worker has finished
+                self.recorder.validate(0)
+            c.run()  # until every live worker has finished (or a signal stopped it)
             wall = self.wall_prev + time.perf_counter() - self.t0
             self.progress.close()
-            val = self.evaluate("val", c.step)
-            self.keep_best(val["loss"], c.step)
-            run_model.save_weights(self.model, self.run_dir / run_files.FINAL_WEIGHTS, cfg)
-            self.save_checkpoint(c.step)
-            test = None
-            if cfg.eval.test and self.data.test is not None:
-                best = self.run_dir / run_files.BEST_WEIGHTS
-                if best.is_file() and self.best_step != c.step:
-                    run_model.load_weights(self.model, best, REGISTRY[cfg.model.name].tied)
-                test = self.evaluate("test", c.step)
-            summary = self._summary(val, test, wall)
-            self.sinks.close()
-            self.hist_writer.close()
-            write_summary(self.run_dir / "summary.json", summary)
-            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-            return summary
+            if c.stop_signal is not None:  # checkpoint.on_signal (paramserver/stop.py)
+                path = self.save_checkpoint(c.step)
+                self._close()
+                stop.report(c.stop_signal, c.step, path.name)
+                return Stop(step=c.step, exit_code=128 + c.stop_signal)
+            return self.recorder.finish(
+                c.step, tokens=c.tokens, params=count_params(self.model),
+                train_loss=self.last_train.get("loss"), details=lambda: self._details(wall),
+                before_test=lambda: self.save_checkpoint(c.step), close=self._close)
         finally:
             for s in range(1, cfg.parallel.ps_servers):
                 try:
@@ -256,13 +262,15 @@ class _Run:
                 except RuntimeError:  # that server is gone already
                     pass
 
-    def _summary(self, val: dict, test: dict | None, wall: float) -> dict:
+    def _close(self) -> None:
+        self.sinks.close()
+        self.hist_writer.close()
+
+    def _details(self, wall: float) -> dict:
+        """summary.json's PS fields, after the recorder's common ones."""
         c, p = self.coord, self.cfg.parallel
         n_stale = sum(c.hist.values())
         return {
-            "steps": c.step, "tokens": c.tokens, "params": count_params(self.model),
-            "train_loss": self.last_train.get("loss"), "val": val, "test": test,
-            "best_val_loss": self.best_val, "best_step": self.best_step,
             "tokens_per_s": c.tokens / max(wall, 1e-9), "mfu": None,
             "peak_mem_mb": peak_memory_mb(self.rt.device), "wall_time_s": wall,
             "world_size": self.rt.world, "precision": self.cfg.precision.dtype,

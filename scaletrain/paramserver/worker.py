@@ -24,14 +24,15 @@ from scaletrain.paramserver import coordinator as coord
 from scaletrain.paramserver import server, transport
 from scaletrain.config.batch_plan import BatchPlan
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.models.losses import count_targets, sum_cross_entropy
-from scaletrain.train.step import split_micro_batches
+from scaletrain.models.losses import count_targets
+from scaletrain.train.step import accumulate_gradients, loss_dtype, split_micro_batches
+from scaletrain.train.step_loss import StepLoss
 
 
 class Worker:
     def __init__(self, cfg, index: int, n_workers: int, model: nn.Module,
                  shards: list[list[str]], train_set, policy: PrecisionPolicy,
-                 device: torch.device, batch: BatchPlan):
+                 device: torch.device, batch: BatchPlan, loss: StepLoss):
         p = cfg.parallel
         self.cfg, self.w, self.model, self.policy, self.device = cfg, index, model, policy, device
         self.mode, self.steps = p.ps_consistency, cfg.train.steps
@@ -39,6 +40,7 @@ class Worker:
         params = dict(model.named_parameters())
         self.shard_params = [[params[n] for n in names] for names in shards]
         self.micro = batch.micro  # the run's batch plan over the workers
+        self.loss = loss  # the run's micro-batch loss (train/step_loss.py), as spmd's
         self.loader = StatefulLoader(train_set, batch.full, rank=index,
                                      world=n_workers, seed=cfg.train.seed,
                                      shuffle=cfg.data.shuffle, assignment=cfg.data.assignment)
@@ -50,7 +52,8 @@ class Worker:
 
     def pull(self, clock: int) -> str:
         """Copy every shard's current tensors in, once the coordinator allows it (see the
-        module docstring) — before starting `clock`; returns "ok" or "dropped"."""
+        module docstring) — before starting `clock`; returns "ok", "dropped" or "stop"
+        (a signal stopped the run)."""
         n = len(self.shard_params)
         if self.mode == "async":
             wait = (coord.rpc_wait_own_pull, self.w, self.pushes)
@@ -70,19 +73,17 @@ class Worker:
         return "ok"
 
     def gradient(self) -> tuple[list[list[torch.Tensor]], float, int]:
-        """Per-shard gradients of the summed loss of the next batch, loss sum, targets."""
+        """Per-shard gradients of the summed loss of the next batch, loss sum, targets:
+        the spmd step's micro-batch loop (train/step.py) with a denominator of 1; the
+        server divides by the update's total count."""
         x, y = self.loader.next()
-        x, y = x.to(self.device), y.to(self.device)
-        dtype = torch.float64 if self.policy.param_dtype == torch.float64 else torch.float32
+        x, y = self.policy.cast_input(x.to(self.device)), y.to(self.device)
         self.model.zero_grad(set_to_none=True)
-        loss_sum, count = torch.zeros((), dtype=dtype), 0
-        for xb, yb in split_micro_batches((x, y), self.micro):
-            with self.policy.autocast():
-                logits = self.model(xb)
-            loss = sum_cross_entropy(logits.to(dtype), yb)
-            loss.backward()
-            loss_sum += loss.detach().cpu()
-            count += int(count_targets(yb))
+        micro_batches = split_micro_batches((x, y), self.micro)
+        one = torch.ones((), dtype=loss_dtype(self.policy), device=self.device)
+        loss_sum = accumulate_gradients(self.model, micro_batches, self.policy, self.loss,
+                                        one)
+        count = int(sum(count_targets(yb) for _, yb in micro_batches))
         grads = [[(p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
                   for p in params] for params in self.shard_params]
         return grads, float(loss_sum), count
@@ -99,7 +100,10 @@ class Worker:
         # (train.steps x n_workers worker-steps, split by speed) is full.
         while self.mode == "async" or clock < self.steps:
             if self.mode != "async" or (clock - start) % p.ps_pull_every == 0:
-                if self.pull(clock) != "ok":
+                status = self.pull(clock)
+                if status == "stop":  # a signal stopped the run (paramserver/stop.py)
+                    break
+                if status != "ok":
                     return self._dropped()
             grads, loss_sum, count = self.gradient()
             if acc is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from scaletrain.config.batch_plan import BatchPlan, batch_plan
 from scaletrain.config.dims import ParallelDims
 from scaletrain.errors import ConfigError
-from scaletrain.models.registry import REGISTRY
+from scaletrain.models.registry import spec_of
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan.memory import ac_policy
 
@@ -19,7 +19,7 @@ def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan | None = None) -
     budget is below what checkpointing every block keeps."""
     batch = batch or batch_plan(cfg, dims.dp)
     policy = ac_policy(cfg, dims.tp, batch.micro)
-    split = REGISTRY[cfg.model.name].pipeline  # families with blocks split into stages
+    split = spec_of(cfg.model).pipeline  # families with blocks split into stages
     n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0
     try:
         block_modes(policy, n_local)

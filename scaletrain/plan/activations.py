@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from scaletrain.models.registry import REGISTRY
+from scaletrain.models.registry import spec_of
 from scaletrain.parallel.ac import _save_list
 from scaletrain.precision import PrecisionPolicy
 
@@ -198,8 +198,8 @@ def _measure(spec, model_cfg, precision: str, samples: int, device_type: str) ->
 @functools.lru_cache(maxsize=256)
 def _cached(name: str, model_key: tuple, precision: str, mode: str,
             device_type: str) -> BlockActivations:
-    spec = REGISTRY[name]
     model_cfg = _model_cfgs[model_key]
+    spec = spec_of(model_cfg)
     b1, b2 = SAMPLES
     small = _measure(spec, model_cfg, precision, b1, device_type)
     large = _measure(spec, model_cfg, precision, b2, device_type)
@@ -226,7 +226,7 @@ def block_activations(model_cfg, precision: str, mode: str,
                       device_type: str = "cpu") -> BlockActivations:
     """What one block of `model_cfg`'s family keeps under AC `mode` (none / selective /
     full) at `precision` (a precision.dtype), per token and fixed (module doc)."""
-    spec = REGISTRY[model_cfg.name]
+    spec = spec_of(model_cfg)
     if spec.activation_block is None:
         raise ValueError(f"model {model_cfg.name!r} declares no activation_block")
     key = tuple(sorted((k, repr(v)) for k, v in vars(model_cfg).items()))

@@ -4,7 +4,7 @@ apply its overrides before anything is built.
 Memory per rank: `plan.memory_gib` if > 0; else on a GPU the device's free memory
 (`torch.cuda.mem_get_info`), on a CPU /proc/meminfo's MemAvailable plus this process's own
 resident set (the prediction counts the process baseline, which this process already
-holds) divided by the ranks on this machine (LOCAL_WORLD_SIZE) — times 0.9
+holds) divided by the ranks on this machine (the world's local size) — times 0.9
 (plan/fit.py DETECTED_FRACTION).
 
 Several ranks must choose the same overrides, and each would read a slightly different
@@ -74,34 +74,35 @@ def plan_vocab(cfg) -> int:
     return vocab
 
 
-def auto_plan(cfg):
+def auto_plan(cfg, world, dims):
     """(cfg with the chosen overrides applied, the record logged) when plan.auto, else
-    (cfg, None). Raises plan/fit.py NothingFits (exit 2) when nothing fits."""
+    (cfg, None). Raises plan/fit.py NothingFits (exit 2) when nothing fits.
+
+    `world`: this process's place in the world (parallel/world.py `World`); `dims`: the
+    run's resolved layout (ParallelDims), which the overrides never change."""
     if not cfg.plan.auto:
         return cfg, None
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and cfg.plan.memory_gib <= 0:
+    if world.size > 1 and cfg.plan.memory_gib <= 0:
         raise ConfigError("plan.auto with several ranks needs plan.memory_gib (every rank "
                           "must choose the same overrides); `--nproc N` sets it")
     device_type = device_type_of(cfg)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    budget = budget_bytes(cfg, device_type, local)
-    choice = fit(cfg, world, plan_vocab(cfg), budget, device_type)
+    budget = budget_bytes(cfg, device_type, world.local_size)
+    choice = fit(cfg, dims, plan_vocab(cfg), budget, device_type)
     record = {"overrides": choice.overrides, "args": choice.lines(),
               "predicted_peak_mib": choice.peak_bytes / 2 ** 20,
               "budget_mib": budget / 2 ** 20, "predicted_slowdown": choice.cost,
-              "device": device_type, "world": world}
-    if int(os.environ.get("RANK", 0)) == 0:
+              "device": device_type, "world": world.size}
+    if world.is_main:
         print("plan.auto: " + (" ".join(choice.lines()) or "no change") +
               f" (predicted peak {record['predicted_peak_mib']:,.0f} MiB of "
               f"{record['budget_mib']:,.0f} MiB per rank)", file=sys.stderr, flush=True)
     return apply_overrides(cfg, choice.overrides), record
 
 
-def write_record(run_dir: str | os.PathLike, record: dict | None) -> None:
-    """plan.json in the run directory (rank 0 only)."""
-    if record is None or int(os.environ.get("RANK", 0)) != 0:
+def write_record(run_dir: str | os.PathLike, record: dict | None, is_main: bool) -> None:
+    """plan.json in the run directory (rank 0 only: `is_main`)."""
+    if record is None or not is_main:
         return
     path = Path(run_dir) / "plan.json"
     path.parent.mkdir(parents=True, exist_ok=True)

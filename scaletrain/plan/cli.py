@@ -8,12 +8,14 @@ from scaletrain.plan.auto import GiB, budget_bytes, device_type_of
 from scaletrain.plan.fit import fit
 
 
-def run_fit(cfg, world: int, vocab: int, memory_gib: float, as_json: bool = False) -> int:
+def run_fit(cfg, dims, vocab: int, memory_gib: float, as_json: bool = False) -> int:
     """Print the chosen overrides (one `--section.key=value` per line) and the predicted
-    peak; plan/fit.py NothingFits (a ConfigError: one line, exit 2) when nothing fits."""
+    peak on the layout `dims` (ParallelDims of `plan --world N`); plan/fit.py NothingFits
+    (a ConfigError: one line, exit 2) when nothing fits."""
+    world = dims.world
     device_type = device_type_of(cfg)
     budget = memory_gib * GiB if memory_gib > 0 else budget_bytes(cfg, device_type, world)
-    choice = fit(cfg, world, vocab, budget, device_type)
+    choice = fit(cfg, dims, vocab, budget, device_type)
     if as_json:
         print(json.dumps({"overrides": choice.overrides, "args": choice.lines(),
                           "predicted_peak_bytes": choice.peak_bytes,

@@ -48,7 +48,6 @@ import itertools
 import math
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import resolve_dims
 from scaletrain.config.load import apply_dict, validate
 from scaletrain.config.schema import sections
 from scaletrain.errors import ConfigError
@@ -94,10 +93,9 @@ def _schema_choices(section: str, key: str) -> tuple:
     return f.metadata.get("choices") or ()
 
 
-def candidates(cfg, world: int, device_type: str):
-    """Every (overrides, cost) of the search space (module doc), unordered."""
-    dims = resolve_dims(cfg.parallel, world)
-    batch = batch_plan(cfg, dims.dp)
+def candidates(cfg, dims, batch, device_type: str):
+    """Every (overrides, cost) of the search space (module doc) on the layout `dims`
+    (ParallelDims) from `cfg`'s batch plan `batch`, unordered."""
     per_rank, cur_micro = batch.per_rank, batch.micro
     micros = [cur_micro] if dims.pp > 1 else [d for d in _divisors_desc(per_rank)
                                               if d <= cur_micro]
@@ -153,16 +151,20 @@ def _current(cfg, key: str):
     return getattr(getattr(cfg, sec), name)
 
 
-def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cpu") -> Choice:
-    """The cheapest candidate whose predicted peak fits `budget_bytes` per rank."""
+def fit(cfg, dims, vocab: int, budget_bytes: float, device_type: str = "cpu") -> Choice:
+    """The cheapest candidate whose predicted peak fits `budget_bytes` per rank.
+
+    `dims`: the run's resolved layout (ParallelDims). The search never changes the
+    parallel degrees, so every candidate is planned on this one layout."""
+    batch = batch_plan(cfg, dims.dp)  # the searched config's: its micro-batch shrinks
     best = None
-    for over, cost in candidates(cfg, world, device_type):
+    for over, cost in candidates(cfg, dims, batch, device_type):
         peak = math.inf
         for ev in _eval_batches(cfg.eval.batch_size):  # largest evaluation batch that fits
             over = {**over, "eval.batch_size": ev}
             try:  # a combination other rules forbid (batch ramp multiples, TP + 8-bit)
                 c = apply_overrides(cfg, over)
-                peak = max(r["peak_bytes"] for r in plan(c, world, vocab, device_type)["ranks"])
+                peak = max(r["peak_bytes"] for r in plan(c, dims, vocab, device_type)["ranks"])
             except ConfigError:
                 break
             if peak <= budget_bytes:
@@ -174,27 +176,22 @@ def fit(cfg, world: int, vocab: int, budget_bytes: float, device_type: str = "cp
         if best is None or key < best[0]:
             best = (key, over, cost, peak)
     if best is None:
-        smallest = min(_peak_or_inf(cfg, {**o, "eval.batch_size": 1}, world, vocab,
+        smallest = min(_peak_or_inf(cfg, {**o, "eval.batch_size": 1}, dims, vocab,
                                     device_type)
-                       for o, _ in candidates(cfg, world, device_type))
+                       for o, _ in candidates(cfg, dims, batch, device_type))
         raise NothingFits(f"nothing fits {budget_bytes / 2**30:.2f} GiB per rank; "
                           f"the smallest predicted peak is {smallest / 2**30:.2f} GiB "
                           f"(set plan.memory_gib, or a smaller model / batch)")
     _, over, cost, peak = best
     changed = {k: v for k, v in over.items() if v != _current(cfg, k)
                and not (k == "train.micro_batch_size" and _current(cfg, k) == 0
-                        and v == _default_micro(cfg, world))}
+                        and v == batch.per_rank)}  # what micro_batch_size=0 runs
     return Choice(changed, cost, peak, budget_bytes)
 
 
-def _peak_or_inf(cfg, over: dict, world: int, vocab: int, device_type: str) -> float:
+def _peak_or_inf(cfg, over: dict, dims, vocab: int, device_type: str) -> float:
     try:
         c = apply_overrides(cfg, over)
     except ConfigError:
         return math.inf
-    return max(r["peak_bytes"] for r in plan(c, world, vocab, device_type)["ranks"])
-
-
-def _default_micro(cfg, world: int) -> int:
-    """The micro-batch train.micro_batch_size=0 runs (the whole per-rank batch)."""
-    return batch_plan(cfg, resolve_dims(cfg.parallel, world).dp).per_rank
+    return max(r["peak_bytes"] for r in plan(c, dims, vocab, device_type)["ranks"])

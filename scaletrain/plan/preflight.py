@@ -25,7 +25,6 @@ from pathlib import Path
 
 from scaletrain.errors import ConfigError
 from scaletrain.optim.batch_rules import full_batch_size
-from scaletrain.config.dims import resolve_dims
 from scaletrain.plan.report import plan
 from scaletrain.plan.auto import device_type_of, plan_vocab
 
@@ -66,10 +65,12 @@ def _fmt_gib(b: float) -> str:
     return f"{g:,.1f} GiB" if g < 1e6 else f"{g:.3g} GiB"
 
 
-def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) -> None:
+def check_memory(cfg, dims, local_world: int, n_train: int | None = None) -> None:
     """ConfigError naming the predicted peak when it exceeds `machine_bytes` (module doc).
 
-    `n_train`: the train split's samples, which full-batch descent trains on per step;
+    `dims`: the run's resolved layout (ParallelDims; None in parameter-server mode, which
+    this check skips); `local_world`: the ranks on this machine. `n_train`: the train
+    split's samples, which full-batch descent trains on per step;
     None before the data is prepared (the full-batch check then waits for the trainer).
     """
     if cfg.parallel.mode == "ps":
@@ -79,7 +80,6 @@ def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) 
     device_type = device_type_of(cfg)
     limit = machine_bytes(device_type, local_world)
     where = "GPU" if device_type == "cuda" else "machine"
-    dims = resolve_dims(cfg.parallel, world)
     dp = dims.dp
     full = full_batch_size(cfg, n_train)
     need = batch_bytes(cfg, full, dp)
@@ -99,7 +99,7 @@ def check_memory(cfg, world: int, local_world: int, n_train: int | None = None) 
     # The tokenizer's vocabulary is not known yet; the configured one rounded up to a
     # multiple of tp bounds the memory without judging its TP split (the ranks do that).
     vocab = -(-plan_vocab(sized) // dims.tp) * dims.tp
-    need += max(r["peak_bytes"] for r in plan(sized, world, vocab, device_type)["ranks"])
+    need += max(r["peak_bytes"] for r in plan(sized, dims, vocab, device_type)["ranks"])
     if math.isfinite(need) and need <= limit:
         return
     raise ConfigError(

@@ -17,33 +17,30 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import resolve_dims
-from scaletrain.models.registry import REGISTRY
+from scaletrain.models.registry import spec_of
+from scaletrain.models.tp_styles import plan_sharded
 from scaletrain.parallel.ac import BudgetTooSmall, block_modes, describe
 from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
                                                 pipeline_microbatches)
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
 from scaletrain.plan.memory import RankShape, ac_policy, rank_peak
 
-# Parameters the GPT TP plan (models/plans.py) shards over tp; all others are replicated.
-_TP_SHARDED = ("wte.weight", "lm_head.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight")
 
-
-def _stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
-    """name -> shape of the parameters of the stages `ids` (meta model); cached, since
-    `plan --fit` plans the same shape for every candidate."""
+def _stage_params(cfg, vocab: int, ids: list[int], bounds) -> tuple[dict, set]:
+    """(name -> shape of the parameters of the stages `ids` (meta model), the names the
+    family's TP plan shards); cached, since `plan --fit` plans the same shape for every
+    candidate."""
     key = (repr(cfg.model), vocab, tuple(ids), repr(bounds))
     if key not in _SHAPES:
         _SHAPES[key] = _build_stage_params(cfg, vocab, ids, bounds)
     return _SHAPES[key]
 
 
-_SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+_SHAPES: dict[tuple, tuple[dict, set]] = {}
 
 
-def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
-    spec = REGISTRY[cfg.model.name]
+def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> tuple[dict, set]:
+    spec = spec_of(cfg.model)
     with torch.device("meta"):
         model = spec.build(cfg.model, {"vocab_size": vocab})
     if bounds is not None:
@@ -53,23 +50,35 @@ def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, to
                 del model.blocks[name]
         prune_to_stage(model, spec.pipeline, (0, bounds[-1][1]), 0 in ids,
                        len(bounds) - 1 in ids)
-    return {n: p.shape for n, p in model.named_parameters()}
+    sharded = plan_sharded(model, spec.tp_plan(model)) if spec.tp_plan is not None else set()
+    return {n: p.shape for n, p in model.named_parameters()}, sharded
 
 
-def _gathered(cfg, m, layers: int, t: int) -> float:
+def _block_ids(shapes: dict) -> list[str]:
+    """The indices of the blocks present ("blocks.<i>.*"), in order."""
+    return sorted({k.split(".")[1] for k in shapes if k.startswith("blocks.")}, key=int)
+
+
+def _gathered(cfg, shapes: dict, sharded: set, layers: int, t: int) -> float:
     """Parameters FSDP2 holds unsharded at once: two blocks (current + prefetched), or
-    all of them without reshard_after_forward (plan/memory.py)."""
-    d, ff = m.d_model, m.d_ff or 4 * m.d_model
-    block = (4 * d * d + 2 * d * ff) / t + 9 * d + ff
+    all of them without reshard_after_forward (plan/memory.py); a block's parameters
+    counted from the stage's first block (all blocks are alike), 1/tp of the sharded."""
+    ids = _block_ids(shapes)
+    if not ids:
+        return 0.0
+    prefix = f"blocks.{ids[0]}."
+    block = sum(torch.Size(sh).numel() / (t if k in sharded else 1)
+                for k, sh in shapes.items() if k.startswith(prefix))
     return block * (2 if cfg.parallel.reshard_after_forward else layers)
 
 
-def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
-    """The layout and per-rank memory of `cfg` on `world` ranks (see module doc)."""
+def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
+    """The layout and per-rank memory of `cfg` on the resolved layout `dims`
+    (ParallelDims of `dims.world` ranks; see module doc)."""
     p = cfg.parallel
-    dims = resolve_dims(p, world)
-    check_model_parallel(cfg, vocab, world)
+    check_model_parallel(cfg, vocab, dims)
     m, t = cfg.model, dims.tp
+    spec = spec_of(m)
     batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
     per_rank, micro = batch.per_rank, batch.micro
     v = stages_per_rank(p) if dims.pp > 1 else 1
@@ -77,30 +86,31 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     mb = per_rank // mb_count if dims.pp > 1 else micro
     s = m.seq_len
     full_numels = tuple(torch.Size(sh).numel()
-                        for sh in _stage_params(cfg, vocab, [0], None).values())
+                        for sh in _stage_params(cfg, vocab, [0], None)[0].values())
     full_n = sum(full_numels)
     ranks = []
     for pp_rank in range(dims.pp):
         bounds, ids = None, [0]
         if dims.pp > 1:
-            bounds, ids, _ = pipeline_layout(m.n_layer, p, pp_rank)
-        shapes = _stage_params(cfg, vocab, ids, bounds)
+            bounds, ids, _ = pipeline_layout(spec.pipeline.depth(m), p, pp_rank)
+        shapes, sharded = _stage_params(cfg, vocab, ids, bounds)
         numels = []
         for name, shape in shapes.items():
             numel = torch.Size(shape).numel()
-            if t > 1 and name.endswith(_TP_SHARDED):
+            if t > 1 and name in sharded:
                 numel /= t
             numels.append(numel / dims.dp_shard)
         n = float(sum(numels))
-        layers = sum(1 for k in shapes if k.endswith("ln_1.weight"))
+        layers = len(_block_ids(shapes))
         if dims.pp <= 1:
             in_flight = 1
         elif p.pp_schedule == "gpipe":
             in_flight = mb_count
         else:  # 1F1B: the first stage holds p micro-batches, the last one
             in_flight = min(mb_count, dims.pp - pp_rank) * v
-        # (a tied lm_head.weight is listed once, as wte.weight: test the stage, not names)
-        has_head = m.name == "gpt" and (dims.pp == 1 or len(bounds) - 1 in ids)
+        # (a tied head's weight is listed once, as the embedding's: test the stage, not
+        # names)
+        has_head = spec.kind == "text" and (dims.pp == 1 or len(bounds) - 1 in ids)
         shape = RankShape(
             params=n, largest_param=max((torch.Size(sh).numel() for sh in shapes.values()),
                                         default=0),
@@ -111,7 +121,8 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
             # PP evaluates through the schedule in its micro-batches (pipeline_step.py)
             eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp)) * s,
             full_params=full_n, sharded=t > 1 or dims.dp_shard > 1 or dims.pp > 1,
-            fsdp_gathered=_gathered(cfg, m, layers, t) if dims.dp_shard > 1 else 0.0,
+            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, t)
+                           if dims.dp_shard > 1 else 0.0),
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp)
         peak = rank_peak(cfg, shape, device_type)
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
@@ -130,7 +141,7 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
                       # the tensors' part of the peak (bench/model_parallel.py compares it
                       # with the peak RSS above the process's baseline)
                       "total_bytes": int(peak["peak_tensor_bytes"])})
-    return {"world": world, "layout": {"dp_replicate": dims.dp_replicate,
+    return {"world": dims.world, "layout": {"dp_replicate": dims.dp_replicate,
                                        "dp_shard": dims.dp_shard, "tp": t, "pp": dims.pp,
                                        "strategy": dims.strategy,
                                        "mesh": dict(zip(dims.mesh_shape()[1],
@@ -143,7 +154,7 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
 
 def _ac_blocks(cfg, tp: int, micro: int, layers: int) -> list[str] | str:
     """Each local block's AC mode (budget mode: what fits), or why none fits."""
-    if cfg.model.name != "gpt":
+    if spec_of(cfg.model).activation_block is None:  # no transformer blocks
         return []
     try:
         return block_modes(ac_policy(cfg, tp, micro), layers)

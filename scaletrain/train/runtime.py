@@ -1,7 +1,7 @@
 """Where the run executes: device, threads, seeding and the process's place in the world.
 
-torchrun (or `scaletrain train --nproc N`) sets RANK / WORLD_SIZE / LOCAL_RANK /
-LOCAL_WORLD_SIZE; without them this is a single process.
+The process's place in the world is parallel/world.py's `World`, read from the
+environment torchrun sets (or handed in by the CLI, which read it once).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from scaletrain.errors import ConfigError
+from scaletrain.parallel.world import World
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,14 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def detect_runtime(device: str, threads: int) -> Runtime:
-    env = os.environ
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
-    dev = pick_device(device, local_rank)
+def detect_runtime(device: str, threads: int, world: World | None = None) -> Runtime:
+    """`world`: the process's place in the world (default: read from the environment)."""
+    w = world or World.from_env()
+    dev = pick_device(device, w.local_rank)
     # CPU ranks on one machine share its cores; oversubscription slows every rank down.
-    n = threads or max(1, (os.cpu_count() or 1) // local_world)
+    n = threads or max(1, (os.cpu_count() or 1) // w.local_size)
     torch.set_num_threads(n)
-    return Runtime(dev, rank, world, local_rank, local_world, n)
+    return Runtime(dev, w.rank, w.size, w.local_rank, w.local_size, n)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,13 +11,13 @@ targets; a mean of per-micro-batch means would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from scaletrain.optim.step_end import StepResult, clip_grad_norm, finish_step
+from scaletrain.optim.step_end import ClipNorm, StepEnd, StepResult, clip_grad_norm
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import count_targets
 from scaletrain.train.step_loss import StepLoss, default_step_loss
@@ -27,10 +27,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class StepOptions:
-    """What the step needs beyond the model and optimizer; set once by the trainer."""
+    """What differs by layout in the micro-batch loop, set once by the trainer
+    (parallel/context.py `DistContext.step_options`). The run's loss (train/step_loss.py)
+    and end-of-step settings (optim/step_end.py `StepEnd`) are the same on every layout
+    and come separately."""
 
-    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (norm still measured)
-    grad_clip_value: float = 0.0  # elementwise clip; 0 = off
     # Sums the step's target count over data-parallel ranks (identity on one process).
     count_reducer: Callable[[torch.Tensor], torch.Tensor] = lambda n: n
     # Context for every micro-batch but the last (DDP's no_sync: one all-reduce per step).
@@ -38,49 +39,60 @@ class StepOptions:
     # Gradients are averaged by DDP over ranks; multiplying the loss by the data-parallel
     # degree turns that average back into the sum the global normalisation needs.
     loss_multiplier: float = 1.0
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    # Adds the L1/L2 penalty gradient once per step, after unscaling and before clipping
-    # (optim/penalties.py: once, not per micro-batch, keeps accumulation exact).
-    add_penalty_grads: Callable[[], None] = lambda: None
-    # Called after clipping, before the update: False skips it (numerical faults,
-    # train/faults.py); the gradients are then zeroed and nothing else changes.
-    guard: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
-    # The micro-batch loss, built once per run (train/step_loss.py: in-model loss,
-    # cross-entropy on the logits, or distillation's custom loss).
-    loss: StepLoss = default_step_loss
-    # Tensor parallel (parallel/tensor.py): context around each micro-batch's forward,
-    # loss and backward (loss_parallel: vocabulary-sharded logits), and the global grad
-    # norm + clip of mixed DTensor/plain gradients; None = torch's clip_grad_norm_.
-    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    grad_norm_fn: Callable[[list, float], torch.Tensor] | None = None
+    # The global grad norm (+ clip) of this layout's gradients: torch's for plain / DDP /
+    # FSDP ones, parallel/tensor.py `parallel_grad_norm` for TP's mixed DTensor / plain.
+    clip_norm: ClipNorm = clip_grad_norm
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[Batch],
                optimizer: torch.optim.Optimizer, policy: PrecisionPolicy,
-               scaler: torch.amp.GradScaler | None, opts: StepOptions) -> StepResult:
+               scaler: torch.amp.GradScaler | None, opts: StepOptions, *,
+               step_loss: StepLoss = default_step_loss, end: StepEnd = StepEnd()
+               ) -> StepResult:
+    """One optimizer step over `micro_batches` with the run's loss and end of step."""
     micro_batches = list(micro_batches)
     local = sum(count_targets(y) for _, y in micro_batches)
     n_total = opts.count_reducer(local.clone())
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
-    denom = n_total.to(torch.float64 if policy.param_dtype == torch.float64 else torch.float32)
+    denom = n_total.to(loss_dtype(policy))
+    loss_sum = accumulate_gradients(model, micro_batches, policy, step_loss, denom,
+                                    scaler=scaler, no_sync=opts.no_sync,
+                                    loss_multiplier=opts.loss_multiplier)
+    params = [p for p in model.parameters() if p.requires_grad]
+    done = end.finish(optimizer, params, clip_norm=opts.clip_norm, scaler=scaler,
+                      loss=loss_sum)
+    return StepResult(loss_sum, done.grad_norm, n_total, done.skipped)
+
+
+def loss_dtype(policy: PrecisionPolicy) -> torch.dtype:
+    """The dtype losses are summed and divided in: fp64 for fp64 runs, else fp32."""
+    return torch.float64 if policy.param_dtype == torch.float64 else torch.float32
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[Batch],
+                         policy: PrecisionPolicy, loss: StepLoss, denom: torch.Tensor, *,
+                         scaler: torch.amp.GradScaler | None = None,
+                         no_sync: Callable[[], contextlib.AbstractContextManager]
+                         = contextlib.nullcontext,
+                         loss_multiplier: float = 1.0) -> torch.Tensor:
+    """The micro-batch loop: forward, loss (a sum over targets) / `denom`, backward, for
+    every micro-batch; the gradients accumulate in `.grad`. Returns the sum of the
+    divided losses (detached, in `denom`'s dtype).
+
+    Shared by the spmd step above (`denom`: the step's global target count) and the
+    parameter server's workers (paramserver/worker.py: `denom` = 1, the gradient of the
+    summed loss, which the servers divide by the update's count). `no_sync` wraps every
+    micro-batch but the last (DDP); the loss's own `context` each one (TP's
+    loss_parallel, train/step_loss.py)."""
     loss_sum = torch.zeros((), dtype=denom.dtype, device=denom.device)
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last else opts.no_sync()), opts.loss_context():
-            loss = opts.loss(model, x, y, policy, denom.dtype)
-            if hasattr(loss, "full_tensor"):  # loss_parallel's replicated DTensor sum
-                loss = loss.full_tensor()
-            loss = loss / denom
-            scaled = loss * opts.loss_multiplier
+        with (contextlib.nullcontext() if last else no_sync()), loss.context():
+            mb_loss = loss(model, x, y, policy, denom.dtype) / denom
+            scaled = mb_loss * loss_multiplier
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach()
-    params = opts.params or [p for p in model.parameters() if p.requires_grad]
-    end = finish_step(optimizer, params, scaler=scaler,
-                      add_penalty_grads=opts.add_penalty_grads,
-                      grad_clip_value=opts.grad_clip_value, grad_clip=opts.grad_clip,
-                      clip_norm=opts.grad_norm_fn or clip_grad_norm, guard=opts.guard,
-                      loss=loss_sum)
-    return StepResult(loss_sum, end.grad_norm, n_total, end.skipped)
+        loss_sum += mb_loss.detach()
+    return loss_sum
 
 
 def split_micro_batches(batch: Batch, micro: int) -> list[Batch]:

@@ -9,48 +9,90 @@ Three kinds, decided by the config, not per micro-batch:
   inside, so that with train.compile the cast, log-softmax and NLL fuse (parallel/compile.py);
 - a custom loss (distillation, compress/distill.py): (logits, inputs, targets) -> summed
   loss, handed the logits in the loss dtype.
-TP's loss-parallel is a layout context around the forward and backward
-(`StepOptions.loss_context`), not a loss of its own.
+
+The same value serves both step paths: train/step.py calls it on a micro-batch; a
+pipeline's last stage only sees logits, so its schedule calls `on_logits` through one
+small adapter (parallel/pipeline_step.py `Pipeline._loss`). TP's loss-parallel (logits
+sharded over the vocabulary) is part of the loss: `context` is torch's `loss_parallel`,
+which both paths hold around forward, loss and backward, and the replicated DTensor sum
+comes back as a plain tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from scaletrain.compress.distill import build_distill_loss
+from scaletrain.parallel.compile import compile_cross_entropy, head_computes_loss
+from scaletrain.parallel.tensor import tp_loss_context
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import sum_cross_entropy
 
-StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, PrecisionPolicy, torch.dtype],
-                    torch.Tensor]
 CustomLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (logits, inputs or None, targets, loss dtype) -> summed loss
+LogitsLoss = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.dtype],
+                      torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The run's loss; call it as (model, x, y, policy, loss dtype) -> summed loss."""
+
+    on_logits: LogitsLoss  # the loss given the model's logits
+    in_model: bool = False  # the model computes the loss itself: model(x, targets=y)
+    # Around forward + loss + backward: loss_parallel for vocabulary-sharded logits.
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 policy: PrecisionPolicy, loss_dtype: torch.dtype) -> torch.Tensor:
+        with policy.autocast():
+            if self.in_model:  # the loss upcasts the logits itself
+                loss = model(x, targets=y)
+            else:
+                logits = model(x)
+        if not self.in_model:
+            loss = self.on_logits(logits, x, y, loss_dtype)
+        # loss_parallel's sum is a replicated DTensor: the plain tensor the step divides.
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
 def build_step_loss(loss_fn: CustomLoss | None = None,
                     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                    = sum_cross_entropy, loss_in_model: bool = False) -> StepLoss:
+                    = sum_cross_entropy, loss_in_model: bool = False,
+                    loss_parallel: bool = False) -> StepLoss:
     """The run's micro-batch loss: the in-model loss where the model computes it
     (`loss_in_model`: the caller sets it only for the default loss), else `loss_fn` if
-    given, else `cross_entropy` on the logits."""
-    if loss_in_model:
-        def in_model(model, x, y, policy, loss_dtype):
-            with policy.autocast():  # the loss upcasts the logits itself
-                return model(x, targets=y)
-        return in_model
-    if loss_fn is not None:
-        def custom(model, x, y, policy, loss_dtype):
-            with policy.autocast():
-                logits = model(x)
+    given, else `cross_entropy` on the logits. `loss_parallel`: tensor parallelism left
+    the logits vocabulary-sharded (ParallelModel.tp_loss_parallel)."""
+    context = tp_loss_context(loss_parallel)
+    if loss_fn is not None and not loss_in_model:
+        def custom(logits, x, y, loss_dtype):
             return loss_fn(logits.to(loss_dtype), x, y)
-        return custom
+        return StepLoss(custom, context=context)
 
-    def on_logits(model, x, y, policy, loss_dtype):
-        with policy.autocast():
-            logits = model(x)
+    def on_logits(logits, x, y, loss_dtype):
         return cross_entropy(logits, y)
-    return on_logits
+    # In-model: the head's own cross-entropy; on_logits is the same loss on its logits.
+    return StepLoss(on_logits, in_model=loss_in_model, context=context)
 
 
 default_step_loss = build_step_loss()
+
+
+def run_loss(cfg, pm, device: torch.device) -> StepLoss:
+    """The loss of the run `cfg` on the ParallelModel `pm`, built once by the trainer:
+    distillation, the in-model head + loss, or cross-entropy on the logits; under TP's
+    loss-parallel where the logits are vocabulary-sharded."""
+    distill_loss = build_distill_loss(cfg, device)
+    # Compiled cross-entropy for the plain step only: TP's DTensor logits are not traced
+    # by dynamo, and the pipeline's schedule keeps the eager loss it always had.
+    compiled = cfg.train.compile and cfg.parallel.tp == 1 and cfg.parallel.pp == 1
+    return build_step_loss(
+        distill_loss, compile_cross_entropy(compiled),
+        loss_in_model=distill_loss is None and head_computes_loss(pm.module, cfg.parallel),
+        loss_parallel=pm.tp_loss_parallel)

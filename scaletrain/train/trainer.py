@@ -21,18 +21,19 @@ from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config, run_files
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.data import build_data
-from scaletrain.data.loader import StatefulLoader, eval_batches
-from scaletrain.evaluate import covered_samples, evaluate, split_batches
-from scaletrain.compress.distill import build_distill_loss
+from scaletrain.data.loader import StatefulLoader
+from scaletrain.evaluate import evaluate
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
-from scaletrain.metrics import peak_memory_mb, plot_run, write_summary
-from scaletrain.models import REGISTRY, count_params
+from scaletrain.metrics import peak_memory_mb
+from scaletrain.models import count_params, spec_of
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.optim.strategy import build_strategy
-from scaletrain.parallel.compile import StepClock, compile_cross_entropy, head_computes_loss
+from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
 from scaletrain.parallel.world_checks import check_world
@@ -40,23 +41,26 @@ from scaletrain.parallel.ac import block_modes
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
+from scaletrain.parallel.world import World
 from scaletrain.plan.ac_budget import activation_policy
 from scaletrain.plan.auto import auto_plan, write_record
 from scaletrain.plan.malloc import tune_malloc
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.device_guard import fault_guard
-from scaletrain.train.faults import Rollback
+from scaletrain.train.faults import FaultMonitor, Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.run_guard import prepare_run_dir, resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
+from scaletrain.train.recorder import RunRecorder
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
-from scaletrain.train.step_loss import build_step_loss
+from scaletrain.train.step_loss import run_loss
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None):
+    def __init__(self, cfg: Config, runtime: Runtime | None = None,
+                 dims: ParallelDims | None = None):
         # init.from: model shape and tokenizer from the source (finetune/init_from.py);
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
@@ -64,10 +68,11 @@ class Trainer:
         self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
-        # Process group, ParallelDims and device mesh (identity objects on one process).
-        self.dist = DistContext.setup(cfg.parallel, self.rt.rank, self.rt.world,
-                                      self.rt.device)
-        self.spec = REGISTRY[cfg.model.name]
+        # The run's ParallelDims (from `train`, else resolved here), handed to everything as
+        # self.dist.dims; process group and device mesh (identities on one process).
+        dims = dims or resolve_dims(cfg.parallel, self.rt.world)
+        self.dist = DistContext.setup(cfg.parallel, self.rt.rank, dims, self.rt.device)
+        self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = self.rt.is_main and (
             cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
@@ -75,9 +80,9 @@ class Trainer:
             self.data = build_data(cfg, progress=self.show_progress)
         # Everything the world size constrains (the launcher checked it before torchrun
         # without the tokenizer's vocabulary): TP/PP shapes, single-process features.
-        check_world(cfg, self.rt.world, self.data.vocab_size)
+        check_world(cfg, self.rt.world, self.data.vocab_size, dims=dims)
         if cfg.train.descent == "full-batch":  # its batch is the split: known only now
-            check_memory(cfg, self.rt.world, self.rt.local_world, len(self.data.train))
+            check_memory(cfg, dims, self.rt.local_world, len(self.data.train))
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
             prepare_run_dir(cfg)
@@ -120,10 +125,11 @@ class Trainer:
             self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
+        self.loss = run_loss(cfg, self.parallel, self.rt.device)  # for either step path
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
-                                       self.data.vocab_size, self.policy.param_dtype)
+                                       self.data.vocab_size, self.policy.param_dtype, self.loss)
         self.state = TrainState()
         # Host reads of step values (tokens, fault guard, stop flag): one step late on a
         # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next
@@ -132,10 +138,9 @@ class Trainer:
             resolve_lag(cfg.train.host_reads, self.rt.device)
         self.reads = LaggedReads(lag, self.rt.device)
         self._tokens_since_log = 0
-        self.faults, guard = fault_guard(  # guard: skips a bad update (train/faults.py)
-            cfg.faults, self.optimizer, self.reads, self.state,
-            has_scaler=self.scaler is not None, loss_reducer=self.dist.sum_reducer)
-        self.step_opts = self._step_options(guard)
+        # The run's end of step and the layout's micro-batch loop (reducers, no_sync, norm).
+        self.faults, self.step_end = self._end_of_step()
+        self.step_opts = StepOptions(**self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
@@ -146,22 +151,19 @@ class Trainer:
             self.n_params, self.flops_per_token = whole_model_stats(
                 self.pipeline, self.spec, cfg.model, facts)
         self._peak_flops: float | None = None
+        self.recorder = self._recorder()
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
 
-    def _step_options(self, guard) -> StepOptions:
-        """What the step needs: clipping, the penalty hook, the fault guard, the run's one
-        loss callable (distillation, the in-model head + loss, or cross-entropy on the
-        logits: train/step_loss.py) and the layout's reducers / no_sync."""
+    def _end_of_step(self) -> tuple[FaultMonitor, StepEnd]:
+        """The run's end of step (optim/step_end.py): clipping, the penalty hook and the
+        guard that skips a bad update, with the fault monitor behind it (train/faults.py)."""
         cfg = self.cfg
-        distill_loss = build_distill_loss(cfg, self.rt.device)
-        loss = build_step_loss(
-            distill_loss, compile_cross_entropy(cfg.train.compile and cfg.parallel.tp == 1),
-            loss_in_model=distill_loss is None and head_computes_loss(self.model,
-                                                                       cfg.parallel))
-        return StepOptions(grad_clip=cfg.train.grad_clip,
-                           grad_clip_value=cfg.train.grad_clip_value,
-                           add_penalty_grads=self.strategy.penalty, guard=guard, loss=loss,
-                           **self.dist.step_options(self.parallel))
+        faults, guard = fault_guard(cfg.faults, self.optimizer, self.reads, self.state,
+                                    has_scaler=self.scaler is not None,
+                                    loss_reducer=self.dist.sum_reducer)
+        return faults, StepEnd(grad_clip=cfg.train.grad_clip,
+                               grad_clip_value=cfg.train.grad_clip_value,
+                               add_penalty_grads=self.strategy.penalty, guard=guard)
 
     def _checkpoint_session(self) -> CheckpointSession:
         """Checkpointing handed what it saves (torchtitan's `CheckpointManager(states=)`)
@@ -198,33 +200,26 @@ class Trainer:
         if self.sinks is not None:
             self.sinks.write(record)
 
-    # -- evaluation --------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict:
-        dataset = {"val": self.data.val, "test": self.data.test}[split]
-        e = self.cfg.eval
-        n_batches = split_batches(split, e)  # test: the whole split
-        batches = eval_batches(dataset, e.batch_size, n_batches, rank=self.dist.dp_rank,
-                               world=self.dp)
+    # -- evaluation, keep-best, the end of the run: train/recorder.py ----------------
+    def _recorder(self) -> RunRecorder:
+        return RunRecorder(
+            self.cfg, self.run_dir, self.data, self.state, run_eval=self._run_eval,
+            save_weights=self.save_weights,
+            load_weights=lambda path: run_model.load_weights(self.model, path, self.spec.tied),
+            log=self.log, is_main=self.rt.is_main, rank=self.dist.dp_rank, world=self.dp,
+            barrier=self.dist.barrier,
+            # plateau schedules reduce the LR from validation losses
+            on_val=lambda loss: observe_val_loss(self.scheduler, loss))
+
+    def _run_eval(self, split: str, batches) -> dict:
         batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
                    for x, y in batches)
         if self.pipeline is not None:  # forward through the stages (schedule.eval)
             with self.policy.autocast():
-                result = self.pipeline.evaluate(batches, self.dist.sum_reducer,
-                                                self.pipeline.batch_size)
-        else:
-            result = evaluate(self.model, batches, self.policy, self.rt.device,
-                              self.spec.kind, count_reducer=self.dist.sum_reducer)
-        if split == "val":  # plateau schedules reduce the LR from validation losses
-            observe_val_loss(self.scheduler, result["loss"])
-        record = {"kind": "eval", "split": split, "step": self.state.step, **result}
-        self.log(record)
-        # summary.json says what each loss covers (metrics.jsonl keeps its schema).
-        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
-
-    def maybe_keep_best(self, val_loss: float) -> None:
-        if val_loss < self.state.best_val:
-            self.state.best_val, self.state.best_step = val_loss, self.state.step
-            self.save_weights(self.run_dir / run_files.BEST_WEIGHTS)
+                return self.pipeline.evaluate(batches, self.dist.sum_reducer,
+                                              self.pipeline.batch_size)
+        return evaluate(self.model, batches, self.policy, self.rt.device,
+                        self.spec.kind, count_reducer=self.dist.sum_reducer)
 
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let
@@ -251,10 +246,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.pipeline is not None:  # the schedule runs the micro-batch loop
             result = self.pipeline.step(micro_batches, self.optimizer, self.policy,
-                                        self.step_opts)
+                                        self.step_opts, self.step_end)
         else:
             result = train_step(self.model, micro_batches, self.optimizer, self.policy,
-                                self.scaler, self.step_opts)
+                                self.scaler, self.step_opts, step_loss=self.loss,
+                                end=self.step_end)
         self.scheduler.step()
         st.step += 1
         st.skipped_steps += int(result.skipped)
@@ -274,7 +270,7 @@ class Trainer:
                             if self.rt.is_main else "off")
         meter = Throughput()
         if cfg.eval.interval and st.step == 0:
-            self.maybe_keep_best(self.evaluate("val")["loss"])
+            self.recorder.validate(st.step)
         self.model.train()
         meter.start()
         t0 = time.perf_counter()
@@ -292,10 +288,9 @@ class Trainer:
                                 tok_s=last["tokens_per_s"])
             if cfg.eval.interval and st.step % cfg.eval.interval == 0 \
                     and st.step != cfg.train.steps:
-                val = self.evaluate("val")
+                val = self.recorder.validate(st.step)
                 if self.rt.is_main:  # one line per run, not one per rank
                     progress.write(f"step {st.step}: val loss {val['loss']:.4f}")
-                self.maybe_keep_best(val["loss"])
             # Faults (skip log, rollback), interval save, a signal (save, stop).
             decision: Decision = self.ckpt.after_step(st.step, best_step=st.best_step)
             if isinstance(decision, Stop):
@@ -331,56 +326,53 @@ class Trainer:
         return record
 
     def finish(self, last_train: dict, meter: Throughput) -> dict:
+        """Validation, final weights, test on the best weights, summary and plots
+        (train/recorder.py); the fields below are this layout's."""
         cfg, st = self.cfg, self.state
-        val = self.evaluate("val")
-        self.maybe_keep_best(val["loss"])
-        self.save_weights(self.run_dir / run_files.FINAL_WEIGHTS)
-        test = None
-        if cfg.eval.test:
-            best = self.run_dir / run_files.BEST_WEIGHTS
-            self.dist.barrier()  # rank 0 has finished writing best.safetensors
-            if best.is_file() and st.best_step != st.step:
-                run_model.load_weights(self.model, best, self.spec.tied)  # test the model chosen on validation
-            test = self.evaluate("test")
         tok_s = meter.avg_tokens_per_s
-        summary = {
-            "steps": st.step, "tokens": st.tokens, "params": self.n_params,
-            "train_loss": last_train.get("loss"), "val": val, "test": test,
-            "best_val_loss": st.best_val, "best_step": st.best_step,
-            "tokens_per_s": tok_s,
-            "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
-                    if self.flops_per_token else None),
-            "peak_flops": self._peak_flops, "peak_mem_mb": peak_memory_mb(self.rt.device),
-            "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
-            **self.step_clock.report(compiled=cfg.train.compile),
-            "threads": self.rt.threads, "interop_threads": torch.get_num_interop_threads(),
-            "device": str(self.rt.device),
-            "world_size": self.rt.world, "precision": cfg.precision.dtype,
-            "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
-            "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
-                         "dp_replicate": self.dist.dims.dp_replicate,
-                         "dp_shard": self.dist.dims.dp_shard,
-                         "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
-                         "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
-            # What differs between ranks (memory, speed); a collective, all ranks call.
-            "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
-                                       "peak_mem_mb": peak_memory_mb(self.rt.device),
-                                       "wall_time_s": st.wall_time}),
-        }
-        if self.rt.is_main:
-            self.sinks.close()
-            write_summary(self.run_dir / "summary.json", summary)
-            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-        return summary
+
+        def details() -> dict:
+            return {
+                "tokens_per_s": tok_s,
+                "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
+                        if self.flops_per_token else None),
+                "peak_flops": self._peak_flops,
+                "peak_mem_mb": peak_memory_mb(self.rt.device),
+                "wall_time_s": st.wall_time, "skipped_steps": st.skipped_steps,
+                **self.step_clock.report(compiled=cfg.train.compile),
+                "threads": self.rt.threads,
+                "interop_threads": torch.get_num_interop_threads(),
+                "device": str(self.rt.device),
+                "world_size": self.rt.world, "precision": cfg.precision.dtype,
+                "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
+                "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
+                             "dp_replicate": self.dist.dims.dp_replicate,
+                             "dp_shard": self.dist.dims.dp_shard,
+                             "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
+                             "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
+                # What differs between ranks (memory, speed); a collective, all ranks call.
+                "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,
+                                           "peak_mem_mb": peak_memory_mb(self.rt.device),
+                                           "wall_time_s": st.wall_time}),
+            }
+
+        return self.recorder.finish(st.step, tokens=st.tokens, params=self.n_params,
+                                    train_loss=last_train.get("loss"), details=details,
+                                    close=self.sinks.close if self.sinks else lambda: None)
 
 
-def train(cfg: Config) -> dict | Stop:
-    """Train `cfg` to the end and return its summary (or the `Stop` of a signal);
+def train(cfg: Config, world: World | None = None) -> dict | Stop:
+    """Train `cfg` to the end and return its summary (or the `Stop` of a signal).
+
+    `world`: this process's place in the world (default: read from the environment);
     parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
-    cfg, plan_record = auto_plan(cfg)  # plan.auto: memory techniques that fit (plan/)
-    trainer = Trainer(cfg)
+    world = world or World.from_env()
+    rt = detect_runtime(cfg.train.device, cfg.train.threads, world)
+    dims = resolve_dims(cfg.parallel, rt.world)  # the run's layout; plan.auto keeps it
+    cfg, plan_record = auto_plan(cfg, world, dims)  # memory techniques that fit (plan/)
+    trainer = Trainer(cfg, rt, dims)
     trainer.plan_record = plan_record  # -> summary.json "plan"
-    write_record(cfg.run.dir, plan_record)
+    write_record(cfg.run.dir, plan_record, rt.is_main)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()
     if isinstance(summary, Stop):

@@ -1,7 +1,7 @@
 """A small training run built from the same pieces as the trainer (DistContext,
 build_parallel_model, StatefulLoader, train_step), runnable on any layout.
 
-`train_run(rank, world, spec)` trains a tiny GPT on synthetic tokens and returns, on
+`train_run(rank, world, spec)` trains a tiny GPT (or spec["model"]'s family) on synthetic tokens and returns, on
 every rank, the global loss of each step, the global grad norms and (rank 0) the full
 parameters. One process (world=1) is the reference every layout must match.
 """
@@ -17,8 +17,11 @@ import torch
 
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
+from scaletrain.models.contract import param_at
 from scaletrain.optim import build_optimizer
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
+from scaletrain.config.dims import resolve_dims
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.precision import PrecisionPolicy
@@ -52,7 +55,8 @@ def default_spec(**kw) -> dict:
     spec = dict(dtype="fp32", steps=20, batch=8, micro=2, dp_replicate=1, dp_shard=-1,
                 masked=False, ac="none", reshard=True, cpu_offload=False, optim="adamw",
                 grad_clip=0.05, n_layer=2, d_model=32, assignment="block",
-                local_count=False, fault=None, timeout_s=60, compile=False)
+                local_count=False, fault=None, timeout_s=60, compile=False,
+                model=())  # model: extra ModelConfig fields as (name, value) pairs
     spec.update(kw)
     return spec
 
@@ -65,9 +69,10 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
                           cpu_offload=spec["cpu_offload"])
     if world == 1:
         pcfg.dp_replicate, pcfg.dp_shard = 1, 1
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
-    mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=2, d_model=spec["d_model"], seq_len=T)
+    mcfg = ModelConfig(**{"n_layer": spec["n_layer"], "n_head": 2, "d_model": spec["d_model"],
+                          "seq_len": T, **dict(spec["model"])})
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
                               mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
                               compile=spec["compile"])
@@ -75,7 +80,8 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
     opt = build_optimizer(model, OptimConfig(name=spec["optim"], lr=1e-2))
     loader = StatefulLoader(Tokens(masked=spec["masked"]), spec["batch"], rank=rank,
                             world=ctx.dims.dp, seed=5, assignment=spec["assignment"])
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
+    opts = StepOptions(**ctx.step_options(pm))
+    end = StepEnd(grad_clip=spec["grad_clip"])
     if spec["local_count"]:  # the bug a test must catch: per-rank normalisation
         opts.count_reducer = lambda n: n
     losses, norms = [], []
@@ -87,13 +93,14 @@ def train_run(rank: int, world: int, spec: dict) -> dict:
                     os._exit(3)
                 time.sleep(600)
             micro = split_micro_batches(loader.next(), spec["micro"])
-            r = train_step(model, micro, opt, policy, None, opts)
+            r = train_step(model, micro, opt, policy, None, opts, end=end)
             # Each rank's loss is its share of the global mean; the sum over ranks is it.
             losses.append(ctx.sum_reducer(r.loss.clone()).item())
             gn = r.grad_norm
             norms.append((gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item())
     out = {"losses": losses, "norms": norms, "strategy": ctx.dims.strategy,
-           "tied": model.lm_head.weight is model.wte.weight}
+           # every tied (head, embedding) pair of the family is still one tensor
+           "tied": all(param_at(model, h) is param_at(model, e) for h, e in pm.spec.tied)}
     params = full_state_dict(model)
     if rank == 0:
         out["params"] = {k: v.clone() for k, v in params.items()}

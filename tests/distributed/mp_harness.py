@@ -1,7 +1,7 @@
 """A small training run on any TP × PP × DP layout, built from the trainer's pieces
 (DistContext, build_parallel_model, build_pipeline, train_step / Pipeline.step).
 
-`mp_run(rank, world, spec)` trains a tiny GPT on synthetic tokens (harness.Tokens) and
+`mp_run(rank, world, spec)` trains a tiny GPT (or spec["model"]'s family) on synthetic tokens (harness.Tokens) and
 returns on every rank the global loss and grad norm of each step; world=1 is the
 reference. Vocabulary 64 (harness.Tokens' ids folded), so tp in {1, 2, 4} divides it. Optionally saves a DCP checkpoint (checkpoint/manager.py) after the run, or
 loads one before it.
@@ -26,18 +26,22 @@ class Tokens64(Tokens):
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
+from scaletrain.config.dims import resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+from scaletrain.train.step_loss import build_step_loss
 
 
 def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
                 schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
-                faults=False, nan_step=0)
+                faults=False, nan_step=0, params=False,
+                model=())  # model: extra ModelConfig fields as (name, value) pairs
     spec.update(kw)
     return spec
 
@@ -50,22 +54,24 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                           tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
                           pp_schedule=spec["schedule"], timeout_s=60,
                           sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
-    ctx = DistContext.setup(pcfg, rank, world, device)
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
-                       d_model=spec["d_model"], seq_len=T)
+                       d_model=spec["d_model"], seq_len=T, **dict(spec["model"]))
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
                               mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
     model = pm.module
     dp = ctx.dims.dp
+    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel)  # as the trainer's
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
-                          policy.param_dtype)
+                          policy.param_dtype, loss)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
                           embedding_copies=pm.tied_copies)
     loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
                             world=dp, seed=5)
-    opts = StepOptions(grad_clip=spec["grad_clip"], **ctx.step_options(pm))
-    monitor = _fault_guard(model, ctx, spec, opts) if spec["faults"] else None
+    opts = StepOptions(**ctx.step_options(pm))
+    monitor = _fault_guard(model, pm.spec, ctx, spec) if spec["faults"] else None
+    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None)
     if spec["load"]:
         _checkpoint(model, opt, spec["load"], save=False, aliases=pm.tied_copies)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
@@ -73,8 +79,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     for step in range(1, spec["steps"] + 1):
         model._harness_step = step  # read by the NaN-injecting hook
         micro = split_micro_batches(loader.next(), spec["micro"])
-        r = (pipe.step(micro, opt, policy, opts) if pipe is not None
-             else train_step(model, micro, opt, policy, None, opts))
+        r = (pipe.step(micro, opt, policy, opts, end) if pipe is not None
+             else train_step(model, micro, opt, policy, None, opts, step_loss=loss, end=end))
         losses.append(ctx.sum_reducer(r.loss.clone()).item())
         norms.append(float(r.grad_norm))
         skipped.append(bool(r.skipped))
@@ -83,22 +89,27 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
     out = {"losses": losses, "norms": norms, "skipped": skipped}
+    if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
+        from scaletrain.parallel.weights import full_state_dict
+
+        out["params"] = full_state_dict(model)
     if monitor is not None:  # the losses the fault guard saw and accepted
         out["guard_history"] = list(monitor.history)
     return out
 
 
-def _fault_guard(model, ctx, spec: dict, opts):
-    """The trainer's fault guard (train/device_guard.py fault_guard) on `opts`; with
+def _fault_guard(model, family, ctx, spec: dict):
+    """The trainer's fault monitor (its `guard` goes into the StepEnd); with
     spec["nan_step"], the final norm's output turns NaN at that step (on the last
-    pipeline stage, which alone has `ln_f`)."""
+    pipeline stage, which alone has it: the first of the family's PipelineSplit.last,
+    GPT's `ln_f`, Llama's `norm`)."""
     from scaletrain.config.schema import FaultsConfig
     from scaletrain.train.faults import FaultMonitor
 
     monitor = FaultMonitor(FaultsConfig(), loss_reducer=ctx.sum_reducer)
-    opts.guard = monitor.guard
-    if spec["nan_step"] and model.ln_f is not None:
-        model.ln_f.register_forward_hook(
+    final_norm = getattr(model, family.pipeline.last[0])
+    if spec["nan_step"] and final_norm is not None:
+        final_norm.register_forward_hook(
             lambda m, a, out: out * float("nan")
             if model._harness_step == spec["nan_step"] else out)
     return monitor
@@ -139,9 +150,9 @@ def reference(spec: dict) -> dict:
     """The one-process run of `spec` (cached per test session: several layouts share it)."""
     key = tuple(sorted((k, v) for k, v in spec.items()
                        if k not in ("tp", "pp", "dp_shard", "dp_replicate", "schedule", "sp",
-                                    "lp", "save", "load")))
+                                    "lp", "save", "load", "params")))
     if key not in _REFERENCES:
-        _REFERENCES[key] = mp_run(0, 1, spec)
+        _REFERENCES[key] = mp_run(0, 1, {**spec, "params": True})
     return _REFERENCES[key]
 
 

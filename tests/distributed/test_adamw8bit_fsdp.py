@@ -49,11 +49,12 @@ def _state_layout(rank: int, world: int) -> dict:
     from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
     from scaletrain.optim import build_optimizer
     from scaletrain.parallel.context import DistContext
+    from scaletrain.config.dims import resolve_dims
     from scaletrain.parallel.parallelize import build_parallel_model
     from scaletrain.precision import PrecisionPolicy
 
     pcfg = ParallelConfig(dp_replicate=1, dp_shard=world, timeout_s=60)
-    ctx = DistContext.setup(pcfg, rank, world, torch.device("cpu"))
+    ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), torch.device("cpu"))
     model = build_parallel_model(ModelConfig(n_layer=1, n_head=2, d_model=64, seq_len=16),
                                  {"vocab_size": 67}, seed=3, dims=ctx.dims, mesh=ctx.mesh,
                                  pcfg=pcfg, policy=PrecisionPolicy("fp32", "cpu"),

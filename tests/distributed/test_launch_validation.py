@@ -58,10 +58,17 @@ def one_line(proc) -> str:
     (["--nproc", "2", "--train.compile=true", "--train.compile_scope=model"],
      "compile_scope='model' needs one process"),
     (["--nproc", "2", "--finetune.lora_rank=2", "INIT"], "single process only, not 2"),
+    # valid on one process; the launcher judges it on the 2 ranks it would start, as
+    # they would (issue 14 item 2), not on a world of 1 with dp_shard=-1 counted as 1
+    (["--nproc", "2", "--parallel.dp_shard=-1", "--train.descent=stochastic"],
+     "cannot run data-parallel"),
+    (["--nproc", "2", "--parallel.pp=2", "TEACHER"],
+     "distill.teacher with parallel.pp > 1"),
 ])
 def test_layouts_the_world_cannot_run_fail_before_torchrun(args, fragment, prepared,
                                                            base_run, tmp_path):
-    args = [f"--init.from={base_run}" if a == "INIT" else a for a in args]
+    args = [f"--init.from={base_run}" if a == "INIT" else
+            f"--distill.teacher={base_run}" if a == "TEACHER" else a for a in args]
     t = time.monotonic()
     proc = scaletrain("train", *DATA, "--data.vocab_size=300", *TINY,
                       f"--data.prepared_dir={prepared}", f"--run.dir={tmp_path}/r", *args)

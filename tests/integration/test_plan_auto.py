@@ -9,6 +9,7 @@ from tests.conftest import make_cfg, run_cli
 
 
 def test_plan_auto_applies_and_logs_the_chosen_micro_batch(tiny_args, tmp_path):
+    from scaletrain.config.dims import ParallelDims
     from scaletrain.plan.report import plan
     from scaletrain.plan.auto import plan_vocab
 
@@ -17,8 +18,8 @@ def test_plan_auto_applies_and_logs_the_chosen_micro_batch(tiny_args, tmp_path):
     # A budget that fits micro-batch 4 but not 8: gradient accumulation must take over.
     half = make_cfg(args[:-3] + ["--train.micro_batch_size=4", "--train.device=cpu"])
     full = make_cfg(args)
-    peak4 = plan(half, 1, plan_vocab(half))["ranks"][0]["peak_bytes"]
-    peak8 = plan(full, 1, plan_vocab(full))["ranks"][0]["peak_bytes"]
+    peak4 = plan(half, ParallelDims(1, 1, 1, 1, 1), plan_vocab(half))["ranks"][0]["peak_bytes"]
+    peak8 = plan(full, ParallelDims(1, 1, 1, 1, 1), plan_vocab(full))["ranks"][0]["peak_bytes"]
     assert peak4 < peak8
     gib = (peak4 + 1) / 2**30
     proc = run_cli("train", *args, "--plan.auto=true", f"--plan.memory_gib={gib!r}")

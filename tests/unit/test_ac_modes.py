@@ -223,12 +223,13 @@ def test_cli_budget_below_the_floor_is_one_line_exit_2(tiny_args):
 def test_plan_peak_falls_from_none_to_every_2nd_block_to_every_block():
     """Both byte models (memory.activation_bytes, and the CPU RSS model tensor by tensor)
     see the per-block modes: checkpointing every 2nd block lands in between."""
+    from scaletrain.config.dims import ParallelDims
     from scaletrain.plan.report import plan
 
     def peak(*extra):
         c = cfg_of("--model.d_model=256", "--model.n_head=4", "--model.seq_len=256",
                    "--train.batch_size=8", *extra)
-        r = plan(c, 1, 64, "cpu")["ranks"][0]
+        r = plan(c, ParallelDims(1, 1, 1, 1, 1), 64, "cpu")["ranks"][0]
         return r["peak_bytes"], r["activation_bytes"]
 
     none, every2, full = (peak(), peak("--parallel.activation_checkpoint=full",

@@ -24,6 +24,7 @@ from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer, build_scheduler
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.state import TrainState
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, train_step
 from tests.conftest import REPO, make_cfg
 
@@ -63,7 +64,7 @@ class Parts:
             x = torch.randn(4, 1, 8, 8, generator=g)
             y = torch.randint(0, FACTS["num_classes"], (4,), generator=g)
         train_step(self.model, [(x, y)], self.opt, PrecisionPolicy("fp32", torch.device("cpu")),
-                   None, StepOptions(grad_clip=1.0))
+                   None, StepOptions(), end=StepEnd(grad_clip=1.0))
         self.sched.step()
         self.state.step += 1
 

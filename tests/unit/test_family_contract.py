@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scaletrain.config import build_config
+from scaletrain.config.model_checks import FAMILY_RULES
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models import registry
 from scaletrain.models.contract import PipelineSplit, tied_copies
@@ -102,6 +103,17 @@ def test_toy_family_splits_into_stages_by_its_spec(toy):
         first = spec.build(cfg.model, {"vocab_size": 11})
     prune_to_stage(first, spec.pipeline, (0, 1), first=True, last=False)
     assert first.out is None and first.norm is None and tied_copies(first, spec.tied) == {}
+
+
+def test_validation_rules_agree_with_the_registry():
+    """config/model_checks.py repeats, below models/, what validation needs of each
+    family (kind, blocks or not, its field rules): the same families, the same facts."""
+    choices = dataclasses.fields(ModelConfig)[0].metadata["choices"]  # model.name
+    assert set(FAMILY_RULES) == set(registry.REGISTRY) == set(choices)
+    for name, spec in registry.REGISTRY.items():
+        rules = FAMILY_RULES[name]
+        assert (rules.kind, rules.blocks, rules.check) == (
+            spec.kind, spec.activation_block is not None, spec.check), name
 
 
 def test_no_family_sniffs_or_stashed_layout_facts():

@@ -15,6 +15,7 @@ from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer, build_scheduler
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.faults import FaultMonitor, roll_back
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, train_step
 from tests.conftest import make_cfg
 
@@ -33,8 +34,9 @@ def mlp_run(batches, guard: FaultMonitor | None):
     model = build_model(ModelConfig(name="mlp", hidden=16), {"input_shape": (1, 8, 8),
                                                               "num_classes": 5}, seed=0)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2))
-    opts = StepOptions(grad_clip=1.0, guard=guard.guard if guard else None)
-    skipped = [train_step(model, [b], opt, CPU, None, opts).skipped for b in batches]
+    end = StepEnd(grad_clip=1.0, guard=guard.guard if guard else None)
+    skipped = [train_step(model, [b], opt, CPU, None, StepOptions(), end=end).skipped
+               for b in batches]
     return torch.cat([p.detach().flatten() for p in model.parameters()]), skipped
 
 
@@ -119,15 +121,17 @@ def test_rollback_restores_the_checkpoint_skips_the_bad_batches_and_lowers_lr(tm
                             stateful={"scheduler": sched, "loader": loader, "faults": monitor})
     for i in range(2):
         loader.next()
-        train_step(model, [image_batch(i)], opt, CPU, None, StepOptions(guard=monitor.guard))
+        train_step(model, [image_batch(i)], opt, CPU, None, StepOptions(),
+                   end=StepEnd(guard=monitor.guard))
         sched.step()
     mgr.save(2)
     saved = [p.detach().clone() for p in model.parameters()]
     lr = opt.param_groups[0]["lr"]
-    opts = StepOptions(guard=monitor.guard)
+    opts, end = StepOptions(), StepEnd(guard=monitor.guard)
     for i in range(3):  # three poisoned batches in a row
         loader.next()
-        assert train_step(model, [image_batch(i, poison=True)], opt, CPU, None, opts).skipped
+        assert train_step(model, [image_batch(i, poison=True)], opt, CPU, None, opts,
+                          end=end).skipped
     assert monitor.should_roll_back()
     with torch.no_grad():  # pretend the bad steps had damaged something
         next(model.parameters()).add_(1.0)

@@ -53,5 +53,6 @@ def test_unsupported_hf_config_is_a_checkpoint_error(hf_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(CheckpointError, match="activation_function"):
         hf_import.hf_model_fields(d)
+    (d / "config.json").write_text((hf_dir[0] / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         hf_import.hf_state_dict(d)

@@ -59,8 +59,8 @@ def run(tiny_args, tmp_path, mode: str, bad=(5, 6), interval=2):
 def test_lagged_reads_and_device_guard_match_the_synchronous_loop(tiny_args, tmp_path):
     sync_tr, sync_sum, sync_recs, sync_w = run(tiny_args, tmp_path, "every-step")
     lag_tr, lag_sum, lag_recs, lag_w = run(tiny_args, tmp_path, "lagged")
-    assert type(sync_tr.step_opts.guard).__name__ == "method"  # FaultMonitor.guard
-    assert type(lag_tr.step_opts.guard).__name__ == "DeviceGuard"
+    assert type(sync_tr.step_end.guard).__name__ == "method"  # FaultMonitor.guard
+    assert type(lag_tr.step_end.guard).__name__ == "DeviceGuard"
     assert lag_tr.reads.lag == 1 and sync_tr.reads.lag == 0
 
     def faults(recs):

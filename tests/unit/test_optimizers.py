@@ -20,6 +20,7 @@ from scaletrain.optim.optimizers import decayed_params
 from scaletrain.optim.penalties import build_penalty
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 V, T, B = 61, 12, 8
@@ -58,10 +59,11 @@ def flat(model) -> torch.Tensor:
 def run(k: int, o: OptimConfig, steps: int = 10, l1: float = 0.0, l2: float = 0.0):
     model = tiny()
     opt = build_optimizer(model, o)
-    opts = StepOptions(grad_clip=1.0,
-                       add_penalty_grads=build_penalty(decayed_params(model, o), l1, l2))
+    end = StepEnd(grad_clip=1.0,
+                  add_penalty_grads=build_penalty(decayed_params(model, o), l1, l2))
     for s in range(steps):
-        train_step(model, split_micro_batches(make_batch(s), B // k), opt, FP64, None, opts)
+        train_step(model, split_micro_batches(make_batch(s), B // k), opt, FP64, None,
+                   StepOptions(), end=end)
     return flat(model)
 
 
@@ -97,27 +99,28 @@ def test_penalty_gradient_is_autograd_of_penalised_loss():
         for p in ref.parameters():
             p -= 0.1 * p.grad
     got = tiny()
-    opts = StepOptions(add_penalty_grads=build_penalty(decayed_params(got, o), l1, l2))
-    train_step(got, split_micro_batches((x, y), 2), build_optimizer(got, o), FP64, None, opts)
+    end = StepEnd(add_penalty_grads=build_penalty(decayed_params(got, o), l1, l2))
+    train_step(got, split_micro_batches((x, y), 2), build_optimizer(got, o), FP64, None,
+               StepOptions(), end=end)
     assert (flat(got) - flat(ref)).abs().max().item() <= 1e-13
 
 
-def _grads_after_step(opts: StepOptions):
+def _grads_after_step(end: StepEnd):
     model = tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     captured = {}
     opt.register_step_pre_hook(lambda o, a, k: captured.update(
         g=[p.grad.clone() for p in model.parameters()]))
-    res = train_step(model, [make_batch(0)], opt, FP64, None, opts)
+    res = train_step(model, [make_batch(0)], opt, FP64, None, StepOptions(), end=end)
     return res, captured["g"]
 
 
 def test_clip_by_global_norm():
-    res, raw = _grads_after_step(StepOptions())
+    res, raw = _grads_after_step(StepEnd())
     norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in raw]))
     assert res.grad_norm.item() == pytest.approx(norm.item(), rel=1e-12)
     max_norm = norm.item() / 4
-    res, clipped = _grads_after_step(StepOptions(grad_clip=max_norm))
+    res, clipped = _grads_after_step(StepEnd(grad_clip=max_norm))
     assert res.grad_norm.item() == pytest.approx(norm.item(), rel=1e-12)  # pre-clip norm
     got = torch.linalg.vector_norm(torch.cat([g.flatten() for g in clipped])).item()
     assert got == pytest.approx(max_norm, rel=1e-5)  # torch adds 1e-6 to the divisor
@@ -127,9 +130,9 @@ def test_clip_by_global_norm():
 
 
 def test_clip_by_value():
-    _, raw = _grads_after_step(StepOptions())
+    _, raw = _grads_after_step(StepEnd())
     v = torch.cat([g.flatten() for g in raw]).abs().max().item() / 3
-    _, clipped = _grads_after_step(StepOptions(grad_clip_value=v))
+    _, clipped = _grads_after_step(StepEnd(grad_clip_value=v))
     for a, b in zip(raw, clipped):
         assert torch.equal(b, a.clamp(-v, v))
     assert any((a.abs() > v).any() for a in raw)  # clipping did something
@@ -194,7 +197,7 @@ def test_weight_norm_and_penalties_in_a_run(tiny_args):
     tr = Trainer(cfg)
     names = [n for n, _ in tr.model.named_parameters()]
     assert sum("parametrizations.weight.original" in n for n in names) == 2 * 2 * 4
-    assert tr.step_opts.add_penalty_grads.l1 == 1e-4  # the step calls the penalty hook
+    assert tr.step_end.add_penalty_grads.l1 == 1e-4  # the step calls the penalty hook
     summary = tr.fit()
     with open(f"{cfg.run.dir}/metrics.jsonl") as f:
         losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]

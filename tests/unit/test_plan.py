@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scaletrain.config import build_config
+from scaletrain.config.dims import ParallelDims
 from scaletrain.plan.report import plan
 from scaletrain.plan import memory
 from scaletrain.plan.fit import NothingFits, fit
@@ -15,6 +16,7 @@ from scaletrain.plan.fit import NothingFits, fit
 #   ln_1 32 + c_attn 16*48+48 = 816 + c_proj 16*16+16 = 272 + ln_2 32
 #   + c_fc 16*64+64 = 1088 + c_proj 64*16+16 = 1040  = 3280
 #   total 512 + 128 + 32 + 2 * 3280 = 7232
+ONE_RANK = ParallelDims(1, 1, 1, 1, 1)  # the layout of one process
 N = 7232
 TOKENS = 2 * 8  # micro-batch 2 x seq 8
 SHAPE = ["model.n_layer=2", "model.d_model=16", "model.n_head=2", "model.seq_len=8",
@@ -27,7 +29,7 @@ def cfg_of(*extra: str):
 
 
 def rank0(cfg, device_type="cpu"):
-    return plan(cfg, 1, cfg.model.vocab_size, device_type)["ranks"][0]
+    return plan(cfg, ONE_RANK, cfg.model.vocab_size, device_type)["ranks"][0]
 
 
 def test_fp32_adamw_bytes_and_peak():
@@ -100,7 +102,7 @@ def _peak(cfg):
 
 def test_fit_keeps_a_config_that_fits():
     cfg = cfg_of("train.batch_size=4", "train.micro_batch_size=4")
-    choice = fit(cfg, 1, 32, _peak(cfg) + 1, "cpu")
+    choice = fit(cfg, ONE_RANK, 32, _peak(cfg) + 1, "cpu")
     assert choice.overrides == {} and choice.lines() == []
 
 
@@ -112,7 +114,7 @@ def test_fit_forces_activation_checkpointing_when_micro_batch_one_does_not_fit()
     cfg = cfg_of(*extra)
     full = cfg_of(*extra, "parallel.activation_checkpoint=full")
     assert _peak(full) < _peak(cfg)
-    choice = fit(cfg, 1, 64, _peak(full), "cpu")
+    choice = fit(cfg, ONE_RANK, 64, _peak(full), "cpu")
     assert choice.overrides.get("parallel.activation_checkpoint") in ("selective", "full")
     assert choice.peak_bytes <= _peak(full)
     ac = choice.overrides["parallel.activation_checkpoint"]
@@ -124,13 +126,13 @@ def test_fit_prefers_a_smaller_micro_batch_to_recomputation():
                  "train.micro_batch_size=8")
     half = cfg_of("model.seq_len=256", "model.vocab_size=64", "train.batch_size=8",
                   "train.micro_batch_size=4")
-    choice = fit(cfg, 1, 64, _peak(half), "cpu")
+    choice = fit(cfg, ONE_RANK, 64, _peak(half), "cpu")
     assert choice.overrides == {"train.micro_batch_size": 4}
 
 
 def test_fit_raises_when_nothing_fits():
     with pytest.raises(NothingFits, match="nothing fits 0.01 GiB"):
-        fit(cfg_of(), 1, 32, 0.01 * 2**30, "cpu")
+        fit(cfg_of(), ONE_RANK, 32, 0.01 * 2**30, "cpu")
 
 
 def test_cpu_rss_adds_the_heap_and_mmap_high_water_marks_of_different_phases():

@@ -21,6 +21,7 @@ from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer
 from scaletrain.precision import PrecisionPolicy
+from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 from tests.conftest import make_cfg
 
@@ -70,7 +71,7 @@ def test_fp16_inf_gradient_skips_step_halves_scale_and_continues():
 
     def step(s):
         return train_step(model, split_micro_batches(batch(s), 4), opt, policy, scaler,
-                          StepOptions(grad_clip=1.0))
+                          StepOptions(), end=StepEnd(grad_clip=1.0))
 
     assert not step(0).skipped
     scale = scaler.get_scale()

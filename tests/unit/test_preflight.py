@@ -10,11 +10,13 @@ import pytest
 
 from scaletrain.config import build_config
 from scaletrain.errors import ConfigError
+from scaletrain.config.dims import ParallelDims
 from scaletrain.parallel.world_checks import check_world
 from scaletrain.plan import preflight
 
 ROOT = Path(__file__).parents[2]
 GiB = 2 ** 30
+ONE_RANK = ParallelDims(1, 1, 1, 1, 1)  # the layout of one process
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def machine_of(monkeypatch):
 def test_every_preset_fits_a_24_gib_machine(path, machine_of):
     # gpt-1b is meant for this 24 GiB machine (MemTotal 23.5 GiB): no false refusal.
     machine_of(23.5)
-    preflight.check_memory(build_config(path), world=1, local_world=1)
+    preflight.check_memory(build_config(path), dims=ONE_RANK, local_world=1)
 
 
 def test_a_config_over_the_machine_is_refused_with_the_figure(machine_of):
@@ -38,17 +40,17 @@ def test_a_config_over_the_machine_is_refused_with_the_figure(machine_of):
     cfg = build_config(str(ROOT / "configs/gpt-1b.toml"))
     with pytest.raises(ConfigError, match=r"predicted peak memory of this run is 2\d\.\d "
                                           r"GiB per rank.*16.0 GiB.*scaletrain plan --fit"):
-        preflight.check_memory(cfg, world=1, local_world=1)
+        preflight.check_memory(cfg, dims=ONE_RANK, local_world=1)
 
 
 def test_full_batch_is_judged_on_the_train_split(machine_of):
     machine_of(4.0)
     cfg = build_config(None, [("train.descent", "full-batch"), ("model.d_model", "512"),
                               ("model.n_head", "8")])
-    preflight.check_memory(cfg, 1, 1)  # before the data: the split size is not known
-    preflight.check_memory(cfg, 1, 1, n_train=64)
+    preflight.check_memory(cfg, ONE_RANK, 1)  # before the data: the split size is not known
+    preflight.check_memory(cfg, ONE_RANK, 1, n_train=64)
     with pytest.raises(ConfigError, match="a step's batch of 100,000 samples.*full-batch"):
-        preflight.check_memory(cfg, 1, 1, n_train=100_000)
+        preflight.check_memory(cfg, ONE_RANK, 1, n_train=100_000)
 
 
 def test_ranks_on_one_machine_share_its_memory(monkeypatch):

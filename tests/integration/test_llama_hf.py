@@ -1,0 +1,198 @@
+"""Hugging Face in and out for the llama family (issue #15): transformers' Llama / Qwen2 /
+Qwen3 / Mistral directories load with equal logits and greedy tokens, train through
+init.from, export back, and bad directories are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_DATA, make_cfg, one_error_line, run_cli
+from scaletrain.compress.artefact import load_artefact
+from scaletrain.generate import sample
+
+transformers = pytest.importorskip("transformers")  # pinned in requirements.txt
+
+VOCAB = 331  # odd, and larger than the tokenizer's (as Qwen's padded vocabularies are)
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's names, not GPT-2's
+# (architecture, extra config, save shard size): GQA, tied / untied, q/k/v bias,
+# qk-norm with head_dim != d_model / n_head, llama3 rope scaling, sharded and single-file.
+CASES = {
+    "llama": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), "20KB"),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True), "5GB"),
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False),
+              "30KB"),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=None,
+                                tie_word_embeddings=True), "5GB"),
+}
+
+
+def _tokenizer(d: Path):
+    """A byte-level BPE with Llama 3's special-token names, saved as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    src = Path(sysconfig.get_paths()["stdlib"])
+    text = [p.read_text(errors="replace") for p in sorted(src.glob("a*.py"))[:6]]
+    tk.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS,
+                                                eos_token=EOS)
+    fast.save_pretrained(d)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """name -> (directory, the transformers model): one build per architecture."""
+    root = tmp_path_factory.mktemp("llama_hf")
+    out = {}
+    for name, (arch, extra, shard) in CASES.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, f"{arch}Config")(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+            rope_theta=50000.0, bos_token_id=0, eos_token_id=1, **extra)
+        if arch == "Qwen2":
+            cfg.attention_bias = True  # where the q/k/v biases live (always on)
+        model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+        if arch == "Qwen2":  # random biases, so a dropped bias shows in the logits
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    torch.nn.init.normal_(p, std=0.5)
+        d = root / name
+        model.save_pretrained(d, max_shard_size=shard)
+        _tokenizer(d)
+        out[name] = (d, model)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_and_greedy_tokens_equal_transformers(hf_dirs, name):
+    d, hf = hf_dirs[name]
+    assert (d / "model.safetensors.index.json").is_file() == (CASES[name][2] != "5GB")
+    cfg, model, tok = load_artefact(d)
+    assert cfg.model.name == "llama" and cfg.model.hf_architecture == f"{CASES[name][0]}ForCausalLM"
+    assert tok is not None and tok.eot_id == 1  # the directory's <|end_of_text|>
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    prompt = ids[0, :8].tolist()
+    ours = sample(model, prompt, max_new_tokens=32, seq_len=64, temperature=0.0)
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,
+                         min_new_tokens=32, eos_token_id=None, pad_token_id=0)
+    assert ours == theirs[0, 8:].tolist()
+
+
+def test_generate_cli_matches_transformers_greedy(hf_dirs):
+    d, hf = hf_dirs["qwen3"]
+    _, _, tok = load_artefact(d)
+    prompt = "import os\n"
+    proc = run_cli("generate", str(d), f"--generate.prompt={prompt}", "--generate.num_samples=1",
+                   "--generate.temperature=0", "--generate.max_new_tokens=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = tok.encode(prompt)
+    new = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                      eos_token_id=tok.eot_id, pad_token_id=0)[0, len(ids):].tolist()
+    new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new
+    assert proc.stdout.split("--- sample 1 ---\n", 1)[1] == prompt + tok.decode(new) + "\n"
+
+
+def test_init_from_trains_then_exports_back(hf_dirs, tmp_path):
+    """init.from an HF llama (sharded, untied, rope scaling) through the CLI: the run
+    takes the directory's tokenizer, its step-0 loss is the HF model's, a few steps
+    train, and the export is a LlamaForCausalLM transformers loads with equal logits."""
+    d, hf = hf_dirs["llama"]
+    run = tmp_path / "run"
+    args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}",
+            f"--init.from={d}", "--model.seq_len=32", "--train.steps=3", "--train.batch_size=4",
+            "--train.progress=off", "--eval.interval=0", "--eval.test=false",
+            "--optim.lr=1e-3", "--schedule.warmup_steps=0"]
+    proc = run_cli("train", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = (run / "config.toml").read_text()
+    assert 'name = "llama"' in saved and 'hf_architecture = "LlamaForCausalLM"' in saved
+    assert json.loads((run / "tokenizer.json").read_text()) == json.loads(
+        (d / "tokenizer.json").read_text())
+    out = tmp_path / "hf-out"
+    proc = run_cli("export", str(run), "--format", "hf", "--out", str(out),
+                   "--max-shard-size", "40KB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors.index.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    _, trained, _ = load_artefact(run)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, trained(ids), atol=1e-5, rtol=0)
+        assert (back(ids).logits - hf(ids).logits).abs().max() > 1e-4  # it did train
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS
+    proc = run_cli("eval", str(d), *TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}",
+                   "--model.seq_len=32")  # the HF directory itself, its own tokenizer
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(json.loads(proc.stdout)["loss"] - torch.log(torch.tensor(VOCAB)).item()) < 1.0
+
+
+def test_fsdp_ranks_load_their_slices(hf_dirs, tmp_path):
+    """Two FSDP2 ranks each read their own slices of the sharded checkpoint: the
+    step-0 validation loss is the HF model's, computed in one process."""
+    from scaletrain.compress.report import val_loss
+    from scaletrain.data import build_data
+    
+    d, _ = hf_dirs["qwen3"]
+    run = tmp_path / "run"
+    args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}",
+            f"--init.from={d}", "--model.seq_len=32", "--train.batch_size=4",
+            "--eval.batches=2", "--eval.batch_size=4", "--eval.test=false"]
+    proc = run_cli("train", *args, "--nproc=2", "--train.steps=1", "--eval.interval=1",
+                   "--train.progress=off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step0 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"][0]
+    cfg = make_cfg([a for a in args if not a.startswith(("--init.from", "--run.dir"))]
+                   + [f"--data.tokenizer={d / 'tokenizer.json'}"])
+    assert cfg.model.seq_len == 32 and "seq_len = 32" in (run / "config.toml").read_text()
+    _, model, _ = load_artefact(d, [("model.seq_len", "32")])
+    expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
+
+
+def test_bad_hf_directories_exit_2_before_writing(hf_dirs, tmp_path):
+    """Unsupported architecture, config.json disagreeing with the safetensors, a shard
+    in the index missing: one line each, exit 2, no run directory."""
+    import shutil
+
+    src = hf_dirs["llama"][0]
+    cases = {}
+    for case in ("arch", "shape", "shard"):
+        d = tmp_path / case
+        shutil.copytree(src, d)
+        c = json.loads((d / "config.json").read_text())
+        if case == "arch":
+            c["architectures"] = ["GemmaForCausalLM"]
+        if case == "shape":
+            c["intermediate_size"] = 128
+        (d / "config.json").write_text(json.dumps(c))
+        if case == "shard":
+            (d / "model-00002-of-00014.safetensors").unlink()
+        cases[case] = d
+    expect = {"arch": ("GemmaForCausalLM", "LlamaForCausalLM, Qwen2ForCausalLM"),
+              "shape": ("mlp.gate_proj.weight", "config.json implies [128, 64]"),
+              "shard": ("model-00002-of-00014.safetensors", "missing")}
+    for case, d in cases.items():
+        run = tmp_path / f"run-{case}"
+        proc = run_cli("train", *TINY_DATA, f"--init.from={d}", f"--run.dir={run}",
+                       f"--data.prepared_dir={tmp_path / 'prep'}", "--train.steps=1")
+        one_error_line(proc, *expect[case])
+        assert not run.exists()
