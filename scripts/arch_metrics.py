@@ -44,7 +44,9 @@ def imports(tree: ast.AST) -> list[tuple[str, bool]]:
     found = []
     for node in ast.walk(tree):
         names = []
-        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module == "scaletrain":
+            names = [f"scaletrain.{a.name}" for a in node.names]  # from scaletrain import x
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
             names = [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from scaletrain import generate  # generate.sample: looked up per call (tests replace it)
 from scaletrain.compress.quantize import DynamicInt8Linear, QLinear
 from scaletrain.data.loader import eval_batches
 from scaletrain.evaluate import evaluate
-from scaletrain.generate import sample
 from scaletrain.models.contract import TiedPairs, head_modules
 from scaletrain.precision import PrecisionPolicy
 
@@ -74,12 +74,13 @@ def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, s
         torch.set_num_threads(threads)
     try:
         for m in models:  # warm-up: the timed call's own length, untimed
-            sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
+            generate.sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
         rates: list[list[float]] = [[] for _ in models]
         for _ in range(rounds):
             for i, m in enumerate(models):
                 t0 = time.perf_counter()
-                out = sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
+                out = generate.sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len,
+                                      temperature=0)
                 rates[i].append(len(out) / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(before)
