@@ -68,8 +68,9 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--fit", action="store_true", help="search the cheapest micro-batch / "
                        "checkpointing / offload / precision / optimizer that fits; print "
                        "them as --section.key=value lines (exit 2 if nothing fits)")
-        p.add_argument("--memory-gib", type=float, default=None, help="memory per rank for "
-                       "--fit (default: plan.memory_gib, else 90%% of what is available)")
+        p.add_argument("--memory-gib", type=float, default=None, help="memory per rank, GiB: "
+                       "plan says whether each rank fits; --fit searches under it (default: "
+                       "plan.memory_gib, else for --fit 90%% of what is available)")
     if cmd == "bench":
         p.add_argument("--out", help="folder for bench.json / bench.png "
                        "(default: <run.dir>/bench)")
@@ -295,7 +296,8 @@ def cmd_plan(argv: list[str]) -> int:
     from scaletrain.config import build_config
     from scaletrain.parallel.plan_report import format_plan, plan
     from scaletrain.parallel.world_checks import check_world
-    from scaletrain.plan.auto import plan_vocab
+    from scaletrain.models.registry import spec_of
+    from scaletrain.plan.auto import device_type_of, plan_vocab
     from scaletrain.plan.cli import run_fit
 
     args, overrides = _split_args("plan", argv)
@@ -305,14 +307,18 @@ def cmd_plan(argv: list[str]) -> int:
         raise UserError(f"plan --memory-gib must be a number of GiB > 0 (omit it to use "
                         f"plan.memory_gib or what is available), got {args.memory_gib}")
     cfg = build_config(args.config, overrides)
-    if cfg.model.name != "gpt":  # plan/memory.py's byte model is the GPT's
-        raise UserError(f"model.name='{cfg.model.name}' has no memory model; plan "
-                        "covers model.name='gpt'")
+    if spec_of(cfg.model).activation_block is None:  # plan/activations.py measures blocks
+        raise UserError(f"model.name='{cfg.model.name}' has no transformer blocks to "
+                        "plan the memory of; plan covers the text families")
     vocab = plan_vocab(cfg)
     check_world(cfg, args.world, vocab)  # the rules train --nproc N judges a layout by
     if args.fit:
         return run_fit(cfg, args.world, vocab, args.memory_gib or 0.0, as_json=args.json)
-    result = plan(cfg, args.world, vocab)
+    result = plan(cfg, args.world, vocab, device_type_of(cfg))
+    gib = args.memory_gib or cfg.plan.memory_gib
+    if gib > 0:  # the device's memory was given: say whether every rank fits in it
+        peak = max(r["peak_bytes"] for r in result["ranks"]) / 2 ** 30
+        result["memory_gib"], result["fits"] = gib, peak <= gib
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 

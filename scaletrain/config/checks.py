@@ -83,13 +83,17 @@ def check_parallel(cfg: Config, world: int | None) -> None:
                                                                             "selective"):
         raise ConfigError("parallel.activation_checkpoint_every > 1 needs "
                           "parallel.activation_checkpoint='full' or 'selective'")
-    if cfg.plan.auto and cfg.model.name != "gpt":  # plan/memory.py models the GPT only
-        raise ConfigError(f"plan.auto needs a model the memory plan knows (model.name="
-                          f"'gpt'), not '{cfg.model.name}'")
-    if cfg.parallel.activation_checkpoint != "none" and cfg.model.name != "gpt":
+    from scaletrain.models.registry import spec_of  # models import config: no cycle
+
+    # The plan measures, and AC wraps, the family's transformer blocks (ModelSpec).
+    has_blocks = spec_of(cfg.model).activation_block is not None
+    if cfg.plan.auto and not has_blocks:
+        raise ConfigError(f"plan.auto needs a model with transformer blocks the memory "
+                          f"plan measures (a text family), not '{cfg.model.name}'")
+    if cfg.parallel.activation_checkpoint != "none" and not has_blocks:
         raise ConfigError(f"parallel.activation_checkpoint="
                           f"'{cfg.parallel.activation_checkpoint}' needs a model with "
-                          f"transformer blocks (model.name='gpt'), not '{cfg.model.name}'")
+                          f"transformer blocks (a text family), not '{cfg.model.name}'")
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                           f"data-parallel degree {dp} (parallel.dp_replicate * dp_shard)")

@@ -17,13 +17,9 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.models.registry import spec_of
 from scaletrain.plan.memory import RankShape, rank_peak
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
-
-# Parameters the GPT TP plan (models/plans.py) shards over tp; all others are replicated.
-_TP_SHARDED = ("wte.weight", "lm_head.weight", "attn.c_attn.weight", "attn.c_proj.weight",
-               "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight")
-
 
 def _stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
     """name -> shape of the parameters of the stages `ids` (meta model); cached, since
@@ -38,9 +34,9 @@ _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
 
 
 def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, torch.Size]:
-    from scaletrain.models.registry import REGISTRY
+    from scaletrain.models.registry import spec_of
 
-    spec = REGISTRY[cfg.model.name]
+    spec = spec_of(cfg.model)
     with torch.device("meta"):
         model = spec.build(cfg.model, {"vocab_size": vocab})
     if bounds is not None:
@@ -53,11 +49,42 @@ def _build_stage_params(cfg, vocab: int, ids: list[int], bounds) -> dict[str, to
     return {n: p.shape for n, p in model.named_parameters()}
 
 
-def _gathered(cfg, m, layers: int, t: int) -> float:
+def _tp_sharded(cfg, vocab: int) -> frozenset[str]:
+    """Parameters the family's TP plan (ModelSpec.tp_plan) shards over tp: the weights of
+    its column- and row-parallel modules and the biases of the column-parallel ones (a
+    row-parallel bias is added once, replicated); the others are replicated."""
+    key = ("tp", repr(cfg.model), vocab)
+    if key not in _SHAPES:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        from scaletrain.models.registry import spec_of
+
+        spec, names = spec_of(cfg.model), set()
+        if spec.tp_plan is not None:
+            with torch.device("meta"):
+                model = spec.build(cfg.model, {"vocab_size": vocab})
+            for path, style in spec.tp_plan(model, loss_parallel=False).items():
+                if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+                    names.add(f"{path}.weight")
+                if isinstance(style, ColwiseParallel):
+                    names.add(f"{path}.bias")
+        _SHAPES[key] = frozenset(names)
+    return _SHAPES[key]
+
+
+def _block_of(name: str) -> str | None:
+    """"blocks.<i>" of a block's parameter name, else None."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 2 else None
+
+
+def _gathered(cfg, shapes: dict, sharded: frozenset, layers: int, t: int) -> float:
     """Parameters FSDP2 holds unsharded at once: two blocks (current + prefetched), or
-    all of them without reshard_after_forward (plan/memory.py)."""
-    d, ff = m.d_model, m.d_ff or 4 * m.d_model
-    block = (4 * d * d + 2 * d * ff) / t + 9 * d + ff
+    all of them without reshard_after_forward (plan/memory.py); a block's parameters
+    counted on the meta model (the TP-sharded ones / t)."""
+    first = next((b for b in map(_block_of, shapes) if b is not None), None)
+    block = sum(torch.Size(sh).numel() / (t if n in sharded else 1)
+                for n, sh in shapes.items() if _block_of(n) == first)
     return block * (2 if cfg.parallel.reshard_after_forward else layers)
 
 
@@ -80,6 +107,8 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
     full_numels = tuple(torch.Size(sh).numel()
                         for sh in _stage_params(cfg, vocab, [0], None).values())
     full_n = sum(full_numels)
+    sharded = _tp_sharded(cfg, vocab) if t > 1 else frozenset()
+    text = spec_of(cfg.model).kind == "text"
     ranks = []
     for pp_rank in range(dims.pp):
         bounds, ids = None, [0]
@@ -89,11 +118,11 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
         numels = []
         for name, shape in shapes.items():
             numel = torch.Size(shape).numel()
-            if t > 1 and name.endswith(_TP_SHARDED):
+            if t > 1 and name in sharded:
                 numel /= t
             numels.append(numel / dims.dp_shard)
         n = float(sum(numels))
-        layers = sum(1 for k in shapes if k.endswith("ln_1.weight"))
+        layers = len({b for b in map(_block_of, shapes) if b is not None})
         if dims.pp <= 1:
             in_flight = 1
         elif p.pp_schedule == "gpipe":
@@ -101,7 +130,7 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
         else:  # 1F1B: the first stage holds p micro-batches, the last one
             in_flight = min(mb_count, dims.pp - pp_rank) * v
         # (a tied lm_head.weight is listed once, as wte.weight: test the stage, not names)
-        has_head = m.name == "gpt" and (dims.pp == 1 or len(bounds) - 1 in ids)
+        has_head = text and (dims.pp == 1 or len(bounds) - 1 in ids)
         shape = RankShape(
             params=n, largest_param=max((torch.Size(sh).numel() for sh in shapes.values()),
                                         default=0),
@@ -112,7 +141,8 @@ def plan(cfg, world: int, vocab: int, device_type: str = "cpu") -> dict:
             # PP evaluates through the schedule in its micro-batches (pipeline_step.py)
             eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp)) * s,
             full_params=full_n, sharded=t > 1 or dims.dp_shard > 1 or dims.pp > 1,
-            fsdp_gathered=_gathered(cfg, m, layers, t) if dims.dp_shard > 1 else 0.0,
+            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, t)
+                           if dims.dp_shard > 1 else 0.0),
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp)
         peak = rank_peak(cfg, shape, device_type)
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
@@ -147,7 +177,7 @@ def _ac_blocks(cfg, tp: int, micro: int, layers: int) -> list[str] | str:
     from scaletrain.parallel.ac import BudgetTooSmall, block_modes
     from scaletrain.plan.memory import ac_policy
 
-    if cfg.model.name != "gpt":
+    if spec_of(cfg.model).activation_block is None:  # no blocks to checkpoint
         return []
     try:
         return block_modes(ac_policy(cfg, tp, micro), layers)
@@ -178,4 +208,8 @@ def format_plan(r: dict) -> str:
         out.append(f"    predicted peak {k['peak_bytes'] / 2**20:,.0f} MiB per rank "
                    f"(phase {k['peak_phase']}; baseline {k['baseline_bytes'] / 2**20:,.0f} "
                    f"MiB + tensors {k['total_bytes'] / 2**20:,.0f} MiB)")
+    if "fits" in r:  # plan --memory-gib / plan.memory_gib: the device's memory per rank
+        out.append(f"fits {r['memory_gib']:g} GiB per rank" if r["fits"] else
+                   f"does NOT fit {r['memory_gib']:g} GiB per rank: `scaletrain plan "
+                   "--fit` finds a micro-batch / checkpointing / precision that does")
     return "\n".join(out)
