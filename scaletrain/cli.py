@@ -244,14 +244,15 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
-    from scaletrain.generate import sample
     from scaletrain.compress.artefact import load_artefact
+    from scaletrain.generate import sample
+    from scaletrain.models.registry import spec_of
 
     args, overrides = _split_args("generate", argv)
     run_dir = _run_config(args, overrides)
     cfg, model, tok = load_artefact(run_dir, overrides)  # run, artefact or HF dir
     if tok is None:
-        raise UserError(f"'{run_dir}' is not a text model run; generate needs a GPT")
+        raise UserError(f"'{run_dir}' is not a text model run; generate needs a text model")
     g = cfg.generate
     gen = torch.Generator().manual_seed(g.seed)
     prompt = tok.encode(g.prompt)
@@ -260,7 +261,7 @@ def cmd_generate(argv: list[str]) -> int:
     for i in range(g.num_samples):
         new = sample(model, prompt, max_new_tokens=g.max_new_tokens, seq_len=cfg.model.seq_len,
                      temperature=g.temperature, top_k=g.top_k, generator=gen,
-                     stop_id=tok.eot_id)
+                     stop_id=tok.eot_id, decode=spec_of(cfg.model).decode)
         print(f"--- sample {i + 1} ---")
         print(g.prompt + tok.decode(new))
     return 0

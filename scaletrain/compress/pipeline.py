@@ -128,7 +128,8 @@ def compress(run_dir: str, overrides=()) -> dict:
         rows.append(measure(name, method, d / art.WEIGHTS, loaded, data.val, **opts))
         models.append(loaded)
     speeds = generation_speeds(models, prompt, c.gen_tokens, cfg.model.seq_len,
-                               rounds=c.gen_repeats, threads=c.gen_threads)
+                               rounds=c.gen_repeats, threads=c.gen_threads,
+                               decode=spec_of(cfg.model).decode)
     for row, speed in zip(rows, speeds):
         row["tokens_per_s"] = speed
     extra["gen_threads"] = c.gen_threads or torch.get_num_threads()

@@ -12,6 +12,7 @@ import torch.nn as nn
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.models.contract import PipelineSplit, TiedPairs, tie
+from scaletrain.models import gpt, llama
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
 from scaletrain.models.plans import gpt_tp_plan
@@ -40,6 +41,9 @@ class ModelSpec:
     # The family's own config rules (model config -> None, or ConfigError naming the
     # fields), run by config/checks.py before anything is built.
     check: Callable[[ModelConfig], None] | None = None
+    # KV-cache decoding (generate.py): (model, idx (B, T), cache (one (k, v) or None per
+    # block, updated in place), pos0) -> logits (B, T, V); None = re-run the context.
+    decode: Callable[..., torch.Tensor] | None = None
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -110,11 +114,13 @@ REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
-                     tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt),
+                     tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt,
+                     decode=gpt.forward_cached),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
-                       activation_block=_llama_block, check=_check_llama),
+                       activation_block=_llama_block, check=_check_llama,
+                       decode=llama.forward_cached),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

@@ -43,7 +43,9 @@ class CompletionService:
         from scaletrain.compress.report import logical_params
         from scaletrain.models.registry import spec_of
 
-        self.params = logical_params(model, spec_of(cfg.model).tied)[0]
+        spec = spec_of(cfg.model)
+        self.params = logical_params(model, spec.tied)[0]
+        self.decode = spec.decode  # the family's KV-cache forward (generate.py)
 
     def complete(self, raw: bytes) -> dict:
         from scaletrain.generate import sample
@@ -55,7 +57,8 @@ class CompletionService:
         with self.lock:
             new = sample(self.model, prompt, max_new_tokens=req.max_tokens,
                          seq_len=self.cfg.model.seq_len, temperature=req.temperature,
-                         top_k=req.top_k, generator=gen, stop_id=self.tok.eot_id)
+                         top_k=req.top_k, generator=gen, stop_id=self.tok.eot_id,
+                         decode=self.decode)
         return {"id": f"cmpl-{next(self.ids)}", "object": "text_completion",
                 "model": self.name,
                 "choices": [{"index": 0, "text": self.tok.decode(new),
