@@ -100,7 +100,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
     if kind == "structured":
         from scaletrain.compress.prune import shrink_to
 
-        shrink_to(model, meta["heads"], meta["d_ff"])
+        shrink_to(model, meta["heads"], meta["d_ff"], spec_of(cfg.model).prune_units)
     if kind in ("dense", "structured"):
         from scaletrain.finetune.init_from import load_into
 

@@ -16,6 +16,7 @@ from scaletrain.models import gpt, llama
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
 from scaletrain.models.plans import gpt_tp_plan
+from scaletrain.models.prune_units import gpt_prune_units, llama_prune_units
 from scaletrain.models.vision import CNN, MLP
 
 
@@ -44,6 +45,9 @@ class ModelSpec:
     # KV-cache decoding (generate.py): (model, idx (B, T), cache (one (k, v) or None per
     # block, updated in place), pos0) -> logits (B, T, V); None = re-run the context.
     decode: Callable[..., torch.Tensor] | None = None
+    # Structured pruning (compress/prune.py): (block, model.config) -> PruneUnits, the
+    # rows / columns of each attention unit and MLP channel (models/prune_units.py).
+    prune_units: Callable | None = None
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -115,12 +119,12 @@ REGISTRY: dict[str, ModelSpec] = {
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
                      tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt,
-                     decode=gpt.forward_cached),
+                     decode=gpt.forward_cached, prune_units=gpt_prune_units),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
                        activation_block=_llama_block, check=_check_llama,
-                       decode=llama.forward_cached),
+                       decode=llama.forward_cached, prune_units=llama_prune_units),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

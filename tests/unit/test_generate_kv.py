@@ -50,7 +50,7 @@ def _variants():
                 mod.lora_B.normal_(0, 0.1)
     yield "lora", lora
     pruned = gpt()
-    structured_prune(pruned, 0.25)
+    structured_prune(pruned, 0.25, REGISTRY["gpt"].prune_units)
     yield "structured", pruned
     yield "weight-int4", load_quantized(gpt(), quantized_state(gpt(), "weight-int4", 16),
                                         "weight-int4")
@@ -133,8 +133,24 @@ def test_llama_cached_logits_equal_full_forward_and_cache_holds_kv_heads():
     assert cache[0][0].shape == (1, LCFG.n_kv_head, 20, LCFG.d_model // LCFG.n_head)
 
 
-def test_llama_greedy_kv_equals_no_cache_past_the_window():
-    m = llama()
+def _llama_variants():
+    yield "dense", llama()
+    lora = apply_lora(llama(), 2, 4.0, ["q_proj", "v_proj", "gate_proj"])
+    with torch.no_grad():
+        for mod in lora.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_B.normal_(0, 0.1)
+    yield "lora", lora
+    pruned = llama()
+    structured_prune(pruned, 0.5, REGISTRY["llama"].prune_units)  # 1 of 2 kv groups
+    yield "structured", pruned
+    yield "weight-int4", load_quantized(llama(), quantized_state(llama(), "weight-int4", 16),
+                                        "weight-int4")
+
+
+@pytest.mark.parametrize("name, model", list(_llama_variants()),
+                         ids=[n for n, _ in _llama_variants()])
+def test_llama_greedy_kv_equals_no_cache_past_the_window(name, model):
     kw = dict(max_new_tokens=40, seq_len=LCFG.seq_len, temperature=0)
-    a = sample(m, [3, 1, 4, 1, 5], decode=REGISTRY["llama"].decode, **kw)
-    assert a == sample(m, [3, 1, 4, 1, 5], **kw) and len(set(a)) > 3
+    a = sample(model, [3, 1, 4, 1, 5], decode=REGISTRY["llama"].decode, **kw)
+    assert a == sample(model, [3, 1, 4, 1, 5], **kw) and len(set(a)) > 3
