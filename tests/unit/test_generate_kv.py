@@ -154,3 +154,14 @@ def test_llama_greedy_kv_equals_no_cache_past_the_window(name, model):
     kw = dict(max_new_tokens=40, seq_len=LCFG.seq_len, temperature=0)
     a = sample(model, [3, 1, 4, 1, 5], decode=REGISTRY["llama"].decode, **kw)
     assert a == sample(model, [3, 1, 4, 1, 5], **kw) and len(set(a)) > 3
+
+
+def test_serve_decodes_with_the_family_cache():
+    from scaletrain.config import build_config
+    from scaletrain.serve.server import CompletionService
+
+    cfg = build_config(None, [("model.name", "llama"), ("model.n_layer", "2"),
+                              ("model.n_head", "4"), ("model.n_kv_head", "2"),
+                              ("model.d_model", "32"), ("model.seq_len", "24")])
+    service = CompletionService(llama(), None, cfg, "tiny")
+    assert service.decode is llama_family.forward_cached
