@@ -12,9 +12,10 @@ import torch.nn as nn
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import ConfigError
 from scaletrain.models.contract import PipelineSplit, TiedPairs, tie
-from scaletrain.models import gpt, llama
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
+from scaletrain.models.gpt import forward_cached as gpt_forward_cached
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
+from scaletrain.models.llama import forward_cached as llama_forward_cached
 from scaletrain.models.plans import gpt_tp_plan
 from scaletrain.models.prune_units import gpt_prune_units, llama_prune_units
 from scaletrain.models.vision import CNN, MLP
@@ -119,12 +120,12 @@ REGISTRY: dict[str, ModelSpec] = {
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
                      tp_plan=gpt_tp_plan, activation_block=_gpt_block, check=_check_gpt,
-                     decode=gpt.forward_cached, prune_units=gpt_prune_units),
+                     decode=gpt_forward_cached, prune_units=gpt_prune_units),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
                        activation_block=_llama_block, check=_check_llama,
-                       decode=llama.forward_cached, prune_units=llama_prune_units),
+                       decode=llama_forward_cached, prune_units=llama_prune_units),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }
