@@ -22,12 +22,15 @@ import torch  # noqa: E402
 
 from scaletrain.compress.artefact import load_artefact  # noqa: E402
 from scaletrain.generate import sample  # noqa: E402
+from scaletrain.models.registry import spec_of  # noqa: E402
+
+DECODE = None  # the run's family's KV-cache forward (ModelSpec.decode), set in main
 
 
 def rate(model, prompt, tokens, seq_len, use_cache=True) -> float:
     t0 = time.perf_counter()
     out = sample(model, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0,
-                 use_cache=use_cache)
+                 use_cache=use_cache, decode=DECODE)
     return len(out) / (time.perf_counter() - t0)
 
 
@@ -55,7 +58,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DECODE
     cfg, base, tok = load_artefact(args.run_dir)
+    DECODE = spec_of(cfg.model).decode
     prompt = tok.encode(cfg.generate.prompt)
     L = cfg.model.seq_len
     n = min(args.tokens, L - len(prompt))  # inside the window: the cache is used throughout

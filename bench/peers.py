@@ -28,7 +28,9 @@ peers the fused kernel too, which isolates what the rest of the loop costs.
 (large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py).
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
-bench/results/peers.md is the table of every mode measured so far.
+bench/results/peers.md is the table of every mode measured so far. `--loops llama_loops
+--config configs/llama-10m.toml` runs the llama family against transformers'
+LlamaForCausalLM (bench/llama_loops.py), into bench/results/llama_loops.json / .md.
 """
 
 from __future__ import annotations
@@ -124,9 +126,11 @@ def worker(name: str, args, conn, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1), os.dup2(fd, 2)  # framework banners and warnings go to the log
     try:
-        import torch
-        from peer_loops import LOOPS
+        import importlib
 
+        import torch
+
+        LOOPS = importlib.import_module(args.loops).LOOPS
         cfg = build_cfg(args, name)
         gate = Gate(conn, args.warmup, args.steps, args.rounds)
         conn.send(("threads", torch.get_num_threads()))
@@ -188,9 +192,11 @@ def machine() -> str:
 
 
 def run(args) -> dict:
-    from peer_loops import LOOPS, NEEDS, versions
-
+    import importlib
     import importlib.util
+
+    loops = importlib.import_module(args.loops)
+    LOOPS, NEEDS, versions = loops.LOOPS, loops.NEEDS, loops.versions
     names = [n for n in LOOPS if n not in NEEDS or importlib.util.find_spec(NEEDS[n])]
     missing = [n for n in LOOPS if n not in names]
     if args.only:
@@ -307,6 +313,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="default: 15 in fp32, 12 in best")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated subset of frameworks")
+    ap.add_argument("--loops", default="peer_loops", help="the module of loops: "
+                    "peer_loops (the GPT's peers) or llama_loops (transformers' "
+                    "LlamaForCausalLM by the HF Trainer / Accelerate, with "
+                    "--config configs/llama-10m.toml)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--peer-optim", choices=("foreach", "fused"), default="foreach",
                     help="the peers' AdamW kernel (scaletrain keeps its default, fused)")
@@ -323,12 +333,14 @@ def main() -> None:
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "peers.json"
+    stem = "peers" if args.loops == "peer_loops" else args.loops  # llama_loops.json / .md
+    store = out / f"{stem}.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     results[_key(args)] = res
     store.write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)
-    (out / "peers.md").write_text("# scaletrain and its peers (bench/peers.py)\n\n" + text)
+    (out / f"{stem}.md").write_text(f"# scaletrain and its peers (bench/peers.py --loops "
+                                    f"{args.loops})\n\n" + text)
     print(text)
 
 

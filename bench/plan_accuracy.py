@@ -38,6 +38,7 @@ G125 = ["--config", "configs/gpt2-small.toml", "--model.seq_len=128",
 MP = ["--config", "configs/gpt2-small.toml", "--model.seq_len=64", "--train.batch_size=4",
       "--train.micro_batch_size=1", "--precision.dtype=fp32",
       "--parallel.pp_schedule=1f1b"]
+L10 = ["--config", "configs/llama-10m.toml", "--model.seq_len=128", "--train.batch_size=8"]
 CASES = {  # name -> (world, overrides)
     "baseline": (1, ["--config", "configs/tiny.toml", "--model.n_layer=1",
                      "--model.d_model=16", "--model.n_head=1", "--model.seq_len=16",
@@ -57,6 +58,13 @@ CASES = {  # name -> (world, overrides)
     "mp-tp2": (2, MP + ["--parallel.dp_shard=1", "--parallel.tp=2"]),
     "mp-pp2": (2, MP + ["--parallel.dp_shard=1", "--parallel.pp=2"]),
     "10m-8bit": (1, G10 + ["--train.micro_batch_size=8", "--optim.name=adamw8bit"]),
+    "llama-10m-bf16": (1, L10 + ["--train.micro_batch_size=4"]),
+    "llama-10m-fp32": (1, L10 + ["--train.micro_batch_size=8", "--precision.dtype=fp32"]),
+    "llama-10m-sel-ac": (1, L10 + ["--train.micro_batch_size=8",
+                                   "--parallel.activation_checkpoint=selective"]),
+    "llama-10m-full-ac": (1, L10 + ["--train.micro_batch_size=8", "--precision.dtype=fp32",
+                                    "--parallel.activation_checkpoint=full"]),
+    "llama-fsdp2": (2, L10 + ["--train.micro_batch_size=4", "--parallel.dp_shard=2"]),
     "1b": (1, ["--config", "configs/gpt-1b.toml", "--model.seq_len=64",
                "--train.batch_size=2", "--train.micro_batch_size=1",
                "--train.steps=2", "--optim.name=sgd", "--optim.lr=0.02",

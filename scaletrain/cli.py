@@ -72,8 +72,9 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--fit", action="store_true", help="search the cheapest micro-batch / "
                        "checkpointing / offload / precision / optimizer that fits; print "
                        "them as --section.key=value lines (exit 2 if nothing fits)")
-        p.add_argument("--memory-gib", type=float, default=None, help="memory per rank for "
-                       "--fit (default: plan.memory_gib, else 90%% of what is available)")
+        p.add_argument("--memory-gib", type=float, default=None, help="memory per rank, GiB: "
+                       "plan says whether each rank fits; --fit searches under it (default: "
+                       "plan.memory_gib, else for --fit 90%% of what is available)")
     if cmd == "bench":
         p.add_argument("--out", help="folder for bench.json / bench.png "
                        "(default: <run.dir>/bench)")
@@ -256,14 +257,15 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     import torch
 
-    from scaletrain.generate import sample  # lazy (module note)
     from scaletrain.compress.artefact import load_artefact
+    from scaletrain.generate import sample
+    from scaletrain.models.registry import spec_of
 
     args, overrides = _split_args("generate", argv)
     run_dir = _run_config(args, overrides)
     cfg, model, tok = load_artefact(run_dir, overrides)  # run, artefact or HF dir
     if tok is None:
-        raise UserError(f"'{run_dir}' is not a text model run; generate needs a GPT")
+        raise UserError(f"'{run_dir}' is not a text model run; generate needs a text model")
     g = cfg.generate
     gen = torch.Generator().manual_seed(g.seed)
     prompt = tok.encode(g.prompt)
@@ -272,7 +274,7 @@ def cmd_generate(argv: list[str]) -> int:
     for i in range(g.num_samples):
         new = sample(model, prompt, max_new_tokens=g.max_new_tokens, seq_len=cfg.model.seq_len,
                      temperature=g.temperature, top_k=g.top_k, generator=gen,
-                     stop_id=tok.eot_id)
+                     stop_id=tok.eot_id, decode=spec_of(cfg.model).decode)
         print(f"--- sample {i + 1} ---")
         print(g.prompt + tok.decode(new))
     return 0
@@ -308,7 +310,8 @@ def cmd_plan(argv: list[str]) -> int:
     from scaletrain.config import build_config  # lazy (module note)
     from scaletrain.plan.report import format_plan, plan
     from scaletrain.parallel.world_checks import check_world
-    from scaletrain.plan.auto import plan_vocab
+    from scaletrain.models.registry import spec_of
+    from scaletrain.plan.auto import device_type_of, plan_vocab
     from scaletrain.plan.cli import run_fit
 
     args, overrides = _split_args("plan", argv)
@@ -318,9 +321,9 @@ def cmd_plan(argv: list[str]) -> int:
         raise UserError(f"plan --memory-gib must be a number of GiB > 0 (omit it to use "
                         f"plan.memory_gib or what is available), got {args.memory_gib}")
     cfg = build_config(args.config, overrides)
-    if cfg.model.name != "gpt":  # plan/memory.py's byte model is the GPT's
-        raise UserError(f"model.name='{cfg.model.name}' has no memory model; plan "
-                        "covers model.name='gpt'")
+    if spec_of(cfg.model).activation_block is None:  # plan/activations.py measures blocks
+        raise UserError(f"model.name='{cfg.model.name}' has no transformer blocks to "
+                        "plan the memory of; plan covers the text families")
     vocab = plan_vocab(cfg)
     dims = check_world(cfg, args.world, vocab)  # the rules train --nproc N judges by
     if dims is None:  # parallel.mode='ps' has no layout; the plan shows its degrees'
@@ -329,7 +332,11 @@ def cmd_plan(argv: list[str]) -> int:
         dims = resolve_dims(cfg.parallel, args.world)
     if args.fit:
         return run_fit(cfg, dims, vocab, args.memory_gib or 0.0, as_json=args.json)
-    result = plan(cfg, dims, vocab)
+    result = plan(cfg, dims, vocab, device_type_of(cfg))
+    gib = args.memory_gib or cfg.plan.memory_gib
+    if gib > 0:  # the device's memory was given: say whether every rank fits in it
+        peak = max(r["peak_bytes"] for r in result["ranks"]) / 2 ** 30
+        result["memory_gib"], result["fits"] = gib, peak <= gib
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 

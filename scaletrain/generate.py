@@ -1,16 +1,19 @@
-"""Text generation from a trained GPT: greedy, temperature and top-k sampling, with
-KV-cache decoding.
+"""Text generation from a trained text model: greedy, temperature and top-k sampling,
+with KV-cache decoding.
 
 KV cache: the prompt is run once (prefill) and each block's keys and values are kept;
 every new token then runs the model on that one position only, attending to the cached
 keys/values, so a token costs O(T) attention instead of a full O(T²) re-run of the
 context (the standard decoder inference scheme; e.g. Pope et al. 2022, "Efficiently
-Scaling Transformer Inference"). The cached forward below re-uses the model's own
-submodules (embeddings, LayerNorms, the linears — whatever LoRA / pruning /
-quantization converted them to) and only re-states the attention's data flow, which
-must stay in step with `models/gpt.py` (the KV-vs-no-cache test checks it).
+Scaling Transformer Inference"). The cached forward is a family fact (`ModelSpec.decode`:
+models/gpt.py and models/llama.py `forward_cached`, the llama cache holding n_kv_head
+heads): it re-uses the model's own submodules (embeddings, norms, the linears —
+whatever LoRA / pruning / quantization converted them to) and only re-states the
+attention's data flow, which must stay in step with the model's forward (the
+KV-vs-no-cache tests check it).
 
-Learned positions stop at `seq_len`: once the window is full the context must slide,
+The model is trained on at most `seq_len` positions (learned ones stop there; rotary
+ones were never trained past it): once the window is full the context must slide,
 every position shifts, and the cache is invalid; decoding then falls back to re-running
 the last `seq_len` tokens per step, exactly what the no-cache path does, so both paths
 give the same tokens for any length. (Exception: torch.ao dynamic int8 layers pick
@@ -20,39 +23,10 @@ call; the logits are close, the greedy path may differ.)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-
-def _attend(attn: nn.Module, x: torch.Tensor, kv: tuple | None):
-    """CausalSelfAttention on (B, T, D) new positions given cached (k, v) or None."""
-    B, T, D = x.shape
-    qkv = attn.c_attn(x)
-    d_local = qkv.shape[-1] // 3  # head count from the projection's output, as gpt.py
-    n_head = attn.n_head * d_local // D
-    q, k, v = qkv.split(d_local, dim=2)
-    q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
-    if kv is not None:
-        k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, H, S, Dh)
-    if kv is not None and T > 1:
-        raise ValueError("cached decoding feeds one token at a time after the prefill")
-    # Prefill: causal over the prompt. One new token: it may see every cached position.
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None and T > 1)
-    return attn.c_proj(y.transpose(1, 2).reshape(B, T, d_local)), (k, v)
-
-
-def forward_cached(model: nn.Module, idx: torch.Tensor, cache: list, pos0: int) -> torch.Tensor:
-    """Logits (B, T, V) of `idx` at positions pos0.. given `cache` (updated in place:
-    one (k, v) per block, or None before the prefill). Eval mode (no dropout) only."""
-    T = idx.shape[1]
-    pos = torch.arange(pos0, pos0 + T, device=idx.device)
-    x = model.wte(idx) + model.wpe(pos)
-    for i, block in enumerate(model.blocks.values()):
-        h, cache[i] = _attend(block.attn, block.ln_1(x), cache[i])
-        x = x + h
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.ln_f(x))
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int,
@@ -81,17 +55,19 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int,
 @torch.no_grad()
 def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, seq_len: int,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-           stop_id: int | None = None, use_cache: bool = True) -> list[int]:
+           stop_id: int | None = None, use_cache: bool = True,
+           decode: Callable | None = None) -> list[int]:
     """Continue `prompt_ids`; temperature 0 is greedy. Returns only the new tokens.
 
-    `use_cache=False` re-runs the (cropped) context for every token: the reference the
-    cached path is tested against, and the path for models without GPT blocks.
+    `decode`: the family's cached forward (`spec_of(cfg.model).decode`: (model, idx,
+    cache, pos0) -> logits); None, or `use_cache=False`, re-runs the (cropped) context
+    for every token: the reference the cached path is tested against.
     """
     was_training = model.training
     model.eval()  # dropout off: the cache holds deterministic keys and values
     device = next(model.parameters()).device
     ids = list(prompt_ids)
-    use_cache = use_cache and hasattr(model, "blocks") and getattr(model, "wte", None) is not None
+    use_cache = use_cache and decode is not None
     cache: list = [None] * len(model.blocks) if use_cache else []
     pos = 0  # positions held in the cache
     out: list[int] = []
@@ -99,11 +75,10 @@ def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, seq_
         for _ in range(max_new_tokens):
             if use_cache and pos == 0:
                 ctx = ids[-seq_len:]
-                logits = forward_cached(model, torch.tensor([ctx], device=device), cache, 0)
+                logits = decode(model, torch.tensor([ctx], device=device), cache, 0)
                 pos = len(ctx)
             elif use_cache and pos < seq_len:  # the last token is not in the cache yet
-                logits = forward_cached(model, torch.tensor([[ids[-1]]], device=device),
-                                        cache, pos)
+                logits = decode(model, torch.tensor([[ids[-1]]], device=device), cache, pos)
                 pos += 1
             else:  # no cache, or the window is full: re-run the last seq_len tokens
                 logits = model(torch.tensor([ids[-seq_len:]], device=device))

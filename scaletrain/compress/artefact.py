@@ -98,7 +98,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
         raise CheckpointError(f"{d / WEIGHTS}: not a readable safetensors file ({e})") from None
     kind = meta["kind"]
     if kind == "structured":
-        shrink_to(model, meta["heads"], meta["d_ff"])
+        shrink_to(model, meta["heads"], meta["d_ff"], spec_of(cfg.model).prune_units)
     if kind in ("dense", "structured"):
         load_into(model, state, str(d / WEIGHTS), spec_of(cfg.model).tied)
         model.to(device)

@@ -1,4 +1,4 @@
-"""`scaletrain compress RUN_DIR`: prune and / or quantize a trained GPT, write each
+"""`scaletrain compress RUN_DIR`: prune and / or quantize a trained text model, write each
 result as an artefact directory, and measure every one against the original.
 
     original --prune.method--> pruned (+ short fine-tune) --save--> artefact
@@ -37,8 +37,12 @@ def check(cfg) -> None:
     if cfg.prune.method == "none" and not cfg.quant.methods:
         raise ConfigError("compress: nothing to do; set --prune.method=magnitude|structured "
                           "and / or --quant.methods=dynamic-int8,weight-int8,weight-int4")
-    if cfg.model.name != "gpt":
-        raise ConfigError(f"compress works on GPT runs, not model.name='{cfg.model.name}'")
+    spec = spec_of(cfg.model)
+    if spec.kind != "text":
+        raise ConfigError(f"compress works on text models, not model.name='{cfg.model.name}'")
+    if cfg.prune.method == "structured" and spec.prune_units is None:
+        raise ConfigError(f"prune.method='structured' needs a family with prune units "
+                          f"(models/prune_units.py); model.name='{cfg.model.name}' has none")
 
 
 def finetune(model: nn.Module, train_set, steps: int, lr: float, batch_size: int,
@@ -102,9 +106,9 @@ def compress(run_dir: str, overrides=()) -> dict:
         if p.method == "magnitude":
             pr.magnitude_prune(pruned, p.amount)
         else:
-            meta = pr.structured_prune(pruned, p.amount)
+            meta = pr.structured_prune(pruned, p.amount, spec_of(cfg.model).prune_units)
             extra["structured"] = {**meta, "claimed_params": pr.structured_param_count(
-                model.config, meta["heads"], meta["d_ff"])}
+                cfg.model, model.config.vocab_size, meta["heads"], meta["d_ff"])}
         if p.finetune_steps:
             extra["prune_finetune_losses"] = finetune(
                 pruned, data.train, p.finetune_steps, p.finetune_lr, cfg.train.batch_size,
@@ -127,7 +131,8 @@ def compress(run_dir: str, overrides=()) -> dict:
         rows.append(measure(name, method, d / art.WEIGHTS, loaded, data.val, **opts))
         models.append(loaded)
     speeds = generation_speeds(models, prompt, c.gen_tokens, cfg.model.seq_len,
-                               rounds=c.gen_repeats, threads=c.gen_threads)
+                               rounds=c.gen_repeats, threads=c.gen_threads,
+                               decode=spec_of(cfg.model).decode)
     for row, speed in zip(rows, speeds):
         row["tokens_per_s"] = speed
     extra["gen_threads"] = c.gen_threads or torch.get_num_threads()

@@ -1,22 +1,28 @@
-"""Pruning a trained GPT.
+"""Pruning a trained text model (any family with `ModelSpec.prune_units`).
 
 - `magnitude`: global unstructured L1 pruning of every linear weight inside the blocks
   with `torch.nn.utils.prune.global_unstructured` (the smallest |w| across all of them
   are zeroed, so layers lose different fractions). Embeddings and the tied head are
   left dense. The masks stay attached (forward pre-hooks) during an optional short
   fine-tune, so pruned weights stay zero, then `prune.remove` makes them permanent.
-- `structured`: drop whole attention heads and MLP channels, ranked per block by the
-  L2 norm of the weights that read and write them, and rebuild the linear layers with
-  fewer rows / columns: the matrices really shrink. The GPT's attention reads its head
-  count from `c_attn.weight` (models/gpt.py: `n_head = self.n_head * d_local // D`),
-  so keeping k of H heads of unchanged width d_head = D/H runs as k heads.
+- `structured`: drop whole attention units (GPT: heads; llama: key/value groups, a kv
+  head with its query heads) and MLP channels, ranked per block by the L2 norm of the
+  weights that read and write them, and rebuild the linear layers with fewer rows /
+  columns: the matrices really shrink. Which rows and columns each unit holds is the
+  family's fact (models/prune_units.py); both attentions read their head counts from
+  their projections' shapes, so keeping k units of unchanged head width runs as k.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
+
+from scaletrain.models.prune_units import PruneUnits, Slices
+from scaletrain.models.registry import spec_of
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -65,79 +71,82 @@ def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
     return m
 
 
-def keep_counts(n_head: int, d_ff: int, amount: float) -> tuple[int, int]:
-    """Heads and MLP channels kept per block for a pruned fraction `amount` (>= 1 each)."""
-    return max(1, round(n_head * (1 - amount))), max(1, round(d_ff * (1 - amount)))
+def keep_counts(n_units: int, d_ff: int, amount: float) -> tuple[int, int]:
+    """Attention units and MLP channels kept per block for a pruned fraction `amount`
+    (>= 1 each)."""
+    return max(1, round(n_units * (1 - amount))), max(1, round(d_ff * (1 - amount)))
+
+
+def _weight(block: nn.Module, s: Slices) -> torch.Tensor:
+    return block.get_submodule(s.path).weight
+
+
+def _unit_norms(block: nn.Module, s: Slices) -> torch.Tensor:
+    """(units,) squared L2 norm of each unit's rows / columns of one linear."""
+    units, width = s.index.shape
+    sq = _weight(block, s).index_select(s.dim, s.index.flatten()).pow(2)
+    if s.dim == 0:  # (units·width, in)
+        return sq.reshape(units, -1).sum(1)
+    return sq.reshape(sq.shape[0], units, width).sum((0, 2))  # (out, units·width)
 
 
 @torch.no_grad()
-def shrink_block(block: nn.Module, n_head: int, keep_heads: list[int] | int,
+def shrink_block(block: nn.Module, units: PruneUnits, keep_units: list[int] | int,
                  keep_ff: list[int] | int) -> None:
-    """Rebuild one block's attention and MLP linears with only the kept heads / channels.
+    """Rebuild one block's attention and MLP linears with only the kept units / channels
+    (models/prune_units.py says which rows and columns each holds).
 
     With ints instead of index lists the first k are kept (used when loading an
     artefact: only the shapes matter there, the weights are loaded afterwards).
-    c_attn (3D, D) rows are [Q | K | V], each H heads of d_head rows; c_proj (D, D)
-    columns follow the heads; c_fc (F, D) rows and mlp.c_proj (D, F) columns follow the
-    MLP channels.
     """
-    attn, mlp = block.attn, block.mlp
-    D = attn.c_proj.weight.shape[0]
-    dh = D // n_head  # head width never changes; only the number of heads does
-    if isinstance(keep_heads, int):
-        keep_heads = list(range(keep_heads))
-    if isinstance(keep_ff, int):
-        keep_ff = list(range(keep_ff))
-    cols = torch.tensor([h * dh + i for h in keep_heads for i in range(dh)])
-    d_local = attn.c_attn.weight.shape[0] // 3
-    rows = torch.cat([cols + part * d_local for part in range(3)])
-    ca, cp = attn.c_attn, attn.c_proj
-    attn.c_attn = _linear(ca.weight[rows], ca.bias[rows] if ca.bias is not None else None)
-    attn.c_proj = _linear(cp.weight[:, cols], cp.bias)
-    ff = torch.tensor(sorted(keep_ff))
-    fc, fp = mlp.c_fc, mlp.c_proj
-    mlp.c_fc = _linear(fc.weight[ff], fc.bias[ff] if fc.bias is not None else None)
-    mlp.c_proj = _linear(fp.weight[:, ff], fp.bias)
+    for slices, keep in ((units.attention, keep_units), (units.mlp, keep_ff)):
+        keep = list(range(keep)) if isinstance(keep, int) else sorted(keep)
+        for s in slices:
+            old = block.get_submodule(s.path)
+            # Ascending: a fused layout ([Q | K | V], each by head) keeps its order.
+            idx = s.index[keep].flatten().sort().values
+            bias = old.bias
+            if bias is not None and s.dim == 0:
+                bias = bias.index_select(0, idx)
+            parent, _, leaf = s.path.rpartition(".")
+            setattr(block.get_submodule(parent), leaf,
+                    _linear(old.weight.index_select(s.dim, idx), bias))
 
 
 @torch.no_grad()
-def structured_prune(model: nn.Module, amount: float) -> dict:
-    """Keep the highest-norm heads and MLP channels of each block; returns
-    {"heads": kept per block, "d_ff": kept per block} (the same in every block)."""
-    c = model.config
-    H, D = c.n_head, c.d_model
-    dh = D // H
-    k_heads, k_ff = keep_counts(H, c.ff, amount)
+def structured_prune(model: nn.Module, amount: float, units_of: Callable) -> dict:
+    """Keep the highest-norm attention units and MLP channels of each block; returns
+    {"heads": query heads kept per block, "d_ff": channels kept per block} (the same in
+    every block). `units_of`: the family's ModelSpec.prune_units.
+
+    Importance of an attention unit: the squared norm of all its rows and columns; of
+    an MLP channel: the product of its rows' and columns' norms (the size of the path
+    through it, for unit input)."""
+    first = units_of(model.blocks["0"], model.config)
+    k_units, k_ff = keep_counts(len(first.attention[0].index), len(first.mlp[0].index), amount)
     for block in model.blocks.values():
-        wa, wp = block.attn.c_attn.weight, block.attn.c_proj.weight
-        d_local = wa.shape[0] // 3
-        # Importance of head h: norm of its Q, K, V rows and of its c_proj columns.
-        score = torch.stack([
-            wa[[r + part * d_local for part in range(3) for r in range(h * dh, (h + 1) * dh)]]
-            .pow(2).sum() + wp[:, h * dh:(h + 1) * dh].pow(2).sum() for h in range(H)])
-        heads = sorted(torch.topk(score, k_heads).indices.tolist())
-        # Importance of MLP channel j: ||c_fc row j|| * ||c_proj column j|| (the size of
-        # the path through it, for unit input).
-        fc, fp = block.mlp.c_fc.weight, block.mlp.c_proj.weight
-        ch = fc.norm(dim=1) * fp.norm(dim=0)
-        keep = sorted(torch.topk(ch, k_ff).indices.tolist())
-        shrink_block(block, H, heads, keep)
-    return {"heads": k_heads, "d_ff": k_ff}
+        units = units_of(block, model.config)
+        score = sum(_unit_norms(block, s) for s in units.attention)
+        keep = torch.topk(score, k_units).indices.tolist()
+        ch = torch.stack([_unit_norms(block, s) for s in units.mlp]).sqrt().prod(0)
+        shrink_block(block, units, keep, torch.topk(ch, k_ff).indices.tolist())
+    return {"heads": k_units * first.heads_per_unit, "d_ff": k_ff}
 
 
-def shrink_to(model: nn.Module, heads: int, d_ff: int) -> nn.Module:
-    """Give a freshly built GPT the shapes of a structured-pruned artefact."""
+def shrink_to(model: nn.Module, heads: int, d_ff: int, units_of: Callable) -> nn.Module:
+    """Give a freshly built model the shapes of a structured-pruned artefact."""
     for block in model.blocks.values():
-        shrink_block(block, model.config.n_head, heads, d_ff)
+        units = units_of(block, model.config)
+        shrink_block(block, units, heads // units.heads_per_unit, d_ff)
     return model
 
 
-def structured_param_count(c, heads: int, d_ff: int) -> int:
-    """Parameters a GPT of config `c` has after keeping `heads` and `d_ff` per block
-    (what `structured` claims; the tests compare it with the real count)."""
-    D, dh = c.d_model, c.d_model // c.n_head
-    a = heads * dh
-    b = 1 if c.bias else 0
-    per_block = (3 * a * D + 3 * a * b) + (a * D + D * b) + (d_ff * D + d_ff * b) \
-        + (d_ff * D + D * b) + 2 * (D + D * b)
-    return c.vocab_size * D + c.seq_len * D + c.n_layer * per_block + D + D * b
+def structured_param_count(model_cfg, vocab: int, heads: int, d_ff: int) -> int:
+    """Parameters the model of `model_cfg` has after keeping `heads` and `d_ff` per
+    block (what `structured` claims), counted on a copy built on meta and shrunk to
+    those shapes (tied tensors once)."""
+    spec = spec_of(model_cfg)
+    with torch.device("meta"):
+        model = spec.build(model_cfg, {"vocab_size": vocab})
+        shrink_to(model, heads, d_ff, spec.prune_units)
+    return sum(p.numel() for p in model.parameters())

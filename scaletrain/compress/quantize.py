@@ -1,4 +1,4 @@
-"""Quantization of a trained GPT for inference.
+"""Quantization of a trained text model (any family: every nn.Linear) for inference.
 
 - `dynamic-int8`: linear layers become torch.ao `DynamicQuantizedLinear` (int8 weights
   with per-output-channel scales; activations quantized per batch at run time; fbgemm /
@@ -85,7 +85,8 @@ class QLinear(nn.Module):
 
 def _shape_only(out: int, n: int) -> torch.Tensor:
     """A storage-less (meta) tensor of the weight's shape: the GPT attention reads its
-    local head count from `c_attn.weight.shape` (models/gpt.py), nothing else reads it."""
+    local head count from `c_attn.weight.shape` (models/gpt.py), the structured-pruning
+    units theirs from the projections' shapes; nothing reads its values."""
     return torch.empty(out, n, device="meta")
 
 
@@ -119,12 +120,15 @@ def quantized_state(model: nn.Module, method: str, group: int = 32) -> dict[str,
     """The artefact's tensors: every 2-D weight quantized, the rest as is (fp32)."""
     out = {}
     shared = shared_names(model)  # tied heads (GPT: lm_head.weight is wte.weight)
+    # Lookup tables (token / position embeddings, whatever the family calls them) stay
+    # int8 rows: a row is read whole, int4 groups would only add error.
+    tables = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for name, t in model.state_dict().items():
         if name in shared:
             continue  # tied to its embedding: stored once
         if t.dim() == 2 and t.is_floating_point():
             base = name[: -len(".weight")]
-            if method == "weight-int4" and t.shape[1] % group == 0 and not name.startswith(("wte", "wpe")):
+            if method == "weight-int4" and t.shape[1] % group == 0 and name not in tables:
                 q, s = quantize_groups_int4(t, group)
                 out[base + ".qweight"], out[base + ".scale"] = pack_int4(q), s.half()
             else:

@@ -60,7 +60,7 @@ def val_loss(model: nn.Module, dataset, batch_size: int, batches: int) -> float:
 
 
 def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, seq_len: int,
-                      rounds: int = 5, threads: int = 0) -> list[float]:
+                      rounds: int = 5, threads: int = 0, decode=None) -> list[float]:
     """Median tokens/s of greedy KV-cache decoding of `tokens` new tokens for each model,
     measured round-robin (every round times every model once) so that a noisy neighbour
     slows all of them alike rather than whichever ran at that moment (DESIGN.md §4).
@@ -68,19 +68,21 @@ def generation_speeds(models: list[nn.Module], prompt: list[int], tokens: int, s
     Each model first decodes the same `tokens` untimed: the first call pays for lazy
     kernel selection, allocator growth and the cache's full length, and timing it made
     the first row of the table 7 tokens/s where repeats gave 429 (issue 13 item 8).
+    `decode`: the family's KV-cache forward (ModelSpec.decode).
     """
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         for m in models:  # warm-up: the timed call's own length, untimed
-            generate.sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0)
+            generate.sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len, temperature=0,
+                            decode=decode)
         rates: list[list[float]] = [[] for _ in models]
         for _ in range(rounds):
             for i, m in enumerate(models):
                 t0 = time.perf_counter()
                 out = generate.sample(m, prompt, max_new_tokens=tokens, seq_len=seq_len,
-                                      temperature=0)
+                                      temperature=0, decode=decode)
                 rates[i].append(len(out) / (time.perf_counter() - t0))
     finally:
         torch.set_num_threads(before)

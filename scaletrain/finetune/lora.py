@@ -66,8 +66,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str],
                dropout: float = 0.0) -> nn.Module:
     """Convert in place: freeze every parameter, wrap each target Linear with LoRA.
 
-    `targets` are last name components ('c_attn', 'c_proj', 'c_fc'); the tied output
-    head is never wrapped (it is the embedding). Raises ConfigError if nothing matched.
+    `targets` are last name components of the family's linears (GPT: 'c_attn',
+    'c_proj', 'c_fc'; llama: 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj',
+    'up_proj', 'down_proj', as in PEFT); the tied output head is never wrapped (it is
+    the embedding). Raises ConfigError if nothing matched.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -78,8 +80,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str],
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 hits.append(f"{name}.{child_name}" if name else child_name)
     if not hits:
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n.startswith("blocks.")})
         raise ConfigError(f"finetune.lora_targets={targets} matches no linear layer of the "
-                          "model (GPT layers: c_attn, c_proj, c_fc)")
+                          f"model (its block layers: {', '.join(names)})")
     return model
 
 

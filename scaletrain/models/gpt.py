@@ -187,6 +187,38 @@ def copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(full.to(device=p.device, dtype=p.dtype))
 
 
+def _attend(attn: nn.Module, x: torch.Tensor, kv: tuple | None):
+    """CausalSelfAttention on (B, T, D) new positions given cached (k, v) or None."""
+    B, T, D = x.shape
+    qkv = attn.c_attn(x)
+    d_local = qkv.shape[-1] // 3  # head count from the projection's output, as gpt.py
+    n_head = attn.n_head * d_local // D
+    q, k, v = qkv.split(d_local, dim=2)
+    q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
+    if kv is not None:
+        k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, H, S, Dh)
+    if kv is not None and T > 1:
+        raise ValueError("cached decoding feeds one token at a time after the prefill")
+    # Prefill: causal over the prompt. One new token: it may see every cached position.
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None and T > 1)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, d_local)), (k, v)
+
+
+def forward_cached(model: nn.Module, idx: torch.Tensor, cache: list, pos0: int) -> torch.Tensor:
+    """KV-cache decoding (generate.py, `ModelSpec.decode`): logits (B, T, V) of `idx` at
+    positions pos0.. given `cache` (updated in place: one (k, v) per block, or None
+    before the prefill). Eval mode (no dropout) only; re-states CausalSelfAttention's
+    data flow over the block's own submodules."""
+    T = idx.shape[1]
+    pos = torch.arange(pos0, pos0 + T, device=idx.device)
+    x = model.wte(idx) + model.wpe(pos)
+    for i, block in enumerate(model.blocks.values()):
+        h, cache[i] = _attend(block.attn, block.ln_1(x), cache[i])
+        x = x + h
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.ln_f(x))
+
+
 def gpt_flops_per_token(model: GPT, seq_len: int) -> float:
     """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, app. B).
 

@@ -13,11 +13,14 @@ from scaletrain.config.model_checks import check_gpt, check_llama
 from scaletrain.config.schema import ModelConfig
 from scaletrain.models.contract import PipelineSplit, TiedPairs, tie
 from scaletrain.models.gpt import GPT, GPTConfig, gpt_flops_per_token
+from scaletrain.models.gpt import forward_cached as gpt_forward_cached
 from scaletrain.models.gpt_hf import GPT_HF
 from scaletrain.models.hf_map import HFMap
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
+from scaletrain.models.llama import forward_cached as llama_forward_cached
 from scaletrain.models.llama_hf import LLAMA_HF
 from scaletrain.models.plans import gpt_tp_plan, llama_tp_plan
+from scaletrain.models.prune_units import gpt_prune_units, llama_prune_units
 from scaletrain.models.vision import CNN, MLP
 
 
@@ -54,6 +57,12 @@ class ModelSpec:
     # and values mean. The others (dropout, ...) stay the new run's — a llama's seq_len
     # too: RoPE has no position table, so the weights fix no context length.
     source_fields: tuple[str, ...] = ()
+    # KV-cache decoding (generate.py): (model, idx (B, T), cache (one (k, v) or None per
+    # block, updated in place), pos0) -> logits (B, T, V); None = re-run the context.
+    decode: Callable[..., torch.Tensor] | None = None
+    # Structured pruning (compress/prune.py): (block, model.config) -> PruneUnits, the
+    # rows / columns of each attention unit and MLP channel (models/prune_units.py).
+    prune_units: Callable | None = None
 
 
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
@@ -123,13 +132,15 @@ REGISTRY: dict[str, ModelSpec] = {
                      tied=(("lm_head.weight", "wte.weight"),),
                      pipeline=PipelineSplit(first=("wte", "wpe"), last=("ln_f", "lm_head")),
                      tp_plan=gpt_tp_plan, tp_sizes=_gpt_tp_sizes, activation_block=_gpt_block,
-                     check=check_gpt, hf=GPT_HF, source_fields=GPT_SOURCE_FIELDS),
+                     check=check_gpt, hf=GPT_HF, source_fields=GPT_SOURCE_FIELDS,
+                     decode=gpt_forward_cached, prune_units=gpt_prune_units),
     "llama": ModelSpec("llama", "text", _build_llama, llama_flops_per_token,
                        tied=_llama_tied,
                        pipeline=PipelineSplit(first=("embed_tokens",), last=("norm", "lm_head")),
                        tp_plan=llama_tp_plan, tp_sizes=_llama_tp_sizes,
                        activation_block=_llama_block, check=check_llama, hf=LLAMA_HF,
-                       source_fields=LLAMA_SOURCE_FIELDS),
+                       source_fields=LLAMA_SOURCE_FIELDS, decode=llama_forward_cached,
+                       prune_units=llama_prune_units),
     "mlp": ModelSpec("mlp", "image", _build_mlp),
     "cnn": ModelSpec("cnn", "image", _build_cnn),
 }

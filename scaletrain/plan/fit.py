@@ -51,6 +51,7 @@ from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.load import apply_dict, validate
 from scaletrain.config.schema import sections
 from scaletrain.errors import ConfigError
+from scaletrain.models.registry import spec_of
 from scaletrain.parallel.ac import RECOMPUTE_COST
 from scaletrain.plan.report import plan
 
@@ -100,7 +101,8 @@ def candidates(cfg, dims, batch, device_type: str):
     micros = [cur_micro] if dims.pp > 1 else [d for d in _divisors_desc(per_rank)
                                               if d <= cur_micro]
     acs = [("none", 1)]
-    if cfg.model.name == "gpt":
+    blocks = spec_of(cfg.model).activation_block is not None  # AC wraps the family's blocks
+    if blocks:
         layers = cfg.model.n_layer
         acs += [(ac, k) for ac in ("selective", "full") for k in (2, 1) if k < layers or k == 1]
     offloads = [False, True] if (dims.dp_shard > 1 and device_type == "cuda") \
@@ -115,7 +117,7 @@ def candidates(cfg, dims, batch, device_type: str):
     for micro, (ac, every), off, dtype, opt in itertools.product(micros, acs, offloads,
                                                                  dtypes, optims):
         share = (-(-cfg.model.n_layer // every) / cfg.model.n_layer
-                 if cfg.model.name == "gpt" else 1.0)  # blocks 0, k, 2k, ... of n
+                 if blocks else 1.0)  # blocks 0, k, 2k, ... of n
         cost = (AC_COST[ac] * share
                 + MICRO_HALVING_COST * math.log2(max(cur_micro, micro) / micro)
                 + (OFFLOAD_COST if off and not cfg.parallel.cpu_offload else 0.0)

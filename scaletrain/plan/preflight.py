@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from scaletrain.errors import ConfigError
+from scaletrain.models.registry import spec_of
 from scaletrain.optim.batch_rules import full_batch_size
 from scaletrain.plan.report import plan
 from scaletrain.plan.auto import device_type_of, plan_vocab
@@ -53,7 +54,7 @@ def batch_bytes(cfg, global_batch: int, dp: int) -> float:
     """Host bytes of one step's batch on a rank (module doc)."""
     index = 2 * 8.0 * global_batch
     per_rank = global_batch / dp
-    if cfg.model.name == "gpt":
+    if spec_of(cfg.model).kind == "text":  # token rows; image batches are not counted
         return index + 4 * 8.0 * per_rank * (cfg.model.seq_len + 1)
     return index
 
@@ -90,8 +91,8 @@ def check_memory(cfg, dims, local_world: int, n_train: int | None = None) -> Non
                           f"(sample indices and token rows), more than the "
                           f"{_fmt_gib(limit)} this machine has per rank; lower "
                           "train.batch_size")
-    if cfg.model.name != "gpt" or cfg.plan.auto or full % dp:
-        return  # no plan for image models; plan.auto fits the rest itself
+    if spec_of(cfg.model).activation_block is None or cfg.plan.auto or full % dp:
+        return  # no plan for the image families; plan.auto fits the rest itself
     sized = copy.deepcopy(cfg)
     sized.train.batch_size = full  # the batch this descent mode trains on
     if sized.train.micro_batch_size > full // dp:

@@ -183,4 +183,8 @@ def format_plan(r: dict) -> str:
         out.append(f"    predicted peak {k['peak_bytes'] / 2**20:,.0f} MiB per rank "
                    f"(phase {k['peak_phase']}; baseline {k['baseline_bytes'] / 2**20:,.0f} "
                    f"MiB + tensors {k['total_bytes'] / 2**20:,.0f} MiB)")
+    if "fits" in r:  # plan --memory-gib / plan.memory_gib: the device's memory per rank
+        out.append(f"fits {r['memory_gib']:g} GiB per rank" if r["fits"] else
+                   f"does NOT fit {r['memory_gib']:g} GiB per rank: `scaletrain plan "
+                   "--fit` finds a micro-batch / checkpointing / precision that does")
     return "\n".join(out)

@@ -46,7 +46,9 @@ class CompletionService:
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
 
-        self.params = logical_params(model, spec_of(cfg.model).tied)[0]
+        spec = spec_of(cfg.model)
+        self.params = logical_params(model, spec.tied)[0]
+        self.decode = spec.decode  # the family's KV-cache forward (generate.py)
 
     def complete(self, raw: bytes) -> dict:
         s = self.cfg.serve
@@ -56,7 +58,8 @@ class CompletionService:
         with self.lock:
             new = sample(self.model, prompt, max_new_tokens=req.max_tokens,
                          seq_len=self.cfg.model.seq_len, temperature=req.temperature,
-                         top_k=req.top_k, generator=gen, stop_id=self.tok.eot_id)
+                         top_k=req.top_k, generator=gen, stop_id=self.tok.eot_id,
+                         decode=self.decode)
         return {"id": f"cmpl-{next(self.ids)}", "object": "text_completion",
                 "model": self.name,
                 "choices": [{"index": 0, "text": self.tok.decode(new),

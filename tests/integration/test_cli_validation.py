@@ -80,12 +80,12 @@ def test_plan_refuses_worlds_and_budgets_it_cannot_use(args, fragment):
 
 
 def test_plan_of_an_image_model_is_one_line(tmp_path):
-    """plan's byte model is the GPT's: an image model used to end in KeyError."""
+    """plan measures transformer blocks: an image model used to end in KeyError."""
     assert_user_error(run_cli("plan", "--config", "configs/digits-cnn.toml", timeout=60),
-                      "model.name='cnn' has no memory model")
+                      "model.name='cnn' has no transformer blocks")
     assert_user_error(run_cli("train", "--config", "configs/digits-cnn.toml",
                               "--plan.auto=true", f"--run.dir={tmp_path}/r", timeout=60),
-                      "plan.auto needs a model the memory plan knows")
+                      "plan.auto needs a model with transformer blocks")
     assert not (tmp_path / "r").exists()
 
 

@@ -82,3 +82,31 @@ def test_freeze_patterns():
     assert n > 0
     for name, p in m.named_parameters():
         assert p.requires_grad == (not (name.startswith("wte") or name.startswith("blocks.0.")))
+
+
+def test_llama_lora_targets_the_family_names_and_merges():
+    from scaletrain.models.llama import Llama, LlamaConfig
+
+    def tiny_llama():
+        m = Llama(LlamaConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=4, n_kv_head=2,
+                              d_model=32, d_ff=64, qkv_bias=True))
+        m.init_weights(0)
+        return m.eval()
+
+    m = tiny_llama()
+    x = torch.randint(0, 300, (2, 16))
+    ref = m(x)
+    apply_lora(m, rank=2, alpha=4.0, targets=["q_proj", "v_proj"])
+    wrapped = sorted(n for n, mod in m.named_modules() if isinstance(mod, LoRALinear))
+    assert wrapped == [f"blocks.{i}.self_attn.{p}" for i in "01" for p in ("q_proj", "v_proj")]
+    assert torch.equal(m(x), ref)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_B.normal_(0, 0.05)
+    before = m(x)
+    torch.testing.assert_close(merge_lora(m)(x), before, atol=1e-5, rtol=0)
+    assert set(m.state_dict()) == set(tiny_llama().state_dict())
+    # A GPT name on a llama: the error lists the llama's own layers.
+    with pytest.raises(ConfigError, match="q_proj.*up_proj|gate_proj.*q_proj"):
+        apply_lora(tiny_llama(), 2, 2.0, ["c_attn"])

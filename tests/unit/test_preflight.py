@@ -28,7 +28,14 @@ def machine_of(monkeypatch):
     return set_gib
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").glob("*.toml")))
+def _cpu_presets() -> list[str]:
+    """The presets for this machine: not the GPU planning shapes (train.device = "cuda":
+    llama3-8b, qwen3-0.6b), which are judged on their GPUs at their world size."""
+    return sorted(str(p) for p in (ROOT / "configs").glob("*.toml")
+                  if 'device = "cuda"' not in p.read_text())
+
+
+@pytest.mark.parametrize("path", _cpu_presets())
 def test_every_preset_fits_a_24_gib_machine(path, machine_of):
     # gpt-1b is meant for this 24 GiB machine (MemTotal 23.5 GiB): no false refusal.
     machine_of(23.5)

@@ -55,3 +55,28 @@ def test_quantized_model_stays_close_and_is_smaller(method):
     # Logits of this GPT are O(1); int8 keeps them within a few 1e-3, int4 within 0.1.
     assert (out - ref).abs().max() < (0.1 if method == "weight-int4" else 0.02)
     assert (out - ref).abs().max() > 0  # it really is quantized
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_llama_quantized_stays_close_and_keeps_the_embedding_rows_int8(method):
+    from scaletrain.models.llama import Llama, LlamaConfig
+
+    def tiny_llama():
+        m = Llama(LlamaConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=4, n_kv_head=2,
+                              d_model=64, d_ff=128, tie_embeddings=True))
+        m.init_weights(0)
+        return m.eval()
+
+    m = tiny_llama()
+    state = quantized_state(m, method, group=32)
+    # The token table is read by rows: int8 rows (1 B each), never int4 nibbles.
+    assert state["embed_tokens.qweight"].dtype == torch.int8
+    assert state["embed_tokens.qweight"].shape == (256, 64)
+    q = load_quantized(tiny_llama(), state, method)
+    kind = DynamicInt8Linear if method == "dynamic-int8" else QLinear
+    assert isinstance(q.blocks["0"].self_attn.k_proj, kind)
+    assert isinstance(q.blocks["0"].mlp.gate_proj, kind) and isinstance(q.lm_head, kind)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        err = (q(x) - m(x)).abs().max()
+    assert 0 < err < (0.1 if method == "weight-int4" else 0.02)
