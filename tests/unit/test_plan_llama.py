@@ -13,6 +13,8 @@ import pytest
 from scaletrain.cli import main
 from scaletrain.config import build_config
 from scaletrain.models import build_model, count_params
+from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.dims import ParallelDims
 from scaletrain.plan.report import plan
 from scaletrain.plan.fit import candidates, fit
 
@@ -20,6 +22,8 @@ SHAPE = ["model.name=llama", "model.n_layer=2", "model.d_model=32", "model.n_hea
          "model.n_kv_head=2", "model.d_ff=96", "model.seq_len=32", "model.vocab_size=64",
          "train.batch_size=4", "train.micro_batch_size=4", "eval.batch_size=4",
          "train.device=cpu", "precision.dtype=fp32"]
+
+ONE_RANK = ParallelDims(1, 1, 1, 1, 1)  # the layout of one process
 
 
 def cfg_of(*extra: str):
@@ -29,7 +33,7 @@ def cfg_of(*extra: str):
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_plan_counts_the_built_model_its_blocks_and_head(tied):
     cfg = cfg_of(f"model.tie_embeddings={str(tied).lower()}")
-    r = plan(cfg, 1, 64)["ranks"][0]
+    r = plan(cfg, ONE_RANK, 64)["ranks"][0]
     model = build_model(cfg.model, {"vocab_size": 64}, seed=0)
     assert r["params"] == count_params(model)  # a tied head counted once
     assert r["param_bytes"] == 4 * count_params(model)
@@ -41,12 +45,12 @@ def test_llama_plan_counts_the_built_model_its_blocks_and_head(tied):
 def test_llama_fit_searches_activation_checkpointing_and_plan_auto_is_accepted():
     cfg = cfg_of("plan.auto=true", "model.seq_len=256", "train.batch_size=8",
                  "train.micro_batch_size=8", "eval.batch_size=1")
-    ranks = plan(cfg, 1, 64)["ranks"][0]
+    ranks = plan(cfg, ONE_RANK, 64)["ranks"][0]
     # A budget just under the plain peak, above the smallest: the search must find one.
     budget = ranks["peak_bytes"] - 2 ** 20
-    choice = fit(cfg, 1, 64, budget)
+    choice = fit(cfg, ONE_RANK, 64, budget)
     assert choice.peak_bytes <= budget and choice.overrides
-    acs = {o["parallel.activation_checkpoint"] for o, _ in candidates(cfg, 1, "cpu")}
+    acs = {o["parallel.activation_checkpoint"] for o, _ in candidates(cfg, ONE_RANK, batch_plan(cfg, 1), "cpu")}
     assert acs == {"none", "selective", "full"}
 
 
