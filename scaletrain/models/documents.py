@@ -90,3 +90,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *,
         return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def document_kwargs(x: torch.Tensor, eot_id: int | None) -> dict:
+    """A model forward's keywords for inputs `x` (B, T): {'doc_ids': ...} when documents
+    are masked at `eot_id`, {} when `eot_id` is None (masking off)."""
+    return {} if eot_id is None else {"doc_ids": document_ids(x, eot_id)}
+
+
+def masking_eot(document_masking: bool, tokenizer) -> int | None:
+    """The end-of-text id a run masks documents at (data.document_masking), else None."""
+    return tokenizer.eot_id if document_masking and tokenizer is not None else None
