@@ -107,3 +107,19 @@ def test_one_document_window_is_unchanged_by_masking():
         with torch.no_grad():
             diff = (model(x, doc_ids=document_ids(x, EOT)) - model(x)).abs().max().item()
         assert diff < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build", [_gpt, _llama], ids=["gpt", "llama"])
+def test_flex_path_gives_the_same_logits(build, monkeypatch):
+    """The CUDA path's FlexAttention BlockMask (mask_mod, create_block_mask, GQA through
+    flex_attention), run here on CPU with eager flex_attention instead of the compiled
+    one: the same documents-alone logits as the SDPA mask. (This test alone builds a
+    BlockMask on CPU; runs pick it only on CUDA.)"""
+    from scaletrain.models import gpt, llama
+
+    monkeypatch.setattr(documents, "_compiled_flex", documents.flex_attention)
+    for module in (gpt, llama):
+        monkeypatch.setattr(module, "document_mask",
+                            lambda ids, dropout=0.0: documents.flex_document_mask(ids))
+    assert _packed_vs_alone(build(), masked=True) < 1e-5
