@@ -123,3 +123,12 @@ def test_flex_path_gives_the_same_logits(build, monkeypatch):
         monkeypatch.setattr(module, "document_mask",
                             lambda ids, dropout=0.0: documents.flex_document_mask(ids))
     assert _packed_vs_alone(build(), masked=True) < 1e-5
+
+
+def test_distillation_refuses_document_masking(tmp_path):
+    from scaletrain.errors import ConfigError
+    from tests.conftest import make_cfg
+
+    with pytest.raises(ConfigError, match="data.document_masking.*distill.teacher"):
+        make_cfg(["--data.document_masking=true", f"--distill.teacher={tmp_path}",
+                  f"--run.dir={tmp_path / 'run'}"])
