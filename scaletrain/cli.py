@@ -247,8 +247,10 @@ def cmd_eval(argv: list[str]) -> int:
     # val: the whole split; test: the batches the run's own test loss covers (all by
     # default), so that the two agree (evaluate/evaluator.py).
     n_batches = cfg.eval.test_batches if args.split == "test" else 0
+    # Documents masked as the run trained (data.document_masking), at the run's EOT.
+    eot = tok.eot_id if cfg.data.document_masking and tok is not None else None
     result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, n_batches), policy,
-                      policy.device, REGISTRY[cfg.model.name].kind)
+                      policy.device, REGISTRY[cfg.model.name].kind, eot_id=eot)
     samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
     print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0

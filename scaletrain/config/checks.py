@@ -43,6 +43,12 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(f"model.name='{m.name}' is an image model; set data.source='digits'")
     if family.check is not None:
         family.check(m)  # the family's own shape rules
+    if cfg.data.document_masking and family.kind != "text":
+        raise ConfigError(f"data.document_masking needs a text model, not model.name="
+                          f"'{m.name}' (images have no documents)")
+    if cfg.data.document_masking and cfg.distill.teacher:
+        raise ConfigError("data.document_masking is not supported with distill.teacher "
+                          "(the teacher's logits would attend across documents)")
     check_parallel(cfg, None)  # the world's part: parallel/world_checks.py check_world
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must be < 1 "

@@ -115,6 +115,11 @@ class DataConfig:
     loader_workers: int = F(0, "Background threads prefetching batches; 0 = in the loop.",
                             ge=0)
     shuffle: bool = F(True, "Shuffle samples with a seeded, world-size-independent order.")
+    document_masking: bool = F(False, "Text models: documents packed into a window (each "
+                               "ended by the end-of-text token) do not attend to each other, "
+                               "and position ids restart at every document (models/"
+                               "documents.py); off = attention and positions run across "
+                               "the whole window, as GPT-2 trained.")
     assignment: str = F("block", "How a rank takes its part of each global batch: a "
                         "contiguous block or every world-size-th sample.",
                         choices=("block", "strided"))

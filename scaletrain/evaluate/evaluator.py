@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from scaletrain.models.documents import document_kwargs
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import IGNORE_INDEX, count_targets, sum_cross_entropy
 
@@ -31,11 +32,13 @@ def covered_samples(dataset, batch_size: int, batches: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, policy: PrecisionPolicy, device: torch.device,
-             kind: str, count_reducer=lambda t: t) -> dict:
+             kind: str, count_reducer=lambda t: t, eot_id: int | None = None) -> dict:
     """Loss averaged over every target position of `batches` (not a mean of batch means).
 
     Returns {"loss", "ppl"} for text and {"loss", "accuracy"} for images. `count_reducer`
     sums the (loss, count, correct) vector over data-parallel ranks when there are several.
+    `eot_id`: documents masked at this end-of-text id, as the run trained
+    (data.document_masking; models/documents.py).
     """
     was_training = model.training
     model.eval()
@@ -43,7 +46,7 @@ def evaluate(model: nn.Module, batches, policy: PrecisionPolicy, device: torch.d
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with policy.autocast():
-            logits = model(x)
+            logits = model(x, **document_kwargs(x, eot_id))
         if hasattr(logits, "full_tensor"):  # vocabulary-sharded (tensor parallel)
             logits = logits.full_tensor()
         totals[0] += sum_cross_entropy(logits, y).double()

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.models.documents import document_mask, document_positions, masked_attention
 from scaletrain.models.losses import sum_cross_entropy
 
 
@@ -59,7 +60,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = c.dropout
         self.resid_drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        """`mask`: None (causal) or a document mask (models/documents.py)."""
         B, T, D = x.shape
         # The head count is read from the projection's output so that a tensor-parallel
         # shard (3*D/tp output features: [Q_r; K_r; V_r], parallel/tensor.py) runs its
@@ -69,8 +71,8 @@ class CausalSelfAttention(nn.Module):
         n_head = self.n_head * d_local // D
         q, k, v = qkv.split(d_local, dim=2)  # each (B, T, d_local)
         q, k, v = (t.view(B, T, n_head, d_local // n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(  # (B, H, T, Dh), causal, flash/memory-efficient
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        # (B, H, T, Dh): SDPA causal (flash/memory-efficient), or the document mask
+        y = masked_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, d_local)
         return self.resid_drop(self.c_proj(y))
 
@@ -95,8 +97,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.d_model, eps=1e-5, bias=c.bias)
         self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        # The mask goes by keyword: TP's PrepareModuleInput on `attn` lays out the
+        # positional input (the hidden states) only and passes keywords through.
+        x = x + self.attn(self.ln_1(x), mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,19 +121,26 @@ class GPT(nn.Module):
         if self.wte is not None and self.lm_head is not None:
             self.lm_head.weight = self.wte.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits; a pipeline stage passes hidden states.
-        With `targets` (B, T): the fp32 cross-entropy summed over targets (losses.py)."""
+        With `targets` (B, T): the fp32 cross-entropy summed over targets (losses.py).
+        `doc_ids` (B, T) (data.document_masking, models/documents.py): attention stays
+        inside each document and the learned positions restart at 0 per document, so a
+        packed document gets the logits it gets alone. GPT-2 itself never restarts its
+        positions (nor masks): that stays the default, `doc_ids=None`."""
+        mask = None if doc_ids is None else document_mask(doc_ids, dropout=self.config.dropout)
         if self.wte is not None:
             T = idx.shape[1]
             if T > self.config.seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.config.seq_len}")
-            pos = torch.arange(T, device=idx.device)
+            pos = (torch.arange(T, device=idx.device) if doc_ids is None
+                   else document_positions(doc_ids))  # (T,) or (B, T)
             x = self.drop(self.wte(idx) + self.wpe(pos))
         else:
             x = idx
         for block in self.blocks.values():
-            x = block(x)
+            x = block(x) if mask is None else block(x, mask)
         if targets is not None:
             return self.head_loss(x, targets)
         if self.ln_f is not None:

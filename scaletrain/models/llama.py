@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.models.documents import document_mask, document_positions, masked_attention
 from scaletrain.models.gpt import copy_into, seeded_generator
 from scaletrain.models.losses import sum_cross_entropy
 
@@ -133,13 +134,16 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """SDPA over grouped heads -> the output projection, (B, T, D)."""
+               causal: bool, mask=None) -> torch.Tensor:
+        """SDPA over grouped heads -> the output projection, (B, T, D). `mask`: a bool
+        SDPA mask or a FlexAttention BlockMask (models/documents.py), replacing causal."""
         B, _, T, hd = q.shape
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.c.dropout if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1])
+        dropout = self.c.dropout if self.training else 0.0
+        if mask is None and not causal:  # a cached decode step attends to all of the cache
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            y = masked_attention(q, k, v, mask, dropout_p=dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -199,11 +203,17 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits; a pipeline stage passes hidden states.
         With `targets` (B, T): the fp32 cross-entropy summed over targets (losses.py).
         `positions`: position ids (default 0..T-1); `mask`: a boolean attention mask
-        (True = may attend) broadcastable to (B, H, T, T), replacing the causal one."""
+        (True = may attend) broadcastable to (B, H, T, T), replacing the causal one.
+        `doc_ids` (B, T) (data.document_masking, models/documents.py): the document mask
+        and per-document positions, unless `mask` / `positions` are given."""
+        if doc_ids is not None:
+            mask = document_mask(doc_ids, dropout=self.config.dropout) if mask is None else mask
+            positions = document_positions(doc_ids) if positions is None else positions
         T = idx.shape[1]
         if T > self.config.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.config.seq_len}")

@@ -124,13 +124,18 @@ class Pipeline:
         return local_loss(loss) / self.denom * self.loss_multiplier
 
     def _run(self, fn, x, y, losses):
+        # Document masking: every stage needs the ids (a later stage sees hidden states
+        # only), so every pipeline rank derives them from the batch it holds and hands
+        # them to the schedule as the model's keywords, which torch.distributed.pipelining
+        # chunks per micro-batch (dim 0) and passes to each stage's forward.
+        kw = self.step_loss.model_kwargs(x)
         with self.step_loss.context():
             if self.first:
-                fn(x, target=y if self.last else None, losses=losses)
+                fn(x, target=y if self.last else None, losses=losses, **kw)
             elif self.last:
-                fn(target=y, losses=losses)
+                fn(target=y, losses=losses, **kw)
             else:
-                fn()
+                fn(**kw)
 
     def _stage_loss(self, losses) -> torch.Tensor:
         """Sum of the last stage's micro-batch losses, on every pipeline rank."""

@@ -30,6 +30,7 @@ from scaletrain.errors import ConfigError
 from scaletrain.evaluate import evaluate
 from scaletrain.metrics import Progress, build_sinks, peak_memory_mb
 from scaletrain.models import REGISTRY, build_model, count_params
+from scaletrain.models.documents import masking_eot
 from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import coordinator as coord_mod
 from scaletrain.paramserver import server, stop, transport
@@ -92,7 +93,8 @@ def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
             server.wait_for_stop()
             return {"role": "server", "rank": rt.rank}
         # The spmd trainer's loss for this model (in-model head loss for a GPT).
-        loss = build_step_loss(loss_in_model=head_computes_loss(model, cfg.parallel))
+        loss = build_step_loss(loss_in_model=head_computes_loss(model, cfg.parallel),
+                               eot_id=masking_eot(cfg.data.document_masking, data.tokenizer))
         w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
                    device, batch_plan(cfg, n_workers), loss)
         if worker_hook is not None:
@@ -224,7 +226,8 @@ class _Run:
         the test on the replica as the recorder left it (the best weights)."""
         if split == "val":
             self.pull_full()
-        return evaluate(self.model, batches, self.policy, self.policy.device, self.kind)
+        return evaluate(self.model, batches, self.policy, self.policy.device, self.kind,
+                        eot_id=masking_eot(self.cfg.data.document_masking, self.data.tokenizer))
 
     def save_checkpoint(self, step: int) -> Path:
         states = [transport.call(s, server.rpc_state_dict)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.compress.distill import build_distill_loss
+from scaletrain.models.documents import document_kwargs
 from scaletrain.parallel.compile import compile_cross_entropy, head_computes_loss
 from scaletrain.parallel.tensor import tp_loss_context
 from scaletrain.precision import PrecisionPolicy
@@ -47,14 +48,23 @@ class StepLoss:
     in_model: bool = False  # the model computes the loss itself: model(x, targets=y)
     # Around forward + loss + backward: loss_parallel for vocabulary-sharded logits.
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # data.document_masking: the end-of-text id the documents of a window are cut at
+    # (models/documents.py); None = attention across the whole window.
+    eot_id: int | None = None
+
+    def model_kwargs(self, x: torch.Tensor) -> dict:
+        """The forward's keywords for inputs `x`: {'doc_ids': ...} under document masking
+        (derived from `x` itself, so the batch stays (inputs, targets)), else {}."""
+        return document_kwargs(x, self.eot_id)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  policy: PrecisionPolicy, loss_dtype: torch.dtype) -> torch.Tensor:
+        kw = self.model_kwargs(x)
         with policy.autocast():
             if self.in_model:  # the loss upcasts the logits itself
-                loss = model(x, targets=y)
+                loss = model(x, targets=y, **kw)
             else:
-                logits = model(x)
+                logits = model(x, **kw)
         if not self.in_model:
             loss = self.on_logits(logits, x, y, loss_dtype)
         # loss_parallel's sum is a replicated DTensor: the plain tensor the step divides.
@@ -64,30 +74,32 @@ class StepLoss:
 def build_step_loss(loss_fn: CustomLoss | None = None,
                     cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                     = sum_cross_entropy, loss_in_model: bool = False,
-                    loss_parallel: bool = False) -> StepLoss:
+                    loss_parallel: bool = False, eot_id: int | None = None) -> StepLoss:
     """The run's micro-batch loss: the in-model loss where the model computes it
     (`loss_in_model`: the caller sets it only for the default loss), else `loss_fn` if
     given, else `cross_entropy` on the logits. `loss_parallel`: tensor parallelism left
-    the logits vocabulary-sharded (ParallelModel.tp_loss_parallel)."""
+    the logits vocabulary-sharded (ParallelModel.tp_loss_parallel). `eot_id`: document
+    masking at this end-of-text id (StepLoss.eot_id)."""
     context = tp_loss_context(loss_parallel)
     if loss_fn is not None and not loss_in_model:
         def custom(logits, x, y, loss_dtype):
             return loss_fn(logits.to(loss_dtype), x, y)
-        return StepLoss(custom, context=context)
+        return StepLoss(custom, context=context, eot_id=eot_id)
 
     def on_logits(logits, x, y, loss_dtype):
         return cross_entropy(logits, y)
     # In-model: the head's own cross-entropy; on_logits is the same loss on its logits.
-    return StepLoss(on_logits, in_model=loss_in_model, context=context)
+    return StepLoss(on_logits, in_model=loss_in_model, context=context, eot_id=eot_id)
 
 
 default_step_loss = build_step_loss()
 
 
-def run_loss(cfg, pm, device: torch.device) -> StepLoss:
+def run_loss(cfg, pm, device: torch.device, eot_id: int | None = None) -> StepLoss:
     """The loss of the run `cfg` on the ParallelModel `pm`, built once by the trainer:
     distillation, the in-model head + loss, or cross-entropy on the logits; under TP's
-    loss-parallel where the logits are vocabulary-sharded."""
+    loss-parallel where the logits are vocabulary-sharded; document-masked at `eot_id`
+    (models/documents.py `masking_eot`) when given."""
     distill_loss = build_distill_loss(cfg, device)
     # Compiled cross-entropy for the plain step only: TP's DTensor logits are not traced
     # by dynamo, and the pipeline's schedule keeps the eager loss it always had.
@@ -95,4 +107,4 @@ def run_loss(cfg, pm, device: torch.device) -> StepLoss:
     return build_step_loss(
         distill_loss, compile_cross_entropy(compiled),
         loss_in_model=distill_loss is None and head_computes_loss(pm.module, cfg.parallel),
-        loss_parallel=pm.tp_loss_parallel)
+        loss_parallel=pm.tp_loss_parallel, eot_id=eot_id)

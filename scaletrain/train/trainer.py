@@ -29,6 +29,7 @@ from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb
 from scaletrain.models import count_params, spec_of
+from scaletrain.models.documents import masking_eot
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.step_end import StepEnd
@@ -125,7 +126,9 @@ class Trainer:
             self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
             seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
             workers=cfg.data.loader_workers)
-        self.loss = run_loss(cfg, self.parallel, self.rt.device)  # for either step path
+        # data.document_masking: the end-of-text id windows are cut into documents at.
+        self.doc_eot = masking_eot(cfg.data.document_masking, self.data.tokenizer)
+        self.loss = run_loss(cfg, self.parallel, self.rt.device, self.doc_eot)  # either path
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
@@ -219,7 +222,8 @@ class Trainer:
                 return self.pipeline.evaluate(batches, self.dist.sum_reducer,
                                               self.pipeline.batch_size)
         return evaluate(self.model, batches, self.policy, self.rt.device,
-                        self.spec.kind, count_reducer=self.dist.sum_reducer)
+                        self.spec.kind, count_reducer=self.dist.sum_reducer,
+                        eot_id=self.doc_eot)
 
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let

@@ -17,12 +17,17 @@ V = 64  # divisible by tp (the vocabulary is sharded); harness.V = 67 is not
 
 
 class Tokens64(Tokens):
-    """harness.Tokens with ids in [0, 64)."""
+    """harness.Tokens with ids in [0, 64); with `eot` set, that id also ends a document
+    every few tokens (at varying offsets), for document-masking runs."""
 
-    def __init__(self, n: int = 64, masked: bool = False, seed: int = 0):
+    def __init__(self, n: int = 64, masked: bool = False, seed: int = 0,
+                 eot: int | None = None):
         super().__init__(n, masked, seed)
         self.x %= V
         self.y[self.y >= 0] %= V
+        if eot is not None:
+            for i in range(n):  # boundaries at 3 + i % 4, then every 5 tokens
+                self.x[i, 3 + i % 4::5] = eot
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.optim import build_optimizer
@@ -40,7 +45,7 @@ def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
                 schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
-                faults=False, nan_step=0, params=False,
+                faults=False, nan_step=0, params=False, eot=None,
                 model=())  # model: extra ModelConfig fields as (name, value) pairs
     spec.update(kw)
     return spec
@@ -62,12 +67,14 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                               mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
     model = pm.module
     dp = ctx.dims.dp
-    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel)  # as the trainer's
+    # eot: data.document_masking at that id (the trainer's masking_eot)
+    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel, eot_id=spec["eot"])
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
                           policy.param_dtype, loss)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
                           embedding_copies=pm.tied_copies)
-    loader = StatefulLoader(Tokens64(masked=spec["masked"]), spec["batch"], rank=ctx.dp_rank,
+    loader = StatefulLoader(Tokens64(masked=spec["masked"], eot=spec["eot"]), spec["batch"],
+                            rank=ctx.dp_rank,
                             world=dp, seed=5)
     opts = StepOptions(**ctx.step_options(pm))
     monitor = _fault_guard(model, pm.spec, ctx, spec) if spec["faults"] else None
