@@ -41,10 +41,11 @@ class Document:
 
 
 class Skip(Enum):
-    """Why a file yields no document before any text-level filter."""
+    """Why a file or record yields no document before any text-level filter."""
 
     BINARY = "binary"
     UNDECODABLE = "undecodable"
+    MALFORMED = "malformed"  # a record that is not JSON or has no string text field
 
 
 def clean_text(raw: bytes) -> str | Skip:
@@ -55,12 +56,23 @@ def clean_text(raw: bytes) -> str | Skip:
     one document and one token sequence), trailing whitespace goes, and a document ends
     with exactly one '\\n' so that every one is followed by "\\n<|endoftext|>" alike.
     """
+    text = decode_text(raw)
+    return text if isinstance(text, Skip) else normalize_text(text)
+
+
+def decode_text(raw: bytes) -> str | Skip:
+    """A text file's bytes as str, or why it is not text (binary: a NUL byte, as `git`
+    and `grep` decide it; undecodable: not UTF-8)."""
     if b"\0" in raw:
         return Skip.BINARY
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return Skip.UNDECODABLE
+
+
+def normalize_text(text: str) -> str:
+    """The cleaned form of a document's text (see `clean_text`); "" when nothing is left."""
     text = text.removeprefix("\ufeff")  # a byte-order mark carries no content
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", text).rstrip()
