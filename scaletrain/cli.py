@@ -194,6 +194,7 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     from scaletrain.config import build_config
+    from scaletrain.data.pipeline import stage_table
     from scaletrain.data.prepare import prepare
 
     args, overrides = _split_args("prepare", argv)
@@ -204,6 +205,8 @@ def cmd_prepare(argv: list[str]) -> int:
     for split, info in manifest.get("splits", {}).items():
         print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in info.items()
                                           if isinstance(v, (int, float))))
+    for line in stage_table(manifest):
+        print(line)
     return 0
 
 

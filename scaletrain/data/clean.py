@@ -1,4 +1,5 @@
-"""From files to clean, unique documents, split train/val/test by content hash.
+"""Cleaning, counts and the train/val/test split by content hash (the pipeline's steps
+in `dt_steps.py` call these).
 
 Each step is a pure function of the file bytes, so the result does not depend on the
 machine, the number of workers or the order files are listed in beyond their sorted path.
@@ -8,12 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-
-from tqdm import tqdm
 
 from scaletrain.errors import ConfigError
 
@@ -77,38 +74,6 @@ def normalize_text(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", text).rstrip()
     return text + "\n" if text else ""
-
-
-def read_documents(paths: Iterable[Path], min_chars: int, *,
-                   progress: bool = False) -> tuple[list[Document], Counts]:
-    """Read, clean, filter and exact-deduplicate files in the given (sorted) order.
-
-    Documents shorter than `min_chars` characters (the trailing newline not counted) and
-    empty ones are dropped; of identical documents the first one is kept.
-    """
-    paths = list(paths)
-    counts = Counts(files=len(paths))
-    seen: set[bytes] = set()
-    docs: list[Document] = []
-    for p in tqdm(paths, desc="read files", unit="file", disable=not progress):
-        text = clean_text(p.read_bytes())
-        if text is Skip.BINARY:
-            counts.skipped_binary += 1
-            continue
-        if text is Skip.UNDECODABLE:
-            counts.skipped_undecodable += 1
-            continue
-        if not text or len(text) - 1 < min_chars:
-            counts.too_short += 1
-            continue
-        h = hashlib.sha256(text.encode("utf-8")).digest()
-        if h in seen:
-            counts.duplicates += 1
-            continue
-        seen.add(h)
-        docs.append(Document(text, h))
-    counts.documents = len(docs)
-    return docs, counts
 
 
 def hash_uniform(h: bytes) -> float:

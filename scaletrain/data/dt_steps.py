@@ -18,6 +18,7 @@ import hashlib
 import heapq
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,14 +27,12 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseReader
+from datatrove.utils.logging import logger
 
 from scaletrain.data.clean import SPLITS, Skip, hash_uniform, normalize_text
+from scaletrain.data import shards
 from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
-
-PART_CHARS = 64 << 20
-"""A split is written in parts of about this many characters; each part is one
-tokenize task, so large corpora spread over the workers and small ones stay one file."""
 
 CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task."""
@@ -45,7 +44,16 @@ class QuietExecutor(LocalPipelineExecutor):
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         # datatrove prints INFO logs only for local_rank 0; every task counts as "not 0".
-        return super()._run_for_rank(rank, 1, node_rank)
+        try:
+            return super()._run_for_rank(rank, 1, node_rank)
+        finally:
+            quiet_logs()  # a finished task puts back loguru's default (INFO) console sink
+
+
+def quiet_logs() -> None:
+    """Only errors of datatrove's loguru logger reach the console."""
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
 
 
 class SourceReader(BaseReader):
@@ -148,10 +156,11 @@ class DedupSplit(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        shards = sorted((work / "clean").glob("*.jsonl"))
-        merged = heapq.merge(*(_lines(p) for p in shards), key=lambda r: (r[0], r[1]))
+        cleaned = sorted((work / "clean").glob("*.jsonl"))
+        merged = heapq.merge(*(_lines(p) for p in cleaned), key=lambda r: (r[0], r[1]))
         seen: set[bytes] = set()
-        writers = {s: _PartWriter(work / "split", s) for s in SPLITS}
+        # Read when the task runs, not at import: tests make parts small.
+        writers = {s: _PartWriter(work / "split", s, shards.CHUNK_CHARS) for s in SPLITS}
         for _file, _rec, src, h, text in merged:
             digest = bytes.fromhex(h)
             if digest in seen:
@@ -182,16 +191,16 @@ class DedupSplit(PipelineStep):
 
 
 class _PartWriter:
-    """Writes one split's documents into parts of about PART_CHARS characters."""
+    """Writes one split's documents into parts of about `part_chars` characters."""
 
-    def __init__(self, folder: Path, split: str):
+    def __init__(self, folder: Path, split: str, part_chars: int):
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.split = folder, split
+        self.folder, self.split, self.part_chars = folder, split, part_chars
         self.parts: list[dict] = []  # {"split", "name", "documents", "bytes"}
         self.documents, self._f, self._chars = 0, None, 0
 
     def write(self, src: int, h: str, text: str) -> None:
-        if self._f is None or self._chars >= PART_CHARS:
+        if self._f is None or self._chars >= self.part_chars:
             self.close()
             name = f"{self.split}-{len(self.parts):05d}"
             self.parts.append({"split": self.split, "name": name, "documents": 0,
@@ -210,7 +219,7 @@ class _PartWriter:
             self._f = None
 
     def reopen(self) -> _PartWriter:
-        self._chars = PART_CHARS  # the next write starts a new part
+        self._chars = self.part_chars  # the next write starts a new part
         return self
 
     def remove_smallest(self) -> list:

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-
-from datatrove.utils.logging import logger
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.clean import SPLITS, Counts, documents_needed
 from scaletrain.data.dt_steps import (CleanedWriter, Clean, DedupSplit, QuietExecutor,
-                                      SourceReader, TokenizePart)
+                                      SourceReader, TokenizePart, quiet_logs)
 from scaletrain.data.records import check_text_column
 from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import TEXT, InputFiles, file_format
@@ -52,8 +49,7 @@ def _run(steps: list, tasks: int, workers: int, logs: Path) -> dict[str, int]:
     """Run `steps` on datatrove's local executor; the summed stats of every step."""
     # datatrove's loguru logger prints every task's INFO lines to stderr by default;
     # `prepare` prints its own summary, so only errors go there (the rest: `logs`).
-    logger.remove()
-    logger.add(sys.stderr, level="ERROR")
+    quiet_logs()
     stats = QuietExecutor(steps, tasks=tasks, workers=max(1, min(workers, tasks)),
                           logging_dir=str(logs)).run()
     totals: dict[str, int] = defaultdict(int)
