@@ -204,6 +204,7 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     from scaletrain.config import build_config  # lazy (module note)
+    from scaletrain.data.pipeline import stage_table
     from scaletrain.data.prepare import prepare
 
     args, overrides = _split_args("prepare", argv)
@@ -214,6 +215,8 @@ def cmd_prepare(argv: list[str]) -> int:
     for split, info in manifest.get("splits", {}).items():
         print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in info.items()
                                           if isinstance(v, (int, float))))
+    for line in stage_table(manifest):
+        print(line)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""From files to clean, unique documents, split train/val/test by content hash.
+"""Cleaning, counts and the train/val/test split by content hash (the pipeline's steps
+in `dt_steps.py` call these).
 
 Each step is a pure function of the file bytes, so the result does not depend on the
 machine, the number of workers or the order files are listed in beyond their sorted path.
@@ -8,12 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-
-from tqdm import tqdm
 
 from scaletrain.errors import ConfigError
 
@@ -41,10 +38,11 @@ class Document:
 
 
 class Skip(Enum):
-    """Why a file yields no document before any text-level filter."""
+    """Why a file or record yields no document before any text-level filter."""
 
     BINARY = "binary"
     UNDECODABLE = "undecodable"
+    MALFORMED = "malformed"  # a record that is not JSON or has no string text field
 
 
 def clean_text(raw: bytes) -> str | Skip:
@@ -55,48 +53,27 @@ def clean_text(raw: bytes) -> str | Skip:
     one document and one token sequence), trailing whitespace goes, and a document ends
     with exactly one '\\n' so that every one is followed by "\\n<|endoftext|>" alike.
     """
+    text = decode_text(raw)
+    return text if isinstance(text, Skip) else normalize_text(text)
+
+
+def decode_text(raw: bytes) -> str | Skip:
+    """A text file's bytes as str, or why it is not text (binary: a NUL byte, as `git`
+    and `grep` decide it; undecodable: not UTF-8)."""
     if b"\0" in raw:
         return Skip.BINARY
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return Skip.UNDECODABLE
+
+
+def normalize_text(text: str) -> str:
+    """The cleaned form of a document's text (see `clean_text`); "" when nothing is left."""
     text = text.removeprefix("\ufeff")  # a byte-order mark carries no content
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", text).rstrip()
     return text + "\n" if text else ""
-
-
-def read_documents(paths: Iterable[Path], min_chars: int, *,
-                   progress: bool = False) -> tuple[list[Document], Counts]:
-    """Read, clean, filter and exact-deduplicate files in the given (sorted) order.
-
-    Documents shorter than `min_chars` characters (the trailing newline not counted) and
-    empty ones are dropped; of identical documents the first one is kept.
-    """
-    paths = list(paths)
-    counts = Counts(files=len(paths))
-    seen: set[bytes] = set()
-    docs: list[Document] = []
-    for p in tqdm(paths, desc="read files", unit="file", disable=not progress):
-        text = clean_text(p.read_bytes())
-        if text is Skip.BINARY:
-            counts.skipped_binary += 1
-            continue
-        if text is Skip.UNDECODABLE:
-            counts.skipped_undecodable += 1
-            continue
-        if not text or len(text) - 1 < min_chars:
-            counts.too_short += 1
-            continue
-        h = hashlib.sha256(text.encode("utf-8")).digest()
-        if h in seen:
-            counts.duplicates += 1
-            continue
-        seen.add(h)
-        docs.append(Document(text, h))
-    counts.documents = len(docs)
-    return docs, counts
 
 
 def hash_uniform(h: bytes) -> float:

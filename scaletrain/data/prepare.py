@@ -1,7 +1,8 @@
 """Prepare a data source once into a cached directory the loaders memory-map.
 
-Text pipeline: list files -> read, decode, clean -> drop short -> exact dedup -> split by
-content hash -> train byte-level BPE on train -> tokenize (worker processes) -> flat token
+Text pipeline (datatrove, `pipeline.py`): list files -> read records (text files, JSONL,
+Parquet, saved datasets), clean -> drop short -> exact dedup -> split by content hash ->
+train byte-level BPE on a sample of train -> tokenize (worker processes) -> flat token
 files + tokenizer.json + manifest.json. Image pipeline: see `vision.py`. Both are cached
 under a key of their inputs and settings (`cache.py`), so calling `prepare` again is a few
 `stat` calls, and changing an input file or a setting gives a fresh directory.
@@ -9,6 +10,7 @@ under a key of their inputs and settings (`cache.py`), so calling `prepare` agai
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,16 +18,17 @@ import tokenizers
 
 from scaletrain.config.paths import check_dir_field
 from scaletrain.config.schema import DataConfig
-from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.cache import build_cached, cache_key, valid_manifest
-from scaletrain.data.clean import (SPLITS, check_fractions, documents_needed, read_documents,
-                                   split_documents)
-from scaletrain.data.shards import Encoder, token_dtype, write_split
+from scaletrain.data.clean import check_fractions
+from scaletrain.data.pipeline import build_text
+from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import InputFiles, list_text_files, slug
 from scaletrain.data.vision import DIGITS, prepare_digits
 from scaletrain.errors import DataError
 
 __all__ = ["cached_text_dir", "prepare", "prepare_text", "prepare_digits", "text_settings", "MIN_TRAIN_TOKENS"]
+
+DEFAULT_SAMPLE_BYTES = DataConfig().tokenizer_sample_bytes
 
 MIN_TRAIN_TOKENS = 2
 """The train split must give at least one (input, target) pair; the seq_len-specific
@@ -57,7 +60,18 @@ def text_settings(dcfg: DataConfig) -> dict:
         "min_chars": dcfg.min_chars,
         "max_files": dcfg.max_files,
         "tokenizers": tokenizers.__version__,
-    } | _tokenizer_setting(dcfg)
+    } | _tokenizer_setting(dcfg) | _new_settings(dcfg)
+
+
+def _new_settings(dcfg: DataConfig) -> dict:
+    """Settings added with the datatrove pipeline, in the key only when not their
+    default, so that caches prepared before they existed stay valid (same output)."""
+    out = {}
+    if dcfg.text_key != "text":
+        out["text_key"] = dcfg.text_key
+    if dcfg.tokenizer_sample_bytes != DEFAULT_SAMPLE_BYTES:
+        out["tokenizer_sample_bytes"] = dcfg.tokenizer_sample_bytes
+    return out
 
 
 def _tokenizer_setting(dcfg: DataConfig) -> dict:
@@ -65,8 +79,6 @@ def _tokenizer_setting(dcfg: DataConfig) -> dict:
     is unchanged from before the option existed (existing caches stay valid)."""
     if not dcfg.tokenizer:
         return {}
-    import hashlib
-
     p = Path(dcfg.tokenizer)
     if not p.is_file():
         raise DataError(f"data.tokenizer: '{p}' is not a file")
@@ -107,35 +119,8 @@ def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
                 progress: bool) -> dict:
     """Write the prepared text files into `out`; returns the manifest."""
     src = dcfg.source
-    docs, counts = read_documents(inputs.files, dcfg.min_chars, progress=progress)
-    unreadable = counts.skipped_binary + counts.skipped_undecodable
-    if unreadable == counts.files:
-        raise DataError(f"{src}: {counts.files} files, all binary or not UTF-8")
-    need = documents_needed(dcfg.val_fraction, dcfg.test_fraction)
-    if counts.documents < need:
-        raise DataError(
-            f"{src}: {counts.documents} document(s) left of {counts.files} files after "
-            f"filtering ({counts.too_short} shorter than data.min_chars={dcfg.min_chars}, "
-            f"{counts.duplicates} duplicates, {unreadable} binary or not UTF-8); need at "
-            f"least {need} for the train/val/test splits")
-    splits = split_documents(docs, dcfg.val_fraction, dcfg.test_fraction)
-    del docs
-
-    train_texts = [d.text for d in splits["train"]]
-    # Looked up through the module so tests can replace the trainer (cache-hit checks).
-    if dcfg.tokenizer:  # fine-tuning / distillation: the source model's token ids
-        tok = tokenizer_mod.Tokenizer.load(dcfg.tokenizer)
-    else:
-        tok = tokenizer_mod.train_bpe(train_texts, dcfg.vocab_size, length=len(train_texts),
-                                      progress=progress)
-    tok.save(out / "tokenizer.json")
-
-    stats = {}
-    with Encoder(tok, dcfg.prep_workers) as enc:
-        for s in SPLITS:
-            texts = train_texts if s == "train" else [d.text for d in splits[s]]
-            stats[s] = write_split(texts, enc, out / f"{s}.bin", progress=progress,
-                                   desc=f"tokenize {s}")
+    built = build_text(out, [inputs], dcfg, progress)
+    tok, stats = built.tokenizer, built.splits
     if stats["train"]["tokens"] < MIN_TRAIN_TOKENS:
         raise DataError(f"{src}: the train split has {stats['train']['tokens']} tokens, "
                         f"fewer than {MIN_TRAIN_TOKENS}")
@@ -144,7 +129,9 @@ def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
         "source": src,
         "root": str(inputs.root),
         "settings": settings,
-        "counts": asdict(counts),
+        "counts": asdict(built.counts),
+        "stages": built.stages,
+        "sources": built.sources,
         "splits": stats,
         "dtype": token_dtype(tok.vocab_size).name,
         "vocab_size": tok.vocab_size,

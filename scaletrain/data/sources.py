@@ -1,7 +1,10 @@
 """Which files a text source names, and their fingerprint for the preparation cache.
 
 A source is 'python-stdlib' (the `.py` files of this interpreter's standard library), a
-directory (every regular file below it), a single file, or a glob pattern. Files are
+directory (every regular file below it), a single file, or a glob pattern. A directory
+written by `datasets.Dataset.save_to_disk` (state.json naming its Arrow files) is read as
+its Arrow files. Each file's format comes from its name (`file_format`): JSONL
+(`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), Parquet, Arrow, or else one text document. Files are
 always returned sorted by their path relative to the source's root, so that everything
 downstream (dedup keeps the first copy, `max_files` takes a prefix) is deterministic.
 """
@@ -9,6 +12,7 @@ downstream (dedup keeps the first copy, `max_files` takes a prefix) is determini
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import sysconfig
@@ -20,6 +24,28 @@ from scaletrain.errors import DataError
 STDLIB = "python-stdlib"
 _THIRD_PARTY = {"site-packages", "dist-packages"}
 _GLOB_MAGIC = re.compile(r"[*?[]")
+# Formats of a source file, told by the end of its name; everything else is TEXT.
+TEXT, JSONL, PARQUET, ARROW = "text", "jsonl", "parquet", "arrow"
+_SUFFIXES = ((".jsonl", JSONL), (".jsonl.gz", JSONL), (".jsonl.zst", JSONL),
+             (".parquet", PARQUET), (".arrow", ARROW))
+
+
+def file_format(path: Path) -> str:
+    """The format of a source file by its name: one record per line (JSONL, plain or
+    compressed), a Parquet or Arrow table of records, or else one text document."""
+    name = path.name.lower()
+    return next((fmt for suffix, fmt in _SUFFIXES if name.endswith(suffix)), TEXT)
+
+
+def saved_dataset_files(path: Path) -> list[Path] | None:
+    """The Arrow files of a `datasets.Dataset.save_to_disk` directory, in its own order,
+    or None when `path` is not one (its state.json lists them under `_data_files`)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [path / n for n in names] if names else None
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,13 @@ def list_text_files(source: str, max_files: int = 0) -> InputFiles:
         path = path.resolve()
         if path.is_file():
             root, files = path.parent, [path]
+        elif (saved := saved_dataset_files(path)) is not None:
+            root, files = path, [p for p in saved if p.is_file()]
+            if len(files) < len(saved):
+                raise DataError(f"{source}: a saved dataset whose Arrow files are missing")
+            # Already in the dataset's row order (data-00000-of-N, ...): keep it.
+            return InputFiles(source=source, root=root,
+                              files=tuple(files[:max_files] if max_files > 0 else files))
         else:
             root, files = path, list(_walk(path))
             if not files:

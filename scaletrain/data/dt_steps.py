@@ -1,0 +1,288 @@
+"""The steps of the text preparation pipeline, as datatrove pipeline steps.
+
+read (`SourceReader`) -> clean (`Clean`) -> write the cleaned shard of this task
+(`CleanedWriter`); then, in one task, exact dedup and split (`DedupSplit`), which merges
+the shards back into the sources' order; then one task per split part tokenizes it
+(`TokenizePart`). Every step streams documents one at a time: memory holds a document,
+a record batch or a chunk of documents being tokenized, never the corpus. Between
+stages documents live in JSON-lines files in the work directory, so each stage is a
+separate datatrove job whose tasks can run in any order and on any worker.
+
+Counts are datatrove stats (`stat_update`), summed over the tasks by the executor and
+read back by `pipeline.py` into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers.base import BaseReader
+from datatrove.utils.logging import logger
+
+from scaletrain.data.clean import SPLITS, Skip, hash_uniform, normalize_text
+from scaletrain.data import shards
+from scaletrain.data.records import iter_records
+from scaletrain.data.tokenizer import Tokenizer
+
+CHUNK_DOCS = 256
+"""Documents handed to `encode_batch` at once inside a tokenize task."""
+
+
+class QuietExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, logging each task to its file under the logging dir
+    and only errors to the console (`prepare` prints its own summary)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        # datatrove prints INFO logs only for local_rank 0; every task counts as "not 0".
+        try:
+            return super()._run_for_rank(rank, 1, node_rank)
+        finally:
+            quiet_logs()  # a finished task puts back loguru's default (INFO) console sink
+
+
+def quiet_logs() -> None:
+    """Only errors of datatrove's loguru logger reach the console."""
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+
+
+class SourceReader(BaseReader):
+    """Reads the records of the source files; task `rank` reads files rank, rank + n, ...
+
+    `files` is [(path, format, source index)] in the sources' sorted order; a document's
+    metadata keeps its (file, record) position so that later stages restore that order.
+    """
+
+    name = "scaletrain sources"
+
+    def __init__(self, files: list[tuple[str, str, int]], text_key: str):
+        super().__init__(text_key=text_key)
+        self.files = files
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        for file_idx in range(rank, len(self.files), world_size):
+            path, fmt, src = self.files[file_idx]
+            for rec, raw in enumerate(iter_records(Path(path), fmt, self.text_key)):
+                self.stat_update("records", f"records/src{src}")
+                if raw is Skip.BINARY:
+                    self.stat_update("skipped_binary")
+                elif raw is Skip.UNDECODABLE:
+                    self.stat_update("skipped_undecodable")
+                elif raw is Skip.MALFORMED:
+                    self.stat_update("malformed", f"malformed/src{src}")
+                else:
+                    yield Document(text=raw, id=f"{file_idx}/{rec}",
+                                   metadata={"file": file_idx, "rec": rec, "src": src})
+
+
+class Clean(PipelineStep):
+    """Today's cleaning (`clean.normalize_text`: newlines, NFC, trailing whitespace) and
+    the minimum length: documents shorter than `min_chars` (the final newline not
+    counted) and empty ones are dropped."""
+
+    name = "clean"
+
+    def __init__(self, min_chars: int):
+        super().__init__()
+        self.min_chars = min_chars
+
+    def run(self, data: DocumentsPipeline, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            text = normalize_text(doc.text)
+            if not text or len(text) - 1 < self.min_chars:
+                self.stat_update("too_short")
+                continue
+            doc.text = text
+            yield doc
+
+
+class CleanedWriter(PipelineStep):
+    """Writes this task's cleaned documents to `<work>/clean/<rank>.jsonl`, one
+    [file, record, source, sha256 hex, text] per line, in the order read."""
+
+    name = "write cleaned"
+
+    def __init__(self, work: str):
+        super().__init__()
+        self.work = work
+
+    def run(self, data: DocumentsPipeline, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        path = Path(self.work, "clean", f"{rank:05d}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for doc in data:
+                m = doc.metadata
+                h = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
+                f.write(json.dumps([m["file"], m["rec"], m["src"], h, doc.text]) + "\n")
+        return iter(())
+
+
+def _lines(path: Path) -> Iterator[list]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+class DedupSplit(PipelineStep):
+    """Exact dedup and the train/val/test split, in one task over every cleaned shard.
+
+    The shards are merged back into (file, record) order, so "the first copy is kept"
+    means what it did when one process read the files in sorted order. Memory holds
+    the set of digests seen (32 bytes a unique document), not the documents. The split
+    is `clean.split_documents`'s: by the digest, and an empty wanted split gets the
+    smallest digest of the largest one. Writes `<work>/split/<split>-<n>.jsonl` parts of
+    [source, sha256 hex, text] lines and `<work>/parts.json` listing them.
+    """
+
+    name = "dedup + split"
+
+    def __init__(self, work: str, val_fraction: float, test_fraction: float):
+        super().__init__()
+        self.work, self.val, self.test = work, val_fraction, test_fraction
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        work = Path(self.work)
+        cleaned = sorted((work / "clean").glob("*.jsonl"))
+        merged = heapq.merge(*(_lines(p) for p in cleaned), key=lambda r: (r[0], r[1]))
+        seen: set[bytes] = set()
+        # Read when the task runs, not at import: tests make parts small.
+        writers = {s: _PartWriter(work / "split", s, shards.CHUNK_CHARS) for s in SPLITS}
+        for _file, _rec, src, h, text in merged:
+            digest = bytes.fromhex(h)
+            if digest in seen:
+                self.stat_update("duplicates")
+                continue
+            seen.add(digest)
+            u = hash_uniform(digest)
+            s = "val" if u < self.val else "test" if u < self.val + self.test else "train"
+            writers[s].write(src, h, text)
+        for w in writers.values():
+            w.close()
+        self._fill_empty_splits(writers)
+        parts = [p for s in SPLITS for p in writers[s].parts]
+        (work / "parts.json").write_text(json.dumps(parts))
+        return iter(())
+
+    def _fill_empty_splits(self, writers: dict[str, _PartWriter]) -> None:
+        """`split_documents`'s rule for small corpora, on the written parts."""
+        wanted = {"train": True, "val": self.val > 0, "test": self.test > 0}
+        for s in SPLITS:
+            if wanted[s] and not writers[s].documents:
+                donor = max(SPLITS, key=lambda k: (writers[k].documents, k == "train"))
+                if writers[donor].documents < 2:
+                    break  # too few documents; the caller reports it
+                src, h, text = writers[donor].remove_smallest()
+                writers[s].reopen().write(src, h, text)
+                writers[s].close()
+
+
+class _PartWriter:
+    """Writes one split's documents into parts of about `part_chars` characters."""
+
+    def __init__(self, folder: Path, split: str, part_chars: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.split, self.part_chars = folder, split, part_chars
+        self.parts: list[dict] = []  # {"split", "name", "documents", "bytes"}
+        self.documents, self._f, self._chars = 0, None, 0
+
+    def write(self, src: int, h: str, text: str) -> None:
+        if self._f is None or self._chars >= self.part_chars:
+            self.close()
+            name = f"{self.split}-{len(self.parts):05d}"
+            self.parts.append({"split": self.split, "name": name, "documents": 0,
+                               "bytes": 0})
+            self._f, self._chars = open(self.folder / f"{name}.jsonl", "w",
+                                        encoding="utf-8"), 0
+        self._f.write(json.dumps([src, h, text]) + "\n")
+        self._chars += len(text)
+        self.documents += 1
+        self.parts[-1]["documents"] += 1
+        self.parts[-1]["bytes"] += len(text.encode("utf-8"))
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def reopen(self) -> _PartWriter:
+        self._chars = self.part_chars  # the next write starts a new part
+        return self
+
+    def remove_smallest(self) -> list:
+        """Take out the document with the smallest digest (rewriting its part)."""
+        best = None
+        for part in self.parts:
+            for i, (src, h, text) in enumerate(_lines(self.folder / f"{part['name']}.jsonl")):
+                if best is None or h < best[2][1]:
+                    best = (part, i, [src, h, text])
+        part, index, rec = best
+        path = self.folder / f"{part['name']}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, r in enumerate(_lines(path)):
+                if i != index:
+                    f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+        part["documents"] -= 1
+        part["bytes"] -= len(rec[2].encode("utf-8"))
+        self.documents -= 1
+        return rec
+
+
+class TokenizePart(PipelineStep):
+    """Task `rank` tokenizes split part `parts[rank]` into `<work>/tokens/<name>.bin`:
+    each document's ids followed by end-of-text, in order (the `shards.py` format), and
+    counts tokens per split and source."""
+
+    name = "tokenize"
+
+    def __init__(self, work: str, parts: list[str], tokenizer_json: str, dtype: str,
+                 one_thread: bool):
+        super().__init__()
+        self.work, self.parts = work, parts
+        self.tokenizer_json, self.dtype, self.one_thread = tokenizer_json, dtype, one_thread
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        if self.one_thread:
+            # One of prep_workers processes: keep the library's own thread pool out of
+            # it, or 2 workers would each start threads for every core.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        dtype = np.dtype(self.dtype)
+        name = self.parts[rank]
+        split = name.split("-")[0]
+        out = Path(self.work, "tokens", f"{name}.bin")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        chunk: list[list] = []
+        with open(out, "wb") as f:
+            for rec in _lines(Path(self.work, "split", f"{name}.jsonl")):
+                chunk.append(rec)
+                if len(chunk) >= CHUNK_DOCS:
+                    self._encode(chunk, tok, dtype, split, f)
+                    chunk = []
+            self._encode(chunk, tok, dtype, split, f)
+        return iter(())
+
+    def _encode(self, chunk: list[list], tok: Tokenizer, dtype: np.dtype, split: str,
+                f) -> None:
+        if not chunk:
+            return
+        for (src, _h, _text), ids in zip(chunk, tok.encode_batch([r[2] for r in chunk])):
+            ids.append(tok.eot_id)
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
+            self.stat_update(f"tokens/{split}/src{src}", value=len(ids))

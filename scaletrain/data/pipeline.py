@@ -1,0 +1,176 @@
+"""Text preparation as datatrove pipelines (steps in `dt_steps.py`), run by its local
+executor, with the checks that make bad input one line (exit 2) and the counts that go
+into manifest.json.
+
+Three jobs, each `data.prep_workers` processes at most: read + clean (one task per
+worker, files dealt round-robin), dedup + split (one task: "first copy kept" needs the
+global order), tokenize (one task per split part). Between them the tokenizer is
+trained, in this process, on a bounded sample of the train split. Work files live in
+`<out>/.work`, inside the unpublished temporary directory, and are removed before it is
+published; the token files keep the flat layout of `shards.py` that the loaders
+memory-map (see the note in the module docstring of `shards.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaletrain.config.schema import DataConfig
+from scaletrain.data import tokenizer as tokenizer_mod
+from scaletrain.data.clean import SPLITS, Counts, documents_needed
+from scaletrain.data.dt_steps import (CleanedWriter, Clean, DedupSplit, QuietExecutor,
+                                      SourceReader, TokenizePart, quiet_logs)
+from scaletrain.data.records import check_text_column
+from scaletrain.data.shards import token_dtype
+from scaletrain.data.sources import TEXT, InputFiles, file_format
+from scaletrain.errors import DataError
+
+STAGES = ("records", "malformed", "skipped_binary", "skipped_undecodable", "too_short",
+          "duplicates", "documents")
+"""The per-stage counts of the manifest's "stages", in pipeline order."""
+
+
+@dataclass
+class Built:
+    """What the pipeline leaves in `out` besides the token files and tokenizer.json."""
+
+    counts: Counts
+    splits: dict[str, dict]
+    stages: dict[str, int]
+    sources: list[dict]
+    tokenizer: tokenizer_mod.Tokenizer
+
+
+def _run(steps: list, tasks: int, workers: int, logs: Path) -> dict[str, int]:
+    """Run `steps` on datatrove's local executor; the summed stats of every step."""
+    # datatrove's loguru logger prints every task's INFO lines to stderr by default;
+    # `prepare` prints its own summary, so only errors go there (the rest: `logs`).
+    quiet_logs()
+    stats = QuietExecutor(steps, tasks=tasks, workers=max(1, min(workers, tasks)),
+                          logging_dir=str(logs)).run()
+    totals: dict[str, int] = defaultdict(int)
+    for step in stats.stats:
+        for key, metric in step.stats.items():
+            totals[key] += int(metric.total)
+    return totals
+
+
+def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
+               progress: bool) -> Built:
+    """Run the pipeline over the sources `inputs` into `out` (train/val/test.bin and
+    tokenizer.json). Raises DataError (one line, naming the source) on unusable input."""
+    files = [(str(p), file_format(p), i) for i, inp in enumerate(inputs) for p in inp.files]
+    check_text_column([(Path(p), fmt) for p, fmt, _ in files], dcfg.text_key)
+    work = out / ".work"
+    workers = dcfg.prep_workers
+    read = _run([SourceReader(files, dcfg.text_key), Clean(dcfg.min_chars),
+                 CleanedWriter(str(work))],
+                tasks=min(workers, len(files)), workers=workers, logs=work / "logs-read")
+    _check_read(inputs, files, read, dcfg.text_key)
+    dedup = _run([DedupSplit(str(work), dcfg.val_fraction, dcfg.test_fraction)],
+                 tasks=1, workers=1, logs=work / "logs-split")
+    parts = json.loads((work / "parts.json").read_text())
+    counts = Counts(files=len(files), skipped_binary=read["skipped_binary"],
+                    skipped_undecodable=read["skipped_undecodable"],
+                    too_short=read["too_short"], duplicates=dedup["duplicates"],
+                    documents=sum(p["documents"] for p in parts))
+    _check_documents(dcfg, counts, inputs)
+
+    tok = _tokenizer(dcfg, work, parts, progress)
+    tok.save(out / "tokenizer.json")
+    tokens = _run([TokenizePart(str(work), [p["name"] for p in parts], tok.to_str(),
+                                token_dtype(tok.vocab_size).str, one_thread=workers > 1)],
+                  tasks=max(1, len(parts)), workers=workers, logs=work / "logs-tokenize") \
+        if parts else {}
+    splits = {s: _concat(work, out, s, [p for p in parts if p["split"] == s], tokens)
+              for s in SPLITS}
+    shutil.rmtree(work)
+    stages = {k: read.get(k, 0) for k in STAGES[:5]} | {
+        "duplicates": counts.duplicates, "documents": counts.documents}
+    sources = [{"source": inp.source, "files": len(inp.files),
+                "records": read.get(f"records/src{i}", 0),
+                "malformed": read.get(f"malformed/src{i}", 0),
+                "tokens": {s: tokens.get(f"tokens/{s}/src{i}", 0) for s in SPLITS}}
+               for i, inp in enumerate(inputs)]
+    return Built(counts, splits, stages, sources, tok)
+
+
+def _check_read(inputs: list[InputFiles], files: list, read: dict, text_key: str) -> None:
+    """DataError for a source whose files are all binary / not UTF-8, or whose every
+    record is malformed (no string `text_key` field)."""
+    for i, inp in enumerate(inputs):
+        records, bad = read.get(f"records/src{i}", 0), read.get(f"malformed/src{i}", 0)
+        where = inp.files[0] if len(inp.files) == 1 else inp.source
+        if records and bad == records:
+            raise DataError(f"{where}: none of its {records} records has a string "
+                            f"'{text_key}' field (data.text_key)")
+    unreadable = read["skipped_binary"] + read["skipped_undecodable"]
+    n_text = sum(fmt == TEXT for _, fmt, _ in files)
+    if n_text and unreadable == n_text == len(files):
+        raise DataError(f"{inputs[0].source}: {len(files)} files, all binary or not UTF-8")
+
+
+def _check_documents(dcfg: DataConfig, counts: Counts, inputs: list[InputFiles]) -> None:
+    need = documents_needed(dcfg.val_fraction, dcfg.test_fraction)
+    if counts.documents < need:
+        unreadable = counts.skipped_binary + counts.skipped_undecodable
+        raise DataError(
+            f"{inputs[0].source}: {counts.documents} document(s) left of {counts.files} "
+            f"files after filtering ({counts.too_short} shorter than data.min_chars="
+            f"{dcfg.min_chars}, {counts.duplicates} duplicates, {unreadable} binary or not "
+            f"UTF-8); need at least {need} for the train/val/test splits")
+
+
+def _train_sample(work: Path, parts: list[dict], sample_bytes: int):
+    """The train split's texts in order, or a deterministic sample of about
+    `sample_bytes` of them (by the digest's second 8 bytes; the first decide the split)."""
+    total = sum(p["bytes"] for p in parts)
+    rate = 1.0 if total <= sample_bytes else sample_bytes / total
+    for p in parts:
+        with open(work / "split" / f"{p['name']}.jsonl", encoding="utf-8") as f:
+            for line in f:
+                _src, h, text = json.loads(line)
+                if rate >= 1.0 or int(h[16:32], 16) / 2.0**64 < rate:
+                    yield text
+
+
+def _tokenizer(dcfg: DataConfig, work: Path, parts: list[dict],
+               progress: bool) -> tokenizer_mod.Tokenizer:
+    # Looked up through the module so tests can replace the trainer (cache-hit checks).
+    if dcfg.tokenizer:  # fine-tuning / distillation: the source model's token ids
+        return tokenizer_mod.Tokenizer.load(dcfg.tokenizer)
+    train = [p for p in parts if p["split"] == "train"]
+    whole = sum(p["bytes"] for p in train) <= dcfg.tokenizer_sample_bytes
+    return tokenizer_mod.train_bpe(_train_sample(work, train, dcfg.tokenizer_sample_bytes),
+                                   dcfg.vocab_size, progress=progress,
+                                   length=sum(p["documents"] for p in train) if whole
+                                   else None)
+
+
+def _concat(work: Path, out: Path, split: str, parts: list[dict], tokens: dict) -> dict:
+    """Join a split's token parts, in order, into `<out>/<split>.bin`; its manifest entry."""
+    path = out / f"{split}.bin"
+    with open(path, "wb") as f:
+        for p in parts:
+            with open(work / "tokens" / f"{p['name']}.bin", "rb") as part:
+                shutil.copyfileobj(part, f, 1 << 20)
+    n_tokens = sum(v for k, v in tokens.items() if k.startswith(f"tokens/{split}/"))
+    return {"documents": sum(p["documents"] for p in parts), "tokens": n_tokens,
+            "bytes": sum(p["bytes"] for p in parts), "file": path.name}
+
+
+def stage_table(manifest: dict) -> list[str]:
+    """The lines `scaletrain prepare` prints: documents per stage, then per source."""
+    stages = manifest.get("stages", {})
+    lines = ["  stage                 count"]
+    lines += [f"  {k:<20} {v:>7}" for k, v in stages.items()]
+    for src in manifest.get("sources", []):
+        tok = src["tokens"]
+        lines.append(f"  source {src['source']}: {src['files']} files, {src['records']} "
+                     f"records, {src['malformed']} malformed, tokens train {tok['train']} "
+                     f"val {tok['val']} test {tok['test']}")
+    return lines
