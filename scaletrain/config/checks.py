@@ -85,9 +85,10 @@ def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = N
         raise ConfigError(f"plan.auto needs a model with transformer blocks the memory "
                           f"plan measures (a text family), not '{cfg.model.name}'")
     if p.activation_checkpoint != "none" and not FAMILY_RULES[cfg.model.name].blocks:
-        raise ConfigError(f"parallel.activation_checkpoint="
-                          f"'{p.activation_checkpoint}' needs a model with "
-                          f"transformer blocks (a text family), not '{cfg.model.name}'")
+        with_blocks = ", ".join(repr(n) for n, f in FAMILY_RULES.items() if f.blocks)
+        raise ConfigError(f"parallel.activation_checkpoint='{p.activation_checkpoint}' "
+                          f"needs a model family with transformer blocks ({with_blocks}), "
+                          f"not '{cfg.model.name}'")
     if t.batch_size % dp:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the "
                           f"data-parallel degree {dp} (parallel.dp_replicate * dp_shard)")
