@@ -17,6 +17,7 @@ from scaletrain.models.gpt_hf import GPT_HF
 from scaletrain.models.hf_map import HFMap
 from scaletrain.models.llama import Llama, LlamaConfig, llama_flops_per_token
 from scaletrain.models.llama_hf import LLAMA_HF
+from scaletrain.models.moe import check_moe
 from scaletrain.models.plans import gpt_tp_plan, llama_tp_plan
 from scaletrain.models.vision import CNN, MLP
 
@@ -77,7 +78,7 @@ def _build_llama(m: ModelConfig, facts: dict) -> Llama:
         rope_high_freq_factor=m.rope_high_freq_factor,
         rope_original_seq_len=m.rope_original_seq_len, qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
-        init_std=m.init_std))
+        init_std=m.init_std, **{f: getattr(m, f) for f in MOE_FIELDS}))
 
 
 def _llama_tied(m: ModelConfig) -> TiedPairs:
@@ -102,6 +103,9 @@ def _llama_tp_sizes(m: ModelConfig) -> tuple:
 
 
 def _check_gpt(m: ModelConfig) -> None:
+    if m.moe_experts:
+        raise ConfigError("model.moe_experts: mixture-of-experts layers are built for "
+                          "model.name='llama', not 'gpt'")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.n_head={m.n_head} must divide model.d_model={m.d_model}")
 
@@ -120,6 +124,7 @@ def _check_llama(m: ModelConfig) -> None:
     if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
         raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must "
                           f"exceed model.rope_low_freq_factor={m.rope_low_freq_factor}")
+    check_moe(m)
 
 
 def _build_mlp(m: ModelConfig, facts: dict) -> MLP:
@@ -132,11 +137,17 @@ def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
 
 GPT_SOURCE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size",
                      "bias")
+# The model.moe_* fields a llama's MoE layers are built from (LlamaConfig has the same).
+MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_d_ff", "moe_shared_experts", "moe_every",
+              "moe_first_dense", "moe_router", "moe_norm_topk_prob", "moe_aux_loss",
+              "moe_z_loss", "moe_capacity_factor")
 LLAMA_SOURCE_FIELDS = ("name", "n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff",
                        "vocab_size", "norm_eps", "rope_theta", "rope_scaling", "rope_factor",
                        "rope_low_freq_factor", "rope_high_freq_factor",
                        "rope_original_seq_len", "qkv_bias", "qk_norm", "tie_embeddings",
-                       "hf_architecture")
+                       "hf_architecture", "moe_experts", "moe_top_k", "moe_d_ff",
+                       "moe_shared_experts", "moe_every", "moe_first_dense", "moe_router",
+                       "moe_norm_topk_prob")
 
 REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,

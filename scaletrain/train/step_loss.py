@@ -47,6 +47,11 @@ class StepLoss:
     in_model: bool = False  # the model computes the loss itself: model(x, targets=y)
     # Around forward + loss + backward: loss_parallel for vocabulary-sharded logits.
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # The model's own loss terms of the forward just run (MoE balance and z losses,
+    # models/moe_terms.py): a per-token sum with its graph, or None. The step divides it
+    # by the same global count as the loss and adds it to the gradient only: the logged
+    # loss stays the cross-entropy.
+    extra: Callable[[], "torch.Tensor | None"] = lambda: None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  policy: PrecisionPolicy, loss_dtype: torch.dtype) -> torch.Tensor:
