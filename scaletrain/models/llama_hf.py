@@ -92,7 +92,8 @@ def model_fields(c: dict, where: str) -> dict:
             "vocab_size": int(c["vocab_size"]), "seq_len": seq_len,
             "norm_eps": float(c.get("rms_norm_eps", 1e-6)), **_rope(c, where),
             "qkv_bias": arch == "Qwen2ForCausalLM", "qk_norm": arch == "Qwen3ForCausalLM",
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False))}
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+            "moe_experts": 0}  # these classes are dense: a run from them stays dense
 
 
 def architecture_of(m) -> str:
