@@ -81,23 +81,25 @@ class MoeStepTerms:
         """metrics.jsonl fields of the last step: the balance and z losses (unweighted
         means per token, summed over layers; the balance term is top_k when the load is
         uniform), dropped share of the assignments, and per MoE block the load imbalance
-        max / mean tokens per expert (1.0 = balanced)."""
+        max / mean tokens per expert (1.0 = balanced) and the load itself (assignments
+        per expert, before drops; TensorBoard draws it as a histogram)."""
         if self.step_stats is None:
             return {}
         s = self.step_stats.cpu()
-        imbalance, dropped, assigned, aux, z = {}, 0.0, 0.0, 0.0, 0.0
+        imbalance, loads, dropped, assigned, aux, z = {}, {}, 0.0, 0.0, 0.0, 0.0
         for label, layer, row in zip(self.labels, self.layers, s):
             E = layer.settings.experts
             load, tail = row[:E], row[E:]
             tokens = float(tail[_TOKENS])
             imbalance[label] = float(load.max() / load.mean()) if load.sum() else 1.0
+            loads[label] = [int(n) for n in load.tolist()]
             dropped += float(tail[_DROPPED])
             assigned += tokens * layer.settings.top_k
             aux += float(tail[_AUX]) / tokens
             z += float(tail[_Z]) / tokens
         return {"moe_aux_loss": aux, "moe_z_loss": z,
                 "moe_dropped": dropped / assigned if assigned else 0.0,
-                "moe_imbalance": imbalance}
+                "moe_imbalance": imbalance, "moe_load": loads}
 
 
 def moe_step_terms(model: nn.Module, reducer: Callable[[torch.Tensor], torch.Tensor],

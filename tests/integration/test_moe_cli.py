@@ -29,6 +29,7 @@ def test_tiny_moe_trains_and_logs_router_health(prepared_dir, tmp_path):
     for r in train:
         # one MoE block (block 0 dense): its imbalance; aux near top_k when balanced
         assert list(r["moe_imbalance"]) == ["1"] and r["moe_imbalance"]["1"] >= 1.0
+        assert sum(r["moe_load"]["1"]) == 8 * 32 * 2  # batch x seq_len x top_k
         assert 1.0 < r["moe_aux_loss"] < 8.0 and r["moe_z_loss"] > 0
         assert r["moe_dropped"] == 0.0
         assert 3.0 < r["loss"] < 7.0  # the cross-entropy alone (ln 384 ≈ 5.95)

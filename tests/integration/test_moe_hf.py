@@ -5,9 +5,12 @@ across shard files; export back to HF is refused with one line (not built yet)."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from tests.conftest import TINY_DATA, make_cfg, one_error_line, run_cli
 from tests.integration.test_llama_hf import VOCAB, _tokenizer
 from scaletrain.compress.artefact import load_artefact
 from scaletrain.compress.hf_import import hf_state_dict
@@ -80,3 +83,30 @@ def test_experts_are_stacked_from_their_per_expert_tensors(hf_dirs):
     # transformers >= 5 fuses gate and up in memory, (E, 2F, D), gate first
     fused = hf.state_dict()["model.layers.1.mlp.experts.gate_up_proj"]
     torch.testing.assert_close(got, fused[:, :24].transpose(1, 2), atol=0, rtol=0)
+
+
+def test_fsdp_ranks_load_their_experts_then_export_hf_is_refused(hf_dirs, tmp_path):
+    """init.from the sharded Mixtral on two FSDP2 ranks (each reads the experts of its
+    dim-0 shard): the step-0 validation loss is the one-process model's; `export
+    --format hf` of the MoE run is refused with one line (not built yet)."""
+    from scaletrain.compress.report import val_loss
+    from scaletrain.data import build_data
+
+    d, _ = hf_dirs["mixtral"]
+    run = tmp_path / "run"
+    args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}",
+            f"--init.from={d}", "--model.seq_len=32", "--train.batch_size=4",
+            "--eval.batches=2", "--eval.batch_size=4", "--eval.test=false"]
+    proc = run_cli("train", *args, "--nproc=2", "--train.steps=1", "--eval.interval=1",
+                   "--train.progress=off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step0 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"][0]
+    cfg = make_cfg([a for a in args if not a.startswith(("--init.from", "--run.dir"))]
+                   + [f"--data.tokenizer={d / 'tokenizer.json'}"])
+    _, model, _ = load_artefact(d, [("model.seq_len", "32")])
+    expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
+    proc = run_cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "out"))
+    one_error_line(proc, "--format hf of a mixture-of-experts model is not written yet")
+    assert not (tmp_path / "out").exists()

@@ -217,3 +217,18 @@ def test_family_facts_count_activated_parameters():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     attention = 12 * 3 * 2 * 8 * T
     assert spec.flops_per_token(model, T) == 6 * (dense_matmul + experts * 2 / 4) + attention
+
+
+def test_tensorboard_gets_per_block_imbalance_and_load_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scaletrain.metrics.sinks import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path / "tb")
+    sink.write({"kind": "train", "step": 3, "loss": 1.0, "moe_imbalance": {"1": 1.5},
+                "moe_load": {"1": [3, 0, 1, 4]}})
+    sink.close()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert acc.Scalars("train/moe_imbalance/1")[0].value == 1.5
+    h = acc.Histograms("train/moe_load/1")[0].histogram_value
+    assert list(h.bucket) == [3, 0, 1, 4] and h.num == 8
