@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from scaletrain.errors import ConfigError
 
@@ -149,9 +150,9 @@ def dispatch(experts: torch.Tensor, n_experts: int, capacity: int) -> Dispatch:
     tokens keep their place."""
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = expert_counts(flat, n_experts)
     dropped = torch.zeros((), dtype=torch.int64, device=flat.device)
-    if capacity:
+    if capacity and not isinstance(flat, FakeTensor):  # the plan measures without drops
         starts = torch.cumsum(counts, 0) - counts  # each expert's first sorted slot
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
         keep = rank_in_expert < capacity
@@ -160,6 +161,23 @@ def dispatch(experts: torch.Tensor, n_experts: int, capacity: int) -> Dispatch:
         dropped = (counts - kept).sum()
         counts = kept
     return Dispatch(order, order // experts.shape[1], counts, dropped)
+
+
+def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert of the flat expert ids (a scatter-add: a static
+    shape, which the plan's fake tensors can run, unlike bincount's)."""
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def segment_sizes(counts: torch.Tensor, rows: int) -> list[int]:
+    """The per-expert row counts on the host. On the plan's fake tensors (no values:
+    plan/activations.py) an even split of the rows: what the experts save for the
+    backward depends on the total rows only, not on how they are split."""
+    if isinstance(counts, FakeTensor):
+        E = counts.shape[0]
+        return [rows // E + (e < rows % E) for e in range(E)]
+    return counts.tolist()
 
 
 def combine(y: torch.Tensor, d: Dispatch, weights: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -186,7 +204,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
     # One host read of the counts per call, then one matmul per expert's segment.
-    segments = x.split(counts.tolist())
+    segments = x.split(segment_sizes(counts, x.shape[0]))
     return torch.cat([seg @ w[e].to(x.dtype) for e, seg in enumerate(segments)])
 
 
@@ -247,7 +265,7 @@ class MoE(nn.Module):
         """The layer's loss terms and load of this forward (see the module docstring)."""
         s = self.settings
         E = s.experts
-        load = torch.bincount(experts.reshape(-1), minlength=E)
+        load = expert_counts(experts.reshape(-1), E)
         lg = _up(logits)
         # f (B, E): per-sequence share of assignments (no gradient, as in Switch); P (B, E):
         # per-sequence mean probability; × T: a sum over the sequence's tokens. Both terms
