@@ -14,6 +14,7 @@ from scaletrain.models import build_model, spec_of
 from scaletrain.models.moe import MoE, MoeSettings, dispatch, grouped_matmul, route
 from scaletrain.models.moe_terms import moe_step_terms
 from scaletrain.optim import build_optimizer
+from scaletrain.metrics.sinks import TensorBoardSink
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
@@ -221,8 +222,6 @@ def test_family_facts_count_activated_parameters():
 
 def test_tensorboard_gets_per_block_imbalance_and_load_histograms(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from scaletrain.metrics.sinks import TensorBoardSink
 
     sink = TensorBoardSink(tmp_path / "tb")
     sink.write({"kind": "train", "step": 3, "loss": 1.0, "moe_imbalance": {"1": 1.5},
