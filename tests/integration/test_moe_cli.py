@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import TINY_DATA, TINY_GPT, one_error_line, run_cli
 
@@ -71,3 +72,31 @@ def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, line):
     proc = run_cli("train", *TINY_MOE, "--model.n_layer=2", *layout, "--nproc", "2",
                    f"--run.dir={tmp_path}/r", timeout=60)
     one_error_line(proc, line)
+
+
+def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
+    """2 steps + resume to 4 == 4 straight: the sigmoid_bias buffer is model state in
+    the checkpoint (the losses, the router records and the final weights, bias included,
+    equal bitwise)."""
+    from safetensors.torch import load_file
+
+    base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
+            "--model.moe_bias_update_rate=0.01", f"--data.prepared_dir={prepared_dir}",
+            "--checkpoint.interval=2", "--eval.test=false", "--train.threads=1",
+            "--schedule.name=constant"]  # the LR must not depend on train.steps
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    for args in ([f"--run.dir={straight}", "--train.steps=4"],
+                 [f"--run.dir={resumed}", "--train.steps=2"],
+                 [f"--run.dir={resumed}", "--train.steps=4"]):
+        proc = run_cli(*base, *args, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def train(run):
+        return [(r["step"], r["loss"], r["moe_load"]) for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert train(straight) == train(resumed)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert sorted(a) == sorted(b) and any(k.endswith("expert_bias") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
