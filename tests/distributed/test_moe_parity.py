@@ -1,6 +1,6 @@
-"""An MoE llama (models/moe.py) under DDP and FSDP2 against one process: parameters, the
-balancing bias and the logged MoE statistics equal in fp64 (the layouts
-parallel/moe_checks.py admits).
+"""An MoE llama (models/moe.py) under DDP and FSDP2 against one process, and with
+activation checkpointing against without: parameters, the balancing bias and the logged
+MoE statistics equal in fp64 (the layouts parallel/moe_checks.py admits).
 
 The run wires the MoE terms as the trainer does (train/trainer.py): the layers' loss
 terms into the step loss's `extra`, the bias update as StepEnd's `after_step`, the
@@ -41,7 +41,8 @@ STEPS = 6
 def moe_run(rank: int, world: int, layout: dict) -> dict:
     device = torch.device("cpu")
     pcfg = ParallelConfig(dp_replicate=layout.get("dp_replicate", 1),
-                          dp_shard=layout.get("dp_shard", 1), timeout_s=60)
+                          dp_shard=layout.get("dp_shard", 1), timeout_s=60,
+                          activation_checkpoint=layout.get("ac", "none"))
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy("fp64", device)
     pm = build_parallel_model(MOE, {"vocab_size": V}, seed=3, dims=ctx.dims, mesh=ctx.mesh,
@@ -98,3 +99,14 @@ def test_moe_layout_matches_one_process(runs, name):
         assert a["moe_imbalance"] == b["moe_imbalance"]  # global loads: same counts
         assert a["moe_aux_loss"] == pytest.approx(b["moe_aux_loss"], rel=1e-12)
     print(f"moe {name}: max param diff {diff:.2e} (fp64)")
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_moe_with_activation_checkpointing_matches_without(runs, ac):
+    """The recompute inside backward runs the MoE forward again: the loss terms were
+    collected once, before it (models/moe_terms.py), and the routing recomputes the
+    same choice, so the run is bitwise the one without AC."""
+    ref, got = runs[0], moe_run(0, 1, {"ac": ac})
+    assert all(torch.equal(got["params"][k], ref["params"][k]) for k in ref["params"])
+    assert all(torch.equal(a, b) for a, b in zip(ref["biases"], got["biases"]))
+    assert [r["moe_load"] for r in got["records"]] == [r["moe_load"] for r in ref["records"]]

@@ -44,8 +44,8 @@ BAD = [
     (["--model.moe_first_dense=2"], "no block is an MoE block"),
     (["--model.moe_experts=0"], "model.moe_top_k is set but model.moe_experts=0"),
     (["--model.name=gpt", "--model.moe_top_k=2"], "built for model.name='llama'"),
-    (["--parallel.activation_checkpoint=full"], "parallel.activation_checkpoint is not "
-                                               "supported with mixture-of-experts"),
+    (["--parallel.activation_checkpoint=budget", "--parallel.activation_budget_gib=1"],
+     "parallel.activation_checkpoint='budget' is not supported with mixture-of-experts"),
     (["--train.compile=true"], "train.compile is not supported"),
 ]
 
