@@ -87,6 +87,36 @@ class ModelConfig:
                              "(LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
                              "MistralForCausalLM), which `export --format hf` writes; set "
                              "by init.from of an HF directory; empty: from the flags.")
+    moe_experts: int = F(0, "llama: routed experts per mixture-of-experts layer; 0 = a "
+                         "dense model (every moe_* field then stays at its default).", ge=0)
+    moe_top_k: int = F(2, "llama MoE: experts each token is routed to (<= moe_experts).",
+                       ge=1)
+    moe_d_ff: int = F(0, "llama MoE: hidden width of each expert's SwiGLU; 0 = model.d_ff "
+                      "(the Llama rule if that is 0).", ge=0)
+    moe_shared_experts: int = F(0, "llama MoE: always-on experts of width moe_d_ff beside "
+                                "the routed ones (DeepSeek / Qwen-MoE style).", ge=0)
+    moe_every: int = F(1, "llama MoE: block i >= moe_first_dense is an MoE block when "
+                       "(i + 1) % moe_every == 0 (Qwen-MoE's decoder_sparse_step).", ge=1)
+    moe_first_dense: int = F(0, "llama MoE: the first this many blocks keep a dense MLP "
+                             "(DeepSeek's first_k_dense_replace).", ge=0)
+    moe_router: str = F("softmax", "llama MoE: 'softmax' top-k (Mixtral, Qwen3-MoE) or "
+                        "'sigmoid_bias' (DeepSeek-V3: sigmoid scores, top-k chosen with a "
+                        "per-expert bias moved toward balance after every step).",
+                        choices=("softmax", "sigmoid_bias"))
+    moe_norm_topk_prob: bool = F(True, "llama MoE: renormalise the chosen experts' weights "
+                                 "to sum to one (Mixtral always; Qwen3-MoE norm_topk_prob).")
+    moe_aux_loss: float = F(0.0, "llama MoE: coefficient of the load-balancing loss "
+                            "(Switch / Mixtral form E * sum_e f_e * P_e, per sequence); "
+                            "0 = off.", ge=0.0)
+    moe_z_loss: float = F(0.0, "llama MoE: coefficient of the router z-loss "
+                          "(logsumexp(logits)^2 per token, ST-MoE); 0 = off.", ge=0.0)
+    moe_capacity_factor: float = F(0.0, "llama MoE: 0 = no token is ever dropped; > 0 = each "
+                                   "expert takes at most ceil(factor * tokens * top_k / "
+                                   "experts) per layer call and the overflow is dropped and "
+                                   "counted (metrics.jsonl moe_dropped).")
+    moe_bias_update_rate: float = F(0.001, "llama MoE, moe_router='sigmoid_bias': step of "
+                                    "the per-expert bias after each optimizer step "
+                                    "(DeepSeek-V3's gamma).", ge=0.0)
     hidden: int = F(256, "MLP: hidden width.", ge=1)
     channels: int = F(32, "CNN: channels of the residual blocks.", ge=1)
     n_blocks: int = F(2, "CNN: number of residual blocks.", ge=1)

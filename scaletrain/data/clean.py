@@ -7,7 +7,6 @@ machine, the number of workers or the order files are listed in beyond their sor
 
 from __future__ import annotations
 
-import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum

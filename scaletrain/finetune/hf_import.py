@@ -37,7 +37,8 @@ SINGLE = "model.safetensors"
 # config.json files without "architectures" (old GPT-2 saves) name only a model_type.
 MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                   "mistral": "MistralForCausalLM"}
+                   "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                   "mixtral": "MixtralForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -81,6 +82,9 @@ class HFWeights:
         self.where: dict[str, tuple[Path, str]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
+        # Our 3-D expert parameters stored one tensor per expert: {name: {expert:
+        # (file, HF name, stored (out, in) shape)}} (HFMap.stacked, models/moe_hf.py).
+        self.parts: dict[str, dict[int, tuple[Path, str, tuple]]] = defaultdict(dict)
         for file, names in self._files().items():
             try:
                 with safe_open(str(file), "pt") as f:
@@ -90,11 +94,29 @@ class HFWeights:
                             continue  # not a weight, or a tied head (its embedding's)
                         sl = f.get_slice(hf_name)
                         shape = tuple(sl.get_shape())
+                        part = hfmap.stacked(ours) if hfmap.stacked else None
+                        if part is not None:
+                            self.parts[part[0]][part[1]] = (file, hf_name, shape)
+                            self.dtypes[part[0]] = sl.get_dtype()
+                            continue
                         self.where[ours] = (file, hf_name)
                         self.shapes[ours] = shape[::-1] if self.transposed(ours) else shape
                         self.dtypes[ours] = sl.get_dtype()
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        for name, parts in self.parts.items():
+            shapes = {p[2] for p in parts.values()}
+            if sorted(parts) != list(range(len(parts))) or len(shapes) != 1:
+                raise CheckpointError(f"'{path}': the experts of {hfmap.to_hf(name)} are "
+                                      f"not 0..E-1 of one shape ({sorted(parts)[:8]})")
+            out_f, in_f = shapes.pop()
+            self.shapes[name] = (len(parts), in_f, out_f)
+
+    def expert(self, name: str, j: int) -> torch.Tensor:
+        """Expert j of stacked parameter `name`, in our (in, out) orientation."""
+        file, hf_name, _ = self.parts[name][j]
+        with safe_open(str(file), "pt") as f:
+            return f.get_tensor(hf_name).t()
 
     def transposed(self, name: str) -> bool:
         return name.endswith(self.map.transposed) if self.map.transposed else False
@@ -126,7 +148,8 @@ class HFWeights:
     def by_file(self, names) -> dict[Path, list[str]]:
         out: dict[Path, list[str]] = defaultdict(list)
         for n in names:
-            out[self.where[n][0]].append(n)
+            if n not in self.parts:  # stacked experts: read expert by expert (`expert`)
+                out[self.where[n][0]].append(n)
         return dict(out)
 
 
@@ -236,6 +259,11 @@ def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
                     sl = f.get_slice(hf_name)
                     rows = sl[index[::-1]].t() if weights.transposed(name) else sl[index]
                 local.copy_(rows.reshape(local.shape))
+    for name in weights.parts:  # only the experts of this rank's dim-0 block
+        local, index = _local_block(params[name])
+        if local.numel():
+            local.copy_(torch.stack([weights.expert(name, j)[index[1:]] for j in
+                                     range(index[0].start, index[0].stop)]))
     tie(model, tied)
 
 
@@ -251,4 +279,6 @@ def hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
             for name in names:
                 t = f.get_tensor(weights.where[name][1])
                 out[name] = (t.t() if weights.transposed(name) else t).float().contiguous()
+    for name, parts in weights.parts.items():
+        out[name] = torch.stack([weights.expert(name, j) for j in range(len(parts))]).float()
     return out

@@ -146,6 +146,26 @@ class TensorBoardSink:
             x = _scalar(value)
             if x is not None:
                 self._writer.add_scalar(f"{prefix}/{key}", x, global_step=step)
+            elif isinstance(value, dict):  # per-part fields ({"<MoE block>": ...})
+                self._write_parts(f"{prefix}/{key}", value, step)
+
+    def _write_parts(self, tag: str, parts: dict, step: int) -> None:
+        """A number per part as a scalar, a list of numbers as a histogram (the MoE
+        tokens per expert of each block: `moe_load`)."""
+        for name, v in parts.items():
+            x = _scalar(v)
+            if x is not None:
+                self._writer.add_scalar(f"{tag}/{name}", x, global_step=step)
+            elif isinstance(v, list) and v and all(_scalar(e) is not None for e in v):
+                # the histogram of expert ids over the assignments: bucket i (upper
+                # limit i + 0.5) holds expert i's count, written raw (no samples)
+                n = [float(e) for e in v]
+                self._writer.add_histogram_raw(
+                    f"{tag}/{name}", min=0, max=len(n) - 1, num=sum(n),
+                    sum=sum(i * c for i, c in enumerate(n)),
+                    sum_squares=sum(i * i * c for i, c in enumerate(n)),
+                    bucket_limits=[i + 0.5 for i in range(len(n))], bucket_counts=n,
+                    global_step=step)
 
     def flush(self) -> None:
         """Push pending events to disk now."""

@@ -32,3 +32,6 @@ class HFMap:
     special_tokens: Callable[[str], dict]
     # Parameter-name suffixes whose HF tensor is stored (in, out): GPT-2's Conv1D.
     transposed: tuple[str, ...] = ()
+    # Tensors stored one per expert (our name after to_ours) -> (our 3-D parameter
+    # (E, in, out), expert index); each stored (out, in) as a Linear (models/moe_hf.py).
+    stacked: Callable[[str], "tuple[str, int] | None"] | None = None

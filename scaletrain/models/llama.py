@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from scaletrain.models.documents import document_mask, document_positions, masked_attention
 from scaletrain.models.gpt import copy_into, seeded_generator
 from scaletrain.models.losses import sum_cross_entropy
+from scaletrain.config.model_checks import is_moe_layer
+from scaletrain.models.moe import MoE, MoeSettings
 
 
 @dataclass
@@ -56,6 +58,18 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    # Mixture of experts (models/moe.py); 0 experts = dense.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_d_ff: int = 0  # 0 -> ff
+    moe_shared_experts: int = 0
+    moe_every: int = 1
+    moe_first_dense: int = 0
+    moe_router: str = "softmax"
+    moe_norm_topk_prob: bool = True
+    moe_aux_loss: float = 0.0
+    moe_z_loss: float = 0.0
+    moe_capacity_factor: float = 0.0
 
     @property
     def kv_heads(self) -> int:
@@ -68,6 +82,15 @@ class LlamaConfig:
     @property
     def ff(self) -> int:
         return self.d_ff or 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+
+    def is_moe(self, i: int) -> bool:
+        return is_moe_layer(i, self.moe_experts, self.moe_every, self.moe_first_dense)
+
+    @property
+    def moe(self) -> MoeSettings:
+        return MoeSettings(self.moe_experts, self.moe_top_k, self.moe_d_ff or self.ff,
+                           self.moe_router, self.moe_norm_topk_prob, self.moe_aux_loss,
+                           self.moe_z_loss, self.moe_capacity_factor)
 
 
 def inv_frequencies(c: LlamaConfig, device=None) -> torch.Tensor:
@@ -153,23 +176,34 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, width: int = 0):
         super().__init__()
-        self.gate_proj = nn.Linear(c.d_model, c.ff, bias=False)
-        self.up_proj = nn.Linear(c.d_model, c.ff, bias=False)
-        self.down_proj = nn.Linear(c.ff, c.d_model, bias=False)
+        ff = width or c.ff
+        self.gate_proj = nn.Linear(c.d_model, ff, bias=False)
+        self.up_proj = nn.Linear(c.d_model, ff, bias=False)
+        self.down_proj = nn.Linear(ff, c.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def feed_forward(c: LlamaConfig, i: int) -> nn.Module:
+    """Block i's `mlp`: the dense SwiGLU, or an MoE layer (its shared experts one SwiGLU
+    of n_shared · moe_d_ff, as DeepSeek builds them)."""
+    if not c.is_moe(i):
+        return SwiGLU(c)
+    s = c.moe
+    shared = SwiGLU(c, c.moe_shared_experts * s.d_ff) if c.moe_shared_experts else None
+    return MoE(c.d_model, s, shared)
+
+
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, i: int = 0):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
-        self.mlp = SwiGLU(c)
+        self.mlp = feed_forward(c, i)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -188,7 +222,7 @@ class Llama(nn.Module):
             raise ValueError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.kv_heads}")
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
-        self.blocks = nn.ModuleDict({str(i): Block(c) for i in range(c.n_layer)})
+        self.blocks = nn.ModuleDict({str(i): Block(c, i) for i in range(c.n_layer)})
         self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -237,8 +271,13 @@ class Llama(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) weights drawn per (seed, parameter name) as in models/gpt.py,
         output projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer), norms at one,
-        biases at zero: identical values whatever the device or layout."""
+        biases at zero: identical values whatever the device or layout. The MoE experts'
+        3-D weights are drawn whole like any other (down_proj scaled as an output
+        projection); the MoE balancing bias (a buffer) starts at zero."""
         c = self.config
+        for name, b in self.named_buffers():
+            if name.endswith("expert_bias"):
+                copy_into(b, torch.zeros(b.shape))
         for name, p in self.named_parameters():
             # A last pipeline stage with a tied head but no embedding: the embedding's values.
             if name == "lm_head.weight" and c.tie_embeddings and self.embed_tokens is None:
@@ -248,7 +287,8 @@ class Llama(nn.Module):
             elif "norm" in name:
                 values = torch.ones(p.shape)
             else:
-                out_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
+                out_proj = name.endswith(("o_proj.weight", "down_proj.weight",
+                                          "experts.down_proj"))
                 s = c.init_std / math.sqrt(2 * c.n_layer) if out_proj else c.init_std
                 values = torch.empty(p.shape).normal_(0.0, s,
                                                       generator=seeded_generator(seed, name))
@@ -279,10 +319,14 @@ def llama_flops_per_token(model: Llama, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the matmul parameters (every weight but the embedding
     lookup, the norms and the biases' adds; a tied head counted once, as the matmul it is)
     + attention's 12 · L · Hq · hd · T (PaLM, app. B: QK^T and AV, forward and backward,
-    which GQA does not shrink: every query head still attends)."""
+    which GQA does not shrink: every query head still attends). MoE experts count as
+    ACTIVATED parameters: a token runs top_k of the E routed experts (their 3-D weights
+    × top_k / E); the router and shared experts are ordinary weights, run by every token."""
     c = model.config
     matmul = sum(p.numel() for name, p in model.named_parameters()
                  if name.endswith(".weight") and "norm" not in name
                  and not name.startswith("embed_tokens"))
+    matmul += sum(p.numel() * c.moe_top_k / c.moe_experts
+                  for name, p in model.named_parameters() if ".experts." in name)
     head = 0 if not c.tie_embeddings else c.vocab_size * c.d_model  # tied: counted via embed
     return 6 * (matmul + head) + 12 * c.n_layer * c.n_head * c.hd * seq_len

@@ -23,16 +23,20 @@ from __future__ import annotations
 
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.models.hf_map import HFMap
+from scaletrain.models.moe_hf import (MOE_ARCHITECTURES, MOE_MODEL_TYPES, moe_fields,
+                                      moe_to_ours, stacked)
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "MistralForCausalLM")
+                 "MistralForCausalLM") + MOE_ARCHITECTURES
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
+               "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
+               **MOE_MODEL_TYPES}
+QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def to_ours(name: str) -> str | None:
     if name.startswith("model.layers."):
-        return "blocks." + name[len("model.layers."):]
+        return moe_to_ours("blocks." + name[len("model.layers."):])
     if name.endswith("rotary_emb.inv_freq"):
         return None  # old transformers saved the RoPE buffer; it is recomputed
     return name.removeprefix("model.")
@@ -75,7 +79,8 @@ def model_fields(c: dict, where: str) -> dict:
     if arch != "Qwen2ForCausalLM" and c.get("attention_bias", False):
         refuse("attention_bias", "it biases o_proj too; only q/k/v biases exist here")
     window = c.get("sliding_window")
-    uses_window = c.get("use_sliding_window", arch == "MistralForCausalLM")
+    uses_window = c.get("use_sliding_window", arch in ("MistralForCausalLM",
+                                                       "MixtralForCausalLM"))
     if uses_window and window is not None and window < seq_len:
         refuse("sliding_window", f"a window shorter than max_position_embeddings={seq_len}")
     if any(t != "full_attention" for t in c.get("layer_types") or []) and uses_window:
@@ -91,8 +96,11 @@ def model_fields(c: dict, where: str) -> dict:
             "d_model": d_model, "d_ff": int(c["intermediate_size"]),
             "vocab_size": int(c["vocab_size"]), "seq_len": seq_len,
             "norm_eps": float(c.get("rms_norm_eps", 1e-6)), **_rope(c, where),
-            "qkv_bias": arch == "Qwen2ForCausalLM", "qk_norm": arch == "Qwen3ForCausalLM",
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False))}
+            "qkv_bias": arch == "Qwen2ForCausalLM", "qk_norm": arch in QK_NORM,
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+            # the dense classes fix moe_experts=0: a run from them stays dense
+            **(moe_fields(c, arch, where) if arch in MOE_ARCHITECTURES
+               else {"moe_experts": 0})}
 
 
 def architecture_of(m) -> str:
@@ -106,6 +114,9 @@ def architecture_of(m) -> str:
 def config_json(m, eos_id: int | None) -> dict:
     """config.json of the family the run came from (model.hf_architecture)."""
     arch = architecture_of(m)
+    if m.moe_experts or arch in MOE_ARCHITECTURES:
+        raise ConfigError("--format hf of a mixture-of-experts model is not written yet "
+                          "(use --format safetensors)")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model.hf_architecture={arch!r} is not one of "
                           f"{', '.join(ARCHITECTURES)}")
@@ -147,4 +158,4 @@ def config_json(m, eos_id: int | None) -> dict:
 
 LLAMA_HF = HFMap(architectures=ARCHITECTURES, model_fields=model_fields, to_ours=to_ours,
                  to_hf=to_hf, config_json=config_json,
-                 special_tokens=lambda eot: {"eos_token": eot})
+                 special_tokens=lambda eot: {"eos_token": eot}, stacked=stacked)

@@ -100,9 +100,10 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
             plan[f"{b}.self_attn.k_norm"] = SequenceParallel(sequence_dim=2,
                                                              use_local_output=True)
         plan[f"{b}.self_attn.o_proj"] = RowwiseParallel(output_layouts=stream)
-        plan[f"{b}.mlp.gate_proj"] = ColwiseParallel()
-        plan[f"{b}.mlp.up_proj"] = ColwiseParallel()
-        plan[f"{b}.mlp.down_proj"] = RowwiseParallel(output_layouts=stream)
+        if hasattr(model.blocks[name].mlp, "gate_proj"):  # dense; MoE blocks: no TP yet
+            plan[f"{b}.mlp.gate_proj"] = ColwiseParallel()
+            plan[f"{b}.mlp.up_proj"] = ColwiseParallel()
+            plan[f"{b}.mlp.down_proj"] = RowwiseParallel(output_layouts=stream)
     if model.norm is not None:
         plan["norm"] = norm()
     if model.lm_head is not None:

@@ -87,7 +87,7 @@ def _build_llama(m: ModelConfig, facts: dict) -> Llama:
         rope_high_freq_factor=m.rope_high_freq_factor,
         rope_original_seq_len=m.rope_original_seq_len, qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
-        init_std=m.init_std))
+        init_std=m.init_std, **{f: getattr(m, f) for f in MOE_FIELDS}))
 
 
 def _llama_tied(m: ModelConfig) -> TiedPairs:
@@ -121,11 +121,17 @@ def _build_cnn(m: ModelConfig, facts: dict) -> CNN:
 
 GPT_SOURCE_FIELDS = ("name", "n_layer", "n_head", "d_model", "d_ff", "seq_len", "vocab_size",
                      "bias")
+# The model.moe_* fields a llama's MoE layers are built from (LlamaConfig has the same).
+MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_d_ff", "moe_shared_experts", "moe_every",
+              "moe_first_dense", "moe_router", "moe_norm_topk_prob", "moe_aux_loss",
+              "moe_z_loss", "moe_capacity_factor")
 LLAMA_SOURCE_FIELDS = ("name", "n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff",
                        "vocab_size", "norm_eps", "rope_theta", "rope_scaling", "rope_factor",
                        "rope_low_freq_factor", "rope_high_freq_factor",
                        "rope_original_seq_len", "qkv_bias", "qk_norm", "tie_embeddings",
-                       "hf_architecture")
+                       "hf_architecture", "moe_experts", "moe_top_k", "moe_d_ff",
+                       "moe_shared_experts", "moe_every", "moe_first_dense", "moe_router",
+                       "moe_norm_topk_prob")
 
 REGISTRY: dict[str, ModelSpec] = {
     "gpt": ModelSpec("gpt", "text", _build_gpt, gpt_flops_per_token,

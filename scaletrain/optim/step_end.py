@@ -1,5 +1,5 @@
 """The end of an optimizer step, once for every mode: unscale -> penalty -> clip value ->
-clip norm -> guard -> optimizer step -> zero grad.
+clip norm -> guard -> optimizer step -> zero grad -> after-step hook (MoE bias).
 
 Shared by the plain / DDP / FSDP / TP step (train/step.py), the pipeline step
 (parallel/pipeline_step.py) and the parameter server's update (paramserver/server.py),
@@ -62,17 +62,23 @@ class StepEnd:
     # Adds the L1/L2 penalty gradient once per step (optim/penalties.py).
     add_penalty_grads: Callable[[], None] | None = None
     guard: Guard | None = None  # the fault guard (train/faults.py, train/device_guard.py)
+    # Model state moved from the step's statistics after the update, outside the gradient
+    # (the MoE balancing bias, models/moe_terms.py); called with whether it was applied.
+    after_step: Callable[[bool], None] | None = None
 
     def finish(self, optimizer: torch.optim.Optimizer, params: list, *,
                clip_norm: ClipNorm = clip_grad_norm, norm_params: list | None = None,
                scaler: torch.amp.GradScaler | None = None,
                loss: torch.Tensor | None = None) -> StepEndResult:
         """`finish_step` with these settings and the layout's `clip_norm`."""
-        return finish_step(optimizer, params, scaler=scaler,
+        done = finish_step(optimizer, params, scaler=scaler,
                            add_penalty_grads=self.add_penalty_grads,
                            grad_clip_value=self.grad_clip_value, grad_clip=self.grad_clip,
                            clip_norm=clip_norm, norm_params=norm_params, guard=self.guard,
                            loss=loss)
+        if self.after_step is not None:
+            self.after_step(not done.skipped)
+        return done
 
 
 def finish_step(optimizer: torch.optim.Optimizer, params: list, *,

@@ -16,6 +16,7 @@ from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.config.strategy_checks import check_training_strategy
 from scaletrain.errors import ConfigError
 from scaletrain.parallel.model_parallel import check_model_parallel
+from scaletrain.parallel.moe_checks import check_moe_layout
 
 
 def check_world(cfg, world: int, vocab: int | None = None,
@@ -30,6 +31,7 @@ def check_world(cfg, world: int, vocab: int | None = None,
     """
     if world < 1:
         raise ConfigError(f"the world size must be at least 1 process, got {world}")
+    check_moe_layout(cfg)  # the layouts MoE layers train in (parallel/moe_checks.py)
     if cfg.parallel.mode == "ps":
         check_parallel(cfg, world)  # no TP/PP/FSDP in PS mode: check_ps judges the world
         return None

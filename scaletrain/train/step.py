@@ -89,7 +89,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch],
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last else no_sync()), loss.context():
             mb_loss = loss(model, x, y, policy, denom.dtype) / denom
-            scaled = mb_loss * loss_multiplier
+            extra = loss.extra()  # MoE terms: into the gradient, not into the logged loss
+            total = mb_loss if extra is None else mb_loss + extra.to(denom.dtype) / denom
+            scaled = total * loss_multiplier
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += mb_loss.detach()
     return loss_sum

@@ -56,6 +56,11 @@ class StepLoss:
         """The forward's keywords for inputs `x`: {'doc_ids': ...} under document masking
         (derived from `x` itself, so the batch stays (inputs, targets)), else {}."""
         return document_kwargs(x, self.eot_id)
+    # The model's own loss terms of the forward just run (MoE balance and z losses,
+    # models/moe_terms.py): a per-token sum with its graph, or None. The step divides it
+    # by the same global count as the loss and adds it to the gradient only: the logged
+    # loss stays the cross-entropy.
+    extra: Callable[[], "torch.Tensor | None"] = lambda: None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  policy: PrecisionPolicy, loss_dtype: torch.dtype) -> torch.Tensor:

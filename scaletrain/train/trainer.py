@@ -30,6 +30,7 @@ from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_f
 from scaletrain.metrics import peak_memory_mb
 from scaletrain.models import count_params, spec_of
 from scaletrain.models.documents import masking_eot
+from scaletrain.models.moe_terms import moe_step_terms
 from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.step_end import StepEnd
@@ -129,6 +130,11 @@ class Trainer:
         # data.document_masking: the end-of-text id windows are cut into documents at.
         self.doc_eot = masking_eot(cfg.data.document_masking, self.data.tokenizer)
         self.loss = run_loss(cfg, self.parallel, self.rt.device, self.doc_eot)  # either path
+        # MoE layers: their loss terms into the step, load into metrics and the bias.
+        self.moe = moe_step_terms(self.model, self.dist.sum_reducer,
+                                  cfg.model.moe_bias_update_rate)
+        if self.moe is not None:
+            self.loss = replace(self.loss, extra=self.moe.collect)
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
@@ -166,7 +172,8 @@ class Trainer:
                                     loss_reducer=self.dist.sum_reducer)
         return faults, StepEnd(grad_clip=cfg.train.grad_clip,
                                grad_clip_value=cfg.train.grad_clip_value,
-                               add_penalty_grads=self.strategy.penalty, guard=guard)
+                               add_penalty_grads=self.strategy.penalty, guard=guard,
+                               after_step=self.moe.end_step if self.moe else None)
 
     def _checkpoint_session(self) -> CheckpointSession:
         """Checkpointing handed what it saves (torchtitan's `CheckpointManager(states=)`)
@@ -323,6 +330,8 @@ class Trainer:
                   "mfu": (meter.mfu(self.flops_per_token, self.world_peak_flops(), tok_s)
                           if self.flops_per_token else None),
                   "mem_mb": peak_memory_mb(self.rt.device)}
+        if self.moe is not None:  # the router's health, counted once (not in "loss")
+            record.update(self.moe.record())
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
             record["skipped_steps"] = self.state.skipped_steps

@@ -1,0 +1,102 @@
+"""An MoE llama through the CLI as users run it: a tiny train run whose metrics.jsonl
+carries the router's health, and the bad MoE input refused with exit 2 and one line
+before anything is launched or prepared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY_DATA, TINY_GPT, one_error_line, run_cli
+
+# configs/moe-tiny.toml's shape, made tiny.
+TINY_MOE = ["--model.name=llama", "--model.n_kv_head=1", "--model.moe_experts=8",
+            "--model.moe_top_k=2", "--model.moe_d_ff=32", "--model.moe_shared_experts=1",
+            "--model.moe_first_dense=1", "--model.moe_aux_loss=0.01",
+            "--model.moe_z_loss=0.001"]
+
+
+def test_tiny_moe_trains_and_logs_router_health(prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--train.steps=3",
+                   "--model.moe_router=sigmoid_bias", f"--data.prepared_dir={prepared_dir}",
+                   f"--run.dir={run}", "--eval.batches=1", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in ln]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train:
+        # one MoE block (block 0 dense): its imbalance; aux near top_k when balanced
+        assert list(r["moe_imbalance"]) == ["1"] and r["moe_imbalance"]["1"] >= 1.0
+        assert sum(r["moe_load"]["1"]) == 8 * 32 * 2  # batch x seq_len x top_k
+        assert 1.0 < r["moe_aux_loss"] < 8.0 and r["moe_z_loss"] > 0
+        assert r["moe_dropped"] == 0.0
+        assert 3.0 < r["loss"] < 7.0  # the cross-entropy alone (ln 384 ≈ 5.95)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mfu"] is not None
+
+
+BAD = [
+    (["--model.moe_top_k=9"], "model.moe_top_k=9 exceeds model.moe_experts=8"),
+    (["--model.moe_capacity_factor=-1"], "model.moe_capacity_factor=-1.0 must be > 0"),
+    (["--model.moe_first_dense=2"], "no block is an MoE block"),
+    (["--model.moe_experts=0"], "model.moe_top_k is set but model.moe_experts=0"),
+    (["--model.name=gpt", "--model.moe_top_k=2"], "built for model.name='llama'"),
+    (["--parallel.activation_checkpoint=budget", "--parallel.activation_budget_gib=1"],
+     "parallel.activation_checkpoint='budget' is not supported with mixture-of-experts"),
+    (["--train.compile=true"], "train.compile is not supported"),
+]
+
+
+@pytest.mark.parametrize("extra,line", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_moe_input_is_one_line(tmp_path, extra, line):
+    args = [a for a in TINY_MOE if not (a.startswith("--model.moe_top_k") and
+                                        any(e.startswith("--model.moe_top_k") for e in extra))]
+    if "--model.moe_experts=0" in extra:  # a dense model with an MoE field left set
+        args = ["--model.name=llama", "--model.moe_top_k=4"]
+        extra = []
+        line = "model.moe_top_k is set but model.moe_experts=0"
+    proc = run_cli("train", *args, *extra, "--model.n_layer=2", f"--run.dir={tmp_path}/r",
+                   timeout=60)
+    one_error_line(proc, line)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("layout,line", [(["--parallel.tp=2", "--parallel.dp_shard=1"],
+                                          "parallel.tp > 1 is not supported"),
+                                         (["--parallel.pp=2", "--parallel.dp_shard=1"],
+                                          "parallel.pp > 1 is not supported")])
+def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, line):
+    proc = run_cli("train", *TINY_MOE, "--model.n_layer=2", *layout, "--nproc", "2",
+                   f"--run.dir={tmp_path}/r", timeout=60)
+    one_error_line(proc, line)
+
+
+def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
+    """2 steps + resume to 4 == 4 straight: the sigmoid_bias buffer is model state in
+    the checkpoint (the losses, the router records and the final weights, bias included,
+    equal bitwise)."""
+    from safetensors.torch import load_file
+
+    base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
+            "--model.moe_bias_update_rate=0.01", f"--data.prepared_dir={prepared_dir}",
+            "--checkpoint.interval=2", "--eval.test=false", "--train.threads=1",
+            "--schedule.name=constant"]  # the LR must not depend on train.steps
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    for args in ([f"--run.dir={straight}", "--train.steps=4"],
+                 [f"--run.dir={resumed}", "--train.steps=2"],
+                 [f"--run.dir={resumed}", "--train.steps=4"]):
+        proc = run_cli(*base, *args, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def train(run):
+        return [(r["step"], r["loss"], r["moe_load"]) for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert train(straight) == train(resumed)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert sorted(a) == sorted(b) and any(k.endswith("expert_bias") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
