@@ -167,6 +167,12 @@ def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
         if cfg.precision.dtype == "fp16":
             raise ConfigError("parallel.pp > 1 with precision.dtype='fp16' is not supported "
                               "(no loss scaler through the pipeline schedule); use bf16")
+        if p.sequence_parallel and dims.tp > 1:
+            # The schedule hands whole (B, T, D) hidden states between stages; under SP a
+            # stage's output is its 1/tp sequence slice (parallel/pipeline_step.py).
+            raise ConfigError("parallel.sequence_parallel with parallel.pp > 1 is not "
+                              "supported: pipeline stages pass whole sequences, sequence "
+                              "parallelism leaves each rank a 1/tp slice; drop one of them")
         if cfg.distill.teacher:  # the run's loss is computed on the last stage's logits
             raise ConfigError("distill.teacher with parallel.pp > 1 is not supported: the "
                               "last pipeline stage computes the loss without the inputs "

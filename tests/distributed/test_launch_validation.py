@@ -58,6 +58,9 @@ def one_line(proc) -> str:
     (["--nproc", "2", "--train.compile=true", "--train.compile_scope=model"],
      "compile_scope='model' needs one process"),
     (["--nproc", "2", "--finetune.lora_rank=2", "INIT"], "single process only, not 2"),
+    # the pipeline passes whole sequences between stages; SP leaves each rank a slice
+    (["--nproc", "4", "--parallel.tp=2", "--parallel.pp=2",
+      "--parallel.sequence_parallel=true"], "sequence_parallel with parallel.pp > 1"),
     # valid on one process; the launcher judges it on the 2 ranks it would start, as
     # they would (issue 14 item 2), not on a world of 1 with dp_shard=-1 counted as 1
     (["--nproc", "2", "--parallel.dp_shard=-1", "--train.descent=stochastic"],
