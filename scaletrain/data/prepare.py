@@ -107,7 +107,7 @@ def cached_text_dir(dcfg: DataConfig) -> Path | None:
 def _text_target(dcfg: DataConfig):
     """(input files, settings, prepared directory, cache key) of a text source."""
     check_fractions(dcfg.val_fraction, dcfg.test_fraction)
-    inputs = list_text_files(dcfg.source, dcfg.max_files)
+    inputs = list_text_files(dcfg.source, dcfg.max_files, exclude=Path(dcfg.prepared_dir))
     settings = text_settings(dcfg)
     # The root is in the key so that two copies of a corpus with equal names, sizes and
     # times (cp -p) in different places are still told apart.

@@ -73,11 +73,27 @@ class InputFiles:
         return out
 
 
-def list_text_files(source: str, max_files: int = 0) -> InputFiles:
-    """Resolve `source` to its sorted input files (the first `max_files` if > 0).
+def list_text_files(source: str, max_files: int = 0,
+                    exclude: Path | None = None) -> InputFiles:
+    """Resolve `source` to its sorted input files (the first `max_files` if > 0), leaving
+    out every file below `exclude` (the prepared-data directory when it lies inside the
+    source: its own output must not become input, nor change the source's cache key).
 
     Raises DataError when the path does not exist, matches nothing, or holds no files.
     """
+    inputs = _list_text_files(source, max_files if exclude is None else 0)
+    if exclude is None:
+        return inputs
+    out = Path(exclude).absolute()
+    files = [p for p in inputs.files if not p.absolute().is_relative_to(out)]
+    if not files:
+        raise DataError(f"{source}: the data source holds no files besides the prepared "
+                        f"data in {exclude}")
+    return InputFiles(source=inputs.source, root=inputs.root,
+                      files=tuple(files[:max_files] if max_files > 0 else files))
+
+
+def _list_text_files(source: str, max_files: int = 0) -> InputFiles:
     if source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"]).resolve()
         files = [p for p in _walk(root, skip_dirs=_THIRD_PARTY) if p.suffix == ".py"]

@@ -9,7 +9,6 @@ import random
 
 import pytest
 
-from scaletrain.cli import main
 from tests.conftest import one_error_line, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +39,14 @@ LLAMA = ["--model.name=llama", "--model.n_layer=2", "--model.n_head=2", "--model
          "--schedule.warmup_steps=0", "--train.threads=1", "--train.steps=3"]
 
 
-def _eval(capsys, run_dir, *extra: str) -> float:
-    assert main(["eval", str(run_dir), "--split", "test", *extra]) == 0
-    return json.loads(capsys.readouterr().out)["loss"]
+def _eval(run_dir, *extra: str) -> float:
+    """`scaletrain eval` as users run it, in its own process."""
+    proc = run_cli("eval", str(run_dir), "--split", "test", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)["loss"]
 
 
-def test_masked_training_run_and_its_eval(short_docs, tmp_path, capsys):
+def test_masked_training_run_and_its_eval(short_docs, tmp_path):
     run = tmp_path / "run"
     proc = run_cli("train", *short_docs, *LLAMA, f"--run.dir={run}",
                    "--data.document_masking=true")
@@ -62,9 +63,9 @@ def test_masked_training_run_and_its_eval(short_docs, tmp_path, capsys):
     assert first["step"] == records[0]["step"] == 1
     assert abs(first["loss"] - records[0]["loss"]) > 1e-4
     # `scaletrain eval` reads the run's config: the same masked test loss ...
-    assert _eval(capsys, run) == pytest.approx(summary["test"]["loss"], rel=1e-6)
+    assert _eval(run) == pytest.approx(summary["test"]["loss"], rel=1e-6)
     # ... which is not the loss of the same weights attending across documents.
-    unmasked = _eval(capsys, run, "--data.document_masking=false")
+    unmasked = _eval(run, "--data.document_masking=false")
     assert abs(unmasked - summary["test"]["loss"]) > 1e-4
 
 
