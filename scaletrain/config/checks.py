@@ -35,7 +35,7 @@ def check_combinations(cfg: Config) -> None:
     family = FAMILY_RULES[m.name]  # the registry's facts validation needs (model_checks.py)
     if family.kind == "text":
         if m.vocab_size and m.vocab_size < 2:
-            raise ConfigError(f"model.vocab_size must be 0 (from the tokenizer) or >= 2")
+            raise ConfigError("model.vocab_size must be 0 (from the tokenizer) or >= 2")
         if cfg.data.source == "digits":
             raise ConfigError(f"model.name='{m.name}' needs a text data.source, not 'digits' "
                               "(use model.name='cnn' or 'mlp')")

@@ -1,0 +1,47 @@
+"""The `[data]` section: sources, preparation, tokenizer, loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaletrain.config.fields import F
+
+
+@dataclass
+class DataConfig:
+    source: str = F("python-stdlib", "'python-stdlib' (built-in text corpus), 'digits' "
+                    "(scikit-learn images), or a file / directory / glob: UTF-8 text files "
+                    "(one document each), JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, "
+                    "or a datasets.save_to_disk directory.", path=True)
+    text_key: str = F("text", "The field of a JSONL / Parquet / saved-dataset record that "
+                      "holds its text.")
+    prepared_dir: str = F("data/prepared", "Where prepared datasets are cached, keyed by "
+                          "a hash of the inputs and settings.", path=True)
+    vocab_size: int = F(4096, "BPE vocabulary size trained on the train split.",
+                        ge=260, le=65536 * 64)
+    tokenizer: str = F("", "A tokenizer.json to encode with instead of training a BPE "
+                       "(set from init.from / distill.teacher so ids mean the same).",
+                       path=True)
+    val_fraction: float = F(0.05, "Fraction of documents in the validation split.",
+                            ge=0.0, lt=1.0)
+    test_fraction: float = F(0.05, "Fraction of documents in the test split.", ge=0.0, lt=1.0)
+    min_chars: int = F(32, "Documents shorter than this (after cleaning) are dropped.", ge=0)
+    max_files: int = F(0, "Read at most this many files (sorted by path); 0 = all.", ge=0)
+    prep_workers: int = F(2, "Worker processes (datatrove tasks at once) that read, clean "
+                          "and tokenize during preparation.", ge=1)
+    executor: str = F("local", "How the preparation pipeline runs: 'local' (datatrove's "
+                      "local executor, data.prep_workers processes).", choices=("local",))
+    tokenizer_sample_bytes: int = F(256 << 20, "The BPE tokenizer trains on about this many "
+                                    "bytes of the train split (a deterministic sample; all "
+                                    "of it when smaller).", ge=1)
+    loader_workers: int = F(0, "Background threads prefetching batches; 0 = in the loop.",
+                            ge=0)
+    shuffle: bool = F(True, "Shuffle samples with a seeded, world-size-independent order.")
+    document_masking: bool = F(False, "Text models: documents packed into a window (each "
+                               "ended by the end-of-text token) do not attend to each other, "
+                               "and position ids restart at every document (models/"
+                               "documents.py); off = attention and positions run across "
+                               "the whole window, as GPT-2 trained.")
+    assignment: str = F("block", "How a rank takes its part of each global batch: a "
+                        "contiguous block or every world-size-th sample.",
+                        choices=("block", "strided"))
