@@ -1,7 +1,7 @@
 """`scaletrain export --format hf`: a run's model as a Hugging Face `save_pretrained`
 directory of the family's own transformers class (`ModelSpec.hf`, models/hf_map.py:
-GPT2LMHeadModel; LlamaForCausalLM / Qwen2 / Qwen3 / Mistral, as `model.hf_architecture`
-says), which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+GPT2LMHeadModel; LlamaForCausalLM / Qwen2 / Qwen3 / Mistral / Qwen3-MoE / Mixtral, as
+`model.hf_architecture` says), which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
 load.
 
 - `config.json`: the family map's (models/gpt_hf.py, models/llama_hf.py).
@@ -44,8 +44,9 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * UNITS[m.group(2)]
 
 
-def hf_tensors(model, spec) -> dict[str, torch.Tensor]:
-    """The model's tensors under the family's HF names, fp32, in HF orientation."""
+def hf_tensors(model, spec, mcfg) -> dict[str, torch.Tensor]:
+    """The model's tensors under the family's HF names, fp32, in HF orientation (`mcfg`:
+    the run's model config, for a family whose names depend on it)."""
     out = {}
     for name, t in model.state_dict().items():
         if stored_once(name, spec.tied):
@@ -53,7 +54,11 @@ def hf_tensors(model, spec) -> dict[str, torch.Tensor]:
         t = t.detach().to("cpu", torch.float32)
         if spec.hf.transposed and name.endswith(spec.hf.transposed):
             t = t.t()  # Linear (out, in) -> Conv1D (in, out)
-        out[spec.hf.to_hf(name)] = t.contiguous()
+        t = t.contiguous()
+        if spec.hf.tensors_to_hf is not None:
+            out.update(spec.hf.tensors_to_hf(mcfg, name, t))
+        else:
+            out[spec.hf.to_hf(name)] = t
     return out
 
 
@@ -93,7 +98,7 @@ def export_hf(cfg, model, tok, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES
     config = spec.hf.config_json(mcfg, tok.eot_id if tok is not None else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(hf_tensors(model, spec), out, max_shard_bytes)
+    write_shards(hf_tensors(model, spec, mcfg), out, max_shard_bytes)
     if tok is not None:
         tok.save(out / "tokenizer.json")
         special = spec.hf.special_tokens(tok.eot_token)

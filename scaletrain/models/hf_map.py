@@ -35,3 +35,7 @@ class HFMap:
     # Tensors stored one per expert (our name after to_ours) -> (our 3-D parameter
     # (E, in, out), expert index); each stored (out, in) as a Linear (models/moe_hf.py).
     stacked: Callable[[str], "tuple[str, int] | None"] | None = None
+    # (model config, our name, tensor) -> {HF name: tensor} for export, where one tensor
+    # is not one HF tensor under `to_hf(name)` (an expert stack written per expert);
+    # None = to_hf for every tensor.
+    tensors_to_hf: Callable[..., dict] | None = None

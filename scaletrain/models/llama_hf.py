@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.models.hf_map import HFMap
-from scaletrain.models.moe_hf import (MOE_ARCHITECTURES, MOE_MODEL_TYPES, moe_fields,
-                                      moe_to_ours, stacked)
+from scaletrain.models.moe_hf import (MOE_ARCHITECTURES, MOE_MODEL_TYPES, expert_tensors,
+                                      mixtral_name, moe_config, moe_fields, moe_to_ours,
+                                      stacked)
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "MistralForCausalLM") + MOE_ARCHITECTURES
@@ -107,6 +108,8 @@ def architecture_of(m) -> str:
     """The transformers class a llama model config is written as."""
     if m.hf_architecture:
         return m.hf_architecture
+    if m.moe_experts:  # Qwen3-MoE always has the q/k norm, Mixtral never
+        return "Qwen3MoeForCausalLM" if m.qk_norm else "MixtralForCausalLM"
     return ("Qwen3ForCausalLM" if m.qk_norm else "Qwen2ForCausalLM" if m.qkv_bias
             else "LlamaForCausalLM")
 
@@ -114,13 +117,15 @@ def architecture_of(m) -> str:
 def config_json(m, eos_id: int | None) -> dict:
     """config.json of the family the run came from (model.hf_architecture)."""
     arch = architecture_of(m)
-    if m.moe_experts or arch in MOE_ARCHITECTURES:
-        raise ConfigError("--format hf of a mixture-of-experts model is not written yet "
-                          "(use --format safetensors)")
+    if bool(m.moe_experts) != (arch in MOE_ARCHITECTURES):
+        raise ConfigError(f"--format hf: model.hf_architecture={arch!r} and "
+                          f"model.moe_experts={m.moe_experts} disagree (a dense class for "
+                          "a dense model, Qwen3-MoE / Mixtral for experts)")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model.hf_architecture={arch!r} is not one of "
                           f"{', '.join(ARCHITECTURES)}")
-    needs = {"Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True)}
+    needs = {"Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True),
+             "Qwen3MoeForCausalLM": (False, True)}
     bias, qk = needs.get(arch, (False, False))
     if (m.qkv_bias, m.qk_norm) != (bias, qk):
         raise ConfigError(f"--format hf: {arch} has qkv_bias={bias} and qk_norm={qk}, this "
@@ -133,9 +138,10 @@ def config_json(m, eos_id: int | None) -> dict:
                 "low_freq_factor": m.rope_low_freq_factor,
                 "high_freq_factor": m.rope_high_freq_factor,
                 "original_max_position_embeddings": m.rope_original_seq_len}
+    dense_ff = m.d_ff or 64 * -(-int(8 * m.d_model / 3) // 64)
     out = {"architectures": [arch], "model_type": MODEL_TYPES[arch],
            "vocab_size": m.vocab_size, "hidden_size": m.d_model,
-           "intermediate_size": m.d_ff or 64 * -(-int(8 * m.d_model / 3) // 64),
+           "intermediate_size": dense_ff,
            "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
            "num_key_value_heads": m.n_kv_head or m.n_head, "head_dim": hd,
            "max_position_embeddings": m.seq_len, "rms_norm_eps": m.norm_eps,
@@ -145,7 +151,9 @@ def config_json(m, eos_id: int | None) -> dict:
            "rope_parameters": rope, "rope_theta": m.rope_theta,
            "rope_scaling": rope if m.rope_scaling == "llama3" else None,
            "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": "float32"}
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if m.moe_experts:
+        out.update(moe_config(m, arch, dense_ff))
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         out["attention_bias"] = False
     if arch == "LlamaForCausalLM":
         out["mlp_bias"] = False
@@ -156,6 +164,16 @@ def config_json(m, eos_id: int | None) -> dict:
     return out
 
 
+def tensors_to_hf(m, name: str, t) -> dict:
+    """One of our tensors -> its HF tensors by name: itself renamed, or an expert stack
+    split per expert (models/moe_hf.py), under Mixtral's block_sparse_moe for Mixtral."""
+    arch = architecture_of(m)
+    pieces = expert_tensors(name, t, arch) or {name: t}
+    rename = mixtral_name if arch == "MixtralForCausalLM" else (lambda n: n)
+    return {rename(to_hf(n)): x for n, x in pieces.items()}
+
+
 LLAMA_HF = HFMap(architectures=ARCHITECTURES, model_fields=model_fields, to_ours=to_ours,
                  to_hf=to_hf, config_json=config_json,
-                 special_tokens=lambda eot: {"eos_token": eot}, stacked=stacked)
+                 special_tokens=lambda eot: {"eos_token": eot}, stacked=stacked,
+                 tensors_to_hf=tensors_to_hf)

@@ -1,18 +1,22 @@
 """Hugging Face in for MoE llamas (models/moe_hf.py): transformers' Qwen3-MoE and Mixtral
 `save_pretrained` directories (small random configs) load with logits equal within 1e-5
 and the same 32 greedy tokens; the per-expert tensors are stacked into our 3-D experts,
-across shard files; export back to HF is refused with one line (not built yet)."""
+across shard files; `export --format hf` writes them back as the same classes, which
+transformers loads with equal logits, and an MoE neither class computes is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from tests.conftest import TINY_DATA, make_cfg, one_error_line, run_cli
+from tests.conftest import TINY_DATA, make_cfg, run_cli
 from tests.integration.test_llama_hf import VOCAB, _tokenizer
+from scaletrain.checkpoint.hf_export import export_hf
 from scaletrain.compress.artefact import load_artefact
+from scaletrain.errors import ConfigError
 from scaletrain.finetune.hf_import import hf_state_dict
 from scaletrain.generate import sample
 
@@ -85,10 +89,11 @@ def test_experts_are_stacked_from_their_per_expert_tensors(hf_dirs):
     torch.testing.assert_close(got, fused[:, :24].transpose(1, 2), atol=0, rtol=0)
 
 
-def test_fsdp_ranks_load_their_experts_then_export_hf_is_refused(hf_dirs, tmp_path):
+def test_fsdp_ranks_load_their_experts_then_export_hf(hf_dirs, tmp_path):
     """init.from the sharded Mixtral on two FSDP2 ranks (each reads the experts of its
-    dim-0 shard): the step-0 validation loss is the one-process model's; `export
-    --format hf` of the MoE run is refused with one line (not built yet)."""
+    dim-0 shard): the step-0 validation loss is the one-process model's; after a step,
+    `export --format hf` of the run is a Mixtral transformers loads with the trained
+    model's logits."""
     from scaletrain.compress.report import val_loss
     from scaletrain.data import build_data
 
@@ -107,6 +112,51 @@ def test_fsdp_ranks_load_their_experts_then_export_hf_is_refused(hf_dirs, tmp_pa
     _, model, _ = load_artefact(d, [("model.seq_len", "32")])
     expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
     assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
-    proc = run_cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "out"))
-    one_error_line(proc, "--format hf of a mixture-of-experts model is not written yet")
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    proc = run_cli("export", str(run), "--format", "hf", "--out", str(out),
+                   "--max-shard-size", "30KB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "MixtralForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    _, trained, _ = load_artefact(run)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, trained(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_hf_round_trip_equals_transformers(hf_dirs, name, tmp_path):
+    """HF dir -> our model -> export_hf -> transformers: the same class, the MoE config
+    fields it read, and logits equal to the original HF model's."""
+    d, hf = hf_dirs[name]
+    cfg, model, tok = load_artefact(d)
+    export_hf(cfg, model, tok, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = json.loads((d / "config.json").read_text())
+    keys = ["architectures", "num_experts_per_tok", "intermediate_size", "num_hidden_layers"]
+    keys += (["num_local_experts"] if name == "mixtral" else
+             ["num_experts", "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers",
+              "decoder_sparse_step"])
+    assert {k: written[k] for k in keys} == {k: source.get(k, written[k]) for k in keys}
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source, field, value, why", [
+    ("qwen3_moe", "moe_shared_experts", 1, "shared experts"),
+    ("qwen3_moe", "moe_router", "sigmoid_bias", "moe_router='sigmoid_bias'"),
+    ("qwen3_moe", "moe_capacity_factor", 1.25, "capacity factor"),
+    ("mixtral", "moe_first_dense", 1, "dense blocks"),
+    ("mixtral", "moe_norm_topk_prob", False, "unnormalised top-k"),
+    ("qwen3_moe", "moe_experts", 0, "disagree"),
+])
+def test_export_hf_refuses_an_moe_the_classes_cannot_compute(hf_dirs, source, field, value,
+                                                              why, tmp_path):
+    d, _ = hf_dirs[source]
+    cfg, model, tok = load_artefact(d)
+    m = dataclasses.replace(cfg.model, **{field: value})
+    with pytest.raises(ConfigError, match=why):
+        export_hf(dataclasses.replace(cfg, model=m), model, tok, tmp_path / "out")
