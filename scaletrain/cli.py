@@ -171,12 +171,15 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.preflight import check_memory
+    from scaletrain.metrics.trackers import check_trackers
 
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
     shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
                           resuming=resumes_in_place(cfg))
     dims = check_world(shaped, world.size, shaped.model.vocab_size or None)  # its layout
     check_memory(shaped, dims, world.local_size)
+    if world.is_main:  # only the main rank reports to the trackers
+        check_trackers(cfg.metrics)
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:

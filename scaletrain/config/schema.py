@@ -6,7 +6,7 @@ to validate values generically, and `scaletrain train --help-config` prints it, 
 documentation, the validation and the code cannot drift apart.
 
 The sections live in one file per group (model_schema, data_schema, train_schema,
-parallel_schema, tools_schema); this module assembles them into `Config`.
+parallel_schema, tools_schema, metrics_schema); this module assembles them into `Config`.
 
 Precedence: command line (``--section.key=value``) > TOML file > these defaults.
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 from scaletrain.config.data_schema import DataConfig
 from scaletrain.config.fields import F, MAX_SEED, MAX_THREADS
+from scaletrain.config.metrics_schema import MetricsConfig
 from scaletrain.config.model_schema import ModelConfig
 from scaletrain.config.parallel_schema import ParallelConfig, PlanConfig
 from scaletrain.config.tools_schema import (
@@ -31,7 +32,7 @@ __all__ = ["F", "MAX_SEED", "MAX_THREADS", "Config", "sections", "RunConfig", "M
            "DataConfig", "TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig",
            "EvalConfig", "CheckpointConfig", "FaultsConfig", "ParallelConfig", "PlanConfig",
            "GenerateConfig", "InitConfig", "FinetuneConfig", "DistillConfig", "PruneConfig",
-           "QuantConfig", "CompressConfig", "ServeConfig"]
+           "QuantConfig", "CompressConfig", "ServeConfig", "MetricsConfig"]
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def sections(cfg: Config | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from scaletrain.metrics.meters import (
     Throughput,
@@ -40,9 +40,11 @@ __all__ = [
 
 
 def build_sinks(run_dir: str | os.PathLike, *, console: bool, tensorboard: bool,
-                print_fn: Callable[[str], None] | None = None) -> MultiSink:
+                print_fn: Callable[[str], None] | None = None,
+                trackers: Iterable[MetricSink] = ()) -> MultiSink:
     """The standard sinks of a run: always ``run_dir/metrics.jsonl``; plus eval lines
-    on the console and ``run_dir/tensorboard/`` event files when asked.
+    on the console and ``run_dir/tensorboard/`` event files when asked, and the
+    experiment trackers (metrics/trackers.py `tracker_sinks`).
 
     Call on rank 0 only. Pass ``print_fn=progress.write`` so console lines do not break
     the progress bar.
@@ -53,4 +55,4 @@ def build_sinks(run_dir: str | os.PathLike, *, console: bool, tensorboard: bool,
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
     if console:
         sinks.append(ConsoleSink(print_fn=print_fn))
-    return MultiSink(sinks)
+    return MultiSink([*sinks, *trackers])

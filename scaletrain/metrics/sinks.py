@@ -114,6 +114,33 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def tag_prefix(record: dict) -> str:
+    """The tag group of a record: ``kind``, or ``eval_<split>`` for eval records."""
+    kind = record["kind"]
+    if kind == "eval" and "split" in record:
+        return f"eval_{record['split']}"
+    return str(kind)
+
+
+def scalar_fields(record: dict) -> dict[str, float]:
+    """Every number of a record by tag: ``"{prefix}/{key}"`` (see `tag_prefix`), and
+    ``"{prefix}/{key}/{part}"`` for a per-part field ({"<MoE block>": ...}). The charts'
+    names in every tracker (TensorBoard, MLflow, W&B) are these."""
+    _check_record(record)
+    prefix, out = tag_prefix(record), {}
+    for key, value in record.items():
+        if key in _ID_FIELDS:
+            continue
+        x = _scalar(value)
+        if x is not None:
+            out[f"{prefix}/{key}"] = x
+        elif isinstance(value, dict):
+            for part, v in value.items():
+                if (y := _scalar(v)) is not None:
+                    out[f"{prefix}/{key}/{part}"] = y
+    return out
+
+
 class TensorBoardSink:
     """Write every numeric field of a record as a TensorBoard scalar at ``record["step"]``.
 
@@ -129,34 +156,20 @@ class TensorBoardSink:
         # flush_secs: the default 120 s would lose two minutes of curves on a crash.
         self._writer = SummaryWriter(log_dir=str(logdir), flush_secs=flush_secs)
 
-    @staticmethod
-    def tag_prefix(record: dict) -> str:
-        """The tag group of a record: ``kind``, or ``eval_<split>`` for eval records."""
-        kind = record["kind"]
-        if kind == "eval" and "split" in record:
-            return f"eval_{record['split']}"
-        return str(kind)
-
     def write(self, record: dict) -> None:
-        _check_record(record)
-        prefix, step = self.tag_prefix(record), int(record["step"])
+        step = int(record["step"])
+        for tag, x in scalar_fields(record).items():
+            self._writer.add_scalar(tag, x, global_step=step)
+        prefix = tag_prefix(record)
         for key, value in record.items():
-            if key in _ID_FIELDS:
-                continue
-            x = _scalar(value)
-            if x is not None:
-                self._writer.add_scalar(f"{prefix}/{key}", x, global_step=step)
-            elif isinstance(value, dict):  # per-part fields ({"<MoE block>": ...})
-                self._write_parts(f"{prefix}/{key}", value, step)
+            if key not in _ID_FIELDS and isinstance(value, dict):
+                self._write_histograms(f"{prefix}/{key}", value, step)
 
-    def _write_parts(self, tag: str, parts: dict, step: int) -> None:
-        """A number per part as a scalar, a list of numbers as a histogram (the MoE
-        tokens per expert of each block: `moe_load`)."""
+    def _write_histograms(self, tag: str, parts: dict, step: int) -> None:
+        """A list of numbers per part as a histogram (the MoE tokens per expert of each
+        block: `moe_load`)."""
         for name, v in parts.items():
-            x = _scalar(v)
-            if x is not None:
-                self._writer.add_scalar(f"{tag}/{name}", x, global_step=step)
-            elif isinstance(v, list) and v and all(_scalar(e) is not None for e in v):
+            if isinstance(v, list) and v and all(_scalar(e) is not None for e in v):
                 # the histogram of expert ids over the assignments: bucket i (upper
                 # limit i + 0.5) holds expert i's count, written raw (no samples)
                 n = [float(e) for e in v]

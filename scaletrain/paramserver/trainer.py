@@ -29,6 +29,7 @@ from scaletrain.data import build_data
 from scaletrain.errors import ConfigError
 from scaletrain.evaluate import evaluate
 from scaletrain.metrics import Progress, build_sinks, peak_memory_mb
+from scaletrain.metrics.trackers import tracker_sinks
 from scaletrain.models import REGISTRY, build_model, count_params
 from scaletrain.models.documents import masking_eot
 from scaletrain.paramserver import checkpoint as ckpt
@@ -138,7 +139,9 @@ class _Run:
                                            on_update=self.on_update, on_event=self.on_event,
                                            faults=FaultMonitor(cfg.faults))
         coord_mod.install(self.coord)
-        self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True)
+        self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True,
+                                 trackers=tracker_sinks(cfg.metrics, self.run_dir,
+                                                        to_dict(cfg)))
         from torch.utils.tensorboard import SummaryWriter
 
         self.hist_writer = SummaryWriter(str(self.run_dir / "tensorboard"), flush_secs=10)

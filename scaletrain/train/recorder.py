@@ -92,7 +92,7 @@ class RunRecorder:
                close: Callable[[], None] = lambda: None) -> dict:
         """The end of a run: validation + keep-best, the final weights, `before_test()`
         (PS: its last checkpoint), the test on the best weights, then on the main rank
-        `close()` (the metric sinks), summary.json and the plots. `details()`: the
+        summary.json, the plots and `close()` (the metric sinks). `details()`: the
         layout's summary fields after the common ones (may be a collective: every rank
         calls `finish`). Returns the summary."""
         val = self.validate(step)
@@ -103,8 +103,8 @@ class RunRecorder:
                    "train_loss": train_loss, "val": val, "test": test,
                    "best_val_loss": self.state.best_val, "best_step": self.state.best_step,
                    **details()}
-        if self.is_main:
-            close()
+        if self.is_main:  # metrics.jsonl is flushed per line: the plots read it whole
             write_summary(self.run_dir / "summary.json", summary)
             plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            close()  # after them: the trackers upload summary and plots as artefacts
         return summary

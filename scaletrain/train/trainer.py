@@ -19,7 +19,7 @@ import torch
 from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
-from scaletrain.config import Config, run_files
+from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.data import build_data
@@ -28,6 +28,7 @@ from scaletrain.evaluate import evaluate
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb
+from scaletrain.metrics.trackers import tracker_sinks
 from scaletrain.models import count_params, spec_of
 from scaletrain.models.documents import masking_eot
 from scaletrain.models.moe_terms import moe_step_terms
@@ -152,7 +153,9 @@ class Trainer:
         self.step_opts = StepOptions(**self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
-        self.sinks = build_sinks(self.run_dir, console=False, tensorboard=True) \
+        self.sinks = build_sinks(
+            self.run_dir, console=False, tensorboard=True,
+            trackers=tracker_sinks(cfg.metrics, self.run_dir, to_dict(cfg))) \
             if self.rt.is_main else None
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
                                 if self.spec.flops_per_token else None)
