@@ -38,3 +38,14 @@ class Stop:
 
 Decision = Continue | RolledBack | Stop
 CONTINUE = Continue()
+
+
+def rollback_record(step: int, to: int | None, lr_factor: float) -> dict:
+    """The metrics.jsonl record of a rollback after `faults.max_consecutive` bad steps at
+    `step`: to checkpoint step `to`, or impossible (None: no valid checkpoint yet, the
+    run keeps skipping bad steps). Written by the spmd session and the PS coordinator."""
+    if to is None:
+        return {"kind": "fault", "step": step, "event": "rollback_impossible",
+                "reason": "no valid checkpoint"}
+    return {"kind": "fault", "step": step, "event": "rollback", "to_step": to,
+            "lr_factor": lr_factor}

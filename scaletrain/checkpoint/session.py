@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.checkpoint.compat import IncompatibleCheckpoint, changed_settings
-from scaletrain.checkpoint.decisions import CONTINUE, Decision, RolledBack, Stop
+from scaletrain.checkpoint.decisions import (CONTINUE, Decision, RolledBack, Stop,
+                                             rollback_record)
 from scaletrain.checkpoint.manager import CheckpointManager, step_dir_name
 from scaletrain.config.load import dumps_toml
 from scaletrain.config.run_files import CONFIG_FILE, write_atomic
@@ -216,12 +217,8 @@ class CheckpointSession:
             return None
         self.reads.flush()  # values of steps after the checkpoint: read, then restored over
         to = self.rollback(self.manager)
-        if to is None:  # nothing to go back to: the rollback keeps skipping bad steps
-            self.log({"kind": "fault", "step": step, "event": "rollback_impossible",
-                      "reason": "no valid checkpoint"})
-            return None
-        self.log({"kind": "fault", "step": step, "event": "rollback", "to_step": to,
-                  "lr_factor": self.rollback.lr_factor})
+        # None: nothing to go back to, the rollback keeps skipping bad steps
+        self.log(rollback_record(step, to, self.rollback.lr_factor))
         return to
 
     def at_end(self, step: int, *, best_step: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import ParallelDims, resolve_dims
+from scaletrain.config.dims import ParallelDims
 from scaletrain.config.faults_checks import check_checkpoint_config
 from scaletrain.config.model_checks import FAMILY_RULES
 from scaletrain.config.ps_checks import check_ps
@@ -12,22 +12,18 @@ from scaletrain.config.strategy_checks import check_training_strategy
 from scaletrain.errors import ConfigError
 
 
-def data_parallel_degree(cfg: Config, world: int | None = None) -> int:
-    """dp_replicate × dp_shard, with a -1 inferred from `world` when given.
-
-    Without a world (a config validated on its own: `build_config`) a -1 counts as 1; the
-    world is never read here: the launcher, `plan --world` and every rank judge the
-    config on theirs (parallel/world_checks.py), with the layout they resolved.
-    """
-    if world is None:
-        return max(cfg.parallel.dp_replicate, 1) * max(cfg.parallel.dp_shard, 1)
-    return resolve_dims(cfg.parallel, world).dp
+def data_parallel_degree(cfg: Config) -> int:
+    """dp_replicate × dp_shard of a config judged on its own (`build_config`, no world):
+    a -1 counts as 1. With a world, the degree is the resolved `ParallelDims.dp` the
+    launcher, `plan --world` and every rank hand down (parallel/world_checks.py); it
+    is not re-derived here."""
+    return max(cfg.parallel.dp_replicate, 1) * max(cfg.parallel.dp_shard, 1)
 
 
-def accumulation_steps(cfg: Config, world: int | None = None) -> int:
+def accumulation_steps(cfg: Config, dims: ParallelDims | None = None) -> int:
     """Micro-batches per optimizer step on each rank (DESIGN.md §3): the batch plan's,
-    the count the trainer runs and reports."""
-    return batch_plan(cfg, data_parallel_degree(cfg, world)).accum
+    the count the trainer runs and reports; `dims`: the run's resolved layout."""
+    return batch_plan(cfg, dims.dp if dims is not None else data_parallel_degree(cfg)).accum
 
 
 def check_combinations(cfg: Config) -> None:
@@ -61,14 +57,15 @@ def check_combinations(cfg: Config) -> None:
 
 
 def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = None) -> None:
-    """Parallel degrees against the world size (when known) and the batch against dp.
+    """The batch against the data-parallel degree and the rules of the parallel settings.
 
-    `dims`: the layout already resolved for `world` (the world checks pass theirs)."""
+    `dims`: the layout resolved for the world (check_world's; None: a config judged on
+    its own, a -1 degree counts as 1); `world`: the world size parameter-server mode
+    judges (None: not known yet)."""
     if cfg.parallel.mode == "ps":  # parameter-server mode has its own rules (issue #7)
         return check_ps(cfg, world)
     t = cfg.train
-    # ConfigError naming the degrees if they clash
-    dp = dims.dp if dims is not None else data_parallel_degree(cfg, world)
+    dp = dims.dp if dims is not None else data_parallel_degree(cfg)
     p = cfg.parallel
     if p.activation_checkpoint == "budget" and p.activation_budget_gib <= 0:
         raise ConfigError("parallel.activation_checkpoint='budget' needs "

@@ -21,11 +21,15 @@ from scaletrain.errors import ConfigError
 # batch_ramp_start, pp_*, lora_alpha, distill.alpha, ...), which spmd ignores too while
 # their parent is off. Honoured through the parts PS shares with the spmd trainer:
 # checkpoint.keep_best (PS checkpoint pruning), faults.skip_nonfinite / spike_* (the
-# coordinator consults train/faults.py's monitor on every update), checkpoint.on_signal
-# (paramserver/stop.py). Known gap: a value
-# equal to its default cannot be told from an unset one, so the default
-# faults.max_consecutive=8 passes although PS never rolls back (bad updates stay
-# skipped, as spmd does when it has no checkpoint to go back to).
+# coordinator consults train/faults.py's monitor on every update), faults.max_consecutive
+# / rollback_lr_factor (the coordinator rolls the servers back to the newest PS
+# checkpoint: paramserver/coordinator.py), checkpoint.on_signal (paramserver/stop.py).
+# A field set to its schema default passes (it cannot be told from an unset one), so
+# every row's default must be what PS does anyway: its feature's "off" (compile,
+# grad_clip_value, loader_workers, async_save, plan.auto, init.from, ...), "auto"
+# (host_reads, backend), or a layout setting PS has no use for (timeout_s: PS waits
+# ps_timeout_s; reshard_after_forward, ddp_bucket_mb). faults.max_consecutive (8) was
+# the one row whose default asked for something PS did not do; PS now does it.
 UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "train.compile": ("the workers run the model eagerly", ()),
     "train.grad_clip_value": ("the servers clip the global norm only (train.grad_clip)",
@@ -39,8 +43,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "schedule.name": ("the servers' schedules never see the validation loss", ()),
     "schedule.epoch_steps": ("the servers' schedules do not know the epoch length", ()),
     "checkpoint.async_save": ("PS checkpoints are written synchronously", ()),
-    **{f"faults.{k}": ("the coordinator skips a bad update but never rolls back", off)
-       for k, off in (("max_consecutive", (0,)), ("rollback_lr_factor", ()))},
     "parallel.backend": ("PS talks over torch RPC (TensorPipe), no collective backend",
                          ()),
     "parallel.timeout_s": ("PS waits parallel.ps_timeout_s instead", ()),

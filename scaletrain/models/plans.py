@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from scaletrain.models.tp_styles import fused_colwise, replicate_style
+from scaletrain.models.tp_styles import (fused_colwise, replicate_style, vocab_embedding,
+                                         vocab_head)
 
 
 def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
@@ -29,9 +30,7 @@ def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     stream = Shard(1) if sp else Replicate()  # layout of the residual stream
     plan: dict = {}
     if model.wte is not None:
-        # Vocabulary-parallel embedding: rows of (V, D) sharded; partial lookups summed
-        # (all-reduce, or reduce-scatter along T with SP).
-        plan["wte"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+        plan["wte"] = vocab_embedding(stream)
         # The position table stays replicated; with SP each rank adds its T/tp rows.
         plan["wpe"] = replicate_style(Shard(0) if sp else None)
     for name in model.blocks.keys():
@@ -48,13 +47,8 @@ def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
         plan[f"{b}.mlp.c_proj"] = RowwiseParallel(output_layouts=stream)
     if model.ln_f is not None:
         plan["ln_f"] = SequenceParallel() if sp else replicate_style()
-    if model.lm_head is not None:
-        # Column-parallel over the vocabulary (weight tied to wte's Shard(0) rows): logits
-        # (B, T, V/tp) stay sharded for loss_parallel, else are all-gathered.
-        plan["lm_head"] = ColwiseParallel(
-            input_layouts=stream,
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel)
+    if model.lm_head is not None:  # weight tied to wte's rows
+        plan["lm_head"] = vocab_head(stream, loss_parallel)
     return plan
 
 
@@ -80,7 +74,7 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     norm = (lambda: SequenceParallel()) if sp else replicate_style
     plan: dict = {}
     if model.embed_tokens is not None:
-        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+        plan["embed_tokens"] = vocab_embedding(stream)
     for name in model.blocks.keys():
         b = f"blocks.{name}"
         plan[f"{b}.input_layernorm"] = norm()
@@ -107,8 +101,5 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     if model.norm is not None:
         plan["norm"] = norm()
     if model.lm_head is not None:
-        plan["lm_head"] = ColwiseParallel(
-            input_layouts=stream,
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel)
+        plan["lm_head"] = vocab_head(stream, loss_parallel)
     return plan

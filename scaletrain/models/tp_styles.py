@@ -88,6 +88,29 @@ def replicate_style(output_layout=None):
     return ReplicateParallel()
 
 
+def vocab_embedding(stream):
+    """Vocabulary-parallel token embedding (every family's): rows of (V, D) sharded
+    over tp; each rank looks up its rows and the partial lookups are summed
+    (all-reduce, or reduce-scatter along T into `stream` = Shard(1) with SP)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+
+
+def vocab_head(stream, loss_parallel: bool):
+    """Column-parallel output head over the vocabulary (a tied weight shares the
+    embedding's Shard(0) rows): the logits (B, T, V/tp) stay sharded for TP's
+    loss_parallel, else they are all-gathered; `stream`: the residual stream's layout
+    coming in (Shard(1) with SP, else Replicate())."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel(input_layouts=stream,
+                           output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                           use_local_output=not loss_parallel)
+
+
 def fused_colwise(split: int = 3, **kw):
     """Public factory for plans: column-parallel over `split` fused output parts."""
     return _fused_colwise_style(split, **kw)

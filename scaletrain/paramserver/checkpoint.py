@@ -68,6 +68,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: d.name)
 
 
+def newest(run_dir: Path) -> Path | None:
+    """The run's newest complete PS checkpoint (what a rollback restores), or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def resolve(cfg) -> Path | None:
     """The checkpoint to resume from per `checkpoint.resume`, or None to start afresh."""
     run_dir, how = Path(cfg.run.dir), cfg.checkpoint.resume

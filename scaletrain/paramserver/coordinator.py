@@ -32,7 +32,15 @@ every mode for the same number of samples.
 Faults: a live worker that is not waiting on the coordinator and has been silent for
 `ps_timeout_s` is dropped: its unapplied gradients are discarded, pending sync/ssp
 updates complete with the remaining workers (re-weighted by their tokens), and its next
-message is answered "dropped".
+message is answered "dropped". A bad update (train/faults.py's guard: non-finite loss or
+norm, a loss spike) is not applied; after `faults.max_consecutive` of them in a row the
+servers roll back to the run's newest checkpoint with the LR times
+`faults.rollback_lr_factor`, before any worker pulls again (as the spmd trainer does,
+checkpoint/session.py; without a checkpoint the bad updates in a row are counted afresh
+and stay skipped). Unlike spmd, the step counter, the schedule and the workers' data
+positions go on: a PS run is train.steps clocks of every worker, and a worker's clocks
+cannot go back, so the batches since the checkpoint are skipped and the run ends at the
+same sample budget.
 """
 
 from __future__ import annotations
@@ -41,10 +49,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from scaletrain.checkpoint.decisions import rollback_record
+from scaletrain.paramserver import checkpoint as ckpt
 from scaletrain.paramserver import server, transport
 from scaletrain.train.faults import FaultMonitor
 
@@ -71,6 +82,7 @@ class Update:
     tokens: int
     staleness: list[int] = field(default_factory=list)
     fault: dict | None = None  # the fault guard skipped it (train/faults.py's event)
+    rollback: dict | None = None  # then too many in a row: the rollback's record
 
 
 class Coordinator:
@@ -107,6 +119,7 @@ class Coordinator:
         # The spmd trainer's fault guard (faults.skip_nonfinite, spike_*), consulted on
         # every update's loss and global grad norm: a bad update is not applied.
         self.faults = faults
+        self.run_dir, self.lr_factor = Path(cfg.run.dir), cfg.faults.rollback_lr_factor
         if faults is not None and "faults" in st:
             faults.load_state_dict(st["faults"])
         # checkpoint.on_signal: the signal that stops the run (set from a handler, so
@@ -259,6 +272,8 @@ class Coordinator:
         loss = sum(c.loss_sum for c in contribs.values()) / max(total, 1)
         fault = self._judge(loss, grad_norm, new_step)
         self._on_servers(server.rpc_apply, key, coef, new_step - self.step, fault is None)
+        # Before the version moves on: no worker pulls the parameters rolled back over.
+        rollback = self._roll_back_if_due(new_step) if fault is not None else None
         stale = [self.version - c.version for c in contribs.values()]
         with self.cond:
             prev = self.step
@@ -284,7 +299,7 @@ class Coordinator:
             # The SSP bound, checked on every applied gradient (a bug here is ours).
             assert max(stale) <= self.s, f"staleness {max(stale)} > bound {self.s}"
         self.on_update(Update(self.version, self.step, prev, loss, grad_norm, lr, total,
-                              stale, fault))
+                              stale, fault, rollback))
 
     def _judge(self, loss: float, grad_norm: float, step: int) -> dict | None:
         """The fault guard's verdict on an update (train/faults.py, as the spmd step's
@@ -295,6 +310,22 @@ class Coordinator:
         reason = self.faults.classify(loss, grad_norm)
         self.faults.record(loss, grad_norm, reason, step=step)
         return self.faults.pop_event()
+
+    def _roll_back_if_due(self, step: int) -> dict | None:
+        """After faults.max_consecutive bad updates in a row (the monitor's verdict, as
+        spmd's): every server back to its shard of the newest checkpoint, the LR scaled
+        (server.py `roll_back`), the spike history the checkpoint's. The record to log,
+        or None when not due."""
+        if not self.faults.should_roll_back():
+            return None
+        path = ckpt.newest(self.run_dir)
+        if path is None:  # as train/faults.py's Rollback: count afresh, keep skipping
+            self.faults.consecutive = 0
+            return rollback_record(step, None, self.lr_factor)
+        self._on_servers(server.rpc_roll_back, str(path), self.lr_factor)
+        saved = ckpt.load(path, "coordinator")["coordinator"]
+        self.faults.load_state_dict(saved.get("faults", {}))
+        return rollback_record(step, int(saved["step"]), self.lr_factor)
 
     def _on_servers(self, fn, *args) -> list:
         """fn(*args) on every server: the others over RPC (concurrently), this process's

@@ -15,6 +15,7 @@ The module-level functions are the RPC entry points; they act on this process's
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -24,14 +25,17 @@ from scaletrain.config import Config
 from scaletrain.errors import CheckpointError
 from scaletrain.optim import build_optimizer, build_scheduler
 from scaletrain.optim.step_end import finish_step
+from scaletrain.paramserver import checkpoint as ckpt
+from scaletrain.train.faults import scale_lr
 
 
 class ShardServer:
     """Holds the parameters named `names` of `model` (a full model built like every
     other process's, so the initial values are bitwise those of a single process)."""
 
-    def __init__(self, cfg: Config, model: nn.Module, names: list[str]):
+    def __init__(self, cfg: Config, model: nn.Module, names: list[str], rank: int = 0):
         self.names = list(names)
+        self.rank = rank  # server index: its file in a checkpoint is server-<rank>.pt
         params = dict(model.named_parameters())
         mine = set(self.names)
         for n, p in params.items():
@@ -130,16 +134,34 @@ class ShardServer:
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock:
-            if list(state["names"]) != self.names:
-                raise CheckpointError("the checkpoint's PS shards do not match this model "
-                                      "and parallel.ps_servers")
-            with torch.no_grad():
-                for n, p in zip(self.names, self.params):
-                    p.copy_(state["params"][n])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_params_and_moments(state)
             self.scheduler.load_state_dict(state["scheduler"])
             reapply(self.optimizer, self.scheduler, self.fresh_settings)
             self.version = int(state["version"])
+
+    def _load_params_and_moments(self, state: dict) -> None:
+        """The parameters and optimizer state of checkpoint shard `state` (lock held)."""
+        if list(state["names"]) != self.names:
+            raise CheckpointError("the checkpoint's PS shards do not match this model "
+                                  "and parallel.ps_servers")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(state["params"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def roll_back(self, state: dict, lr_factor: float) -> None:
+        """faults.max_consecutive bad updates in a row: the parameters and optimizer
+        moments of checkpoint shard `state`, the LR scaled by `lr_factor`
+        (train/faults.py `scale_lr`, as the spmd rollback). The version and the schedule
+        keep counting: PS's run is its budget of worker clocks, which cannot go back
+        (coordinator.py), so the LR stays the current step's, times the factor."""
+        with self.lock:
+            groups = [{k: v for k, v in g.items() if k != "params"}
+                      for g in self.optimizer.param_groups]
+            self._load_params_and_moments(state)
+            for g, settings in zip(self.optimizer.param_groups, groups):
+                g.update(settings)  # this step's LR and settings, not the checkpoint's
+            scale_lr(self.scheduler, self.optimizer, lr_factor)
 
 
 def scale_grads(params: list[torch.Tensor], coef: float) -> None:
@@ -185,6 +207,11 @@ def rpc_lr() -> float:
 
 def rpc_state_dict() -> dict:
     return _SERVER.state_dict()
+
+
+def rpc_roll_back(path: str, lr_factor: float) -> None:
+    """Roll this server back to its shard of PS checkpoint `path` (ShardServer.roll_back)."""
+    _SERVER.roll_back(ckpt.load(Path(path), f"server-{_SERVER.rank}"), lr_factor)
 
 
 def rpc_stop() -> None:

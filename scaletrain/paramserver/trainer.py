@@ -79,7 +79,7 @@ def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
     # Build every role's state before joining: the RPC rendezvous is the barrier after
     # which workers may call.
     if is_server:
-        shard = server.ShardServer(cfg, model, shards[rt.rank])
+        shard = server.ShardServer(cfg, model, shards[rt.rank], rt.rank)
         if resume is not None:
             shard.load_state_dict(ckpt.load(resume, f"server-{rt.rank}"))
         server.install(shard)
@@ -170,6 +170,8 @@ class _Run:
     def on_update(self, u: coord_mod.Update) -> None:
         if u.fault is not None:  # a skipped update, logged as the spmd trainer does
             self.sinks.write({"kind": "fault", "step": u.step, **u.fault})
+        if u.rollback is not None:  # faults.max_consecutive of them (coordinator.py)
+            self.sinks.write(u.rollback)
         step = self._step_loss
         step["loss"] += u.loss * u.tokens
         step["tokens"] += u.tokens

@@ -60,6 +60,14 @@ back to params + state (the gradients' heap pages stay). The process's own basel
 (interpreter, torch, tokenizers, the TensorBoard writer, the data memmap's touched
 pages) is `CPU_BASELINE_MIB`, measured with a 70K-parameter model (bench/plan_accuracy.py
 "baseline"); CUDA's counter starts at zero.
+
+The prediction is for training on a prepared dataset. A run whose data cache is cold
+prepares it first, in the same process (tokenizer training, the datatrove pipeline:
+data/pipeline.py), and that phase's memory stays in the peak RSS: measured +104 MiB on
+the 10M GPT under bf16-pure (789 vs 685 MiB, python-stdlib at vocab 4096), which is
+what bench/plan_accuracy.py's first case on a fresh checkout used to show (-18%). The
+preparation's peak depends on the corpus, not the model; `scaletrain prepare` runs it
+apart.
 """
 
 from __future__ import annotations

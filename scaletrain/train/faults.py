@@ -134,11 +134,18 @@ def roll_back(manager, loader, scheduler, optimizer, lr_factor: float) -> int | 
     path, m = target
     manager.load(path, m)
     loader.load_state_dict(position)
+    scale_lr(scheduler, optimizer, lr_factor)
+    return m["step"]
+
+
+def scale_lr(scheduler, optimizer, lr_factor: float) -> None:
+    """`faults.rollback_lr_factor` after a rollback: the schedule's base LRs and the
+    current LR of every group scaled, so the rest of the schedule runs lower too (the
+    spmd rollback here, each PS server on its shard: paramserver/server.py)."""
     if lr_factor != 1.0:
         scheduler.base_lrs = [b * lr_factor for b in scheduler.base_lrs]
         for g in optimizer.param_groups:
             g["lr"] *= lr_factor
-    return m["step"]
 
 
 class Rollback:

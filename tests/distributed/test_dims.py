@@ -7,7 +7,7 @@ import pytest
 from scaletrain.config import build_config
 from scaletrain.config.checks import accumulation_steps, check_parallel
 from scaletrain.errors import ConfigError
-from scaletrain.config.dims import ParallelDims
+from scaletrain.config.dims import ParallelDims, resolve_dims
 
 
 @pytest.mark.parametrize("given,world,want", [
@@ -43,6 +43,7 @@ def test_mesh_shape_names_the_dimensions():
 
 def test_accumulation_from_global_batch_micro_batch_and_dp():
     cfg = build_config(None, [("train.batch_size", "32"), ("train.micro_batch_size", "2")])
-    assert [accumulation_steps(cfg, w) for w in (1, 2, 4, 8)] == [16, 8, 4, 2]
+    dims = {w: resolve_dims(cfg.parallel, w) for w in (1, 2, 4, 8, 32)}  # the runs' layouts
+    assert [accumulation_steps(cfg, dims[w]) for w in (1, 2, 4, 8)] == [16, 8, 4, 2]
     with pytest.raises(ConfigError, match="train.micro_batch_size=2"):
-        check_parallel(cfg, 32)  # 32 ranks: one sample each, below the micro-batch
+        check_parallel(cfg, 32, dims[32])  # 32 ranks: one sample each, below the micro-batch

@@ -1,6 +1,7 @@
 """Parameter-server mode honours what it shares with the spmd trainer (issue 14 item 7):
-the fault guard (faults.skip_nonfinite, faults.spike_*) on every update, keep-best of
-the run recorder with checkpoint.keep_best, and checkpoint.on_signal.
+the fault guard (faults.skip_nonfinite, faults.spike_*) on every update, the rollback
+after faults.max_consecutive bad updates (faults.rollback_lr_factor), keep-best of the
+run recorder with checkpoint.keep_best, and checkpoint.on_signal.
 
 Workers' gradients are tampered with through `worker_hook` (one server, one worker:
 the cheapest layout; the update of clock c is step c + 1).
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from safetensors.torch import load_file
 
@@ -49,6 +51,46 @@ def test_bad_updates_are_skipped_and_logged(tiny_args, tmp_path):
     assert summary["steps"] == 8
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(bool(w.isfinite().all()) for w in weights.values())  # the NaN never landed
+
+
+def _nan_at_5_and_6_recording_pulls(worker) -> None:
+    """Steps 5 and 6: NaN gradients and loss. Every step: the fp64 sum of the parameters
+    it computes on, appended to pulled.json beside the run directory."""
+    gradient, sums = worker.gradient, []
+    out = Path(worker.cfg.run.dir).parent / "pulled.json"
+
+    def tampered():
+        sums.append(sum(float(p.detach().double().sum()) for p in worker.model.parameters()))
+        out.write_text(json.dumps(sums))
+        grads, loss, count = gradient()
+        if len(sums) in (5, 6):
+            grads = [[g * math.nan for g in shard] for shard in grads]
+            loss = math.nan
+        return grads, loss, count
+
+    worker.gradient = tampered
+
+
+def test_max_consecutive_bad_updates_roll_back(tiny_args, tmp_path):
+    """faults.max_consecutive=2: the 2nd bad update in a row (step 6) rolls the servers
+    back to the newest checkpoint (step 3; step 4 was good, so its parameters differ)
+    and halves the LR; step 7 computes on exactly the parameters of step 3's checkpoint."""
+    args = tiny_args + ["--train.steps=8", "--eval.test=false", "--eval.interval=0",
+                        "--checkpoint.interval=3", "--faults.max_consecutive=2",
+                        "--faults.rollback_lr_factor=0.5", "--schedule.name=constant",
+                        "--schedule.warmup_steps=0", "--train.log_interval=1"]
+    summary = run_ps(args, 2, 1, hook=_nan_at_5_and_6_recording_pulls)
+    run = tmp_path / "run"
+    faults = [(r["step"], r["event"]) for r in records(run, "fault")]
+    assert faults == [(5, "nonfinite_loss"), (6, "nonfinite_loss"), (6, "rollback")]
+    rollback = records(run, "fault")[-1]
+    assert rollback["to_step"] == 3 and rollback["lr_factor"] == 0.5
+    pulled = json.loads((tmp_path / "pulled.json").read_text())  # [i]: before step i + 1
+    assert pulled[3] != pulled[4] == pulled[5]  # 5, 6 skipped
+    assert pulled[6] == pulled[3]  # step 7 starts from the checkpoint of step 3
+    lr = {r["step"]: r["lr"] for r in records(run, "train")}
+    assert lr[7] == lr[8] == 0.5 * lr[4]
+    assert summary["steps"] == 8
 
 
 def _ascend_after_two_steps(worker) -> None:

@@ -25,7 +25,7 @@ def test_plan_of_each_descent_mode(tiny_args):
                                     "--train.micro_batch_size=40"), dp=1, n_train=100)
     assert (full.full, full.micro, full.accum) == (100, 40, 3)  # the last one smaller
     # validation's count is the plan's
-    assert accumulation_steps(tiny_cfg_with("--train.micro_batch_size=2"), 1) == 4
+    assert accumulation_steps(tiny_cfg_with("--train.micro_batch_size=2")) == 4
 
 
 def test_full_batch_ac_budget_is_sized_for_the_whole_split(tiny_args):

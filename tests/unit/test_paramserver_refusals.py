@@ -17,7 +17,6 @@ REFUSED_VALUE = {
     "train.malloc_mmap_threshold_mib": "64", "data.loader_workers": "2",
     "optim.lr_scaling": "linear", "schedule.name": "plateau", "schedule.epoch_steps": "0",
     "checkpoint.async_save": "true",
-    "faults.max_consecutive": "3", "faults.rollback_lr_factor": "0.5",
     "parallel.backend": "gloo", "parallel.timeout_s": "30", "parallel.cpu_offload": "true",
     "parallel.reshard_after_forward": "false", "parallel.ddp_bucket_mb": "50",
     "plan.auto": "true", "init.from": "/nonexistent/run", "finetune.freeze": "['wte.*']",
@@ -43,6 +42,7 @@ def test_ps_refuses_the_field(field, tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("train.host_reads", "every-step"), ("faults.skip_nonfinite", "false"),
     ("faults.spike_sigmas", "0"), ("faults.max_consecutive", "0"),
+    ("faults.max_consecutive", "3"), ("faults.rollback_lr_factor", "0.5"),
     ("checkpoint.on_signal", "false"), ("schedule.name", "cosine"),
     ("train.compile", "false"), ("train.grad_clip", "0.5"), ("eval.test_batches", "2"),
 ])
