@@ -34,8 +34,11 @@ class MlflowSink:
                  params: dict[str, str]):
         """A new MLflow run named after the run directory with `params` logged, or,
         with `run_id`, the run a previous session of this training started (resume)."""
-        from mlflow.entities import Param  # optional dependency: scaletrain[mlflow]
+        # Optional dependency (scaletrain[mlflow]): imported when a sink is asked for.
+        from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
+
+        self._metric = Metric
 
         self.run_dir = Path(run_dir)
         store, artifacts = tracking_uri(uri)
@@ -55,10 +58,8 @@ class MlflowSink:
             self.client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS])
 
     def write(self, record: dict) -> None:
-        from mlflow.entities import Metric  # optional dependency (imported in __init__)
-
         now, step = int(time.time() * 1000), int(record["step"])
-        metrics = [Metric(k, v, now, step) for k, v in scalar_fields(record).items()]
+        metrics = [self._metric(k, v, now, step) for k, v in scalar_fields(record).items()]
         for i in range(0, len(metrics), _MAX_METRICS):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS])
 
