@@ -5,7 +5,6 @@ float64, so that a real difference (~1e-3 relative for mean-of-means) is not hid
 float32 rounding; two correct orderings of the same sums differ by ~1e-15 here.
 """
 
-import contextlib
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ seq_len, since every position of a text window is a target) and where the sample
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

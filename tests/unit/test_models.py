@@ -76,7 +76,6 @@ def test_init_is_deterministic_and_layout_independent():
     c = tiny_gpt(seed=4)
     assert not torch.equal(a.wte.weight, c.wte.weight)
     # A model that lost its first block (a pipeline stage) keeps the same values per name.
-    mc = ModelConfig(n_layer=2, n_head=4, d_model=32, seq_len=16)
     with torch.device("meta"):
         stage = GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, seq_len=16))
     del stage.blocks["0"]
