@@ -16,6 +16,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from import_graph import cycles, project_imports  # scripts/ is sys.path[0]
+
 # Text patterns of the re-derivations and sniffs the issue lists; counted per line.
 PATTERNS = {
     "micro-batch derived (`micro_batch_size or …`)": r"micro_batch_size\s+or\b",
@@ -37,57 +39,6 @@ def package_of(path: Path, root: Path) -> str:
     return path.relative_to(root).parts[0].removesuffix(".py")
 
 
-def imports(tree: ast.AST) -> list[tuple[str, bool]]:
-    """(imported scaletrain module, inside a function?) for every import in a module."""
-    inner = {id(m) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for m in ast.walk(n) if m is not n}
-    found = []
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.ImportFrom) and not node.level and node.module == "scaletrain":
-            names = [f"scaletrain.{a.name}" for a in node.names]  # from scaletrain import x
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            names = [node.module]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            if name.startswith("scaletrain."):
-                found.append((name, id(node) in inner))
-    return found
-
-
-def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Tarjan's SCCs with more than one member: the package cycles."""
-    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="scaletrain")
@@ -105,13 +56,13 @@ def main() -> None:
         text = f.read_text()
         tree = ast.parse(text)
         pkg = package_of(f, root)
-        for module, inside in imports(tree):
-            other = module.split(".")[1]
+        for imp in project_imports(tree, submodules=False):
+            other = imp.name.split(".")[1]
             if other == pkg:
                 continue
-            lazy += inside
-            top += not inside
-            if not inside:
+            lazy += imp.in_function
+            top += not imp.in_function
+            if not imp.in_function:
                 graph[pkg].add(other)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -126,16 +77,16 @@ def main() -> None:
     total = top + lazy
     print(f"cross-package imports: {total} ({lazy} inside functions, "
           f"{100 * lazy // max(total, 1)}%)")
-    cycles = strongly_connected(graph)
-    print(f"package cycles at module level: {len(cycles)}"
-          + "".join(f"\n  {len(c)} packages: {' '.join(c)}" for c in cycles))
+    found = cycles(graph)
+    print(f"package cycles at module level: {len(found)}"
+          + "".join(f"\n  {len(c)} packages: {' '.join(c)}" for c in found))
     for label, where in hits.items():
         home = DEFINED_IN.get(label)
         uses = [w for w in where if not (home and w.split(":")[0].endswith(home))]
         print(f"{label}: {len(uses)}" + "".join(f"\n  {w}" for w in uses)
               + "".join(f"\n  ({w}: definition)" for w in where if w not in uses))
     print(f"StepOptions fields: {len(step_fields)} {' '.join(step_fields)}")
-    print(f"longest functions (lines):")
+    print("longest functions (lines):")
     for length, where in sorted(functions, reverse=True)[:args.longest]:
         print(f"  {length:4d} {where}")
 

@@ -11,6 +11,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from scripts.import_graph import cycles, project_imports
+
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "scaletrain"
 
@@ -37,27 +39,6 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_imports(tree: ast.Module):
-    """(imported scaletrain module, line, inside a function?, module level?) of each
-    import; `from pkg import submodule` names the submodule."""
-    inner = {id(m) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for m in ast.walk(n) if m is not n}
-    typing_only = {id(m) for n in ast.walk(tree) if isinstance(n, ast.If)
-                   and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
-                   for m in ast.walk(n) if m is not n}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            assert not node.level, f"line {node.lineno}: relative import"
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name == "scaletrain" or name.startswith("scaletrain."):
-                yield name, node.lineno, id(node) in inner, id(node) not in typing_only
-
-
 def files():
     return sorted(SRC.rglob("*.py"))
 
@@ -67,39 +48,11 @@ def package_graph() -> dict[str, dict[str, list[str]]]:
     graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for f in files():
         src = package_of(f)
-        for name, line, _, _ in project_imports(ast.parse(f.read_text())):
-            parts = name.split(".")
-            if len(parts) > 1 and parts[1] != src:
-                graph[src][parts[1]].append(f"{f.relative_to(ROOT)}:{line}")
+        for imp in project_imports(ast.parse(f.read_text())):
+            other = imp.name.split(".")[1]
+            if other != src:
+                graph[src][other].append(f"{f.relative_to(ROOT)}:{imp.line}")
     return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Tarjan's strongly connected components with more than one member."""
-    index, low, stack, on, out = {}, {}, [], set(), []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while not comp or comp[-1] != v:
-                comp.append(stack.pop())
-                on.discard(comp[-1])
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
 
 
 def test_readme_states_the_order():
@@ -129,10 +82,9 @@ def test_imports_only_downward():
 
 
 def test_imports_at_the_top():
-    lazy = sorted({f"{f.relative_to(ROOT)}:{line}" for f in files()
+    lazy = sorted({f"{f.relative_to(ROOT)}:{imp.line}" for f in files()
                    if str(f.relative_to(ROOT)) not in LAZY_OK
-                   for _, line, inside, _ in project_imports(ast.parse(f.read_text()))
-                   if inside})
+                   for imp in project_imports(ast.parse(f.read_text())) if imp.in_function})
     assert lazy == [], "project imports inside functions (move them to the top)"
 
 
@@ -140,9 +92,9 @@ def module_level_deps(tree: ast.Module, known: set[str]) -> set[str]:
     """The project modules a module needs while it is imported: `from m import name`
     needs m, `from pkg import submodule` the submodule (TYPE_CHECKING blocks: none)."""
     deps = set()
-    for name, _, inside, runtime in project_imports(tree):
-        if not inside and runtime and name in known:
-            deps.add(name)
+    for imp in project_imports(tree):
+        if not imp.in_function and imp.runtime and imp.name in known:
+            deps.add(imp.name)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module in known and all(
                 f"{node.module}.{a.name}" in known for a in node.names):
