@@ -84,6 +84,14 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "eval":
         p.add_argument("--split", choices=("val", "test"), default="val")
         p.add_argument("--weights", choices=("best", "final"), default="best")
+        p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: score "
+                       "them instead of the loss (results -> DIR/lm_eval/)")
+        p.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+        p.add_argument("--limit", type=_count, help="at most this many documents per task")
+        p.add_argument("--num-fewshot", type=_count, help="few-shot examples (default: "
+                       "each task's own)")
+        p.add_argument("--batch-size", type=_count, default=8,
+                       help="loglikelihood rows per forward")
     return p
 
 
@@ -243,6 +251,8 @@ def cmd_eval(argv: list[str]) -> int:
 
     args, overrides = _split_args("eval", argv)
     run_dir = _run_config(args, overrides)
+    if args.tasks is not None:
+        return _eval_tasks(args, overrides, run_dir)
     cfg, model, tok = load_artefact(run_dir, overrides, which=args.weights)
     # Encoded with the directory's own tokenizer, whatever the config's data says.
     data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
@@ -260,6 +270,65 @@ def cmd_eval(argv: list[str]) -> int:
     samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
     print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0
+
+
+def _eval_tasks(args, overrides, run_dir) -> int:
+    """`eval --tasks`: lm-evaluation-harness tasks on the directory's model."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("eval --tasks needs lm-evaluation-harness: pip install "
+                        "'scaletrain[lmeval]'")
+    from scaletrain.compress.artefact import load_artefact  # lazy (module note)
+    from scaletrain.config.load import to_dict
+    from scaletrain.evaluate import harness
+    from scaletrain.evaluate.harness_model import ScaletrainLM
+    from scaletrain.metrics.trackers import check_trackers, tracker_sinks
+    from scaletrain.models.registry import spec_of
+    from scaletrain.precision import PrecisionPolicy
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks:
+        raise UserError("--tasks: name at least one lm-eval task")
+    for option, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None:
+            _at_least(option, value, 1)
+    if args.num_fewshot is not None:
+        _at_least("--num-fewshot", args.num_fewshot, 0)
+    request = harness.HarnessRequest(tasks, args.include_path, args.limit, args.num_fewshot,
+                                     args.batch_size)
+    manager = harness.task_manager(request)  # unknown task: one line, nothing loaded
+    cfg, model, tok = load_artefact(run_dir, overrides, which=args.weights)
+    if tok is None:
+        raise UserError(f"'{run_dir}' is not a text model; lm-eval tasks need one")
+    check_trackers(cfg.metrics)
+    policy = PrecisionPolicy(cfg.precision.dtype, next(model.parameters()).device)
+    lm = ScaletrainLM(model, tok, seq_len=cfg.model.seq_len, policy=policy,
+                      batch_size=args.batch_size, decode=spec_of(cfg.model).decode)
+    results = harness.run_tasks(lm, request, manager)
+    metrics = harness.task_metrics(results)
+    step = _weights_step(Path(run_dir), args.weights)
+    path = harness.write_results(Path(run_dir), {
+        "model_dir": str(Path(run_dir).resolve()), "weights": args.weights, "step": step,
+        "tasks": list(tasks), "metrics": metrics, **results})
+    if (Path(run_dir) / "config.toml").is_file():  # a run: its own tracker runs
+        for sink in tracker_sinks(cfg.metrics, Path(run_dir), to_dict(cfg)):
+            sink.write(harness.tracker_record(metrics, step))
+            sink.close()
+    for task, values in metrics.items():
+        print(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+    print(f"results -> {path}")
+    return 0
+
+
+def _weights_step(run_dir: Path, which: str) -> int:
+    """The training step the evaluated weights are from (summary.json), 0 if unknown."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    best = summary.get("best_step") if which == "best" else None
+    return int(best if best is not None else summary.get("steps", 0) or 0)
 
 
 def cmd_generate(argv: list[str]) -> int:

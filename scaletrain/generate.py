@@ -56,8 +56,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int,
 def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, seq_len: int,
            temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
            stop_id: int | None = None, use_cache: bool = True,
-           decode: Callable | None = None) -> list[int]:
+           decode: Callable | None = None,
+           stop: Callable[[list[int]], bool] | None = None) -> list[int]:
     """Continue `prompt_ids`; temperature 0 is greedy. Returns only the new tokens.
+    Ends at `stop_id` (not returned), or once `stop(new tokens so far)` is true (the
+    token that made it true is returned: lm-eval's stop strings are cut from the text).
 
     `decode`: the family's cached forward (`spec_of(cfg.model).decode`: (model, idx,
     cache, pos0) -> logits); None, or `use_cache=False`, re-runs the (cropped) context
@@ -87,6 +90,8 @@ def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, seq_
                 break
             out.append(nxt)
             ids.append(nxt)
+            if stop is not None and stop(out):
+                break
     finally:
         model.train(was_training)
     return out

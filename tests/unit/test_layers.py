@@ -20,7 +20,7 @@ SRC = ROOT / "scaletrain"
 # same (test_readme_states_the_order); a top-level module (errors.py, precision.py,
 # generate.py, cli.py) counts as a package.
 ORDER = ["errors", "config", "metrics", "precision", "models", "data", "optim", "parallel",
-         "plan", "finetune", "checkpoint", "evaluate", "generate", "compress", "train",
+         "plan", "finetune", "checkpoint", "generate", "evaluate", "compress", "train",
          "paramserver", "serve", "bench", "cli"]
 # `python -m scaletrain` runs cli; scaletrain/__init__.py imports nothing of the project.
 ENTRY = {"__main__": len(ORDER), "__init__": -1}
