@@ -58,10 +58,10 @@ def check_executor(dcfg: DataConfig) -> None:
     if dcfg.executor == "ray":
         _connect_ray(dcfg.ray_address)
     elif dcfg.executor == "slurm":
-        _slurm_partition(dcfg.slurm_partition)
         if not SLURM_TIME.match(dcfg.slurm_time):
             raise ConfigError(f"data.slurm_time: '{dcfg.slurm_time}' is not a Slurm time "
                               "limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)")
+        _slurm_partition(dcfg.slurm_partition)
 
 
 def run_steps(steps: list, tasks: int, workers: int, logs: Path,
