@@ -9,20 +9,25 @@
 # daemons run as root here; a real cluster runs them as the slurm / munge users). All of
 # its state lives in DIR: slurm.conf, a fresh munge key, munged's socket, the daemons'
 # pid, log, state and spool files, so it touches nothing in /etc and two clusters in two
-# DIRs only have to differ in ports (SLURM_PORT_BASE, default 6817: ctld, +1 slurmd).
+# DIRs only have to differ in ports (SLURMCTLD_PORT, default 6817; SLURMD_PORT, 6818).
 # No cgroups: process tracking by /proc (proctrack/linuxproc), no task plugin, no
 # accounting — what a container without systemd allows.
 set -euo pipefail
 
 cmd=${1:?usage: $0 start|stop DIR}
 dir=$(realpath -m "${2:?usage: $0 start|stop DIR}")
-port=${SLURM_PORT_BASE:-6817}
+port=${SLURMCTLD_PORT:-6817}
+dport=${SLURMD_PORT:-6818}
 
 stop() {
   # Only the daemons this script started, by the pids they wrote.
+  # Waits for each to exit: slurmctld writes its state files on the way out.
   for name in slurmd slurmctld munged; do
     if [[ -f $dir/$name.pid ]]; then
-      kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+      pid=$(cat "$dir/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
       rm -f "$dir/$name.pid"
     fi
   done
@@ -58,7 +63,7 @@ cat > "$dir/slurm.conf" <<EOF
 ClusterName=scaletrain
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$port
-SlurmdPort=$((port + 1))
+SlurmdPort=$dport
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
