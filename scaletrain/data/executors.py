@@ -79,7 +79,7 @@ def run_steps(steps: list, tasks: int, workers: int, logs: Path,
         _connect_ray(dcfg.ray_address)
         RayPipelineExecutor(steps, tasks=tasks, workers=workers, logging_dir=str(logs),
                             cpus_per_task=dcfg.ray_cpus_per_task).run()
-        _check_completed(logs, tasks, "ray", logs / "logs")
+        _check_completed(logs, tasks, "ray", logs / "logs")  # Ray copies task logs there
     elif dcfg.executor == "slurm":
         _run_slurm(steps, tasks, workers, logs, dcfg)
     else:  # the schema's choices make this unreachable from a config
@@ -103,15 +103,18 @@ def _summed_stats(logs: Path, tasks: int) -> dict[str, int]:
     return totals
 
 
-def _check_completed(logs: Path, tasks: int, executor: str, task_logs: Path) -> None:
-    """TaskFailed naming the first task without a completion mark and its last log line."""
+def _check_completed(logs: Path, tasks: int, executor: str, extra_logs: Path) -> None:
+    """TaskFailed naming the first task without a completion mark and the last error
+    line of its log: datatrove's task log, else the executor's own (`extra_logs`: Slurm
+    writes `<job>_<array index>.out`, with what failed before Python started)."""
     done = {p.name for p in (logs / "completions").glob("*")}
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
     if not missing:
         return
     rank = missing[0]
-    found = sorted(task_logs.glob(f"*{rank:05d}*")) or sorted(task_logs.glob("*"))
-    last = _last_line(found[0]) if found else "no log"
+    found = [p for p in [logs / "logs" / f"task_{rank:05d}.log",
+                         *sorted(extra_logs.glob(f"*_{rank}.out"))] if p.is_file()]
+    last = _last_line(found[0]) if found else "no log (the task never started)"
     raise TaskFailed(f"data.executor={executor}: {len(missing)} of {tasks} tasks of "
                      f"'{logs.name}' did not complete; task {rank}: {last}")
 
