@@ -193,7 +193,13 @@ def _run_slurm(steps: list, tasks: int, workers: int, logs: Path,
         raise ConfigError(f"data.executor=slurm: sbatch refused the job: "
                           f"{(e.output or b'').decode(errors='replace').strip()}") from None
     if job.job_id not in (None, -1):
-        _wait_slurm(str(job.job_id))
+        try:
+            _wait_slurm(str(job.job_id))
+        except BaseException:
+            # Interrupted (Ctrl-C, a kill): the tasks would go on writing into a work
+            # directory that is about to be removed.
+            subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+            raise
     _check_completed(logs, tasks, "slurm", Path(job.slurm_logs_folder))
 
 
