@@ -43,10 +43,13 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _prepare(out: Path, corpus: Path, *extra: str, env: dict | None = None) -> Path:
+    """The prepared directory; the cluster's and datatrove's INFO / WARNING lines stay
+    in their logs, off the user's console."""
     proc = run_cli("prepare", f"--data.source={corpus}", f"--data.prepared_dir={out}",
                    "--data.vocab_size=300", "--data.prep_workers=2", *extra, env=env,
                    timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr[-3000:]
     (prepared,) = [p for p in out.iterdir() if p.is_dir()]
     return prepared
 
