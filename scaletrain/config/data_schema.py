@@ -29,8 +29,26 @@ class DataConfig:
     max_files: int = F(0, "Read at most this many files (sorted by path); 0 = all.", ge=0)
     prep_workers: int = F(2, "Worker processes (datatrove tasks at once) that read, clean "
                           "and tokenize during preparation.", ge=1)
+    # The executor block (data/executors.py): where the datatrove pipeline runs.
     executor: str = F("local", "How the preparation pipeline runs: 'local' (datatrove's "
-                      "local executor, data.prep_workers processes).", choices=("local",))
+                      "local executor, data.prep_workers processes), 'ray' (an existing Ray "
+                      "cluster at data.ray_address) or 'slurm' (sbatch job arrays; "
+                      "data.prepared_dir must be on a filesystem the nodes share).",
+                      choices=("local", "ray", "slurm"))
+    ray_address: str = F("auto", "data.executor=ray: the cluster's address, host:port of "
+                         "its head (`ray start --head --port=PORT`), or 'auto' for the "
+                         "cluster running on this machine / $RAY_ADDRESS.")
+    ray_cpus_per_task: int = F(1, "data.executor=ray: CPUs Ray reserves for each task.",
+                               ge=1)
+    slurm_partition: str = F("", "data.executor=slurm: the partition the job arrays go to; "
+                             "'' = the cluster's default partition.")
+    slurm_time: str = F("01:00:00", "data.executor=slurm: the time limit of each task "
+                        "(sbatch --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS).")
+    slurm_cpus_per_task: int = F(1, "data.executor=slurm: CPUs of each array task "
+                                 "(sbatch --cpus-per-task).", ge=1)
+    slurm_mem_per_cpu_gb: int = F(2, "data.executor=slurm: memory per CPU in GB "
+                                  "(sbatch --mem-per-cpu).", ge=1)
+    slurm_qos: str = F("", "data.executor=slurm: sbatch --qos; '' = the cluster's default.")
     tokenizer_sample_bytes: int = F(256 << 20, "The BPE tokenizer trains on about this many "
                                     "bytes of the train split (a deterministic sample; all "
                                     "of it when smaller).", ge=1)

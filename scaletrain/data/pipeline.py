@@ -1,6 +1,6 @@
-"""Text preparation as datatrove pipelines (steps in `dt_steps.py`), run by its local
-executor, with the checks that make bad input one line (exit 2) and the counts that go
-into manifest.json.
+"""Text preparation as datatrove pipelines (steps in `dt_steps.py`), run by the executor
+of `data.executor` (local, Ray or Slurm: `executors.py`), with the checks that make bad
+input one line (exit 2) and the counts that go into manifest.json.
 
 Three jobs, each `data.prep_workers` processes at most: read + clean (one task per
 worker, files dealt round-robin), dedup + split (one task: "first copy kept" needs the
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.clean import SPLITS, Counts, documents_needed
-from scaletrain.data.dt_steps import (CleanedWriter, Clean, DedupSplit, QuietExecutor,
-                                      SourceReader, TokenizePart, quiet_logs)
+from scaletrain.data.dt_steps import (CleanedWriter, Clean, DedupSplit, SourceReader,
+                                      TokenizePart)
+from scaletrain.data.executors import check_executor, run_steps
 from scaletrain.data.records import check_text_column
 from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import TEXT, InputFiles, file_format
@@ -45,18 +45,11 @@ class Built:
     tokenizer: tokenizer_mod.Tokenizer
 
 
-def _run(steps: list, tasks: int, workers: int, logs: Path) -> dict[str, int]:
-    """Run `steps` on datatrove's local executor; the summed stats of every step."""
-    # datatrove's loguru logger prints every task's INFO lines to stderr by default;
-    # `prepare` prints its own summary, so only errors go there (the rest: `logs`).
-    quiet_logs()
-    stats = QuietExecutor(steps, tasks=tasks, workers=max(1, min(workers, tasks)),
-                          logging_dir=str(logs)).run()
-    totals: dict[str, int] = defaultdict(int)
-    for step in stats.stats:
-        for key, metric in step.stats.items():
-            totals[key] += int(metric.total)
-    return totals
+def _run(steps: list, tasks: int, workers: int, logs: Path,
+         dcfg: DataConfig) -> dict[str, int]:
+    """Run `steps` on `data.executor` (local, Ray or Slurm; `executors.py`) until every
+    task is done; the summed stats of every step."""
+    return run_steps(steps, tasks, workers, logs, dcfg)
 
 
 def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
@@ -65,14 +58,15 @@ def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
     tokenizer.json). Raises DataError (one line, naming the source) on unusable input."""
     files = [(str(p), file_format(p), i) for i, inp in enumerate(inputs) for p in inp.files]
     check_text_column([(Path(p), fmt) for p, fmt, _ in files], dcfg.text_key)
+    check_executor(dcfg)  # Ray reachable / Slurm there, before any task starts
     work = out / ".work"
     workers = dcfg.prep_workers
     read = _run([SourceReader(files, dcfg.text_key), Clean(dcfg.min_chars),
                  CleanedWriter(str(work))],
-                tasks=min(workers, len(files)), workers=workers, logs=work / "logs-read")
+                tasks=min(workers, len(files)), workers=workers, logs=work / "logs-read", dcfg=dcfg)
     _check_read(inputs, files, read, dcfg.text_key)
     dedup = _run([DedupSplit(str(work), dcfg.val_fraction, dcfg.test_fraction)],
-                 tasks=1, workers=1, logs=work / "logs-split")
+                 tasks=1, workers=1, logs=work / "logs-split", dcfg=dcfg)
     parts = json.loads((work / "parts.json").read_text())
     counts = Counts(files=len(files), skipped_binary=read["skipped_binary"],
                     skipped_undecodable=read["skipped_undecodable"],
@@ -84,7 +78,7 @@ def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
     tok.save(out / "tokenizer.json")
     tokens = _run([TokenizePart(str(work), [p["name"] for p in parts], tok.to_str(),
                                 token_dtype(tok.vocab_size).str, one_thread=workers > 1)],
-                  tasks=max(1, len(parts)), workers=workers, logs=work / "logs-tokenize") \
+                  tasks=max(1, len(parts)), workers=workers, logs=work / "logs-tokenize", dcfg=dcfg) \
         if parts else {}
     splits = {s: _concat(work, out, s, [p for p in parts if p["split"] == s], tokens)
               for s in SPLITS}
