@@ -43,6 +43,12 @@ def prepare(dcfg: DataConfig, *, progress: bool) -> Path:
     check_dir_field("data.prepared_dir", dcfg.prepared_dir)  # a file there: one line
     if dcfg.source == DIGITS:
         return prepare_digits(dcfg, progress=progress)
+    if dcfg.format == "chat":
+        # Imported here: it imports transformers (seconds), which text preparation and
+        # its tokenizer worker processes (they import this package) must not pay.
+        from scaletrain.data.chat_prepare import prepare_chat
+
+        return prepare_chat(dcfg, progress=progress)
     return prepare_text(dcfg, progress=progress)
 
 
