@@ -24,6 +24,8 @@ preparation (chat_prepare.py) and, later, preference data.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,20 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> dict:
         repr(sorted(tok.special_tokens_map.items()))
     return {"chat_renderer_sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest(),
             "transformers": transformers.__version__}
+
+
+def save_chat_files(tokenizer: str, template: str, run_dir: Path) -> list[str]:
+    """Write the renderer's tokenizer_config.json (special tokens, chat template) and
+    template file beside the run's tokenizer.json, as transformers saves them, so that a
+    resume, which reads the run's own tokenizer copy (finetune/init_from.py
+    `resolve_init`), renders with the same template. Returns the names written."""
+    tok = load_chat_tokenizer(tokenizer, template)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [Path(f).name for f in tok.save_pretrained(tmp)]
+        names = [n for n in names if n != "tokenizer.json" and (Path(tmp) / n).is_file()]
+        for n in names:  # tokenizer.json: the run's own copy (data/tokenizer.py) stays
+            shutil.copyfile(Path(tmp) / n, Path(run_dir) / n)
+    return names
 
 
 def check_messages(record, key: str, where: str) -> list[dict]:

@@ -91,6 +91,11 @@ class Trainer:
             prepare_run_dir(cfg)
             if self.data.tokenizer is not None:
                 self.data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
+            if cfg.data.format == "chat":  # a resume renders with the run's own copy
+                # Imported here: transformers costs seconds that text runs do not pay.
+                from scaletrain.data.chat import save_chat_files
+
+                save_chat_files(cfg.data.tokenizer, cfg.data.chat_template, self.run_dir)
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}

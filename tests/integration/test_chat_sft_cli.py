@@ -78,13 +78,14 @@ def test_lora_chat_sft_first_loss_is_the_hf_models(chat, tmp_path, train_on):
         assert f.keys() and all(k.endswith((".lora_A", ".lora_B")) for k in f.keys())
 
 
-def test_fsdp2_on_two_processes_equals_one_process(chat, tmp_path):
+def test_fsdp2_on_two_processes_and_a_resume_equal_one_process(chat, tmp_path):
     """Packed conversations with document masking: the losses of --nproc 2 (FSDP2,
     dp_shard=2) equal one process's at every step (the global count of trained targets
-    normalises both)."""
+    normalises both), and so do those of a run stopped and resumed."""
     d, _, data_args = chat
+    # A constant LR: the stopped run's schedule must not depend on its train.steps.
     args = [*data_args, *TRAIN, f"--init.from={d}", "--data.document_masking=true",
-            "--train.steps=3"]
+            "--train.steps=3", "--schedule.name=constant"]
     one, two = tmp_path / "one", tmp_path / "two"
     proc = run_cli("train", *args, f"--run.dir={one}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +93,16 @@ def test_fsdp2_on_two_processes_equals_one_process(chat, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _train_losses(one), _train_losses(two)
     assert len(a) == 3 and np.allclose(a, b, rtol=1e-5, atol=0), (a, b)
+    # Stopped after step 2 and resumed: the run renders with its own copy of the
+    # template (init.from is not read again) and continues the same curve.
+    res = tmp_path / "resumed"
+    proc = run_cli("train", *args, f"--run.dir={res}", "--train.steps=2",
+                   "--checkpoint.interval=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (res / "tokenizer_config.json").is_file()
+    proc = run_cli("train", *args, f"--run.dir={res}", "--checkpoint.interval=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.allclose(_train_losses(res), a, rtol=1e-6, atol=0), (_train_losses(res), a)
 
 
 def test_bad_chat_input_exits_2_with_one_line(chat, tmp_path):
