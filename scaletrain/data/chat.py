@@ -28,12 +28,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
-import transformers
-from transformers import PreTrainedTokenizerFast
 
 from scaletrain.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -46,7 +48,7 @@ class Rendered:
     mask: list[int]
 
 
-def load_chat_tokenizer(tokenizer: str, template: str = "") -> PreTrainedTokenizerFast:
+def load_chat_tokenizer(tokenizer: str, template: str = "") -> "PreTrainedTokenizerFast":
     """The transformers tokenizer chat data is rendered with: `tokenizer` is a
     tokenizer.json (data.tokenizer); its directory's tokenizer_config.json (special
     tokens, chat_template) is read when present; `template` (data.chat_template), a Jinja
@@ -57,6 +59,10 @@ def load_chat_tokenizer(tokenizer: str, template: str = "") -> PreTrainedTokeniz
     path = Path(tokenizer)
     if not path.is_file():
         raise ConfigError(f"data.tokenizer: '{path}' is not a file")
+    # Imported here, as the optional trackers are: transformers takes seconds to import,
+    # and text runs and the preparation worker processes (they import data/) never use it.
+    from transformers import PreTrainedTokenizerFast
+
     try:
         if (path.parent / TOKENIZER_CONFIG).is_file():  # bos/eos names, chat_template
             tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent),
@@ -86,8 +92,10 @@ def load_chat_tokenizer(tokenizer: str, template: str = "") -> PreTrainedTokeniz
     return tok
 
 
-def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> dict:
+def tokenizer_fingerprint(tok: "PreTrainedTokenizerFast") -> dict:
     """What about the renderer changes prepared chat data (its cache-key part)."""
+    import transformers  # loaded already by load_chat_tokenizer (see there)
+
     blob = tok.backend_tokenizer.to_str() + "\0" + tok.chat_template + "\0" + \
         repr(sorted(tok.special_tokens_map.items()))
     return {"chat_renderer_sha256": hashlib.sha256(blob.encode("utf-8")).hexdigest(),
@@ -123,7 +131,7 @@ def check_messages(record, key: str, where: str) -> list[dict]:
     return msgs
 
 
-def render(tok: PreTrainedTokenizerFast, messages: list[dict], train_on: str,
+def render(tok: "PreTrainedTokenizerFast", messages: list[dict], train_on: str,
            where: str = "conversation") -> Rendered:
     """Token ids of `messages` (equal to `tok.apply_chat_template(messages)`) and the
     loss mask: the assistant messages' tokens up to their end of turn
@@ -159,7 +167,7 @@ def render(tok: PreTrainedTokenizerFast, messages: list[dict], train_on: str,
     return Rendered(ids, mask)
 
 
-def _apply(tok: PreTrainedTokenizerFast, messages: list[dict], where: str, **kw):
+def _apply(tok: "PreTrainedTokenizerFast", messages: list[dict], where: str, **kw):
     """`tok.apply_chat_template(messages, **kw)` with the template's failures as
     DataError: `raise_exception(...)` (a role or order it rejects) and any other
     rendering error."""
