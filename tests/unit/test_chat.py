@@ -12,6 +12,7 @@ import pytest
 from tests.chat_dirs import CONVERSATIONS, TEMPLATE, chat_tokenizer, random_conversations
 from tests.chat_dirs import write_jsonl
 from tests.conftest import make_cfg
+from scaletrain.data import check_chat_masking
 from scaletrain.data.chat import check_messages, load_chat_tokenizer, render
 from scaletrain.data.chat_prepare import prepare_chat
 from scaletrain.data.chat_windows import ChatWindows, pack_rows
@@ -176,3 +177,20 @@ def test_prepare_errors_name_the_record(tok_dir, tmp_path):
         _prepared(tok_dir, tmp_path, bad)
     path, _ = _prepared(tok_dir, tmp_path / "k", random_conversations(6), "--data.train_on=all")
     assert json.loads((path / "manifest.json").read_text())["settings"]["train_on"] == "all"
+
+
+def test_document_masking_refuses_a_template_that_writes_end_of_text(tmp_path):
+    """Llama 2-style templates end a turn with the tokenizer's end-of-text (</s>): the
+    documents of a packed window would be cut inside conversations, so document masking
+    is refused with one line (padding without it works)."""
+    eot_turns = TEMPLATE.replace("'<|im_end|>'", "'<|endoftext|>'").replace(
+        "<|im_end|>\\n' }}{%- endif %}", "<|endoftext|>\\n' }}{%- endif %}")
+    d = tmp_path / "tok"
+    chat_tokenizer(d, eot_turns)
+    path, cfg = _prepared((d, None), tmp_path, random_conversations(8))
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["splits"]["train"]["eot_inside"]
+    check_chat_masking(cfg.data, m)  # masking off: fine
+    cfg.data.document_masking = True
+    with pytest.raises(DataError, match="data.document_masking.*data.chat_packing='pad'"):
+        check_chat_masking(cfg.data, m)
