@@ -98,8 +98,9 @@ def _build(out: Path, inputs: InputFiles, dcfg: DataConfig, tok, settings: dict)
     if splits["train"]["targets"] == 0:
         raise DataError(f"{dcfg.source}: the train split has no target tokens "
                         f"(data.train_on='{dcfg.train_on}': no assistant messages?)")
+    stages = {"records": len(convs) + dups, "duplicates": dups, "conversations": len(convs)}
     return {"kind": "text", "format": "chat", "source": dcfg.source,
-            "root": str(inputs.root), "settings": settings, "duplicates": dups,
+            "root": str(inputs.root), "settings": settings, "stages": stages,
             "splits": splits, "dtype": dtype.name, "vocab_size": st.vocab_size,
             "eot_id": st.eot_id, "tokenizer": "tokenizer.json"}
 
