@@ -194,3 +194,16 @@ def test_document_masking_refuses_a_template_that_writes_end_of_text(tmp_path):
     cfg.data.document_masking = True
     with pytest.raises(DataError, match="data.document_masking.*data.chat_packing='pad'"):
         check_chat_masking(cfg.data, m)
+
+
+def test_messages_key_names_the_field(tok_dir, tmp_path):
+    d, _ = tok_dir
+    src = write_jsonl(tmp_path / "src" / "c.jsonl", random_conversations(6), key="conversation")
+    args = [f"--data.source={src}", "--data.format=chat", "--data.test_fraction=0",
+            f"--data.tokenizer={d / 'tokenizer.json'}", "--data.val_fraction=0.2",
+            f"--data.prepared_dir={tmp_path / 'prep'}"]
+    with pytest.raises(DataError, match="c.jsonl:1: the record has no non-empty 'messages'"):
+        prepare_chat(make_cfg(args).data, progress=False)
+    path = prepare_chat(make_cfg([*args, "--data.messages_key=conversation"]).data,
+                        progress=False)
+    assert json.loads((path / "manifest.json").read_text())["stages"]["conversations"] == 6
