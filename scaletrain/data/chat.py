@@ -152,10 +152,12 @@ def render(tok: "PreTrainedTokenizerFast", messages: list[dict], train_on: str,
         if k == 0:
             raise DataError(f"{where}: the conversation starts with an assistant message; "
                             "data.train_on='assistant' needs the prompt before it")
-        start = len(_apply(tok, messages[:k], where, tokenize=False,
-                           add_generation_prompt=True))
+        # A template that ignores add_generation_prompt leaves the assistant header in
+        # the span: trained, but still inside this message's turn.
+        prompt = _apply(tok, messages[:k], where, tokenize=False, add_generation_prompt=True)
         through = _apply(tok, messages[:k + 1], where, tokenize=False)
-        if not (text.startswith(through) and through.startswith(text[:start])):
+        start = len(prompt)
+        if not (text.startswith(through) and through.startswith(prompt)):
             raise DataError(f"{where}: the chat template renders the conversation before "
                             f"message {k} differently from its start (it rewrites earlier "
                             "turns), so the assistant tokens cannot be found; use "

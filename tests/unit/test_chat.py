@@ -207,3 +207,18 @@ def test_messages_key_names_the_field(tok_dir, tmp_path):
     path = prepare_chat(make_cfg([*args, "--data.messages_key=conversation"]).data,
                         progress=False)
     assert json.loads((path / "manifest.json").read_text())["stages"]["conversations"] == 6
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    """Prefix diffs need the conversation so far to render as a prefix of the whole; a
+    template that marks the last message (as reasoning templates drop earlier thoughts)
+    breaks that, and is refused rather than mis-masked; train_on='all' still works."""
+    marks_last = TEMPLATE.replace("'<|im_end|>' + '\\n' }}",
+                                  "'<|im_end|>' + '\\n' }}{%- if loop.last %}END{% endif %}")
+    assert marks_last != TEMPLATE
+    chat_tokenizer(tmp_path, marks_last)
+    tok = load_chat_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match="x:2: the chat template renders the conversation "
+                                        "before message 1 differently.*train_on='all'"):
+        render(tok, CONVERSATIONS[1], "assistant", "x:2")
+    assert sum(render(tok, CONVERSATIONS[1], "all").mask) > 0
