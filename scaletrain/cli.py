@@ -184,6 +184,10 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
     shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
                           resuming=resumes_in_place(cfg))
+    if shaped.data.format == "chat":  # a chat template to render with, before launching
+        from scaletrain.data.chat import load_chat_tokenizer  # lazy: imports transformers
+
+        load_chat_tokenizer(shaped.data.tokenizer, shaped.data.chat_template)
     dims = check_world(shaped, world.size, shaped.model.vocab_size or None)  # its layout
     check_memory(shaped, dims, world.local_size)
     if world.is_main:  # only the main rank reports to the trackers

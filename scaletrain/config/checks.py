@@ -42,6 +42,9 @@ def check_combinations(cfg: Config) -> None:
     if cfg.data.document_masking and family.kind != "text":
         raise ConfigError(f"data.document_masking needs a text model, not model.name="
                           f"'{m.name}' (images have no documents)")
+    if cfg.data.format == "chat" and family.kind != "text":
+        raise ConfigError(f"data.format='chat' needs a text model, not model.name="
+                          f"'{m.name}'")
     if cfg.data.document_masking and cfg.distill.teacher:
         raise ConfigError("data.document_masking is not supported with distill.teacher "
                           "(the teacher's logits would attend across documents)")

@@ -60,6 +60,24 @@ class DataConfig:
                                "and position ids restart at every document (models/"
                                "documents.py); off = attention and positions run across "
                                "the whole window, as GPT-2 trained.")
+    # Chat SFT (data/chat.py, data/chat_prepare.py, data/chat_windows.py): one block.
+    format: str = F("text", "'text': documents of raw text (next-token training on every "
+                    "token); 'chat': JSONL records of a messages list (role / content), "
+                    "rendered with the model's chat template.", choices=("text", "chat"))
+    messages_key: str = F("messages", "data.format='chat': the field of a JSONL record "
+                          "that holds its list of {role, content} messages.")
+    chat_template: str = F("", "data.format='chat': a Jinja chat template file to render "
+                           "conversations with; empty = the chat_template of the HF "
+                           "tokenizer directory data.tokenizer lies in (from init.from).",
+                           path=True)
+    train_on: str = F("assistant", "data.format='chat': the tokens the loss covers: the "
+                      "assistant messages (their content and end-of-turn token) or every "
+                      "token of the conversation.", choices=("assistant", "all"))
+    chat_packing: str = F("pack", "data.format='chat': 'pack' whole conversations, in "
+                          "order, into seq_len windows (with data.document_masking they "
+                          "do not attend to each other), or 'pad' one conversation per "
+                          "window; a conversation longer than a window is cut.",
+                          choices=("pack", "pad"))
     assignment: str = F("block", "How a rank takes its part of each global batch: a "
                         "contiguous block or every world-size-th sample.",
                         choices=("block", "strided"))

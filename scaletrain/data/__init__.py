@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scaletrain.data.cache import read_manifest
+from scaletrain.data.chat_windows import ChatWindows
 from scaletrain.data.datasets import ArrayDataset, TokenWindows
 from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
 from scaletrain.data.tokenizer import Tokenizer
@@ -22,6 +23,15 @@ if TYPE_CHECKING:
     from scaletrain.config.schema import Config
 
 __all__ = ["Data", "build_data"]
+
+
+def check_chat_masking(dcfg, manifest: dict) -> None:
+    """DataError when document masking would cut conversations apart: the template
+    writes the end-of-text id inside them (chat_prepare.py `eot_inside`)."""
+    if dcfg.document_masking and any(s.get("eot_inside") for s in manifest["splits"].values()):
+        raise DataError("data.document_masking: the chat template writes the end-of-text "
+                        "token inside conversations, so they cannot be cut at it; use "
+                        "data.chat_packing='pad' with data.document_masking=false")
 
 
 @dataclass
@@ -63,9 +73,16 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
         return Data(kind="image", path=path, **sets, num_classes=manifest["num_classes"],
                     input_shape=tuple(manifest["input_shape"]), manifest=manifest)
 
+    chat = manifest.get("format") == "chat"
+    if chat:
+        check_chat_masking(cfg.data, manifest)
+
     def windows(split: str):
         if manifest["splits"][split]["tokens"] == 0:  # fraction 0: no such split
             return None
+        if chat:  # whole conversations per window, targets masked (chat_windows.py)
+            return ChatWindows(path / f"{split}.bin", manifest["dtype"], cfg.model.seq_len,
+                               manifest["eot_id"], cfg.data.chat_packing)
         return TokenWindows(path / f"{split}.bin", manifest["dtype"], cfg.model.seq_len)
 
     tok = Tokenizer.load(path / manifest["tokenizer"])

@@ -19,6 +19,7 @@ import tokenizers
 from scaletrain.config.paths import check_dir_field
 from scaletrain.config.schema import DataConfig
 from scaletrain.data.cache import build_cached, cache_key, valid_manifest
+from scaletrain.data.chat_prepare import prepare_chat
 from scaletrain.data.clean import check_fractions
 from scaletrain.data.pipeline import build_text
 from scaletrain.data.shards import token_dtype
@@ -43,6 +44,8 @@ def prepare(dcfg: DataConfig, *, progress: bool) -> Path:
     check_dir_field("data.prepared_dir", dcfg.prepared_dir)  # a file there: one line
     if dcfg.source == DIGITS:
         return prepare_digits(dcfg, progress=progress)
+    if dcfg.format == "chat":  # conversations rendered with a chat template
+        return prepare_chat(dcfg, progress=progress)
     return prepare_text(dcfg, progress=progress)
 
 

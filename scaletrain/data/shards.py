@@ -25,3 +25,9 @@ corpus spreads over every worker."""
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id (little-endian on disk)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+MASK_SUFFIX, DOCS_SUFFIX = ".mask.bin", ".docs.bin"
+"""Chat data (data/chat_prepare.py) beside each `<split>.bin`: `<split>.mask.bin`, uint8
+per token (1 = a target the loss covers), and `<split>.docs.bin`, little-endian int64
+offsets of every conversation's first token, then the stream length."""

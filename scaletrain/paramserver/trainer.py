@@ -26,6 +26,7 @@ from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.ps_checks import check_ps
 from scaletrain.data import build_data
+from scaletrain.data.chat import save_chat_files
 from scaletrain.errors import ConfigError
 from scaletrain.evaluate import evaluate
 from scaletrain.metrics import Progress, build_sinks, peak_memory_mb
@@ -125,6 +126,8 @@ class _Run:
         prepare_run_dir(cfg)
         if data.tokenizer is not None:
             data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
+        if cfg.data.format == "chat":  # a resume renders with the run's own copy
+            save_chat_files(cfg.data.tokenizer, cfg.data.chat_template, self.run_dir)
         self.model = new_model()  # evaluation replica, filled from the servers
         self.names = [n for n, _ in self.model.named_parameters()]
         self.kind = REGISTRY[cfg.model.name].kind

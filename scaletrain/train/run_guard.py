@@ -28,7 +28,9 @@ from scaletrain.errors import ConfigError
 # Files and folders training writes into a run directory (trainer.py, paramserver/,
 # plan/auto.py, metrics/): what overwrite removes and what a fresh start would clobber.
 OUTPUT_FILES = (CONFIG_FILE, "model.safetensors", "best.safetensors", "metrics.jsonl",
-                "summary.json", "tokenizer.json", "plan.json", "trackers.json")
+                "summary.json", "tokenizer.json", "plan.json", "trackers.json",
+                # chat runs (data/chat.py save_chat_files): transformers' tokenizer files
+                "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 CKPT_DIR, PLOTS_DIR, TB_DIR = "checkpoints", "plots", "tensorboard"
 PLOT_FILES = ("loss.png", "lr.png")  # metrics/plots.py plot_run
 TB_PREFIX = "events.out.tfevents."  # TensorBoard's SummaryWriter file names

@@ -23,6 +23,7 @@ from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.data import build_data
+from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.evaluate import evaluate
 from scaletrain.finetune import apply_init, resolve_init
@@ -91,6 +92,8 @@ class Trainer:
             prepare_run_dir(cfg)
             if self.data.tokenizer is not None:
                 self.data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
+            if cfg.data.format == "chat":  # a resume renders with the run's own copy
+                save_chat_files(cfg.data.tokenizer, cfg.data.chat_template, self.run_dir)
         seed_everything(cfg.train.seed)
         facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
                  "num_classes": self.data.num_classes}
