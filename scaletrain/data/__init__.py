@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from scaletrain.data.cache import read_manifest
 from scaletrain.data.datasets import ArrayDataset, TokenWindows
-from scaletrain.data.preference import PreferencePairs, prepare_preference
+from scaletrain.data.preference import PreferencePairs, prepare_preference, preference_keys
 from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.data.vision import load_digits_arrays
@@ -80,9 +80,7 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
 def build_preference(cfg: Config, *, progress: bool) -> Data:
     """Prepare and open the preference pairs of `cfg.data` (train.objective = "dpo"):
     splits of `PreferencePairs`, truncated to `cfg.model.seq_len`."""
-    d = cfg.dpo
-    path = prepare_preference(cfg.data, (d.prompt_key, d.chosen_key, d.rejected_key),
-                              progress=progress)
+    path = prepare_preference(cfg.data, preference_keys(cfg.dpo), progress=progress)
     manifest = read_manifest(path)
     if manifest is None:  # only a concurrent delete gets here
         raise DataError(f"{path}: manifest.json is missing or unreadable")

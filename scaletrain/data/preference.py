@@ -41,6 +41,11 @@ from scaletrain.models.losses import IGNORE_INDEX
 Record = tuple[str, str, str]  # (prompt, chosen, rejected)
 
 
+def preference_keys(dpo_cfg) -> tuple[str, str, str]:
+    """The (prompt, chosen, rejected) field names of the `[dpo]` section."""
+    return dpo_cfg.prompt_key, dpo_cfg.chosen_key, dpo_cfg.rejected_key
+
+
 def read_records(files, keys: tuple[str, str, str]) -> list[Record]:
     """Every record of the JSONL `files`, in file order; DataError (file:line and the
     field) for a line that is not a JSON object or lacks one of `keys` as a string."""
