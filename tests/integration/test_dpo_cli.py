@@ -119,3 +119,17 @@ def test_settings_dpo_does_not_honour_are_one_line(tmp_path, flag, fragment):
     proc = run_cli("train", *TINY, f"--data.source={tmp_path}/none.jsonl", flag,
                    f"--run.dir={tmp_path}/run")
     one_error_line(proc, fragment)
+
+
+def test_lora_run_uses_the_base_as_reference_without_a_copy(pairs, dpo_run, tmp_path):
+    cfg = make_cfg(args(pairs, tmp_path / "run", "--train.steps=2", f"--init.from={dpo_run}",
+                        "--finetune.lora_rank=2", "--finetune.lora_alpha=4",
+                        "--train.threads=1"))
+    tr = Trainer(cfg)
+    assert not isinstance(tr.loss.reference, torch.nn.Module)  # the policy, adapters off
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    first, _ = tr.train_one_step()  # B = 0: the policy is the base, every ratio 0
+    assert first.loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    second, _ = tr.train_one_step()  # adapters trained: the policy left its reference
+    assert second.loss.item() != pytest.approx(math.log(2), rel=1e-6)
+    assert sum(p.numel() for p in tr.model.parameters()) == n_params
