@@ -249,6 +249,10 @@ def cmd_eval(argv: list[str]) -> int:
     args, overrides = _split_args("eval", argv)
     run_dir = _run_config(args, overrides)
     cfg, model, tok = load_artefact(run_dir, overrides, which=args.weights)
+    if cfg.train.objective == "dpo":  # its pairs need the reference: the run scored them
+        raise UserError("scaletrain eval scores the language-model loss; a DPO run's DPO "
+                        "loss and accuracy are its eval records in metrics.jsonl (or pass "
+                        "--train.objective=lm --data.source=TEXT)")
     # Encoded with the directory's own tokenizer, whatever the config's data says.
     data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
     dataset = {"val": data.val, "test": data.test}[args.split]

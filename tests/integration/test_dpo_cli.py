@@ -133,3 +133,26 @@ def test_lora_run_uses_the_base_as_reference_without_a_copy(pairs, dpo_run, tmp_
     second, _ = tr.train_one_step()  # adapters trained: the policy left its reference
     assert second.loss.item() != pytest.approx(math.log(2), rel=1e-6)
     assert sum(p.numel() for p in tr.model.parameters()) == n_params
+
+
+def train_losses(run) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_resume_keeps_init_from_as_the_reference(pairs, dpo_run, tmp_path):
+    """A resumed run's reference is init.from's weights again, not the checkpoint's: the
+    losses after the resume are those of the uninterrupted run (exactly)."""
+    common = ["--schedule.name=constant", f"--init.from={dpo_run}", "--eval.test=false"]
+    full = run_cli("train", *args(pairs, tmp_path / "full", "--train.steps=2", *common))
+    assert full.returncode == 0, full.stderr[-3000:]
+    for steps in (1, 2):
+        part = run_cli("train", *args(pairs, tmp_path / "part", f"--train.steps={steps}",
+                                      *common))
+        assert part.returncode == 0, part.stderr[-3000:]
+    assert "resuming" in part.stderr
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
+
+
+def test_scaletrain_eval_of_a_dpo_run_is_one_line(dpo_run):
+    one_error_line(run_cli("eval", str(dpo_run)), "a DPO run's DPO loss and accuracy")
