@@ -29,6 +29,7 @@ from scaletrain.finetune import apply_init
 from scaletrain.finetune.lora import adapters_disabled, has_lora
 from scaletrain.models.losses import IGNORE_INDEX
 from scaletrain.models.registry import materialize, spec_of
+from scaletrain.parallel.ac import ACPolicy
 from scaletrain.parallel.parallelize import build_parallel_model
 from scaletrain.precision import PrecisionPolicy
 
@@ -173,9 +174,10 @@ def frozen_initial_model(cfg, facts: dict, dist, policy: PrecisionPolicy,
     reference is the start of the run, not the checkpoint."""
     dims = dist.dims
     if dims.fsdp:
+        # No activation checkpointing nor compile: it runs without gradients.
         model = build_parallel_model(cfg.model, facts, seed=cfg.train.seed, dims=dims,
                                      mesh=dist.mesh, pcfg=cfg.parallel, policy=policy,
-                                     device=device).module
+                                     device=device, ac=ACPolicy("none")).module
     else:
         spec = spec_of(cfg.model)
         with torch.device("meta"):
