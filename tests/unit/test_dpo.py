@@ -6,6 +6,7 @@ the LoRA reference (the base with the adapters off)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -148,3 +149,29 @@ def test_lora_reference_is_the_base_with_adapters_off():
     with torch.no_grad():
         torch.testing.assert_close(reference(x), base(x), rtol=0, atol=1e-12)
         assert not torch.allclose(model(x), base(x))  # adapters back on afterwards
+
+
+def test_prepare_tokenizes_each_field_with_the_given_tokenizer(tmp_path):
+    from scaletrain.config.schema import DataConfig
+    from scaletrain.data.preference import prepare_preference
+    from scaletrain.data.tokenizer import train_bpe
+
+    recs = [{"prompt": f"Question {i}: why?", "chosen": f" because {i}", "rejected": " no"}
+            for i in range(6)]
+    (src := tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = train_bpe([r[k] for r in recs for k in r], 300)
+    tok.save(tmp_path / "tok.json")
+    dcfg = DataConfig(source=str(src), prepared_dir=str(tmp_path / "p"),
+                      tokenizer=str(tmp_path / "tok.json"), val_fraction=0.0,
+                      test_fraction=0.0)
+    keys = ("prompt", "chosen", "rejected")
+    path = prepare_preference(dcfg, keys, progress=False)
+    assert prepare_preference(dcfg, keys, progress=False) == path  # cached
+    pairs = PreferencePairs(path, "train", 64, pad_id=tok.eot_id)
+    x, y = pairs.batch(np.arange(6))
+    for i, r in enumerate(recs):
+        p = tok.encode(r["prompt"])
+        for j, field in ((0, "chosen"), (1, "rejected")):
+            seq = p + tok.encode(r[field]) + [tok.eot_id]  # fields apart, then joined
+            assert x[i, j, :len(seq) - 1].tolist() == seq[:-1]
+            assert y[i, j][y[i, j] != -100].tolist() == seq[len(p):]
