@@ -4,14 +4,21 @@ what it does not honour)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from scaletrain.config.model_checks import FAMILY_RULES
-from scaletrain.config.schema import Config
+from scaletrain.config.schema import Config, DPOConfig
 from scaletrain.errors import ConfigError
 
 
 def check_dpo(cfg: Config) -> None:
     """ConfigError naming the field when `cfg` asks for DPO with a setting it cannot run."""
     if cfg.train.objective != "dpo":
+        changed = [f.name for f in fields(DPOConfig)
+                   if getattr(cfg.dpo, f.name) != getattr(DPOConfig(), f.name)]
+        if changed:
+            raise ConfigError(f"dpo.{changed[0]} is set but train.objective="
+                              f"'{cfg.train.objective}'; set train.objective='dpo' to use it")
         return
     p = cfg.parallel
     if FAMILY_RULES[cfg.model.name].kind != "text":

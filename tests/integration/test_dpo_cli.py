@@ -114,9 +114,10 @@ def test_a_prompt_longer_than_seq_len_is_one_line(tmp_path):
     ("--parallel.tp=2", "parallel.tp=2 is not supported with train.objective='dpo'"),
     ("--data.document_masking=true", "data.document_masking is not supported"),
     ("--train.objective=dpos", "train.objective"),
+    ("--train.objective=lm --dpo.beta=0.5", "dpo.beta is set but train.objective='lm'"),
 ])
 def test_settings_dpo_does_not_honour_are_one_line(tmp_path, flag, fragment):
-    proc = run_cli("train", *TINY, f"--data.source={tmp_path}/none.jsonl", flag,
+    proc = run_cli("train", *TINY, f"--data.source={tmp_path}/none.jsonl", *flag.split(),
                    f"--run.dir={tmp_path}/run")
     one_error_line(proc, fragment)
 
