@@ -220,17 +220,22 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 def cmd_prepare(argv: list[str]) -> int:
     from scaletrain.config import build_config  # lazy (module note)
     from scaletrain.data.pipeline import stage_table
+    from scaletrain.data.preference import prepare_preference, preference_keys
     from scaletrain.data.prepare import prepare
 
     args, overrides = _split_args("prepare", argv)
     cfg = build_config(args.config, overrides)
-    path = prepare(cfg.data, progress=sys.stderr.isatty())
+    if cfg.train.objective == "dpo":  # preference records (data/preference.py)
+        path = prepare_preference(cfg.data, preference_keys(cfg.dpo),
+                                  progress=sys.stderr.isatty())
+    else:
+        path = prepare(cfg.data, progress=sys.stderr.isatty())
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"prepared {cfg.data.source} -> {path}")
     for split, info in manifest.get("splits", {}).items():
         print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in info.items()
                                           if isinstance(v, (int, float))))
-    for line in stage_table(manifest):
+    for line in stage_table(manifest) if "stages" in manifest else []:  # text pipeline's
         print(line)
     return 0
 
@@ -258,6 +263,10 @@ def cmd_eval(argv: list[str]) -> int:
     if args.tasks is not None:
         return _eval_tasks(args, overrides, run_dir)
     cfg, model, tok = load_artefact(run_dir, overrides, which=args.weights)
+    if cfg.train.objective == "dpo":  # its pairs need the reference: the run scored them
+        raise UserError("scaletrain eval scores the language-model loss; a DPO run's DPO "
+                        "loss and accuracy are its eval records in metrics.jsonl (or pass "
+                        "--train.objective=lm --data.source=TEXT)")
     # Encoded with the directory's own tokenizer, whatever the config's data says.
     data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
     dataset = {"val": data.val, "test": data.test}[args.split]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.dims import ParallelDims
+from scaletrain.config.dpo_checks import check_dpo
 from scaletrain.config.faults_checks import check_checkpoint_config
 from scaletrain.config.model_checks import FAMILY_RULES
 from scaletrain.config.ps_checks import check_ps
@@ -57,6 +58,7 @@ def check_combinations(cfg: Config) -> None:
                           f"train.steps={t.steps}")
     check_training_strategy(cfg, data_parallel_degree(cfg))  # schedules, batch rules
     check_checkpoint_config(cfg)  # faults
+    check_dpo(cfg)  # train.objective='dpo': what preference tuning refuses
 
 
 def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = None) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from scaletrain.config.data_schema import DataConfig
+from scaletrain.config.dpo_schema import DPOConfig
 from scaletrain.config.fields import F, MAX_SEED, MAX_THREADS
 from scaletrain.config.metrics_schema import MetricsConfig
 from scaletrain.config.model_schema import ModelConfig
@@ -32,7 +33,7 @@ __all__ = ["F", "MAX_SEED", "MAX_THREADS", "Config", "sections", "RunConfig", "M
            "DataConfig", "TrainConfig", "OptimConfig", "ScheduleConfig", "PrecisionConfig",
            "EvalConfig", "CheckpointConfig", "FaultsConfig", "ParallelConfig", "PlanConfig",
            "GenerateConfig", "InitConfig", "FinetuneConfig", "DistillConfig", "PruneConfig",
-           "QuantConfig", "CompressConfig", "ServeConfig", "MetricsConfig"]
+           "QuantConfig", "CompressConfig", "ServeConfig", "MetricsConfig", "DPOConfig"]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Config:
     compress: CompressConfig = field(default_factory=CompressConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 def sections(cfg: Config | None = None) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class TrainConfig:
                         "full batch over this many trained tokens; 0 = off.", ge=0)
     batch_ramp_start: int = F(0, "Global batch (samples) of the first step of the ramp; a "
                               "multiple of micro_batch_size x data-parallel degree.", ge=0)
+    objective: str = F("lm", "What the step trains: 'lm' (next-token cross-entropy on "
+                       "the data's targets) or 'dpo' (preference tuning on JSONL records of "
+                       "prompt / chosen / rejected, Rafailov et al. 2023: the [dpo] section, "
+                       "train/dpo.py).", choices=("lm", "dpo"))
 
 
 @dataclass

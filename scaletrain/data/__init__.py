@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from scaletrain.data.cache import read_manifest
 from scaletrain.data.chat_windows import ChatWindows
 from scaletrain.data.datasets import ArrayDataset, TokenWindows
+from scaletrain.data.preference import PreferencePairs, prepare_preference, preference_keys
 from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.data.vision import load_digits_arrays
@@ -61,6 +62,8 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     Text windows are `cfg.model.seq_len` tokens long; a split too short for one window
     raises DataError naming it.
     """
+    if cfg.train.objective == "dpo":  # preference records, not running text
+        return build_preference(cfg, progress=progress)
     path = prepare_data(cfg.data, progress=progress)
     manifest = read_manifest(path)
     if manifest is None:  # prepare() just validated it; only a concurrent delete gets here
@@ -88,4 +91,18 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     tok = Tokenizer.load(path / manifest["tokenizer"])
     return Data(kind="text", path=path, train=windows("train"), val=windows("val"),
                 test=windows("test"), tokenizer=tok, vocab_size=tok.vocab_size,
+                manifest=manifest)
+
+
+def build_preference(cfg: Config, *, progress: bool) -> Data:
+    """Prepare and open the preference pairs of `cfg.data` (train.objective = "dpo"):
+    splits of `PreferencePairs`, truncated to `cfg.model.seq_len`."""
+    path = prepare_preference(cfg.data, preference_keys(cfg.dpo), progress=progress)
+    manifest = read_manifest(path)
+    if manifest is None:  # only a concurrent delete gets here
+        raise DataError(f"{path}: manifest.json is missing or unreadable")
+    tok = Tokenizer.load(path / manifest["tokenizer"])
+    sets = {s: PreferencePairs(path, s, cfg.model.seq_len, tok.eot_id)
+            if manifest["splits"][s]["pairs"] else None for s in ("train", "val", "test")}
+    return Data(kind="text", path=path, **sets, tokenizer=tok, vocab_size=tok.vocab_size,
                 manifest=manifest)

@@ -13,6 +13,7 @@ The wrapped layer keeps the base `nn.Linear` as `.base`, so adapter names are
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 
@@ -37,6 +38,8 @@ class LoRALinear(nn.Module):
         # As peft / the reference loralib: A like a Linear's default init, B zero.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.drop = nn.Dropout(dropout)
+        # False inside `adapters_disabled`: the layer is its base (DPO's reference model).
+        self.adapters_enabled = True
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
@@ -46,6 +49,8 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapters_enabled:
+            return self.base(x)
         # (..., in) -> (..., r) -> (..., out): two thin matmuls, never the (out, in) delta.
         return self.base(x) + F.linear(F.linear(self.drop(x), self.lora_A),
                                        self.lora_B) * self.scaling
@@ -89,6 +94,20 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str],
 
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, every LoRA layer of `model` computes its frozen base alone: the model is
+    the base model (peft's `disable_adapter`), e.g. DPO's reference, without a copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.adapters_enabled = True
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from scaletrain.optim.step_end import ClipNorm, StepEnd, StepResult, clip_grad_norm
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.models.losses import count_targets
 from scaletrain.train.step_loss import StepLoss, default_step_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -51,7 +50,9 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch],
                ) -> StepResult:
     """One optimizer step over `micro_batches` with the run's loss and end of step."""
     micro_batches = list(micro_batches)
-    local = sum(count_targets(y) for _, y in micro_batches)
+    step_loss.start_step()
+    # Target tokens of the LM loss, pairs of DPO's (train/dpo.py): the step's divisor.
+    local = sum(step_loss.count(y) for _, y in micro_batches)
     n_total = opts.count_reducer(local.clone())
     # Division in the loss dtype; the count is exact in fp32 up to 2**24 tokens per step.
     denom = n_total.to(loss_dtype(policy))

@@ -32,7 +32,7 @@ from scaletrain.models.documents import document_kwargs
 from scaletrain.parallel.compile import compile_cross_entropy, head_computes_loss
 from scaletrain.parallel.tensor import tp_loss_context
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.models.losses import sum_cross_entropy
+from scaletrain.models.losses import count_targets, sum_cross_entropy
 
 CustomLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (logits, inputs or None, targets, loss dtype) -> summed loss
@@ -61,6 +61,16 @@ class StepLoss:
     # by the same global count as the loss and adds it to the gradient only: the logged
     # loss stays the cross-entropy.
     extra: Callable[[], "torch.Tensor | None"] = lambda: None
+    # What a micro-batch's loss is normalised by: its target tokens (train/dpo.py's
+    # DPOLoss, the other step loss, counts pairs).
+    count: Callable[[torch.Tensor], torch.Tensor] = count_targets
+
+    def start_step(self) -> None:
+        """A step begins (DPOLoss restarts its reward sums; nothing here)."""
+
+    def record(self, reducer) -> dict:
+        """The loss's own keys of a train record (DPOLoss: rewards); none here."""
+        return {}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  policy: PrecisionPolicy, loss_dtype: torch.dtype) -> torch.Tensor:

@@ -52,6 +52,7 @@ from scaletrain.plan.malloc import tune_malloc
 from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.device_guard import fault_guard
+from scaletrain.train.dpo import DPOLoss, dpo_loss, frozen_initial_model
 from scaletrain.train.faults import FaultMonitor, Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
 from scaletrain.train.run_guard import prepare_run_dir, resumes_in_place
@@ -139,6 +140,9 @@ class Trainer:
                                   cfg.model.moe_bias_update_rate)
         if self.moe is not None:
             self.loss = replace(self.loss, extra=self.moe.collect)
+        if cfg.train.objective == "dpo":  # the DPO loss and its frozen reference instead
+            self.loss = dpo_loss(cfg, self.model, lambda: frozen_initial_model(
+                cfg, facts, self.dist, self.policy, self.rt.device, self.data.vocab_size))
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
@@ -162,6 +166,8 @@ class Trainer:
             if self.rt.is_main else None
         self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
                                 if self.spec.flops_per_token else None)
+        if isinstance(self.loss, DPOLoss):  # "tokens" count pairs there: no MFU from them
+            self.flops_per_token = None
         if self.pipeline is not None:  # the whole model's, not this rank's stage(s)
             self.n_params, self.flops_per_token = whole_model_stats(
                 self.pipeline, self.spec, cfg.model, facts)
@@ -230,6 +236,8 @@ class Trainer:
     def _run_eval(self, split: str, batches) -> dict:
         batches = ((self.policy.cast_input(x.to(self.rt.device)), y.to(self.rt.device))
                    for x, y in batches)
+        if isinstance(self.loss, DPOLoss):  # DPO loss and accuracy of the split's pairs
+            return self.loss.evaluate(self.model, batches, self.policy, self.dist.sum_reducer)
         if self.pipeline is not None:  # forward through the stages (schedule.eval)
             with self.policy.autocast():
                 return self.pipeline.evaluate(batches, self.dist.sum_reducer,
@@ -338,6 +346,7 @@ class Trainer:
                   "mem_mb": peak_memory_mb(self.rt.device)}
         if self.moe is not None:  # the router's health, counted once (not in "loss")
             record.update(self.moe.record())
+        record.update(self.loss.record(self.dist.sum_reducer))  # DPO's rewards (a collective)
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
             record["skipped_steps"] = self.state.skipped_steps

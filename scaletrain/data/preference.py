@@ -1,0 +1,197 @@
+"""Preference data for DPO (train.objective = "dpo"): JSONL records of `prompt`,
+`chosen` and `rejected` strings, prepared once into a cached directory, and the dataset
+the loader draws (chosen, rejected) pairs from.
+
+Preparation: read every record (one line error for a line that is not a JSON object or
+lacks a string field), split by content hash (the records with the lowest sha256 go to
+val, then test: the split does not depend on the file order), tokenize each field apart
+with the run's tokenizer (data.tokenizer / init.from's, else a BPE trained on the train
+split's texts), and store the ids untruncated: `<split>-ids.npy` (every record's prompt,
+chosen, rejected ids back to back) and `<split>-lengths.npy` (N, 3). Fields are tokenized
+separately and concatenated (prompt ids + response ids), as TRL's DPOTrainer does, so the
+prompt / response boundary is exact; each response ends with the end-of-text id, so the
+model is also taught to stop. Chat-shaped records (messages lists rendered with a chat
+template) are a later step.
+
+Truncation happens when the dataset is opened, where model.seq_len is known (the cache
+does not depend on it): the prompt is kept whole and the response cut to fit seq_len + 1
+tokens (inputs are the first seq_len, targets the last seq_len, as in TokenWindows); a
+prompt that leaves no room for one response token is a DataError naming the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+
+from scaletrain.config.schema import DataConfig
+from scaletrain.data import tokenizer as tokenizer_mod
+from scaletrain.data.cache import build_cached, cache_key
+from scaletrain.data.clean import SPLITS, check_fractions
+from scaletrain.data.records import _open_lines
+from scaletrain.data.sources import JSONL, file_format, list_text_files, slug
+from scaletrain.errors import DataError
+from scaletrain.models.losses import IGNORE_INDEX
+
+Record = tuple[str, str, str]  # (prompt, chosen, rejected)
+
+
+def preference_keys(dpo_cfg) -> tuple[str, str, str]:
+    """The (prompt, chosen, rejected) field names of the `[dpo]` section."""
+    return dpo_cfg.prompt_key, dpo_cfg.chosen_key, dpo_cfg.rejected_key
+
+
+def read_records(files, keys: tuple[str, str, str]) -> list[Record]:
+    """Every record of the JSONL `files`, in file order; DataError (file:line and the
+    field) for a line that is not a JSON object or lacks one of `keys` as a string."""
+    out = []
+    for path in files:
+        if file_format(path) != JSONL:
+            raise DataError(f"{path}: preference data (train.objective='dpo') must be "
+                            f"JSONL records (.jsonl, .jsonl.gz, .jsonl.zst)")
+        with _open_lines(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    out.append(_record(line, keys, f"{path}:{n}"))
+    if not out:
+        raise DataError(f"{files[0]}: no preference records")
+    return out
+
+
+def _record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        raise DataError(f"{where}: not a JSON record") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: not a JSON object")
+    for key in keys:
+        if not isinstance(rec.get(key), str):
+            what = "missing" if key not in rec else "not a string"
+            raise DataError(f"{where}: field '{key}' is {what} (a preference record needs "
+                            f"string fields {', '.join(keys)}: data.source, dpo.*_key)")
+    return tuple(rec[k] for k in keys)
+
+
+def split_records(records: list[Record], val_fraction: float,
+                  test_fraction: float) -> dict[str, list[Record]]:
+    """Records per split: ordered by the sha256 of their JSON, the first
+    round(n * val_fraction) (at least one when the fraction is > 0) go to val, the next
+    to test, the rest to train in file order."""
+    digests = [hashlib.sha256(json.dumps(r).encode()).hexdigest() for r in records]
+    order = sorted(range(len(records)), key=lambda i: digests[i])
+    n = len(records)
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    if n_val + n_test >= n:
+        raise DataError(f"{n} preference record(s) leave none to train on after the val "
+                        f"({n_val}) and test ({n_test}) splits (data.val_fraction, "
+                        f"data.test_fraction)")
+    which = {i: "val" for i in order[:n_val]} | {i: "test" for i in order[n_val:n_val + n_test]}
+    return {s: [r for i, r in enumerate(records) if which.get(i, "train") == s]
+            for s in SPLITS}
+
+
+def prepare_preference(dcfg: DataConfig, keys: tuple[str, str, str], *,
+                       progress: bool) -> Path:
+    """Prepare the preference records of `dcfg.source` unless cached; the directory."""
+    check_fractions(dcfg.val_fraction, dcfg.test_fraction)
+    inputs = list_text_files(dcfg.source, dcfg.max_files, exclude=Path(dcfg.prepared_dir))
+    settings = {"kind": "preference", "keys": list(keys), "vocab_size": dcfg.vocab_size,
+                "val_fraction": dcfg.val_fraction, "test_fraction": dcfg.test_fraction,
+                "tokenizers": tokenizers.__version__}
+    if dcfg.tokenizer:
+        p = Path(dcfg.tokenizer)
+        if not p.is_file():
+            raise DataError(f"data.tokenizer: '{p}' is not a file")
+        settings["tokenizer_sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    key = cache_key({"root": str(inputs.root), "files": inputs.fingerprint()}, settings)
+    final = Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-pref-{key[:12]}"
+
+    def build(out: Path) -> dict:
+        splits = split_records(read_records(inputs.files, keys), dcfg.val_fraction,
+                               dcfg.test_fraction)
+        if dcfg.tokenizer:  # fine-tuning: the source model's ids
+            tok = tokenizer_mod.Tokenizer.load(dcfg.tokenizer)
+        else:
+            texts = (t for r in splits["train"] for t in r)
+            tok = tokenizer_mod.train_bpe(texts, dcfg.vocab_size, progress=progress)
+        tok.save(out / "tokenizer.json")
+        counts = {}
+        for split, recs in splits.items():
+            ids, lengths = _tokenize(tok, recs)
+            np.save(out / f"{split}-ids.npy", ids)
+            np.save(out / f"{split}-lengths.npy", lengths)
+            counts[split] = {"pairs": len(recs), "tokens": int(ids.size)}
+        return {"kind": "preference", "source": dcfg.source, "settings": settings,
+                "splits": counts, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                "tokenizer": "tokenizer.json"}
+
+    return build_cached(final, key, build)
+
+
+def _tokenize(tok, records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 ids, (N, 3) int64 lengths): prompt, chosen + eot, rejected + eot."""
+    flat = [t for r in records for t in r]
+    enc = tok.encode_batch(flat) if flat else []
+    seqs = []
+    for i in range(0, len(enc), 3):
+        seqs += [enc[i], enc[i + 1] + [tok.eot_id], enc[i + 2] + [tok.eot_id]]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64).reshape(-1, 3)
+    ids = np.array([t for s in seqs for t in s], dtype=np.int64)
+    return ids, lengths
+
+
+class PreferencePairs:
+    """The pairs of one prepared split, as (inputs, targets) batches of shape (B, 2, T):
+    [:, 0] the chosen sequence, [:, 1] the rejected one. inputs = sequence[:-1] and
+    targets = sequence[1:], right-padded with the end-of-text id; targets are
+    IGNORE_INDEX except at response tokens, so `targets != IGNORE_INDEX` is the response
+    mask and the batch keeps the loader's (inputs, targets) shape."""
+
+    def __init__(self, path: Path, split: str, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id = int(seq_len), int(pad_id)
+        ids = np.load(path / f"{split}-ids.npy")
+        lengths = np.load(path / f"{split}-lengths.npy")
+        starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))[:-1]]).reshape(-1, 3)
+        self.ids, self.lengths, self.starts = ids, lengths, starts
+        too_long = np.nonzero(lengths[:, 0] >= self.seq_len + 1)[0]
+        if too_long.size:
+            i = int(too_long[0])
+            raise DataError(f"{split} pair {i} of {path}: its prompt is {lengths[i, 0]} "
+                            f"tokens, leaving no room for a response within model.seq_len="
+                            f"{self.seq_len}")
+        empty = np.nonzero(lengths[:, 0] == 0)[0]
+        if empty.size:  # the first response token would have nothing to be predicted from
+            raise DataError(f"{split} pair {int(empty[0])} of {path}: its prompt is empty")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _row(self, i: int, which: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs (T,), targets (T,)) of pair i's chosen (1) or rejected (2) sequence."""
+        T = self.seq_len
+        p = int(self.lengths[i, 0])
+        r = min(int(self.lengths[i, which]), T + 1 - p)  # the prompt kept, response cut
+        s0, sr = self.starts[i, 0], self.starts[i, which]
+        seq = np.concatenate([self.ids[s0:s0 + p], self.ids[sr:sr + r]])
+        x = np.full(T, self.pad_id, dtype=np.int64)
+        y = np.full(T, IGNORE_INDEX, dtype=np.int64)
+        x[:len(seq) - 1] = seq[:-1]
+        # Target j predicts seq[j + 1]: the response tokens seq[p:] are targets p-1 ...
+        y[p - 1:len(seq) - 1] = seq[p:]
+        return x, y
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 (B, 2, T), of the pairs `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = [self._row(int(i), w) for i in idx for w in (1, 2)]
+        T = self.seq_len
+        x = np.stack([r[0] for r in rows]) if rows else np.zeros((0, T), np.int64)
+        y = np.stack([r[1] for r in rows]) if rows else np.zeros((0, T), np.int64)
+        return (torch.from_numpy(x.reshape(-1, 2, T)), torch.from_numpy(y.reshape(-1, 2, T)))
