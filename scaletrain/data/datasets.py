@@ -86,3 +86,46 @@ class ArrayDataset:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.x[i]), torch.tensor(self.y[i])
+
+
+class MixtureWindows:
+    """Several sources' `TokenWindows` (one tokenizer, one seq_len) as one index space:
+    sample `offsets[i] + j` is sample j of source i. The loader draws from it with a
+    `MixtureSampler` (data/mixture.py), which gives each source its `weights` share;
+    as a plain dataset (eval tools) it is the sources' samples one after the other.
+    `weights` are normalised to sum to 1.
+    """
+
+    def __init__(self, parts: list[TokenWindows], names: list[str], weights: list[float]):
+        if not parts or not len(parts) == len(names) == len(weights):
+            raise ValueError(f"{len(parts)} parts, {len(names)} names, {len(weights)} weights")
+        if len({p.seq_len for p in parts}) != 1:
+            raise ValueError("the sources of a mixture must have one seq_len")
+        total = float(sum(weights))
+        self.parts, self.names = list(parts), list(names)
+        self.weights = [float(w) / total for w in weights]
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.cumsum([0, *self.sizes]).astype(np.int64)
+        self.seq_len = parts[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 (B, T), of the samples `idx`, in `idx`'s order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        src = np.searchsorted(self.offsets, idx, side="right") - 1  # (B,) source of each
+        x = torch.empty((len(idx), self.seq_len), dtype=torch.int64)
+        y = torch.empty_like(x)
+        for i in np.unique(src):
+            rows = src == i
+            xi, yi = self.parts[i].batch(idx[rows] - self.offsets[i])
+            mask = torch.from_numpy(rows)
+            x[mask], y[mask] = xi, yi
+        return x, y
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(np.array([i]))
+        return x[0], y[0]
