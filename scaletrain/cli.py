@@ -212,6 +212,8 @@ def cmd_prepare(argv: list[str]) -> int:
 
     args, overrides = _split_args("prepare", argv)
     cfg = build_config(args.config, overrides)
+    if cfg.data.mixture:
+        return _prepare_mixture(cfg)
     path = prepare(cfg.data, progress=sys.stderr.isatty())
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"prepared {cfg.data.source} -> {path}")
@@ -220,6 +222,19 @@ def cmd_prepare(argv: list[str]) -> int:
                                           if isinstance(v, (int, float))))
     for line in stage_table(manifest):
         print(line)
+    return 0
+
+
+def _prepare_mixture(cfg) -> int:
+    """`prepare` of a data.mixture: each source's directory and token counts."""
+    from scaletrain.data.mixture_prepare import prepare_mixture  # lazy (module note)
+
+    mix = prepare_mixture(cfg.data, progress=sys.stderr.isatty())
+    print(f"prepared a mixture of {len(mix.paths)} sources, tokenizer {mix.tokenizer}")
+    for name, w, path in zip(mix.names, mix.weights, mix.paths):
+        splits = json.loads((path / "manifest.json").read_text())["splits"]
+        print(f"  {name} (weight {w:g}) -> {path}: "
+              + ", ".join(f"{s} {v['tokens']} tokens" for s, v in splits.items()))
     return 0
 
 

@@ -19,7 +19,7 @@ INCOMPATIBLE = {
     "optim": ("name",),
     # These change the prepared dataset (tokenizer, documents, splits): the loader's
     # saved position would index different samples.
-    "data": ("source", "vocab_size", "val_fraction", "test_fraction", "min_chars",
+    "data": ("source", "mixture", "vocab_size", "val_fraction", "test_fraction", "min_chars",
              "max_files"),
 }
 # precision.dtype changes are compared through the parameter dtype they imply.

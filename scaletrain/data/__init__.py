@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scaletrain.data.cache import read_manifest
-from scaletrain.data.datasets import ArrayDataset, TokenWindows
+from scaletrain.data.datasets import ArrayDataset, MixtureWindows, TokenWindows
+from scaletrain.data.mixture_prepare import prepare_mixture
 from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.data.vision import load_digits_arrays
@@ -49,8 +50,10 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     """Prepare `cfg.data` (a no-op when cached) and open its splits.
 
     Text windows are `cfg.model.seq_len` tokens long; a split too short for one window
-    raises DataError naming it.
+    raises DataError naming it. A `data.mixture` gives `MixtureWindows` splits.
     """
+    if cfg.data.mixture:
+        return _build_mixture(cfg, progress)
     path = prepare_data(cfg.data, progress=progress)
     manifest = read_manifest(path)
     if manifest is None:  # prepare() just validated it; only a concurrent delete gets here
@@ -72,3 +75,35 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     return Data(kind="text", path=path, train=windows("train"), val=windows("val"),
                 test=windows("test"), tokenizer=tok, vocab_size=tok.vocab_size,
                 manifest=manifest)
+
+
+def _build_mixture(cfg: Config, progress: bool) -> Data:
+    """Each source prepared on its own with one tokenizer (data/mixture_prepare.py);
+    every split is a `MixtureWindows` of the sources' splits (None when a fraction is
+    0), which the loader draws in the mixture's proportions."""
+    mix = prepare_mixture(cfg.data, progress=progress)
+    manifests = []
+    for p in mix.paths:
+        m = read_manifest(p)
+        if m is None:  # prepare_text just validated it; only a concurrent delete gets here
+            raise DataError(f"{p}: manifest.json is missing or unreadable")
+        manifests.append(m)
+
+    def windows(split: str):
+        if manifests[0]["splits"][split]["tokens"] == 0 and split != "train":
+            return None  # the fractions are shared: no source has this split
+        parts = []
+        for name, p, m in zip(mix.names, mix.paths, manifests):
+            if m["splits"][split]["tokens"] == 0:
+                raise DataError(f"data.mixture source '{name}' ({p}) has an empty {split} "
+                                f"split; give it more documents or change the fractions")
+            parts.append(TokenWindows(p / f"{split}.bin", m["dtype"], cfg.model.seq_len))
+        return MixtureWindows(parts, mix.names, mix.weights)
+
+    tok = Tokenizer.load(mix.tokenizer)
+    manifest = {"kind": "text", "mixture": [
+        {"name": n, "weight": w, "path": str(p), "sources": m.get("sources", [])}
+        for n, w, p, m in zip(mix.names, mix.weights, mix.paths, manifests)]}
+    return Data(kind="text", path=mix.paths[0], train=windows("train"),
+                val=windows("val"), test=windows("test"), tokenizer=tok,
+                vocab_size=tok.vocab_size, manifest=manifest)

@@ -12,12 +12,14 @@ summary fields of the layout. The best validation loss and its step live in the 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from scaletrain.config import run_files
+from scaletrain.data.datasets import MixtureWindows
 from scaletrain.data.loader import eval_batches
 from scaletrain.evaluate import covered_samples, split_batches
 from scaletrain.metrics import plot_run, write_summary
@@ -53,15 +55,32 @@ class RunRecorder:
         dataset = {"val": self.data.val, "test": self.data.test}[split]
         e = self.cfg.eval
         n_batches = split_batches(split, e)
-        batches = eval_batches(dataset, e.batch_size, n_batches, rank=self.rank,
-                               world=self.world)
-        result = self.run_eval(split, batches)
+        if isinstance(dataset, MixtureWindows):
+            result = self._evaluate_mixture(split, dataset, n_batches)
+        else:
+            result = self.run_eval(split, eval_batches(dataset, e.batch_size, n_batches,
+                                                       rank=self.rank, world=self.world))
         if split == "val":
             self.on_val(result["loss"])
         self.log({"kind": "eval", "split": split, "step": step, **result,
                   **self.eval_extra()})
         # summary.json says what each loss covers (metrics.jsonl keeps its schema).
-        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
+        parts = dataset.parts if isinstance(dataset, MixtureWindows) else [dataset]
+        return {**result, "samples": sum(covered_samples(p, e.batch_size, n_batches)
+                                         for p in parts)}
+
+    def _evaluate_mixture(self, split: str, dataset: MixtureWindows, n_batches: int) -> dict:
+        """Each source's split on its own (the same `eval.batches` of each, every rank
+        in the same order: the evaluation's collectives match), as `loss_by_source`;
+        `loss` is their mixture-weighted mean — the expected loss on the distribution
+        the run trains on, whatever the sizes of the sources' splits."""
+        e = self.cfg.eval
+        by_source = {name: self.run_eval(split, eval_batches(part, e.batch_size, n_batches,
+                                                             rank=self.rank,
+                                                             world=self.world))["loss"]
+                     for name, part in zip(dataset.names, dataset.parts)}
+        loss = math.fsum(w * by_source[n] for n, w in zip(dataset.names, dataset.weights))
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "loss_by_source": by_source}
 
     def keep_best(self, val_loss: float, step: int) -> None:
         """A new best validation loss: remember it and write best.safetensors."""
