@@ -5,9 +5,10 @@ all ranks, across steps and epochs) goes to the source that is furthest behind i
 share, i.e. argmax_i (w_i·(g+1) − c_i) with c_i the samples source i got before g
 (ties: the lower index). This is the deterministic blending of Megatron-LM's
 `build_blending_indices` (megatron/core/datasets/helpers.cpp): after any prefix of g
-samples every source has its share to within about one sample (tests/unit/
-test_mixture.py measures the bound), so even one global batch has the proportions,
-and no random draw can drift from them over a short run. Which sample of source i
+samples every source is at most one sample ahead of its share w_i·g and at most k−1
+behind (k sources; tests/unit/test_mixture.py derives and checks the bound), so even
+one global batch has the proportions, where a random draw per sample would drift by
+~sqrt(w·g). Which sample of source i
 comes next is that source's own seeded order, a `GlobalSampler` with stream i (an
 independent permutation per epoch of that source; a small source wraps into its next
 epoch while a large one is still in its first).
