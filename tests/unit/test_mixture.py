@@ -109,9 +109,10 @@ def test_resume_on_another_world_size_continues_the_same_sequence(saved_world, r
     head = global_batches(first, 12)
     states = [ld.state_dict() for ld in first]
     assert all(st == states[0] for st in states)
-    tail = global_batches(ranks(resumed_world, states[0]), 18)
+    resumed = ranks(resumed_world, states[0], workers=2)  # prefetch from a loaded state
+    tail = global_batches(resumed, 18)
     assert head + tail == reference
-    for ld in first:
+    for ld in first + resumed:
         ld.close()
 
 
