@@ -89,16 +89,26 @@ def _build_mixture(cfg: Config, progress: bool) -> Data:
             raise DataError(f"{p}: manifest.json is missing or unreadable")
         manifests.append(m)
 
+    fraction = {"train": 1.0, "val": cfg.data.val_fraction, "test": cfg.data.test_fraction}
+    need = cfg.model.seq_len + 1  # tokens of one window
+
     def windows(split: str):
-        if manifests[0]["splits"][split]["tokens"] == 0 and split != "train":
-            return None  # the fractions are shared: no source has this split
-        parts = []
-        for name, p, m in zip(mix.names, mix.paths, manifests):
-            if m["splits"][split]["tokens"] == 0:
-                raise DataError(f"data.mixture source '{name}' ({p}) has an empty {split} "
-                                f"split; give it more documents or change the fractions")
-            parts.append(TokenWindows(p / f"{split}.bin", m["dtype"], cfg.model.seq_len))
-        return MixtureWindows(parts, mix.names, mix.weights)
+        if fraction[split] == 0:  # no such split
+            return None
+        # A small source can get no document of a val/test split (the split is drawn
+        # by content hash): it is left out of that split's evaluation, which then has
+        # no loss_by_source entry for it. Without train windows it cannot be mixed.
+        have = [i for i, m in enumerate(manifests) if m["splits"][split]["tokens"] >= need]
+        if split == "train" and len(have) < len(manifests):
+            bad = next(i for i in range(len(manifests)) if i not in have)
+            raise DataError(f"data.mixture source '{mix.names[bad]}' ({mix.paths[bad]}) has "
+                            f"fewer than seq_len+1={need} train tokens")
+        if not have:
+            return None
+        return MixtureWindows(
+            [TokenWindows(mix.paths[i] / f"{split}.bin", manifests[i]["dtype"],
+                          cfg.model.seq_len) for i in have],
+            [mix.names[i] for i in have], [mix.weights[i] for i in have])
 
     tok = Tokenizer.load(mix.tokenizer)
     manifest = {"kind": "text", "mixture": [

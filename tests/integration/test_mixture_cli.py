@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from scaletrain.data.prepare import _text_target
 from scaletrain.metrics.sinks import scalar_fields
-from tests.conftest import run_cli
+from tests.conftest import make_cfg, run_cli
 from tests.integration.test_resume import popen, wait_for
 
 pytestmark = pytest.mark.timeout(420)
@@ -150,3 +151,27 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, corpus, tmp_path):
     got = [comparable(r) for r in records(run) if r["kind"] in ("train", "eval")]
     want = [comparable(r) for r in records(reference) if r["kind"] in ("train", "eval")]
     assert got == want, f"KILL_SEED={seed}"
+
+
+def test_a_source_list_is_one_corpus_with_per_source_counts(reference, corpus):
+    """data.source = [code, prose]: one prepared corpus (here the mixture's tokenizer
+    corpus, already built by `reference`: the same key, a cache hit)."""
+    listed = f'--data.source=["{corpus / "code"}", "{corpus / "prose"}"]'
+    common = [a for a in args_for(corpus, reference) if not a.startswith("--data.mixture")]
+    proc = run_cli("prepare", *common, listed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.splitlines()[0].split(" -> ")[1])
+    assert path.name.startswith("code+1-")
+    m = json.loads((path / "manifest.json").read_text())
+    assert [s["source"] for s in m["sources"]] == [str(corpus / "code"), str(corpus / "prose")]
+    for split in ("train", "val", "test"):  # (a small source may have no test document)
+        per_source = [s["tokens"][split] for s in m["sources"]]
+        assert sum(per_source) == m["splits"][split]["tokens"] > 0
+    assert all(s["tokens"]["train"] > 0 for s in m["sources"])
+
+
+def test_a_one_item_list_is_the_cache_of_that_source(corpus):
+    common = ["--data.vocab_size=300", f"--data.prepared_dir={corpus / 'prepared'}"]
+    one = make_cfg([*common, f"--data.source={corpus / 'code'}"]).data
+    listed = make_cfg([*common, f'--data.source=["{corpus / "code"}"]']).data
+    assert _text_target(one)[2:] == _text_target(listed)[2:]
