@@ -249,8 +249,9 @@ def _run_config(args, overrides):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from scaletrain.data.loader import eval_batches  # lazy (module note)
-    from scaletrain.evaluate import covered_samples, evaluate
+    from scaletrain.data.datasets import MixtureWindows  # lazy (module note)
+    from scaletrain.data.loader import eval_batches
+    from scaletrain.evaluate import covered_samples, evaluate, mixture_result
     from scaletrain.evaluate.model_data import data_for_model
     from scaletrain.models import REGISTRY
     from scaletrain.precision import PrecisionPolicy
@@ -270,9 +271,13 @@ def cmd_eval(argv: list[str]) -> int:
     n_batches = cfg.eval.test_batches if args.split == "test" else 0
     # Documents masked as the run trained (data.document_masking), at the run's EOT.
     eot = tok.eot_id if cfg.data.document_masking and tok is not None else None
-    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, n_batches), policy,
-                      policy.device, REGISTRY[cfg.model.name].kind, eot_id=eot)
-    samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
+    parts = {"": dataset} if not isinstance(dataset, MixtureWindows) else \
+        dict(zip(dataset.names, dataset.parts))  # a mixture: each source, as training does
+    by_source = {name: evaluate(model, eval_batches(part, cfg.eval.batch_size, n_batches),
+                                policy, policy.device, REGISTRY[cfg.model.name].kind,
+                                eot_id=eot) for name, part in parts.items()}
+    result = by_source[""] if "" in by_source else mixture_result(by_source, dataset.weights)
+    samples = sum(covered_samples(p, cfg.eval.batch_size, n_batches) for p in parts.values())
     print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0
 

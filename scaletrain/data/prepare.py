@@ -11,7 +11,7 @@ under a key of their inputs and settings (`cache.py`), so calling `prepare` agai
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import tokenizers
@@ -99,7 +99,11 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
 
 def cached_text_dir(dcfg: DataConfig) -> Path | None:
     """The prepared directory of a text source if it is already cached, else None (a
-    look-up only: nothing is read beyond the file listing, nothing is written)."""
+    look-up only: nothing is read beyond the file listing, nothing is written). For a
+    data.mixture: its sources prepared together, whose tokenizer the mixture trains
+    (data/mixture_prepare.py)."""
+    if dcfg.mixture:
+        dcfg = replace(dcfg, source=[e["source"] for e in dcfg.mixture], mixture=[])
     _, _, final, key = _text_target(dcfg)
     return final if valid_manifest(final, key) is not None else None
 

@@ -12,7 +12,6 @@ summary fields of the layout. The best validation loss and its step live in the 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,7 +20,7 @@ import torch
 from scaletrain.config import run_files
 from scaletrain.data.datasets import MixtureWindows
 from scaletrain.data.loader import eval_batches
-from scaletrain.evaluate import covered_samples, split_batches
+from scaletrain.evaluate import covered_samples, mixture_result, split_batches
 from scaletrain.metrics import plot_run, write_summary
 from scaletrain.train.state import TrainState
 
@@ -71,16 +70,14 @@ class RunRecorder:
 
     def _evaluate_mixture(self, split: str, dataset: MixtureWindows, n_batches: int) -> dict:
         """Each source's split on its own (the same `eval.batches` of each, every rank
-        in the same order: the evaluation's collectives match), as `loss_by_source`;
-        `loss` is their mixture-weighted mean — the expected loss on the distribution
-        the run trains on, whatever the sizes of the sources' splits."""
+        in the same order: the evaluation's collectives match), combined by
+        `mixture_result` (loss_by_source, mixture-weighted loss)."""
         e = self.cfg.eval
         by_source = {name: self.run_eval(split, eval_batches(part, e.batch_size, n_batches,
                                                              rank=self.rank,
-                                                             world=self.world))["loss"]
+                                                             world=self.world))
                      for name, part in zip(dataset.names, dataset.parts)}
-        loss = math.fsum(w * by_source[n] for n, w in zip(dataset.names, dataset.weights))
-        return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "loss_by_source": by_source}
+        return mixture_result(by_source, dataset.weights)
 
     def keep_best(self, val_loss: float, step: int) -> None:
         """A new best validation loss: remember it and write best.safetensors."""

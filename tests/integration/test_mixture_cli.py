@@ -109,6 +109,12 @@ def test_eval_loss_by_source_equals_a_plain_evaluation_of_each_source(reference,
         # the two sources' losses differ by > 1e-3, so a swap or a mix-up shows.
         assert loss == pytest.approx(by[name], rel=1e-6), (name, proc.stdout)
     assert abs(by["code"] - by["prose"]) > 1e-3
+    # The mixture run itself: each source and the weighted loss, as training reports.
+    proc = run_cli("eval", str(reference), "--weights=final", "--split=val")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loss"] == pytest.approx(last["loss"], rel=1e-6)
+    assert out["loss_by_source"] == pytest.approx(by, rel=1e-6)
 
 
 def test_two_ranks_train_on_the_same_global_batches(reference, corpus, tmp_path):
