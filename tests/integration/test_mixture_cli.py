@@ -17,7 +17,7 @@ import pytest
 
 from scaletrain.data.prepare import _text_target
 from scaletrain.metrics.sinks import scalar_fields
-from tests.conftest import make_cfg, run_cli
+from tests.conftest import make_cfg, one_error_line, run_cli
 from tests.integration.test_resume import popen, wait_for
 
 pytestmark = pytest.mark.timeout(420)
@@ -181,3 +181,20 @@ def test_a_one_item_list_is_the_cache_of_that_source(corpus):
     one = make_cfg([*common, f"--data.source={corpus / 'code'}"]).data
     listed = make_cfg([*common, f'--data.source=["{corpus / "code"}"]']).data
     assert _text_target(one)[2:] == _text_target(listed)[2:]
+
+
+@pytest.mark.parametrize("mixture, fragment", [
+    ('[{{source="{c}/code", weight=0.5}}, {{source="{c}/prsoe", weight=0.5}}]',
+     "data.mixture[1].source: '{c}/prsoe' does not exist (did you mean '{c}/prose'?)"),
+    ('[{{source="{c}/code", weight=0}}]', "data.mixture[0].weight: must be a number > 0"),
+])
+def test_a_bad_mixture_is_one_line_before_any_process_starts(corpus, tmp_path, mixture,
+                                                            fragment):
+    run = tmp_path / "never"
+    proc = run_cli("train", f"--data.mixture={mixture.format(c=corpus)}", "--nproc", "2",
+                   f"--run.dir={run}")
+    one_error_line(proc, fragment.format(c=corpus))
+    assert not run.exists()  # refused before the run directory or torchrun
+    both = run_cli("train", f'--data.mixture=[{{source="{corpus}/code", weight=1}}]',
+                   f"--data.source={corpus}/prose", f"--run.dir={run}")
+    one_error_line(both, "data.mixture and data.source are both set")
