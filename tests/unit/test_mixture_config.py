@@ -7,7 +7,8 @@ import tomllib
 
 import pytest
 
-from scaletrain.config import build_config, dumps_toml
+from scaletrain.checkpoint.compat import differences
+from scaletrain.config import build_config, dumps_toml, to_dict
 from scaletrain.config.load import apply_dict
 from scaletrain.config.mixture_checks import mixture_names
 from scaletrain.config.schema import Config
@@ -75,3 +76,13 @@ def test_bad_mixture_or_source_list_is_one_clear_line(corpus, overrides, fragmen
         build_config(None, overrides)
     msg = str(e.value)
     assert fragment.format(root=corpus) in msg and "\n" not in msg
+
+
+def test_resume_refuses_a_changed_mixture_but_not_a_checkpoint_from_before_mixtures(corpus):
+    plain = to_dict(build_config(None, []))
+    mixed = to_dict(build_config(None, [("data.mixture", '[{source="a", weight=1}]')]))
+    assert differences(plain, mixed) == [f"data.mixture: [] -> {mixed['data']['mixture']!r}"]
+    reweighted = to_dict(build_config(None, [("data.mixture", '[{source="a", weight=2}]')]))
+    assert len(differences(mixed, reweighted)) == 1
+    old = {**plain, "data": {k: v for k, v in plain["data"].items() if k != "mixture"}}
+    assert differences(old, plain) == []  # saved before the field existed: its default
