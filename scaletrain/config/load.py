@@ -49,11 +49,20 @@ def _text(key: str, value: str) -> str:
     return value
 
 
+def _toml_list(text: str) -> list | None:
+    """`text` as a TOML array, or None when it is not one (e.g. a glob '[ab]*.txt')."""
+    try:
+        v = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+    return v if isinstance(v, list) else None
+
+
 def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
     """Convert `value` to `typ`; CLI values arrive as strings, TOML values typed."""
     if isinstance(typ, types.UnionType):  # `str | list[str]` (data.source): one or a list
         listed = isinstance(value, (list, tuple)) or (
-            from_cli and isinstance(value, str) and value.strip().startswith("["))
+            from_cli and isinstance(value, str) and _toml_list(value) is not None)
         typ = next(t for t in typ.__args__ if (getattr(t, "__origin__", None) is list)
                    == listed)
     if from_cli and isinstance(value, str):

@@ -33,6 +33,9 @@ def test_source_list_from_toml_and_cli(corpus):
     cli = build_config(None, [("data.source", '["a", "web/*.txt"]')])
     assert cli.data.source == cfg.data.source
     assert build_config(None, [("data.source", "a")]).data.source == str(corpus / "a")
+    # A glob that starts with a character class is one source, not a broken list.
+    assert build_config(None, [("data.source", "[aw]*/*.txt")]).data.source == \
+        str(corpus / "[aw]*/*.txt")
 
 
 def test_mixture_from_toml_and_cli_round_trips_through_config_toml(corpus):
