@@ -195,6 +195,9 @@ def test_a_bad_mixture_is_one_line_before_any_process_starts(corpus, tmp_path, m
                    f"--run.dir={run}")
     one_error_line(proc, fragment.format(c=corpus))
     assert not run.exists()  # refused before the run directory or torchrun
+
+
+def test_mixture_and_source_both_set_is_one_line(corpus, tmp_path):
     both = run_cli("train", f'--data.mixture=[{{source="{corpus}/code", weight=1}}]',
-                   f"--data.source={corpus}/prose", f"--run.dir={run}")
+                   f"--data.source={corpus}/prose", f"--run.dir={tmp_path / 'never'}")
     one_error_line(both, "data.mixture and data.source are both set")
