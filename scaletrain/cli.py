@@ -228,6 +228,8 @@ def cmd_prepare(argv: list[str]) -> int:
     if cfg.train.objective == "dpo":  # preference records (data/preference.py)
         path = prepare_preference(cfg.data, preference_keys(cfg.dpo),
                                   progress=sys.stderr.isatty())
+    elif cfg.data.mixture:
+        return _prepare_mixture(cfg)
     else:
         path = prepare(cfg.data, progress=sys.stderr.isatty())
     manifest = json.loads((path / "manifest.json").read_text())
@@ -237,6 +239,19 @@ def cmd_prepare(argv: list[str]) -> int:
                                           if isinstance(v, (int, float))))
     for line in stage_table(manifest) if "stages" in manifest else []:  # text pipeline's
         print(line)
+    return 0
+
+
+def _prepare_mixture(cfg) -> int:
+    """`prepare` of a data.mixture: each source's directory and token counts."""
+    from scaletrain.data.mixture_prepare import prepare_mixture  # lazy (module note)
+
+    mix = prepare_mixture(cfg.data, progress=sys.stderr.isatty())
+    print(f"prepared a mixture of {len(mix.paths)} sources, tokenizer {mix.tokenizer}")
+    for name, w, path in zip(mix.names, mix.weights, mix.paths):
+        splits = json.loads((path / "manifest.json").read_text())["splits"]
+        print(f"  {name} (weight {w:g}) -> {path}: "
+              + ", ".join(f"{s} {v['tokens']} tokens" for s, v in splits.items()))
     return 0
 
 
@@ -251,8 +266,9 @@ def _run_config(args, overrides):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from scaletrain.data.loader import eval_batches  # lazy (module note)
-    from scaletrain.evaluate import covered_samples, evaluate
+    from scaletrain.data.datasets import MixtureWindows  # lazy (module note)
+    from scaletrain.data.loader import eval_batches
+    from scaletrain.evaluate import covered_samples, evaluate, mixture_result
     from scaletrain.evaluate.model_data import data_for_model
     from scaletrain.models import REGISTRY
     from scaletrain.precision import PrecisionPolicy
@@ -278,9 +294,13 @@ def cmd_eval(argv: list[str]) -> int:
     n_batches = cfg.eval.test_batches if args.split == "test" else 0
     # Documents masked as the run trained (data.document_masking), at the run's EOT.
     eot = tok.eot_id if cfg.data.document_masking and tok is not None else None
-    result = evaluate(model, eval_batches(dataset, cfg.eval.batch_size, n_batches), policy,
-                      policy.device, REGISTRY[cfg.model.name].kind, eot_id=eot)
-    samples = covered_samples(dataset, cfg.eval.batch_size, n_batches)
+    parts = {"": dataset} if not isinstance(dataset, MixtureWindows) else \
+        dict(zip(dataset.names, dataset.parts))  # a mixture: each source, as training does
+    by_source = {name: evaluate(model, eval_batches(part, cfg.eval.batch_size, n_batches),
+                                policy, policy.device, REGISTRY[cfg.model.name].kind,
+                                eot_id=eot) for name, part in parts.items()}
+    result = by_source[""] if "" in by_source else mixture_result(by_source, dataset.weights)
+    samples = sum(covered_samples(p, cfg.eval.batch_size, n_batches) for p in parts.values())
     print(json.dumps({"split": args.split, **result, "samples": samples}))
     return 0
 

@@ -19,9 +19,12 @@ INCOMPATIBLE = {
     "optim": ("name",),
     # These change the prepared dataset (tokenizer, documents, splits): the loader's
     # saved position would index different samples.
-    "data": ("source", "vocab_size", "val_fraction", "test_fraction", "min_chars",
+    "data": ("source", "mixture", "vocab_size", "val_fraction", "test_fraction", "min_chars",
              "max_files"),
 }
+# Incompatible fields newer than some checkpoints: a config saved before one existed
+# meant its default (a checkpoint from before data.mixture trained on data.source).
+ADDED_LATER = {("data", "mixture"): []}
 # precision.dtype changes are compared through the parameter dtype they imply.
 _PARAM_DTYPE = {"fp32": "float32", "bf16": "float32", "fp16": "float32",
                 "bf16-pure": "bfloat16", "fp64": "float64"}
@@ -33,7 +36,8 @@ def differences(saved: dict, now: dict) -> list[str]:
     for sec, keys in INCOMPATIBLE.items():
         a, b = saved.get(sec, {}), now.get(sec, {})
         for k in keys:  # a checkpoint from before paths were absolute: same meaning
-            if resolved(sec, k, a.get(k)) != resolved(sec, k, b.get(k)):
+            if resolved(sec, k, a.get(k, ADDED_LATER.get((sec, k)))) != \
+                    resolved(sec, k, b.get(k)):
                 out.append(f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
     pa = _PARAM_DTYPE.get(saved.get("precision", {}).get("dtype"))
     pb = _PARAM_DTYPE.get(now.get("precision", {}).get("dtype"))

@@ -6,6 +6,7 @@ from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.dims import ParallelDims
 from scaletrain.config.dpo_checks import check_dpo
 from scaletrain.config.faults_checks import check_checkpoint_config
+from scaletrain.config.mixture_checks import check_sources
 from scaletrain.config.model_checks import FAMILY_RULES
 from scaletrain.config.ps_checks import check_ps
 from scaletrain.config.schema import Config
@@ -38,6 +39,7 @@ def check_combinations(cfg: Config) -> None:
                               "(use model.name='cnn' or 'mlp')")
     elif cfg.data.source != "digits":
         raise ConfigError(f"model.name='{m.name}' is an image model; set data.source='digits'")
+    check_sources(cfg.data)  # a list of sources, data.mixture (config/mixture_checks.py)
     if family.check is not None:
         family.check(m)  # the family's own shape rules
     if cfg.data.document_masking and family.kind != "text":

@@ -9,10 +9,22 @@ from scaletrain.config.fields import F
 
 @dataclass
 class DataConfig:
-    source: str = F("python-stdlib", "'python-stdlib' (built-in text corpus), 'digits' "
-                    "(scikit-learn images), or a file / directory / glob: UTF-8 text files "
-                    "(one document each), JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, "
-                    "or a datasets.save_to_disk directory.", path=True)
+    # -- sources and mixtures (issue 16; config/mixture_checks.py validates) ----------
+    source: str | list[str] = F(
+        "python-stdlib", "'python-stdlib' (built-in text corpus), 'digits' (scikit-learn "
+        "images), or a file / directory / glob: UTF-8 text files (one document each), "
+        "JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, or a datasets.save_to_disk "
+        "directory; or a list of text sources (TOML array; on the command line "
+        "--data.source='[\"a/*.jsonl\", \"b\"]'), prepared together as one corpus.",
+        path=True)
+    mixture: list[dict] = F([], "Text sources trained on in fixed proportions instead of "
+                            "data.source: [{source = \"a\", weight = 0.7}, {source = "
+                            "\"b\", weight = 0.3}] (optional name = \"...\" for the "
+                            "metrics; default: the source's base name). Each source is "
+                            "prepared (cached) on its own with one shared tokenizer; "
+                            "samples are drawn per source in those proportions "
+                            "(data/mixture.py), and metrics carry tokens_by_source and "
+                            "loss_by_source.", path=True)
     text_key: str = F("text", "The field of a JSONL / Parquet / saved-dataset record that "
                       "holds its text.")
     prepared_dir: str = F("data/prepared", "Where prepared datasets are cached, keyed by "

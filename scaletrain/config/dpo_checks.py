@@ -36,6 +36,10 @@ def check_dpo(cfg: Config) -> None:
         (cfg.train.batch_ramp > 0, "train.batch_ramp", "the ramp counts tokens, DPO pairs"),
         (cfg.model.moe_experts > 0, "model.moe_experts",
          "MoE balance terms are not wired into the DPO loss"),
+        (bool(cfg.data.mixture), "data.mixture",
+         "preference pairs come from one data.source"),
+        (cfg.data.format == "chat", "data.format='chat'",
+         "DPO reads prompt / chosen / rejected strings, not conversations yet"),
     ]
     for bad, field, why in refused:
         if bad:

@@ -12,6 +12,7 @@ import difflib
 import keyword
 import math
 import tomllib
+import types
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -48,8 +49,22 @@ def _text(key: str, value: str) -> str:
     return value
 
 
+def _toml_list(text: str) -> list | None:
+    """`text` as a TOML array, or None when it is not one (e.g. a glob '[ab]*.txt')."""
+    try:
+        v = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+    return v if isinstance(v, list) else None
+
+
 def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
     """Convert `value` to `typ`; CLI values arrive as strings, TOML values typed."""
+    if isinstance(typ, types.UnionType):  # `str | list[str]` (data.source): one or a list
+        listed = isinstance(value, (list, tuple)) or (
+            from_cli and isinstance(value, str) and _toml_list(value) is not None)
+        typ = next(t for t in typ.__args__ if (getattr(t, "__origin__", None) is list)
+                   == listed)
     if from_cli and isinstance(value, str):
         text = value.strip()
         if typ is bool:
@@ -238,6 +253,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (data.mixture's entries)
+        return "{" + ", ".join(f"{_key_name(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

@@ -27,6 +27,7 @@ from scaletrain.errors import ConfigError
 
 # Values of a path field that are names, not paths.
 NAMES = {("data", "source"): ("python-stdlib", "digits"),
+         ("data", "mixture"): ("python-stdlib", "digits"),
          ("checkpoint", "resume"): ("auto", "none")}
 # Path fields whose `~` is expanded but which stay relative (see the module docstring).
 KEPT_RELATIVE = {("run", "dir")}
@@ -46,6 +47,11 @@ def resolved(section: str, name: str, value):
     that are not paths, names such as 'python-stdlib', and empty values, which mean
     "unset"). Also for comparing with configs saved before paths were made absolute,
     which were relative to the directory they were run in — like now."""
+    if (section, name) in PATH_FIELDS and isinstance(value, (list, tuple)):
+        # A list of sources, or data.mixture's tables: each source resolved alike.
+        return [{**v, "source": resolved(section, name, v["source"])}
+                if isinstance(v, dict) and isinstance(v.get("source"), str)
+                else resolved(section, name, v) for v in value]
     if (section, name) not in PATH_FIELDS or not isinstance(value, str) or not value \
             or value in NAMES.get((section, name), ()):
         return value

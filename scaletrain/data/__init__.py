@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from scaletrain.data.cache import read_manifest
 from scaletrain.data.chat_windows import ChatWindows
-from scaletrain.data.datasets import ArrayDataset, TokenWindows
+from scaletrain.data.datasets import ArrayDataset, MixtureWindows, TokenWindows
+from scaletrain.data.mixture_prepare import prepare_mixture
 from scaletrain.data.preference import PreferencePairs, prepare_preference, preference_keys
 from scaletrain.data.prepare import prepare as prepare_data  # not `prepare`: the submodule's name
 from scaletrain.data.tokenizer import Tokenizer
@@ -60,10 +61,12 @@ def build_data(cfg: Config, *, progress: bool) -> Data:
     """Prepare `cfg.data` (a no-op when cached) and open its splits.
 
     Text windows are `cfg.model.seq_len` tokens long; a split too short for one window
-    raises DataError naming it.
+    raises DataError naming it. A `data.mixture` gives `MixtureWindows` splits.
     """
     if cfg.train.objective == "dpo":  # preference records, not running text
         return build_preference(cfg, progress=progress)
+    if cfg.data.mixture:
+        return _build_mixture(cfg, progress)
     path = prepare_data(cfg.data, progress=progress)
     manifest = read_manifest(path)
     if manifest is None:  # prepare() just validated it; only a concurrent delete gets here
@@ -106,3 +109,45 @@ def build_preference(cfg: Config, *, progress: bool) -> Data:
             if manifest["splits"][s]["pairs"] else None for s in ("train", "val", "test")}
     return Data(kind="text", path=path, **sets, tokenizer=tok, vocab_size=tok.vocab_size,
                 manifest=manifest)
+
+
+def _build_mixture(cfg: Config, progress: bool) -> Data:
+    """Each source prepared on its own with one tokenizer (data/mixture_prepare.py);
+    every split is a `MixtureWindows` of the sources' splits (None when a fraction is
+    0), which the loader draws in the mixture's proportions."""
+    mix = prepare_mixture(cfg.data, progress=progress)
+    manifests = []
+    for p in mix.paths:
+        m = read_manifest(p)
+        if m is None:  # prepare_text just validated it; only a concurrent delete gets here
+            raise DataError(f"{p}: manifest.json is missing or unreadable")
+        manifests.append(m)
+
+    fraction = {"train": 1.0, "val": cfg.data.val_fraction, "test": cfg.data.test_fraction}
+    need = cfg.model.seq_len + 1  # tokens of one window
+
+    def windows(split: str):
+        if fraction[split] == 0:  # no such split
+            return None
+        # A small source can get no document of a val/test split (the split is drawn
+        # by content hash): it is left out of that split's evaluation, which then has
+        # no loss_by_source entry for it. Without train windows it cannot be mixed.
+        have = [i for i, m in enumerate(manifests) if m["splits"][split]["tokens"] >= need]
+        if split == "train" and len(have) < len(manifests):
+            bad = next(i for i in range(len(manifests)) if i not in have)
+            raise DataError(f"data.mixture source '{mix.names[bad]}' ({mix.paths[bad]}) has "
+                            f"fewer than seq_len+1={need} train tokens")
+        if not have:
+            return None
+        return MixtureWindows(
+            [TokenWindows(mix.paths[i] / f"{split}.bin", manifests[i]["dtype"],
+                          cfg.model.seq_len) for i in have],
+            [mix.names[i] for i in have], [mix.weights[i] for i in have])
+
+    tok = Tokenizer.load(mix.tokenizer)
+    manifest = {"kind": "text", "mixture": [
+        {"name": n, "weight": w, "path": str(p), "sources": m.get("sources", [])}
+        for n, w, p, m in zip(mix.names, mix.weights, mix.paths, manifests)]}
+    return Data(kind="text", path=mix.paths[0], train=windows("train"),
+                val=windows("val"), test=windows("test"), tokenizer=tok,
+                vocab_size=tok.vocab_size, manifest=manifest)

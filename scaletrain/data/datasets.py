@@ -50,21 +50,29 @@ class TokenWindows:
     def __len__(self) -> int:
         return (self.n_tokens - 1) // self.seq_len
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 (B, T), of the samples `idx`."""
+    def windows(self, idx: np.ndarray) -> np.ndarray:
+        """The (B, T+1) int64 token windows of the samples `idx`."""
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)})")
         rows = idx[:, None] * self.seq_len + self._offsets  # (B, T+1) token positions
-        w = self.tokens[rows].astype(np.int64)
-        # Contiguous copies: callers flatten with .view(-1), which a strided slice refuses.
-        return (torch.from_numpy(np.ascontiguousarray(w[:, :-1])),
-                torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
+        return self.tokens[rows].astype(np.int64)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 (B, T), of the samples `idx`."""
+        return split_windows(self.windows(idx))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i as (inputs (T,), targets (T,))."""
         x, y = self.batch(np.array([i]))
         return x[0], y[0]
+
+
+def split_windows(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of (B, T+1) windows: the first T tokens and the last T."""
+    # Contiguous copies: callers flatten with .view(-1), which a strided slice refuses.
+    return (torch.from_numpy(np.ascontiguousarray(w[:, :-1])),
+            torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
 
 
 class ArrayDataset:
@@ -86,3 +94,45 @@ class ArrayDataset:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.x[i]), torch.tensor(self.y[i])
+
+
+class MixtureWindows:
+    """Several sources' `TokenWindows` (one tokenizer, one seq_len) as one index space:
+    sample `offsets[i] + j` is sample j of source i. The loader draws from it with a
+    `MixtureSampler` (data/mixture.py), which gives each source its `weights` share;
+    as a plain dataset (eval tools) it is the sources' samples one after the other.
+    `weights` are normalised to sum to 1.
+    """
+
+    def __init__(self, parts: list[TokenWindows], names: list[str], weights: list[float]):
+        if not parts or not len(parts) == len(names) == len(weights):
+            raise ValueError(f"{len(parts)} parts, {len(names)} names, {len(weights)} weights")
+        if len({p.seq_len for p in parts}) != 1:
+            raise ValueError("the sources of a mixture must have one seq_len")
+        total = float(sum(weights))
+        self.parts, self.names = list(parts), list(names)
+        self.weights = [float(w) / total for w in weights]
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.cumsum([0, *self.sizes]).astype(np.int64)
+        self.seq_len = parts[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 (B, T), of the samples `idx`, in `idx`'s order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        src = np.searchsorted(self.offsets, idx, side="right") - 1  # (B,) source of each
+        # Filled in numpy: a boolean-mask assignment into a torch tensor cost ~20 ms per
+        # source for a 512 x 128 batch here (bench/mixture_sampler.py), numpy's ~0.1 ms.
+        w = np.empty((len(idx), self.seq_len + 1), dtype=np.int64)
+        for i in np.unique(src):
+            rows = np.flatnonzero(src == i)
+            w[rows] = self.parts[i].windows(idx[rows] - self.offsets[i])
+        return split_windows(w)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(np.array([i]))
+        return x[0], y[0]

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from scaletrain.data.mixture import MixtureSampler, make_sampler
 from scaletrain.data.sampler import GlobalSampler, rank_slice
 from scaletrain.errors import DataError
 
@@ -39,13 +40,14 @@ class StatefulLoader:
             raise ValueError(f"global batch {batch_size} does not divide over {world} ranks")
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.rank, self.world, self.assignment = rank, world, assignment
-        self.sampler = GlobalSampler(len(dataset), seed, shuffle)  # consumed position
+        # The consumed position; a mixture's dataset is drawn per source (data/mixture.py).
+        self.sampler = make_sampler(dataset, seed, shuffle)
         self.workers = int(workers)
         self._pool = ThreadPoolExecutor(workers, "prefetch") if workers > 0 else None
-        self._ahead: GlobalSampler | None = None  # producer position, when prefetching
+        self._ahead: GlobalSampler | MixtureSampler | None = None  # producer position, when prefetching
         self._queue: deque[Future] = deque()
 
-    def _indices(self, sampler: GlobalSampler) -> np.ndarray:
+    def _indices(self, sampler: GlobalSampler | MixtureSampler) -> np.ndarray:
         return rank_slice(sampler.next_global(self.batch_size), self.rank, self.world,
                           self.assignment)
 
@@ -57,9 +59,7 @@ class StatefulLoader:
         if self._pool is None:
             return self.dataset.batch(self._indices(self.sampler))
         if self._ahead is None:
-            self._ahead = GlobalSampler(self.sampler.n, self.sampler.seed,
-                                        self.sampler.shuffle)
-            self._ahead.load_state_dict(self.sampler.state_dict())
+            self._ahead = self.sampler.clone()
         while len(self._queue) < 2 * self.workers:
             self._queue.append(self._pool.submit(self.dataset.batch,
                                                  self._indices(self._ahead)))
@@ -70,8 +70,9 @@ class StatefulLoader:
 
     next = __next__
 
-    def state_dict(self) -> dict[str, int]:
-        """Position after the batches returned so far: {'epoch', 'pos', 'n'} (plain ints)."""
+    def state_dict(self) -> dict:
+        """Position after the batches returned so far: {'epoch', 'pos', 'n'} (plain ints;
+        a mixture's: {'counts', 'sizes', 'weights', 'n'})."""
         return {**self.sampler.state_dict(), "n": self.sampler.n}
 
     def load_state_dict(self, state: dict) -> None:

@@ -11,7 +11,7 @@ under a key of their inputs and settings (`cache.py`), so calling `prepare` agai
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import tokenizers
@@ -102,27 +102,44 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
 
 def cached_text_dir(dcfg: DataConfig) -> Path | None:
     """The prepared directory of a text source if it is already cached, else None (a
-    look-up only: nothing is read beyond the file listing, nothing is written)."""
+    look-up only: nothing is read beyond the file listing, nothing is written). For a
+    data.mixture: its sources prepared together, whose tokenizer the mixture trains
+    (data/mixture_prepare.py)."""
+    if dcfg.mixture:
+        dcfg = replace(dcfg, source=[e["source"] for e in dcfg.mixture], mixture=[])
     _, _, final, key = _text_target(dcfg)
     return final if valid_manifest(final, key) is not None else None
 
 
 def _text_target(dcfg: DataConfig):
-    """(input files, settings, prepared directory, cache key) of a text source."""
+    """(input files per source, settings, prepared directory, cache key) of a text
+    source or a list of them (one corpus; a one-item list is that source's cache)."""
     check_fractions(dcfg.val_fraction, dcfg.test_fraction)
-    inputs = list_text_files(dcfg.source, dcfg.max_files, exclude=Path(dcfg.prepared_dir))
+    sources = source_list(dcfg.source)
+    # data.max_files applies to each source of a list.
+    inputs = [list_text_files(s, dcfg.max_files, exclude=Path(dcfg.prepared_dir))
+              for s in sources]
     settings = text_settings(dcfg)
     # The root is in the key so that two copies of a corpus with equal names, sizes and
-    # times (cp -p) in different places are still told apart.
-    key = cache_key({"root": str(inputs.root), "files": inputs.fingerprint()}, settings)
-    return inputs, settings, Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-{key[:12]}", key
+    # times (cp -p) in different places are still told apart. One source keeps the key
+    # it had before lists existed (its caches stay valid).
+    fp = [{"root": str(i.root), "files": i.fingerprint()} for i in inputs]
+    key = cache_key(fp[0] if len(fp) == 1 else {"sources": fp}, settings)
+    name = slug(sources[0]) + (f"+{len(sources) - 1}" if len(sources) > 1 else "")
+    return inputs, settings, Path(dcfg.prepared_dir) / f"{name}-{key[:12]}", key
 
 
-def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
+def source_list(source: str | list[str]) -> list[str]:
+    """data.source as a list of sources (a string is one)."""
+    return [source] if isinstance(source, str) else list(source)
+
+
+def _build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig, settings: dict,
                 progress: bool) -> dict:
     """Write the prepared text files into `out`; returns the manifest."""
-    src = dcfg.source
-    built = build_text(out, [inputs], dcfg, progress)
+    src = dcfg.source if isinstance(dcfg.source, str) or len(dcfg.source) > 1 \
+        else dcfg.source[0]
+    built = build_text(out, inputs, dcfg, progress)
     tok, stats = built.tokenizer, built.splits
     if stats["train"]["tokens"] < MIN_TRAIN_TOKENS:
         raise DataError(f"{src}: the train split has {stats['train']['tokens']} tokens, "
@@ -130,7 +147,7 @@ def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
     return {
         "kind": "text",
         "source": src,
-        "root": str(inputs.root),
+        "root": str(inputs[0].root) if len(inputs) == 1 else [str(i.root) for i in inputs],
         "settings": settings,
         "counts": asdict(built.counts),
         "stages": built.stages,

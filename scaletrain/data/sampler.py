@@ -24,10 +24,13 @@ class GlobalSampler:
     (a new permutation), so no sample is dropped and every batch is full.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, stream: int | None = None):
+        """`stream`: an independent order for the same seed (a mixture's source i uses
+        stream i); None is the order of a single dataset, as before streams existed."""
         if n <= 0:
             raise ValueError(f"cannot sample from an empty dataset (n={n})")
         self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.stream = stream
         self.epoch, self.pos = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
@@ -37,7 +40,9 @@ class GlobalSampler:
             if self.shuffle:
                 # A seed sequence of (seed, epoch): independent streams per epoch, and
                 # epoch e's order is computable without replaying epochs 0..e-1.
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                key = [self.seed, epoch] if self.stream is None else \
+                    [self.seed, self.stream, epoch]
+                self._order = np.random.default_rng(key).permutation(self.n)
             else:
                 self._order = np.arange(self.n, dtype=np.int64)
             self._order_epoch = epoch
@@ -57,6 +62,12 @@ class GlobalSampler:
             if self.pos == self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
         return np.concatenate(parts).astype(np.int64, copy=False)
+
+    def clone(self) -> GlobalSampler:
+        """A sampler at the same position that advances on its own (the prefetcher's)."""
+        twin = GlobalSampler(self.n, self.seed, self.shuffle, self.stream)
+        twin.load_state_dict(self.state_dict())
+        return twin
 
     def state_dict(self) -> dict[str, int]:
         """{'epoch', 'pos'} as plain ints (checkpointable)."""

@@ -1,5 +1,6 @@
 """Validation and test evaluation."""
 
-from scaletrain.evaluate.evaluator import covered_samples, evaluate, split_batches
+from scaletrain.evaluate.evaluator import (covered_samples, evaluate, mixture_result,
+                                           split_batches)
 
-__all__ = ["covered_samples", "evaluate", "split_batches"]
+__all__ = ["covered_samples", "evaluate", "mixture_result", "split_batches"]

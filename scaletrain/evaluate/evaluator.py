@@ -65,3 +65,13 @@ def evaluate(model: nn.Module, batches, policy: PrecisionPolicy, device: torch.d
     else:
         out["ppl"] = math.exp(min(loss, 700.0))
     return out
+
+
+def mixture_result(by_source: dict[str, dict], weights: list[float]) -> dict:
+    """One evaluation of a data.mixture from each source's own (`evaluate` results, in
+    the mixture's order; `weights` sum to 1): `loss_by_source`, and `loss` their mean
+    weighted by the mixture — the expected loss on the distribution the run trains on,
+    whatever the sizes of the sources' splits."""
+    loss = math.fsum(w * r["loss"] for r, w in zip(by_source.values(), weights))
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)),
+            "loss_by_source": {name: r["loss"] for name, r in by_source.items()}}

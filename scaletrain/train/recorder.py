@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from scaletrain.config import run_files
+from scaletrain.data.datasets import MixtureWindows
 from scaletrain.data.loader import eval_batches
-from scaletrain.evaluate import covered_samples, split_batches
+from scaletrain.evaluate import covered_samples, mixture_result, split_batches
 from scaletrain.metrics import plot_run, write_summary
 from scaletrain.train.state import TrainState
 
@@ -53,15 +54,30 @@ class RunRecorder:
         dataset = {"val": self.data.val, "test": self.data.test}[split]
         e = self.cfg.eval
         n_batches = split_batches(split, e)
-        batches = eval_batches(dataset, e.batch_size, n_batches, rank=self.rank,
-                               world=self.world)
-        result = self.run_eval(split, batches)
+        if isinstance(dataset, MixtureWindows):
+            result = self._evaluate_mixture(split, dataset, n_batches)
+        else:
+            result = self.run_eval(split, eval_batches(dataset, e.batch_size, n_batches,
+                                                       rank=self.rank, world=self.world))
         if split == "val":
             self.on_val(result["loss"])
         self.log({"kind": "eval", "split": split, "step": step, **result,
                   **self.eval_extra()})
         # summary.json says what each loss covers (metrics.jsonl keeps its schema).
-        return {**result, "samples": covered_samples(dataset, e.batch_size, n_batches)}
+        parts = dataset.parts if isinstance(dataset, MixtureWindows) else [dataset]
+        return {**result, "samples": sum(covered_samples(p, e.batch_size, n_batches)
+                                         for p in parts)}
+
+    def _evaluate_mixture(self, split: str, dataset: MixtureWindows, n_batches: int) -> dict:
+        """Each source's split on its own (the same `eval.batches` of each, every rank
+        in the same order: the evaluation's collectives match), combined by
+        `mixture_result` (loss_by_source, mixture-weighted loss)."""
+        e = self.cfg.eval
+        by_source = {name: self.run_eval(split, eval_batches(part, e.batch_size, n_batches,
+                                                             rank=self.rank,
+                                                             world=self.world))
+                     for name, part in zip(dataset.names, dataset.parts)}
+        return mixture_result(by_source, dataset.weights)
 
     def keep_best(self, val_loss: float, step: int) -> None:
         """A new best validation loss: remember it and write best.safetensors."""

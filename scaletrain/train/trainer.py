@@ -25,6 +25,7 @@ from scaletrain.config.dims import ParallelDims, resolve_dims
 from scaletrain.data import build_data
 from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
+from scaletrain.data.mixture import tokens_by_source
 from scaletrain.evaluate import evaluate
 from scaletrain.finetune import apply_init, resolve_init
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
@@ -347,6 +348,9 @@ class Trainer:
         if self.moe is not None:  # the router's health, counted once (not in "loss")
             record.update(self.moe.record())
         record.update(self.loss.record(self.dist.sum_reducer))  # DPO's rewards (a collective)
+        seen = tokens_by_source(self.loader.sampler, self.cfg.model.seq_len)
+        if seen is not None:  # data.mixture: the loader's global counts (every rank's)
+            record["tokens_by_source"] = seen
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.get_scale()
             record["skipped_steps"] = self.state.skipped_steps
