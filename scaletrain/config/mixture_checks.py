@@ -43,6 +43,9 @@ def check_sources(dcfg) -> None:
     if isinstance(dcfg.source, list):
         _check_list(dcfg.source)
     if dcfg.mixture:
+        if dcfg.format != "text":
+            raise ConfigError(f"data.mixture mixes text sources; data.format="
+                              f"'{dcfg.format}' is not supported with it")
         _check_mixture(dcfg)
 
 

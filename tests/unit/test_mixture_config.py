@@ -73,6 +73,10 @@ def test_mixture_from_toml_and_cli_round_trips_through_config_toml(corpus):
     ([("data.source", '["a", "nope"]')], "data.source[1]: '{root}/nope' does not exist"),
     ([("data.source", '[]')], "data.source: an empty list"),
     ([("data.source", '["a", "a"]')], "listed twice"),
+    ([("data.mixture", '[{source="a", weight=1}]'), ("data.format", "chat")],
+     "data.format='chat' is not supported with it"),
+    ([("data.mixture", '[{source="a", weight=1}]'), ("train.objective", "dpo")],
+     "data.mixture is not supported with train.objective='dpo'"),
 ])
 def test_bad_mixture_or_source_list_is_one_clear_line(corpus, overrides, fragment):
     with pytest.raises(ConfigError) as e:
