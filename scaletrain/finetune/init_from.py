@@ -159,6 +159,17 @@ def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs) -> Non
     tie(model, tied)
 
 
+def writes_every_weight(cfg, resuming: bool = False) -> bool:
+    """Whether `apply_init` will overwrite every parameter the model holds, so its random
+    init can be skipped (models/registry.py `materialize(init=False)`): init.from of a
+    Hugging Face directory, whose loader refuses a model it does not fill
+    (hf_import.load_hf_into) and reads only this rank's slices — with the init, each
+    rank also drew every parameter whole first. Not when resuming (init.from is not
+    read then) nor for the other sources (read whole on every rank anyway)."""
+    return bool(cfg.init.from_) and not resuming and \
+        find_source(cfg.init.from_, cfg.init.weights).kind == "hf"
+
+
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
                resuming: bool = False) -> nn.Module:
     """Trainer hook after the model is built: load `init.from`, freeze, add LoRA.
