@@ -34,11 +34,6 @@ from scaletrain.models.registry import REGISTRY, spec_of
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# config.json files without "architectures" (old GPT-2 saves) name only a model_type.
-MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                   "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                   "mixtral": "MixtralForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -58,12 +53,18 @@ def read_config(path: Path) -> tuple[dict, HFMap]:
         c = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not a readable JSON config ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{f}: not a config.json (a JSON object)")
     maps = _maps()
-    arch = (c.get("architectures") or [MODEL_TYPE_ARCH.get(c.get("model_type"), "")])[0]
+    # Without "architectures" (older saves) the model_type names it; the families'
+    # model_fields then read the architecture they were given (Qwen2's biases, ...).
+    by_type = {t: a for spec in REGISTRY.values() if spec.hf is not None
+               for t, a in spec.hf.model_types}
+    arch = (c.get("architectures") or [by_type.get(c.get("model_type"), "")])[0]
     if arch not in maps:
         raise CheckpointError(f"{f}: architecture {arch or c.get('model_type')!r} is not "
                               f"supported (supported: {', '.join(maps)})")
-    return c, maps[arch]
+    return {**c, "architectures": [arch]}, maps[arch]
 
 
 def hf_model_fields(path: Path) -> dict:
