@@ -11,6 +11,14 @@ import pytest
 import torch
 
 from spawn import run_distributed
+from scaletrain.config.dims import resolve_dims
+from scaletrain.config.schema import ModelConfig, ParallelConfig
+from scaletrain.finetune import hf_import
+from scaletrain.models.registry import spec_of
+from scaletrain.parallel.context import DistContext
+from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.weights import full_state_dict
+from scaletrain.precision import PrecisionPolicy
 
 transformers = pytest.importorskip("transformers")  # pinned in requirements.txt
 
@@ -25,18 +33,9 @@ CASES = {
 
 
 def _load_on_rank(rank: int, world: int, cases: dict) -> dict:
-    from scaletrain.config.dims import resolve_dims
-    from scaletrain.config.schema import ModelConfig, ParallelConfig
-    from scaletrain.finetune import hf_import
-    from scaletrain.models.registry import spec_of
-    from scaletrain.parallel.context import DistContext
-    from scaletrain.parallel.parallelize import build_parallel_model
-    from scaletrain.parallel.weights import full_state_dict
-    from scaletrain.precision import PrecisionPolicy
-
     out = {}
     for name, (d, layout) in cases.items():
-        pcfg = ParallelConfig(dp_shard=1, timeout_s=60, **layout)
+        pcfg = ParallelConfig(**{"dp_shard": 1, "timeout_s": 60, **layout})
         ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), torch.device("cpu"))
         mcfg = ModelConfig(**hf_import.check_hf_dir(d))
         pm = build_parallel_model(mcfg, {"vocab_size": mcfg.vocab_size}, seed=0,
@@ -48,9 +47,27 @@ def _load_on_rank(rank: int, world: int, cases: dict) -> dict:
     return out
 
 
+# On 4 ranks: FSDP over TP, both splitting dim 0 of q/k/v/gate/up (FSDP's strided
+# shard of the TP block) and dims 0 and 1 of o/down; qk-norm weights replicated over tp.
+CASES_4 = {
+    "qwen3 fsdp2 x tp2": ("Qwen3", dict(tie_word_embeddings=False), dict(dp_shard=2, tp=2),
+                          "20KB"),
+}
+
+
 def test_tp_and_pipeline_ranks_load_exactly_the_stored_tensors(tmp_path):
+    _check_layouts(CASES, 2, tmp_path)
+
+
+def test_fsdp_over_tp_ranks_load_exactly_the_stored_tensors(tmp_path):
+    _check_layouts(CASES_4, 4, tmp_path)
+
+
+def _check_layouts(layouts: dict, world: int, tmp_path) -> None:
+    """Each layout's ranks load a fresh transformers save; gathered, their tensors are
+    the stored ones bit for bit, and together they are all of them."""
     cases, stored = {}, {}
-    for name, (arch, extra, layout, shard) in CASES.items():
+    for name, (arch, extra, layout, shard) in layouts.items():
         torch.manual_seed(0)
         cfg = getattr(transformers, f"{arch}Config")(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -65,11 +82,9 @@ def test_tp_and_pipeline_ranks_load_exactly_the_stored_tensors(tmp_path):
         d = tmp_path / name.replace(" ", "-")
         model.save_pretrained(d, max_shard_size=shard)
         cases[name] = (d, layout)
-        from scaletrain.finetune import hf_import
-
         stored[name] = hf_import.hf_state_dict(d)
-    outs = run_distributed(_load_on_rank, 2, cases, timeout=120)
-    for name, (_, extra, layout, _) in CASES.items():
+    outs = run_distributed(_load_on_rank, world, cases, timeout=120)
+    for name, (_, extra, layout, _) in layouts.items():
         tied = extra["tie_word_embeddings"]
         seen = set()
         for rank, out in enumerate(outs):
