@@ -1,8 +1,9 @@
 """Loading a Hugging Face directory into a model laid out over ranks
-(finetune/hf_import.py `load_hf_into`): under tensor parallelism each rank copies only
-its DTensor block (rows of q/k/v/gate/up and the vocabulary, columns of o/down through
-safetensors' get_slice), under a pipeline only its stage's tensors, a last stage's tied
-head from the stored embedding. Every tensor a rank holds, gathered, equals the stored
+(finetune/hf_import.py `load_hf_into`): under FSDP2 and tensor parallelism each rank
+copies only its DTensor block (whole rows with one pread: FSDP2's dim-0 shards, TP's
+q/k/v/gate/up and vocabulary; TP's columns of o/down through safetensors' get_slice),
+under a pipeline only its stage's tensors, a last stage's tied head from the stored
+embedding. Every tensor a rank holds, gathered, equals the stored
 one bit for bit."""
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ transformers = pytest.importorskip("transformers")  # pinned in requirements.txt
 CASES = {
     # q/k/v biases (dim-0 slices), tied head: one vocabulary-parallel tensor
     "qwen2 tp2 tied": ("Qwen2", dict(tie_word_embeddings=True), dict(tp=2), "5GB"),
+    # FSDP2 row blocks (one pread each); the tied head is the embedding's DTensor
+    "mistral fsdp2 tied": ("Mistral", dict(tie_word_embeddings=True, sliding_window=None),
+                           dict(dp_shard=2), "20KB"),
     # sharded index, untied; tied head read on the last stage from the embedding
     "llama pp2 untied": ("Llama", dict(tie_word_embeddings=False), dict(pp=2), "20KB"),
     "llama pp2 tied": ("Llama", dict(tie_word_embeddings=True), dict(pp=2), "20KB"),
