@@ -178,12 +178,20 @@ def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device 
 
 
 def materialize(model: nn.Module, device: torch.device | str, seed: int, *,
-                tied: TiedPairs) -> None:
+                tied: TiedPairs, init: bool = True) -> None:
     """Allocate a meta-built (possibly sharded) model on `device` and run its init;
-    `tied`: its family's tied pairs (ModelSpec.tied)."""
+    `tied`: its family's tied pairs (ModelSpec.tied).
+
+    `init=False`: a loader is about to write every parameter (init.from, which checks
+    that it does: finetune/init_from.py `writes_every_weight`), so the seeded init is
+    skipped and the parameters stay uninitialised until then. The init draws each
+    parameter whole before cutting this rank's shard, so skipping it is what keeps a
+    rank of a sharded load near its shard's size (bench/hf_load.py). A model with
+    buffers (MoE's expert_bias) is still initialised: only its init sets them."""
     model.to_empty(device=device)
     tie(model, tied)  # to_empty gives each module its own tensor; re-share
-    model.init_weights(seed)
+    if init or any(True for _ in model.buffers()):
+        model.init_weights(seed)
 
 
 def count_params(model: nn.Module) -> int:

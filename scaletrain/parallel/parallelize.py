@@ -84,8 +84,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
 
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
                          policy: PrecisionPolicy, device: torch.device,
-                         compile: bool | str = False, ac=None) -> ParallelModel:
-    """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
+                         compile: bool | str = False, ac=None,
+                         init: bool = True) -> ParallelModel:
+    """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it
+    (`init=False`: not its parameters, which a loader writes next; models/registry.py
+    `materialize`).
 
     Returns the module with its layout facts (stage views, tied copies, loss-parallel
     logits). With one process this gives exactly `models.build_model`'s weights.
@@ -104,7 +107,7 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
                 stage_views=views, ac=ac, tied=spec.tied)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
-    materialize(model, init_device, seed, tied=spec.tied)
+    materialize(model, init_device, seed, tied=spec.tied, init=init)
     # A last stage's head whose embedding lives on the first stage is a copy of it.
     copies = tied_copies(model, spec.tied) if dims.pp > 1 else {}
     return ParallelModel(model, spec, stage_views=views,

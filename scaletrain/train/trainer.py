@@ -27,7 +27,7 @@ from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.data.mixture import tokens_by_source
 from scaletrain.evaluate import evaluate
-from scaletrain.finetune import apply_init, resolve_init
+from scaletrain.finetune import apply_init, resolve_init, writes_every_weight
 from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb
 from scaletrain.metrics.trackers import tracker_sinks
@@ -108,7 +108,8 @@ class Trainer:
         self.parallel = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
             pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
-            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac)
+            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
+            init=not writes_every_weight(cfg, resuming))
         self.model = self.parallel.module
         blocks = getattr(self.model, "blocks", None) or {}
         # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
