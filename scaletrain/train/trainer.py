@@ -103,7 +103,8 @@ class Trainer:
         self.parallel = build_parallel_model(
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
             pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
-            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac)
+            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
+            expert_mesh=self.dist.expert_mesh)
         self.model = self.parallel.module
         blocks = getattr(self.model, "blocks", None) or {}
         # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
