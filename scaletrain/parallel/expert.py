@@ -14,14 +14,24 @@ El = E / ep per rank, rank j of the ep group owning experts [j·El, (j+1)·El)):
     experts  models/moe.py `swiglu_experts` on the local weights
     back     the inverse permutation, then the reverse all_to_all (R, D) -> (M, D)
 
-Autograd: torch.distributed.nn.functional.all_to_all_single has a backward that is the
-reverse all-to-all (swapped splits), so no hand-written autograd Function is needed.
+Autograd: torch.distributed._functional_collectives.all_to_all_single has a backward
+that is the reverse all-to-all (swapped splits) — torch's replacement for the deprecated
+torch.distributed.nn.functional one — so no hand-written autograd Function is needed.
 
 Weights: the experts' (E, D, F) parameters become DTensors sharded on dim 0 over the
 "ep" dimension of the expert mesh (config/dims.py `build_expert_mesh`): the logical
 tensor stays (E, D, F), which is what the checkpoint (DCP) saves, so a run with another
 ep degree (or one process) loads it. FSDP2 then shards each rank's slice again over the
 "efsdp" ranks (parallel/fsdp.py).
+
+Gradient scale: the step multiplies each rank's loss by dp because FSDP2 *averages*
+gradients over the dp ranks (parallel/context.py). An expert's gradient on a rank
+already sums the contributions of its whole ep group's tokens (the reverse all-to-all),
+and FSDP2 averages it over the efsdp = dp / ep ranks only: dp / efsdp = ep times the
+global gradient. The forward therefore hands the weights to the matmuls through
+`_GradScale(1 / ep)`. (torchtitan uses FSDP2's set_gradient_divide_factor(dp) instead:
+on gloo that needs PREMUL_SUM, which gloo lacks, and with one efsdp rank torch 2.13's
+FSDP2 divides twice in fp64.)
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from scaletrain.models.moe import GroupedExperts, moe_layers, swiglu_experts
@@ -54,8 +64,8 @@ class ExpertExchange:
         recv = recv.view(ep, el)  # [source, local expert] rows
         send_splits = counts.view(ep, el).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
-        out = x.new_empty(sum(recv_splits), x.shape[1])
-        got = dist_fn.all_to_all_single(out, x, recv_splits, send_splits, group=self.group)
+        got = funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), recv_splits,
+                                                          send_splits, self.group))
         # Received segment i = s·El + e (source s, local expert e) gets the key e·ep + s:
         # a stable argsort groups the rows by local expert, each source's order kept.
         i = torch.arange(ep * el, device=x.device)
@@ -67,9 +77,21 @@ class ExpertExchange:
         """Local experts' outputs y (R, D), expert-major -> (M, D) in the caller's order."""
         perm, send_splits, recv_splits = plan
         back = y.index_select(0, torch.argsort(perm))  # (source, expert) order again
-        out = y.new_empty(sum(send_splits), y.shape[1])
-        return dist_fn.all_to_all_single(out, back, send_splits, recv_splits,
-                                         group=self.group)
+        return funcol.wait_tensor(funcol.all_to_all_single(back, send_splits, recv_splits,
+                                                           self.group))
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `scale` (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.scale, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -95,7 +117,8 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         rows, local_counts, plan = self.exchange.dispatch(x, counts)
         # Under FSDP2 the weights arrive all-gathered over efsdp: this rank's El experts.
-        w = [getattr(self, n).to_local() for n in EXPERT_WEIGHTS]
+        w = [_GradScale.apply(getattr(self, n).to_local(), 1.0 / self.exchange.ep)
+             for n in EXPERT_WEIGHTS]
         return self.exchange.combine(swiglu_experts(rows, *w, local_counts), plan)
 
 
@@ -115,16 +138,17 @@ def ep_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     mesh, the experts' on the expert mesh — which torch's clip cannot stack: one norm per
     mesh, made full (a reduction over that mesh), then combined (torchtitan
     `_clip_grad_norm_with_ep`)."""
-    grads: dict = {}
+    groups: dict = {}
     for p in params:
         if p.grad is not None:
-            grads.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p.grad)
-    sq = None
-    for group in grads.values():
-        n = torch.nn.utils.get_total_norm(group, 2.0, foreach=True)
+            groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p)
+    sq = torch.zeros((), dtype=torch.float64)
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0, foreach=True)
         n = n.full_tensor() if hasattr(n, "full_tensor") else n
-        sq = n.square() if sq is None else sq + n.square()
-    total = sq.sqrt() if sq is not None else torch.zeros(())
+        sq = sq + n.double().square()
+    total = sq.sqrt().to(next(iter(groups.values()))[0].dtype) if groups else sq
     if max_norm != math.inf:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in groups.values():  # a mesh per call: foreach ops need one mesh
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

@@ -54,8 +54,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
             units = list(blocks.values())
             for i, block in enumerate(units):
                 if expert_mesh is not None:
-                    _shard_experts(block, expert_mesh, float(mesh.size()),
-                                   reshard_after_forward, kw)
+                    _shard_experts(block, expert_mesh, reshard_after_forward, kw)
                 # The last block's parameters are needed again right at the start of the
                 # backward, so resharding them after forward only adds an all-gather.
                 fully_shard(block, reshard_after_forward=reshard_after_forward
@@ -66,24 +65,17 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     return model
 
 
-def _shard_experts(block: nn.Module, expert_mesh, dp: float, reshard: bool, kw: dict) -> None:
+def _shard_experts(block: nn.Module, expert_mesh, reshard: bool, kw: dict) -> None:
     """FSDP2 over "efsdp" for the block's expert-parallel experts, before the block's own
-    unit (which then leaves their parameters alone), as torchtitan does.
-
-    Gradients: each rank's expert gradient already sums the contributions of its whole
-    ep group's tokens (the reverse all-to-all), each scaled by the step's loss
-    multiplier dp (parallel/context.py); summing over the efsdp ranks and dividing by dp
-    — not by the efsdp group size, FSDP2's default average — gives the gradient of the
-    global loss. gloo has no PREMUL_SUM, so the division is FSDP2's pre/post scaling
-    around a SUM (force_sum_reduction_for_comms)."""
+    unit (which then leaves their parameters alone), as torchtitan does. FSDP2 averages
+    their gradients over the efsdp ranks; parallel/expert.py `ExpertParallelExperts`
+    scales them so that this average is the global loss's gradient."""
     from torch.distributed.fsdp import fully_shard
 
     for m in block.modules():
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, **{**kw, "mesh": expert_mesh["efsdp"]},
                         reshard_after_forward=reshard)
-            m.set_gradient_divide_factor(dp)
-            m.set_force_sum_reduction_for_comms(True)
 
 
 @contextlib.contextmanager
