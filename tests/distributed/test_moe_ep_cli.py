@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import ROOT, TINY, prepared  # noqa: F401 - module fixture
+import test_cli
+from test_cli import ROOT, TINY
+
+prepared = test_cli.prepared  # the module fixture: the tiny corpus, prepared once
 
 MOE = ["--model.name=llama", "--model.moe_experts=4", "--model.moe_top_k=2",
        "--model.moe_d_ff=16", "--model.moe_router=sigmoid_bias",
@@ -39,7 +42,7 @@ def train(args: list[str], run: Path, nproc: int = 1) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
-def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):  # noqa: F811
+def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
     data = f"--data.prepared_dir={prepared}"
     one = train([data, "--parallel.dp_shard=1"], tmp_path / "one")
     ep2 = train([data, *EP2], tmp_path / "ep2", nproc=2)
