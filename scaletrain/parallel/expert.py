@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
 
 from scaletrain.models.moe import GroupedExperts, moe_layers, swiglu_experts
 
@@ -49,8 +50,8 @@ EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
 class ExpertExchange:
-    """The two all-to-alls of one expert-parallel group (`group`, `ep` ranks, this rank's
-    index `rank` in it) for layers of `n_experts` routed experts."""
+    """The two all-to-alls of one expert-parallel group (`group` of `ep` ranks) for
+    layers of `n_experts` routed experts."""
 
     def __init__(self, group, ep: int, n_experts: int):
         self.group, self.ep, self.n_local = group, ep, n_experts // ep
@@ -62,8 +63,9 @@ class ExpertExchange:
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.group)  # equal splits of El
         recv = recv.view(ep, el)  # [source, local expert] rows
-        send_splits = counts.view(ep, el).sum(1).tolist()
-        recv_splits = recv.sum(1).tolist()
+        # The one host read: rows this rank sends to / receives from each peer.
+        send_splits, recv_splits = torch.stack([counts.view(ep, el).sum(1),
+                                                recv.sum(1)]).tolist()
         got = funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), recv_splits,
                                                           send_splits, self.group))
         # Received segment i = s·El + e (source s, local expert e) gets the key e·ep + s:
@@ -101,8 +103,6 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, experts: GroupedExperts, ep_mesh):
         super().__init__()
-        from torch.distributed.tensor import DTensor, Shard
-
         ep = ep_mesh.size()
         for name in EXPERT_WEIGHTS:
             w = getattr(experts, name)

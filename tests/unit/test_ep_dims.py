@@ -41,3 +41,5 @@ def test_ep_against_the_model():
         check_expert_parallel(_cfg(*moe, "parallel.ep=3"))
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
         check_expert_parallel(_cfg("model.name=llama", "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="activation_checkpoint='full' is not supported"):
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.activation_checkpoint=full"))
