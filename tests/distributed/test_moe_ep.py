@@ -6,8 +6,8 @@ Losses to 1e-6 relative in fp32 over 10 steps, parameters (experts included, gat
 to their full (E, D, F) tensors), the balancing bias and the logged MoE statistics to
 1e-10 in fp64. The run is wired as the trainer wires it (test_moe_parity.py): the
 sigmoid_bias router with aux and z losses on, masked targets (unequal target counts
-per rank), two micro-batches per rank (accumulation; the one process runs all 8 at
-once... in micro-batches of the same size). Uneven loads: 8 experts, top-2, micro-
+per rank), micro-batches of one sequence (accumulation: 4 per rank on 2 ranks, 2 on 4,
+8 in the one process). Uneven loads: 8 experts, top-2, micro-
 batches of 16 tokens — the run asserts that some micro-batch on some rank routed no
 token to some expert, so the all-to-all saw empty and uneven splits.
 """
