@@ -109,7 +109,8 @@ class Trainer:
             cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
             pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
             compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
-            init=not writes_every_weight(cfg, resuming))
+            init=not writes_every_weight(cfg, resuming),
+            expert_mesh=self.dist.expert_mesh)
         self.model = self.parallel.module
         blocks = getattr(self.model, "blocks", None) or {}
         # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
