@@ -75,6 +75,15 @@ def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
     assert r["peak_phase"] == "optimizer_step" and r["peak_bytes"] == 101248
 
 
+def test_chunked_loss_holds_one_chunk_of_logits():
+    """model.loss_chunks=3 over seq 8: chunks of ceil(8/3) = 3 positions, 2 x 3 = 6 tokens
+    of logits at once; the ln_f output (4 B x 16 per token) is recomputed, not kept."""
+    r = rank0(cfg_of("precision.dtype=fp32", "model.loss_chunks=3"))
+    # blocks 2096 + ln_f input 4 * 16 = 64 -> 2160 per token, x 16 = 34560;
+    # head: 6 tokens * V 32 * (4 + 12) = 3072
+    assert r["activation_bytes"] == 34560 + 3072
+
+
 def test_full_activation_checkpointing_keeps_block_inputs_plus_one_block():
     r = rank0(cfg_of("precision.dtype=fp32", "parallel.activation_checkpoint=full"))
     # per token: 2 block inputs 4*16 = 128 + one block recomputed 1048 + ln_f 128 = 1304
