@@ -132,18 +132,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
     a = ap.parse_args()
     if a.memory_child is not None:
         torch.set_num_threads(1)
         print(json.dumps(memory_child(a.memory_child)))
         return
-    logits_mib = BIG["tokens"] * BIG["vocab"] * 4 / MiB
-    print(f"peak memory, one fwd+bwd, vocab {BIG['vocab']}, {BIG['tokens']} tokens, fp32 "
-          f"(fp32 logits alone: {logits_mib:.0f} MiB)")
-    for row in measure_memory(a.chunks):
-        print(f"  loss_chunks={row['chunks']:<3} peak RSS growth "
-              f"{row['peak_growth_mib']:7.0f} MiB   plan activations+head "
-              f"{row['plan_activations_mib']:7.0f} MiB")
+    if not a.skip_memory:
+        logits_mib = BIG["tokens"] * BIG["vocab"] * 4 / MiB
+        print(f"peak memory, one fwd+bwd, vocab {BIG['vocab']}, {BIG['tokens']} tokens, "
+              f"fp32 (fp32 logits alone: {logits_mib:.0f} MiB)")
+        for row in measure_memory(a.chunks):
+            print(f"  loss_chunks={row['chunks']:<3} peak RSS growth "
+                  f"{row['peak_growth_mib']:7.0f} MiB   plan activations+head "
+                  f"{row['plan_activations_mib']:7.0f} MiB")
     if not a.skip_speed:
         s = measure_speed(a.chunks, a.rounds, a.steps)
         print(f"gpt-10m (bf16, 8 x 256 per step), {s['rounds']} rounds x "

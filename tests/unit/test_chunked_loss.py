@@ -85,3 +85,17 @@ def test_chunked_forward_never_holds_whole_logits():
     with Sizes():
         model(x, targets=y).backward()
     assert biggest and max(biggest) <= B * (T // 4) * V
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.name": "mlp", "data.source": "digits"}, "needs a text model"),
+    ({"model.seq_len": "8", "model.loss_chunks": "9"}, "exceeds model.seq_len=8"),
+    ({"distill.teacher": "some/run"}, "not supported with distill.teacher"),
+])
+def test_loss_chunks_refused_where_it_cannot_apply(overrides, match):
+    from scaletrain.config import build_config
+    from scaletrain.errors import ConfigError
+
+    pairs = {"model.loss_chunks": "4", **overrides}
+    with pytest.raises(ConfigError, match=match):
+        build_config(None, list(pairs.items()))
