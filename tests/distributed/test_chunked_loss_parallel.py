@@ -1,6 +1,6 @@
-"""model.loss_chunks under tensor parallel (loss-parallel, and sequence parallel) and in
-a pipeline's last stage: the per-step losses and grad norms of fp64 runs equal the same
-layout unchunked and the one-process run (models/chunked_loss.py)."""
+"""model.loss_chunks under tensor parallel (loss-parallel, and sequence parallel), in a
+pipeline's last stage and under FSDP2: the per-step losses and grad norms of fp64 runs
+equal the same layout unchunked and the one-process run (models/chunked_loss.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ LAYOUTS = [  # (name, layout fields, model fields)
     ("llama tied tp2 loss-parallel", dict(tp=2), (("name", "llama"),
                                                   ("tie_embeddings", True))),
     ("gpt pp2 1f1b", dict(pp=2), ()),
+    ("gpt fsdp2", dict(dp_shard=2), ()),  # the head's recompute inside FSDP2's backward
     ("llama pp2 gpipe", dict(pp=2, schedule="gpipe"), (("name", "llama"),)),
 ]
 
