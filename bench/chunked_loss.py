@@ -116,6 +116,8 @@ def measure_speed(chunks: int, rounds: int, steps: int) -> dict:
             for _ in range(steps):
                 variants[k]()
             times[k].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+              file=sys.stderr, flush=True)
     tokens = 8 * 256 * steps
     b_over_a = statistics.median(a / b for a, b in zip(times["A"], times["B"]))
     aa = statistics.median(a / b for a, b in zip(times["A"], times["A'"]))

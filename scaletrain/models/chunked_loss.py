@@ -29,9 +29,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from scaletrain.models.losses import sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 
 
 def chunked_head_loss(norm: Callable[[torch.Tensor], torch.Tensor],
@@ -41,6 +43,12 @@ def chunked_head_loss(norm: Callable[[torch.Tensor], torch.Tensor],
     time. h (B, T_local, D) final hidden states (T_local = T, or T / tp under sequence
     parallel), targets (B, T) with IGNORE_INDEX for masked positions; `chunks` >= 1 (more
     than T_local acts as T_local)."""
+    weight = getattr(head, "weight", None)
+    if fusable(head, weight):
+        x = norm(h)  # (B, T, D): small next to the logits
+        grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return _HeadCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight,
+                                       targets.reshape(-1), max(1, chunks), grads)
     B, t_local = h.shape[0], h.shape[1]
     s = targets.shape[1] // t_local  # sequence-parallel degree (1 without SP)
     y = targets.reshape(B, s, t_local)
@@ -52,5 +60,58 @@ def chunked_head_loss(norm: Callable[[torch.Tensor], torch.Tensor],
     return total
 
 
+def fusable(head, weight) -> bool:
+    """The fused Function applies: a plain bias-free linear head on plain tensors, with no
+    hooks (tensor parallel's DTensor weight and hooks, LoRA's wrapper or hooks on the
+    head take the checkpointed path, which calls the module)."""
+    return (type(head) is nn.Linear and head.bias is None and weight is not None
+            and type(weight) in (torch.Tensor, nn.Parameter)
+            and not (head._forward_hooks or head._forward_pre_hooks))
+
+
 def _piece(norm, head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return sum_cross_entropy(head(norm(h)), targets)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_cross_entropy(F.linear(h, weight), targets) over row pieces of h, with both
+    gradients made in the forward, piece by piece (Liger's fused linear cross-entropy,
+    Hsu et al. 2024): the softmax of a piece is its logits' gradient, so no logits are
+    kept or recomputed and the backward only scales the two gradients by the incoming
+    one (a scalar: the loss is the step's sum divided by its count). Plain tensors only.
+
+    h (N, D) normed hidden states, weight (V, D), targets (N,) int64 with IGNORE_INDEX.
+    The matmuls run as autocast runs them in the unchunked head (the forward is called
+    under the step's autocast); the cross-entropy in fp32 (fp64 for fp64 runs)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunks: int, grads: bool):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=acc, device=h.device)
+        gh = torch.empty_like(h) if grads else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
+        rows = torch.arange(h.shape[0], device=h.device)
+        for r, h_c, y_c in zip(rows.tensor_split(chunks), h.tensor_split(chunks),
+                               targets.tensor_split(chunks)):
+            raw = F.linear(h_c, weight)  # (n, V) in the compute dtype
+            logits = raw.to(acc)
+            keep = y_c != IGNORE_INDEX
+            y_safe = torch.where(keep, y_c, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, y_safe[:, None]).squeeze(1)
+            total += torch.where(keep, lse - picked, 0).sum()
+            if grads:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(y_c), device=g.device), y_safe] -= 1
+                g.mul_(keep[:, None])
+                g = g.to(raw.dtype)  # the gradient reaching the matmul, as in autograd
+                gh[r[0]:r[-1] + 1] = g @ weight.to(raw.dtype)
+                gw += (g.t() @ h_c.to(raw.dtype)).to(acc)
+        ctx.grads = (gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g_out):
+        gh, gw = ctx.grads
+        return gh * g_out.to(gh.dtype), (gw * g_out).to(ctx.weight_dtype), None, None, None
