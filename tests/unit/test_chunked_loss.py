@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scaletrain.config.schema import Config
+from scaletrain.models.chunked_loss import fusable
 from scaletrain.models.documents import document_kwargs
 from scaletrain.models.losses import IGNORE_INDEX
 from scaletrain.models.registry import build_model
@@ -51,11 +52,17 @@ def _loss_and_grads(model, x, y, docs: bool):
 @pytest.mark.parametrize("family,tied", [("gpt", True), ("gpt", False),
                                          ("llama", True), ("llama", False)])
 @pytest.mark.parametrize("chunks", [1, 5, 64])
-def test_chunked_equals_unchunked_fp64(family, tied, chunks):
+@pytest.mark.parametrize("path", ["fused", "checkpoint"])
+def test_chunked_equals_unchunked_fp64(family, tied, chunks, path):
+    """Both paths of models/chunked_loss.py: the fused Function (a plain head) and the
+    checkpointed module calls (TP's DTensor head; here forced by a hook on the head)."""
     x, y = _batch()
     ref = _model(family, tied, 0)
     out = _model(family, tied, chunks)
     out.load_state_dict(ref.state_dict())
+    if path == "checkpoint":
+        out.lm_head.register_forward_hook(lambda mod, args, output: None)
+    assert fusable(out.lm_head, out.lm_head.weight) == (path == "fused")
     assert (out.lm_head.weight is (out.wte.weight if family == "gpt"
                                    else out.embed_tokens.weight)) == tied
     for docs in (False, True):
@@ -68,10 +75,13 @@ def test_chunked_equals_unchunked_fp64(family, tied, chunks):
                                        msg=lambda m: f"{name}: {m}")
 
 
-def test_chunked_forward_never_holds_whole_logits():
+@pytest.mark.parametrize("path", ["fused", "checkpoint"])
+def test_chunked_forward_never_holds_whole_logits(path):
     """The largest tensor made during forward + backward is one chunk's logits."""
     x, y = _batch()
     model = _model("gpt", True, 4)
+    if path == "checkpoint":
+        model.lm_head.register_forward_hook(lambda mod, args, output: None)
     biggest = []
 
     class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
