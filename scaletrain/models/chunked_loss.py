@@ -1,27 +1,30 @@
 """The output head + cross-entropy computed chunk by chunk (`model.loss_chunks`), so the
 (tokens x vocabulary) logits of a micro-batch never exist whole.
 
-The final hidden states (B, T, D) are cut along the sequence into `chunks` pieces; each
-piece runs final norm -> head -> fp32 summed cross-entropy (models/losses.py) under
-non-reentrant `torch.utils.checkpoint`, which keeps only the piece's hidden states (a
-view of the input) and re-runs norm + head in the backward. So one chunk's logits and
-their fp32 temporaries are alive at a time, forward and backward, for one extra head
-matmul per token (as torchtitan's and Liger's chunked / fused losses trade). The
-checkpoint re-enters the autocast state of the forward, so the recomputed logits are
-bitwise those of the forward.
+Two paths, the same loss and gradients (tests/unit/test_chunked_loss.py, fp64 1e-10):
 
-Why checkpoint and not a hand-written autograd.Function over (hidden, weight, targets):
-the head is called as its module, so tensor parallel's hooks (models/tp_styles.py
-`vocab_head`: DTensor layouts, the all-gather of a sequence-parallel stream) and
-loss_parallel's vocabulary-sharded cross-entropy run per chunk unchanged, on every
-family and with a tied or untied weight; a Function would have to re-implement the
-sharded log-softmax with explicit collectives inside the model. Measured against the
-Function in bench/chunked_loss.py.
+- fused (`_HeadCrossEntropy`, a plain bias-free linear head on plain tensors: one
+  process, DDP, FSDP2's unsharded weight, a pipeline's last stage): the normed hidden
+  states are cut into `chunks` row pieces; for each, the logits, the summed fp32
+  cross-entropy *and* both gradients (the softmax minus the one-hot is the logits'
+  gradient) are made in the forward (Liger's fused linear cross-entropy). Nothing of a
+  piece outlives it; the backward scales the two stored gradients (hidden-sized and
+  weight-sized) by the incoming scalar. No recompute: the same three matmuls as the
+  unchunked head.
+- checkpointed (tensor parallel's DTensor head, or a head with hooks or wrapped by
+  LoRA / weight norm): the final hidden states (B, T, D) are cut along the sequence and
+  each piece runs final norm -> head module -> summed cross-entropy under non-reentrant
+  `torch.utils.checkpoint`, which keeps the piece's input only and re-runs it in the
+  backward (one extra head matmul per token). The head is called as its module, so TP's
+  hooks (models/tp_styles.py `vocab_head`: DTensor layouts, the sequence-parallel
+  all-gather) and loss_parallel's vocabulary-sharded cross-entropy run per chunk
+  unchanged; no collective is written here. The checkpoint re-enters the forward's
+  autocast state, so the recomputed logits are bitwise the forward's.
 
-Sequence parallel: the residual stream reaching the head is this rank's (B, T/s, D)
-slice of the sequence (s = the TP degree) while the targets are the whole (B, T); the
-head's input hook all-gathers a chunk's slices rank-major, so the chunk's targets are
-taken the same way (the ratio s is read off the shapes: no process group here).
+Sequence parallel (checkpointed path): the residual stream reaching the head is this
+rank's (B, T/s, D) slice of the sequence (s = the TP degree) while the targets are the
+whole (B, T); the head's input hook all-gathers a chunk's slices rank-major, so the
+chunk's targets are taken the same way (s is read off the shapes: no process group).
 """
 
 from __future__ import annotations

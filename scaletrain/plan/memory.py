@@ -220,7 +220,16 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     total += block_fixed_bytes(cfg, s.tp, device_type) * s.layers
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
-    return total
+    return total + fused_head_grad_bytes(cfg, s)
+
+
+def fused_head_grad_bytes(cfg, s: RankShape) -> float:
+    """model.loss_chunks without TP (models/chunked_loss.py's fused Function): the head
+    weight's gradient, made in the forward (fp32; fp64 runs fp64) and held to the
+    backward; under TP the checkpointed path makes none."""
+    if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
+        return 0.0
+    return (8 if cfg.precision.dtype == "fp64" else 4) * cfg.model.d_model * s.vocab_local
 
 
 def logit_tokens(cfg, s: RankShape) -> int:
@@ -258,6 +267,7 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     grads = c.per_param(numels, pb)
     act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s)),
                 c.head(s, ab, logit_tokens(cfg, s), 3),
+                c.hm(fused_head_grad_bytes(cfg, s)),
                 c.hm(s.fsdp_gathered * ab))
     if accumulating:
         act = (act[0] * CPU_ACCUM_FACTOR, act[1])
