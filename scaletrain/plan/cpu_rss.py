@@ -75,8 +75,8 @@ def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float
 
     kept = add((0.0, 0.0), *(scale(block(m), modes.count(m)) for m in set(modes)))
     recompute = block("none") if any(m != "none" for m in modes) else (0.0, 0.0)
-    # + ln_f in/out; chunked (model.loss_chunks) the out is recomputed per chunk, not kept
-    ln_out = 0.0 if cfg.model.loss_chunks else toks * ab * D
+    # + ln_f in/out (chunked: what the head keeps instead, memory.py head_input_bytes)
+    ln_out = (ab if not cfg.model.loss_chunks else r if s.tp == 1 else 0) * toks * D
     out = add(kept, recompute, hm(toks * r * D), hm(ln_out))
     # autocast weight casts, cached to the end of the forward (memory.py)
     fixed = block_activations(cfg.model, cfg.precision.dtype, "none").fixed_bytes(t)

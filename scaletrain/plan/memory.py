@@ -210,9 +210,7 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     D = cfg.model.d_model
     per = ac_block_bytes(cfg, s.tp, device_type)
     per_token = kept_bytes(rank_block_modes(cfg, s), per)  # + one block's set while one is recomputed
-    # final block output (ln_f input) and ln_f output cast; chunked, the checkpointed
-    # chunks keep views of the input only (models/chunked_loss.py)
-    per_token += (r + (0 if cfg.model.loss_chunks else ab)) * D
+    per_token += head_input_bytes(cfg, s, r, ab)
     total = per_token * s.tokens * s.in_flight
     # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
     # autocast caches the casts of leaf weights until the autocast context exits (the
@@ -221,6 +219,18 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
     return total + fused_head_grad_bytes(cfg, s)
+
+
+def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
+    """Per token, what the head keeps of its input: the final block's output (ln_f's
+    input) and ln_f's output cast for the head's matmul; with model.loss_chunks
+    (models/chunked_loss.py) the fused path keeps the input's gradient made in the
+    forward instead of the cast (r bytes: ln_f's output dtype), the checkpointed path
+    (TP) views of the input only."""
+    D = cfg.model.d_model
+    if not cfg.model.loss_chunks:
+        return (r + ab) * D
+    return (2 * r if s.tp == 1 else r) * D
 
 
 def fused_head_grad_bytes(cfg, s: RankShape) -> float:
