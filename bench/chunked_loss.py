@@ -12,6 +12,7 @@
    median over rounds of B/A and A'/A (DESIGN.md §4). Same weights and batches.
 
     .venv/bin/python bench/chunked_loss.py [--chunks 8] [--rounds 10] [--steps 3]
+    .venv/bin/python bench/chunked_loss.py --head-only   # 3. the head + loss alone
 """
 
 from __future__ import annotations
@@ -127,6 +128,43 @@ def measure_speed(chunks: int, rounds: int, steps: int) -> dict:
             "rounds": rounds, "steps_per_round": steps, "chunks": chunks}
 
 
+def measure_head(chunks: int, rounds: int) -> dict:
+    """The head + loss alone at gpt-10m's shape (8 x 256 tokens, D 384, V 8192, bf16
+    autocast), forward + backward: unchunked (A, A') vs chunked (B), interleaved."""
+    from scaletrain.models.chunked_loss import chunked_head_loss
+    from scaletrain.models.losses import sum_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 256, 384, generator=g, requires_grad=True)
+    head = torch.nn.Linear(384, 8192, bias=False)
+    y = torch.randint(0, 8192, (8, 256), generator=g)
+
+    def plain():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = sum_cross_entropy(head(h), y)
+        loss.backward()
+
+    def chunked():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = chunked_head_loss(lambda t: t, head, h, y, chunks)
+        loss.backward()
+    variants = {"A": plain, "B": chunked, "A'": plain}
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    order = list(variants)
+    for r in range(rounds):
+        for k in order[r % 3:] + order[:r % 3]:
+            t0 = time.perf_counter()
+            variants[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {"chunked_over_unchunked": statistics.median(
+                a / b for a, b in zip(times["A"], times["B"])),
+            "a_a_control": statistics.median(a / b for a, b in zip(times["A"], times["A'"])),
+            "unchunked_s": statistics.median(times["A"]),
+            "chunked_s": statistics.median(times["B"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=8)
@@ -135,10 +173,19 @@ def main() -> None:
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--head-only", action="store_true",
+                    help="time the head + loss alone (fast; no memory, no full steps)")
     a = ap.parse_args()
     if a.memory_child is not None:
         torch.set_num_threads(1)
         print(json.dumps(memory_child(a.memory_child)))
+        return
+    if a.head_only:
+        s = measure_head(a.chunks, max(a.rounds, 10))
+        print(f"head + loss alone (gpt-10m shape, bf16), {max(a.rounds, 10)} rounds: "
+              f"unchunked {s['unchunked_s']:.3f} s, loss_chunks={a.chunks} "
+              f"{s['chunked_s']:.3f} s; median chunked/unchunked speed "
+              f"{s['chunked_over_unchunked']:.3f}, A/A {s['a_a_control']:.3f}")
         return
     if not a.skip_memory:
         logits_mib = BIG["tokens"] * BIG["vocab"] * 4 / MiB

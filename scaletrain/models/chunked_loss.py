@@ -94,21 +94,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
         gh = torch.empty_like(h) if grads else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
         rows = torch.arange(h.shape[0], device=h.device)
+        w = weight
         for r, h_c, y_c in zip(rows.tensor_split(chunks), h.tensor_split(chunks),
                                targets.tensor_split(chunks)):
-            raw = F.linear(h_c, weight)  # (n, V) in the compute dtype
-            logits = raw.to(acc)
+            raw = F.linear(h_c, w)  # (n, V) in the compute dtype (autocast's)
+            # The weight cast once for all pieces (autocast caches no cast here: the
+            # forward of a Function runs without grad mode, where its cache is off).
+            w = w.to(raw.dtype)
+            # One log-softmax kernel over the piece (fewest passes over (n, V) in eager).
+            lsm = torch.log_softmax(raw.to(acc), dim=-1)
             keep = y_c != IGNORE_INDEX
             y_safe = torch.where(keep, y_c, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, y_safe[:, None]).squeeze(1)
-            total += torch.where(keep, lse - picked, 0).sum()
+            total -= torch.where(keep, lsm.gather(1, y_safe[:, None]).squeeze(1), 0).sum()
             if grads:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g = lsm.exp_()  # softmax, in place
                 g[torch.arange(len(y_c), device=g.device), y_safe] -= 1
-                g.mul_(keep[:, None])
+                g[~keep] = 0  # ignored positions: no gradient
                 g = g.to(raw.dtype)  # the gradient reaching the matmul, as in autograd
-                gh[r[0]:r[-1] + 1] = g @ weight.to(raw.dtype)
+                gh[r[0]:r[-1] + 1] = g @ w
                 gw += (g.t() @ h_c.to(raw.dtype)).to(acc)
         ctx.grads = (gh, gw)
         ctx.weight_dtype = weight.dtype
