@@ -68,7 +68,8 @@ class ModelSpec:
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
     return GPT(GPTConfig(vocab_size=m.vocab_size or facts["vocab_size"], seq_len=m.seq_len,
                          n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff,
-                         dropout=m.dropout, bias=m.bias, init_std=m.init_std))
+                         dropout=m.dropout, bias=m.bias, init_std=m.init_std,
+                         loss_chunks=m.loss_chunks))
 
 
 def _gpt_block(model: GPT, samples: int, seq_len: int) -> tuple:
@@ -87,7 +88,8 @@ def _build_llama(m: ModelConfig, facts: dict) -> Llama:
         rope_high_freq_factor=m.rope_high_freq_factor,
         rope_original_seq_len=m.rope_original_seq_len, qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
-        init_std=m.init_std, **{f: getattr(m, f) for f in MOE_FIELDS}))
+        init_std=m.init_std, loss_chunks=m.loss_chunks,
+        **{f: getattr(m, f) for f in MOE_FIELDS}))
 
 
 def _llama_tied(m: ModelConfig) -> TiedPairs:
