@@ -14,7 +14,9 @@ memory-map (see the note in the module docstring of `shards.py`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,14 @@ from pathlib import Path
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.clean import SPLITS, Counts, documents_needed
-from scaletrain.data.dt_steps import (CleanedWriter, Clean, DedupSplit, QuietExecutor,
-                                      SourceReader, TokenizePart, quiet_logs)
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
+                                               MinhashDedupCluster, MinhashDedupFilter,
+                                               MinhashDedupSignature)
+
+from scaletrain.data.dt_steps import (LENGTH_STAT, CleanedReader, CleanedWriter, Clean,
+                                      DedupSplit, MergeDedup, QuietExecutor, SourceReader,
+                                      TokenizePart, quiet_logs)
+from scaletrain.data.filters import check_filters, filter_steps
 from scaletrain.data.records import check_text_column
 from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import TEXT, InputFiles, file_format
@@ -43,6 +51,7 @@ class Built:
     stages: dict[str, int]
     sources: list[dict]
     tokenizer: tokenizer_mod.Tokenizer
+    lengths: dict[str, list[int]]
 
 
 def _run(steps: list, tasks: int, workers: int, logs: Path) -> dict[str, int]:
@@ -59,44 +68,129 @@ def _run(steps: list, tasks: int, workers: int, logs: Path) -> dict[str, int]:
     return totals
 
 
+def _job(steps: list, tasks: int, workers: int, logs: Path) -> list[dict[str, int]]:
+    """Run one datatrove job unless every task of it is already done, and return the
+    totals of each step (in `steps`' order) over all its tasks.
+
+    The totals come from the per-task stats files datatrove writes beside each task's
+    completion mark, not from `_run`'s return, so a task finished by an earlier,
+    killed `prepare` still counts; datatrove skips such tasks (that is the restart)."""
+    done = len(list((logs / "completions").glob("*"))) if (logs / "completions").is_dir() \
+        else 0
+    if done:
+        print(f"prepare: resuming {logs.name.removeprefix('logs-')}: {min(done, tasks)} of "
+              f"{tasks} tasks done before", file=sys.stderr)
+    if done < tasks:
+        _run(steps, tasks=tasks, workers=workers, logs=logs)
+    totals: list[dict[str, int]] = [defaultdict(int) for _ in steps]
+    for path in sorted((logs / "stats").glob("*.json")):
+        with open(path, encoding="utf-8") as f:
+            per_task = json.load(f)  # [{"name", "stats": {key: {"total", ...} or 0}}]
+        for i, step in enumerate(per_task):
+            for key, metric in step["stats"].items():
+                totals[i][key] += int(metric["total"] if isinstance(metric, dict)
+                                      else metric)
+    return totals
+
+
+def _merged(totals: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for step in totals:
+        for k, v in step.items():
+            out[k] += v
+    return out
+
+
 def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
-               progress: bool) -> Built:
+               progress: bool, work: Path | None = None) -> Built:
     """Run the pipeline over the sources `inputs` into `out` (train/val/test.bin and
-    tokenizer.json). Raises DataError (one line, naming the source) on unusable input."""
+    tokenizer.json). Raises DataError (one line, naming the source) on unusable input.
+
+    `work` holds datatrove's work files and task completions: a `prepare` started again
+    after a crash, with the same `work`, resumes from the tasks already done there."""
     files = [(str(p), file_format(p), i) for i, inp in enumerate(inputs) for p in inp.files]
     check_text_column([(Path(p), fmt) for p, fmt, _ in files], dcfg.text_key)
-    work = out / ".work"
+    specs = check_filters(dcfg.filters, dcfg.filter_args)
+    work = out / ".work" if work is None else work
     workers = dcfg.prep_workers
-    read = _run([SourceReader(files, dcfg.text_key), Clean(dcfg.min_chars),
-                 CleanedWriter(str(work))],
-                tasks=min(workers, len(files)), workers=workers, logs=work / "logs-read")
+    filters = filter_steps(specs)
+    read_steps = _job([SourceReader(files, dcfg.text_key), Clean(dcfg.min_chars), *filters,
+                       CleanedWriter(str(work))],
+                      tasks=min(workers, len(files)), workers=workers,
+                      logs=work / "logs-read")
+    read = _merged(read_steps)
     _check_read(inputs, files, read, dcfg.text_key)
-    dedup = _run([DedupSplit(str(work), dcfg.val_fraction, dcfg.test_fraction)],
-                 tasks=1, workers=1, logs=work / "logs-split")
+    dropped = {f"dropped_{name}": read_steps[2 + i].get("dropped", 0)
+               for i, (name, _) in enumerate(specs)}
+    folder, dup_stages = "clean", {}
+    if dcfg.dedup == "minhash":
+        folder, dup_stages = "deduped", _minhash(work, dcfg, workers)
+    dedup = _merged(_job([DedupSplit(str(work), dcfg.val_fraction, dcfg.test_fraction,
+                                     folder)],
+                         tasks=1, workers=1, logs=work / "logs-split"))
     parts = json.loads((work / "parts.json").read_text())
+    duplicates = dup_stages.pop("duplicates", 0) + dedup["duplicates"]
     counts = Counts(files=len(files), skipped_binary=read["skipped_binary"],
                     skipped_undecodable=read["skipped_undecodable"],
-                    too_short=read["too_short"], duplicates=dedup["duplicates"],
+                    too_short=read["too_short"], duplicates=duplicates,
                     documents=sum(p["documents"] for p in parts))
     _check_documents(dcfg, counts, inputs)
 
-    tok = _tokenizer(dcfg, work, parts, progress)
+    tok = _tokenizer_once(dcfg, work, parts, progress)
     tok.save(out / "tokenizer.json")
-    tokens = _run([TokenizePart(str(work), [p["name"] for p in parts], tok.to_str(),
-                                token_dtype(tok.vocab_size).str, one_thread=workers > 1)],
-                  tasks=max(1, len(parts)), workers=workers, logs=work / "logs-tokenize") \
-        if parts else {}
+    tokens = _merged(_job([TokenizePart(str(work), [p["name"] for p in parts], tok.to_str(),
+                                        token_dtype(tok.vocab_size).str,
+                                        one_thread=workers > 1)],
+                          tasks=max(1, len(parts)), workers=workers,
+                          logs=work / "logs-tokenize")) if parts else {}
     splits = {s: _concat(work, out, s, [p for p in parts if p["split"] == s], tokens)
               for s in SPLITS}
     shutil.rmtree(work)
-    stages = {k: read.get(k, 0) for k in STAGES[:5]} | {
-        "duplicates": counts.duplicates, "documents": counts.documents}
+    stages = {k: read.get(k, 0) for k in STAGES[:5]} | dropped | {
+        "duplicates": counts.duplicates} | dup_stages | {"documents": counts.documents}
     sources = [{"source": inp.source, "files": len(inp.files),
                 "records": read.get(f"records/src{i}", 0),
                 "malformed": read.get(f"malformed/src{i}", 0),
                 "tokens": {s: tokens.get(f"tokens/{s}/src{i}", 0) for s in SPLITS}}
                for i, inp in enumerate(inputs)]
-    return Built(counts, splits, stages, sources, tok)
+    return Built(counts, splits, stages, sources, tok, _length_histogram(tokens))
+
+
+def _minhash(work: Path, dcfg: DataConfig, workers: int) -> dict[str, int]:
+    """`data.dedup = "minhash"`: exact dedup in the sources' order (`MergeDedup`), then
+    datatrove's four MinHash stages (signatures, buckets, clusters, filter), which leave
+    the kept documents in `<work>/deduped`. Returns the exact and near duplicates."""
+    exact = _merged(_job([MergeDedup(str(work))], tasks=1, workers=1,
+                         logs=work / "logs-merge"))
+    names = json.loads((work / "merged.json").read_text())
+    mh = work / "minhash"
+    config = MinhashConfig(n_grams=dcfg.minhash_ngrams, num_buckets=dcfg.minhash_buckets,
+                           hashes_per_bucket=dcfg.minhash_hashes_per_bucket)
+    if not names:
+        return {"duplicates": exact["duplicates"], "near_duplicates": 0}
+    _job([CleanedReader(str(work), "merged", names),
+          MinhashDedupSignature(str(mh / "signatures"), config=config)],
+         tasks=len(names), workers=workers, logs=work / "logs-mh-signatures")
+    _job([MinhashDedupBuckets(str(mh / "signatures"), str(mh / "buckets"), config=config)],
+         tasks=config.num_buckets, workers=workers, logs=work / "logs-mh-buckets")
+    _job([MinhashDedupCluster(str(mh / "buckets"), str(mh / "remove"), config=config)],
+         tasks=1, workers=1, logs=work / "logs-mh-cluster")
+    kept = _job([CleanedReader(str(work), "merged", names),
+                 MinhashDedupFilter(str(mh / "remove")), CleanedWriter(str(work), "deduped")],
+                tasks=len(names), workers=workers, logs=work / "logs-mh-filter")
+    return {"duplicates": exact["duplicates"], "near_duplicates": kept[1].get("dropped", 0)}
+
+
+def _length_histogram(tokens: dict[str, int]) -> dict[str, list[int]]:
+    """Documents per length bin (tokens, end-of-text included), all splits together:
+    bin i counts lengths in [lo[i], 2 * lo[i])."""
+    bins = sorted(int(k.removeprefix(LENGTH_STAT)) for k in tokens
+                  if k.startswith(LENGTH_STAT))
+    if not bins:
+        return {"lo": [], "documents": []}
+    ks = range(bins[0], bins[-1] + 1)
+    return {"lo": [2 ** k for k in ks],
+            "documents": [tokens.get(f"{LENGTH_STAT}{k:02d}", 0) for k in ks]}
 
 
 def _check_read(inputs: list[InputFiles], files: list, read: dict, text_key: str) -> None:
@@ -136,6 +230,20 @@ def _train_sample(work: Path, parts: list[dict], sample_bytes: int):
                 _src, h, text = json.loads(line)
                 if rate >= 1.0 or int(h[16:32], 16) / 2.0**64 < rate:
                     yield text
+
+
+def _tokenizer_once(dcfg: DataConfig, work: Path, parts: list[dict],
+                    progress: bool) -> tokenizer_mod.Tokenizer:
+    """`_tokenizer`, kept in the work directory: a restarted `prepare` does not train
+    it again (nor could the tokenize tasks it resumes use another one)."""
+    path = work / "tokenizer.json"
+    if path.is_file():
+        return tokenizer_mod.Tokenizer.load(str(path))
+    tok = _tokenizer(dcfg, work, parts, progress)
+    tmp = path.with_suffix(".tmp")
+    tok.save(tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves no half file that looks done
+    return tok
 
 
 def _tokenizer(dcfg: DataConfig, work: Path, parts: list[dict],

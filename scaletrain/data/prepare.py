@@ -10,8 +10,12 @@ under a key of their inputs and settings (`cache.py`), so calling `prepare` agai
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import shutil
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 import tokenizers
@@ -20,7 +24,9 @@ from scaletrain.config.paths import check_dir_field
 from scaletrain.config.schema import DataConfig
 from scaletrain.data.cache import build_cached, cache_key, valid_manifest
 from scaletrain.data.clean import check_fractions
+from scaletrain.data.filters import check_filters
 from scaletrain.data.pipeline import build_text
+from scaletrain.data.report import REPORT, draw_report
 from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import InputFiles, list_text_files, slug
 from scaletrain.data.vision import DIGITS, prepare_digits
@@ -71,6 +77,15 @@ def _new_settings(dcfg: DataConfig) -> dict:
         out["text_key"] = dcfg.text_key
     if dcfg.tokenizer_sample_bytes != DEFAULT_SAMPLE_BYTES:
         out["tokenizer_sample_bytes"] = dcfg.tokenizer_sample_bytes
+    if dcfg.filters:
+        out["filters"] = list(dcfg.filters)
+        out["filter_args"] = dcfg.filter_args
+        out["datatrove"] = version("datatrove")  # its filters' rules may change
+    if dcfg.dedup != "exact":
+        out["dedup"] = dcfg.dedup
+        out["minhash"] = [dcfg.minhash_ngrams, dcfg.minhash_buckets,
+                          dcfg.minhash_hashes_per_bucket]
+        out["datatrove"] = version("datatrove")
     return out
 
 
@@ -93,8 +108,24 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
     in the message, when there is nothing usable to prepare.
     """
     inputs, settings, final, key = _text_target(dcfg)
-    return build_cached(final, key,
-                        lambda tmp: _build_text(tmp, inputs, dcfg, settings, progress))
+    check_filters(dcfg.filters, dcfg.filter_args)  # before anything is written
+    # The work directory is named by the key, not by this process: a prepare killed
+    # midway and started again finds datatrove's completed tasks there and resumes.
+    work = final.parent / f".work-{final.name}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Two preparations of one key must not share its work directory at once: the
+    # second waits on a lock of the prepared_dir itself (no lock file is left behind),
+    # then finds the first one's published directory (a cache hit).
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return build_cached(final, key, lambda tmp: _build_text(
+            tmp, work, inputs, dcfg, settings, progress))
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing to resume
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cached_text_dir(dcfg: DataConfig) -> Path | None:
@@ -115,16 +146,16 @@ def _text_target(dcfg: DataConfig):
     return inputs, settings, Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-{key[:12]}", key
 
 
-def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
-                progress: bool) -> dict:
-    """Write the prepared text files into `out`; returns the manifest."""
+def _build_text(out: Path, work: Path, inputs: InputFiles, dcfg: DataConfig,
+                settings: dict, progress: bool) -> dict:
+    """Write the prepared text files and report.png into `out`; returns the manifest."""
     src = dcfg.source
-    built = build_text(out, [inputs], dcfg, progress)
+    built = build_text(out, [inputs], dcfg, progress, work=work)
     tok, stats = built.tokenizer, built.splits
     if stats["train"]["tokens"] < MIN_TRAIN_TOKENS:
         raise DataError(f"{src}: the train split has {stats['train']['tokens']} tokens, "
                         f"fewer than {MIN_TRAIN_TOKENS}")
-    return {
+    manifest = {
         "kind": "text",
         "source": src,
         "root": str(inputs.root),
@@ -137,4 +168,7 @@ def _build_text(out: Path, inputs: InputFiles, dcfg: DataConfig, settings: dict,
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "tokenizer": "tokenizer.json",
+        "lengths": built.lengths,
     }
+    draw_report(out / REPORT, manifest)
+    return manifest
