@@ -27,6 +27,7 @@ from scaletrain.data.clean import SPLITS, Counts, documents_needed
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
                                                MinhashDedupCluster, MinhashDedupFilter,
                                                MinhashDedupSignature)
+from datatrove.utils.hashing import HashConfig
 
 from scaletrain.data.dt_steps import (LENGTH_STAT, CleanedReader, CleanedWriter, Clean,
                                       DedupSplit, MergeDedup, QuietExecutor, SourceReader,
@@ -164,8 +165,12 @@ def _minhash(work: Path, dcfg: DataConfig, workers: int) -> dict[str, int]:
                          logs=work / "logs-merge"))
     names = json.loads((work / "merged.json").read_text())
     mh = work / "minhash"
+    # sha1, not datatrove's default xxhash: datatrove 0.10 hashes str shingles, which
+    # xxhash >= 4 refuses (it wants bytes), and xxhash 4 is what datasets / wandb here
+    # run with. Same 64-bit MinHash, another hash function.
     config = MinhashConfig(n_grams=dcfg.minhash_ngrams, num_buckets=dcfg.minhash_buckets,
-                           hashes_per_bucket=dcfg.minhash_hashes_per_bucket)
+                           hashes_per_bucket=dcfg.minhash_hashes_per_bucket,
+                           hash_config=HashConfig(precision=64, hash_fc="sha1"))
     if not names:
         return {"duplicates": exact["duplicates"], "near_duplicates": 0}
     _job([CleanedReader(str(work), "merged", names),
