@@ -276,9 +276,16 @@ def _concat(work: Path, out: Path, split: str, parts: list[dict], tokens: dict) 
             "bytes": sum(p["bytes"] for p in parts), "file": path.name}
 
 
+def ordered_stages(manifest: dict) -> dict[str, int]:
+    """The manifest's stage counts in pipeline order (its "stage_order"; manifests
+    written before it existed have only the sorted keys)."""
+    stages = manifest.get("stages", {})
+    return {k: stages[k] for k in manifest.get("stage_order", stages)}
+
+
 def stage_table(manifest: dict) -> list[str]:
     """The lines `scaletrain prepare` prints: documents per stage, then per source."""
-    stages = manifest.get("stages", {})
+    stages = ordered_stages(manifest)
     lines = ["  stage                 count"]
     lines += [f"  {k:<20} {v:>7}" for k, v in stages.items()]
     for src in manifest.get("sources", []):

@@ -119,6 +119,10 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
     fd = os.open(final.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        # Under the lock no other preparation of this key runs: a temporary directory of
+        # it is what a killed `prepare` left behind (its work directory is resumed).
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return build_cached(final, key, lambda tmp: _build_text(
             tmp, work, inputs, dcfg, settings, progress))
     except DataError:
@@ -162,6 +166,9 @@ def _build_text(out: Path, work: Path, inputs: InputFiles, dcfg: DataConfig,
         "settings": settings,
         "counts": asdict(built.counts),
         "stages": built.stages,
+        # manifest.json is written with sorted keys: the pipeline's order, for the table
+        # and report.png, is kept here.
+        "stage_order": list(built.stages),
         "sources": built.sources,
         "splits": stats,
         "dtype": token_dtype(tok.vocab_size).name,

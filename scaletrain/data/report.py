@@ -31,7 +31,7 @@ def stage_flow(stages: dict[str, int]) -> list[tuple[str, int, int]]:
 
 def draw_report(path: Path, manifest: dict) -> None:
     """Write the two panels to `path` (PNG)."""
-    flow = stage_flow(manifest.get("stages", {}))
+    flow = stage_flow({k: manifest["stages"][k] for k in manifest["stage_order"]})
     lengths = manifest.get("lengths", {"lo": [], "documents": []})
     fig = Figure(figsize=(12, 4.5))
     ax1, ax2 = fig.subplots(1, 2)
