@@ -135,7 +135,7 @@ def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
                     skipped_undecodable=read["skipped_undecodable"],
                     too_short=read["too_short"], duplicates=duplicates,
                     documents=sum(p["documents"] for p in parts))
-    _check_documents(dcfg, counts, inputs)
+    _check_documents(dcfg, counts, inputs, sum(dropped.values()))
 
     tok = _tokenizer_once(dcfg, work, parts, progress)
     tok.save(out / "tokenizer.json")
@@ -213,15 +213,17 @@ def _check_read(inputs: list[InputFiles], files: list, read: dict, text_key: str
         raise DataError(f"{inputs[0].source}: {len(files)} files, all binary or not UTF-8")
 
 
-def _check_documents(dcfg: DataConfig, counts: Counts, inputs: list[InputFiles]) -> None:
+def _check_documents(dcfg: DataConfig, counts: Counts, inputs: list[InputFiles],
+                     filtered: int = 0) -> None:
     need = documents_needed(dcfg.val_fraction, dcfg.test_fraction)
     if counts.documents < need:
         unreadable = counts.skipped_binary + counts.skipped_undecodable
         raise DataError(
             f"{inputs[0].source}: {counts.documents} document(s) left of {counts.files} "
             f"files after filtering ({counts.too_short} shorter than data.min_chars="
-            f"{dcfg.min_chars}, {counts.duplicates} duplicates, {unreadable} binary or not "
-            f"UTF-8); need at least {need} for the train/val/test splits")
+            f"{dcfg.min_chars}, {filtered} dropped by data.filters, {counts.duplicates} "
+            f"duplicates, {unreadable} binary or not UTF-8); need at least {need} for the "
+            f"train/val/test splits")
 
 
 def _train_sample(work: Path, parts: list[dict], sample_bytes: int):
