@@ -1,9 +1,11 @@
 """The steps of the text preparation pipeline, as datatrove pipeline steps.
 
-read (`SourceReader`) -> clean (`Clean`) -> write the cleaned shard of this task
-(`CleanedWriter`); then, in one task, exact dedup and split (`DedupSplit`), which merges
+read (`SourceReader`) -> clean (`Clean`) -> datatrove's quality filters (`filters.py`)
+-> write the cleaned shard of this task (`CleanedWriter`); for MinHash, exact dedup into
+parts in the sources' order (`MergeDedup`) that datatrove's MinHash steps read back
+(`CleanedReader`); then, in one task, exact dedup and split (`DedupSplit`), which merges
 the shards back into the sources' order; then one task per split part tokenizes it
-(`TokenizePart`). Every step streams documents one at a time: memory holds a document,
+(`TokenizePart`, which also counts documents per length bin). Every step streams documents one at a time: memory holds a document,
 a record batch or a chunk of documents being tokenized, never the corpus. Between
 stages documents live in JSON-lines files in the work directory, so each stage is a
 separate datatrove job whose tasks can run in any order and on any worker.

@@ -1,14 +1,17 @@
-"""Text preparation as datatrove pipelines (steps in `dt_steps.py`), run by its local
-executor, with the checks that make bad input one line (exit 2) and the counts that go
-into manifest.json.
+"""Text preparation as datatrove pipelines (steps in `dt_steps.py`, quality filters in
+`filters.py`), with the checks that make bad input one line (exit 2) and the counts that
+go into manifest.json.
 
-Three jobs, each `data.prep_workers` processes at most: read + clean (one task per
-worker, files dealt round-robin), dedup + split (one task: "first copy kept" needs the
-global order), tokenize (one task per split part). Between them the tokenizer is
-trained, in this process, on a bounded sample of the train split. Work files live in
-`<out>/.work`, inside the unpublished temporary directory, and are removed before it is
-published; the token files keep the flat layout of `shards.py` that the loaders
-memory-map (see the note in the module docstring of `shards.py`).
+Jobs, each `data.prep_workers` processes at most: read + clean + `data.filters` (one
+task per worker, files dealt round-robin), dedup + split (one task: "first copy kept"
+needs the global order; with `data.dedup = "minhash"` preceded by exact dedup in that
+order and datatrove's four MinHash jobs), tokenize (one task per split part). Between
+them the tokenizer is trained, in this process, on a bounded sample of the train split.
+Work files live in the work directory the caller names (`prepare.py`: one per cache
+key), where datatrove also marks each finished task: run again after a crash, every job
+skips the tasks already done, and the counts are read back from the per-task stats
+files, so the resumed tasks count too. The work directory is removed once the token
+files (the flat layout of `shards.py` that the loaders memory-map) are written.
 """
 
 from __future__ import annotations
