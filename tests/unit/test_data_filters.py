@@ -21,8 +21,8 @@ from scaletrain.config.schema import DataConfig
 from scaletrain.data.clean import normalize_text
 from scaletrain.data.filters import FILTERS, check_filters
 from scaletrain.data.prepare import prepare_text
-from scaletrain.errors import DataError
-from tests.conftest import one_error_line, run_cli
+from scaletrain.errors import ConfigError, DataError
+from tests.conftest import make_cfg, one_error_line, run_cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NAMES = ["c4", "gopher_repetition", "fineweb_quality", "gopher_quality"]
@@ -104,3 +104,13 @@ def test_unknown_filter_is_one_line_exit_2(tmp_path):
                    f"--data.prepared_dir={tmp_path}/p", "--data.filters=c4,finweb_quality")
     one_error_line(proc, "data.filters", "'finweb_quality'", "'fineweb_quality'")
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_filter_args_from_the_command_line_is_an_inline_table():
+    cfg = make_cfg(["--data.filters=gopher_quality,c4",
+                    "--data.filter_args={gopher_quality = {min_doc_words = 20}}"])
+    assert cfg.data.filters == ["gopher_quality", "c4"]
+    assert check_filters(cfg.data.filters, cfg.data.filter_args) == [
+        ("gopher_quality", {"min_doc_words": 20}), ("c4", {})]
+    with pytest.raises(ConfigError, match="data.filter_args: expected an inline TOML table"):
+        make_cfg(["--data.filter_args=min_doc_words=20"])
