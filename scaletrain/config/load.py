@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import keyword
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -248,6 +249,10 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (data.filter_args)
+        return "{" + ", ".join(
+            f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else _toml_value(k)} = "
+            f"{_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
