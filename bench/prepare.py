@@ -51,6 +51,9 @@ def text_files(suffixes=SUFFIXES) -> list[Path]:
     roots = {Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])}
     files = sorted(p for r in roots for p in r.rglob("*") if p.suffix in suffixes
                    and p.is_file() and 200 < p.stat().st_size < 1 << 20)
+    # Shuffled (seeded): the small corpus is then a sample of the same mix of document
+    # sizes as the large one, not the first files in path order.
+    random.Random(0).shuffle(files)
     return files
 
 

@@ -37,7 +37,12 @@ from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
 
 CHUNK_DOCS = 256
-"""Documents handed to `encode_batch` at once inside a tokenize task."""
+"""Documents handed to `encode_batch` at once inside a tokenize task..."""
+
+CHUNK_TEXT_CHARS = 4 << 20
+"""...or fewer, once they hold this many characters: the ids of a chunk are Python
+lists (tens of bytes a token), so a chunk of 256 large files would hold hundreds of MB;
+bounded by characters, a tokenize task's memory does not depend on document sizes."""
 
 
 class QuietExecutor(LocalPipelineExecutor):
@@ -336,12 +341,14 @@ class TokenizePart(PipelineStep):
         out = Path(self.work, "tokens", f"{name}.bin")
         out.parent.mkdir(parents=True, exist_ok=True)
         chunk: list[list] = []
+        chars = 0
         with open(out, "wb") as f:
             for rec in _lines(Path(self.work, "split", f"{name}.jsonl")):
                 chunk.append(rec)
-                if len(chunk) >= CHUNK_DOCS:
+                chars += len(rec[2])
+                if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_TEXT_CHARS:
                     self._encode(chunk, tok, dtype, split, f)
-                    chunk = []
+                    chunk, chars = [], 0
             self._encode(chunk, tok, dtype, split, f)
         return iter(())
 
