@@ -31,11 +31,11 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
-import re
 import time
 from multiprocessing import Pool
 from pathlib import Path
