@@ -202,9 +202,10 @@ def main() -> None:
     for name, mb in (("small", a.small_mb), ("large", a.large_mb)):
         corpora[name] = a.dir / f"{name}.jsonl"
         res[f"{name}_bytes"] = write_corpus(corpora[name], mb, files)
-    corpora["extras"] = a.dir / "extras.jsonl"
-    res["extras_bytes"] = write_corpus(corpora["extras"], a.extras_mb, files,
-                                       texts=prose_texts())
+    if a.extras_mb:  # 0: skip the filters' and MinHash's runs
+        corpora["extras"] = a.dir / "extras.jsonl"
+        res["extras_bytes"] = write_corpus(corpora["extras"], a.extras_mb, files,
+                                           texts=prose_texts())
     tok = a.dir / "tokenizer.json"
     train_tokenizer(corpora["small"], tok)
 
@@ -220,28 +221,38 @@ def main() -> None:
     res["plain_tokens_s"] = plain["tokens"] / plain["wall_s"]
     res["throughput_ratio"] = plain["wall_s"] / small["wall_s"]
 
+    (a.dir / "results.json").write_text(json.dumps(res, indent=2))
+    report(res, mb_small)
+    if a.extras_mb:
+        extras(res, corpora["extras"], a.dir, tok)
+    if not a.keep:
+        for p in corpora.values():
+            p.unlink()
+
+
+def extras(res: dict, corpus: Path, folder: Path, tok: Path) -> None:
     mb_x = res["extras_bytes"] / 2**20
-    base = run_prepare(corpora["extras"], a.dir / "p", tok, [])
-    filt = run_prepare(corpora["extras"], a.dir / "p", tok, [
+    base = run_prepare(corpus, folder / "p", tok, [])
+    filt = run_prepare(corpus, folder / "p", tok, [
         "--data.filters=gopher_repetition,gopher_quality,c4,fineweb_quality"])
-    mh = run_prepare(corpora["extras"], a.dir / "p", tok, ["--data.dedup=minhash"])
+    mh = run_prepare(corpus, folder / "p", tok, ["--data.dedup=minhash"])
     res["extras"] = {k: {"wall_s": v["wall_s"], "mb_s": mb_x / v["wall_s"],
                          "stages": v["stages"]}
                      for k, v in (("default", base), ("filters", filt), ("minhash", mh))}
-    (a.dir / "results.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    (folder / "results.json").write_text(json.dumps(res, indent=2))
+    for k, v in res["extras"].items():
+        print(f"{mb_x:.0f} MB prose corpus, {k}: {v['wall_s']:.1f} s, {v['mb_s']:.2f} MB/s")
+
+
+def report(res: dict, mb_small: float) -> None:
+    small, large = res["small"], res["large"]
     print(f"peak RSS: {small['peak_rss_mb']:.0f} MiB ({mb_small:.0f} MB corpus) vs "
           f"{large['peak_rss_mb']:.0f} MiB ({res['large_bytes'] / 2**20:.0f} MB): "
           f"{res['rss_ratio_large_over_small']:.2f}x (target <= 1.2x)")
     print(f"throughput: prepare {res['prepare_mb_s']:.2f} MB/s "
           f"{res['prepare_tokens_s']:.0f} tok/s vs plain encode_batch "
           f"{res['plain_mb_s']:.2f} MB/s {res['plain_tokens_s']:.0f} tok/s: "
-          f"{res['throughput_ratio']:.2f}x (target >= 0.7x)")
-    for k, v in res["extras"].items():
-        print(f"{mb_x:.0f} MB corpus, {k}: {v['wall_s']:.1f} s, {v['mb_s']:.2f} MB/s")
-    if not a.keep:
-        for p in corpora.values():
-            p.unlink()
+          f"{res['throughput_ratio']:.2f}x (target >= 0.7x)", flush=True)
 
 
 if __name__ == "__main__":
