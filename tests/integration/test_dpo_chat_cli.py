@@ -23,7 +23,7 @@ TRAIN = ["--train.objective=dpo", "--data.format=chat", "--model.seq_len=128",
          "--train.log_interval=1", "--eval.interval=0", "--eval.batch_size=4",
          "--eval.test=false", "--schedule.warmup_steps=0", "--schedule.name=constant",
          "--optim.lr=1e-2", "--train.threads=1", "--data.val_fraction=0.1",
-         "--data.test_fraction=0", "--dpo.beta=0.5"]
+         "--data.test_fraction=0"]
 LORA = ["--finetune.lora_rank=4", "--finetune.lora_alpha=8",
         "--finetune.lora_targets=q_proj,v_proj,o_proj,down_proj"]
 DDP = ["--nproc=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
@@ -87,6 +87,8 @@ def test_lora_on_two_ddp_processes_equals_one_process(chat, tmp_path, objective)
     forward, after LoRA): every step's loss (and DPO's margin) equals one process's."""
     _, data = chat
     args = [*data, *TRAIN, *LORA, "--train.steps=3", f"--train.objective={objective}"]
+    if objective == "dpo":
+        args += ["--dpo.beta=0.5"]
     if objective == "lm":  # chat SFT on the prompt + chosen conversations
         msgs = [r["prompt"] + r["chosen"] for r in preference_records(40)]
         (src := tmp_path / "sft.jsonl").write_text(
