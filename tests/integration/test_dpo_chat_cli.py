@@ -11,7 +11,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
+from scaletrain.checkpoint.run_model import load_model_from_run
+from scaletrain.finetune.init_from import find_source, source_state
+from scaletrain.finetune.lora import merge_lora
 from tests.chat_dirs import WORDS, qwen_dir
 from tests.conftest import one_error_line, run_cli
 
@@ -58,17 +62,51 @@ def chat(tmp_path_factory):
                f"--init.from={d}"]
 
 
+@pytest.fixture(scope="module")
+def lora_sft(chat, tmp_path_factory):
+    """A chat SFT run with LoRA (its weights file: the adapters only) on the prompt +
+    chosen conversations: the tour's step before DPO."""
+    _, data = chat
+    root = tmp_path_factory.mktemp("sft")
+    msgs = [r["prompt"] + r["chosen"] for r in preference_records(40)]
+    (src := root / "sft.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n"
+                                                   for m in msgs))
+    args = [a for a in TRAIN if not a.startswith("--train.objective")]
+    run = root / "run"
+    proc = run_cli("train", *data, *args, *LORA, f"--data.source={src}", f"--run.dir={run}",
+                   "--train.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_init_from_a_lora_run_is_its_merged_model(chat, lora_sft):
+    """A LoRA run as init.from gives its base with the adapters merged: the weights
+    `merge_lora` gives the loaded run (exactly), which the adapters moved off the base."""
+    got = source_state(find_source(lora_sft))
+    _, model, _ = load_model_from_run(lora_sft)
+    want = merge_lora(model).state_dict()
+    base = source_state(find_source(chat[0]))
+    assert set(got) == set(base) and set(got) <= set(want)
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    moved = [k for k in got if not torch.equal(got[k], base[k])]
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight", "o_proj.weight",
+                                     "down_proj.weight")) for k in moved), moved
+
+
 def train_records(run) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if r["kind"] == "train"]
 
 
-def test_lora_dpo_on_chat_records(chat, tmp_path):
-    """Step 1: the adapters are zero, the policy is its reference: loss log 2, margin 0;
-    then the policy moves; only the adapters are saved; the run keeps the template."""
+def test_lora_dpo_on_chat_records_after_lora_sft(chat, lora_sft, tmp_path):
+    """init.from the LoRA SFT run (merged) + new adapters. Step 1: the adapters are
+    zero, the policy is its reference: loss log 2, margin 0; then the policy moves; only
+    the adapters are saved; the run keeps the SFT run's chat template."""
     _, data = chat
     run = tmp_path / "run"
-    proc = run_cli("train", *data, *TRAIN, *LORA, f"--run.dir={run}", "--train.steps=3")
+    proc = run_cli("train", *data, *TRAIN, *LORA, f"--run.dir={run}", "--train.steps=3",
+                   f"--init.from={lora_sft}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = train_records(run)
     assert [r["step"] for r in train] == [1, 2, 3]
