@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from scaletrain.checkpoint.run_model import load_model_from_run
 from scaletrain.finetune.init_from import find_source, source_state
@@ -19,7 +20,6 @@ from scaletrain.finetune.lora import merge_lora
 from tests.chat_dirs import WORDS, qwen_dir
 from tests.conftest import one_error_line, run_cli
 
-pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(400)
 
 TRAIN = ["--train.objective=dpo", "--data.format=chat", "--model.seq_len=128",
@@ -117,6 +117,15 @@ def test_lora_dpo_on_chat_records_after_lora_sft(chat, lora_sft, tmp_path):
     from safetensors import safe_open
     with safe_open(str(run / "model.safetensors"), "pt") as f:
         assert f.keys() and all(k.endswith((".lora_A", ".lora_B")) for k in f.keys())
+    # Exported, the tokenizer renders with the same template as the training did.
+    proc = run_cli("export", str(run), "--format", "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = preference_records(1)[0]
+    msgs = rec["prompt"] + rec["chosen"]
+    exported = AutoTokenizer.from_pretrained(str(run / "export-hf"))
+    source = AutoTokenizer.from_pretrained(str(chat[0]))
+    assert exported.apply_chat_template(msgs, tokenize=False) == \
+        source.apply_chat_template(msgs, tokenize=False)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "lm"])
