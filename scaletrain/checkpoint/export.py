@@ -37,6 +37,10 @@ from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune.lora import merge_lora_run
 from scaletrain.models import build_model
 
+# The chat template a chat run saved beside its tokenizer (data/chat.py
+# `save_chat_files`, as transformers writes it), the file AutoTokenizer loads it from.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 FORMATS = ("safetensors", "hf")
 WEIGHTS = ("auto", "final", "best", "checkpoint")
 
@@ -97,6 +101,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     if fmt == "hf":
         export_hf(cfg, model, tok, tmp, max_shard_bytes)
+        if (run_dir / CHAT_TEMPLATE_FILE).is_file():  # a chat run: AutoTokenizer reads it
+            shutil.copyfile(run_dir / CHAT_TEMPLATE_FILE, tmp / CHAT_TEMPLATE_FILE)
     else:
         export_safetensors(cfg, model, tok, tmp)
     shutil.rmtree(out, ignore_errors=True)

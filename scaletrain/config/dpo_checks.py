@@ -38,8 +38,9 @@ def check_dpo(cfg: Config) -> None:
          "MoE balance terms are not wired into the DPO loss"),
         (bool(cfg.data.mixture), "data.mixture",
          "preference pairs come from one data.source"),
-        (cfg.data.format == "chat", "data.format='chat'",
-         "DPO reads prompt / chosen / rejected strings, not conversations yet"),
+        (cfg.data.format == "chat" and cfg.data.train_on != "assistant",
+         f"data.train_on='{cfg.data.train_on}'",
+         "a chat pair's response is its chosen / rejected assistant tokens"),
     ]
     for bad, field, why in refused:
         if bad:

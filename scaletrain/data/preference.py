@@ -10,8 +10,19 @@ split's texts), and store the ids untruncated: `<split>-ids.npy` (every record's
 chosen, rejected ids back to back) and `<split>-lengths.npy` (N, 3). Fields are tokenized
 separately and concatenated (prompt ids + response ids), as TRL's DPOTrainer does, so the
 prompt / response boundary is exact; each response ends with the end-of-text id, so the
-model is also taught to stop. Chat-shaped records (messages lists rendered with a chat
-template) are a later step.
+model is also taught to stop.
+
+Chat-shaped records (data.format = "chat", TRL's conversational preference format):
+`prompt` is a list of {role, content} messages, `chosen` and `rejected` lists of the
+assistant message(s) that answer it. Each of prompt + chosen and prompt + rejected is
+rendered with the model's chat template by data/chat.py `render` (so its ids are
+`tokenizer.apply_chat_template(prompt + chosen)`), and the response is the chosen /
+rejected assistant tokens (their content and end-of-turn token; assistant turns inside
+the prompt are context, not trained). Stored in the same layout: the prompt is the ids
+both renderings share before the first response token, the responses the rest of each
+rendering (the template's end of turn is in it: no end-of-text is added), plus
+`<split>-mask.npy`, one uint8 per stored id: 1 = a response token the log-probability
+covers (0 for the separator a template writes after its end-of-turn token).
 
 Truncation happens when the dataset is opened, where model.seq_len is known (the cache
 does not depend on it): the prompt is kept whole and the response cut to fit seq_len + 1
@@ -31,6 +42,8 @@ import torch
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
+from scaletrain.data.chat import check_messages, load_chat_tokenizer, render
+from scaletrain.data.chat import tokenizer_fingerprint
 from scaletrain.data.cache import build_cached, cache_key
 from scaletrain.data.clean import SPLITS, check_fractions
 from scaletrain.data.records import _open_lines
@@ -38,7 +51,8 @@ from scaletrain.data.sources import JSONL, file_format, list_text_files, slug
 from scaletrain.errors import DataError
 from scaletrain.models.losses import IGNORE_INDEX
 
-Record = tuple[str, str, str]  # (prompt, chosen, rejected)
+Record = tuple  # (prompt, chosen, rejected): strings, or message lists (format='chat')
+MASK = "-mask.npy"  # chat records: <split>-mask.npy beside <split>-ids.npy
 
 
 def preference_keys(dpo_cfg) -> tuple[str, str, str]:
@@ -46,9 +60,10 @@ def preference_keys(dpo_cfg) -> tuple[str, str, str]:
     return dpo_cfg.prompt_key, dpo_cfg.chosen_key, dpo_cfg.rejected_key
 
 
-def read_records(files, keys: tuple[str, str, str]) -> list[Record]:
+def read_records(files, keys: tuple[str, str, str], chat: bool = False) -> list[Record]:
     """Every record of the JSONL `files`, in file order; DataError (file:line and the
-    field) for a line that is not a JSON object or lacks one of `keys` as a string."""
+    field) for a line that is not a JSON object or lacks one of `keys` as a string
+    (`chat`: as a messages list, chosen / rejected of assistant messages only)."""
     out = []
     for path in files:
         if file_format(path) != JSONL:
@@ -57,24 +72,48 @@ def read_records(files, keys: tuple[str, str, str]) -> list[Record]:
         with _open_lines(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    out.append(_record(line, keys, f"{path}:{n}"))
+                    out.append((_chat_record if chat else _record)(line, keys, f"{path}:{n}"))
     if not out:
         raise DataError(f"{files[0]}: no preference records")
     return out
 
 
-def _record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
+def _json_object(line: bytes, where: str) -> dict:
     try:
         rec = json.loads(line)
     except ValueError:
         raise DataError(f"{where}: not a JSON record") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: not a JSON object")
+    return rec
+
+
+def _record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
+    rec = _json_object(line, where)
     for key in keys:
         if not isinstance(rec.get(key), str):
             what = "missing" if key not in rec else "not a string"
             raise DataError(f"{where}: field '{key}' is {what} (a preference record needs "
                             f"string fields {', '.join(keys)}: data.source, dpo.*_key)")
+    return tuple(rec[k] for k in keys)
+
+
+def _chat_record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
+    """(prompt, chosen, rejected) message lists of a conversational preference record."""
+    rec = _json_object(line, where)
+    for key in keys:
+        if not isinstance(rec.get(key), list):
+            what = "missing" if key not in rec else "not a list of messages"
+            raise DataError(f"{where}: field '{key}' is {what} (a chat preference record "
+                            f"needs message lists {', '.join(keys)}: data.source, "
+                            f"dpo.*_key)")
+        check_messages(rec, key, where)  # {role: str, content: str} objects
+    for key in keys[1:]:
+        roles = {m["role"] for m in rec[key]}
+        if roles != {"assistant"}:
+            raise DataError(f"{where}: field '{key}' holds {sorted(roles - {'assistant'})} "
+                            f"messages; a response is the assistant's turn(s) only (the "
+                            f"conversation before it goes in '{keys[0]}')")
     return tuple(rec[k] for k in keys)
 
 
@@ -102,9 +141,14 @@ def prepare_preference(dcfg: DataConfig, keys: tuple[str, str, str], *,
     """Prepare the preference records of `dcfg.source` unless cached; the directory."""
     check_fractions(dcfg.val_fraction, dcfg.test_fraction)
     inputs = list_text_files(dcfg.source, dcfg.max_files, exclude=Path(dcfg.prepared_dir))
+    chat = dcfg.format == "chat"
     settings = {"kind": "preference", "keys": list(keys), "vocab_size": dcfg.vocab_size,
                 "val_fraction": dcfg.val_fraction, "test_fraction": dcfg.test_fraction,
                 "tokenizers": tokenizers.__version__}
+    renderer = None
+    if chat:  # ConfigError without a template, before any record is read
+        renderer = load_chat_tokenizer(dcfg.tokenizer, dcfg.chat_template)
+        settings |= {"format": "chat"} | tokenizer_fingerprint(renderer)
     if dcfg.tokenizer:
         p = Path(dcfg.tokenizer)
         if not p.is_file():
@@ -114,7 +158,7 @@ def prepare_preference(dcfg: DataConfig, keys: tuple[str, str, str], *,
     final = Path(dcfg.prepared_dir) / f"{slug(dcfg.source)}-pref-{key[:12]}"
 
     def build(out: Path) -> dict:
-        splits = split_records(read_records(inputs.files, keys), dcfg.val_fraction,
+        splits = split_records(read_records(inputs.files, keys, chat), dcfg.val_fraction,
                                dcfg.test_fraction)
         if dcfg.tokenizer:  # fine-tuning: the source model's ids
             tok = tokenizer_mod.Tokenizer.load(dcfg.tokenizer)
@@ -124,7 +168,11 @@ def prepare_preference(dcfg: DataConfig, keys: tuple[str, str, str], *,
         tok.save(out / "tokenizer.json")
         counts = {}
         for split, recs in splits.items():
-            ids, lengths = _tokenize(tok, recs)
+            if chat:
+                ids, lengths, mask = _render(renderer, recs, split)
+                np.save(out / f"{split}{MASK}", mask)
+            else:
+                ids, lengths = _tokenize(tok, recs)
             np.save(out / f"{split}-ids.npy", ids)
             np.save(out / f"{split}-lengths.npy", lengths)
             counts[split] = {"pairs": len(recs), "tokens": int(ids.size)}
@@ -147,12 +195,51 @@ def _tokenize(tok, records: list[Record]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
+def render_pair(renderer, record: Record, where: str):
+    """(prompt ids, chosen ids, rejected ids, chosen mask, rejected mask) of a chat
+    record: prompt + chosen and prompt + rejected rendered by data/chat.py `render`, the
+    prompt being the ids both share before either's first response token."""
+    prompt, chosen, rejected = record
+    # The prompt's own assistant turns (a multi-turn prompt) are context: unmasked. They
+    # render at the same ids in the whole conversation (render checks that the template
+    # renders a prefix as a prefix), each ending at its end-of-turn token.
+    context = render(renderer, prompt, "assistant", where).mask \
+        if any(m["role"] == "assistant" for m in prompt) else []
+    seqs = []
+    for response in (chosen, rejected):
+        r = render(renderer, prompt + response, "assistant", where)
+        mask = [0 if j < len(context) and context[j] else m for j, m in enumerate(r.mask)]
+        if 1 not in mask:
+            raise DataError(f"{where}: the chat template renders no assistant token of "
+                            f"the response")
+        seqs.append((r.ids, mask))
+    (c_ids, c_mask), (r_ids, r_mask) = seqs
+    p = min(c_mask.index(1), r_mask.index(1))
+    if c_ids[:p] != r_ids[:p]:
+        raise DataError(f"{where}: the chosen and rejected conversations render different "
+                        f"prompt tokens")
+    return c_ids[:p], c_ids[p:], r_ids[p:], c_mask[p:], r_mask[p:]
+
+
+def _render(renderer, records: list[Record], split: str):
+    """(flat int64 ids, (N, 3) int64 lengths, flat uint8 mask) of chat records."""
+    ids, lengths, mask = [], [], []
+    for i, rec in enumerate(records):
+        p, c, r, cm, rm = render_pair(renderer, rec, f"{split} record {i}")
+        ids += p + c + r
+        mask += [0] * len(p) + cm + rm
+        lengths.append((len(p), len(c), len(r)))
+    return (np.array(ids, dtype=np.int64), np.array(lengths, dtype=np.int64).reshape(-1, 3),
+            np.array(mask, dtype=np.uint8))
+
+
 class PreferencePairs:
     """The pairs of one prepared split, as (inputs, targets) batches of shape (B, 2, T):
     [:, 0] the chosen sequence, [:, 1] the rejected one. inputs = sequence[:-1] and
     targets = sequence[1:], right-padded with the end-of-text id; targets are
-    IGNORE_INDEX except at response tokens, so `targets != IGNORE_INDEX` is the response
-    mask and the batch keeps the loader's (inputs, targets) shape."""
+    IGNORE_INDEX except at response tokens (chat records: those their mask file marks),
+    so `targets != IGNORE_INDEX` is the response mask and the batch keeps the loader's
+    (inputs, targets) shape."""
 
     def __init__(self, path: Path, split: str, seq_len: int, pad_id: int):
         self.seq_len, self.pad_id = int(seq_len), int(pad_id)
@@ -160,6 +247,8 @@ class PreferencePairs:
         lengths = np.load(path / f"{split}-lengths.npy")
         starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))[:-1]]).reshape(-1, 3)
         self.ids, self.lengths, self.starts = ids, lengths, starts
+        mask_file = path / f"{split}{MASK}"
+        self.mask = np.load(mask_file) if mask_file.is_file() else None
         too_long = np.nonzero(lengths[:, 0] >= self.seq_len + 1)[0]
         if too_long.size:
             i = int(too_long[0])
@@ -169,6 +258,16 @@ class PreferencePairs:
         empty = np.nonzero(lengths[:, 0] == 0)[0]
         if empty.size:  # the first response token would have nothing to be predicted from
             raise DataError(f"{split} pair {int(empty[0])} of {path}: its prompt is empty")
+        if self.mask is not None:  # a response's first trained token must fit the window
+            for i in range(len(lengths)):
+                for w in (1, 2):
+                    s, n = int(starts[i, w]), int(lengths[i, w])
+                    first = int(np.argmax(self.mask[s:s + n]))
+                    if lengths[i, 0] + first >= self.seq_len + 1:
+                        raise DataError(f"{split} pair {i} of {path}: its prompt and the "
+                                        f"response's header are {lengths[i, 0] + first} "
+                                        f"tokens, leaving no room for a response within "
+                                        f"model.seq_len={self.seq_len}")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -185,6 +284,9 @@ class PreferencePairs:
         x[:len(seq) - 1] = seq[:-1]
         # Target j predicts seq[j + 1]: the response tokens seq[p:] are targets p-1 ...
         y[p - 1:len(seq) - 1] = seq[p:]
+        if self.mask is not None:  # chat: only the assistant tokens of the response
+            keep = self.mask[sr:sr + r].astype(bool)
+            y[p - 1:len(seq) - 1][~keep] = IGNORE_INDEX
         return x, y
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weight
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune import hf_import
-from scaletrain.finetune.lora import apply_lora, freeze
+from scaletrain.finetune.lora import adapter_only, apply_lora, freeze, merge_adapter_state
 from scaletrain.models.contract import TiedPairs, tie
 from scaletrain.models.registry import spec_for, spec_of
 from scaletrain.parallel.weights import load_full_state_dict
@@ -83,9 +83,30 @@ def source_state(src: Source) -> dict[str, torch.Tensor]:
     if src.kind == "hf":
         return hf_import.hf_state_dict(src.dir)
     try:
-        return load_file(str(src.weights))
+        state = load_file(str(src.weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{src.weights}: not a readable safetensors file ({e})") from None
+    if src.kind == "run" and state and adapter_only(state) is not state:
+        return _lora_run_state(src, state)  # a LoRA run saved only its adapters
+    return state
+
+
+def _lora_run_state(src: Source, adapters: dict) -> dict[str, torch.Tensor]:
+    """A LoRA run's merged weights (its own init.from + the adapters), so a LoRA run can
+    be the init.from of the next stage (chat SFT with LoRA -> DPO) as a dense model."""
+    saved = load_toml(src.dir / CONFIG_FILE)
+    base_from = saved.get("init", {}).get("from", "")
+    lora = saved.get("finetune", {})
+    if not base_from or not Path(base_from).is_dir():
+        raise CheckpointError(f"init.from: '{src.dir}' is a LoRA run (its weights are the "
+                              f"adapters only) whose base init.from '{base_from}' is gone")
+    base = find_source(base_from, saved.get("init", {}).get("weights", "best"))
+    try:
+        return merge_adapter_state(source_state(base), adapters, lora["lora_rank"],
+                                   lora["lora_alpha"])
+    except KeyError as e:
+        raise CheckpointError(f"init.from: '{src.dir}': its adapters do not fit its base "
+                              f"'{base_from}' (no {e})") from None
 
 
 def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):

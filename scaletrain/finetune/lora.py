@@ -161,6 +161,23 @@ def adapter_only(state: dict) -> dict:
     return adapters or state
 
 
+def merge_adapter_state(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor],
+                        rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """The plain weights of a LoRA run from its base's (`base`, plain names) and its
+    saved adapters: W + (alpha / r) B A per adapted layer, computed as `merged` does (in
+    float64, rounded once), so they equal `merge_lora` of the loaded run. KeyError
+    naming the tensor when an adapter has no base weight or no partner."""
+    out = dict(base)
+    for key in adapters:
+        if not key.endswith(".lora_A"):
+            continue
+        layer = key[:-len(".lora_A")]
+        a, b, w = adapters[key], adapters[f"{layer}.lora_B"], out[f"{layer}.weight"]
+        delta = (b.double() @ a.double()) * (alpha / rank)
+        out[f"{layer}.weight"] = (w.double() + delta).to(w.dtype)
+    return out
+
+
 def merge_lora_run(cfg, model: nn.Module) -> nn.Module:
     """Merge a loaded LoRA run's adapters for export and mark its config as plain
     weights (finetune.lora_rank = 0), so the exported directory loads as a dense model."""

@@ -57,7 +57,7 @@ def one_line(proc) -> str:
     (["--nproc", "3", "--parallel.tp=3"], "parallel.tp=3 must divide model.n_head=2"),
     (["--nproc", "2", "--train.compile=true", "--train.compile_scope=model"],
      "compile_scope='model' needs one process"),
-    (["--nproc", "2", "--finetune.lora_rank=2", "INIT"], "single process only, not 2"),
+    (["--nproc", "2", "--finetune.lora_rank=2", "INIT"], "run on one process or with DDP, not FSDP"),
     # the pipeline passes whole sequences between stages; SP leaves each rank a slice
     (["--nproc", "4", "--parallel.tp=2", "--parallel.pp=2",
       "--parallel.sequence_parallel=true"], "sequence_parallel with parallel.pp > 1"),
