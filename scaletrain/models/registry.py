@@ -44,7 +44,8 @@ class ModelSpec:
     # for every family with a plan).
     tp_sizes: Callable[[ModelConfig], tuple] | None = None
     # What the plan measures its activations on (plan/activations.py): (model built on
-    # meta, samples, seq_len) -> (one transformer block, its forward's inputs on meta);
+    # meta, samples, seq_len, layer) -> (transformer block `layer`, its forward's inputs
+    # on meta);
     # None = no blocks to measure (the image families).
     activation_block: Callable[[nn.Module, int, int], tuple] | None = None
     # The family's own config rules (model config -> None, or ConfigError naming the
@@ -71,9 +72,9 @@ def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
                          dropout=m.dropout, bias=m.bias, init_std=m.init_std))
 
 
-def _gpt_block(model: GPT, samples: int, seq_len: int) -> tuple:
-    """Block 0 and its input, the (B, T, D) residual stream (all blocks are alike)."""
-    return model.blocks["0"], (torch.empty(samples, seq_len, model.config.d_model,
+def _gpt_block(model: GPT, samples: int, seq_len: int, layer: int = 0) -> tuple:
+    """Block `layer` and its input, the (B, T, D) residual stream."""
+    return model.blocks[str(layer)], (torch.empty(samples, seq_len, model.config.d_model,
                                            device="meta"),)
 
 
@@ -94,10 +95,11 @@ def _llama_tied(m: ModelConfig) -> TiedPairs:
     return (("lm_head.weight", "embed_tokens.weight"),) if m.tie_embeddings else ()
 
 
-def _llama_block(model: Llama, samples: int, seq_len: int) -> tuple:
-    """Block 0 and its inputs: the (B, T, D) residual stream and the rotary angles."""
+def _llama_block(model: Llama, samples: int, seq_len: int, layer: int = 0) -> tuple:
+    """Block `layer` (an MoE llama's blocks differ: dense or MoE) and its inputs: the
+    (B, T, D) residual stream and the rotary angles."""
     x = torch.empty(samples, seq_len, model.config.d_model, device="meta")
-    return model.blocks["0"], (x, *model.rope(seq_len, "meta", x.dtype))
+    return model.blocks[str(layer)], (x, *model.rope(seq_len, "meta", x.dtype))
 
 
 def _gpt_tp_sizes(m: ModelConfig) -> tuple:
