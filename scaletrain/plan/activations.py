@@ -125,8 +125,10 @@ def _fake_block(spec, model_cfg, samples: int, param_dtype: torch.dtype, layer: 
         for name, b in list(mod._buffers.items()):
             if b is not None:
                 mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    # requires_grad as the family says (a llama's rotary angles need none: with it the
+    # rope multiplies would also save q and k for a gradient no run computes)
     fake_inputs = tuple(torch.empty(x.shape, dtype=param_dtype if x.is_floating_point()
-                                    else x.dtype, requires_grad=x.is_floating_point())
+                                    else x.dtype, requires_grad=x.requires_grad)
                         for x in inputs)
     return model, block, fake_inputs
 
