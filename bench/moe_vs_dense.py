@@ -16,7 +16,7 @@ alike (the A/A control: the spread between "moe" and "moe-again" is the noise fl
 this machine at the moment). Each round runs every variant for `--steps` timed steps
 after one untimed step, in a rotated order (drift in the machine's load falls on all
 variants alike); the table gives the median tokens/s over the rounds and the ratios
-moe / dense and moe-again / moe. One step = forward (summed CE + the MoE's aux / z
+moe / dense and moe-again / moe per round and their medians. One step = forward (summed CE + the MoE's aux / z
 terms, as the trainer adds them: models/moe_terms.py), backward, clip, AdamW step.
 
     .venv/bin/python bench/moe_vs_dense.py [--rounds 5] [--steps 4] [--json OUT]
@@ -115,11 +115,19 @@ def main() -> None:
     for n in variants:
         print(f"{n:10} {variants[n].params:>10,} {int(active[n]):>10,} {med[n]:>13,.0f}  "
               + " ".join(f"{x:,.0f}" for x in rates[n]))
-    ratio, aa = med["moe"] / med["dense"], med["moe-again"] / med["moe"]
-    print(f"moe / dense = {ratio:.3f}   A/A moe-again / moe = {aa:.3f}")
+    # paired per round (the variants of one round ran minutes apart at most): the load
+    # of this shared machine moves several-fold between rounds, less within one
+    paired = [m / d for m, d in zip(rates["moe"], rates["dense"])]
+    paired_aa = [b / m for b, m in zip(rates["moe-again"], rates["moe"])]
+    ratio, aa = statistics.median(paired), statistics.median(paired_aa)
+    print("per round moe / dense: " + " ".join(f"{x:.2f}" for x in paired)
+          + "   A/A: " + " ".join(f"{x:.2f}" for x in paired_aa))
+    print(f"median over rounds: moe / dense = {ratio:.3f}   A/A moe-again / moe = {aa:.3f}"
+          f"   (ratio of the median tok/s: {med['moe'] / med['dense']:.3f})")
     if a.json:
         Path(a.json).write_text(json.dumps({
             "rates": rates, "median": med, "moe_over_dense": ratio, "aa": aa,
+            "per_round": paired, "per_round_aa": paired_aa,
             "params": {n: v.params for n, v in variants.items()},
             "activated": active, "load_average": os.getloadavg()[0],
             "threads": torch.get_num_threads()}, indent=2))

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY_DATA, TINY_GPT, one_error_line, run_cli
 
@@ -36,6 +37,12 @@ def test_tiny_moe_trains_and_logs_router_health(prepared_dir, tmp_path):
         assert 3.0 < r["loss"] < 7.0  # the cross-entropy alone (ln 384 ≈ 5.95)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mfu"] is not None
+    # TensorBoard: the per-block imbalance as scalars, the load per expert as a histogram
+    # (bucket e = expert e's assignments) at every logged step
+    tb = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in tb.Scalars("train/moe_imbalance/1")] == [1, 2, 3]
+    hists = tb.Histograms("train/moe_load/1")
+    assert [list(h.histogram_value.bucket) for h in hists] == [r["moe_load"]["1"] for r in train]
 
 
 BAD = [
