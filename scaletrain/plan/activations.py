@@ -36,8 +36,18 @@ a CUDA build). The one difference that shows in the saved set: CUDA's LayerNorm 
 its mean / rstd in fp32 (`at::toAccumulateType(dtype, is_cuda=true)`) where the CPU
 keeps the input dtype, so for a CUDA plan those two outputs count 4 bytes per element.
 
-Results are cached per (model config, precision, AC mode, device type): the fit search
-(plan/fit.py) asks for them many times.
+Blocks of one model need not be alike: an MoE llama has dense blocks (the first
+`moe_first_dense`, those off the `moe_every` step) and MoE blocks, whose saved set is
+another (the router's logits and probabilities, top_k copies of each token's hidden
+state sorted by expert, the experts' gate / up / SwiGLU / down outputs over those
+tokens x top_k rows, the shared experts; under autocast the bf16 cast of each expert's
+weight view, which its matmul saves: autocast caches casts of leaf tensors only).
+`block_kinds` groups the model's blocks by their modules and tensor shapes and each
+kind is measured once, on its first block; the block's buffers (the sigmoid_bias
+router's `expert_bias`) are faked like its parameters.
+
+Results are cached per (model config, precision, AC mode, device type, block kind): the
+fit search (plan/fit.py) asks for them many times.
 """
 
 from __future__ import annotations

@@ -30,7 +30,11 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   plus one block's recompute. Head: the logits (ab·V) are held by the step while
   cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
-  backward: V·(ab + 12) per token, the larger of the two.
+  backward: V·(ab + 12) per token, the larger of the two. Blocks are summed one by one
+  over the rank's blocks (`RankShape.blocks`): an MoE llama's dense and MoE blocks are
+  measured apart (plan/activations.py `block_kinds`); the routed experts' parameters,
+  gradients and optimizer state are in n (split over expert-parallel ranks by
+  plan/report.py `expert_shards` when an EP degree is passed).
 - optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's
   transient: torch's foreach Adam/AdamW builds `_foreach_sqrt(exp_avg_sq)` (n·4,
   torch/optim/adam.py `_multi_tensor_adam`), Adagrad/RMSprop likewise one state-sized
