@@ -39,7 +39,9 @@ def test_tiny_moe_trains_and_logs_router_health(prepared_dir, tmp_path):
     assert summary["mfu"] is not None
     # TensorBoard: the per-block imbalance as scalars, the load per expert as a histogram
     # (bucket e = expert e's assignments) at every logged step
-    tb = EventAccumulator(str(run / "tensorboard")).Reload()
+    # (size_guidance 0: keep every histogram event; the default keeps one sample)
+    tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    tb.Reload()
     assert [e.step for e in tb.Scalars("train/moe_imbalance/1")] == [1, 2, 3]
     hists = tb.Histograms("train/moe_load/1")
     assert [list(h.histogram_value.bucket) for h in hists] == [r["moe_load"]["1"] for r in train]
