@@ -109,3 +109,13 @@ def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
     assert sorted(a) == sorted(b) and any(k.endswith("expert_bias") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])
+def test_plan_of_the_moe_configs_runs(router):
+    """`scaletrain plan` on moe-tiny with either router (sigmoid_bias's expert_bias
+    buffer used to crash the plan's fake-tensor measurement on meta), every block MoE."""
+    proc = run_cli("plan", "--config", "configs/moe-tiny.toml", f"--model.moe_router={router}",
+                   "--model.moe_first_dense=0", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted peak" in proc.stdout
