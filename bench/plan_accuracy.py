@@ -41,6 +41,7 @@ MP = ["--config", "configs/gpt2-small.toml", "--model.seq_len=64", "--train.batc
       "--train.micro_batch_size=1", "--precision.dtype=fp32",
       "--parallel.pp_schedule=1f1b"]
 L10 = ["--config", "configs/llama-10m.toml", "--model.seq_len=128", "--train.batch_size=8"]
+MOE = ["--config", "configs/moe-tiny.toml", "--train.batch_size=16"]
 CASES = {  # name -> (world, overrides)
     "baseline": (1, ["--config", "configs/tiny.toml", "--model.n_layer=1",
                      "--model.d_model=16", "--model.n_head=1", "--model.seq_len=16",
@@ -67,6 +68,11 @@ CASES = {  # name -> (world, overrides)
     "llama-10m-full-ac": (1, L10 + ["--train.micro_batch_size=8", "--precision.dtype=fp32",
                                     "--parallel.activation_checkpoint=full"]),
     "llama-fsdp2": (2, L10 + ["--train.micro_batch_size=4", "--parallel.dp_shard=2"]),
+    # MoE llama (8 experts top-2, a shared expert, a dense first block): the plan measures
+    # the dense and the MoE block apart; bf16 counts the per-expert weight casts
+    "moe-tiny-bf16": (1, MOE + ["--train.micro_batch_size=8"]),
+    "moe-tiny-fp32": (1, MOE + ["--train.micro_batch_size=16", "--precision.dtype=fp32",
+                                "--model.moe_router=sigmoid_bias"]),
     "1b": (1, ["--config", "configs/gpt-1b.toml", "--model.seq_len=64",
                "--train.batch_size=2", "--train.micro_batch_size=1",
                "--train.steps=2", "--optim.name=sgd", "--optim.lr=0.02",

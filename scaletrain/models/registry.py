@@ -44,7 +44,8 @@ class ModelSpec:
     # for every family with a plan).
     tp_sizes: Callable[[ModelConfig], tuple] | None = None
     # What the plan measures its activations on (plan/activations.py): (model built on
-    # meta, samples, seq_len) -> (one transformer block, its forward's inputs on meta);
+    # meta, samples, seq_len, layer) -> (transformer block `layer`, its forward's inputs
+    # on meta, requires_grad as in training: the residual stream yes, rotary angles no);
     # None = no blocks to measure (the image families).
     activation_block: Callable[[nn.Module, int, int], tuple] | None = None
     # The family's own config rules (model config -> None, or ConfigError naming the
@@ -72,10 +73,10 @@ def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
                          loss_chunks=m.loss_chunks))
 
 
-def _gpt_block(model: GPT, samples: int, seq_len: int) -> tuple:
-    """Block 0 and its input, the (B, T, D) residual stream (all blocks are alike)."""
-    return model.blocks["0"], (torch.empty(samples, seq_len, model.config.d_model,
-                                           device="meta"),)
+def _gpt_block(model: GPT, samples: int, seq_len: int, layer: int = 0) -> tuple:
+    """Block `layer` and its input, the (B, T, D) residual stream."""
+    return model.blocks[str(layer)], (torch.empty(samples, seq_len, model.config.d_model,
+                                                  device="meta", requires_grad=True),)
 
 
 def _build_llama(m: ModelConfig, facts: dict) -> Llama:
@@ -96,10 +97,12 @@ def _llama_tied(m: ModelConfig) -> TiedPairs:
     return (("lm_head.weight", "embed_tokens.weight"),) if m.tie_embeddings else ()
 
 
-def _llama_block(model: Llama, samples: int, seq_len: int) -> tuple:
-    """Block 0 and its inputs: the (B, T, D) residual stream and the rotary angles."""
-    x = torch.empty(samples, seq_len, model.config.d_model, device="meta")
-    return model.blocks["0"], (x, *model.rope(seq_len, "meta", x.dtype))
+def _llama_block(model: Llama, samples: int, seq_len: int, layer: int = 0) -> tuple:
+    """Block `layer` (an MoE llama's blocks differ: dense or MoE) and its inputs: the
+    (B, T, D) residual stream and the rotary angles."""
+    x = torch.empty(samples, seq_len, model.config.d_model, device="meta",
+                    requires_grad=True)  # the residual stream; the angles need no grad
+    return model.blocks[str(layer)], (x, *model.rope(seq_len, "meta", x.dtype))
 
 
 def _gpt_tp_sizes(m: ModelConfig) -> tuple:

@@ -36,8 +36,18 @@ a CUDA build). The one difference that shows in the saved set: CUDA's LayerNorm 
 its mean / rstd in fp32 (`at::toAccumulateType(dtype, is_cuda=true)`) where the CPU
 keeps the input dtype, so for a CUDA plan those two outputs count 4 bytes per element.
 
-Results are cached per (model config, precision, AC mode, device type): the fit search
-(plan/fit.py) asks for them many times.
+Blocks of one model need not be alike: an MoE llama has dense blocks (the first
+`moe_first_dense`, those off the `moe_every` step) and MoE blocks, whose saved set is
+another (the router's logits and probabilities, top_k copies of each token's hidden
+state sorted by expert, the experts' gate / up / SwiGLU / down outputs over those
+tokens x top_k rows, the shared experts; under autocast the bf16 cast of each expert's
+weight view, which its matmul saves: autocast caches casts of leaf tensors only).
+`block_kinds` groups the model's blocks by their modules and tensor shapes and each
+kind is measured once, on its first block; the block's buffers (the sigmoid_bias
+router's `expert_bias`) are faked like its parameters.
+
+Results are cached per (model config, precision, AC mode, device type, block kind): the
+fit search (plan/fit.py) asks for them many times.
 """
 
 from __future__ import annotations
@@ -109,24 +119,26 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def _fake_block(spec, model_cfg, samples: int, param_dtype: torch.dtype):
-    """(block, inputs) of the family on fake CPU tensors, parameters in `param_dtype`;
-    also the block's qualified name in the model and the model (for the TP plan)."""
+def _fake_block(spec, model_cfg, samples: int, param_dtype: torch.dtype, layer: int = 0):
+    """(model, block `layer`, inputs) of the family with the block's parameters and
+    buffers (an MoE router's `expert_bias`) as fake CPU tensors, parameters in
+    `param_dtype`, buffers in their own dtype (the model is kept for the TP plan)."""
     with torch.device("meta"):
         model = spec.build(model_cfg, {"vocab_size": model_cfg.vocab_size or 2})
-        block, inputs = spec.activation_block(model, samples, model_cfg.seq_len)
+        block, inputs = spec.activation_block(model, samples, model_cfg.seq_len, layer)
     for mod in block.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None:
                 mod._parameters[name] = nn.Parameter(
                     torch.empty(p.shape, dtype=param_dtype), requires_grad=p.requires_grad)
-        # Buffers too (the sigmoid_bias router's expert_bias): a meta buffer among fake
-        # CPU tensors is a device mismatch.
+        # a buffer left on meta would meet the fake CPU tensors in one op (a device error)
         for name, b in list(mod._buffers.items()):
-            if b is not None and b.is_meta:
-                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+            if b is not None:
+                mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    # requires_grad as the family says (a llama's rotary angles need none: with it the
+    # rope multiplies would also save q and k for a gradient no run computes)
     fake_inputs = tuple(torch.empty(x.shape, dtype=param_dtype if x.is_floating_point()
-                                    else x.dtype, requires_grad=x.is_floating_point())
+                                    else x.dtype, requires_grad=x.requires_grad)
                         for x in inputs)
     return model, block, fake_inputs
 
@@ -159,13 +171,15 @@ def _stat_bytes_cuda(t: torch.Tensor, origin) -> int | None:
     return None
 
 
-def _measure(spec, model_cfg, precision: str, samples: int, device_type: str) -> dict:
-    """{mode: [(storage bytes, split), ...]} for one micro-batch of `samples`, in the
-    order first saved (the same at any batch size), + "fixed" keys per mode."""
+def _measure(spec, model_cfg, precision: str, samples: int, device_type: str,
+             layer: int) -> dict:
+    """{mode: [(storage bytes, split), ...]} of block `layer` for one micro-batch of
+    `samples`, in the order first saved (the same at any batch size)."""
     policy = PrecisionPolicy(precision, torch.device("cpu"))
 
     with FakeTensorMode():
-        model, block, inputs = _fake_block(spec, model_cfg, samples, policy.param_dtype)
+        model, block, inputs = _fake_block(spec, model_cfg, samples, policy.param_dtype,
+                                           layer)
         params = {_key(p) for p in block.parameters()}
         inputs_keys = {_key(x): x for x in inputs if x.is_floating_point()}
         saved: dict[int, torch.Tensor] = {}
@@ -202,12 +216,12 @@ def _measure(spec, model_cfg, precision: str, samples: int, device_type: str) ->
 
 @functools.lru_cache(maxsize=256)
 def _cached(name: str, model_key: tuple, precision: str, mode: str,
-            device_type: str) -> BlockActivations:
+            device_type: str, layer: int) -> BlockActivations:
     model_cfg = _model_cfgs[model_key]
     spec = spec_of(model_cfg)
     b1, b2 = SAMPLES
-    small = _measure(spec, model_cfg, precision, b1, device_type)
-    large = _measure(spec, model_cfg, precision, b2, device_type)
+    small = _measure(spec, model_cfg, precision, b1, device_type, layer)
+    large = _measure(spec, model_cfg, precision, b2, device_type, layer)
     fixed_from = "none"  # the autocast cast cache: alive whatever the AC mode (doc)
     tensors, fixed = [], []
     tokens = (b2 - b1) * model_cfg.seq_len
@@ -227,15 +241,44 @@ def _cached(name: str, model_key: tuple, precision: str, mode: str,
 _model_cfgs: dict[tuple, object] = {}  # cache key -> the ModelConfig it stands for
 
 
+def _model_key(model_cfg) -> tuple:
+    key = tuple(sorted((k, repr(v)) for k, v in vars(model_cfg).items()))
+    _model_cfgs.setdefault(key, model_cfg)
+    return key
+
+
+@functools.lru_cache(maxsize=64)
+def _kinds(model_key: tuple) -> tuple[int, ...]:
+    model_cfg = _model_cfgs[model_key]
+    spec = spec_of(model_cfg)
+    with torch.device("meta"):
+        model = spec.build(model_cfg, {"vocab_size": model_cfg.vocab_size or 2})
+        first: dict[tuple, int] = {}
+        out = []
+        for i in range(model_cfg.n_layer):
+            block, _ = spec.activation_block(model, 1, 1, i)
+            shape = tuple((n, type(m).__name__) for n, m in block.named_modules()) + \
+                tuple((n, tuple(t.shape)) for n, t in block.state_dict(keep_vars=True).items())
+            out.append(first.setdefault(shape, i))
+    return tuple(out)
+
+
+def block_kinds(model_cfg) -> tuple[int, ...]:
+    """Per block of the model, the first block built like it (same modules and tensor
+    shapes): an MoE llama's dense blocks (model.moe_first_dense, moe_every) save other
+    tensors than its MoE blocks, so the plan measures one block of each kind."""
+    return _kinds(_model_key(model_cfg))
+
+
 def block_activations(model_cfg, precision: str, mode: str,
-                      device_type: str = "cpu") -> BlockActivations:
-    """What one block of `model_cfg`'s family keeps under AC `mode` (none / selective /
-    full) at `precision` (a precision.dtype), per token and fixed (module doc)."""
+                      device_type: str = "cpu", layer: int = 0) -> BlockActivations:
+    """What block `layer` of `model_cfg`'s family keeps under AC `mode` (none /
+    selective / full) at `precision` (a precision.dtype), per token and fixed (module
+    doc); measured once per kind of block (`block_kinds`)."""
     spec = spec_of(model_cfg)
     if spec.activation_block is None:
         raise ValueError(f"model {model_cfg.name!r} declares no activation_block")
-    key = tuple(sorted((k, repr(v)) for k, v in vars(model_cfg).items()))
-    _model_cfgs.setdefault(key, model_cfg)
+    key = _model_key(model_cfg)
     return _cached(model_cfg.name, key, precision, mode,
-                   "cuda" if device_type == "cuda" else "cpu")
+                   "cuda" if device_type == "cuda" else "cpu", _kinds(key)[layer])
 

@@ -63,24 +63,29 @@ def per_param(numels, nbytes: float) -> tuple[float, float]:
 
 def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float]:
     """The activations of plan/memory.py `activation_bytes`, tensor by tensor (each
-    saved tensor measured on the family's block, plan/activations.py); `modes`: each
+    saved tensor measured on the family's block, plan/activations.py, one measurement
+    per kind of block: an MoE llama's dense and MoE blocks differ); `modes`: each
     block's AC mode (every k-th, budget: parallel/ac.py), memory.py `rank_block_modes`."""
     if not s.layers:
         return (0.0, 0.0)
     D, t, toks = cfg.model.d_model, s.tp, s.tokens * s.in_flight
+    layers = tuple(s.blocks) or (0,) * s.layers  # memory.py rank_blocks
 
-    def block(mode: str) -> tuple[float, float]:  # one block's saved tensors
-        measured = block_activations(cfg.model, cfg.precision.dtype, mode)
+    def block(mode: str, layer: int) -> tuple[float, float]:  # one block's saved tensors
+        measured = block_activations(cfg.model, cfg.precision.dtype, mode, "cpu", layer)
         return add((0.0, 0.0), *(hm(toks * b) for b in measured.tensor_bytes(t)))
 
-    kept = add((0.0, 0.0), *(scale(block(m), modes.count(m)) for m in set(modes)))
-    recompute = block("none") if any(m != "none" for m in modes) else (0.0, 0.0)
+    kept = add((0.0, 0.0), *(block(m, i) for i, m in zip(layers, modes)))
+    recomputed = [block("none", i) for i, m in zip(layers, modes) if m != "none"]
+    recompute = max(recomputed, key=sum, default=(0.0, 0.0))
     # + ln_f in/out (chunked: what the head keeps instead, memory.py head_input_bytes)
     ln_out = (ab if not cfg.model.loss_chunks else r if s.tp == 1 else 0) * toks * D
     out = add(kept, recompute, hm(toks * r * D), hm(ln_out))
     # autocast weight casts, cached to the end of the forward (memory.py)
-    fixed = block_activations(cfg.model, cfg.precision.dtype, "none").fixed_bytes(t)
-    out = add(out, scale(add((0.0, 0.0), *(hm(b) for b in fixed)), s.layers))
+    for i in layers:
+        fixed = block_activations(cfg.model, cfg.precision.dtype, "none", "cpu",
+                                  i).fixed_bytes(t)
+        out = add(out, *(hm(b) for b in fixed))
     if r != ab and s.has_head:
         out = add(out, hm(D * s.vocab_local * ab))
     return out

@@ -32,7 +32,11 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two. With model.loss_chunks = n
   (models/chunked_loss.py) that holds for one chunk's micro·ceil(T/n) tokens only, and
-  the ln_f output is not kept (`logit_tokens`).
+  the ln_f output is not kept (`logit_tokens`). Blocks are summed one by one
+  over the rank's blocks (`RankShape.blocks`): an MoE llama's dense and MoE blocks are
+  measured apart (plan/activations.py `block_kinds`); the routed experts' parameters,
+  gradients and optimizer state are in n (split over expert-parallel ranks by
+  plan/report.py `expert_shards` when an EP degree is passed).
 - optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's
   transient: torch's foreach Adam/AdamW builds `_foreach_sqrt(exp_avg_sq)` (n·4,
   torch/optim/adam.py `_multi_tensor_adam`), Adagrad/RMSprop likewise one state-sized
@@ -79,9 +83,9 @@ from dataclasses import dataclass
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
-from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes, kept_bytes
+from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm, ...
-from scaletrain.plan.activations import block_activations
+from scaletrain.plan.activations import block_activations, block_kinds
 from scaletrain.plan.malloc import mmap_threshold_bytes
 
 MiB = 2 ** 20
@@ -122,6 +126,14 @@ class RankShape:
     numels: tuple = ()  # elements of each parameter tensor on this rank (after sharding)
     full_numels: tuple = ()  # elements of each parameter tensor of the whole model
     pp: int = 1  # pipeline degree (the end gathers every stage's weights everywhere)
+    # model indices of this rank's blocks (an MoE llama's dense and MoE blocks keep
+    # different activations); () = `layers` blocks like block 0
+    blocks: tuple = ()
+
+
+def rank_blocks(s: RankShape) -> tuple[int, ...]:
+    """The model indices of the blocks on this rank (RankShape.blocks)."""
+    return tuple(s.blocks) or (0,) * s.layers
 
 
 def dtype_bytes(precision: str) -> tuple[int, int]:
@@ -157,27 +169,35 @@ def optimizer_transient_bytes(cfg, n: float, largest: float, gbytes: int) -> flo
     return n * per
 
 
-def block_bytes_per_token(cfg, tp: int, device_type: str = "cpu") -> float:
-    """Bytes one block keeps for the backward per token, without AC, measured on the
+def block_bytes_per_token(cfg, tp: int, device_type: str = "cpu", layer: int = 0) -> float:
+    """Bytes block `layer` keeps for the backward per token, without AC, measured on the
     family's block (plan/activations.py; TP: the split tensors divided by tp)."""
     return block_activations(cfg.model, cfg.precision.dtype, "none",
-                             device_type).per_token(tp)
+                             device_type, layer).per_token(tp)
 
 
-def ac_block_bytes(cfg, tp: int, device_type: str = "cpu") -> dict:
-    """Bytes per token one block keeps for the backward under each AC mode: all its
+def ac_block_bytes(cfg, tp: int, device_type: str = "cpu", layer: int = 0) -> dict:
+    """Bytes per token block `layer` keeps for the backward under each AC mode: all its
     activations; its input + the matmul/attention outputs (selective); its input (full).
     Measured on the family's block (plan/activations.py)."""
     return {mode: block_activations(cfg.model, cfg.precision.dtype, mode,
-                                    device_type).per_token(tp)
+                                    device_type, layer).per_token(tp)
             for mode in ("none", "selective", "full")}
 
 
-def block_fixed_bytes(cfg, tp: int, device_type: str = "cpu") -> float:
-    """Bytes one block keeps whatever the batch: under autocast its matmul weights' casts
-    (cached to the end of the forward, AC or not), measured (plan/activations.py)."""
+def block_fixed_bytes(cfg, tp: int, device_type: str = "cpu", layer: int = 0) -> float:
+    """Bytes block `layer` keeps whatever the batch: under autocast its matmul weights'
+    casts (cached to the end of the forward, AC or not; an MoE block's per-expert casts,
+    saved by each expert's matmul), measured (plan/activations.py)."""
     return sum(block_activations(cfg.model, cfg.precision.dtype, "none",
-                                 device_type).fixed_bytes(tp))
+                                 device_type, layer).fixed_bytes(tp))
+
+
+def largest_block(cfg) -> int:
+    """The block that keeps the most without AC (an MoE block rather than a dense one):
+    the AC budget sizes every block by it, so it is never exceeded."""
+    kinds = sorted(set(block_kinds(cfg.model)))
+    return max(kinds, key=lambda i: block_bytes_per_token(cfg, 1, "cpu", i))
 
 
 def ac_policy(cfg, tp: int = 1, micro: int | None = None):
@@ -188,7 +208,7 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
     tokens = (micro or batch_plan(cfg, 1).micro) * cfg.model.seq_len
-    per_token = ac_block_bytes(cfg, tp)
+    per_token = ac_block_bytes(cfg, tp, "cpu", largest_block(cfg))
     return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
                     {k: v * tokens for k, v in per_token.items()})
 
@@ -208,14 +228,19 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     if not s.layers:
         return 0.0
     D = cfg.model.d_model
-    per = ac_block_bytes(cfg, s.tp, device_type)
-    per_token = kept_bytes(rank_block_modes(cfg, s), per)  # + one block's set while one is recomputed
-    per_token += head_input_bytes(cfg, s, r, ab)
+    blocks = rank_blocks(s)
+    per = [ac_block_bytes(cfg, s.tp, device_type, i) for i in blocks]
+    modes = rank_block_modes(cfg, s)
+    # each block's kept share, + the largest checkpointed block's full set while it is
+    # recomputed (parallel/ac.py kept_bytes, block by block: dense and MoE blocks differ)
+    per_token = sum(p[m] for p, m in zip(per, modes))
+    per_token += max((p["none"] for p, m in zip(per, modes) if m != "none"), default=0.0)
+    per_token += head_input_bytes(cfg, s, r, ab)  # ln_f input and what the head keeps
     total = per_token * s.tokens * s.in_flight
     # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
     # autocast caches the casts of leaf weights until the autocast context exits (the
     # end of the forward), so all of them are alive there (measured per block).
-    total += block_fixed_bytes(cfg, s.tp, device_type) * s.layers
+    total += sum(block_fixed_bytes(cfg, s.tp, device_type, i) for i in blocks)
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
     return total + fused_head_grad_bytes(cfg, s)
@@ -345,7 +370,8 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
     step = static + step_grads + transient
     evaluation = 0.0
     if s.eval_tokens:
-        blk = block_bytes_per_token(cfg, s.tp, device_type) * 0.5  # no-grad: one block's set
+        blk = max(block_bytes_per_token(cfg, s.tp, device_type, i)  # no-grad: one block's set
+                  for i in set(rank_blocks(s))) * 0.5
         evaluation = static + s.eval_tokens * max(
             s.vocab_local * (ab + 8) if s.has_head else 0.0, blk)
     # Saving the weights (checkpoint/run_model.py): rank 0 gathers the full tensors when they

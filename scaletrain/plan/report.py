@@ -61,20 +61,37 @@ def _block_ids(shapes: dict) -> list[str]:
 
 def _gathered(cfg, shapes: dict, sharded: set, layers: int, t: int) -> float:
     """Parameters FSDP2 holds unsharded at once: two blocks (current + prefetched), or
-    all of them without reshard_after_forward (plan/memory.py); a block's parameters
-    counted from the stage's first block (all blocks are alike), 1/tp of the sharded."""
+    all of them without reshard_after_forward (plan/memory.py); 1/tp of the sharded.
+    Two blocks: the stage's largest (an MoE llama's dense blocks are smaller)."""
     ids = _block_ids(shapes)
     if not ids:
         return 0.0
-    prefix = f"blocks.{ids[0]}."
-    block = sum(torch.Size(sh).numel() / (t if k in sharded else 1)
-                for k, sh in shapes.items() if k.startswith(prefix))
-    return block * (2 if cfg.parallel.reshard_after_forward else layers)
+    sizes = [sum(torch.Size(sh).numel() / (t if k in sharded else 1)
+                 for k, sh in shapes.items() if k.startswith(f"blocks.{i}."))
+             for i in ids]
+    return max(sizes) * 2 if cfg.parallel.reshard_after_forward else sum(sizes)
 
 
-def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
+def expert_shards(ep: int, dp_shard: int) -> int:
+    """Ranks one routed expert tensor is split over: `ep` expert-parallel ranks (each
+    owns E / ep experts), and FSDP2 over the data-parallel shard ranks left beside them
+    (torchtitan's layout: EP borrows from dp_shard when ep divides it, so the experts end
+    up split dp_shard ways; otherwise EP sits beside dp_shard)."""
+    if ep <= 1:
+        return dp_shard
+    return dp_shard if dp_shard % ep == 0 else ep * dp_shard
+
+
+def _is_expert(name: str) -> bool:
+    """A routed expert's 3-D weight (models/moe.py GroupedExperts, `mlp.experts.*`)."""
+    return ".mlp.experts." in name
+
+
+def plan(cfg, dims, vocab: int, device_type: str = "cpu", ep: int = 1) -> dict:
     """The layout and per-rank memory of `cfg` on the resolved layout `dims`
-    (ParallelDims of `dims.world` ranks; see module doc)."""
+    (ParallelDims of `dims.world` ranks; see module doc). `ep`: the expert-parallel
+    degree (routed experts split over ep ranks: `expert_shards`); 1 until the parallel
+    dims carry one."""
     p = cfg.parallel
     check_model_parallel(cfg, vocab, dims)
     m, t = cfg.model, dims.tp
@@ -99,7 +116,8 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
             numel = torch.Size(shape).numel()
             if t > 1 and name in sharded:
                 numel /= t
-            numels.append(numel / dims.dp_shard)
+            numels.append(numel / (expert_shards(ep, dims.dp_shard) if _is_expert(name)
+                                   else dims.dp_shard))
         n = float(sum(numels))
         layers = len(_block_ids(shapes))
         if dims.pp <= 1:
@@ -123,7 +141,8 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
             full_params=full_n, sharded=t > 1 or dims.dp_shard > 1 or dims.pp > 1,
             fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, t)
                            if dims.dp_shard > 1 else 0.0),
-            numels=tuple(numels), full_numels=full_numels, pp=dims.pp)
+            numels=tuple(numels), full_numels=full_numels, pp=dims.pp,
+            blocks=tuple(int(i) for i in _block_ids(shapes)))
         peak = rank_peak(cfg, shape, device_type)
         ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
                       "ac_blocks": _ac_blocks(cfg, t, mb, layers),

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import TINY_DATA, TINY_GPT, one_error_line, run_cli
 
@@ -36,6 +37,14 @@ def test_tiny_moe_trains_and_logs_router_health(prepared_dir, tmp_path):
         assert 3.0 < r["loss"] < 7.0  # the cross-entropy alone (ln 384 ≈ 5.95)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mfu"] is not None
+    # TensorBoard: the per-block imbalance as scalars, the load per expert as a histogram
+    # (bucket e = expert e's assignments) at every logged step
+    # (size_guidance 0: keep every histogram event; the default keeps one sample)
+    tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/moe_imbalance/1")] == [1, 2, 3]
+    hists = tb.Histograms("train/moe_load/1")
+    assert [list(h.histogram_value.bucket) for h in hists] == [r["moe_load"]["1"] for r in train]
 
 
 BAD = [
@@ -100,3 +109,13 @@ def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
     assert sorted(a) == sorted(b) and any(k.endswith("expert_bias") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])
+def test_plan_of_the_moe_configs_runs(router):
+    """`scaletrain plan` on moe-tiny with either router (sigmoid_bias's expert_bias
+    buffer used to crash the plan's fake-tensor measurement on meta), every block MoE."""
+    proc = run_cli("plan", "--config", "configs/moe-tiny.toml", f"--model.moe_router={router}",
+                   "--model.moe_first_dense=0", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predicted peak" in proc.stdout

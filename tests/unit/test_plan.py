@@ -156,3 +156,22 @@ def test_cpu_rss_adds_the_heap_and_mmap_high_water_marks_of_different_phases():
     total, heap, mmap = cpu_rss.peak_above_static({"forward_backward": (50.0, 5.0),
                                                    "end": (10.0, 100.0)})
     assert (total, heap, mmap) == (150.0, "forward_backward", "end")
+
+
+MOE = ["model.name=llama", "model.n_kv_head=1", "model.moe_experts=4", "model.moe_top_k=2",
+       "model.moe_d_ff=8", "model.moe_first_dense=1", "precision.dtype=fp32"]
+
+
+def test_moe_plan_counts_the_expert_parameters_and_splits_them_over_ep_ranks():
+    """The experts' parameters and their AdamW state are the plan's; an EP degree
+    divides the routed experts only (3 tensors of 4 x 16 x 8 in the one MoE block)."""
+    from scaletrain.plan.report import expert_shards
+
+    cfg = cfg_of(*MOE)
+    experts = 3 * 4 * 16 * 8
+    one = plan(cfg, ONE_RANK, 32, "cpu")["ranks"][0]
+    two = plan(cfg, ONE_RANK, 32, "cpu", ep=2)["ranks"][0]
+    assert one["params"] - two["params"] == experts / 2
+    assert one["optim_bytes"] == one["params"] * 8  # fp32 AdamW: 2 moments
+    # EP borrows from the FSDP shard ranks when it divides them (torchtitan), else adds
+    assert (expert_shards(1, 4), expert_shards(2, 4), expert_shards(2, 3)) == (4, 4, 6)

@@ -31,7 +31,8 @@ from scaletrain.config import build_config
 from scaletrain.models import registry
 from scaletrain.models.gpt import GPT, Block
 from scaletrain.parallel.ac import _checkpointed, _selective_context
-from scaletrain.plan.activations import block_activations
+from scaletrain.plan.activations import block_activations, block_kinds
+from scaletrain.plan.memory import RankShape, activation_bytes, dtype_bytes
 from scaletrain.precision import PrecisionPolicy
 from torch.utils.checkpoint import noop_context_fn
 
@@ -46,18 +47,20 @@ def model_cfg(name: str):
                                (f"model.name={name}", *SHAPE)]).model
 
 
-def live_block(spec, m, precision: str):
-    """The family's block 0 and its inputs, real CPU tensors in the run's dtype."""
+def live_block(spec, m, precision: str, layer: int = 0):
+    """The family's block `layer` and its inputs, real CPU tensors in the run's dtype."""
     policy = PrecisionPolicy(precision, torch.device("cpu"))
     with torch.device("meta"):
         model = spec.build(m, {"vocab_size": m.vocab_size})
-        block, inputs = spec.activation_block(model, SAMPLES, m.seq_len)
+        block, inputs = spec.activation_block(model, SAMPLES, m.seq_len, layer)
     block = block.to_empty(device="cpu").to(policy.param_dtype).train()
     g = torch.Generator().manual_seed(0)
     for p in block.parameters():
         p.data.normal_(0.0, 0.02, generator=g)
-    real = tuple(torch.randn(x.shape, generator=g).to(policy.param_dtype).requires_grad_()
-                 for x in inputs)
+    for b in block.buffers():  # an MoE router's expert_bias: zero, as a new run has it
+        b.zero_()
+    real = tuple(torch.randn(x.shape, generator=g).to(policy.param_dtype)
+                 .requires_grad_(x.requires_grad) for x in inputs)
     return block, real, policy
 
 
@@ -89,8 +92,8 @@ def kept_by_checkpoint(block, inputs, policy, mode: str) -> int:
                                                        for x in inputs)
 
 
-def live_bytes(spec, m, precision: str, mode: str) -> int:
-    block, inputs, policy = live_block(spec, m, precision)
+def live_bytes(spec, m, precision: str, mode: str, layer: int = 0) -> int:
+    block, inputs, policy = live_block(spec, m, precision, layer)
     if mode == "none":
         return saved_by_hooks(block, inputs, policy)
     bias_casts = sum(mod.bias.numel() * 2 for mod in block.modules()
@@ -99,8 +102,8 @@ def live_bytes(spec, m, precision: str, mode: str) -> int:
     return kept_by_checkpoint(block, inputs, policy, mode) - unplanned
 
 
-def planned_bytes(m, precision: str, mode: str) -> float:
-    a = block_activations(m, precision, mode)
+def planned_bytes(m, precision: str, mode: str, layer: int = 0) -> float:
+    a = block_activations(m, precision, mode, "cpu", layer)
     return a.per_token() * SAMPLES * m.seq_len + sum(a.fixed_bytes())
 
 
@@ -176,3 +179,67 @@ def test_plan_block_bytes_of_an_moe_block(mode, precision, router):
         block, _ = spec.activation_block(spec.build(m, {"vocab_size": 32}), 1, m.seq_len)
     assert type(block.mlp).__name__ == "MoE"
     assert planned_bytes(m, precision, mode) == live_bytes(spec, m, precision, mode)
+
+
+def moe_cfg(*more: str):
+    return build_config(None, [tuple(a.split("=", 1)) for a in
+                               ("model.name=llama", *SHAPE, *MOE, *more)])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])
+def test_plan_measures_each_kind_of_block_of_an_moe_llama(router, precision):
+    """A dense first block then MoE blocks: the plan's bytes of every block equal that
+    block's live count (not block 0's for all), with either router (sigmoid_bias keeps
+    a buffer the plan must fake too: it used to meet the fake tensors on meta)."""
+    m = moe_cfg("model.n_layer=3", "model.moe_first_dense=1", f"model.moe_router={router}").model
+    spec = registry.spec_of(m)
+    assert block_kinds(m) == (0, 1, 1)
+    got = [planned_bytes(m, precision, "none", i) for i in range(3)]
+    assert got == [live_bytes(spec, m, precision, "none", i) for i in range(3)]
+    assert got[1] != got[0]  # the kinds differ: block 0's bytes for all would be wrong
+
+
+def saved_per_block(model, idx, policy) -> list[int]:
+    """Bytes autograd saves inside each block of a whole model's training forward (one
+    count per storage and block, parameters excluded), the blocks found by hooks."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, seen = [None], {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if current[0] is not None and ptr not in params:
+            seen.setdefault((current[0], ptr), t.untyped_storage().nbytes())
+        return t
+
+    for name, block in model.blocks.items():
+        block.register_forward_pre_hook(lambda _m, _a, i=int(name): current.__setitem__(0, i))
+        block.register_forward_hook(lambda *_: current.__setitem__(0, None))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), policy.autocast():
+        model(idx)
+    return [sum(b for (i, _), b in seen.items() if i == k) for k in range(len(model.blocks))]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plan_activation_bytes_of_an_moe_model_equal_its_measured_forward(precision):
+    """plan/memory.py's activations of a rank holding a whole tiny MoE llama (dense
+    block, MoE blocks, every 2nd block MoE) equal what its blocks save in a real
+    training forward of the whole model, beyond the final norm's terms the plan adds."""
+    cfg = moe_cfg("model.n_layer=4", "model.moe_first_dense=1", "model.moe_every=2",
+                  f"precision.dtype={precision}")
+    m = cfg.model
+    spec = registry.spec_of(m)
+    policy = PrecisionPolicy(precision, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = spec.build(m, {"vocab_size": m.vocab_size}).to(policy.param_dtype).train()
+    idx = torch.randint(0, m.vocab_size, (SAMPLES, m.seq_len))
+    measured = saved_per_block(model, idx, policy)
+    assert [type(b.mlp).__name__ for b in model.blocks.values()] == \
+        ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    tokens = SAMPLES * m.seq_len
+    pb, ab = dtype_bytes(precision)
+    shape = RankShape(params=0, largest_param=0, layers=4, tokens=tokens, in_flight=1,
+                      has_head=False, vocab_local=m.vocab_size, tp=1, accum=1, ddp=False,
+                      eval_tokens=0, blocks=(0, 1, 2, 3))
+    final_norm = (pb + ab) * m.d_model * tokens
+    assert activation_bytes(cfg, shape, pb, ab) - final_norm == sum(measured)
