@@ -87,11 +87,10 @@ def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def plan(cfg, dims, vocab: int, device_type: str = "cpu", ep: int = 1) -> dict:
+def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
     """The layout and per-rank memory of `cfg` on the resolved layout `dims`
-    (ParallelDims of `dims.world` ranks; see module doc). `ep`: the expert-parallel
-    degree (routed experts split over ep ranks: `expert_shards`); 1 until the parallel
-    dims carry one."""
+    (ParallelDims of `dims.world` ranks; see module doc; routed experts split over
+    `dims.ep` expert-parallel ranks and the FSDP2 ranks beside them: `expert_shards`)."""
     p = cfg.parallel
     check_model_parallel(cfg, vocab, dims)
     m, t = cfg.model, dims.tp
@@ -116,7 +115,7 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu", ep: int = 1) -> dict:
             numel = torch.Size(shape).numel()
             if t > 1 and name in sharded:
                 numel /= t
-            numels.append(numel / (expert_shards(ep, dims.dp_shard) if _is_expert(name)
+            numels.append(numel / (expert_shards(dims.ep, dims.dp_shard) if _is_expert(name)
                                    else dims.dp_shard))
         n = float(sum(numels))
         layers = len(_block_ids(shapes))

@@ -170,8 +170,12 @@ def test_moe_plan_counts_the_expert_parameters_and_splits_them_over_ep_ranks():
     cfg = cfg_of(*MOE)
     experts = 3 * 4 * 16 * 8
     one = plan(cfg, ONE_RANK, 32, "cpu")["ranks"][0]
-    two = plan(cfg, ONE_RANK, 32, "cpu", ep=2)["ranks"][0]
-    assert one["params"] - two["params"] == experts / 2
+    # EP=2 carved out of dp_shard=2 (config/dims.py): each rank owns half the experts,
+    # which is also what FSDP2 alone over those 2 ranks keeps of them
+    ep2 = plan(cfg, ParallelDims(1, 2, 1, 1, 2, ep=2), 32, "cpu")["ranks"][0]
+    fsdp2 = plan(cfg, ParallelDims(1, 2, 1, 1, 2), 32, "cpu")["ranks"][0]
+    dense = one["params"] - experts
+    assert ep2["params"] == fsdp2["params"] == dense / 2 + experts / 2
     assert one["optim_bytes"] == one["params"] * 8  # fp32 AdamW: 2 moments
     # EP borrows from the FSDP shard ranks when it divides them (torchtitan), else adds
     assert (expert_shards(1, 4), expert_shards(2, 4), expert_shards(2, 3)) == (4, 4, 6)
