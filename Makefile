@@ -6,7 +6,7 @@ CONFIG ?= configs/tiny.toml
 # Parallel test workers; distributed tests spawn their own processes on top.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install prepare train sample clean bench-env bench-peers
+.PHONY: demo test test-unit install prepare train sample clean bench-env bench-peers
 
 # torch first and pinned: on a CPU machine this is the CPU build from local disk, never
 # the multi-GB CUDA build an unpinned resolve would pull.
@@ -32,6 +32,10 @@ demo: prepare train sample
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --timeout=600 tests
+
+# The fast lane: unit tests only (no CLI processes, no process groups), a few minutes.
+test-unit: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --timeout=600 tests/unit
 
 # The bench environment: the project plus the peer frameworks bench/peers.py compares
 # with (Lightning, Accelerate), kept out of .venv. torch first and constrained, then a

@@ -1,16 +1,23 @@
 """Peak RSS per rank while loading a sharded Hugging Face Llama checkpoint into 2 FSDP2
 ranks (issue #15, "Loading big checkpoints"), against the model's full fp32 size.
 
-    python bench/hf_load.py [--size 1b|300m] [--dir DIR] [--dtype bf16|fp32]
+    python bench/hf_load.py [--size 1b|300m] [--dir DIR] [--dtype bf16|fp32] [--keep]
 
 Writes a Llama-shape `save_pretrained`-style directory (config.json, shards of at most
 1 GB, index; random weights, `--dtype` on disk: bf16 halves the disk use, 2.2 GB for
-1b) unless DIR already holds one, then launches 2 gloo ranks that each build the model
-on meta, shard it with FSDP2 (fully_shard per block and the root), materialise their
-shard and load the checkpoint with finetune/hf_import.py `load_hf_into` (each rank
-reads only its own slices). Each rank reports its RSS after setup (the baseline:
-imports, process group) and its peak RSS (getrusage ru_maxrss) after the load; the
-target is peak - baseline <= 0.6 x the full fp32 model size per rank.
+1b) unless DIR already holds one (deleted afterwards unless --keep or DIR was given),
+then launches 2 gloo ranks twice, one torchrun each (a peak is per process):
+- "trainer": what `scaletrain train --init.from=DIR --parallel.dp_shard=2` does — the
+  model built on meta and sharded by the trainer's `build_parallel_model`, its random
+  init skipped (`init=False`: the loader writes every parameter), then
+  finetune/hf_import.py `load_hf_into`: each rank reads only its own rows (one pread)
+  or slices (safetensors get_slice), one tensor at a time;
+- "init first": the same with the seeded init run before the load (main before this
+  change): the init draws each parameter whole before cutting the rank's shard.
+Each rank reports its RSS after setup (the baseline: imports, process group) and its
+peak RSS (getrusage ru_maxrss) after the load; the target is
+peak - baseline <= 0.6 x the full fp32 model size per rank (a rank's fp32 shard is 0.5x).
+Results: bench/results/hf_load.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,14 +26,25 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a script, from any directory
+
+from scaletrain.checkpoint.hf_export import write_shards  # noqa: E402
+from scaletrain.config.dims import resolve_dims  # noqa: E402
+from scaletrain.config.schema import ModelConfig, ParallelConfig  # noqa: E402
+from scaletrain.finetune import hf_import  # noqa: E402
+from scaletrain.models.registry import spec_of  # noqa: E402
+from scaletrain.parallel.context import DistContext  # noqa: E402
+from scaletrain.parallel.parallelize import build_parallel_model  # noqa: E402
+from scaletrain.precision import PrecisionPolicy  # noqa: E402
 
 SIZES = {  # Llama-3-like shapes (GQA 4:1, SwiGLU); parameter counts in the output
     "1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192, vocab_size=32000),
@@ -40,16 +58,11 @@ def rss_bytes() -> int:
 
 
 def model_cfg(size: str):
-    from scaletrain.config.schema import ModelConfig
-
     return ModelConfig(name="llama", seq_len=2048, hf_architecture="LlamaForCausalLM",
                        **SIZES[size])
 
 
 def write_checkpoint(size: str, d: Path, dtype: torch.dtype) -> None:
-    from scaletrain.checkpoint.hf_export import write_shards
-    from scaletrain.models.registry import spec_of
-
     m = model_cfg(size)
     spec = spec_of(m)
     with torch.device("meta"):
@@ -62,40 +75,52 @@ def write_checkpoint(size: str, d: Path, dtype: torch.dtype) -> None:
     write_shards(tensors, d, 1000**3)
 
 
-def rank_main(d: Path) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from scaletrain.finetune import hf_import
-    from scaletrain.config.schema import ModelConfig
-    from scaletrain.models.registry import materialize, spec_of
-
-    dist.init_process_group("gloo")
-    fields = hf_import.check_hf_dir(d)  # headers only
+def rank_main(d: Path, init: bool) -> None:
+    fields = hf_import.check_hf_dir(d)  # headers only, as init.from's find_source
     m = ModelConfig(**fields)
     spec = spec_of(m)
-    with torch.device("meta"):
-        model = spec.build(m, {})
-    full_bytes = 4 * sum(p.numel() for p in model.parameters())
-    base = rss_bytes()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in model.blocks.values():
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    materialize(model, "cpu", 0, tied=spec.tied)  # as the trainer does (init, then load)
-    init_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hf_import.load_hf_into(model, d, spec.tied)
+    params = _count(spec, m)
+    full_bytes = 4 * params
+    world = int(os.environ["WORLD_SIZE"])
+    pcfg = ParallelConfig(dp_shard=world)
+    cpu = torch.device("cpu")
+    ctx = DistContext.setup(pcfg, int(os.environ["RANK"]), resolve_dims(pcfg, world), cpu)
+    base = rss_bytes()  # imports, process group, mesh: what any run holds
+    pm = build_parallel_model(m, {"vocab_size": m.vocab_size}, seed=0, dims=ctx.dims,
+                              mesh=ctx.mesh, pcfg=pcfg, policy=PrecisionPolicy("fp32", cpu),
+                              device=cpu, init=init)
+    built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hf_import.load_hf_into(pm.module, d, spec.tied)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row = {"rank": dist.get_rank(), "params": full_bytes // 4, "full_fp32_gb": full_bytes / 1e9,
-           "baseline_gb": base / 1e9, "peak_after_init_gb": init_peak / 1e9,
-           "peak_gb": peak / 1e9,
+    row = {"path": "init first" if init else "trainer", "rank": dist.get_rank(),
+           "params": params, "full_fp32_gb": full_bytes / 1e9, "baseline_gb": base / 1e9,
+           "peak_after_build_gb": built_peak / 1e9, "peak_gb": peak / 1e9,
            "above_baseline_x_full": (peak - base) / full_bytes}
-    rows = [None] * dist.get_world_size()
+    rows = [None] * world
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
-        print(json.dumps(rows, indent=1))
+        print("ROWS " + json.dumps(rows), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _count(spec, m) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in spec.build(m, {}).parameters())
+
+
+def _launch(d: Path, init: bool) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node=2", __file__, "--rank", "--dir", str(d)] + \
+        (["--init"] if init else [])
+    out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True)
+    rows = [json.loads(line[5:]) for line in out.stdout.splitlines()
+            if line.startswith("ROWS ")]
+    if out.returncode != 0 or not rows:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"ranks failed (exit {out.returncode})")
+    return rows[0]
 
 
 def main() -> int:
@@ -103,17 +128,37 @@ def main() -> int:
     p.add_argument("--size", choices=SIZES, default="1b")
     p.add_argument("--dir", default="")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--keep", action="store_true", help="keep the written checkpoint")
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--init", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     d = Path(a.dir or f"/tmp/scaletrain-hf-load-{a.size}-{a.dtype}")
     if a.rank:
-        rank_main(d)
+        rank_main(d, a.init)
         return 0
-    if not (d / "config.json").is_file():
+    written = not (d / "config.json").is_file()
+    if written:
         write_checkpoint(a.size, d, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node=2", __file__, "--rank", "--dir", str(d)]
-    return subprocess.call(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        rows = _launch(d, init=False) + _launch(d, init=True)
+    finally:
+        if written and not (a.keep or a.dir):
+            shutil.rmtree(d)
+    print(json.dumps(rows, indent=1))
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hf_load.json").write_text(json.dumps({"size": a.size, "dtype": a.dtype,
+                                                  "rows": rows}, indent=1) + "\n")
+    lines = [f"# bench/hf_load.py --size {a.size} (checkpoint on disk in {a.dtype}, "
+             "2 FSDP2 gloo ranks)", "",
+             "| path | rank | params | full fp32 GB | baseline GB | peak GB | "
+             "(peak - baseline) / full |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['rank']} | {r['params']:,} | {r['full_fp32_gb']:.3f} | "
+              f"{r['baseline_gb']:.3f} | {r['peak_gb']:.3f} | "
+              f"{r['above_baseline_x_full']:.3f} |" for r in rows]
+    (out / "hf_load.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":

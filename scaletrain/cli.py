@@ -239,6 +239,8 @@ def cmd_prepare(argv: list[str]) -> int:
                                           if isinstance(v, (int, float))))
     for line in stage_table(manifest) if "stages" in manifest else []:  # text pipeline's
         print(line)
+    if (path / "report.png").is_file():
+        print(f"  report: {path / 'report.png'}")
     return 0
 
 

@@ -51,6 +51,7 @@ def check_combinations(cfg: Config) -> None:
     if cfg.data.document_masking and cfg.distill.teacher:
         raise ConfigError("data.document_masking is not supported with distill.teacher "
                           "(the teacher's logits would attend across documents)")
+    check_loss_chunks(cfg, family.kind)
     check_parallel(cfg, None)  # the world's part: parallel/world_checks.py check_world
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError("data.val_fraction + data.test_fraction must be < 1 "
@@ -61,6 +62,23 @@ def check_combinations(cfg: Config) -> None:
     check_training_strategy(cfg, data_parallel_degree(cfg))  # schedules, batch rules
     check_checkpoint_config(cfg)  # faults
     check_dpo(cfg)  # train.objective='dpo': what preference tuning refuses
+
+
+def check_loss_chunks(cfg: Config, kind: str) -> None:
+    """model.loss_chunks: text models' own head + loss only (models/chunked_loss.py)."""
+    n = cfg.model.loss_chunks
+    if not n:
+        return
+    if kind != "text":
+        raise ConfigError(f"model.loss_chunks={n} needs a text model, not model.name="
+                          f"'{cfg.model.name}' (set model.loss_chunks=0)")
+    if cfg.distill.teacher:
+        raise ConfigError(f"model.loss_chunks={n} is not supported with distill.teacher "
+                          "(the distillation loss needs the whole logits; set "
+                          "model.loss_chunks=0)")
+    if n > cfg.model.seq_len:
+        raise ConfigError(f"model.loss_chunks={n} exceeds model.seq_len="
+                          f"{cfg.model.seq_len} (a chunk is at least one position)")
 
 
 def check_parallel(cfg: Config, world: int | None, dims: ParallelDims | None = None) -> None:

@@ -39,6 +39,21 @@ class DataConfig:
     test_fraction: float = F(0.05, "Fraction of documents in the test split.", ge=0.0, lt=1.0)
     min_chars: int = F(32, "Documents shorter than this (after cleaning) are dropped.", ge=0)
     max_files: int = F(0, "Read at most this many files (sorted by path); 0 = all.", ge=0)
+    filters: list[str] = F([], "Quality filters after cleaning, in this order, datatrove's "
+                           "own steps with their default thresholds: any of "
+                           "gopher_repetition, gopher_quality, c4, fineweb_quality.")
+    filter_args: dict = F({}, "Per filter, arguments of its datatrove class that replace "
+                          "the defaults, as a TOML table: [data.filter_args.gopher_quality] "
+                          "min_doc_words = 20.")
+    dedup: str = F("exact", "'exact' (content hash: identical documents) or 'minhash' "
+                   "(datatrove's MinHash stages: near-duplicates too).",
+                   choices=("exact", "minhash"))
+    minhash_ngrams: int = F(5, "MinHash: words per shingle (datatrove's n_grams).",
+                            ge=1, le=64)
+    minhash_buckets: int = F(14, "MinHash: LSH bands (datatrove's num_buckets); more "
+                             "find less similar pairs.", ge=1, le=256)
+    minhash_hashes_per_bucket: int = F(8, "MinHash: hashes per band; more find only "
+                                       "more similar pairs.", ge=1, le=64)
     prep_workers: int = F(2, "Worker processes (datatrove tasks at once) that read, clean "
                           "and tokenize during preparation.", ge=1)
     # The executor block (data/executors.py): where the datatrove pipeline runs.

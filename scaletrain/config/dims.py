@@ -11,6 +11,13 @@ which communicates every layer — is made of neighbouring ranks (same node when
 nodes hold consecutive ranks), and the replicate group — one all-reduce per step —
 spans nodes.
 
+Expert parallelism (issue #17, parallel/expert.py) does not add ranks: `ep` ranks of the
+dp_shard group split the routed experts among them (torchtitan's "EP borrows from
+dp_shard"). The experts get their own 2-D mesh ("efsdp", "ep") over the same ranks in
+the same order: "ep" (innermost: neighbours, which exchange tokens twice per MoE layer)
+holds one expert slice per rank, "efsdp" = dp_shard / ep ranks hold the same slice and
+shard it with FSDP2 (the "expert data-parallel" group that sums its gradients).
+
 This module imports no torch.distributed at import time: config checks use it too.
 """
 
@@ -32,11 +39,13 @@ class ParallelDims:
     tp: int
     pp: int
     world: int
+    ep: int = 1  # expert-parallel degree, carved out of dp_shard (not a factor of world)
 
     @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, pp: int,
-                world: int) -> ParallelDims:
-        """Infer a -1 degree and check the product equals `world` (ConfigError if not)."""
+                world: int, ep: int = 1) -> ParallelDims:
+        """Infer a -1 degree and check the product equals `world` (ConfigError if not);
+        `ep` must divide the resolved dp_shard."""
         given = dict(zip(_FIELDS, (dp_replicate, dp_shard, tp, pp)))
         bad = [k for k, v in given.items() if v == 0 or v < -1]
         if bad:
@@ -71,7 +80,14 @@ class ParallelDims:
                               f"parallel.tp={dims.tp} needs parallel.dp_shard > 1 (DDP does "
                               "not compose with tensor parallel; use dp_shard, FSDP2, or "
                               "HSDP)")
+        if ep > 1:
+            dims = cls(**given, world=world, ep=_check_ep(ep, dims))
         return dims
+
+    @property
+    def efsdp(self) -> int:
+        """Ranks that hold the same slice of experts and FSDP-shard it (dp_shard / ep)."""
+        return self.dp_shard // self.ep
 
     @property
     def dp(self) -> int:
@@ -111,6 +127,16 @@ class ParallelDims:
                                     ("dp_shard", self.dp_shard), ("tp", self.tp)) if d > 1]
         return tuple(d for _, d in dims), tuple(n for n, _ in dims)
 
+    def build_expert_mesh(self, device_type: str):
+        """The experts' 2-D DeviceMesh ("efsdp", "ep") over the dp_shard ranks (module
+        docstring), or None without expert parallelism. Collective: every rank calls it."""
+        if self.ep == 1:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, (self.efsdp, self.ep),
+                                mesh_dim_names=("efsdp", "ep"))
+
     def build_mesh(self, device_type: str):
         """The DeviceMesh over all ranks (None for a single process)."""
         if self.world == 1:
@@ -121,10 +147,28 @@ class ParallelDims:
         return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
 
+def _check_ep(ep: int, dims: ParallelDims) -> int:
+    """`ep` if this layout supports it, else ConfigError (one line saying why)."""
+    if ep < 1:
+        raise ConfigError(f"parallel.ep={ep} must be >= 1")
+    for what, degree in (("parallel.dp_replicate", dims.dp_replicate),
+                         ("parallel.tp", dims.tp), ("parallel.pp", dims.pp)):
+        if degree > 1:
+            raise ConfigError(f"parallel.ep={ep} with {what}={degree} is not supported "
+                              "yet: expert parallelism runs inside FSDP2 (parallel.dp_shard)"
+                              " alone, without HSDP / DDP replicas, TP or PP")
+    if dims.dp_shard % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
+                          f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "
+                          f"world {dims.world})")
+    return ep
+
+
 def _describe(given: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in given.items())
 
 
 def resolve_dims(pcfg, world: int) -> ParallelDims:
     """ParallelDims of a `ParallelConfig` section for `world` ranks."""
-    return ParallelDims.resolve(pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp, world)
+    return ParallelDims.resolve(pcfg.dp_replicate, pcfg.dp_shard, pcfg.tp, pcfg.pp, world,
+                                ep=pcfg.ep)

@@ -92,6 +92,12 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
                 raise ConfigError(f"{key}: expected a number, got '{value}'") from None
         if typ is str:
             return _text(key, value)
+        if typ is dict:  # an inline TOML table: '{gopher_quality = {min_doc_words = 20}}'
+            try:
+                return _coerce(key, tomllib.loads(f"v = {text}")["v"], typ, from_cli=False)
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{key}: expected an inline TOML table such as "
+                                  f"'{{name = {{arg = 1}}}}', got '{value}'") from None
         if typ in (list, tuple) or getattr(typ, "__origin__", None) in (list, tuple):
             try:
                 parsed = tomllib.loads(f"v = {text}")["v"]
@@ -120,6 +126,10 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
         if isinstance(value, str):
             return _text(key, value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
     origin = getattr(typ, "__origin__", None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -253,7 +263,7 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):  # an inline table (data.mixture's entries)
+    if isinstance(v, dict):  # an inline table (data.mixture's entries, data.filter_args)
         return "{" + ", ".join(f"{_key_name(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 

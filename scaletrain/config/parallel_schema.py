@@ -16,6 +16,10 @@ class ParallelConfig:
                       "(world / (dp_replicate * tp * pp)).", ge=-1)
     tp: int = F(1, "Tensor-parallel degree.", ge=1)
     pp: int = F(1, "Pipeline-parallel degree.", ge=1)
+    ep: int = F(1, "Expert-parallel degree (mixture-of-experts models): the routed "
+                "experts split over groups of ep data-parallel ranks (carved out of "
+                "dp_shard, as torchtitan does), tokens exchanged by all-to-all; must "
+                "divide dp_shard and model.moe_experts.", ge=1)
     # Model parallelism options (issue #6; parallel/tensor.py, parallel/pipeline.py).
     pp_schedule: str = F("1f1b", "Pipeline schedule: 'gpipe' (all forwards, then all "
                          "backwards), '1f1b' (one forward one backward: activations of at "

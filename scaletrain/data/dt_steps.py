@@ -1,9 +1,11 @@
 """The steps of the text preparation pipeline, as datatrove pipeline steps.
 
-read (`SourceReader`) -> clean (`Clean`) -> write the cleaned shard of this task
-(`CleanedWriter`); then, in one task, exact dedup and split (`DedupSplit`), which merges
+read (`SourceReader`) -> clean (`Clean`) -> datatrove's quality filters (`filters.py`)
+-> write the cleaned shard of this task (`CleanedWriter`); for MinHash, exact dedup into
+parts in the sources' order (`MergeDedup`) that datatrove's MinHash steps read back
+(`CleanedReader`); then, in one task, exact dedup and split (`DedupSplit`), which merges
 the shards back into the sources' order; then one task per split part tokenizes it
-(`TokenizePart`). Every step streams documents one at a time: memory holds a document,
+(`TokenizePart`, which also counts documents per length bin). Every step streams documents one at a time: memory holds a document,
 a record batch or a chunk of documents being tokenized, never the corpus. Between
 stages documents live in JSON-lines files in the work directory, so each stage is a
 separate datatrove job whose tasks can run in any order and on any worker.
@@ -35,7 +37,12 @@ from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
 
 CHUNK_DOCS = 256
-"""Documents handed to `encode_batch` at once inside a tokenize task."""
+"""Documents handed to `encode_batch` at once inside a tokenize task..."""
+
+CHUNK_TEXT_CHARS = 4 << 20
+"""...or fewer, once they hold this many characters: the ids of a chunk are Python
+lists (tens of bytes a token), so a chunk of 256 large files would hold hundreds of MB;
+bounded by characters, a tokenize task's memory does not depend on document sizes."""
 
 
 class QuietExecutor(LocalPipelineExecutor):
@@ -109,18 +116,18 @@ class Clean(PipelineStep):
 
 
 class CleanedWriter(PipelineStep):
-    """Writes this task's cleaned documents to `<work>/clean/<rank>.jsonl`, one
-    [file, record, source, sha256 hex, text] per line, in the order read."""
+    """Writes this task's documents to `<work>/<folder>/<rank>.jsonl`, one
+    [file, record, source, sha256 hex, text] per line, in the order they come."""
 
     name = "write cleaned"
 
-    def __init__(self, work: str):
+    def __init__(self, work: str, folder: str = "clean"):
         super().__init__()
-        self.work = work
+        self.work, self.folder = work, folder
 
     def run(self, data: DocumentsPipeline, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
-        path = Path(self.work, "clean", f"{rank:05d}.jsonl")
+        path = Path(self.work, self.folder, f"{rank:05d}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for doc in data:
@@ -130,14 +137,79 @@ class CleanedWriter(PipelineStep):
         return iter(())
 
 
+class CleanedReader(PipelineStep):
+    """Task `rank` reads `<work>/<folder>/<parts[rank]>.jsonl` (the `CleanedWriter` /
+    `MergeDedup` line format) back into documents, in order, so that datatrove's MinHash
+    steps, which number a task's documents by position, see the same stream twice."""
+
+    name = "read cleaned"
+
+    def __init__(self, work: str, folder: str, parts: list[str]):
+        super().__init__()
+        self.work, self.folder, self.parts = work, folder, parts
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        for file_idx, rec, src, _h, text in _lines(
+                Path(self.work, self.folder, f"{self.parts[rank]}.jsonl")):
+            yield Document(text=text, id=f"{file_idx}/{rec}",
+                           metadata={"file": file_idx, "rec": rec, "src": src})
+
+
 def _lines(path: Path) -> Iterator[list]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
 
 
+def _merged(work: Path, folder: str) -> Iterator[list]:
+    """The cleaned shards of `<work>/<folder>` merged back into (file, record) order."""
+    shards_ = sorted((work / folder).glob("*.jsonl"))
+    return heapq.merge(*(_lines(p) for p in shards_), key=lambda r: (r[0], r[1]))
+
+
+class MergeDedup(PipelineStep):
+    """`data.dedup = "minhash"`, first: exact dedup over the cleaned shards merged into
+    the sources' order, written back as `<work>/merged/<n>.jsonl` parts of about
+    `shards.CHUNK_CHARS` characters. MinHash then runs one task per part: which copy of
+    a near-duplicate survives depends on the sources' order only, not on how many
+    workers read them. Writes `<work>/merged.json`, the part names."""
+
+    name = "merge + exact dedup"
+
+    def __init__(self, work: str):
+        super().__init__()
+        self.work = work
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0,
+            world_size: int = 1) -> DocumentsPipeline:
+        work = Path(self.work)
+        seen: set[bytes] = set()
+        out = work / "merged"
+        out.mkdir(parents=True, exist_ok=True)
+        names, f, chars = [], None, shards.CHUNK_CHARS
+        for r in _merged(work, "clean"):
+            digest = bytes.fromhex(r[3])
+            if digest in seen:
+                self.stat_update("duplicates")
+                continue
+            seen.add(digest)
+            if chars >= shards.CHUNK_CHARS:
+                if f is not None:
+                    f.close()
+                names.append(f"{len(names):05d}")
+                f, chars = open(out / f"{names[-1]}.jsonl", "w", encoding="utf-8"), 0
+            f.write(json.dumps(r) + "\n")
+            chars += len(r[4])
+        if f is not None:
+            f.close()
+        (work / "merged.json").write_text(json.dumps(names))
+        return iter(())
+
+
 class DedupSplit(PipelineStep):
-    """Exact dedup and the train/val/test split, in one task over every cleaned shard.
+    """Exact dedup and the train/val/test split, in one task over every shard of
+    `<work>/<folder>` (`clean`, or `deduped` after MinHash).
 
     The shards are merged back into (file, record) order, so "the first copy is kept"
     means what it did when one process read the files in sorted order. Memory holds
@@ -149,19 +221,19 @@ class DedupSplit(PipelineStep):
 
     name = "dedup + split"
 
-    def __init__(self, work: str, val_fraction: float, test_fraction: float):
+    def __init__(self, work: str, val_fraction: float, test_fraction: float,
+                 folder: str = "clean"):
         super().__init__()
         self.work, self.val, self.test = work, val_fraction, test_fraction
+        self.folder = folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        cleaned = sorted((work / "clean").glob("*.jsonl"))
-        merged = heapq.merge(*(_lines(p) for p in cleaned), key=lambda r: (r[0], r[1]))
         seen: set[bytes] = set()
         # Read when the task runs, not at import: tests make parts small.
         writers = {s: _PartWriter(work / "split", s, shards.CHUNK_CHARS) for s in SPLITS}
-        for _file, _rec, src, h, text in merged:
+        for _file, _rec, src, h, text in _merged(work, self.folder):
             digest = bytes.fromhex(h)
             if digest in seen:
                 self.stat_update("duplicates")
@@ -269,12 +341,14 @@ class TokenizePart(PipelineStep):
         out = Path(self.work, "tokens", f"{name}.bin")
         out.parent.mkdir(parents=True, exist_ok=True)
         chunk: list[list] = []
+        chars = 0
         with open(out, "wb") as f:
             for rec in _lines(Path(self.work, "split", f"{name}.jsonl")):
                 chunk.append(rec)
-                if len(chunk) >= CHUNK_DOCS:
+                chars += len(rec[2])
+                if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_TEXT_CHARS:
                     self._encode(chunk, tok, dtype, split, f)
-                    chunk = []
+                    chunk, chars = [], 0
             self._encode(chunk, tok, dtype, split, f)
         return iter(())
 
@@ -286,3 +360,14 @@ class TokenizePart(PipelineStep):
             ids.append(tok.eot_id)
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             self.stat_update(f"tokens/{split}/src{src}", value=len(ids))
+            self.stat_update(length_bin(len(ids)))
+
+
+def length_bin(n_tokens: int) -> str:
+    """The stat a document of `n_tokens` tokens (end-of-text included) counts in: bin k
+    holds lengths [2**k, 2**(k+1)), so any corpus fits in a few dozen bins summed by
+    the executor over the tasks."""
+    return f"{LENGTH_STAT}{n_tokens.bit_length() - 1:02d}"
+
+
+LENGTH_STAT = "length_log2/"

@@ -10,8 +10,12 @@ under a key of their inputs and settings (`cache.py`), so calling `prepare` agai
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import shutil
 from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import tokenizers
@@ -21,7 +25,9 @@ from scaletrain.config.schema import DataConfig
 from scaletrain.data.cache import build_cached, cache_key, valid_manifest
 from scaletrain.data.chat_prepare import prepare_chat
 from scaletrain.data.clean import check_fractions
+from scaletrain.data.filters import check_filters
 from scaletrain.data.pipeline import build_text
+from scaletrain.data.report import REPORT, draw_report
 from scaletrain.data.shards import token_dtype
 from scaletrain.data.sources import InputFiles, list_text_files, slug
 from scaletrain.data.vision import DIGITS, prepare_digits
@@ -74,6 +80,15 @@ def _new_settings(dcfg: DataConfig) -> dict:
         out["text_key"] = dcfg.text_key
     if dcfg.tokenizer_sample_bytes != DEFAULT_SAMPLE_BYTES:
         out["tokenizer_sample_bytes"] = dcfg.tokenizer_sample_bytes
+    if dcfg.filters:
+        out["filters"] = list(dcfg.filters)
+        out["filter_args"] = dcfg.filter_args
+        out["datatrove"] = version("datatrove")  # its filters' rules may change
+    if dcfg.dedup != "exact":
+        out["dedup"] = dcfg.dedup
+        out["minhash"] = [dcfg.minhash_ngrams, dcfg.minhash_buckets,
+                          dcfg.minhash_hashes_per_bucket]
+        out["datatrove"] = version("datatrove")
     return out
 
 
@@ -96,8 +111,28 @@ def prepare_text(dcfg: DataConfig, *, progress: bool) -> Path:
     in the message, when there is nothing usable to prepare.
     """
     inputs, settings, final, key = _text_target(dcfg)
-    return build_cached(final, key,
-                        lambda tmp: _build_text(tmp, inputs, dcfg, settings, progress))
+    check_filters(dcfg.filters, dcfg.filter_args)  # before anything is written
+    # The work directory is named by the key, not by this process: a prepare killed
+    # midway and started again finds datatrove's completed tasks there and resumes.
+    work = final.parent / f".work-{final.name}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Two preparations of one key must not share its work directory at once: the
+    # second waits on a lock of the prepared_dir itself (no lock file is left behind),
+    # then finds the first one's published directory (a cache hit).
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Under the lock no other preparation of this key runs: a temporary directory of
+        # it is what a killed `prepare` left behind (its work directory is resumed).
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return build_cached(final, key, lambda tmp: _build_text(
+            tmp, work, inputs, dcfg, settings, progress))
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: nothing to resume
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cached_text_dir(dcfg: DataConfig) -> Path | None:
@@ -134,22 +169,25 @@ def source_list(source: str | list[str]) -> list[str]:
     return [source] if isinstance(source, str) else list(source)
 
 
-def _build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig, settings: dict,
-                progress: bool) -> dict:
-    """Write the prepared text files into `out`; returns the manifest."""
+def _build_text(out: Path, work: Path, inputs: list[InputFiles], dcfg: DataConfig,
+                settings: dict, progress: bool) -> dict:
+    """Write the prepared text files and report.png into `out`; returns the manifest."""
     src = dcfg.source if isinstance(dcfg.source, str) or len(dcfg.source) > 1 \
         else dcfg.source[0]
-    built = build_text(out, inputs, dcfg, progress)
+    built = build_text(out, inputs, dcfg, progress, work=work)
     tok, stats = built.tokenizer, built.splits
     if stats["train"]["tokens"] < MIN_TRAIN_TOKENS:
         raise DataError(f"{src}: the train split has {stats['train']['tokens']} tokens, "
                         f"fewer than {MIN_TRAIN_TOKENS}")
-    return {
+    manifest = {
         "kind": "text",
         "source": src,
         "root": str(inputs[0].root) if len(inputs) == 1 else [str(i.root) for i in inputs],
         "settings": settings,
         "counts": asdict(built.counts),
+        # manifest.json is written with sorted keys: the pipeline's order, for the table
+        # and report.png, is kept here.
+        "stage_order": list(built.stages),
         "stages": built.stages,
         "sources": built.sources,
         "splits": stats,
@@ -157,4 +195,7 @@ def _build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig, settings:
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "tokenizer": "tokenizer.json",
+        "lengths": built.lengths,
     }
+    draw_report(out / REPORT, manifest)
+    return manifest

@@ -6,7 +6,7 @@ builds the model (load the weights, then freeze / LoRA converters).
 """
 
 from scaletrain.finetune.init_from import (apply_init, find_source, prepare_loaded_model,
-                                           resolve_init, source_state)
+                                           resolve_init, source_state, writes_every_weight)
 
 __all__ = ["apply_init", "find_source", "prepare_loaded_model", "resolve_init",
-           "source_state"]
+           "source_state", "writes_every_weight"]

@@ -28,17 +28,12 @@ from safetensors import SafetensorError, safe_open
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
-from scaletrain.models.contract import TiedPairs, stored_once, tie
+from scaletrain.models.contract import TiedPairs, param_at, stored_once, tie
 from scaletrain.models.hf_map import HFMap
 from scaletrain.models.registry import REGISTRY, spec_of
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# config.json files without "architectures" (old GPT-2 saves) name only a model_type.
-MODEL_TYPE_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                   "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                   "mixtral": "MixtralForCausalLM"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -58,12 +53,18 @@ def read_config(path: Path) -> tuple[dict, HFMap]:
         c = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: not a readable JSON config ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{f}: not a config.json (a JSON object)")
     maps = _maps()
-    arch = (c.get("architectures") or [MODEL_TYPE_ARCH.get(c.get("model_type"), "")])[0]
+    # Without "architectures" (older saves) the model_type names it; the families'
+    # model_fields then read the architecture they were given (Qwen2's biases, ...).
+    by_type = {t: a for spec in REGISTRY.values() if spec.hf is not None
+               for t, a in spec.hf.model_types}
+    arch = (c.get("architectures") or [by_type.get(c.get("model_type"), "")])[0]
     if arch not in maps:
         raise CheckpointError(f"{f}: architecture {arch or c.get('model_type')!r} is not "
                               f"supported (supported: {', '.join(maps)})")
-    return c, maps[arch]
+    return {**c, "architectures": [arch]}, maps[arch]
 
 
 def hf_model_fields(path: Path) -> dict:
@@ -236,34 +237,75 @@ def _read_rows(file: Path, header: tuple[int, dict], name: str,
     return torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
 
 
+def load_targets(model: nn.Module, tied: TiedPairs) -> dict[str, str]:
+    """{state-dict name of `model`: the stored tensor it is read from}. A tied head is
+    read as its embedding only where the embedding is not here too (a pipeline's last
+    stage holds a copy of it, parallel/parallelize.py `tied_copies`); where both are,
+    `tie` makes the head the embedding's tensor after the load. `model` may be one
+    pipeline stage: only what it holds is listed."""
+    heads = dict(tied)
+    out = {}
+    for k in model.state_dict():
+        if not stored_once(k, tied):
+            out[k] = k
+        elif k in heads and param_at(model, heads[k]) is None:
+            out[k] = heads[k]
+    return out
+
+
+def _check_targets(weights: HFWeights, params: dict, targets: dict[str, str],
+                   where: str) -> None:
+    """Every tensor this (possibly one-stage) model holds is stored with its full shape.
+    The directory as a whole (no extra tensors either) is check_hf_dir's: a pipeline
+    stage holds a subset of it."""
+    missing = sorted(src for src in set(targets.values()) if src not in weights.shapes)
+    if missing:
+        raise CheckpointError(f"{where}: the safetensors do not match the model (missing "
+                              f"{missing[:3]})")
+    for name, src in targets.items():
+        if weights.shapes[src] != tuple(params[name].shape):
+            raise CheckpointError(f"{where}: {weights.map.to_hf(src)} has shape "
+                                  f"{list(weights.shapes[src])} in the safetensors, the "
+                                  f"model {list(params[name].shape)}")
+
+
 @torch.no_grad()
 def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
-    """Copy HF directory `path`'s weights into `model` (plain or DTensor-sharded), shard
-    file by shard file, each parameter only in the block this rank holds."""
+    """Copy HF directory `path`'s weights into `model` (plain or DTensor-sharded, the
+    whole model or one pipeline stage), shard file by shard file, each parameter only in
+    the block this rank holds: whole rows with one pread, other blocks (a TP column
+    shard) through safetensors' get_slice, freed before the next tensor is read."""
     _, hfmap = read_config(path)
     weights = HFWeights(path, hfmap, tied)
-    params = {k: v for k, v in model.state_dict(keep_vars=True).items()
-              if not stored_once(k, tied)}
-    check_against(weights, {k: tuple(v.shape) for k, v in params.items()}, str(path))
-    for file, names in weights.by_file(params).items():
+    params = model.state_dict(keep_vars=True)
+    targets = load_targets(model, tied)
+    _check_targets(weights, params, targets, str(path))
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, src in targets.items():
+        if src not in weights.parts:  # stacked experts: read expert by expert below
+            by_file[weights.where[src][0]].append(name)
+    for file, names in by_file.items():
         header = _header(file)
         with safe_open(str(file), "pt") as f:
             for name in names:
                 local, index = _local_block(params[name])
                 if local.numel() == 0:
                     continue
-                hf_name = weights.where[name][1]
-                rows = None if weights.transposed(name) else _read_rows(file, header, hf_name,
-                                                                        index)
+                src = targets[name]
+                hf_name = weights.where[src][1]
+                rows = None if weights.transposed(src) else _read_rows(file, header, hf_name,
+                                                                       index)
                 if rows is None:  # not a block of whole rows (a TP column shard, Conv1D)
                     sl = f.get_slice(hf_name)
-                    rows = sl[index[::-1]].t() if weights.transposed(name) else sl[index]
+                    rows = sl[index[::-1]].t() if weights.transposed(src) else sl[index]
                 local.copy_(rows.reshape(local.shape))
-    for name in weights.parts:  # only the experts of this rank's dim-0 block
-        local, index = _local_block(params[name])
-        if local.numel():
-            local.copy_(torch.stack([weights.expert(name, j)[index[1:]] for j in
-                                     range(index[0].start, index[0].stop)]))
+                del rows  # before the next tensor: one slice in memory at a time
+    for name, src in targets.items():  # only the experts of this rank's dim-0 block
+        if src in weights.parts:
+            local, index = _local_block(params[name])
+            if local.numel():
+                local.copy_(torch.stack([weights.expert(src, j)[index[1:]] for j in
+                                         range(index[0].start, index[0].stop)]))
     tie(model, tied)
 
 

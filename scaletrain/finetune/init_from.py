@@ -27,7 +27,7 @@ from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune import hf_import
 from scaletrain.finetune.lora import apply_lora, freeze
-from scaletrain.models.contract import TiedPairs, stored_once, tie
+from scaletrain.models.contract import TiedPairs, tie
 from scaletrain.models.registry import spec_for, spec_of
 from scaletrain.parallel.weights import load_full_state_dict
 
@@ -141,22 +141,38 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     return validate(cfg)
 
 
-def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs) -> None:
+def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
+              stage: bool = False) -> None:
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
     mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
-    tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding."""
-    expected = {k for k in model.state_dict() if not stored_once(k, tied)}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding.
+    `stage`: `model` is one pipeline stage (parallel.pp > 1), which takes its own
+    tensors of the whole model's (extra ones are the other stages'), a last stage's
+    tied head copy from the embedding (hf_import.load_targets)."""
+    targets = hf_import.load_targets(model, tied)
+    needed = set(targets.values())
+    missing, extra = sorted(needed - set(state)), sorted(set(state) - needed)
+    if missing or (extra and not stage):
         raise CheckpointError(f"{where}: weights do not match the model "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
     ref = model.state_dict()
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(ref[k].shape):
-            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the model "
-                                  f"{tuple(ref[k].shape)}")
-    load_full_state_dict(model, {k: v.to(ref[k].dtype) for k, v in state.items()})
+    for k, src in targets.items():
+        if tuple(state[src].shape) != tuple(ref[k].shape):
+            raise CheckpointError(f"{where}: {src} has shape {tuple(state[src].shape)}, the "
+                                  f"model {tuple(ref[k].shape)}")
+    load_full_state_dict(model, {k: state[src].to(ref[k].dtype) for k, src in targets.items()})
     tie(model, tied)
+
+
+def writes_every_weight(cfg, resuming: bool = False) -> bool:
+    """Whether `apply_init` will overwrite every parameter the model holds, so its random
+    init can be skipped (models/registry.py `materialize(init=False)`): init.from of a
+    Hugging Face directory, whose loader refuses a model it does not fill
+    (hf_import.load_hf_into) and reads only this rank's slices — with the init, each
+    rank also drew every parameter whole first. Not when resuming (init.from is not
+    read then) nor for the other sources (read whole on every rank anyway)."""
+    return bool(cfg.init.from_) and not resuming and \
+        find_source(cfg.init.from_, cfg.init.weights).kind == "hf"
 
 
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
@@ -177,7 +193,8 @@ def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
             if src.kind == "hf":  # each rank reads only its own slices
                 hf_import.load_hf_into(model, src.dir, tied)
             else:
-                load_into(model, source_state(src), cfg.init.from_, tied)
+                load_into(model, source_state(src), cfg.init.from_, tied,
+                          stage=cfg.parallel.pp > 1)
     return _convert(model, cfg)
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.models.chunked_loss import chunked_head_loss
 from scaletrain.models.documents import document_mask, document_positions, masked_attention
 from scaletrain.models.losses import sum_cross_entropy
 
@@ -45,6 +46,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     init_std: float = 0.02
+    loss_chunks: int = 0  # head + loss over this many sequence chunks (0: whole, chunked_loss.py)
 
     @property
     def ff(self) -> int:
@@ -141,7 +143,7 @@ class GPT(nn.Module):
             x = idx
         for block in self.blocks.values():
             x = block(x) if mask is None else block(x, mask)
-        if targets is not None:
+        if targets is not None and self.lm_head is not None:  # a pipeline's last stage too
             return self.head_loss(x, targets)
         if self.ln_f is not None:
             x = self.ln_f(x)
@@ -150,7 +152,11 @@ class GPT(nn.Module):
         return x
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Final hidden states -> summed cross-entropy of the head's logits."""
+        """Final hidden states -> summed cross-entropy of the head's logits; with
+        `loss_chunks` a chunk of the sequence at a time (models/chunked_loss.py)."""
+        if self.config.loss_chunks:
+            return chunked_head_loss(self.ln_f, self.lm_head, h, targets,
+                                     self.config.loss_chunks)
         return sum_cross_entropy(self.lm_head(self.ln_f(h)), targets)
 
     @torch.no_grad()

@@ -78,7 +78,8 @@ def config_json(m, eos_id: int | None) -> dict:
     }
 
 
-GPT_HF = HFMap(architectures=("GPT2LMHeadModel",), model_fields=model_fields,
+GPT_HF = HFMap(architectures=("GPT2LMHeadModel",), model_types=(("gpt2", "GPT2LMHeadModel"),),
+               model_fields=model_fields,
                to_ours=to_ours, to_hf=to_hf, config_json=config_json,
                special_tokens=lambda eot: {"bos_token": eot, "eos_token": eot,
                                            "unk_token": eot},

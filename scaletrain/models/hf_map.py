@@ -30,6 +30,10 @@ class HFMap:
     config_json: Callable[..., dict]
     # (end-of-text token string) -> special_tokens_map.json entries.
     special_tokens: Callable[[str], dict]
+    # (config.json model_type, the architecture it means): how a config.json without
+    # "architectures" (older saves) is read; every architecture's, so a Qwen2 file that
+    # names only its model_type is read as Qwen2 (q/k/v biases), not as a Llama.
+    model_types: tuple[tuple[str, str], ...] = ()
     # Parameter-name suffixes whose HF tensor is stored (in, out): GPT-2's Conv1D.
     transposed: tuple[str, ...] = ()
     # Tensors stored one per expert (our name after to_ours) -> (our 3-D parameter

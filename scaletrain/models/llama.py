@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.models.chunked_loss import chunked_head_loss
 from scaletrain.models.documents import document_mask, document_positions, masked_attention
 from scaletrain.models.gpt import copy_into, seeded_generator
 from scaletrain.models.losses import sum_cross_entropy
@@ -58,6 +59,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    loss_chunks: int = 0  # head + loss over this many sequence chunks (0: whole, chunked_loss.py)
     # Mixture of experts (models/moe.py); 0 experts = dense.
     moe_experts: int = 0
     moe_top_k: int = 2
@@ -255,7 +257,7 @@ class Llama(nn.Module):
         cos, sin = self.rope(T, x.device, x.dtype, positions)
         for block in self.blocks.values():
             x = block(x, cos, sin, mask)
-        if targets is not None:
+        if targets is not None and self.lm_head is not None:  # a pipeline's last stage too
             return self.head_loss(x, targets)
         if self.norm is not None:
             x = self.norm(x)
@@ -264,7 +266,11 @@ class Llama(nn.Module):
         return x
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Final hidden states -> summed cross-entropy of the head's logits."""
+        """Final hidden states -> summed cross-entropy of the head's logits; with
+        `loss_chunks` a chunk of the sequence at a time (models/chunked_loss.py)."""
+        if self.config.loss_chunks:
+            return chunked_head_loss(self.norm, self.lm_head, h, targets,
+                                     self.config.loss_chunks)
         return sum_cross_entropy(self.lm_head(self.norm(h)), targets)
 
     @torch.no_grad()

@@ -173,7 +173,9 @@ def tensors_to_hf(m, name: str, t) -> dict:
     return {rename(to_hf(n)): x for n, x in pieces.items()}
 
 
-LLAMA_HF = HFMap(architectures=ARCHITECTURES, model_fields=model_fields, to_ours=to_ours,
+LLAMA_HF = HFMap(architectures=ARCHITECTURES,
+                 model_types=tuple((t, arch) for arch, t in MODEL_TYPES.items()),
+                 model_fields=model_fields, to_ours=to_ours,
                  to_hf=to_hf, config_json=config_json,
                  special_tokens=lambda eot: {"eos_token": eot}, stacked=stacked,
                  tensors_to_hf=tensors_to_hf)

@@ -13,8 +13,10 @@ The computation, per layer call, over the N = B·T tokens (shapes in comments):
   experts   one grouped matmul per projection over the sorted tokens: weights are 3-D
             parameters (E, D, F) / (E, F, D), so expert parallelism and FSDP shard dim 0
   combine   outputs weighted by the router and scattered back to their tokens (index_add)
-`dispatch` / `combine` are the seam expert parallelism replaces (an all-to-all between the
-two, experts on their owners); the grouped matmul and the router stay as they are.
+Expert parallelism (parallel/expert.py) replaces the `experts` module only: its
+forward(sorted rows, counts) contract is the seam. The replacement sends each expert's
+contiguous rows to the rank that owns it (all-to-all), runs `swiglu_experts` on its own
+experts and sends the outputs back; route, dispatch and combine stay as they are.
 
 Grouped matmul: `torch._grouped_mm` on CUDA in bf16 (one kernel for all experts); else a
 loop over the E experts, one matmul per expert's contiguous segment of the sorted tokens
@@ -188,9 +190,17 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        h = F.silu(grouped_matmul(x, self.gate_proj, counts)) \
-            * grouped_matmul(x, self.up_proj, counts)
-        return grouped_matmul(h, self.down_proj, counts)
+        return swiglu_experts(x, self.gate_proj, self.up_proj, self.down_proj, counts)
+
+
+def swiglu_experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The experts' SwiGLU on rows x (M, D) sorted by expert, counts (E,) per expert of
+    the E experts whose weights are given: (M, D). GroupedExperts runs it on all E; under
+    expert parallelism (parallel/expert.py, which replaces the `experts` module) each
+    rank runs it on the tokens it received for its own E / ep experts."""
+    h = F.silu(grouped_matmul(x, gate, counts)) * grouped_matmul(x, up, counts)
+    return grouped_matmul(h, down, counts)
 
 
 class MoE(nn.Module):

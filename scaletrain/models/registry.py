@@ -68,7 +68,8 @@ class ModelSpec:
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
     return GPT(GPTConfig(vocab_size=m.vocab_size or facts["vocab_size"], seq_len=m.seq_len,
                          n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff,
-                         dropout=m.dropout, bias=m.bias, init_std=m.init_std))
+                         dropout=m.dropout, bias=m.bias, init_std=m.init_std,
+                         loss_chunks=m.loss_chunks))
 
 
 def _gpt_block(model: GPT, samples: int, seq_len: int) -> tuple:
@@ -87,7 +88,8 @@ def _build_llama(m: ModelConfig, facts: dict) -> Llama:
         rope_high_freq_factor=m.rope_high_freq_factor,
         rope_original_seq_len=m.rope_original_seq_len, qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
-        init_std=m.init_std, **{f: getattr(m, f) for f in MOE_FIELDS}))
+        init_std=m.init_std, loss_chunks=m.loss_chunks,
+        **{f: getattr(m, f) for f in MOE_FIELDS}))
 
 
 def _llama_tied(m: ModelConfig) -> TiedPairs:
@@ -178,12 +180,20 @@ def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device 
 
 
 def materialize(model: nn.Module, device: torch.device | str, seed: int, *,
-                tied: TiedPairs) -> None:
+                tied: TiedPairs, init: bool = True) -> None:
     """Allocate a meta-built (possibly sharded) model on `device` and run its init;
-    `tied`: its family's tied pairs (ModelSpec.tied)."""
+    `tied`: its family's tied pairs (ModelSpec.tied).
+
+    `init=False`: a loader is about to write every parameter (init.from, which checks
+    that it does: finetune/init_from.py `writes_every_weight`), so the seeded init is
+    skipped and the parameters stay uninitialised until then. The init draws each
+    parameter whole before cutting this rank's shard, so skipping it is what keeps a
+    rank of a sharded load near its shard's size (bench/hf_load.py). A model with
+    buffers (MoE's expert_bias) is still initialised: only its init sets them."""
     model.to_empty(device=device)
     tie(model, tied)  # to_empty gives each module its own tensor; re-share
-    model.init_weights(seed)
+    if init or any(True for _ in model.buffers()):
+        model.init_weights(seed)
 
 
 def count_params(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from scaletrain.config.dims import ParallelDims
 from scaletrain.parallel.ddp import ddp_no_sync
+from scaletrain.parallel.expert import ep_grad_norm
 from scaletrain.parallel.fsdp import fsdp_no_sync
 from scaletrain.parallel.init import destroy_distributed, init_distributed, peer_guard
 from scaletrain.parallel.meshes import dp_mesh, dp_rank, group
@@ -39,6 +40,7 @@ class DistContext:
     device: torch.device
     timeout_s: float = 300.0
     mesh: object = None  # DeviceMesh, or None for one process
+    expert_mesh: object = None  # ("efsdp", "ep") DeviceMesh with parallel.ep > 1, else None
     owns_group: bool = False  # this context created the process group (and ends it)
     _closed: bool = field(default=False, repr=False)
 
@@ -50,6 +52,7 @@ class DistContext:
         ctx = cls(dims, rank, device, pcfg.timeout_s, owns_group=owns)
         with ctx.guard():
             ctx.mesh = dims.build_mesh(device.type)
+            ctx.expert_mesh = dims.build_expert_mesh(device.type)
         return ctx
 
     @property
@@ -101,9 +104,12 @@ class DistContext:
         no_sync = fsdp_no_sync if self.dims.fsdp else ddp_no_sync
         if self.dims.tp > 1 or self.dims.pp > 1:  # issue #6: TP/PP hooks of the step
             return model_parallel_step_options(self, model, no_sync)
-        return {"count_reducer": self.sum_reducer,
+        opts = {"count_reducer": self.sum_reducer,
                 "no_sync": lambda: no_sync(model),
                 "loss_multiplier": float(self.dims.dp)}
+        if self.dims.ep > 1:  # dense and expert gradients live on two meshes
+            opts["clip_norm"] = ep_grad_norm
+        return opts
 
     # -- coordination ------------------------------------------------------------------
     def barrier(self) -> None:

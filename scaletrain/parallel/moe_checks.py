@@ -9,16 +9,22 @@ terms are collected on every stage, the pipeline step only sees the last stage's
 the parameter server, budget activation checkpointing (the plan's per-block bytes under
 AC miss the MoE layer's statistics and over-count its expert-weight casts) and compile
 (the segment loop's host read of the expert counts; untested).
-Expert parallelism (parallel.ep) is issue #17's next part: it replaces models/moe.py's
-`dispatch` / `combine` with all-to-all versions.
+Expert parallelism (parallel.ep, parallel/expert.py) inside FSDP2: ep must divide the
+routed experts (config/dims.py checks that it divides dp_shard and refuses HSDP / DDP /
+TP / PP with it), and needs a model with at least one MoE layer; activation
+checkpointing and CPU offload with it are refused until they are tested.
 """
 
 from __future__ import annotations
 
+from scaletrain.config.model_checks import is_moe_layer
 from scaletrain.errors import ConfigError
 
 
 def check_moe_layout(cfg) -> None:
+    """ConfigError (one line) for a layout the model's MoE layers (or their absence,
+    with parallel.ep > 1) do not train in."""
+    check_expert_parallel(cfg)
     if not cfg.model.moe_experts:
         return
     p = cfg.parallel
@@ -31,3 +37,31 @@ def check_moe_layout(cfg) -> None:
             raise ConfigError(f"{what} is not supported with mixture-of-experts layers "
                               f"(model.moe_experts={cfg.model.moe_experts}) yet: one "
                               "process, DDP and FSDP2 (with full / selective AC) are")
+
+
+def check_expert_parallel(cfg) -> None:
+    """parallel.ep against the model: a MoE layer to split, experts it divides."""
+    m, ep = cfg.model, cfg.parallel.ep
+    if ep == 1:
+        return
+    if cfg.parallel.mode == "ps":
+        raise ConfigError(f"parallel.ep={ep} is not supported in parameter-server mode "
+                          "(parallel.mode='ps')")
+    n_layer = getattr(m, "n_layer", 0) or 0
+    if not any(is_moe_layer(i, m.moe_experts, m.moe_every, m.moe_first_dense)
+               for i in range(n_layer)):
+        raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model, but "
+                          f"model.name={m.name!r} with model.moe_experts={m.moe_experts} "
+                          "has no MoE layer (set model.moe_experts, or parallel.ep=1)")
+    p = cfg.parallel
+    for what, on in (("parallel.activation_checkpoint=" + repr(p.activation_checkpoint),
+                      p.activation_checkpoint != "none"),
+                     ("parallel.cpu_offload", p.cpu_offload)):
+        if on:  # the recompute / offload of the exchanging experts is not tested yet
+            raise ConfigError(f"parallel.ep={ep} with {what} is not supported yet "
+                              "(expert parallelism runs without activation checkpointing "
+                              "and CPU offload for now)")
+    if m.moe_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide model.moe_experts="
+                          f"{m.moe_experts} (each expert-parallel rank holds "
+                          "moe_experts / ep experts)")

@@ -1,7 +1,7 @@
 """Compose the parallel techniques in one fixed order (DESIGN.md principle 2).
 
-    build on meta -> [PP: prune to stage] -> TP -> activation checkpointing -> [compile]
-                  -> FSDP2 / HSDP | DDP -> materialise + seeded init
+    build on meta -> [PP: prune to stage] -> TP | EP -> activation checkpointing
+                  -> [compile] -> FSDP2 / HSDP | DDP -> materialise + seeded init
 
 Why this order (torchtitan `parallelize_llama`): TP changes the parameters into
 DTensors that FSDP then shards on top; AC wraps the blocks' computation and must sit
@@ -9,7 +9,9 @@ inside FSDP's per-block unit so recomputation re-gathers the block's parameters;
 FSDP/DDP come last because they own the parameters and the gradient hooks. Weights are
 initialised *after* sharding, from generators seeded per parameter name
 (models/gpt.py `init_weights`), so every layout starts from bitwise the same values and
-no rank ever holds the full unsharded model.
+no rank ever holds the full unsharded model. EP (parallel/expert.py) sits where TP does:
+it turns the expert weights into DTensors over the "ep" ranks, which FSDP2 then shards
+again over the "efsdp" ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scaletrain.models.registry import materialize, spec_of
 from scaletrain.parallel.ac import ACPolicy, apply_ac
 from scaletrain.parallel.compile import apply_compile
 from scaletrain.parallel.ddp import apply_ddp
+from scaletrain.parallel.expert import apply_ep
 from scaletrain.parallel.fsdp import apply_fsdp
 from scaletrain.parallel.model_parallel import (holds_last_stage, make_stage_views,
                                                 maybe_apply_tp, prune_for_rank)
@@ -40,7 +43,7 @@ def fsdp_mesh(mesh, dims: ParallelDims):
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                 policy: PrecisionPolicy, device: torch.device, tp_plan=None,
                 compile: bool | str = False, stage_views=None, ac=None,
-                tied=()) -> nn.Module:
+                tied=(), expert_mesh=None) -> nn.Module:
     """Apply TP, AC, compile and FSDP/HSDP or DDP to `model` in place, per `pcfg`.
 
     With pp > 1 `model` is this rank's pipeline stage(s) (parallel/model_parallel.py);
@@ -48,8 +51,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
     `compile`: False, True / "blocks" (per block) or "model" (whole forward, one process).
     `ac`: the `ACPolicy` (plan/memory.py `ac_policy`; needed for budget mode); default
     from `pcfg`. `tied`: the family's tied pairs, re-tied after TP (ModelSpec.tied).
+    `expert_mesh`: the ("efsdp", "ep") mesh when dims.ep > 1 (DistContext.expert_mesh).
     """
     maybe_apply_tp(model, dims, mesh, pcfg, tp_plan, tied)  # TP first: FSDP shards its DTensors
+    if dims.ep > 1:  # experts as DTensors over "ep" (config/dims.py: ep needs FSDP2)
+        apply_ep(model, expert_mesh["ep"])
     if ac is None:
         if pcfg.activation_checkpoint == "budget":
             raise ValueError("budget activation checkpointing needs an ACPolicy "
@@ -72,7 +78,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                    reshard_after_forward=pcfg.reshard_after_forward,
                    cpu_offload=pcfg.cpu_offload,
                    shard_placement_fn=fsdp_shard_placement if dims.tp > 1 else None,
-                   roots=stage_views)
+                   roots=stage_views, expert_mesh=expert_mesh if dims.ep > 1 else None)
     elif dims.ddp and dims.pp == 1:
         # Under a pipeline the schedule runs each micro-batch's backward itself (with DDP
         # hooks only for the `DistributedDataParallel` class, torch pipelining stage.py),
@@ -84,11 +90,15 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
 
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
                          policy: PrecisionPolicy, device: torch.device,
-                         compile: bool | str = False, ac=None) -> ParallelModel:
-    """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it.
+                         compile: bool | str = False, ac=None,
+                         init: bool = True, expert_mesh=None) -> ParallelModel:
+    """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it
+    (`init=False`: not its parameters, which a loader writes next; models/registry.py
+    `materialize`).
 
     Returns the module with its layout facts (stage views, tied copies, loss-parallel
     logits). With one process this gives exactly `models.build_model`'s weights.
+    `expert_mesh`: DistContext.expert_mesh (expert parallelism), else None.
     """
     spec = spec_of(mcfg)
     with torch.device("meta"):
@@ -101,10 +111,10 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
         last = holds_last_stage(n_layer, pcfg, mesh)
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
     parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile,
-                stage_views=views, ac=ac, tied=spec.tied)
+                stage_views=views, ac=ac, tied=spec.tied, expert_mesh=expert_mesh)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.
     init_device = torch.device("cpu") if dims.fsdp and pcfg.cpu_offload else device
-    materialize(model, init_device, seed, tied=spec.tied)
+    materialize(model, init_device, seed, tied=spec.tied, init=init)
     # A last stage's head whose embedding lives on the first stage is a copy of it.
     copies = tied_copies(model, spec.tied) if dims.pp > 1 else {}
     return ParallelModel(model, spec, stage_views=views,

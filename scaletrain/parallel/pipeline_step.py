@@ -119,8 +119,11 @@ class Pipeline:
         """The schedule's `loss_fn(output, target)`: the run's loss on the last stage's
         logits (in the loss dtype; the inputs are on the first stage, so no loss that
         reads them runs here: parallel/model_parallel.py refuses distillation)."""
-        z = logits if logits.dtype == self.denom.dtype else logits.to(self.denom.dtype)
-        loss = self.step_loss.on_logits(z, None, targets, self.denom.dtype)
+        if self.step_loss.in_model:  # model.loss_chunks: the stage returned the sum itself
+            loss = logits
+        else:
+            z = logits if logits.dtype == self.denom.dtype else logits.to(self.denom.dtype)
+            loss = self.step_loss.on_logits(z, None, targets, self.denom.dtype)
         return local_loss(loss) / self.denom * self.loss_multiplier
 
     def _run(self, fn, x, y, losses):
@@ -128,14 +131,18 @@ class Pipeline:
         # only), so every pipeline rank derives them from the batch it holds and hands
         # them to the schedule as the model's keywords, which torch.distributed.pipelining
         # chunks per micro-batch (dim 0) and passes to each stage's forward.
-        kw = self.step_loss.model_kwargs(x)
+        # The in-model loss (model.loss_chunks) also hands the targets to every stage; its
+        # last stage's output is a 0-d sum per micro-batch, which the schedule cannot
+        # concatenate into a batch output: none is kept (the losses come back in `losses`).
+        kw = self.step_loss.stage_kwargs(x, y)
+        run = {"return_outputs": False} if self.step_loss.in_model else {}
         with self.step_loss.context():
             if self.first:
-                fn(x, target=y if self.last else None, losses=losses, **kw)
+                fn(x, target=y if self.last else None, losses=losses, **run, **kw)
             elif self.last:
-                fn(target=y, losses=losses, **kw)
+                fn(target=y, losses=losses, **run, **kw)
             else:
-                fn(**kw)
+                fn(**run, **kw)
 
     def _stage_loss(self, losses) -> torch.Tensor:
         """Sum of the last stage's micro-batch losses, on every pipeline rank."""

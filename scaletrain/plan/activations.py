@@ -120,6 +120,11 @@ def _fake_block(spec, model_cfg, samples: int, param_dtype: torch.dtype):
             if p is not None:
                 mod._parameters[name] = nn.Parameter(
                     torch.empty(p.shape, dtype=param_dtype), requires_grad=p.requires_grad)
+        # Buffers too (the sigmoid_bias router's expert_bias): a meta buffer among fake
+        # CPU tensors is a device mismatch.
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     fake_inputs = tuple(torch.empty(x.shape, dtype=param_dtype if x.is_floating_point()
                                     else x.dtype, requires_grad=x.is_floating_point())
                         for x in inputs)

@@ -75,7 +75,9 @@ def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float
 
     kept = add((0.0, 0.0), *(scale(block(m), modes.count(m)) for m in set(modes)))
     recompute = block("none") if any(m != "none" for m in modes) else (0.0, 0.0)
-    out = add(kept, recompute, hm(toks * r * D), hm(toks * ab * D))  # + ln_f in/out
+    # + ln_f in/out (chunked: what the head keeps instead, memory.py head_input_bytes)
+    ln_out = (ab if not cfg.model.loss_chunks else r if s.tp == 1 else 0) * toks * D
+    out = add(kept, recompute, hm(toks * r * D), hm(ln_out))
     # autocast weight casts, cached to the end of the forward (memory.py)
     fixed = block_activations(cfg.model, cfg.precision.dtype, "none").fixed_bytes(t)
     out = add(out, scale(add((0.0, 0.0), *(hm(b) for b in fixed)), s.layers))

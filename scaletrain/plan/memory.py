@@ -30,7 +30,9 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   plus one block's recompute. Head: the logits (ab·V) are held by the step while
   cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
-  backward: V·(ab + 12) per token, the larger of the two.
+  backward: V·(ab + 12) per token, the larger of the two. With model.loss_chunks = n
+  (models/chunked_loss.py) that holds for one chunk's micro·ceil(T/n) tokens only, and
+  the ln_f output is not kept (`logit_tokens`).
 - optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's
   transient: torch's foreach Adam/AdamW builds `_foreach_sqrt(exp_avg_sq)` (n·4,
   torch/optim/adam.py `_multi_tensor_adam`), Adagrad/RMSprop likewise one state-sized
@@ -208,7 +210,7 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     D = cfg.model.d_model
     per = ac_block_bytes(cfg, s.tp, device_type)
     per_token = kept_bytes(rank_block_modes(cfg, s), per)  # + one block's set while one is recomputed
-    per_token += (r + ab) * D  # final block output (ln_f input) and ln_f output cast
+    per_token += head_input_bytes(cfg, s, r, ab)
     total = per_token * s.tokens * s.in_flight
     # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
     # autocast caches the casts of leaf weights until the autocast context exits (the
@@ -216,7 +218,41 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     total += block_fixed_bytes(cfg, s.tp, device_type) * s.layers
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
-    return total
+    return total + fused_head_grad_bytes(cfg, s)
+
+
+def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
+    """Per token, what the head keeps of its input: the final block's output (ln_f's
+    input) and ln_f's output cast for the head's matmul; with model.loss_chunks
+    (models/chunked_loss.py) the fused path keeps the input's gradient made in the
+    forward instead of the cast (r bytes: ln_f's output dtype), the checkpointed path
+    (TP) views of the input only."""
+    D = cfg.model.d_model
+    if not cfg.model.loss_chunks:
+        return (r + ab) * D
+    return (2 * r if s.tp == 1 else r) * D
+
+
+def fused_head_grad_bytes(cfg, s: RankShape) -> float:
+    """model.loss_chunks without TP (models/chunked_loss.py's fused Function): the head
+    weight's gradient, made in the forward (fp32; fp64 runs fp64) and held to the
+    backward; under TP the checkpointed path makes none."""
+    if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
+        return 0.0
+    return (8 if cfg.precision.dtype == "fp64" else 4) * cfg.model.d_model * s.vocab_local
+
+
+def logit_tokens(cfg, s: RankShape) -> int:
+    """Tokens whose logits (and fp32 cross-entropy temporaries) are alive at once in
+    training: the micro-batch's, or a pipeline's in-flight ones (the schedule holds each
+    micro-batch's output until the loss); with model.loss_chunks = n one chunk's, micro x
+    ceil(seq_len / n), whatever the pipeline (its last stage computes the loss in its
+    forward and keeps no logits: models/chunked_loss.py)."""
+    n = cfg.model.loss_chunks
+    if n:
+        T = cfg.model.seq_len
+        return max(1, s.tokens // T) * -(-T // min(n, T))
+    return s.tokens * s.in_flight
 
 
 def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
@@ -240,7 +276,8 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     full = s.full_numels or numels
     grads = c.per_param(numels, pb)
     act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s)),
-                c.head(s, ab, s.tokens * s.in_flight, 3),
+                c.head(s, ab, logit_tokens(cfg, s), 3),
+                c.hm(fused_head_grad_bytes(cfg, s)),
                 c.hm(s.fsdp_gathered * ab))
     if accumulating:
         act = (act[0] * CPU_ACCUM_FACTOR, act[1])
@@ -298,7 +335,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
         # in host memory; the device holds the gathered blocks and the activations.
         masters = opt_state = weights = buckets = static = grads = 0.0
     act = activation_bytes(cfg, s, r, ab, device_type) + s.fsdp_gathered * ab
-    head = head_bytes(s, ab, s.tokens * s.in_flight if s.in_flight > 1 else s.tokens)
+    head = head_bytes(s, ab, logit_tokens(cfg, s))
     fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
     fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
     step_grads = n * 4 if masters else grads  # cast to fp32 for the masters

@@ -20,7 +20,7 @@ from scaletrain.config.batch_plan import BatchPlan
 from scaletrain.data import Data, build_data
 from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
-from scaletrain.finetune import apply_init
+from scaletrain.finetune import apply_init, writes_every_weight
 from scaletrain.metrics import build_sinks
 from scaletrain.metrics.trackers import tracker_sinks
 from scaletrain.models.documents import masking_eot
@@ -87,7 +87,9 @@ def build_model(cfg: Config, facts: dict, batch: BatchPlan, dist: DistContext,
     parallel = build_parallel_model(
         cfg.model, facts, seed=cfg.train.seed, dims=dist.dims, mesh=dist.mesh,
         pcfg=cfg.parallel, policy=policy, device=device,
-        compile=cfg.train.compile and cfg.train.compile_scope, ac=ac)
+        compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
+        init=not writes_every_weight(cfg, resuming),
+        expert_mesh=dist.expert_mesh)
     model = parallel.module
     blocks = getattr(model, "blocks", None) or {}
     # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).

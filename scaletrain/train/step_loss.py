@@ -56,6 +56,12 @@ class StepLoss:
         """The forward's keywords for inputs `x`: {'doc_ids': ...} under document masking
         (derived from `x` itself, so the batch stays (inputs, targets)), else {}."""
         return document_kwargs(x, self.eot_id)
+
+    def stage_kwargs(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """A pipeline stage's keywords: `model_kwargs`, + the targets for the in-model
+        loss (the last stage's forward returns the summed loss; the others pass them by)."""
+        kw = self.model_kwargs(x)
+        return {**kw, "targets": y} if self.in_model else kw
     # The model's own loss terms of the forward just run (MoE balance and z losses,
     # models/moe_terms.py): a per-token sum with its graph, or None. The step divides it
     # by the same global count as the loss and adds it to the gradient only: the logged
@@ -114,12 +120,16 @@ def run_loss(cfg, pm, device: torch.device, eot_id: int | None = None) -> StepLo
     """The loss of the run `cfg` on the ParallelModel `pm`, built once by the trainer:
     distillation, the in-model head + loss, or cross-entropy on the logits; under TP's
     loss-parallel where the logits are vocabulary-sharded; document-masked at `eot_id`
-    (models/documents.py `masking_eot`) when given."""
+    (models/documents.py `masking_eot`) when given. `model.loss_chunks` makes it the
+    in-model loss on every layout (TP: the head's chunks run under loss_parallel; a
+    pipeline's last stage gets the targets as a keyword: parallel/pipeline_step.py),
+    since the chunked head never hands out logits."""
     distill_loss = build_distill_loss(cfg, device)
     # Compiled cross-entropy for the plain step only: TP's DTensor logits are not traced
     # by dynamo, and the pipeline's schedule keeps the eager loss it always had.
     compiled = cfg.train.compile and cfg.parallel.tp == 1 and cfg.parallel.pp == 1
     return build_step_loss(
         distill_loss, compile_cross_entropy(compiled),
-        loss_in_model=distill_loss is None and head_computes_loss(pm.module, cfg.parallel),
+        loss_in_model=distill_loss is None and (head_computes_loss(pm.module, cfg.parallel)
+                                                or cfg.model.loss_chunks > 0),
         loss_parallel=pm.tp_loss_parallel, eot_id=eot_id)

@@ -68,7 +68,9 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     model = pm.module
     dp = ctx.dims.dp
     # eot: data.document_masking at that id (the trainer's masking_eot)
-    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel, eot_id=spec["eot"])
+    # model.loss_chunks: the in-model chunked head + loss on every layout (run_loss's rule)
+    loss = build_step_loss(loss_parallel=pm.tp_loss_parallel, eot_id=spec["eot"],
+                           loss_in_model=mcfg.loss_chunks > 0)
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
                           policy.param_dtype, loss)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),

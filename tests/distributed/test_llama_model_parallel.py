@@ -125,3 +125,13 @@ def test_tp_must_divide_the_kv_heads_exit_2_before_launching(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert "parallel.tp=2 must divide model.n_kv_head (n_head if 0)=1" in err[0], err
     assert not run.exists()
+
+
+def test_llama_3d_fsdp_tp_pp_matches_one_process():
+    """On 8 processes, the 3-D layout FSDP=2 x TP=2 x PP=2 (1f1b; tied head, qkv bias +
+    qk-norm): every rank's 10 fp32 losses equal the one-process run's to 1e-6
+    relative. The smallest shapes (2 layers, d_model 32) keep 8 ranks on 2 cores in
+    budget; each pipeline stage is itself an FSDP x TP mesh."""
+    spec = llama(dp_shard=2, tp=2, pp=2, model=TIED_QK)
+    outs = run_distributed(mp_runs, 8, [spec], timeout=280)
+    check("fsdp2 x tp2 x pp2 tied qk", spec, [o[0] for o in outs])

@@ -7,6 +7,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+
 from tests.conftest import one_error_line, run_cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -24,6 +26,22 @@ def test_prepare_jsonl_prints_stage_counts(tmp_path):
     out = proc.stdout
     assert "records                    8" in out and "malformed                  2" in out
     assert "documents                  6" in out and f"source {src}: 1 files" in out
+    # The table is in pipeline order (manifest.json's keys are sorted).
+    assert out.index("records ") < out.index("too_short ") < out.index("duplicates ")
+    (prepared,) = (tmp_path / "p").iterdir()
+    assert f"report: {prepared / 'report.png'}" in out
+    assert (prepared / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The length histogram, against the token files: every document ends with eot.
+    m = json.loads((prepared / "manifest.json").read_text())
+    lengths = []
+    for split in ("train", "val", "test"):
+        ids = np.fromfile(prepared / f"{split}.bin", dtype=m["dtype"])
+        ends = np.flatnonzero(ids == m["eot_id"])
+        lengths += np.diff(np.concatenate([[-1], ends])).tolist()
+    assert len(lengths) == 6
+    hist = dict(zip(m["lengths"]["lo"], m["lengths"]["documents"]))
+    assert hist == {lo: sum(lo <= n < 2 * lo for n in lengths) for lo in hist}
+    assert sum(hist.values()) == 6
 
 
 def test_prepare_jsonl_without_text_field_is_one_line(tmp_path):

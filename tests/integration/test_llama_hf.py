@@ -123,19 +123,25 @@ def test_init_from_trains_then_exports_back(hf_dirs, tmp_path):
     assert abs(json.loads(proc.stdout)["loss"] - torch.log(torch.tensor(VOCAB)).item()) < 1.0
 
 
-def test_fsdp_ranks_load_their_slices(hf_dirs, tmp_path):
-    """Two FSDP2 ranks each read their own slices of the sharded checkpoint: the
-    step-0 validation loss is the HF model's, computed in one process."""
+@pytest.mark.parametrize("name, layout", [
+    ("qwen3", ["--parallel.dp_shard=2"]),
+    # pp=2 with a tied head: the last stage holds no embedding, only its copy of it
+    ("mistral", ["--parallel.pp=2", "--parallel.dp_shard=1", "--train.micro_batch_size=2"]),
+])
+def test_sharded_ranks_load_their_slices(hf_dirs, tmp_path, name, layout):
+    """Two ranks each read their own part of the checkpoint, FSDP2 slices (sharded
+    index) or one pipeline stage each (single file, tied head): the step-0 validation
+    loss is the HF model's, computed in one process."""
     from scaletrain.compress.report import val_loss
     from scaletrain.data import build_data
-    
-    d, _ = hf_dirs["qwen3"]
+
+    d, _ = hf_dirs[name]
     run = tmp_path / "run"
     args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}",
             f"--init.from={d}", "--model.seq_len=32", "--train.batch_size=4",
             "--eval.batches=2", "--eval.batch_size=4", "--eval.test=false"]
-    proc = run_cli("train", *args, "--nproc=2", "--train.steps=1", "--eval.interval=1",
-                   "--train.progress=off")
+    proc = run_cli("train", *args, "--nproc=2", *layout, "--train.steps=1",
+                   "--eval.interval=1", "--train.progress=off")
     assert proc.returncode == 0, proc.stderr[-3000:]
     step0 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "eval"][0]
@@ -144,7 +150,7 @@ def test_fsdp_ranks_load_their_slices(hf_dirs, tmp_path):
     assert cfg.model.seq_len == 32 and "seq_len = 32" in (run / "config.toml").read_text()
     _, model, _ = load_artefact(d, [("model.seq_len", "32")])
     expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
-    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5, (step0, expect)
 
 
 def test_bad_hf_directories_exit_2_before_writing(hf_dirs, tmp_path):
@@ -175,3 +181,71 @@ def test_bad_hf_directories_exit_2_before_writing(hf_dirs, tmp_path):
                        f"--data.prepared_dir={tmp_path / 'prep'}", "--train.steps=1")
         one_error_line(proc, *expect[case])
         assert not run.exists()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+def test_config_naming_only_its_model_type_reads_as_that_architecture(hf_dirs, tmp_path,
+                                                                      name):
+    """An older config.json with no "architectures" is read by its model_type (HFMap
+    .model_types): Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's window rules —
+    logits equal transformers', and the export would write the same class."""
+    import shutil
+
+    d, hf = hf_dirs[name]
+    copy = tmp_path / name
+    shutil.copytree(d, copy)
+    c = json.loads((copy / "config.json").read_text())
+    del c["architectures"]
+    (copy / "config.json").write_text(json.dumps(c))
+    cfg, model, _ = load_artefact(copy)
+    assert cfg.model.hf_architecture == f"{CASES[name][0]}ForCausalLM"
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+def test_export_writes_the_family_it_came_from(hf_dirs, tmp_path, name):
+    """Qwen2 / Qwen3 / Mistral read in and written out (checkpoint/hf_export.py, as
+    `export --format hf` does) are again that class — its config.json, model_type and
+    tensors (biases, q/k norms, tied head stored once) — and transformers loads them with
+    logits equal to the source's; the tokenizer files come along."""
+    from scaletrain.checkpoint.hf_export import export_hf
+
+    d, hf = hf_dirs[name]
+    cfg, model, tok = load_artefact(d)
+    out = tmp_path / "out"
+    export_hf(cfg, model, tok, out, max_shard_bytes=30_000)
+    arch = f"{CASES[name][0]}ForCausalLM"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [arch]
+    assert config["model_type"] == json.loads((d / "config.json").read_text())["model_type"]
+    assert (out / "model.safetensors.index.json").is_file()
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == arch
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS
+
+
+def test_head_counts_that_do_not_group_exit_2_before_writing(hf_dirs, tmp_path):
+    """n_head not a multiple of n_kv_head, on the command line and in an HF
+    config.json: one line naming the fields (and the file), exit 2, no run directory."""
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dirs["llama"][0], d)
+    c = json.loads((d / "config.json").read_text())
+    c["num_key_value_heads"] = 3
+    (d / "config.json").write_text(json.dumps(c))
+    common = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", "--train.steps=1"]
+    run = tmp_path / "run-cli"
+    proc = run_cli("train", *common, "--model.name=llama", "--model.n_head=4",
+                   "--model.n_kv_head=3", f"--run.dir={run}")
+    one_error_line(proc, "model.n_head=4 must be a multiple of model.n_kv_head=3")
+    assert not run.exists()
+    run = tmp_path / "run-hf"
+    proc = run_cli("train", *common, f"--init.from={d}", f"--run.dir={run}")
+    one_error_line(proc, str(d / "config.json"), "must be a multiple of model.n_kv_head=3")
+    assert not run.exists()

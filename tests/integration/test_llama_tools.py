@@ -66,3 +66,30 @@ def test_distillation_between_families(runs, teacher, student):
     with torch.no_grad():
         expect = distill_sum_loss(logits, teacher_model.eval()(x), y, 0.5, 2.0)
     torch.testing.assert_close(loss_fn(logits, x, y), expect)
+
+
+def test_init_from_a_llama_run_on_a_pipeline(runs, prepared_dir, tmp_path):
+    """init.from a llama run directory with parallel.pp=2 (`--nproc 2`): each stage takes
+    its own tensors of the run's weights, so the step-0 validation loss is the source
+    model's, computed in one process."""
+    import json
+
+    from scaletrain.compress.report import val_loss
+    from scaletrain.data import build_data
+
+    src, args = runs["llama"]
+    run = tmp_path / "pp"
+    common = [*TINY_DATA, f"--data.prepared_dir={prepared_dir}", "--eval.batches=2",
+              "--eval.batch_size=8", "--eval.test=false"]
+    proc = run_cli("train", *common, f"--init.from={src}", f"--run.dir={run}", "--nproc=2",
+                   "--parallel.pp=2", "--parallel.dp_shard=1", "--train.batch_size=8",
+                   "--train.micro_batch_size=2", "--train.steps=1", "--eval.interval=1",
+                   "--train.progress=off", "--model.seq_len=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step0 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"][0]
+    cfg, model, _ = load_artefact(src)
+    expect = val_loss(model, build_data(make_cfg([*args, "--eval.batches=2",
+                                                  "--eval.batch_size=8"]),
+                                        progress=False).val, 8, 2)
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5, (step0, expect)

@@ -99,8 +99,9 @@ def test_workers_and_parts_do_not_change_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "CHUNK_CHARS", 3000)  # many parts: many tokenize tasks
     b = prepare_text(dcfg(src, tmp_path / "p2", prep_workers=2), progress=False)
     assert bins(a) == bins(b)
-    assert sorted(p.name for p in b.iterdir()) == ["manifest.json", "test.bin",
-                                                   "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in b.iterdir()) == ["manifest.json", "report.png",
+                                                   "test.bin", "tokenizer.json",
+                                                   "train.bin", "val.bin"]
 
 
 def test_tokenizer_trains_on_a_bounded_sample(tmp_path):

@@ -75,6 +75,17 @@ def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
     assert r["peak_phase"] == "optimizer_step" and r["peak_bytes"] == 101248
 
 
+def test_chunked_loss_holds_one_chunk_of_logits():
+    """model.loss_chunks=3 over seq 8: chunks of ceil(8/3) = 3 positions, 2 x 3 = 6 tokens
+    of logits at once; the fused head keeps the gradient of its input (4 B x 16 per
+    token) in place of the ln_f output."""
+    r = rank0(cfg_of("precision.dtype=fp32", "model.loss_chunks=3"))
+    # blocks 2096 + ln_f input 4 * 16 + its gradient 4 * 16 -> 2224 per token, x 16 = 35584;
+    # head: 6 tokens * V 32 * (4 + 12) = 3072; the fused head's weight gradient made in
+    # the forward, fp32 V 32 x D 16 = 2048
+    assert r["activation_bytes"] == 35584 + 3072 + 2048
+
+
 def test_full_activation_checkpointing_keeps_block_inputs_plus_one_block():
     r = rank0(cfg_of("precision.dtype=fp32", "parallel.activation_checkpoint=full"))
     # per token: 2 block inputs 4*16 = 128 + one block recomputed 1048 + ln_f 128 = 1304

@@ -166,9 +166,11 @@ MOE = ["model.moe_experts=4", "model.moe_top_k=2", "model.moe_d_ff=8",
 # cache (it casts per-expert views, not the leaf).
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["none"])
-def test_plan_block_bytes_of_an_moe_block(mode, precision):
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])  # its bias is a buffer
+def test_plan_block_bytes_of_an_moe_block(mode, precision, router):
     m = build_config(None, [tuple(a.split("=", 1)) for a in
-                            ("model.name=llama", *SHAPE, *MOE)]).model
+                            ("model.name=llama", *SHAPE, *MOE,
+                             f"model.moe_router={router}")]).model
     spec = registry.spec_of(m)
     with torch.device("meta"):
         block, _ = spec.activation_block(spec.build(m, {"vocab_size": 32}), 1, m.seq_len)

@@ -1,0 +1,45 @@
+"""`parallel.ep` in ParallelDims (config/dims.py) and against the model
+(parallel/moe_checks.py): the degrees it resolves to and the one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from scaletrain.config.dims import ParallelDims
+from scaletrain.config.load import build_config
+from scaletrain.errors import ConfigError
+from scaletrain.parallel.moe_checks import check_expert_parallel
+
+
+def test_ep_is_carved_out_of_dp_shard():
+    d = ParallelDims.resolve(1, -1, 1, 1, 4, ep=2)
+    assert (d.dp_shard, d.ep, d.efsdp, d.dp, d.world) == (4, 2, 2, 4, 4)
+    assert d.mesh_shape() == ((4,), ("dp_shard",))  # the world mesh is unchanged
+    assert ParallelDims.resolve(1, -1, 1, 1, 2, ep=2).efsdp == 1
+    assert ParallelDims.resolve(1, -1, 1, 1, 2).ep == 1
+
+
+@pytest.mark.parametrize("degrees,ep,needle", [
+    ((1, -1, 1, 1, 2), 4, "parallel.ep=4 must divide parallel.dp_shard=2"),
+    ((2, -1, 1, 1, 4), 2, "parallel.dp_replicate=2 is not supported yet"),
+    ((1, -1, 2, 1, 4), 2, "parallel.tp=2 is not supported yet"),
+    ((1, -1, 1, 2, 4), 2, "parallel.pp=2 is not supported yet"),
+])
+def test_ep_layouts_refused(degrees, ep, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ParallelDims.resolve(*degrees, ep=ep)
+
+
+def _cfg(*over: str):
+    return build_config(None, [tuple(a.split("=", 1)) for a in over])
+
+
+def test_ep_against_the_model():
+    moe = ("model.name=llama", "model.n_layer=2", "model.moe_experts=4")
+    check_expert_parallel(_cfg(*moe, "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="must divide model.moe_experts=4"):
+        check_expert_parallel(_cfg(*moe, "parallel.ep=3"))
+    with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
+        check_expert_parallel(_cfg("model.name=llama", "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="activation_checkpoint='full' is not supported"):
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.activation_checkpoint=full"))
