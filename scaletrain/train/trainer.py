@@ -9,9 +9,7 @@ not branches inside the loop (DESIGN.md principle 8).
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,54 +17,45 @@ import torch
 from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
-from scaletrain.config import Config, run_files, to_dict
+from scaletrain.config import Config
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.dims import ParallelDims, resolve_dims
-from scaletrain.data import build_data
-from scaletrain.data.chat import save_chat_files
-from scaletrain.data.loader import StatefulLoader
 from scaletrain.data.mixture import tokens_by_source
 from scaletrain.evaluate import evaluate
-from scaletrain.finetune import apply_init, resolve_init, writes_every_weight
-from scaletrain.metrics import Progress, Throughput, build_sinks, measure_peak_flops
+from scaletrain.finetune import resolve_init
+from scaletrain.metrics import Progress, Throughput, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb
-from scaletrain.metrics.trackers import tracker_sinks
 from scaletrain.models import count_params, spec_of
-from scaletrain.models.documents import masking_eot
-from scaletrain.models.moe_terms import moe_step_terms
-from scaletrain.models.weight_norm import convert as convert_weight_norm
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
-from scaletrain.parallel.model_parallel import build_pipeline, whole_model_stats
-from scaletrain.parallel.world_checks import check_world
-from scaletrain.parallel.ac import block_modes
-from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.parallel.world import World
-from scaletrain.plan.ac_budget import activation_policy
 from scaletrain.plan.auto import auto_plan, write_record
 from scaletrain.plan.malloc import tune_malloc
-from scaletrain.plan.preflight import check_memory
 from scaletrain.precision import PrecisionPolicy
+from scaletrain.train.build import build_loader, build_loss, build_model, build_run_data
+from scaletrain.train.build import data_facts, model_stats, open_sinks, shows_progress
+from scaletrain.train.build import write_run_files
 from scaletrain.train.device_guard import fault_guard
-from scaletrain.train.dpo import DPOLoss, dpo_loss, frozen_initial_model
+from scaletrain.train.dpo import DPOLoss
 from scaletrain.train.faults import FaultMonitor, Rollback
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
-from scaletrain.train.run_guard import prepare_run_dir, resumes_in_place
+from scaletrain.train.run_guard import resumes_in_place
 from scaletrain.train.runtime import Runtime, detect_runtime, seed_everything
 from scaletrain.train.recorder import RunRecorder
 from scaletrain.train.state import TrainState
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
-from scaletrain.train.step_loss import run_loss
 
 
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None,
                  dims: ParallelDims | None = None):
+        """Build the run's pieces in order, each step handed what it needs (train/build.py)."""
         # init.from: model shape and tokenizer from the source (finetune/init_from.py);
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
@@ -80,45 +69,19 @@ class Trainer:
         self.dist = DistContext.setup(cfg.parallel, self.rt.rank, dims, self.rt.device)
         self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
-        self.show_progress = self.rt.is_main and (
-            cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty()))
-        with self.dist.main_first():  # rank 0 fills the data cache, the others read it
-            self.data = build_data(cfg, progress=self.show_progress)
-        # Everything the world size constrains (the launcher checked it before torchrun
-        # without the tokenizer's vocabulary): TP/PP shapes, single-process features.
-        check_world(cfg, self.rt.world, self.data.vocab_size, dims=dims)
-        if cfg.train.descent == "full-batch":  # its batch is the split: known only now
-            check_memory(cfg, dims, self.rt.local_world, len(self.data.train))
+        self.show_progress = shows_progress(cfg, self.rt)
+        self.data = build_run_data(cfg, self.rt, self.dist, self.show_progress)
         self.run_dir = Path(cfg.run.dir)
         if self.rt.is_main:
-            prepare_run_dir(cfg)
-            if self.data.tokenizer is not None:
-                self.data.tokenizer.save(self.run_dir / run_files.TOKENIZER_FILE)
-            if cfg.data.format == "chat":  # a resume renders with the run's own copy
-                save_chat_files(cfg.data.tokenizer, cfg.data.chat_template, self.run_dir)
+            write_run_files(cfg, self.data, self.run_dir)
         seed_everything(cfg.train.seed)
-        facts = {"vocab_size": self.data.vocab_size, "input_shape": self.data.input_shape,
-                 "num_classes": self.data.num_classes}
+        facts = data_facts(self.data)
         # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
         # once here and handed to AC, the pipeline, the strategy and the summary.
         self.batch = batch_plan(cfg, self.dist.dims.dp, len(self.data.train))
-        # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
-        ac = activation_policy(cfg, self.dist.dims, self.batch)
-        # The module with its layout facts (stage views, tied copies, loss parallel).
-        self.parallel = build_parallel_model(
-            cfg.model, facts, seed=cfg.train.seed, dims=self.dist.dims, mesh=self.dist.mesh,
-            pcfg=cfg.parallel, policy=self.policy, device=self.rt.device,
-            compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
-            init=not writes_every_weight(cfg, resuming),
-            expert_mesh=self.dist.expert_mesh)
+        self.parallel, self.ac_modes = build_model(cfg, facts, self.batch, self.dist,
+                                                   self.policy, self.rt.device, resuming)
         self.model = self.parallel.module
-        blocks = getattr(self.model, "blocks", None) or {}
-        # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
-        self.ac_modes = block_modes(ac, sum(b is not None for b in blocks.values()))
-        # Trained weights of init.from, then the freeze / LoRA converters.
-        self.model = apply_init(self.model, cfg, self.data.vocab_size, resuming)
-        self.model = convert_weight_norm(self.model, cfg.model.weight_norm)
-        self.parallel = replace(self.parallel, module=self.model)  # converters may wrap
         self.n_params = count_params(self.model)
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
         # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
@@ -131,21 +94,9 @@ class Trainer:
         # Micro-batches per rank in a full step of the resolved batch (full-batch descent:
         # the whole train split; after any ramp), the last one possibly smaller.
         self.accum = self.batch.accum
-        self.loader = StatefulLoader(
-            self.data.train, cfg.train.batch_size, rank=self.dist.dp_rank, world=self.dp,
-            seed=cfg.train.seed, shuffle=cfg.data.shuffle, assignment=cfg.data.assignment,
-            workers=cfg.data.loader_workers)
-        # data.document_masking: the end-of-text id windows are cut into documents at.
-        self.doc_eot = masking_eot(cfg.data.document_masking, self.data.tokenizer)
-        self.loss = run_loss(cfg, self.parallel, self.rt.device, self.doc_eot)  # either path
-        # MoE layers: their loss terms into the step, load into metrics and the bias.
-        self.moe = moe_step_terms(self.model, self.dist.sum_reducer,
-                                  cfg.model.moe_bias_update_rate)
-        if self.moe is not None:
-            self.loss = replace(self.loss, extra=self.moe.collect)
-        if cfg.train.objective == "dpo":  # the DPO loss and its frozen reference instead
-            self.loss = dpo_loss(cfg, self.model, lambda: frozen_initial_model(
-                cfg, facts, self.dist, self.policy, self.rt.device, self.data.vocab_size))
+        self.loader = build_loader(cfg, self.data, self.dist)
+        self.doc_eot, self.moe, self.loss = build_loss(
+            cfg, self.parallel, self.dist, self.policy, self.rt.device, self.data, facts)
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
@@ -163,17 +114,9 @@ class Trainer:
         self.step_opts = StepOptions(**self.dist.step_options(self.parallel))
         self.ckpt = self._checkpoint_session()
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
-        self.sinks = build_sinks(
-            self.run_dir, console=False, tensorboard=True,
-            trackers=tracker_sinks(cfg.metrics, self.run_dir, to_dict(cfg))) \
-            if self.rt.is_main else None
-        self.flops_per_token = (self.spec.flops_per_token(self.model, cfg.model.seq_len)
-                                if self.spec.flops_per_token else None)
-        if isinstance(self.loss, DPOLoss):  # "tokens" count pairs there: no MFU from them
-            self.flops_per_token = None
-        if self.pipeline is not None:  # the whole model's, not this rank's stage(s)
-            self.n_params, self.flops_per_token = whole_model_stats(
-                self.pipeline, self.spec, cfg.model, facts)
+        self.sinks = open_sinks(cfg, self.run_dir) if self.rt.is_main else None
+        self.n_params, self.flops_per_token = model_stats(
+            cfg, self.parallel, self.n_params, self.loss, self.pipeline, facts)
         self._peak_flops: float | None = None
         self.recorder = self._recorder()
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s

@@ -5,20 +5,17 @@ init.from, export back, and bad directories are refused before anything is writt
 from __future__ import annotations
 
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import TINY_DATA, make_cfg, one_error_line, run_cli
+from tests.hf_dirs import EOS, VOCAB, hf_model_dir
 from scaletrain.compress.artefact import load_artefact
 from scaletrain.generate import sample
 
 transformers = pytest.importorskip("transformers")  # pinned in requirements.txt
 
-VOCAB = 331  # odd, and larger than the tokenizer's (as Qwen's padded vocabularies are)
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's names, not GPT-2's
 # (architecture, extra config, save shard size): GQA, tied / untied, q/k/v bias,
 # qk-norm with head_dim != d_model / n_head, llama3 rope scaling, sharded and single-file.
 CASES = {
@@ -33,47 +30,29 @@ CASES = {
 }
 
 
-def _tokenizer(d: Path):
-    """A byte-level BPE with Llama 3's special-token names, saved as transformers does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    src = Path(sysconfig.get_paths()["stdlib"])
-    text = [p.read_text(errors="replace") for p in sorted(src.glob("a*.py"))[:6]]
-    tk.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS,
-                                                eos_token=EOS)
-    fast.save_pretrained(d)
-    return fast
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """name -> (directory, the transformers model): one build per architecture."""
     root = tmp_path_factory.mktemp("llama_hf")
     out = {}
     for name, (arch, extra, shard) in CASES.items():
-        torch.manual_seed(0)
-        cfg = getattr(transformers, f"{arch}Config")(
+        cfg = dict(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
             rope_theta=50000.0, bos_token_id=0, eos_token_id=1, **extra)
         if arch == "Qwen2":
-            cfg.attention_bias = True  # where the q/k/v biases live (always on)
-        model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
-        if arch == "Qwen2":  # random biases, so a dropped bias shows in the logits
-            for n, p in model.named_parameters():
-                if n.endswith("bias"):
-                    torch.nn.init.normal_(p, std=0.5)
+            cfg["attention_bias"] = True  # where the q/k/v biases live (always on)
         d = root / name
-        model.save_pretrained(d, max_shard_size=shard)
-        _tokenizer(d)
-        out[name] = (d, model)
+        out[name] = (d, hf_model_dir(d, arch, cfg, shard,
+                                     init=_random_biases if arch == "Qwen2" else None))
     return out
+
+
+def _random_biases(model) -> None:
+    """Random biases, so a dropped bias shows in the logits."""
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.5)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_DATA, make_cfg, run_cli
-from tests.integration.test_llama_hf import VOCAB, _tokenizer
+from tests.hf_dirs import VOCAB, hf_model_dir
 from scaletrain.checkpoint.hf_export import export_hf
 from scaletrain.compress.artefact import load_artefact
 from scaletrain.errors import ConfigError
@@ -45,18 +45,17 @@ def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_hf")
     out = {}
     for name, (arch, extra, shard) in CASES.items():
-        torch.manual_seed(0)
-        cfg = getattr(transformers, f"{arch}Config")(**BASE, **extra)
-        model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
-        with torch.no_grad():  # routers with spread logits: real top-k choices
-            for n, p in model.named_parameters():
-                if n.endswith("gate.weight"):
-                    p.normal_(0.0, 0.5)
         d = root / name
-        model.save_pretrained(d, max_shard_size=shard)
-        _tokenizer(d)
-        out[name] = (d, model)
+        out[name] = (d, hf_model_dir(d, arch, {**BASE, **extra}, shard, init=_spread_routers))
     return out
+
+
+def _spread_routers(model) -> None:
+    """Routers with spread logits: real top-k choices."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
 
 
 @pytest.mark.parametrize("name", list(CASES))
