@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-from import_graph import cycles, project_imports  # scripts/ is sys.path[0]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
+from import_graph import cycles, project_imports  # noqa: E402  (scripts/import_graph.py)
 
 # Text patterns of the re-derivations and sniffs the issue lists; counted per line.
 PATTERNS = {

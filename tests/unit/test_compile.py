@@ -20,6 +20,20 @@ import pytest
 from tests.conftest import make_cfg
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches(tmp_path, monkeypatch):
+    """Each case compiles from nothing. In one pytest worker other tests have compiled the
+    same block code: dynamo's in-process cache (past its recompile limit it runs the block
+    eagerly) and inductor's warm on-disk cache both make the first step cost no compile
+    time (compile_s = 0 was seen in the full suite)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    yield
+    torch._dynamo.reset()
+
+
 def losses(tiny_args, tmp_path, name: str, extra: list[str]) -> tuple[list[float], dict]:
     from scaletrain.train.trainer import Trainer
 
