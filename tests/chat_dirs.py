@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import sysconfig
 from pathlib import Path
 
 import torch
+
+from tests.hf_dirs import stdlib_bpe
 
 # ChatML as Qwen2.5 writes it: a default system message when the conversation has none,
 # a rejected role raised from the template, and the generation prompt.
@@ -46,16 +47,8 @@ def chat_tokenizer(d: Path, template: str | None = TEMPLATE):
     """A byte-level BPE with ChatML's control tokens, saved by transformers into `d`
     (tokenizer.json, tokenizer_config.json and the template); returns it."""
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    src = Path(sysconfig.get_paths()["stdlib"])
-    text = [p.read_text(errors="replace") for p in sorted(src.glob("a*.py"))[:6]]
-    tk.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk = stdlib_bpe(SPECIALS)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
                                                 pad_token="<|endoftext|>")
     if template is not None:

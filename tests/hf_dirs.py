@@ -14,10 +14,9 @@ VOCAB = 331  # odd, and larger than the tokenizer's (as Qwen's padded vocabulari
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama 3's names, not GPT-2's
 
 
-def hf_tokenizer(d: Path):
-    """A byte-level BPE with Llama 3's special-token names, saved as transformers does."""
-    # transformers is optional: the modules using this skip without it (importorskip)
-    import transformers
+def stdlib_bpe(special_tokens: list[str]):
+    """A 300-token byte-level BPE (`tokenizers.Tokenizer`) trained on a few stdlib files,
+    with `special_tokens`: the base of the tests' HF and chat tokenizers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
@@ -26,8 +25,17 @@ def hf_tokenizer(d: Path):
     src = Path(sysconfig.get_paths()["stdlib"])
     text = [p.read_text(errors="replace") for p in sorted(src.glob("a*.py"))[:6]]
     tk.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[BOS, EOS],
+        vocab_size=300, special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tk
+
+
+def hf_tokenizer(d: Path):
+    """A byte-level BPE with Llama 3's special-token names, saved as transformers does."""
+    # transformers is optional: the modules using this skip without it (importorskip)
+    import transformers
+
+    tk = stdlib_bpe([BOS, EOS])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS,
                                                 eos_token=EOS)
     fast.save_pretrained(d)
