@@ -39,6 +39,11 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "train.malloc_mmap_threshold_mib": ("only the spmd trainer tunes glibc's allocator",
                                         ()),
     "data.loader_workers": ("the workers read their batches in the loop", ()),
+    # Issue 16: the PS train records would lack tokens_by_source (each worker's sampler
+    # counts only its own pushes, and async/dropped pushes make their sum not the
+    # applied tokens), so refuse rather than log a record without the mixture's counts.
+    "data.mixture": ("its train records carry no tokens_by_source; use the spmd trainer",
+                     ()),
     "optim.lr_scaling": ("the servers' optimizers run at optim.lr, unscaled", ()),
     "schedule.name": ("the servers' schedules never see the validation loss", ()),
     "schedule.epoch_steps": ("the servers' schedules do not know the epoch length", ()),

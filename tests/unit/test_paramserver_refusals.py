@@ -15,6 +15,7 @@ PS = ["--parallel.mode=ps"]
 REFUSED_VALUE = {
     "train.compile": "true", "train.grad_clip_value": "0.5", "train.host_reads": "lagged",
     "train.malloc_mmap_threshold_mib": "64", "data.loader_workers": "2",
+    "data.mixture": '[{source = "python-stdlib", weight = 1}]',
     "optim.lr_scaling": "linear", "schedule.name": "plateau", "schedule.epoch_steps": "0",
     "checkpoint.async_save": "true",
     "parallel.backend": "gloo", "parallel.timeout_s": "30", "parallel.cpu_offload": "true",
@@ -61,4 +62,18 @@ def test_cli_refuses_before_launching(tmp_path, prepared_dir):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert "train.compile=true" in lines[0] and "parallel.mode='ps'" in lines[0]
+    assert not run.exists()  # nothing launched, no run dir
+
+
+def test_cli_refuses_a_mixture_before_launching(tmp_path):
+    """Issue 16: PS train records carry no tokens_by_source, so data.mixture is refused
+    (exit 2, one line naming the field) before any data is prepared or a rank starts."""
+    run = tmp_path / "run"
+    p = run_cli("train", *TINY_DATA, *TINY_GPT, f"--run.dir={run}", "--nproc", "2",
+                "--parallel.mode=ps", "--data.mixture=" + REFUSED_VALUE["data.mixture"],
+                "--train.steps=2", timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "error: data.mixture=" in lines[0] and "parallel.mode='ps'" in lines[0], lines
     assert not run.exists()  # nothing launched, no run dir
