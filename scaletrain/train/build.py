@@ -31,6 +31,7 @@ from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import whole_model_stats
 from scaletrain.parallel.parallel_model import ParallelModel
 from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.pipeline_moe import pipeline_moe_terms
 from scaletrain.parallel.world_checks import check_world
 from scaletrain.plan.ac_budget import activation_policy
 from scaletrain.plan.preflight import check_memory
@@ -115,8 +116,11 @@ def build_loss(cfg: Config, parallel: ParallelModel, dist: DistContext,
     # data.document_masking: the end-of-text id windows are cut into documents at.
     doc_eot = masking_eot(cfg.data.document_masking, data.tokenizer)
     loss = run_loss(cfg, parallel, device, doc_eot)  # either path
-    # MoE layers: their loss terms into the step, load into metrics and the bias.
-    moe = moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate)
+    # MoE layers: their loss terms into the step, load into metrics and the bias; on a
+    # pipeline rank its stages' rows of the whole model's (each stage adds its own
+    # terms to its backward: parallel/pipeline_moe.py).
+    moe = (pipeline_moe_terms(parallel, cfg.model, facts, device) if dist.dims.pp > 1 else
+           moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate))
     if moe is not None:
         loss = replace(loss, extra=moe.collect)
     if cfg.train.objective == "dpo":  # the DPO loss and its frozen reference instead

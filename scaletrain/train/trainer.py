@@ -100,7 +100,8 @@ class Trainer:
         # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
         self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
                                        self.batch.per_rank, self.micro, cfg.model,
-                                       self.data.vocab_size, self.policy.param_dtype, self.loss)
+                                       self.data.vocab_size, self.policy.param_dtype, self.loss,
+                                       self.moe)
         self.state = TrainState()
         # Host reads of step values (tokens, fault guard, stop flag): one step late on a
         # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next

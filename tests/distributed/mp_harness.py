@@ -28,14 +28,18 @@ class Tokens64(Tokens):
         if eot is not None:
             for i in range(n):  # boundaries at 3 + i % 4, then every 5 tokens
                 self.x[i, 3 + i % 4::5] = eot
+import dataclasses
+
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
+from scaletrain.models.moe_terms import moe_step_terms
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
 from scaletrain.config.dims import resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.pipeline_moe import pipeline_moe_terms
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 from scaletrain.train.step_loss import build_step_loss
@@ -71,8 +75,14 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     # model.loss_chunks: the in-model chunked head + loss on every layout (run_loss's rule)
     loss = build_step_loss(loss_parallel=pm.tp_loss_parallel, eot_id=spec["eot"],
                            loss_in_model=mcfg.loss_chunks > 0)
+    # MoE layers: wired as train/build.py does (a pipeline rank: the whole model's rows,
+    # each stage's terms into its own backward; else the step loss's `extra`).
+    moe = (pipeline_moe_terms(pm, mcfg, {"vocab_size": V}, device) if ctx.dims.pp > 1 else
+           moe_step_terms(model, ctx.sum_reducer, mcfg.moe_bias_update_rate))
+    if moe is not None:
+        loss = dataclasses.replace(loss, extra=moe.collect)
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
-                          policy.param_dtype, loss)
+                          policy.param_dtype, loss, moe)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
                           embedding_copies=pm.tied_copies)
     loader = StatefulLoader(Tokens64(masked=spec["masked"], eot=spec["eot"]), spec["batch"],
@@ -80,11 +90,12 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                             world=dp, seed=5)
     opts = StepOptions(**ctx.step_options(pm))
     monitor = _fault_guard(model, pm.spec, ctx, spec) if spec["faults"] else None
-    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None)
+    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None,
+                  after_step=moe.end_step if moe is not None else None)
     if spec["load"]:
         _checkpoint(model, opt, spec["load"], save=False, aliases=pm.tied_copies)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
-    losses, norms, skipped = [], [], []
+    losses, norms, skipped, moe_records = [], [], [], []
     for step in range(1, spec["steps"] + 1):
         model._harness_step = step  # read by the NaN-injecting hook
         micro = split_micro_batches(loader.next(), spec["micro"])
@@ -93,11 +104,15 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
         losses.append(ctx.sum_reducer(r.loss.clone()).item())
         norms.append(float(r.grad_norm))
         skipped.append(bool(r.skipped))
+        if moe is not None:  # the metrics.jsonl fields of the step (every rank's)
+            moe_records.append(moe.record())
     if spec["save"]:
         _checkpoint(model, opt, spec["save"], save=True, aliases=pm.tied_copies)
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
     out = {"losses": losses, "norms": norms, "skipped": skipped}
+    if moe is not None:
+        out["moe_records"] = moe_records
     if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
         from scaletrain.parallel.weights import full_state_dict
 
