@@ -47,7 +47,7 @@ from scaletrain.train.step_loss import build_step_loss
 
 def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
-                schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
+                schedule="1f1b", ep=1, n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
                 faults=False, nan_step=0, params=False, eot=None,
                 model=())  # model: extra ModelConfig fields as (name, value) pairs
@@ -61,6 +61,7 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     pcfg = ParallelConfig(dp_replicate=1 if one else spec["dp_replicate"],
                           dp_shard=1 if one else spec["dp_shard"],
                           tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
+                          ep=1 if one else spec["ep"],
                           pp_schedule=spec["schedule"], timeout_s=60,
                           sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
@@ -68,7 +69,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=T, **dict(spec["model"]))
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
-                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
+                              expert_mesh=ctx.expert_mesh)
     model = pm.module
     dp = ctx.dims.dp
     # eot: data.document_masking at that id (the trainer's masking_eot)
@@ -116,10 +118,18 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
         from scaletrain.parallel.weights import full_state_dict
 
-        out["params"] = full_state_dict(model)
+        out["params"] = (full_state_dict(model) if not (ctx.dims.pp > 1 and ctx.dims.fsdp)
+                         else _stage_full_params(model))
     if monitor is not None:  # the losses the fault guard saw and accepted
         out["guard_history"] = list(monitor.history)
     return out
+
+
+def _stage_full_params(model) -> dict:
+    """A pipeline stage's full tensors on every one of its ranks: full_state_dict (with
+    cpu_offload) gathers to global rank 0 only, which a later stage's ranks are not."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _fault_guard(model, family, ctx, spec: dict):
@@ -173,8 +183,8 @@ _REFERENCES: dict = {}
 def reference(spec: dict) -> dict:
     """The one-process run of `spec` (cached per test session: several layouts share it)."""
     key = tuple(sorted((k, v) for k, v in spec.items()
-                       if k not in ("tp", "pp", "dp_shard", "dp_replicate", "schedule", "sp",
-                                    "lp", "save", "load", "params")))
+                       if k not in ("tp", "pp", "dp_shard", "dp_replicate", "ep", "schedule",
+                                    "sp", "lp", "save", "load", "params")))
     if key not in _REFERENCES:
         _REFERENCES[key] = mp_run(0, 1, {**spec, "params": True})
     return _REFERENCES[key]

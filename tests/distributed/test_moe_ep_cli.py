@@ -70,7 +70,6 @@ def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
      "needs a mixture-of-experts model"),
     (["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"], 4,
      "parallel.dp_replicate=2 is not supported yet"),
-    (["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.ep=2"], 4, "not supported"),
 ])
 def test_bad_ep_layout_exits_2_before_launch(tmp_path, args, nproc, needle):
     proc = scaletrain("train", *RUN, *args, f"--run.dir={tmp_path / 'run'}",

@@ -17,13 +17,15 @@ def test_ep_is_carved_out_of_dp_shard():
     assert d.mesh_shape() == ((4,), ("dp_shard",))  # the world mesh is unchanged
     assert ParallelDims.resolve(1, -1, 1, 1, 2, ep=2).efsdp == 1
     assert ParallelDims.resolve(1, -1, 1, 1, 2).ep == 1
+    # In pipeline stages: each stage's dp_shard ranks split its experts.
+    d = ParallelDims.resolve(1, -1, 1, 2, 4, ep=2)
+    assert (d.pp, d.dp_shard, d.ep, d.efsdp) == (2, 2, 2, 1)
 
 
 @pytest.mark.parametrize("degrees,ep,needle", [
     ((1, -1, 1, 1, 2), 4, "parallel.ep=4 must divide parallel.dp_shard=2"),
     ((2, -1, 1, 1, 4), 2, "parallel.dp_replicate=2 is not supported yet"),
     ((1, -1, 2, 1, 4), 2, "parallel.tp=2 is not supported yet"),
-    ((1, -1, 1, 2, 4), 2, "parallel.pp=2 is not supported yet"),
 ])
 def test_ep_layouts_refused(degrees, ep, needle):
     with pytest.raises(ConfigError, match=needle):
