@@ -196,8 +196,10 @@ class Trainer:
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let
         rank 0 write them."""
-        state = full_state_dict(self.model)
-        if self.pipeline is not None:  # each pipeline rank holds its stages' weights
+        # A pipeline rank holds its stages' weights: full on every rank (under FSDP2 the
+        # default gathers to global rank 0, which holds none of a later stage's).
+        state = full_state_dict(self.model, every_rank=self.pipeline is not None)
+        if self.pipeline is not None:
             state = merge_stage_states(self.dist.gather(state))
         if self.rt.is_main:
             run_model.save_weights(self.model, path, self.cfg, state=state)

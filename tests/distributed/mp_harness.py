@@ -118,18 +118,10 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
         from scaletrain.parallel.weights import full_state_dict
 
-        out["params"] = (full_state_dict(model) if not (ctx.dims.pp > 1 and ctx.dims.fsdp)
-                         else _stage_full_params(model))
+        out["params"] = full_state_dict(model, every_rank=ctx.dims.pp > 1)
     if monitor is not None:  # the losses the fault guard saw and accepted
         out["guard_history"] = list(monitor.history)
     return out
-
-
-def _stage_full_params(model) -> dict:
-    """A pipeline stage's full tensors on every one of its ranks: full_state_dict (with
-    cpu_offload) gathers to global rank 0 only, which a later stage's ranks are not."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
-            for k, v in model.state_dict().items()}
 
 
 def _fault_guard(model, family, ctx, spec: dict):

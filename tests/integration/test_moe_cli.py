@@ -81,22 +81,30 @@ def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, line):
     one_error_line(proc, line)
 
 
-def test_moe_pipeline_cli_matches_one_process(prepared_dir, tmp_path):
+PIPELINES = {"pp2": ["--nproc", "2", "--parallel.pp=2", "--parallel.dp_shard=1",
+                     "--train.micro_batch_size=4"],
+             "pp2_ep2": ["--nproc", "4", "--parallel.pp=2", "--parallel.dp_shard=2",
+                         "--parallel.ep=2", "--train.micro_batch_size=2"]}
+
+
+@pytest.mark.parametrize("layout", list(PIPELINES))
+def test_moe_pipeline_cli_matches_one_process(prepared_dir, tmp_path, layout):
     """`--nproc 2 --parallel.pp=2` (1f1b, 2 micro-batches; block 0 dense, so the first
-    stage holds no MoE layer) against one process in fp64: the losses, every
-    metrics.jsonl MoE field, the validation losses (an eval between steps: the stages
-    run it in eval mode, adding nothing to the next step's load) and the final weights,
-    the balancing bias included (parallel/pipeline_moe.py)."""
+    stage holds no MoE layer), and EP × PP on 4 (each stage's 2 ranks split its experts,
+    2 micro-batches of 2 per rank),
+    against one process in fp64: the losses, every metrics.jsonl MoE field, the
+    validation losses (an eval between steps: the stages run it in eval mode, adding
+    nothing to the next step's load) and the final weights of every stage, the balancing
+    bias included (parallel/pipeline_moe.py)."""
     from safetensors.torch import load_file
 
     base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
             "--model.moe_bias_update_rate=0.01", "--precision.dtype=fp64",
-            "--train.micro_batch_size=4", "--train.steps=4", "--eval.interval=2",
+            "--train.steps=4", "--eval.interval=2",
             "--eval.test=false", "--train.threads=1", f"--data.prepared_dir={prepared_dir}"]
     one, pp = tmp_path / "one", tmp_path / "pp"
-    for args in ([f"--run.dir={one}"],
-                 [f"--run.dir={pp}", "--nproc", "2", "--parallel.pp=2",
-                  "--parallel.dp_shard=1"]):
+    for args in ([f"--run.dir={one}", "--train.micro_batch_size=4"],
+                 [f"--run.dir={pp}", *PIPELINES[layout]]):
         proc = run_cli(*base, *args, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
