@@ -78,9 +78,10 @@ class MoeStepTerms:
             if f is None:  # not run in training mode
                 return None
             total = f.loss if total is None else total + f.loss
-            self._acc[self._row[id(layer)]] += torch.cat([f.load.to(torch.float64), torch.stack([
+            row = torch.cat([f.load.to(torch.float64), torch.stack([
                 f.dropped.to(torch.float64), f.aux.new_tensor(f.tokens).to(torch.float64),
                 f.aux.to(torch.float64), f.z.to(torch.float64)])])
+            self._acc[self._row[id(layer)]] += row
         return total
 
     def _zeros(self, layers: list[MoE]) -> torch.Tensor:
