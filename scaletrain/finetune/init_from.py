@@ -91,16 +91,23 @@ def source_state(src: Source) -> dict[str, torch.Tensor]:
     return state
 
 
-def _lora_run_state(src: Source, adapters: dict) -> dict[str, torch.Tensor]:
-    """A LoRA run's merged weights (its own init.from + the adapters), so a LoRA run can
-    be the init.from of the next stage (chat SFT with LoRA -> DPO) as a dense model."""
+def lora_base(src: Source) -> tuple[Source, dict]:
+    """(the base source, the saved `finetune` section) of a LoRA run `src`, whose weights
+    are its adapters only; CheckpointError when that base directory is gone."""
     saved = load_toml(src.dir / CONFIG_FILE)
     base_from = saved.get("init", {}).get("from", "")
-    lora = saved.get("finetune", {})
     if not base_from or not Path(base_from).is_dir():
         raise CheckpointError(f"init.from: '{src.dir}' is a LoRA run (its weights are the "
                               f"adapters only) whose base init.from '{base_from}' is gone")
-    base = find_source(base_from, saved.get("init", {}).get("weights", "best"))
+    return (find_source(base_from, saved.get("init", {}).get("weights", "best")),
+            saved.get("finetune", {}))
+
+
+def _lora_run_state(src: Source, adapters: dict) -> dict[str, torch.Tensor]:
+    """A LoRA run's merged weights (its own init.from + the adapters), so a LoRA run can
+    be the init.from of the next stage (chat SFT with LoRA -> DPO) as a dense model."""
+    base, lora = lora_base(src)
+    base_from = str(base.dir)
     try:
         return merge_adapter_state(source_state(base), adapters, lora["lora_rank"],
                                    lora["lora_alpha"])
