@@ -62,6 +62,8 @@ def check_source_shapes(cfg) -> None:
 
 
 def _check(model: nn.Module, tied: TiedPairs, src: Source, where: str) -> None:
+    if src.kind == "hf":  # a LoRA run's HF base: check_hf_dir compared it with its config
+        return
     shapes = header_shapes(src.weights)
     adapters = adapter_only(shapes)
     if shapes and adapters is not shapes:  # a LoRA run: its base's weights + adapters
