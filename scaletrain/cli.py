@@ -176,7 +176,7 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
 
     from scaletrain.config.paths import check_dir_field  # lazy (module note)
     from scaletrain.finetune import resolve_init
-    from scaletrain.finetune.source_shapes import check_source_shapes
+    from scaletrain.finetune.source_shapes import check_source_shapes  # lazy (module note)
     from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.preflight import check_memory
