@@ -224,12 +224,15 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 def cmd_prepare(argv: list[str]) -> int:
     from scaletrain.config import build_config  # lazy (module note)
     from scaletrain.data.pipeline import stage_table
-    from scaletrain.data.preference import prepare_preference, preference_keys
     from scaletrain.data.prepare import prepare
 
     args, overrides = _split_args("prepare", argv)
     cfg = build_config(args.config, overrides)
     if cfg.train.objective == "dpo":  # preference records (data/preference.py)
+        # Only here: preference.py imports torch (seconds under load), which a text
+        # `prepare` never needs.
+        from scaletrain.data.preference import prepare_preference, preference_keys
+
         path = prepare_preference(cfg.data, preference_keys(cfg.dpo),
                                   progress=sys.stderr.isatty())
     elif cfg.data.mixture:

@@ -17,7 +17,7 @@ import torch
 
 from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import BatchPlan
-from scaletrain.data import Data, build_data
+from scaletrain.data.build import Data, build_data
 from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.finetune import apply_init, converter, writes_every_weight

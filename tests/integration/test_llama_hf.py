@@ -133,7 +133,7 @@ def test_sharded_ranks_load_their_slices(hf_dirs, tmp_path, name, layout):
     index) or one pipeline stage each (single file, tied head): the step-0 validation
     loss is the HF model's, computed in one process."""
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     d, _ = hf_dirs[name]
     run = tmp_path / "run"

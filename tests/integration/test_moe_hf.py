@@ -94,7 +94,7 @@ def test_fsdp_ranks_load_their_experts_then_export_hf(hf_dirs, tmp_path):
     `export --format hf` of the run is a Mixtral transformers loads with the trained
     model's logits."""
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     d, _ = hf_dirs["mixtral"]
     run = tmp_path / "run"
