@@ -62,6 +62,10 @@ def test_summed_stats_reads_plain_and_full_metrics(tmp_path):
 def test_start_method_forks_only_a_plain_process(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delitem(sys.modules, "torch", raising=False)  # pytest's process has it
+    # Threads left by earlier tests in this worker (tokenizers, datatrove) would make the
+    # process look threaded: count only the threads started from here on.
+    count, before = threading.active_count, threading.active_count()
+    monkeypatch.setattr(threading, "active_count", lambda: count() - before + 1)
     assert start_method() == "fork"
     monkeypatch.setitem(sys.modules, "torch", object())  # `prepare` called by `train`
     assert start_method() == "forkserver"
