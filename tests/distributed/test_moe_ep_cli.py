@@ -49,6 +49,8 @@ def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
     assert sorted(one) == sorted(ep2) == list(range(1, 11))
     for s in one:
         assert ep2[s] == pytest.approx(one[s], rel=1e-6), f"EP=2 step {s}"
+    par = json.loads((tmp_path / "ep2" / "summary.json").read_text())["parallel"]
+    assert (par["strategy"], par["dp_shard"], par["ep"]) == ("fsdp+ep", 2, 2)
     cases = [  # (layout, nproc, checkpoint) -> steps 6..10 of the uninterrupted run
         (["--parallel.dp_shard=1"], 1, tmp_path / "ep2" / "checkpoints" / "step-00000005"),
         (EP2, 2, tmp_path / "one" / "checkpoints" / "step-00000005")]
