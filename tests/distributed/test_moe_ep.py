@@ -10,6 +10,11 @@ per rank), micro-batches of one sequence (accumulation: 4 per rank on 2 ranks, 2
 8 in the one process). Uneven loads: 8 experts, top-2, micro-
 batches of 16 tokens — the run asserts that some micro-batch on some rank routed no
 token to some expert, so the all-to-all saw empty and uneven splits.
+
+EP=2 on 2 ranks with full and selective activation checkpointing against the same
+one-process run without it, to the same tolerances: the recompute in the backward runs
+both all-to-alls again, and the experts' FSDP2 unit sits inside the checkpointed block
+(parallel/ac.py, parallel/moe_checks.py).
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ MOE = ModelConfig(name="llama", n_layer=2, n_head=2, d_model=16, seq_len=T, moe_
 STEPS, BATCH, MICRO = 10, 8, 1
 
 
-def ep_run(rank: int, world: int, dtype: str, ep: int) -> dict:
+def ep_run(rank: int, world: int, dtype: str, ep: int, ac: str = "none",
+           compile: bool = False) -> dict:
     device = torch.device("cpu")
-    pcfg = ParallelConfig(dp_replicate=1, dp_shard=world, ep=ep, timeout_s=60)
+    pcfg = ParallelConfig(dp_replicate=1, dp_shard=world, ep=ep, timeout_s=60,
+                          activation_checkpoint=ac)
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(dtype, device)
     pm = build_parallel_model(MOE, {"vocab_size": V}, seed=3, dims=ctx.dims, mesh=ctx.mesh,
-                              pcfg=pcfg, policy=policy, device=device, compile=False,
+                              pcfg=pcfg, policy=policy, device=device, compile=compile,
                               expert_mesh=ctx.expert_mesh)
     model = pm.module
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2))
@@ -73,7 +80,9 @@ def ep_run(rank: int, world: int, dtype: str, ep: int) -> dict:
             biases.append(torch.cat([m.expert_bias for m in terms.layers]).clone())
     params = full_state_dict(model)  # a collective under FSDP2 / EP
     out = {"losses": losses, "norms": norms, "records": records, "biases": biases,
-           "empty": sum(empty), "ep": ctx.dims.ep,
+           "empty": sum(empty), "ep": ctx.dims.ep, 
+           # apply_ac checkpoints a block by setting its instance `forward`
+           "checkpointed": sum("forward" in vars(b) for b in model.blocks.values()),
            "local_experts": [tuple(m.experts.gate_proj.to_local().shape)
                              if hasattr(m.experts.gate_proj, "to_local") else
                              tuple(m.experts.gate_proj.shape) for m in terms.layers]}
@@ -86,23 +95,53 @@ def _both(rank: int, world: int) -> list:
     return [ep_run(rank, world, dtype, 2) for dtype in ("fp64", "fp32")]
 
 
+AC = ("full", "selective")
+
+
+def _with_ac(rank: int, world: int) -> list:
+    return [ep_run(rank, world, dtype, 2, ac) for ac in AC for dtype in ("fp64", "fp32")]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The one-process run without AC (ep 1: plain GroupedExperts)."""
+    return {dtype: ep_run(0, 1, dtype, 1) for dtype in ("fp64", "fp32")}
+
+
 @pytest.fixture(scope="module")
 def runs():
-    ref = {dtype: ep_run(0, 1, dtype, 1) for dtype in ("fp64", "fp32")}
-    got = {"ep2": run_distributed(_both, 2, timeout=300),
-           "ep2_fsdp2": run_distributed(_both, 4, timeout=400)}
-    return ref, got
+    return {"ep2": run_distributed(_both, 2, timeout=300),
+            "ep2_fsdp2": run_distributed(_both, 4, timeout=400)}
+
+
+@pytest.fixture(scope="module")
+def ac_runs():
+    per_rank = run_distributed(_with_ac, 2, timeout=400)
+    return {ac: [r[2 * i:2 * i + 2] for r in per_rank] for i, ac in enumerate(AC)}
 
 
 @pytest.mark.parametrize("layout,world,efsdp", [("ep2", 2, 1), ("ep2_fsdp2", 4, 2)])
-def test_expert_parallel_matches_one_process(runs, layout, world, efsdp):
-    ref, per_rank = runs
-    assert len(per_rank[layout]) == world
-    r64, r32 = per_rank[layout][0]
+def test_expert_parallel_matches_one_process(ref, runs, layout, world, efsdp):
+    check_against_one_process(ref, runs[layout], layout, world, efsdp)
+
+
+@pytest.mark.parametrize("ac", AC)
+def test_expert_parallel_with_activation_checkpointing_matches_one_process(ref, ac_runs, ac):
+    """EP=2 × FSDP2 on 2 ranks, every block checkpointed, against one process without AC."""
+    per_rank = ac_runs[ac]
+    assert all(r[0]["checkpointed"] == MOE.n_layer for r in per_rank)
+    check_against_one_process(ref, per_rank, f"ep2 ac={ac}", 2, 1)
+
+
+def check_against_one_process(ref: dict, per_rank: list, layout: str, world: int,
+                              efsdp: int) -> None:
+    """The per-rank (fp64, fp32) runs of `layout` against the one-process ones."""
+    assert len(per_rank) == world
+    r64, r32 = per_rank[0]
     assert r64["ep"] == 2
     # Each rank holds E / ep = 4 experts of each layer, FSDP2-sharded over efsdp ranks.
     assert all(shape[0] == 4 // efsdp for shape in r64["local_experts"])
-    assert sum(r[0]["empty"] for r in per_rank[layout]) > 0, "no empty expert: loads even"
+    assert sum(r[0]["empty"] for r in per_rank) > 0, "no empty expert: loads even"
     ref64, ref32 = ref["fp64"], ref["fp32"]
     assert sorted(r64["params"]) == sorted(ref64["params"])
     diff = max((r64["params"][k] - ref64["params"][k]).abs().max().item()

@@ -1,6 +1,6 @@
 """Expert parallelism the way users run it: `scaletrain train --nproc 2 --parallel.ep=2`
 on an MoE llama (sigmoid_bias router, aux loss) matches the one-process run to 1e-6
-relative, and checkpoints cross EP degrees — EP=2 -> one process and one process ->
+relative (also with selective activation checkpointing), and checkpoints cross EP degrees — EP=2 -> one process and one process ->
 EP=2 — with the losses of the uninterrupted run (DCP reshards the experts' (E, D, F)
 DTensors). Bad EP layouts end with one line and exit code 2 before torchrun starts."""
 
@@ -46,9 +46,16 @@ def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
     data = f"--data.prepared_dir={prepared}"
     one = train([data, "--parallel.dp_shard=1"], tmp_path / "one")
     ep2 = train([data, *EP2], tmp_path / "ep2", nproc=2)
-    assert sorted(one) == sorted(ep2) == list(range(1, 11))
+    # Selective AC recomputes the block, all-to-alls included, in the backward
+    # (test_moe_ep.py runs full and selective in fp64 too).
+    ac = train([data, *EP2, "--parallel.activation_checkpoint=selective"], tmp_path / "ac",
+               nproc=2)
+    assert sorted(one) == sorted(ep2) == sorted(ac) == list(range(1, 11))
     for s in one:
         assert ep2[s] == pytest.approx(one[s], rel=1e-6), f"EP=2 step {s}"
+        assert ac[s] == pytest.approx(one[s], rel=1e-6), f"EP=2, selective AC: step {s}"
+    ac_blocks = json.loads((tmp_path / "ac" / "summary.json").read_text())["parallel"]["ac_blocks"]
+    assert ac_blocks == ["selective"] * 2, ac_blocks
     par = json.loads((tmp_path / "ep2" / "summary.json").read_text())["parallel"]
     assert (par["strategy"], par["dp_shard"], par["ep"]) == ("fsdp+ep", 2, 2)
     cases = [  # (layout, nproc, checkpoint) -> steps 6..10 of the uninterrupted run
