@@ -174,7 +174,21 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     if grouped if grouped is not None else use_grouped_mm(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
-    # One host read of the counts per call, then one matmul per expert's segment.
+    return segment_matmul(x, w, counts)
+
+
+# Under train.compile (parallel/compile.py) the segment loop runs eagerly: one graph
+# break per call. Its host read of the counts is data-dependent: traced, dynamo breaks
+# at the read anyway, then specialises the code after it on the split sizes, which
+# change every batch — moe-tiny-like blocks hit dynamo's recompile limit (8) within 3
+# steps and ran eagerly from then on (15 graphs instead of 6; torch 2.13). What it runs,
+# E per-expert matmuls, are extern GEMM kernels that inductor would not fuse; the
+# router, the dispatch sort, the combine and the shared experts around it stay compiled.
+# torch._grouped_mm (above) has no host read and traces.
+@torch.compiler.disable
+def segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, A) sorted by expert, w (E, A, B), counts (E,) -> (M, B) by one host read of
+    the counts, then one matmul per expert's segment."""
     segments = x.split(segment_sizes(counts, x.shape[0]))
     return torch.cat([seg @ w[e].to(x.dtype) for e, seg in enumerate(segments)])
 

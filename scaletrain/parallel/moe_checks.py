@@ -7,8 +7,12 @@ Refused, one line each, until they are built and tested: tensor parallelism (the
 TP plan shards the dense MLP, not 3-D expert weights), pipeline stages (the MoE loss
 terms are collected on every stage, the pipeline step only sees the last stage's loss),
 the parameter server, budget activation checkpointing (the plan's per-block bytes under
-AC miss the MoE layer's statistics and over-count its expert-weight casts) and compile
-(the segment loop's host read of the expert counts; untested).
+AC miss the MoE layer's statistics and over-count its expert-weight casts) and
+train.compile_scope='model' (untested). train.compile per block (the default scope)
+trains MoE blocks, on one process and with expert parallelism: the segment loop of the
+experts (its host read of the counts) and the expert-parallel exchange run eagerly,
+graph breaks inside the compiled block (models/moe.py `segment_matmul`,
+parallel/expert.py); tested against eager in tests/distributed/test_moe_ep.py.
 Expert parallelism (parallel.ep, parallel/expert.py) inside FSDP2: ep must divide the
 routed experts (config/dims.py checks that it divides dp_shard and refuses HSDP / DDP /
 TP / PP with it), and needs a model with at least one MoE layer; CPU offload with it is
@@ -38,12 +42,14 @@ def check_moe_layout(cfg) -> None:
     refused = (("parallel.mode='ps'", p.mode == "ps"), ("parallel.tp > 1", p.tp > 1),
                ("parallel.pp > 1", p.pp > 1),
                ("parallel.activation_checkpoint='budget'", p.activation_checkpoint == "budget"),
-               ("train.compile", cfg.train.compile))
+               ("train.compile_scope='model'",
+                cfg.train.compile and cfg.train.compile_scope == "model"))
     for what, on in refused:
         if on:
             raise ConfigError(f"{what} is not supported with mixture-of-experts layers "
                               f"(model.moe_experts={cfg.model.moe_experts}) yet: one "
-                              "process, DDP and FSDP2 (with full / selective AC) are")
+                              "process, DDP and FSDP2 (with full / selective AC, and "
+                              "train.compile per block) are")
 
 
 def check_expert_parallel(cfg) -> None:
