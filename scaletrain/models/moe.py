@@ -21,7 +21,8 @@ experts and sends the outputs back; route, dispatch and combine stay as they are
 Grouped matmul: `torch._grouped_mm` on CUDA in bf16 (one kernel for all experts); else a
 loop over the E experts, one matmul per expert's contiguous segment of the sorted tokens
 (E matmuls per projection, never one per token) — the CPU path, and the fp64 one that
-verification runs need (_grouped_mm has no fp64).
+verification runs need (_grouped_mm has no fp64). Under train.compile the loop runs
+eagerly inside the compiled block (`segment_matmul`: its host read of the counts).
 
 Losses, as per-token *sums* (the step divides them by the step's global target count,
 as it does the summed cross-entropy, so accumulation and data parallel stay the
