@@ -14,7 +14,9 @@ token to some expert, so the all-to-all saw empty and uneven splits.
 EP=2 on 2 ranks with full and selective activation checkpointing against the same
 one-process run without it, to the same tolerances: the recompute in the backward runs
 both all-to-alls again, and the experts' FSDP2 unit sits inside the checkpointed block
-(parallel/ac.py, parallel/moe_checks.py).
+(parallel/ac.py, parallel/moe_checks.py). train.compile per block on one process and
+with EP=2 against the eager one process (fp32 losses to 1e-6): the experts' segment loop
+and the expert-parallel exchange stay eager inside the compiled blocks.
 """
 
 from __future__ import annotations
