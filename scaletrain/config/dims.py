@@ -113,11 +113,12 @@ class ParallelDims:
 
     @property
     def strategy(self) -> str:
-        """'single', 'ddp', 'fsdp' or 'hsdp' (for logs and the summary)."""
+        """'single', 'ddp', 'fsdp', 'fsdp+ep' (experts split over ep of the FSDP2 ranks)
+        or 'hsdp' (for logs and the summary)."""
         if self.hsdp:
             return "hsdp"
         if self.fsdp:
-            return "fsdp"
+            return "fsdp+ep" if self.ep > 1 else "fsdp"
         return "ddp" if self.ddp else "single"
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:

@@ -329,6 +329,7 @@ class Trainer:
                              "dp_replicate": self.dist.dims.dp_replicate,
                              "dp_shard": self.dist.dims.dp_shard,
                              "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
+                             "ep": self.dist.dims.ep,
                              "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
                 # What differs between ranks (memory, speed); a collective, all ranks call.
                 "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,

@@ -8,7 +8,7 @@ import pytest
 from scaletrain.config.dims import ParallelDims
 from scaletrain.config.load import build_config
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.moe_checks import check_expert_parallel
+from scaletrain.parallel.moe_checks import check_expert_parallel, check_moe_layout
 
 
 def test_ep_is_carved_out_of_dp_shard():
@@ -43,5 +43,17 @@ def test_ep_against_the_model():
         check_expert_parallel(_cfg(*moe, "parallel.ep=3"))
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
         check_expert_parallel(_cfg("model.name=llama", "parallel.ep=2"))
-    with pytest.raises(ConfigError, match="activation_checkpoint='full' is not supported"):
-        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.activation_checkpoint=full"))
+    with pytest.raises(ConfigError, match="parallel.cpu_offload is not supported"):
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.cpu_offload=true"))
+    for ac in ("full", "selective"):  # tests/distributed/test_moe_ep.py runs them
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", f"parallel.activation_checkpoint={ac}"))
+
+
+def test_moe_compiles_per_block_only():
+    """train.compile per block trains MoE layers (test_moe_ep.py against eager); the
+    whole-model scope is untested and refused."""
+    moe = ("model.name=llama", "model.n_layer=2", "model.moe_experts=4", "train.compile=true")
+    check_moe_layout(_cfg(*moe))
+    check_moe_layout(_cfg(*moe, "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="train.compile_scope='model' is not supported"):
+        check_moe_layout(_cfg(*moe, "train.compile_scope=model"))
