@@ -175,6 +175,7 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     import copy
 
     from scaletrain.config.paths import check_dir_field  # lazy (module note)
+    from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.finetune import resolve_init
     from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
@@ -184,6 +185,8 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
     shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
                           resuming=resumes_in_place(cfg))
+    if shaped.data.tokenizer:  # readable, and its special tokens agree with its directory's
+        Tokenizer.load(shaped.data.tokenizer)
     if shaped.data.format == "chat":  # a chat template to render with, before launching
         from scaletrain.data.chat import load_chat_tokenizer  # lazy: imports transformers
 
