@@ -36,6 +36,12 @@ BOT_NAMES = ("<|begin_of_text|>", "<s>")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
+class SpecialTokensError(DataError):
+    """A Hugging Face directory's tokenizer_config.json is unreadable or its declared
+    special tokens contradict the end-of-text token scaletrain picked (`check_declared`):
+    the user's to fix, never a reason to load the directory without its tokenizer."""
+
+
 class Tokenizer:
     """A thin wrapper around a `tokenizers.Tokenizer` with the end-of-text id at hand."""
 
@@ -110,7 +116,7 @@ def _declared(config: dict, key: str) -> str | None:
 
 
 def check_declared(path: Path, tok: Tokenizer) -> None:
-    """DataError when the tokenizer_config.json beside `path` (a Hugging Face directory)
+    """SpecialTokensError when the tokenizer_config.json beside `path` (a Hugging Face directory)
     names special tokens that contradict the ones scaletrain picked by name: an eos that
     is another end- or beginning-of-text token, or our end-of-text declared as its bos.
     Documents would then be separated, and generation stopped, at an id transformers
@@ -122,18 +128,19 @@ def check_declared(path: Path, tok: Tokenizer) -> None:
     try:
         config = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"{f}: not a readable JSON file ({e})") from None
+        raise SpecialTokensError(f"{f}: not a readable JSON file ({e})") from None
     if not isinstance(config, dict):
-        raise DataError(f"{f}: not a tokenizer config (a JSON object)")
+        raise SpecialTokensError(f"{f}: not a tokenizer config (a JSON object)")
     eos, bos = _declared(config, "eos_token"), _declared(config, "bos_token")
     ours = f"{tok.eot_token!r} (id {tok.eot_id})"
     if eos in EOT_NAMES + BOT_NAMES and eos != tok.eot_token:
-        raise DataError(f"{f}: eos_token is {eos!r}, but scaletrain ends documents (and "
-                        f"generation) with {path.name}'s {ours}; fix the directory's "
-                        "special tokens")
+        raise SpecialTokensError(f"{f}: eos_token is {eos!r}, but scaletrain ends documents "
+                                 f"(and generation) with {path.name}'s {ours}; fix the "
+                                 "directory's special tokens")
     if bos == tok.eot_token and eos != tok.eot_token:
-        raise DataError(f"{f}: bos_token is {bos!r}, the token scaletrain ends documents "
-                        "(and generation) with; fix the directory's special tokens")
+        raise SpecialTokensError(f"{f}: bos_token is {bos!r}, the token scaletrain ends "
+                                 "documents (and generation) with; fix the directory's "
+                                 "special tokens")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None,

@@ -158,14 +158,50 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
             raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
                               f"{origin}, whose {key} is {getattr(cfg.model, key)!r}; drop "
                               "the override (or train from scratch without init.from)")
+    cfg = validate(cfg)
+    if not resuming and src.kind != "hf":  # an HF directory: check_hf_dir did this
+        check_source_weights(src, cfg.model)
+    return cfg
 
-    return validate(cfg)
+
+def check_source_weights(src: Source, mcfg) -> None:
+    """From the safetensors header alone, before anything is launched or written: the
+    source holds exactly the tensors, with their shapes, of the text model `mcfg`
+    (built on meta), else CheckpointError naming one — the check `load_into` repeats
+    on every rank, whose writing every tensor lets the trainer skip the random init.
+    Not for image families (their shapes need the data's facts) nor a LoRA run's
+    adapters (merged with their base when loaded)."""
+    spec = spec_of(mcfg)
+    if spec.kind != "text" or not mcfg.vocab_size:
+        return
+    try:
+        with safe_open(str(src.weights), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{src.weights}: not a readable safetensors file ({e})") from None
+    if any(k.endswith((".lora_A", ".lora_B")) for k in stored):
+        return
+    with torch.device("meta"):
+        model = spec.build(mcfg, {"vocab_size": mcfg.vocab_size})
+    ref = model.state_dict()
+    targets = hf_import.load_targets(model, spec.tied)
+    needed = set(targets.values())
+    missing, extra = sorted(needed - set(stored)), sorted(set(stored) - needed)
+    if missing or extra:
+        raise CheckpointError(f"{src.weights}: weights do not match the model "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, name in targets.items():
+        if stored[name] != tuple(ref[k].shape):
+            raise CheckpointError(f"{src.weights}: {name} has shape {stored[name]}, the "
+                                  f"model {tuple(ref[k].shape)}")
 
 
 def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
               stage: bool = False) -> None:
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
-    mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
+    mis-shaped tensors with a CheckpointError naming `where`: every tensor of the
+    model's state dict is written (or re-tied), so the callers skip the random init
+    (`writes_every_weight`, compress/artefact.py); `tied`: the family's
     tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding.
     `stage`: `model` is one pipeline stage (parallel.pp > 1), which takes its own
     tensors of the whole model's (extra ones are the other stages'), a last stage's
@@ -187,13 +223,13 @@ def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
 
 def writes_every_weight(cfg, resuming: bool = False) -> bool:
     """Whether `apply_init` will overwrite every parameter the model holds, so its random
-    init can be skipped (models/registry.py `materialize(init=False)`): init.from of a
-    Hugging Face directory, whose loader refuses a model it does not fill
-    (hf_import.load_hf_into) and reads only this rank's slices — with the init, each
-    rank also drew every parameter whole first. Not when resuming (init.from is not
-    read then) nor for the other sources (read whole on every rank anyway)."""
-    return bool(cfg.init.from_) and not resuming and \
-        find_source(cfg.init.from_, cfg.init.weights).kind == "hf"
+    init can be skipped (models/registry.py `materialize(init=False)`): any init.from
+    source, whose loaders refuse a model they do not fill — a Hugging Face directory
+    (hf_import.load_hf_into, reading only this rank's slices: with the init, each rank
+    also drew every parameter whole first) and a run directory, artefact or export
+    (`load_into`: every tensor of the model's state dict, or CheckpointError). Not when
+    resuming: init.from is not read then, the checkpoint is (and the trainer inits)."""
+    return bool(cfg.init.from_) and not resuming
 
 
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,

@@ -131,3 +131,5 @@ def test_contradicting_special_tokens_exit_2(llama_dir, tmp_path, swap):
                    "--train.steps=1")
     one_error_line(proc, str(f), f"{swap}_token is")
     assert not run.exists() and not (tmp_path / "p").exists()
+    proc = run_cli("generate", str(d), "--generate.max_new_tokens=4")  # not text-less
+    one_error_line(proc, str(f), f"{swap}_token is")
