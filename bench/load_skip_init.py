@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,6 +58,14 @@ def build_dir(d: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_params(d: Path) -> int:
+    """Parameters stored in the directory's safetensors (headers only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def timed(root: Path, args: list[str]) -> tuple[float, float]:
     """(wall s, peak RSS MiB) of `python -m scaletrain ARGS` with the code at `root`."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
@@ -77,7 +86,7 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="load_skip_init-"))
     d = a.dir or work / "hf"
-    n = build_dir(d) if not (d / "config.json").is_file() else None
+    n = build_dir(d) if not (d / "config.json").is_file() else count_params(d)
     prep = work / "prep"
     cmds = {
         "generate": ["generate", str(d), "--generate.prompt=import os\n",
