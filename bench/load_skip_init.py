@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--before", required=True, type=Path)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--commands", default="generate,eval",
+                    help="which of generate,eval to time (eval reads the whole val split)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="load_skip_init-"))
     d = a.dir or work / "hf"
@@ -96,7 +98,9 @@ def main() -> None:
                  "--data.prep_workers=1", f"--data.prepared_dir={prep}", "--model.seq_len=64",
                  "--eval.batches=1", "--eval.batch_size=2", "--eval.test_batches=0"],
     }
-    timed(REPO, cmds["eval"])  # prepares the data once, outside the timing
+    cmds = {c: cmds[c] for c in a.commands.split(",")}
+    if "eval" in cmds:
+        timed(REPO, cmds["eval"])  # prepares the data once, outside the timing
     variants = {"before": a.before.resolve(), "after": REPO, "after_again": REPO}
     runs = {c: {v: [] for v in variants} for c in cmds}
     for _ in range(a.pairs):
