@@ -175,6 +175,7 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     import copy
 
     from scaletrain.config.paths import check_dir_field  # lazy (module note)
+    from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.finetune import resolve_init
     from scaletrain.finetune.source_shapes import check_source_shapes  # lazy (module note)
     from scaletrain.train.run_guard import resumes_in_place
@@ -188,6 +189,8 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
                           resuming=resuming)
     if not resuming:  # its weights have that shape (headers only; a resume reads none)
         check_source_shapes(shaped)
+    if shaped.data.tokenizer:  # readable, and its special tokens agree with its directory's
+        Tokenizer.load(shaped.data.tokenizer)
     if shaped.data.format == "chat":  # a chat template to render with, before launching
         from scaletrain.data.chat import load_chat_tokenizer  # lazy: imports transformers
 

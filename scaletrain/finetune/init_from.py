@@ -166,14 +166,15 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
             raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
                               f"{origin}, whose {key} is {getattr(cfg.model, key)!r}; drop "
                               "the override (or train from scratch without init.from)")
-
     return validate(cfg)
 
 
 def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
               stage: bool = False) -> None:
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
-    mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
+    mis-shaped tensors with a CheckpointError naming `where`: every tensor of the
+    model's state dict is written (or re-tied), so the callers skip the random init
+    (`writes_every_weight`, compress/artefact.py); `tied`: the family's
     tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding.
     `stage`: `model` is one pipeline stage (parallel.pp > 1), which takes its own
     tensors of the whole model's (extra ones are the other stages'), a last stage's
@@ -195,13 +196,13 @@ def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
 
 def writes_every_weight(cfg, resuming: bool = False) -> bool:
     """Whether `apply_init` will overwrite every parameter the model holds, so its random
-    init can be skipped (models/registry.py `materialize(init=False)`): init.from of a
-    Hugging Face directory, whose loader refuses a model it does not fill
-    (hf_import.load_hf_into) and reads only this rank's slices — with the init, each
-    rank also drew every parameter whole first. Not when resuming (init.from is not
-    read then) nor for the other sources (read whole on every rank anyway)."""
-    return bool(cfg.init.from_) and not resuming and \
-        find_source(cfg.init.from_, cfg.init.weights).kind == "hf"
+    init can be skipped (models/registry.py `materialize(init=False)`): any init.from
+    source, whose loaders refuse a model they do not fill — a Hugging Face directory
+    (hf_import.load_hf_into, reading only this rank's slices: with the init, each rank
+    also drew every parameter whole first) and a run directory, artefact or export
+    (`load_into`: every tensor of the model's state dict, or CheckpointError). Not when
+    resuming: init.from is not read then, the checkpoint is (and the trainer inits)."""
+    return bool(cfg.init.from_) and not resuming
 
 
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
