@@ -60,7 +60,7 @@ def test_init_from_run_starts_from_its_weights(llama_run, prepared_dir, tmp_path
     """train --init.from=RUN (init skipped): the step-0 validation loss is the source
     model's on the same batches, computed here in one process."""
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     run = tmp_path / "ft"
     args = [*TINY_DATA, *LLAMA, f"--data.prepared_dir={prepared_dir}"]
