@@ -70,7 +70,9 @@ def test_ranks_on_one_machine_share_its_memory(monkeypatch):
 @pytest.mark.parametrize("overrides, world, fragment", [
     ([("parallel.pp", "3"), ("model.n_layer", "4")], 3, "must divide model.n_layer=4"),
     ([("parallel.tp", "3"), ("model.n_head", "4")], 3, "parallel.tp=3 must divide model.n_head"),
-    ([("finetune.freeze", "wte")], 2, "run on one process or with DDP, not FSDP"),
+    # FSDP2 runs the converters now (on the meta model); TP still refuses them
+    ([("finetune.freeze", "wte"), ("parallel.tp", "2")], 2,
+     "with DDP or FSDP2, not TP / PP / EP"),
     ([("train.compile", "true"), ("train.compile_scope", "model")], 2,
      "compile_scope='model' needs one process"),
     ([], 0, "at least 1 process"),
