@@ -122,7 +122,7 @@ def cmd_train(argv: list[str]) -> int:
     world = World.launching(args.nproc) if launch else here
     writes_run_dir = world.is_main
     cfg = build_train_config(args.config, overrides, guard=writes_run_dir)
-    _preflight(cfg, world, user_keys(args.config, overrides))
+    dims = _preflight(cfg, world, user_keys(args.config, overrides))
     if writes_run_dir:  # every check passed: only now may the run dir appear (or fail to)
         make_run_dir(Path(cfg.run.dir))
     if launch:
@@ -144,7 +144,7 @@ def cmd_train(argv: list[str]) -> int:
 
         summary = train_ps(cfg)
     else:
-        summary = train(cfg, world)
+        summary = train(cfg, world, dims)
     if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
         return summary.exit_code
     if world.is_main:
@@ -167,11 +167,12 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _preflight(cfg, world, user_set: frozenset[str]) -> None:
+def _preflight(cfg, world, user_set: frozenset[str]):
     """What the world (parallel/world.py `World`: the one about to be launched, or this
     rank's) and the machine's memory allow, judged before the launch or any allocation:
     one line here, not the same line from N ranks and torchrun's report.
-    `user_set`: the keys the user set, which init.from must not silently replace."""
+    `user_set`: the keys the user set, which init.from must not silently replace.
+    Returns the run's ParallelDims, resolved here once (None in parameter-server mode)."""
     import copy
 
     from scaletrain.config.paths import check_dir_field  # lazy (module note)
@@ -192,6 +193,7 @@ def _preflight(cfg, world, user_set: frozenset[str]) -> None:
     check_memory(shaped, dims, world.local_size)
     if world.is_main:  # only the main rank reports to the trackers
         check_trackers(cfg.metrics)
+    return dims
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -457,13 +459,22 @@ def cmd_bench(argv: list[str]) -> int:
     """`scaletrain bench --config F [--out DIR]`: bench/report.py."""
     from scaletrain.bench.report import bench_command  # lazy (module note)
     from scaletrain.config import build_config
+    from scaletrain.parallel.world import World
+    from scaletrain.parallel.world_checks import check_world
 
     args, overrides = _split_args("bench", argv)
     _at_least("bench --steps", args.steps, 1)
     _at_least("bench --warmup", args.warmup, 0)
     _at_least("bench --pairs", args.pairs, 1)
-    bench_command(build_config(args.config, overrides), out=args.out, steps=args.steps,
-                  warmup=args.warmup, pairs=args.pairs)
+    cfg = build_config(args.config, overrides)
+    world = World.from_env()  # one process, read once (parallel/world.py)
+    # The layout, resolved once by the rules `train` judges by; handed to the trainer.
+    dims = check_world(cfg, world.size, cfg.model.vocab_size or None)
+    if dims is None:
+        raise UserError("bench times the trainer of data/tensor/pipeline-parallel runs; "
+                        "parallel.mode='ps' (the parameter-server mode) is not benched")
+    bench_command(cfg, world, dims, out=args.out, steps=args.steps, warmup=args.warmup,
+                  pairs=args.pairs)
     return 0
 
 

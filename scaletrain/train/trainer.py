@@ -19,7 +19,7 @@ from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import ParallelDims, resolve_dims
+from scaletrain.config.dims import ParallelDims
 from scaletrain.data.mixture import tokens_by_source
 from scaletrain.evaluate import evaluate
 from scaletrain.finetune import resolve_init
@@ -53,19 +53,26 @@ from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None,
-                 dims: ParallelDims | None = None):
-        """Build the run's pieces in order, each step handed what it needs (train/build.py)."""
+    def __init__(self, cfg: Config, runtime: Runtime, dims: ParallelDims, *,
+                 plan_record: dict | None = None):
+        """Build the run's pieces in order, each step handed what it needs (train/build.py).
+
+        `runtime` and `dims`: this process's place and the run's layout, resolved once by
+        whoever builds the run (`train`, `scaletrain bench`) and handed to everything here;
+        `plan_record`: plan.auto's choice (summary.json "plan"), None when not planned."""
+        if dims.world != runtime.world:  # a caller's bug: the layout of another world
+            raise ValueError(f"ParallelDims of a world of {dims.world} ranks handed to a "
+                             f"runtime of {runtime.world}")
         # init.from: model shape and tokenizer from the source (finetune/init_from.py);
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
         self.cfg = cfg = resolve_init(cfg, resuming=resuming)
-        self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
+        self.rt = runtime
+        self.plan_record = plan_record
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
-        # The run's ParallelDims (from `train`, else resolved here), handed to everything as
-        # self.dist.dims; process group and device mesh (identities on one process).
-        dims = dims or resolve_dims(cfg.parallel, self.rt.world)
+        # The run's ParallelDims, handed to everything as self.dist.dims; process group and
+        # device mesh (identities on one process).
         self.dist = DistContext.setup(cfg.parallel, self.rt.rank, dims, self.rt.device)
         self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
@@ -321,7 +328,7 @@ class Trainer:
                 "interop_threads": torch.get_num_interop_threads(),
                 "device": str(self.rt.device),
                 "world_size": self.rt.world, "precision": cfg.precision.dtype,
-                "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
+                "plan": self.plan_record,  # plan.auto's choice (train())
                 "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
                              "dp_replicate": self.dist.dims.dp_replicate,
                              "dp_shard": self.dist.dims.dp_shard,
@@ -338,17 +345,15 @@ class Trainer:
                                     close=self.sinks.close if self.sinks else lambda: None)
 
 
-def train(cfg: Config, world: World | None = None) -> dict | Stop:
+def train(cfg: Config, world: World, dims: ParallelDims) -> dict | Stop:
     """Train `cfg` to the end and return its summary (or the `Stop` of a signal).
 
-    `world`: this process's place in the world (default: read from the environment);
-    parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
-    world = world or World.from_env()
+    `world`: this process's place in the world (the CLI read it once); `dims`: the run's
+    layout, as the CLI's validation resolved it (parallel/world_checks.py `check_world`);
+    plan.auto keeps it. Parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
     rt = detect_runtime(cfg.train.device, cfg.train.threads, world)
-    dims = resolve_dims(cfg.parallel, rt.world)  # the run's layout; plan.auto keeps it
     cfg, plan_record = auto_plan(cfg, world, dims)  # memory techniques that fit (plan/)
-    trainer = Trainer(cfg, rt, dims)
-    trainer.plan_record = plan_record  # -> summary.json "plan"
+    trainer = Trainer(cfg, rt, dims, plan_record=plan_record)  # -> summary.json "plan"
     write_record(cfg.run.dir, plan_record, rt.is_main)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()

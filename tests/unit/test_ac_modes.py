@@ -20,6 +20,7 @@ from scaletrain.parallel.ac import (ACPolicy, BudgetTooSmall, apply_ac, block_mo
                                     describe, kept_bytes)
 from scaletrain.plan.memory import ac_policy
 from scaletrain.models.losses import sum_cross_entropy
+from tests.conftest import make_cfg, one_process_trainer
 
 GPT = ["--model.name=gpt", "--model.n_layer=6", "--model.n_head=2", "--model.d_model=32",
        "--model.seq_len=32", "--model.vocab_size=64", "--train.batch_size=4",
@@ -180,14 +181,12 @@ def test_trainer_with_a_budget_trains_like_none_and_reports_the_blocks(tiny_args
     the 3 steps' losses equal those of the run without checkpointing."""
     import json
 
-    from scaletrain.train.trainer import Trainer
-    from tests.conftest import make_cfg
 
     def run(name, extra):
         cfg = make_cfg(tiny_args + [f"--run.dir={tmp_path / name}", "--train.steps=3",
                                     "--eval.test=false", "--model.n_layer=4",
                                     "--precision.dtype=fp64", *extra])
-        summary = Trainer(cfg).fit()
+        summary = one_process_trainer(cfg).fit()
         with open(tmp_path / name / "metrics.jsonl") as f:
             return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"], summary
 

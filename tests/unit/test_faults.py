@@ -17,7 +17,7 @@ from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.faults import FaultMonitor, roll_back
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, train_step
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 CPU = PrecisionPolicy("fp32", torch.device("cpu"))
 
@@ -149,12 +149,11 @@ def test_trainer_logs_skips_and_rolls_back_past_the_bad_batches(tiny_args):
     max_consecutive=2 both steps are skipped and logged, the run rolls back to the
     step-4 checkpoint, does not replay batches 5-6, and finishes."""
     from scaletrain.metrics import read_metrics
-    from scaletrain.train.trainer import Trainer
 
     cfg = make_cfg(tiny_args + ["--train.steps=8", "--checkpoint.interval=2",
                                 "--faults.max_consecutive=2", "--eval.test=false",
                                 "--train.threads=1"])
-    trainer = Trainer(cfg)
+    trainer = one_process_trainer(cfg)
     bs = cfg.train.batch_size
     poisoned = []
 
