@@ -211,7 +211,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def next_micro_batches(self):
         # Descent mode / batch ramp: draw this step's global batch size from the sampler.
-        self.loader.batch_size = self.strategy.batch_plan.batch_size(self.state.tokens)
+        self.loader.set_batch_size(self.strategy.batch_plan.batch_size(self.state.tokens))
         x, y = self.loader.next()
         x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
         x = self.policy.cast_input(x)  # fp64 / bf16-pure image inputs
