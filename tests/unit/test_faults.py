@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -14,7 +15,7 @@ from scaletrain.config.schema import FaultsConfig, ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer, build_scheduler
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.faults import FaultMonitor, roll_back
+from scaletrain.train.faults import FaultMonitor, Rollback, roll_back
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, train_step
 from tests.conftest import make_cfg, one_process_trainer
@@ -185,3 +186,18 @@ def test_detector_that_could_never_arm_is_a_config_error():
     with pytest.raises(ConfigError, match="faults.spike_min_history=200 exceeds"):
         make_cfg(["--faults.spike_min_history=200", "--faults.spike_window=128"])
     make_cfg(["--faults.spike_min_history=200", "--faults.spike_sigmas=0"])  # off: fine
+
+
+def test_a_rollback_with_no_checkpoint_counts_the_bad_steps_afresh():
+    """Nothing to go back to: the monitor counts bad steps in a row from 0 again (through
+    its own method), so the run keeps skipping them instead of asking again each step."""
+    cfg = make_cfg(["--faults.max_consecutive=2"])
+    monitor = FaultMonitor(cfg.faults)
+    for _ in range(2):
+        monitor.record(float("nan"), 1.0, "nonfinite_loss")
+    assert monitor.should_roll_back()
+    no_checkpoint = SimpleNamespace(newest_valid=lambda: None)
+    state = SimpleNamespace(skipped_steps=2)
+    assert Rollback(monitor, None, None, None, state, 1.0)(no_checkpoint) is None
+    assert monitor.consecutive == 0 and not monitor.should_roll_back()
+    assert state.skipped_steps == 2
