@@ -350,7 +350,7 @@ def train(cfg: Config, world: World, dims: ParallelDims) -> dict | Stop:
 
     `world`: this process's place in the world (the CLI read it once); `dims`: the run's
     layout, as the CLI's validation resolved it (parallel/world_checks.py `check_world`);
-    plan.auto keeps it. Parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
+    plan.auto keeps it. Parameter-server mode is paramserver/'s `train_ps` (cli/train.py picks)."""
     rt = detect_runtime(cfg.train.device, cfg.train.threads, world)
     cfg, plan_record = auto_plan(cfg, world, dims)  # memory techniques that fit (plan/)
     trainer = Trainer(cfg, rt, dims, plan_record=plan_record)  # -> summary.json "plan"
