@@ -22,8 +22,9 @@ def _parser():
 
 
 def cmd_train(argv: list[str]) -> int:
-    from scaletrain.config.load import user_keys  # lazy (package note)
-    from scaletrain.parallel.world import World  # lazy (package note)
+    from scaletrain.checkpoint.decisions import Stop  # lazy (package note)
+    from scaletrain.config.load import user_keys
+    from scaletrain.parallel.world import World
     from scaletrain.train.resume_config import build_train_config
     from scaletrain.train.run_guard import make_run_dir
 
@@ -44,36 +45,12 @@ def cmd_train(argv: list[str]) -> int:
     if writes_run_dir:  # every check passed: only now may the run dir appear (or fail to)
         make_run_dir(Path(cfg.run.dir))
     if launch:
-        if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: one line here
-            from scaletrain.paramserver.checkpoint import check_resume  # lazy (package note)
-
-            check_resume(cfg)
-        if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
-            from scaletrain.plan.auto import GiB, budget_bytes, device_type_of  # lazy
-
-            gib = budget_bytes(cfg, device_type_of(cfg), args.nproc) / GiB
-            argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
-        return _launch_torchrun(args.nproc, argv)
-    from scaletrain.checkpoint.decisions import Stop  # lazy (package note)
-    from scaletrain.train.trainer import train
-
-    if cfg.parallel.mode == "ps":  # parameter-server training is its own mode
-        from scaletrain.paramserver import train_ps  # lazy: torch.distributed.rpc
-
-        summary = train_ps(cfg)
-    else:
-        summary = train(cfg, world, dims)
+        return _launch(cfg, args.nproc, argv)
+    summary = _train_here(cfg, world, dims)
     if isinstance(summary, Stop):  # SIGTERM/SIGINT: checkpoint saved; 128 + N, as a shell
         return summary.exit_code
     if world.is_main:
-        val, test = summary["val"], summary.get("test")
-        line = f"done: {summary['steps']} steps, val loss {val['loss']:.4f}"
-        if test:
-            line += f", test loss {test['loss']:.4f}"
-            if "accuracy" in test:
-                line += f", test accuracy {test['accuracy']:.4f}"
-        line += f", {summary['tokens_per_s']:.0f} tokens/s -> {cfg.run.dir}"
-        print(line)
+        print(_done_line(summary, cfg.run.dir))
     if world.size > 1:
         # Everything is written and the process group destroyed. Skip the interpreter's
         # teardown: gloo worker threads can still hold async work (pipeline P2P) whose
@@ -83,6 +60,44 @@ def cmd_train(argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _launch(cfg, nproc: int, argv: list[str]) -> int:
+    """The launcher's part, after every check: what the ranks must not each redo, then
+    torchrun with `nproc` processes running this same command."""
+    if cfg.parallel.mode == "ps":  # a PS resume the config cannot load: one line here
+        from scaletrain.paramserver.checkpoint import check_resume  # lazy (package note)
+
+        check_resume(cfg)
+    if cfg.plan.auto and cfg.plan.memory_gib <= 0:  # one reading for all ranks
+        from scaletrain.plan.auto import GiB, budget_bytes, device_type_of  # lazy
+
+        gib = budget_bytes(cfg, device_type_of(cfg), nproc) / GiB
+        argv = [*argv, f"--plan.memory_gib={gib:.3f}"]
+    return _launch_torchrun(nproc, argv)
+
+
+def _train_here(cfg, world, dims):
+    """This process's training (a rank, or the only process): the summary, or the `Stop`
+    of a SIGTERM/SIGINT (its checkpoint saved)."""
+    from scaletrain.train.trainer import train  # lazy (package note)
+
+    if cfg.parallel.mode == "ps":  # parameter-server training is its own mode
+        from scaletrain.paramserver import train_ps  # lazy: torch.distributed.rpc
+
+        return train_ps(cfg)
+    return train(cfg, world, dims)
+
+
+def _done_line(summary: dict, run_dir: str) -> str:
+    """The main rank's last line: steps, val / test loss (accuracy), tokens/s, where."""
+    val, test = summary["val"], summary.get("test")
+    line = f"done: {summary['steps']} steps, val loss {val['loss']:.4f}"
+    if test:
+        line += f", test loss {test['loss']:.4f}"
+        if "accuracy" in test:
+            line += f", test accuracy {test['accuracy']:.4f}"
+    return line + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}"
 
 
 def _preflight(cfg, world, user_set: frozenset[str]):

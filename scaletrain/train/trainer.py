@@ -67,8 +67,7 @@ class Trainer:
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
         self.cfg = cfg = resolve_init(cfg, resuming=resuming)
-        self.rt = runtime
-        self.plan_record = plan_record
+        self.rt, self.plan_record = runtime, plan_record
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
         # The run's ParallelDims, handed to everything as self.dist.dims; process group and
@@ -77,11 +76,7 @@ class Trainer:
         self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = shows_progress(cfg, self.rt)
-        self.data = build_run_data(cfg, self.rt, self.dist, self.show_progress)
-        self.run_dir = Path(cfg.run.dir)
-        if self.rt.is_main:
-            write_run_files(cfg, self.data, self.run_dir)
-        seed_everything(cfg.train.seed)
+        self.data, self.run_dir = self._run_data()
         facts = data_facts(self.data)
         # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
         # once here and handed to AC, the pipeline, the strategy and the summary.
@@ -89,32 +84,22 @@ class Trainer:
         self.parallel, self.ac_modes = build_model(cfg, facts, self.batch, self.dist,
                                                    self.policy, self.rt.device, resuming)
         self.model = self.parallel.module
-        self.n_params = count_params(self.model)
+        n_params = count_params(self.model)  # before a pipeline keeps this rank's stages
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
         # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
         self.strategy = build_strategy(cfg, self.model, self.policy, len(self.data.train),
                                        self.batch, self.parallel.tied_copies)
         self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
-        self.dp = self.dist.dims.dp
-        self.micro = self.batch.micro
-        # Micro-batches per rank in a full step of the resolved batch (full-batch descent:
-        # the whole train split; after any ramp), the last one possibly smaller.
-        self.accum = self.batch.accum
+        # Micro-batches per rank in a full step of the resolved batch (`accum`; full-batch
+        # descent: the whole train split; after any ramp), the last one possibly smaller.
+        self.dp, self.micro, self.accum = self.dist.dims.dp, self.batch.micro, self.batch.accum
         self.loader = build_loader(cfg, self.data, self.dist)
         self.doc_eot, self.moe, self.loss = build_loss(
             cfg, self.parallel, self.dist, self.policy, self.rt.device, self.data, facts)
-        # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
-        self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
-                                       self.batch.per_rank, self.micro, cfg.model,
-                                       self.data.vocab_size, self.policy.param_dtype, self.loss)
+        self.pipeline = self._pipeline()
         self.state = TrainState()
-        # Host reads of step values (tokens, fault guard, stop flag): one step late on a
-        # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next
-        # batch by the tokens seen.
-        lag = 0 if self.strategy.batch_plan.ramp_tokens else \
-            resolve_lag(cfg.train.host_reads, self.rt.device)
-        self.reads = LaggedReads(lag, self.rt.device)
+        self.reads = self._host_reads()
         self._tokens_since_log = 0
         # The run's end of step and the layout's micro-batch loop (reducers, no_sync, norm).
         self.faults, self.step_end = self._end_of_step()
@@ -123,10 +108,35 @@ class Trainer:
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = open_sinks(cfg, self.run_dir) if self.rt.is_main else None
         self.n_params, self.flops_per_token = model_stats(
-            cfg, self.parallel, self.n_params, self.loss, self.pipeline, facts)
+            cfg, self.parallel, n_params, self.loss, self.pipeline, facts)
         self._peak_flops: float | None = None
         self.recorder = self._recorder()
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
+
+    def _run_data(self):
+        """The run's data (prepared by rank 0 if need be) and run directory, whose files
+        rank 0 writes (config, tokenizer); then the global streams are seeded."""
+        cfg = self.cfg
+        data = build_run_data(cfg, self.rt, self.dist, self.show_progress)
+        run_dir = Path(cfg.run.dir)
+        if self.rt.is_main:
+            write_run_files(cfg, data, run_dir)
+        seed_everything(cfg.train.seed)
+        return data, run_dir
+
+    def _pipeline(self):
+        """pp > 1: this rank's stage(s) and the schedule that runs the step (else None)."""
+        return build_pipeline(self.parallel, self.dist, self.cfg.parallel, self.batch.per_rank,
+                              self.micro, self.cfg.model, self.data.vocab_size,
+                              self.policy.param_dtype, self.loss)
+
+    def _host_reads(self) -> LaggedReads:
+        """Host reads of step values (tokens, fault guard, stop flag): one step late on a
+        GPU (train/host_reads.py); at once under a batch ramp, which sizes the next batch
+        by the tokens seen."""
+        lag = 0 if self.strategy.batch_plan.ramp_tokens else \
+            resolve_lag(self.cfg.train.host_reads, self.rt.device)
+        return LaggedReads(lag, self.rt.device)
 
     def _end_of_step(self) -> tuple[FaultMonitor, StepEnd]:
         """The run's end of step (optim/step_end.py): clipping, the penalty hook and the
