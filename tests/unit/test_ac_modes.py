@@ -166,6 +166,7 @@ def test_budget_config_errors_are_config_errors():
         cfg_of("--parallel.activation_budget_gib=1")
     with pytest.raises(ConfigError, match="every > 1"):
         cfg_of("--parallel.activation_checkpoint_every=2")
+    from scaletrain.config.batch_plan import batch_plan
     from scaletrain.config.dims import ParallelDims
     from scaletrain.plan.ac_budget import activation_policy
 
@@ -173,7 +174,7 @@ def test_budget_config_errors_are_config_errors():
                   "--parallel.activation_budget_gib=0.0000001")
     dims = ParallelDims.resolve(1, 1, 1, 1, 1)
     with pytest.raises(ConfigError, match="activation_budget_gib.*lower train.micro_batch"):
-        activation_policy(tiny, dims)
+        activation_policy(tiny, dims, batch_plan(tiny, dims.dp))
 
 
 def test_trainer_with_a_budget_trains_like_none_and_reports_the_blocks(tiny_args, tmp_path):
