@@ -29,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from scaletrain.data import build_data
+from scaletrain.data.build import build_data
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer
 from scaletrain.precision import PrecisionPolicy

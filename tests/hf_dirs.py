@@ -46,14 +46,17 @@ def hf_model_dir(d: Path, arch: str, config: dict, shard: str,
                  init: Callable[[torch.nn.Module], None] | None = None):
     """transformers' `<arch>ForCausalLM` of `<arch>Config(**config)`, seeded with 0 and in
     eval mode, `init(model)` applied (weights a test needs away from their defaults),
-    saved into `d` in files of at most `shard` with `hf_tokenizer`; returns the model."""
+    saved into `d` in files of at most `shard` with `hf_tokenizer`; returns the model.
+    Its bos / eos ids (config.json, generation_config.json) are the tokenizer's, as
+    transformers reads them: a swap of BOS and EOS above reaches every file."""
     import transformers  # optional, as in hf_tokenizer
 
+    fast = hf_tokenizer(d)
     torch.manual_seed(0)
-    cfg = getattr(transformers, f"{arch}Config")(**config)
+    cfg = getattr(transformers, f"{arch}Config")(
+        **config, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     if init is not None:
         init(model)
     model.save_pretrained(d, max_shard_size=shard)
-    hf_tokenizer(d)
     return model

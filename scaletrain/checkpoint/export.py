@@ -34,7 +34,7 @@ from scaletrain.config import run_files
 from scaletrain.config.load import dumps_toml, parse_overrides
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
-from scaletrain.finetune.lora import merge_lora_run
+from scaletrain.finetune.lora import apply_lora, merge_lora_run
 from scaletrain.models import build_model
 
 # The chat template a chat run saved beside its tokenizer (data/chat.py
@@ -56,6 +56,9 @@ def load_for_export(run_dir: Path, weights: str = "auto"):
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
     model = build_model(cfg.model, facts, seed=cfg.train.seed)
+    f = cfg.finetune
+    if f.lora_rank:  # its checkpoint holds the LoRA layers' names, base weights included
+        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_targets)
     target = CheckpointManager._newest_valid(run_dir / CKPT_DIR, required=True)
     load_model_from_checkpoint(model, target[0], target[1])
     return cfg, model.eval(), tok

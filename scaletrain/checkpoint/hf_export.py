@@ -4,7 +4,9 @@ GPT2LMHeadModel; LlamaForCausalLM / Qwen2 / Qwen3 / Mistral / Qwen3-MoE / Mixtra
 `model.hf_architecture` says), which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
 load.
 
-- `config.json`: the family map's (models/gpt_hf.py, models/llama_hf.py).
+- `config.json`: the family map's (models/gpt_hf.py, models/llama_hf.py), and
+  `generation_config.json` with its bos / eos ids, as `save_pretrained` writes: the
+  run's tokenizer's, so `generate` in transformers stops where scaletrain's does.
 - weights: fp32 safetensors under HF names (tied heads not stored, as save_pretrained
   does); one `model.safetensors` up to `max_shard_bytes` (default 2 GB; `--max-shard-size`),
   above it `model-0000i-of-0000n.safetensors` shards and `model.safetensors.index.json`.
@@ -95,13 +97,17 @@ def export_hf(cfg, model, tok, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES
                           "format (use --format safetensors)")
     # model.vocab_size 0 meant "the tokenizer's": the built model knows the number
     mcfg = dataclasses.replace(cfg.model, vocab_size=model.config.vocab_size)
-    config = spec.hf.config_json(mcfg, tok.eot_id if tok is not None else None)
+    config = spec.hf.config_json(mcfg, tok.eot_id if tok is not None else None,
+                                 tok.bos_id if tok is not None else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+        indent=2))
     write_shards(hf_tensors(model, spec, mcfg), out, max_shard_bytes)
     if tok is not None:
         tok.save(out / "tokenizer.json")
-        special = spec.hf.special_tokens(tok.eot_token)
+        special = spec.hf.special_tokens(tok.eot_token, tok.bos_token)
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.seq_len,

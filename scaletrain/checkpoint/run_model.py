@@ -81,7 +81,9 @@ def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
     tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
-    model = build_model(cfg.model, facts, seed=cfg.train.seed, device=device)
+    # load_weights (and a LoRA run's base, load_into) writes every tensor or refuses
+    # (CheckpointError): the random init would only be overwritten
+    model = build_model(cfg.model, facts, seed=cfg.train.seed, device=device, init=False)
     model = prepare_loaded_model(model, cfg)  # a LoRA run: base from init.from + adapters
     load_weights(model, pick_weights(d, which), spec_of(cfg.model).tied)
     return cfg, model.eval(), tok

@@ -14,12 +14,15 @@ from scaletrain.cli.args import base_parser, split_args
 def cmd_prepare(argv: list[str]) -> int:
     from scaletrain.config import build_config  # lazy (package note)
     from scaletrain.data.pipeline import stage_table
-    from scaletrain.data.preference import prepare_preference, preference_keys
     from scaletrain.data.prepare import prepare
 
     args, overrides = split_args(base_parser("prepare"), argv)
     cfg = build_config(args.config, overrides)
     if cfg.train.objective == "dpo":  # preference records (data/preference.py)
+        # Only here: preference.py imports torch (seconds under load), which a text
+        # `prepare` never needs.
+        from scaletrain.data.preference import prepare_preference, preference_keys
+
         path = prepare_preference(cfg.data, preference_keys(cfg.dpo),
                                   progress=sys.stderr.isatty())
     elif cfg.data.mixture:

@@ -109,15 +109,22 @@ def _preflight(cfg, world, user_set: frozenset[str]):
     import copy
 
     from scaletrain.config.paths import check_dir_field  # lazy (package note)
+    from scaletrain.data.tokenizer import Tokenizer
     from scaletrain.finetune import resolve_init
+    from scaletrain.finetune.source_shapes import check_source_shapes
     from scaletrain.train.run_guard import resumes_in_place
     from scaletrain.parallel.world_checks import check_world
     from scaletrain.plan.preflight import check_memory
     from scaletrain.metrics.trackers import check_trackers
 
     check_dir_field("data.prepared_dir", cfg.data.prepared_dir)  # rank 0 would fail alone
+    resuming = resumes_in_place(cfg)
     shaped = resolve_init(copy.deepcopy(cfg), user_set,  # init.from fixes the shape
-                          resuming=resumes_in_place(cfg))
+                          resuming=resuming)
+    if not resuming:  # its weights have that shape (headers only; a resume reads none)
+        check_source_shapes(shaped)
+    if shaped.data.tokenizer:  # readable, and its special tokens agree with its directory's
+        Tokenizer.load(shaped.data.tokenizer)
     if shaped.data.format == "chat":  # a chat template to render with, before launching
         from scaletrain.data.chat import load_chat_tokenizer  # lazy: imports transformers
 

@@ -28,7 +28,7 @@ from scaletrain.compress.prune import shrink_to
 from scaletrain.compress.quantize import load_quantized
 from scaletrain.config import build_config, dumps_toml
 from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, write_atomic
-from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.data.tokenizer import SpecialTokensError, Tokenizer
 from scaletrain.errors import CheckpointError, UserError
 from scaletrain.finetune import hf_import
 from scaletrain.finetune.init_from import load_into
@@ -90,13 +90,17 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
         return load_model_from_run(d, overrides, which=which, device=device)
     cfg = load_run_config(d, overrides)
     tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    kind = meta["kind"]
+    # Dense and structured weights go through load_into, which writes every tensor or
+    # refuses: the random init would only be overwritten. A quantized artefact's loader
+    # (load_quantized) reads what it holds and keeps the rest, so it keeps the init.
     model = build_model(cfg.model, {"vocab_size": tok.vocab_size if tok else 0},
-                        seed=cfg.train.seed, device="cpu")
+                        seed=cfg.train.seed, device="cpu",
+                        init=kind not in ("dense", "structured"))
     try:
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{d / WEIGHTS}: not a readable safetensors file ({e})") from None
-    kind = meta["kind"]
     if kind == "structured":
         shrink_to(model, meta["heads"], meta["d_ff"], spec_of(cfg.model).prune_units)
     if kind in ("dense", "structured"):
@@ -116,12 +120,15 @@ def _load_hf(d: Path, overrides, device):
     fields = hf_import.check_hf_dir(d)
     cfg = build_config(None, [(f"model.{k}", str(v).lower() if isinstance(v, bool) else str(v))
                               for k, v in fields.items()] + list(overrides))
-    model = build_model(cfg.model, {}, seed=0, device="cpu")
+    # load_hf_into writes every parameter or refuses (CheckpointError): no random init
+    model = build_model(cfg.model, {}, seed=0, device="cpu", init=False)
     hf_import.load_hf_into(model, d, spec_of(cfg.model).tied)
     tok = None
     if (d / "tokenizer.json").is_file():
         try:
             tok = Tokenizer.load(d / "tokenizer.json")
+        except SpecialTokensError:  # a contradicting tokenizer_config.json: the user's
+            raise
         except (ValueError, UserError):  # no <|endoftext|>: logits only, no text
             tok = None
     return cfg, model.to(device).eval(), tok

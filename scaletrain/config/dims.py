@@ -16,7 +16,10 @@ dp_shard group split the routed experts among them (torchtitan's "EP borrows fro
 dp_shard"). The experts get their own 2-D mesh ("efsdp", "ep") over the same ranks in
 the same order: "ep" (innermost: neighbours, which exchange tokens twice per MoE layer)
 holds one expert slice per rank, "efsdp" = dp_shard / ep ranks hold the same slice and
-shard it with FSDP2 (the "expert data-parallel" group that sums its gradients).
+shard it with FSDP2 (the "expert data-parallel" group that sums its gradients). With
+pipeline stages the expert mesh is ("pp", "efsdp", "ep"): each stage's dp_shard ranks
+split that stage's experts (the world mesh's ("pp", "dp_shard") order, dp_shard cut in
+two), and its "efsdp" / "ep" sub-meshes are this rank's stage's.
 
 This module imports no torch.distributed at import time: config checks use it too.
 """
@@ -110,11 +113,12 @@ class ParallelDims:
 
     @property
     def strategy(self) -> str:
-        """'single', 'ddp', 'fsdp' or 'hsdp' (for logs and the summary)."""
+        """'single', 'ddp', 'fsdp', 'fsdp+ep' (experts split over ep of the FSDP2 ranks)
+        or 'hsdp' (for logs and the summary)."""
         if self.hsdp:
             return "hsdp"
         if self.fsdp:
-            return "fsdp"
+            return "fsdp+ep" if self.ep > 1 else "fsdp"
         return "ddp" if self.ddp else "single"
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -128,12 +132,16 @@ class ParallelDims:
         return tuple(d for _, d in dims), tuple(n for n, _ in dims)
 
     def build_expert_mesh(self, device_type: str):
-        """The experts' 2-D DeviceMesh ("efsdp", "ep") over the dp_shard ranks (module
-        docstring), or None without expert parallelism. Collective: every rank calls it."""
+        """The experts' DeviceMesh ("efsdp", "ep") over the dp_shard ranks, with "pp"
+        outermost under pipeline stages (module docstring), or None without expert
+        parallelism. Collective: every rank calls it."""
         if self.ep == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
+        if self.pp > 1:
+            return init_device_mesh(device_type, (self.pp, self.efsdp, self.ep),
+                                    mesh_dim_names=("pp", "efsdp", "ep"))
         return init_device_mesh(device_type, (self.efsdp, self.ep),
                                 mesh_dim_names=("efsdp", "ep"))
 
@@ -152,11 +160,12 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
     if ep < 1:
         raise ConfigError(f"parallel.ep={ep} must be >= 1")
     for what, degree in (("parallel.dp_replicate", dims.dp_replicate),
-                         ("parallel.tp", dims.tp), ("parallel.pp", dims.pp)):
+                         ("parallel.tp", dims.tp)):
         if degree > 1:
             raise ConfigError(f"parallel.ep={ep} with {what}={degree} is not supported "
                               "yet: expert parallelism runs inside FSDP2 (parallel.dp_shard)"
-                              " alone, without HSDP / DDP replicas, TP or PP")
+                              ", alone or in pipeline stages, without HSDP / DDP replicas "
+                              "or TP")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
                           f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "

@@ -216,23 +216,23 @@ class DedupSplit(PipelineStep):
     the set of digests seen (32 bytes a unique document), not the documents. The split
     is `clean.split_documents`'s: by the digest, and an empty wanted split gets the
     smallest digest of the largest one. Writes `<work>/split/<split>-<n>.jsonl` parts of
-    [source, sha256 hex, text] lines and `<work>/parts.json` listing them.
+    about `part_chars` characters, [source, sha256 hex, text] lines, and
+    `<work>/parts.json` listing them.
     """
 
     name = "dedup + split"
 
     def __init__(self, work: str, val_fraction: float, test_fraction: float,
-                 folder: str = "clean"):
+                 part_chars: int, folder: str = "clean"):
         super().__init__()
         self.work, self.val, self.test = work, val_fraction, test_fraction
-        self.folder = folder
+        self.part_chars, self.folder = part_chars, folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
         seen: set[bytes] = set()
-        # Read when the task runs, not at import: tests make parts small.
-        writers = {s: _PartWriter(work / "split", s, shards.CHUNK_CHARS) for s in SPLITS}
+        writers = {s: _PartWriter(work / "split", s, self.part_chars) for s in SPLITS}
         for _file, _rec, src, h, text in _merged(work, self.folder):
             digest = bytes.fromhex(h)
             if digest in seen:

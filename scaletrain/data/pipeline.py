@@ -31,6 +31,7 @@ from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets
 from datatrove.utils.hashing import HashConfig
 
 from scaletrain.config.schema import DataConfig
+from scaletrain.data import shards
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.clean import SPLITS, Counts, documents_needed
 from scaletrain.data.dt_steps import (LENGTH_STAT, CleanedReader, CleanedWriter, Clean,
@@ -126,7 +127,7 @@ def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
     if dcfg.dedup == "minhash":
         folder, dup_stages = "deduped", _minhash(work, dcfg, workers)
     dedup = _merged(_job([DedupSplit(str(work), dcfg.val_fraction, dcfg.test_fraction,
-                                     folder)],
+                                     split_part_chars(work / folder, workers), folder)],
                          tasks=1, workers=1, logs=work / "logs-split", dcfg=dcfg))
     parts = json.loads((work / "parts.json").read_text())
     duplicates = dup_stages.pop("duplicates", 0) + dedup["duplicates"]
@@ -154,6 +155,25 @@ def build_text(out: Path, inputs: list[InputFiles], dcfg: DataConfig,
                 "tokens": {s: tokens.get(f"tokens/{s}/src{i}", 0) for s in SPLITS}}
                for i, inp in enumerate(inputs)]
     return Built(counts, splits, stages, sources, tok, _length_histogram(tokens))
+
+
+MIN_PART_CHARS = 1 << 20
+"""Split parts are not made smaller than this to spread a corpus over the workers: a
+tokenize task has a fixed cost (loading the tokenizer, its task files), ~0.1 s."""
+
+
+def split_part_chars(cleaned: Path, workers: int) -> int:
+    """Characters per split part (one tokenize task each): `shards.CHUNK_CHARS`, or less
+    when the cleaned documents in `cleaned` (their JSONL bytes, about their characters)
+    would then give fewer than two parts per worker. A corpus under 16 MB was one train
+    part, tokenized by one worker while the others had the small val / test parts; two
+    per worker let the task queue even out parts of unequal size. The token files do not
+    depend on this: parts are tokenized document by document and joined in order."""
+    chunk = shards.CHUNK_CHARS  # read when called: tests make parts small
+    if workers <= 1:
+        return chunk
+    total = sum(p.stat().st_size for p in cleaned.glob("*.jsonl"))
+    return min(chunk, max(MIN_PART_CHARS, -(-total // (2 * workers))))
 
 
 def _minhash(work: Path, dcfg: DataConfig, workers: int) -> dict[str, int]:

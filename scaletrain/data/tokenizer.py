@@ -10,6 +10,7 @@ that `decode(encode(s)) == s` holds for *every* string, including non-NFC ones.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +28,18 @@ EOT = "<|endoftext|>"
 # survives every copy (run directory, worker processes) without a side file. A chat
 # model's turn-end token (<|im_end|>, <|eot_id|>) is not a document boundary.
 EOT_NAMES = (EOT, "<|end_of_text|>", "</s>")
+# The beginning-of-text token, first one present: Llama 3's, Mistral / Llama 2's. Only
+# written into an HF export (config.json bos_token_id, tokenizer_config.json), so
+# transformers sees the ids the source directory declared; scaletrain never adds it.
+BOT_NAMES = ("<|begin_of_text|>", "<s>")
+# Beside a tokenizer.json from a Hugging Face directory: its declared special tokens.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class SpecialTokensError(DataError):
+    """A Hugging Face directory's tokenizer_config.json is unreadable or its declared
+    special tokens contradict the end-of-text token scaletrain picked (`check_declared`):
+    the user's to fix, never a reason to load the directory without its tokenizer."""
 
 
 class Tokenizer:
@@ -47,6 +60,9 @@ class Tokenizer:
         self._hf = hf
         self.eot_id: int = eot
         self.eot_token: str = found[0]
+        bot = [name for name in BOT_NAMES if hf.token_to_id(name) is not None]
+        self.bos_token: str | None = bot[0] if bot else None
+        self.bos_id: int | None = hf.token_to_id(bot[0]) if bot else None
         self.vocab_size: int = hf.get_vocab_size()
 
     @classmethod
@@ -61,9 +77,11 @@ class Tokenizer:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"{path}: not a valid tokenizer file ({first})") from None
         try:
-            return cls(hf)
+            tok = cls(hf)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
+        check_declared(path, tok)
+        return tok
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as a single `tokenizer.json` file."""
@@ -89,6 +107,40 @@ class Tokenizer:
     def from_str(cls, s: str) -> Tokenizer:
         """Inverse of :meth:`to_str`."""
         return cls(HFTokenizer.from_str(s))
+
+
+def _declared(config: dict, key: str) -> str | None:
+    """A tokenizer_config.json special token: a string, or an AddedToken's dict."""
+    v = config.get(key)
+    return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+
+def check_declared(path: Path, tok: Tokenizer) -> None:
+    """SpecialTokensError when the tokenizer_config.json beside `path` (a Hugging Face directory)
+    names special tokens that contradict the ones scaletrain picked by name: an eos that
+    is another end- or beginning-of-text token, or our end-of-text declared as its bos.
+    Documents would then be separated, and generation stopped, at an id transformers
+    reads as something else. A chat model's turn end declared as eos (<|im_end|>,
+    <|eot_id|>) is fine: it is not a document boundary (EOT_NAMES)."""
+    f = path.parent / TOKENIZER_CONFIG
+    if not f.is_file():
+        return
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SpecialTokensError(f"{f}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise SpecialTokensError(f"{f}: not a tokenizer config (a JSON object)")
+    eos, bos = _declared(config, "eos_token"), _declared(config, "bos_token")
+    ours = f"{tok.eot_token!r} (id {tok.eot_id})"
+    if eos in EOT_NAMES + BOT_NAMES and eos != tok.eot_token:
+        raise SpecialTokensError(f"{f}: eos_token is {eos!r}, but scaletrain ends documents "
+                                 f"(and generation) with {path.name}'s {ours}; fix the "
+                                 "directory's special tokens")
+    if bos == tok.eot_token and eos != tok.eot_token:
+        raise SpecialTokensError(f"{f}: bos_token is {bos!r}, the token scaletrain ends "
+                                 "documents (and generation) with; fix the directory's "
+                                 "special tokens")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = None,

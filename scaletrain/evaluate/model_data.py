@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from scaletrain.data import Data, build_data
+from scaletrain.data.build import Data, build_data
 from scaletrain.data.prepare import cached_text_dir
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.data.vision import DIGITS

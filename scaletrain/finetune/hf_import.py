@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.finetune.lora import base_names, is_adapter
 from scaletrain.models.contract import TiedPairs, param_at, stored_once, tie
 from scaletrain.models.hf_map import HFMap
 from scaletrain.models.registry import REGISTRY, spec_of
@@ -242,12 +243,16 @@ def load_targets(model: nn.Module, tied: TiedPairs) -> dict[str, str]:
     read as its embedding only where the embedding is not here too (a pipeline's last
     stage holds a copy of it, parallel/parallelize.py `tied_copies`); where both are,
     `tie` makes the head the embedding's tensor after the load. `model` may be one
-    pipeline stage: only what it holds is listed."""
+    pipeline stage: only what it holds is listed. A model converted to LoRA reads each
+    base weight under its plain name and no adapter (lora.py `init_adapters` draws them)."""
     heads = dict(tied)
+    plain = base_names(model)
     out = {}
     for k in model.state_dict():
+        if is_adapter(k):
+            continue
         if not stored_once(k, tied):
-            out[k] = k
+            out[k] = plain.get(k, k)
         elif k in heads and param_at(model, heads[k]) is None:
             out[k] = heads[k]
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from scaletrain.config.run_files import CONFIG_FILE, TOKENIZER_FILE, pick_weight
 from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune import hf_import
-from scaletrain.finetune.lora import adapter_only, apply_lora, freeze, merge_adapter_state
+from scaletrain.finetune.lora import (adapter_only, apply_lora, freeze, init_adapters,
+                                      merge_adapter_state)
 from scaletrain.models.contract import TiedPairs, tie
 from scaletrain.models.registry import spec_for, spec_of
 from scaletrain.parallel.weights import load_full_state_dict
@@ -91,16 +92,23 @@ def source_state(src: Source) -> dict[str, torch.Tensor]:
     return state
 
 
-def _lora_run_state(src: Source, adapters: dict) -> dict[str, torch.Tensor]:
-    """A LoRA run's merged weights (its own init.from + the adapters), so a LoRA run can
-    be the init.from of the next stage (chat SFT with LoRA -> DPO) as a dense model."""
+def lora_base(src: Source) -> tuple[Source, dict]:
+    """(the base source, the saved `finetune` section) of a LoRA run `src`, whose weights
+    are its adapters only; CheckpointError when that base directory is gone."""
     saved = load_toml(src.dir / CONFIG_FILE)
     base_from = saved.get("init", {}).get("from", "")
-    lora = saved.get("finetune", {})
     if not base_from or not Path(base_from).is_dir():
         raise CheckpointError(f"init.from: '{src.dir}' is a LoRA run (its weights are the "
                               f"adapters only) whose base init.from '{base_from}' is gone")
-    base = find_source(base_from, saved.get("init", {}).get("weights", "best"))
+    return (find_source(base_from, saved.get("init", {}).get("weights", "best")),
+            saved.get("finetune", {}))
+
+
+def _lora_run_state(src: Source, adapters: dict) -> dict[str, torch.Tensor]:
+    """A LoRA run's merged weights (its own init.from + the adapters), so a LoRA run can
+    be the init.from of the next stage (chat SFT with LoRA -> DPO) as a dense model."""
+    base, lora = lora_base(src)
+    base_from = str(base.dir)
     try:
         return merge_adapter_state(source_state(base), adapters, lora["lora_rank"],
                                    lora["lora_alpha"])
@@ -158,14 +166,15 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
             raise ConfigError(f"model.{key}={value!r}: the model's shape comes from "
                               f"{origin}, whose {key} is {getattr(cfg.model, key)!r}; drop "
                               "the override (or train from scratch without init.from)")
-
     return validate(cfg)
 
 
 def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
               stage: bool = False) -> None:
     """Copy full weights into `model` (sharded or not), refusing missing, extra or
-    mis-shaped tensors with a CheckpointError naming `where`; `tied`: the family's
+    mis-shaped tensors with a CheckpointError naming `where`: every tensor of the
+    model's state dict is written (or re-tied), so the callers skip the random init
+    (`writes_every_weight`, compress/artefact.py); `tied`: the family's
     tied pairs (ModelSpec.tied), whose heads the weights hold once, as the embedding.
     `stage`: `model` is one pipeline stage (parallel.pp > 1), which takes its own
     tensors of the whole model's (extra ones are the other stages'), a last stage's
@@ -187,22 +196,25 @@ def load_into(model: nn.Module, state: dict, where: str, tied: TiedPairs,
 
 def writes_every_weight(cfg, resuming: bool = False) -> bool:
     """Whether `apply_init` will overwrite every parameter the model holds, so its random
-    init can be skipped (models/registry.py `materialize(init=False)`): init.from of a
-    Hugging Face directory, whose loader refuses a model it does not fill
-    (hf_import.load_hf_into) and reads only this rank's slices — with the init, each
-    rank also drew every parameter whole first. Not when resuming (init.from is not
-    read then) nor for the other sources (read whole on every rank anyway)."""
-    return bool(cfg.init.from_) and not resuming and \
-        find_source(cfg.init.from_, cfg.init.weights).kind == "hf"
+    init can be skipped (models/registry.py `materialize(init=False)`): any init.from
+    source, whose loaders refuse a model they do not fill — a Hugging Face directory
+    (hf_import.load_hf_into, reading only this rank's slices: with the init, each rank
+    also drew every parameter whole first) and a run directory, artefact or export
+    (`load_into`: every tensor of the model's state dict, or CheckpointError). Not when
+    resuming: init.from is not read then, the checkpoint is (and the trainer inits)."""
+    return bool(cfg.init.from_) and not resuming
 
 
 def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
                resuming: bool = False) -> nn.Module:
-    """Trainer hook after the model is built: load `init.from`, freeze, add LoRA.
+    """Trainer hook after the model is built: load `init.from`, draw the LoRA adapters.
 
+    The model was converted (freeze / LoRA) on `meta`, before it was sharded (see
+    `converter`), so the trained weights load into the LoRA layers' base weights under
+    their plain names (hf_import.load_targets), each rank its own shard under FSDP2.
     `resuming` (see `resolve_init`): the checkpoint about to be loaded holds every
     weight, the frozen base of a LoRA run included (DCP saves all parameters), so
-    init.from is not read; the converters still run, the checkpoint's layout needs them.
+    init.from is not read (and the adapters drawn here are replaced by the saved ones).
     """
     if cfg.init.from_:
         if vocab_size and vocab_size > cfg.model.vocab_size:
@@ -216,16 +228,28 @@ def apply_init(model: nn.Module, cfg, vocab_size: int | None = None,
             else:
                 load_into(model, source_state(src), cfg.init.from_, tied,
                           stage=cfg.parallel.pp > 1)
-    return _convert(model, cfg)
-
-
-def _convert(model: nn.Module, cfg) -> nn.Module:
-    f = cfg.finetune
-    if f.freeze:
-        freeze(model, f.freeze)
-    if f.lora_rank:
-        apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_targets, f.lora_dropout)
+    init_adapters(model, cfg.train.seed)  # a no-op without LoRA layers
     return model
+
+
+def converter(cfg) -> Callable[[nn.Module], nn.Module] | None:
+    """The freeze / LoRA conversion of `cfg` (None without either), which the trainer
+    applies to the model on `meta`, before TP / FSDP / DDP (parallel/parallelize.py
+    `build_parallel_model(convert=)`): FSDP2 then shards the adapters with the block
+    they sit in and reduce-scatters only their gradients, and no layout sees a
+    parameter appear after it took the model's. Its weights come after, in
+    `apply_init`."""
+    f = cfg.finetune
+    if not (f.freeze or f.lora_rank):
+        return None
+
+    def convert(model: nn.Module) -> nn.Module:
+        if f.freeze:
+            freeze(model, f.freeze)
+        if f.lora_rank:
+            apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_targets, f.lora_dropout)
+        return model
+    return convert
 
 
 def prepare_loaded_model(model: nn.Module, cfg) -> nn.Module:

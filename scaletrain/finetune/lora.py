@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scaletrain.errors import ConfigError
+from scaletrain.models.gpt import copy_into, seeded_generator
 
 
 class LoRALinear(nn.Module):
@@ -90,6 +91,44 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str],
         raise ConfigError(f"finetune.lora_targets={targets} matches no linear layer of the "
                           f"model (its block layers: {', '.join(names)})")
     return model
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Draw every LoRA layer's A (Kaiming-uniform with a = sqrt(5), as `__init__` and
+    peft do) from a CPU generator seeded by (seed, its name) and set B to zero, whole,
+    then copy this rank's shard (models/gpt.py `copy_into`): the same adapters on one
+    process, DDP and FSDP2 (DESIGN.md §5). The trainer converts the model on `meta`
+    before sharding it (finetune/init_from.py `converter`), where `__init__` drew
+    nothing, so this is where the adapters get their values."""
+    with torch.no_grad():  # an in-place write into (possibly sharded) leaf parameters
+        _init_adapters(model, seed)
+
+
+def _init_adapters(model: nn.Module, seed: int) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            a = torch.empty(tuple(m.lora_A.shape))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5),
+                                     generator=seeded_generator(seed, f"{name}.lora_A"))
+            copy_into(m.lora_A, a)
+            copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)))
+
+
+def base_names(model: nn.Module) -> dict[str, str]:
+    """{state-dict name of a LoRA layer's base tensor: its name in the plain model}
+    ('blocks.0.attn.c_attn.base.weight' -> 'blocks.0.attn.c_attn.weight'), so trained
+    weights load into a model converted before they arrive."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for leaf, _ in m.base.named_parameters():
+                out[f"{name}.base.{leaf}"] = f"{name}.{leaf}"
+    return out
+
+
+def is_adapter(key: str) -> bool:
+    """Whether state-dict `key` is a LoRA adapter tensor (A or B)."""
+    return key.endswith((".lora_A", ".lora_B"))
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -84,40 +84,119 @@ class _HeadCrossEntropy(torch.autograd.Function):
     one (a scalar: the loss is the step's sum divided by its count). Plain tensors only.
 
     h (N, D) normed hidden states, weight (V, D), targets (N,) int64 with IGNORE_INDEX.
-    The matmuls run as autocast runs them in the unchunked head (the forward is called
-    under the step's autocast); the cross-entropy in fp32 (fp64 for fp64 runs)."""
+    The matmuls run in the dtype autocast gives the unchunked head's (`_compute_dtype`;
+    h and the weight cast once for all pieces); the cross-entropy in fp32 (fp64 runs
+    fp64). Why it is this shape (bench/chunked_loss.py, CPU): the fewest passes over a
+    piece's (n, V) logits and no fresh (n, V) allocation per piece (each costs page
+    faults): the logits live in one buffer that every piece reuses and that ends as the
+    piece's softmax - one-hot (`_softmax_minus_onehot`: an fp32 copy, log-softmax and
+    softmax, each in place); ignored rows are zeroed in the (N, D) input and output of
+    the gradient matmuls, not in the (n, V) softmax; both gradients are written into
+    buffers made once (in-matmul accumulation for the fp32 / fp64 weight gradient)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunks: int, grads: bool):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        cdt = _compute_dtype(h, weight)
+        N, (V, D) = h.shape[0], weight.shape
+        keep = targets != IGNORE_INDEX
+        y = torch.where(keep, targets, 0)
         total = torch.zeros((), dtype=acc, device=h.device)
-        gh = torch.empty_like(h) if grads else None
-        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grads else None
-        rows = torch.arange(h.shape[0], device=h.device)
-        w = weight
-        for r, h_c, y_c in zip(rows.tensor_split(chunks), h.tensor_split(chunks),
-                               targets.tensor_split(chunks)):
-            raw = F.linear(h_c, w)  # (n, V) in the compute dtype (autocast's)
-            # The weight cast once for all pieces (autocast caches no cast here: the
-            # forward of a Function runs without grad mode, where its cache is off).
-            w = w.to(raw.dtype)
-            # One log-softmax kernel over the piece (fewest passes over (n, V) in eager).
-            lsm = torch.log_softmax(raw.to(acc), dim=-1)
-            keep = y_c != IGNORE_INDEX
-            y_safe = torch.where(keep, y_c, 0)
-            total -= torch.where(keep, lsm.gather(1, y_safe[:, None]).squeeze(1), 0).sum()
+        pieces = _piece_rows(N, chunks)
+        block = max(1, min(pieces[0], _BLOCK_BYTES // (V * acc.itemsize)))
+        with torch.autocast(h.device.type, enabled=False):  # the casts are made here, once
+            hc, w = h.to(cdt), weight.to(cdt)
+            z_buf = torch.empty((pieces[0], V), dtype=cdt, device=h.device)
+            x_buf = None if cdt == acc else torch.empty((block, V), dtype=acc, device=h.device)
+            cols = torch.arange(block, device=h.device)
             if grads:
-                g = lsm.exp_()  # softmax, in place
-                g[torch.arange(len(y_c), device=g.device), y_safe] -= 1
-                g[~keep] = 0  # ignored positions: no gradient
-                g = g.to(raw.dtype)  # the gradient reaching the matmul, as in autograd
-                gh[r[0]:r[-1] + 1] = g @ w
-                gw += (g.t() @ h_c.to(raw.dtype)).to(acc)
-        ctx.grads = (gh, gw)
-        ctx.weight_dtype = weight.dtype
+                gh = torch.empty((N, D), dtype=cdt, device=h.device)  # as h in backward
+                gw = torch.zeros((V, D), dtype=acc, device=h.device)
+                # An ignored row's softmax is not zeroed: its row of h is, so it adds
+                # nothing to the weight gradient, and its row of gh is zeroed at the end.
+                h_kept = hc * keep[:, None].to(cdt)
+                if cdt != acc:  # a piece's weight-gradient product and its fp32 copy
+                    gw_part = torch.empty((V, D), dtype=cdt, device=h.device)
+                    gw_up = torch.empty((V, D), dtype=acc, device=h.device)
+            start = 0
+            for n in pieces:
+                rows = slice(start, start + n)
+                z = torch.mm(hc[rows], w.t(), out=z_buf[:n])  # (n, V) logits
+                for b in range(0, n, block):
+                    r = slice(start + b, start + min(b + block, n))
+                    total -= _softmax_minus_onehot(z[b:b + block], y[r], keep[r], x_buf,
+                                                   cols, grads)
+                start += n
+                if not grads:
+                    continue
+                torch.mm(z, w, out=gh[rows])
+                if cdt == acc:
+                    gw.addmm_(z.t(), h_kept[rows])
+                else:  # no CPU matmul writes a bf16 product into fp32: product, copy, sum
+                    gw.add_(gw_up.copy_(torch.mm(z.t(), h_kept[rows], out=gw_part)))
+            if grads:
+                gh.mul_(keep[:, None])
+        ctx.grads = (gh, gw) if grads else None
+        ctx.dtypes = (h.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, g_out):
+        if ctx.grads is None:
+            raise RuntimeError("backward through the fused head + loss a second time "
+                               "(models/chunked_loss.py scales its gradients in place)")
         gh, gw = ctx.grads
-        return gh * g_out.to(gh.dtype), (gw * g_out).to(ctx.weight_dtype), None, None, None
+        ctx.grads = None  # gw is scaled in place below: a second backward must not rescale
+        h_dtype, w_dtype = ctx.dtypes
+        # gh is cast before the scaling, so the scaled value is rounded in h's dtype only
+        gh = gh.to(h_dtype)
+        return gh.mul_(g_out.to(h_dtype)), gw.mul_(g_out).to(w_dtype), None, None, None
+
+
+# The fp32 copy of a bf16 / fp16 piece's logits is made this many bytes of rows at a
+# time, so it stays bounded (2048 tokens x 128k vocabulary in 8 chunks: 32 rows, not one
+# whole piece's 128 MiB). Not smaller: each block is a few more kernel launches, and on
+# a loaded CPU those cost more than cache misses save (bench/chunked_loss.py --head-only,
+# gpt-10m shape: 1 MiB blocks 0.39x unchunked, 4 MiB 0.67x, one block per piece 0.80x).
+# `model.loss_chunks` still says how many logits exist at once.
+_BLOCK_BYTES = 16 << 20
+
+
+def _softmax_minus_onehot(z, y, keep, x_buf, cols, grads: bool) -> torch.Tensor:
+    """Rows z (m, V) of logits in the matmul dtype, targets y (m,) (ignored ones already
+    0), keep (m,): returns the sum of the kept rows' log-probabilities of their targets
+    (fp32 / fp64) and, with grads, overwrites z with softmax - one-hot, rounded once to
+    z's dtype, as autograd rounds the unchunked logits' gradient. x_buf: an fp32 buffer
+    of at least m rows when z is bf16 / fp16, None when z is already fp32 / fp64."""
+    m = z.shape[0]
+    # In place (out= the input): the last-dim kernels finish reading a row before
+    # writing it (tests/unit/test_chunked_loss.py checks the values in fp64).
+    lsm = z if x_buf is None else x_buf[:m].copy_(z)
+    torch.log_softmax(lsm, -1, out=lsm)
+    picked = lsm.gather(1, y[:, None]).squeeze(1)  # (m,)
+    if grads:
+        if x_buf is None:
+            lsm.exp_()  # z is now the softmax
+        else:  # one kernel: reads bf16, computes in fp32, writes bf16(softmax)
+            torch.softmax(z, -1, out=z)
+        z[cols[:m], y] = (picked.exp() - 1).to(z.dtype)
+    return torch.where(keep, picked, 0).sum()
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(h, weight) computes in here: autocast's for fp32/bf16/fp16
+    inputs when autocast is on for the device (the unchunked head's matmul), else the
+    promoted dtype of the two (fp64 verification runs, bf16-pure)."""
+    dev = h.device.type
+    low = (torch.float32, torch.bfloat16, torch.float16)
+    if torch.is_autocast_enabled(dev) and h.dtype in low and weight.dtype in low:
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _piece_rows(rows: int, chunks: int) -> list[int]:
+    """Row counts of the pieces: `chunks` near-equal ones, the larger first (as
+    tensor_split cuts); more chunks than rows acts as one row each."""
+    k = max(1, min(chunks, rows))
+    q, r = divmod(rows, k)
+    return [q + 1] * r + [q] * (k - r)

@@ -59,8 +59,9 @@ def to_hf(name: str) -> str:
     return "transformer." + name
 
 
-def config_json(m, eos_id: int | None) -> dict:
-    """GPT-2 config.json (the field names of transformers' GPT2Config)."""
+def config_json(m, eos_id: int | None, bos_id: int | None = None) -> dict:
+    """GPT-2 config.json (the field names of transformers' GPT2Config). GPT-2 begins
+    text with its end-of-text token: `bos_id` is not used."""
     if not m.bias:
         raise ConfigError("--format hf: this run has model.bias=false, but GPT-2 always "
                           "has biases (use --format safetensors)")
@@ -81,6 +82,6 @@ def config_json(m, eos_id: int | None) -> dict:
 GPT_HF = HFMap(architectures=("GPT2LMHeadModel",), model_types=(("gpt2", "GPT2LMHeadModel"),),
                model_fields=model_fields,
                to_ours=to_ours, to_hf=to_hf, config_json=config_json,
-               special_tokens=lambda eot: {"bos_token": eot, "eos_token": eot,
+               special_tokens=lambda eot, bos: {"bos_token": eot, "eos_token": eot,
                                            "unk_token": eot},
                transposed=CONV1D)

@@ -25,11 +25,13 @@ class HFMap:
     to_ours: Callable[[str], str | None]
     # scaletrain parameter name -> HF tensor name.
     to_hf: Callable[[str], str]
-    # (model config, end-of-text token id or None) -> config.json dict; raises
-    # ConfigError when the run's model cannot be written as that family.
+    # (model config, end-of-text token id or None, beginning-of-text token id or None)
+    # -> config.json dict; raises ConfigError when the run's model cannot be written as
+    # that family.
     config_json: Callable[..., dict]
-    # (end-of-text token string) -> special_tokens_map.json entries.
-    special_tokens: Callable[[str], dict]
+    # (end-of-text token string, beginning-of-text token string or None) ->
+    # special_tokens_map.json entries.
+    special_tokens: Callable[[str, "str | None"], dict]
     # (config.json model_type, the architecture it means): how a config.json without
     # "architectures" (older saves) is read; every architecture's, so a Qwen2 file that
     # names only its model_type is read as Qwen2 (q/k/v biases), not as a Llama.

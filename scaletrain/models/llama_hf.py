@@ -114,8 +114,9 @@ def architecture_of(m) -> str:
             else "LlamaForCausalLM")
 
 
-def config_json(m, eos_id: int | None) -> dict:
-    """config.json of the family the run came from (model.hf_architecture)."""
+def config_json(m, eos_id: int | None, bos_id: int | None = None) -> dict:
+    """config.json of the family the run came from (model.hf_architecture); `bos_id`:
+    the tokenizer's beginning-of-text token (Llama 3's, Mistral's), None for Qwen's."""
     arch = architecture_of(m)
     if bool(m.moe_experts) != (arch in MOE_ARCHITECTURES):
         raise ConfigError(f"--format hf: model.hf_architecture={arch!r} and "
@@ -150,7 +151,7 @@ def config_json(m, eos_id: int | None) -> dict:
            # both spellings: transformers >= 5 reads rope_parameters, older rope_scaling
            "rope_parameters": rope, "rope_theta": m.rope_theta,
            "rope_scaling": rope if m.rope_scaling == "llama3" else None,
-           "bos_token_id": None, "eos_token_id": eos_id, "torch_dtype": "float32"}
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
     if m.moe_experts:
         out.update(moe_config(m, arch, dense_ff))
     if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
@@ -177,5 +178,6 @@ LLAMA_HF = HFMap(architectures=ARCHITECTURES,
                  model_types=tuple((t, arch) for arch, t in MODEL_TYPES.items()),
                  model_fields=model_fields, to_ours=to_ours,
                  to_hf=to_hf, config_json=config_json,
-                 special_tokens=lambda eot: {"eos_token": eot}, stacked=stacked,
+                 special_tokens=lambda eot, bos: {"eos_token": eot,
+                                                 **({"bos_token": bos} if bos else {})}, stacked=stacked,
                  tensors_to_hf=tensors_to_hf)

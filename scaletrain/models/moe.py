@@ -21,7 +21,8 @@ experts and sends the outputs back; route, dispatch and combine stay as they are
 Grouped matmul: `torch._grouped_mm` on CUDA in bf16 (one kernel for all experts); else a
 loop over the E experts, one matmul per expert's contiguous segment of the sorted tokens
 (E matmuls per projection, never one per token) — the CPU path, and the fp64 one that
-verification runs need (_grouped_mm has no fp64).
+verification runs need (_grouped_mm has no fp64). Under train.compile the loop runs
+eagerly inside the compiled block (`segment_matmul`: its host read of the counts).
 
 Losses, as per-token *sums* (the step divides them by the step's global target count,
 as it does the summed cross-entropy, so accumulation and data parallel stay the
@@ -174,7 +175,21 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     if grouped if grouped is not None else use_grouped_mm(x):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
-    # One host read of the counts per call, then one matmul per expert's segment.
+    return segment_matmul(x, w, counts)
+
+
+# Under train.compile (parallel/compile.py) the segment loop runs eagerly: one graph
+# break per call. Its host read of the counts is data-dependent: traced, dynamo breaks
+# at the read anyway, then specialises the code after it on the split sizes, which
+# change every batch — moe-tiny-like blocks hit dynamo's recompile limit (8) within 3
+# steps and ran eagerly from then on (15 graphs instead of 6; torch 2.13). What it runs,
+# E per-expert matmuls, are extern GEMM kernels that inductor would not fuse; the
+# router, the dispatch sort, the combine and the shared experts around it stay compiled.
+# torch._grouped_mm (above) has no host read and traces.
+@torch.compiler.disable
+def segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, A) sorted by expert, w (E, A, B), counts (E,) -> (M, B) by one host read of
+    the counts, then one matmul per expert's segment."""
     segments = x.split(segment_sizes(counts, x.shape[0]))
     return torch.cat([seg @ w[e].to(x.dtype) for e, seg in enumerate(segments)])
 

@@ -173,12 +173,13 @@ def spec_of(m: ModelConfig) -> ModelSpec:
 
 
 def build_model(m: ModelConfig, facts: dict, *, seed: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Construct on `meta` (no memory), materialise on `device`, then initialise."""
+                dtype: torch.dtype = torch.float32, init: bool = True) -> nn.Module:
+    """Construct on `meta` (no memory), materialise on `device`, then initialise;
+    `init=False`: the caller's loader writes every parameter next (see `materialize`)."""
     spec = spec_of(m)
     with torch.device("meta"):
         model = spec.build(m, facts)
-    materialize(model, device, seed, tied=spec.tied)
+    materialize(model, device, seed, tied=spec.tied, init=init)
     return model.to(dtype=dtype)
 
 
@@ -188,7 +189,8 @@ def materialize(model: nn.Module, device: torch.device | str, seed: int, *,
     `tied`: its family's tied pairs (ModelSpec.tied).
 
     `init=False`: a loader is about to write every parameter (init.from, which checks
-    that it does: finetune/init_from.py `writes_every_weight`), so the seeded init is
+    that it does: finetune/init_from.py `writes_every_weight`; loading a finished run,
+    artefact or HF directory: compress/artefact.py), so the seeded init is
     skipped and the parameters stay uninitialised until then. The init draws each
     parameter whole before cutting this rank's shard, so skipping it is what keeps a
     rank of a sharded load near its shard's size (bench/hf_load.py). A model with

@@ -113,8 +113,21 @@ def _save_list() -> set:
 
 
 def _selective_context():
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import (SAC_IGNORED_OPS, CheckpointPolicy,
+                                        create_selective_checkpoint_contexts)
 
+    # Selective AC replays the forward's ops by per-op invocation index. Profiler
+    # annotations are no computation, and an FSDP2 unit *inside* the checkpointed block
+    # (expert parallelism's experts, parallel/fsdp.py `_shard_experts`) opens a different
+    # number of them in the recompute than in the forward (its all-gather was prefetched
+    # by the block's pre-backward): "profiler._record_function_enter_new ... not found in
+    # storage", torch 2.13 (torchtitan #3427; NeMo Automodel adds the same ops to torch's
+    # public ignore set). Idempotent: a set update.
+    profiler = torch.ops.profiler
+    SAC_IGNORED_OPS.update({profiler._record_function_enter.default,
+                            profiler._record_function_enter_new.default,
+                            profiler._record_function_exit.default,
+                            profiler._record_function_exit._RecordFunction})
     save = _save_list()
 
     def policy(ctx, op, *args, **kwargs):

@@ -114,6 +114,12 @@ class ExpertParallelExperts(nn.Module):
                 stride=w.stride())))
         self.exchange = ExpertExchange(ep_mesh.get_group(), ep, experts.gate_proj.shape[0])
 
+    # Under train.compile the exchange runs eagerly (one graph break per MoE layer): its
+    # host read of the splits is data-dependent, as the segment loop's is (traced, the
+    # code after it would be re-specialised on the splits of every batch:
+    # models/moe.py `segment_matmul`), and the rest is communication and the segment
+    # loop, nothing inductor would fuse.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         rows, local_counts, plan = self.exchange.dispatch(x, counts)
         # Under FSDP2 the weights arrive all-gathered over efsdp: this rank's El experts.

@@ -112,10 +112,12 @@ def example_io(mcfg, vocab_size: int, micro_batch: int, dtype, width: int) -> di
 
 
 def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
-                   mcfg, vocab_size: int, dtype, step_loss):
+                   mcfg, vocab_size: int, dtype, step_loss, moe=None):
     """The `Pipeline` (schedule over this rank's stages) for a pruned, materialised
     model (`pm`: the ParallelModel); None when parallel.pp = 1. `step_loss`: the run's
-    loss (train/step_loss.py), which the last stage computes."""
+    loss (train/step_loss.py), which the last stage computes; `moe`: the MoE step terms
+    (parallel/pipeline_moe.py `pipeline_moe_terms`), which every stage adds to its own
+    backward, or None."""
     if ctx.dims.pp <= 1:
         return None
 
@@ -130,7 +132,7 @@ def build_pipeline(pm, ctx, pcfg, per_rank_batch: int, micro: int,
                     io=example_io(mcfg, vocab_size, per_rank_batch // m, dtype,
                                   split.width(mcfg)),
                     loss_multiplier=float(ctx.dims.dp),
-                    ddp_group=ctx.dp_group if ctx.dims.ddp else None)
+                    ddp_group=ctx.dp_group if ctx.dims.ddp else None, moe=moe)
 
 
 def whole_model_stats(pipeline, spec, mcfg, facts: dict) -> tuple[int, float | None]:

@@ -1,18 +1,30 @@
 """The layouts a mixture-of-experts model (model.moe_experts > 0, models/moe.py) trains
 in today, judged with the world's other rules (parallel/world_checks.py): one process,
 DDP and FSDP2, with full or selective activation checkpointing (tested against one
-process without it: tests/distributed/test_moe_parity.py).
+process without it: tests/distributed/test_moe_parity.py), and pipeline stages (each
+stage adds its own MoE loss terms to its backward and the statistics are summed over
+every rank: parallel/pipeline_moe.py; tests/distributed/test_moe_pipeline.py).
 
 Refused, one line each, until they are built and tested: tensor parallelism (the llama
-TP plan shards the dense MLP, not 3-D expert weights), pipeline stages (the MoE loss
-terms are collected on every stage, the pipeline step only sees the last stage's loss),
-the parameter server, budget activation checkpointing (the plan's per-block bytes under
-AC miss the MoE layer's statistics and over-count its expert-weight casts) and compile
-(the segment loop's host read of the expert counts; untested).
+TP plan shards the dense MLP, not 3-D expert weights), the parameter server, budget
+activation checkpointing (the plan's per-block bytes under AC miss the MoE layer's
+statistics and over-count its expert-weight casts) and train.compile_scope='model'
+(untested). train.compile per block (the default scope) trains MoE blocks, on one
+process and with expert parallelism: the segment loop of the experts (its host read of
+the counts) and the expert-parallel exchange run eagerly, graph breaks inside the
+compiled block (models/moe.py `segment_matmul`, parallel/expert.py); tested against
+eager in tests/distributed/test_moe_ep.py.
 Expert parallelism (parallel.ep, parallel/expert.py) inside FSDP2: ep must divide the
 routed experts (config/dims.py checks that it divides dp_shard and refuses HSDP / DDP /
-TP / PP with it), and needs a model with at least one MoE layer; activation
-checkpointing and CPU offload with it are refused until they are tested.
+TP with it; under PP the expert mesh gains a pp dimension), and needs a model with at
+least one MoE layer; CPU offload with it is refused until it is tested. Full and selective activation checkpointing compose with it
+(tests/distributed/test_moe_ep.py): the recompute runs the block's forward again, both
+all-to-alls included, on every rank at the same point of the backward. The routing is a
+deterministic function of the block's input (the balancing bias only moves after the
+optimizer step, dropout's RNG state is restored by the checkpoint), so the recompute
+sends the same rows; were it not so, the splits would still agree between peers (each
+rank derives them from the counts it exchanged) and torch's checkpoint would fail on the
+recomputed shapes instead of hanging.
 """
 
 from __future__ import annotations
@@ -29,14 +41,15 @@ def check_moe_layout(cfg) -> None:
         return
     p = cfg.parallel
     refused = (("parallel.mode='ps'", p.mode == "ps"), ("parallel.tp > 1", p.tp > 1),
-               ("parallel.pp > 1", p.pp > 1),
                ("parallel.activation_checkpoint='budget'", p.activation_checkpoint == "budget"),
-               ("train.compile", cfg.train.compile))
+               ("train.compile_scope='model'",
+                cfg.train.compile and cfg.train.compile_scope == "model"))
     for what, on in refused:
         if on:
             raise ConfigError(f"{what} is not supported with mixture-of-experts layers "
                               f"(model.moe_experts={cfg.model.moe_experts}) yet: one "
-                              "process, DDP and FSDP2 (with full / selective AC) are")
+                              "process, DDP, FSDP2 and pipeline stages (with full / "
+                              "selective AC, and train.compile per block) are")
 
 
 def check_expert_parallel(cfg) -> None:
@@ -53,14 +66,9 @@ def check_expert_parallel(cfg) -> None:
         raise ConfigError(f"parallel.ep={ep} needs a mixture-of-experts model, but "
                           f"model.name={m.name!r} with model.moe_experts={m.moe_experts} "
                           "has no MoE layer (set model.moe_experts, or parallel.ep=1)")
-    p = cfg.parallel
-    for what, on in (("parallel.activation_checkpoint=" + repr(p.activation_checkpoint),
-                      p.activation_checkpoint != "none"),
-                     ("parallel.cpu_offload", p.cpu_offload)):
-        if on:  # the recompute / offload of the exchanging experts is not tested yet
-            raise ConfigError(f"parallel.ep={ep} with {what} is not supported yet "
-                              "(expert parallelism runs without activation checkpointing "
-                              "and CPU offload for now)")
+    if cfg.parallel.cpu_offload:  # the offload of the exchanging experts is not tested yet
+        raise ConfigError(f"parallel.ep={ep} with parallel.cpu_offload is not supported "
+                          "yet (expert parallelism runs without CPU offload for now)")
     if m.moe_experts % ep:
         raise ConfigError(f"parallel.ep={ep} must divide model.moe_experts="
                           f"{m.moe_experts} (each expert-parallel rank holds "

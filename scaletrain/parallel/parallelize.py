@@ -16,6 +16,8 @@ again over the "efsdp" ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -91,7 +93,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
 def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, mesh, pcfg,
                          policy: PrecisionPolicy, device: torch.device,
                          compile: bool | str = False, ac=None,
-                         init: bool = True, expert_mesh=None) -> ParallelModel:
+                         init: bool = True, expert_mesh=None,
+                         convert: Callable[[nn.Module], nn.Module] | None = None
+                         ) -> ParallelModel:
     """Build `mcfg`'s model on meta, parallelise it, then allocate and initialise it
     (`init=False`: not its parameters, which a loader writes next; models/registry.py
     `materialize`).
@@ -99,6 +103,10 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
     Returns the module with its layout facts (stage views, tied copies, loss-parallel
     logits). With one process this gives exactly `models.build_model`'s weights.
     `expert_mesh`: DistContext.expert_mesh (expert parallelism), else None.
+    `convert`: a module conversion run on the meta model before any parallelism (the
+    freeze / LoRA converters, finetune/init_from.py `converter`): the parameters it adds
+    or freezes are then the ones FSDP2 shards and reduces. TP's plan names plain
+    linears, so a converted model is not given TP (parallel/world_checks.py).
     """
     spec = spec_of(mcfg)
     with torch.device("meta"):
@@ -110,6 +118,8 @@ def build_parallel_model(mcfg, facts: dict, *, seed: int, dims: ParallelDims, me
         views = make_stage_views(model, spec.pipeline, n_layer, pcfg, mesh)
         last = holds_last_stage(n_layer, pcfg, mesh)
     model.to(dtype=policy.param_dtype)  # on meta: sets dtypes, allocates nothing
+    if convert is not None:  # adapters in the parameter dtype, before FSDP takes them
+        model = convert(model)
     parallelize(model, dims, mesh, pcfg, policy, device, tp_plan=spec.tp_plan, compile=compile,
                 stage_views=views, ac=ac, tied=spec.tied, expert_mesh=expert_mesh)
     # With CPU offload, FSDP keeps the sharded parameters in host memory.

@@ -20,6 +20,11 @@ are not DDP modules (parallel/parallelize.py), so after the schedule the gradien
 all-reduced over the data-parallel group here — one flat buffer per dtype, once per step
 (no overlap with the backward, which the schedule runs micro-batch by micro-batch), and
 averaged as DDP does (the loss carries the factor dp: `loss_multiplier`).
+
+Mixture-of-experts layers (`moe`, models/moe_terms.py): each stage's loss terms join its
+own backward through a forward hook on the stage module (parallel/pipeline_moe.py),
+since the schedule backpropagates only the last stage's loss (the step loss's `extra`,
+which train/step.py adds, is not called here).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from scaletrain.models.contract import param_at
 from scaletrain.models.losses import IGNORE_INDEX, count_targets
 from scaletrain.optim.step_end import StepResult
 from scaletrain.parallel.pipeline import build_schedule, drop_ends
+from scaletrain.parallel.pipeline_moe import with_loss_grad
 from scaletrain.parallel.tensor import local_loss, parallel_grad_norm
 
 
@@ -85,7 +91,7 @@ class Pipeline:
 
     def __init__(self, pm, bounds: list[tuple[int, int]], ids: list[int],
                  *, pcfg, microbatches: int, mesh, pp_group, device, step_loss,
-                 io: dict, loss_multiplier: float = 1.0, ddp_group=None):
+                 io: dict, loss_multiplier: float = 1.0, ddp_group=None, moe=None):
         n = len(bounds)
         model = pm.module  # pm: the ParallelModel (parallel/parallel_model.py)
         self.model = model
@@ -106,6 +112,10 @@ class Pipeline:
             [stage_view(model, pm.spec.pipeline, bounds[s], s == 0, s == n - 1) for s in ids]
             if len(ids) > 1 else [model]))
         self.views = views
+        self.moe = moe  # the MoE step terms (models/moe_terms.py), or None
+        if moe is not None:  # after FSDP's own hooks: its post-forward runs first
+            for view in views:
+                view.register_forward_hook(self._with_moe_terms)
         self.schedule = build_schedule(views, ids, n, microbatches, pcfg.pp_schedule,
                                        self._loss, device, pp_group, io)
         # Every rank creates every first/last pair's group (new_group is collective).
@@ -125,6 +135,16 @@ class Pipeline:
             z = logits if logits.dtype == self.denom.dtype else logits.to(self.denom.dtype)
             loss = self.step_loss.on_logits(z, None, targets, self.denom.dtype)
         return local_loss(loss) / self.denom * self.loss_multiplier
+
+    def _with_moe_terms(self, stage: nn.Module, args, output):
+        """Forward hook of a stage module: the stage's MoE loss terms of the micro-batch
+        just run, scaled as train/step.py scales them, backpropagated with its output
+        (nothing outside training: the layers left no terms)."""
+        terms = self.moe.collect(stage)
+        if terms is None:
+            return output
+        return with_loss_grad(output, terms.to(self.denom.dtype) / self.denom
+                              * self.loss_multiplier)
 
     def _run(self, fn, x, y, losses):
         # Document masking: every stage needs the ids (a later stage sees hidden states
@@ -191,6 +211,9 @@ class Pipeline:
         the stages were built with static micro-batch shapes; padded rows have ignored
         targets and add nothing."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # Eval mode, as evaluate/evaluator.py: no dropout, and MoE layers leave no terms.
+        was_training = self.model.training
+        self.model.eval()
         for x, y in batches:
             for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
                 pad = batch_size - len(xs)
@@ -199,6 +222,7 @@ class Pipeline:
                     ys = torch.cat([ys, ys.new_full((pad, *ys.shape[1:]), IGNORE_INDEX)])
                 totals[0] += self.eval_loss_sum(xs, ys).double()
                 totals[1] += count_targets(ys).double()
+        self.model.train(was_training)
         totals = count_reducer(totals)
         loss = (totals[0] / totals[1]).item()
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}

@@ -18,11 +18,19 @@ def _is_distributed(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> full CPU tensor. Collective when `model` is sharded (call on all ranks)."""
+def full_state_dict(model: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """name -> full CPU tensor. Collective when `model` is sharded (call on all ranks).
+
+    The full tensors land on global rank 0 only (the others get an empty dict), unless
+    `every_rank`: a pipeline stage's FSDP2 ranks, rank 0 of none of which holds a later
+    stage, then each get their stage's tensors, gathered one at a time."""
     if not _is_distributed(model):
         return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if every_rank:  # sharded DTensors with the wrapper-free names, each made full
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu")
+                for k, v in get_model_state_dict(model).items()}
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))

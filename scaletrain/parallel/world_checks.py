@@ -45,16 +45,15 @@ def check_world(cfg, world: int, vocab: int | None = None,
                               "hooks and pipeline stages need the block boundaries; use "
                               "'blocks'")
         f = cfg.finetune
-        if (f.lora_rank or f.freeze) and (dims.fsdp or dims.tp > 1 or dims.pp > 1):
-            # The converters run after the model is parallelised (finetune/init_from.py
-            # apply_init). DDP (replicate) collects its parameters at the first forward,
-            # after them: its buckets hold exactly the adapters / unfrozen weights. But
-            # fully_shard / TP have turned the weights into DTensors by then: adapters
-            # added beside them would be neither sharded nor reduced, and the pipeline
-            # reduces its stages' gradients itself.
-            raise ConfigError(f"finetune.lora_rank / finetune.freeze run on one process "
-                              f"or with DDP, not FSDP / TP / PP (here dp_shard="
-                              f"{dims.dp_shard}, tp={dims.tp}, pp={dims.pp}); for DDP set "
-                              f"parallel.dp_replicate={world} parallel.dp_shard=1")
+        if (f.lora_rank or f.freeze) and (dims.tp > 1 or dims.pp > 1 or dims.ep > 1):
+            # The converters run on the meta model before any parallelism (parallel/
+            # parallelize.py `build_parallel_model(convert=)`), so DDP and FSDP2 / HSDP
+            # take the adapters and the frozen flags like any parameter. TP's plans name
+            # plain nn.Linear layers (a LoRA layer is not one), the pipeline reduces its
+            # stages' gradients itself, and expert parallelism is untested with them.
+            raise ConfigError(f"finetune.lora_rank / finetune.freeze run on one process, "
+                              f"with DDP or FSDP2, not TP / PP / EP (here tp={dims.tp}, "
+                              f"pp={dims.pp}, ep={dims.ep}); set parallel.tp=1 "
+                              f"parallel.pp=1 parallel.ep=1")
     check_model_parallel(cfg, vocab, dims)
     return dims

@@ -25,7 +25,7 @@ from scaletrain.checkpoint.decisions import Stop
 from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.ps_checks import check_ps
-from scaletrain.data import build_data
+from scaletrain.data.build import build_data
 from scaletrain.data.chat import save_chat_files
 from scaletrain.errors import ConfigError
 from scaletrain.evaluate import evaluate

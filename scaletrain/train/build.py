@@ -17,10 +17,10 @@ import torch
 
 from scaletrain.config import Config, run_files, to_dict
 from scaletrain.config.batch_plan import BatchPlan
-from scaletrain.data import Data, build_data
+from scaletrain.data.build import Data, build_data
 from scaletrain.data.chat import save_chat_files
 from scaletrain.data.loader import StatefulLoader
-from scaletrain.finetune import apply_init, writes_every_weight
+from scaletrain.finetune import apply_init, converter, writes_every_weight
 from scaletrain.metrics import build_sinks
 from scaletrain.metrics.trackers import tracker_sinks
 from scaletrain.models.documents import masking_eot
@@ -31,6 +31,7 @@ from scaletrain.parallel.context import DistContext
 from scaletrain.parallel.model_parallel import whole_model_stats
 from scaletrain.parallel.parallel_model import ParallelModel
 from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.pipeline_moe import pipeline_moe_terms
 from scaletrain.parallel.world_checks import check_world
 from scaletrain.plan.ac_budget import activation_policy
 from scaletrain.plan.preflight import check_memory
@@ -81,7 +82,8 @@ def build_model(cfg: Config, facts: dict, batch: BatchPlan, dist: DistContext,
                 resuming: bool) -> tuple[ParallelModel, list[str]]:
     """The parallel model (its module after init.from and the converters) and each of
     this rank's blocks' AC mode."""
-    # meta -> AC -> FSDP | DDP -> seeded init: the same weights on every layout.
+    # meta -> freeze / LoRA -> AC -> FSDP | DDP -> seeded init: the same weights on
+    # every layout, the adapters sharded and reduced like any parameter.
     ac = activation_policy(cfg, dist.dims, batch)
     # The module with its layout facts (stage views, tied copies, loss parallel).
     parallel = build_parallel_model(
@@ -89,15 +91,15 @@ def build_model(cfg: Config, facts: dict, batch: BatchPlan, dist: DistContext,
         pcfg=cfg.parallel, policy=policy, device=device,
         compile=cfg.train.compile and cfg.train.compile_scope, ac=ac,
         init=not writes_every_weight(cfg, resuming),
-        expert_mesh=dist.expert_mesh)
+        expert_mesh=dist.expert_mesh, convert=converter(cfg))
     model = parallel.module
     blocks = getattr(model, "blocks", None) or {}
     # Each of this rank's blocks' AC mode (summary.json parallel.ac_blocks).
     ac_modes = block_modes(ac, sum(b is not None for b in blocks.values()))
-    # Trained weights of init.from, then the freeze / LoRA converters.
+    # Trained weights of init.from into the (LoRA layers' base) weights; the adapters.
     model = apply_init(model, cfg, facts["vocab_size"], resuming)
     model = convert_weight_norm(model, cfg.model.weight_norm)
-    return replace(parallel, module=model), ac_modes  # converters may wrap
+    return replace(parallel, module=model), ac_modes  # weight norm may wrap
 
 
 def build_loader(cfg: Config, data: Data, dist: DistContext) -> StatefulLoader:
@@ -115,8 +117,11 @@ def build_loss(cfg: Config, parallel: ParallelModel, dist: DistContext,
     # data.document_masking: the end-of-text id windows are cut into documents at.
     doc_eot = masking_eot(cfg.data.document_masking, data.tokenizer)
     loss = run_loss(cfg, parallel, device, doc_eot)  # either path
-    # MoE layers: their loss terms into the step, load into metrics and the bias.
-    moe = moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate)
+    # MoE layers: their loss terms into the step, load into metrics and the bias; on a
+    # pipeline rank its stages' rows of the whole model's (each stage adds its own
+    # terms to its backward: parallel/pipeline_moe.py).
+    moe = (pipeline_moe_terms(parallel, cfg.model, facts, device) if dist.dims.pp > 1 else
+           moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate))
     if moe is not None:
         loss = replace(loss, extra=moe.collect)
     if cfg.train.objective == "dpo":  # the DPO loss and its frozen reference instead

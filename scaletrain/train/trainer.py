@@ -128,7 +128,7 @@ class Trainer:
         """pp > 1: this rank's stage(s) and the schedule that runs the step (else None)."""
         return build_pipeline(self.parallel, self.dist, self.cfg.parallel, self.batch.per_rank,
                               self.micro, self.cfg.model, self.data.vocab_size,
-                              self.policy.param_dtype, self.loss)
+                              self.policy.param_dtype, self.loss, self.moe)
 
     def _host_reads(self) -> LaggedReads:
         """Host reads of step values (tokens, fault guard, stop flag): one step late on a
@@ -212,8 +212,10 @@ class Trainer:
     def save_weights(self, path: Path) -> None:
         """Gather full weights (a collective when sharded: every rank calls) and let
         rank 0 write them."""
-        state = full_state_dict(self.model)
-        if self.pipeline is not None:  # each pipeline rank holds its stages' weights
+        # A pipeline rank holds its stages' weights: full on every rank (under FSDP2 the
+        # default gathers to global rank 0, which holds none of a later stage's).
+        state = full_state_dict(self.model, every_rank=self.pipeline is not None)
+        if self.pipeline is not None:
             state = merge_stage_states(self.dist.gather(state))
         if self.rt.is_main:
             run_model.save_weights(self.model, path, self.cfg, state=state)
@@ -343,6 +345,7 @@ class Trainer:
                              "dp_replicate": self.dist.dims.dp_replicate,
                              "dp_shard": self.dist.dims.dp_shard,
                              "tp": self.dist.dims.tp, "pp": self.dist.dims.pp,
+                             "ep": self.dist.dims.ep,
                              "accumulation_steps": self.accum, "ac_blocks": self.ac_modes},
                 # What differs between ranks (memory, speed); a collective, all ranks call.
                 "ranks": self.dist.gather({"rank": self.rt.rank, "tokens_per_s": tok_s,

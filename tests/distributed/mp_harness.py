@@ -28,14 +28,18 @@ class Tokens64(Tokens):
         if eot is not None:
             for i in range(n):  # boundaries at 3 + i % 4, then every 5 tokens
                 self.x[i, 3 + i % 4::5] = eot
+import dataclasses
+
 from scaletrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
 from scaletrain.data.loader import StatefulLoader
+from scaletrain.models.moe_terms import moe_step_terms
 from scaletrain.optim import build_optimizer
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.parallel.context import DistContext
 from scaletrain.config.dims import resolve_dims
 from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.parallelize import build_parallel_model
+from scaletrain.parallel.pipeline_moe import pipeline_moe_terms
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 from scaletrain.train.step_loss import build_step_loss
@@ -43,7 +47,7 @@ from scaletrain.train.step_loss import build_step_loss
 
 def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
-                schedule="1f1b", n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
+                schedule="1f1b", ep=1, n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
                 faults=False, nan_step=0, params=False, eot=None,
                 model=())  # model: extra ModelConfig fields as (name, value) pairs
@@ -57,6 +61,7 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     pcfg = ParallelConfig(dp_replicate=1 if one else spec["dp_replicate"],
                           dp_shard=1 if one else spec["dp_shard"],
                           tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
+                          ep=1 if one else spec["ep"],
                           pp_schedule=spec["schedule"], timeout_s=60,
                           sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
@@ -64,15 +69,22 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
                        d_model=spec["d_model"], seq_len=T, **dict(spec["model"]))
     pm = build_parallel_model(mcfg, {"vocab_size": V}, seed=3, dims=ctx.dims,
-                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device)
+                              mesh=ctx.mesh, pcfg=pcfg, policy=policy, device=device,
+                              expert_mesh=ctx.expert_mesh)
     model = pm.module
     dp = ctx.dims.dp
     # eot: data.document_masking at that id (the trainer's masking_eot)
     # model.loss_chunks: the in-model chunked head + loss on every layout (run_loss's rule)
     loss = build_step_loss(loss_parallel=pm.tp_loss_parallel, eot_id=spec["eot"],
                            loss_in_model=mcfg.loss_chunks > 0)
+    # MoE layers: wired as train/build.py does (a pipeline rank: the whole model's rows,
+    # each stage's terms into its own backward; else the step loss's `extra`).
+    moe = (pipeline_moe_terms(pm, mcfg, {"vocab_size": V}, device) if ctx.dims.pp > 1 else
+           moe_step_terms(model, ctx.sum_reducer, mcfg.moe_bias_update_rate))
+    if moe is not None:
+        loss = dataclasses.replace(loss, extra=moe.collect)
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
-                          policy.param_dtype, loss)
+                          policy.param_dtype, loss, moe)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2),
                           embedding_copies=pm.tied_copies)
     loader = StatefulLoader(Tokens64(masked=spec["masked"], eot=spec["eot"]), spec["batch"],
@@ -80,11 +92,12 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                             world=dp, seed=5)
     opts = StepOptions(**ctx.step_options(pm))
     monitor = _fault_guard(model, pm.spec, ctx, spec) if spec["faults"] else None
-    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None)
+    end = StepEnd(grad_clip=spec["grad_clip"], guard=monitor.guard if monitor else None,
+                  after_step=moe.end_step if moe is not None else None)
     if spec["load"]:
         _checkpoint(model, opt, spec["load"], save=False, aliases=pm.tied_copies)
         loader.load_state_dict(torch.load(f"{spec['load']}/loader.pt"))
-    losses, norms, skipped = [], [], []
+    losses, norms, skipped, moe_records = [], [], [], []
     for step in range(1, spec["steps"] + 1):
         model._harness_step = step  # read by the NaN-injecting hook
         micro = split_micro_batches(loader.next(), spec["micro"])
@@ -93,15 +106,19 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
         losses.append(ctx.sum_reducer(r.loss.clone()).item())
         norms.append(float(r.grad_norm))
         skipped.append(bool(r.skipped))
+        if moe is not None:  # the metrics.jsonl fields of the step (every rank's)
+            moe_records.append(moe.record())
     if spec["save"]:
         _checkpoint(model, opt, spec["save"], save=True, aliases=pm.tied_copies)
         if rank == 0:
             torch.save(loader.state_dict(), f"{spec['save']}/loader.pt")
     out = {"losses": losses, "norms": norms, "skipped": skipped}
+    if moe is not None:
+        out["moe_records"] = moe_records
     if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
         from scaletrain.parallel.weights import full_state_dict
 
-        out["params"] = full_state_dict(model)
+        out["params"] = full_state_dict(model, every_rank=ctx.dims.pp > 1)
     if monitor is not None:  # the losses the fault guard saw and accepted
         out["guard_history"] = list(monitor.history)
     return out
@@ -158,8 +175,8 @@ _REFERENCES: dict = {}
 def reference(spec: dict) -> dict:
     """The one-process run of `spec` (cached per test session: several layouts share it)."""
     key = tuple(sorted((k, v) for k, v in spec.items()
-                       if k not in ("tp", "pp", "dp_shard", "dp_replicate", "schedule", "sp",
-                                    "lp", "save", "load", "params")))
+                       if k not in ("tp", "pp", "dp_shard", "dp_replicate", "ep", "schedule",
+                                    "sp", "lp", "save", "load", "params")))
     if key not in _REFERENCES:
         _REFERENCES[key] = mp_run(0, 1, {**spec, "params": True})
     return _REFERENCES[key]

@@ -57,7 +57,11 @@ def one_line(proc) -> str:
     (["--nproc", "3", "--parallel.tp=3"], "parallel.tp=3 must divide model.n_head=2"),
     (["--nproc", "2", "--train.compile=true", "--train.compile_scope=model"],
      "compile_scope='model' needs one process"),
-    (["--nproc", "2", "--finetune.lora_rank=2", "INIT"], "run on one process or with DDP, not FSDP"),
+    # LoRA runs under FSDP2 (tests/distributed/test_lora_fsdp_cli.py), not TP / PP
+    (["--nproc", "2", "--parallel.tp=2", "--finetune.lora_rank=2", "INIT"],
+     "with DDP or FSDP2, not TP / PP / EP (here tp=2, pp=1"),
+    (["--nproc", "2", "--parallel.pp=2", "--finetune.freeze=[\"wte.*\"]", "INIT"],
+     "with DDP or FSDP2, not TP / PP / EP (here tp=1, pp=2"),
     # the pipeline passes whole sequences between stages; SP leaves each rank a slice
     (["--nproc", "4", "--parallel.tp=2", "--parallel.pp=2",
       "--parallel.sequence_parallel=true"], "sequence_parallel with parallel.pp > 1"),

@@ -1,6 +1,6 @@
 """Expert parallelism the way users run it: `scaletrain train --nproc 2 --parallel.ep=2`
 on an MoE llama (sigmoid_bias router, aux loss) matches the one-process run to 1e-6
-relative, and checkpoints cross EP degrees — EP=2 -> one process and one process ->
+relative (also with selective activation checkpointing), and checkpoints cross EP degrees — EP=2 -> one process and one process ->
 EP=2 — with the losses of the uninterrupted run (DCP reshards the experts' (E, D, F)
 DTensors). Bad EP layouts end with one line and exit code 2 before torchrun starts."""
 
@@ -42,21 +42,46 @@ def train(args: list[str], run: Path, nproc: int = 1) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
-def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
+@pytest.fixture(scope="module")
+def one(prepared, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The one-process run (its directory: step 5's checkpoint, and its losses)."""
+    run = tmp_path_factory.mktemp("moe-ep-cli") / "one"
+    return run, train([f"--data.prepared_dir={prepared}", "--parallel.dp_shard=1"], run)
+
+
+# Four CLI runs (two through torchrun): past the default 300 s at a load average of 15
+# on the 2 shared cores.
+@pytest.mark.timeout(600)
+def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, one, tmp_path):
     data = f"--data.prepared_dir={prepared}"
-    one = train([data, "--parallel.dp_shard=1"], tmp_path / "one")
+    one_dir, one = one
     ep2 = train([data, *EP2], tmp_path / "ep2", nproc=2)
     assert sorted(one) == sorted(ep2) == list(range(1, 11))
     for s in one:
         assert ep2[s] == pytest.approx(one[s], rel=1e-6), f"EP=2 step {s}"
+    par = json.loads((tmp_path / "ep2" / "summary.json").read_text())["parallel"]
+    assert (par["strategy"], par["dp_shard"], par["ep"]) == ("fsdp+ep", 2, 2)
     cases = [  # (layout, nproc, checkpoint) -> steps 6..10 of the uninterrupted run
         (["--parallel.dp_shard=1"], 1, tmp_path / "ep2" / "checkpoints" / "step-00000005"),
-        (EP2, 2, tmp_path / "one" / "checkpoints" / "step-00000005")]
+        (EP2, 2, one_dir / "checkpoints" / "step-00000005")]
     for i, (layout, nproc, ckpt) in enumerate(cases):
         got = train([data, *layout, f"--checkpoint.resume={ckpt}"], tmp_path / f"r{i}", nproc)
         assert sorted(got) == list(range(6, 11)), f"case {i}: steps {sorted(got)}"
         for s in got:
             assert got[s] == pytest.approx(one[s], rel=1e-6), f"case {i}: step {s}"
+
+
+def test_ep_cli_with_selective_ac_matches_one_process(prepared, one, tmp_path):
+    """Selective AC recomputes each block, both all-to-alls included, in the backward
+    (test_moe_ep.py runs full and selective in fp64 too)."""
+    ac = train([f"--data.prepared_dir={prepared}", *EP2,
+                "--parallel.activation_checkpoint=selective"], tmp_path / "ac", nproc=2)
+    one = one[1]
+    assert sorted(ac) == sorted(one) == list(range(1, 11))
+    for s in one:
+        assert ac[s] == pytest.approx(one[s], rel=1e-6), f"EP=2, selective AC: step {s}"
+    par = json.loads((tmp_path / "ac" / "summary.json").read_text())["parallel"]
+    assert (par["strategy"], par["ac_blocks"]) == ("fsdp+ep", ["selective"] * 2), par
 
 
 @pytest.mark.parametrize("args,nproc,needle", [
@@ -70,7 +95,6 @@ def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, tmp_path):
      "needs a mixture-of-experts model"),
     (["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"], 4,
      "parallel.dp_replicate=2 is not supported yet"),
-    (["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.ep=2"], 4, "not supported"),
 ])
 def test_bad_ep_layout_exits_2_before_launch(tmp_path, args, nproc, needle):
     proc = scaletrain("train", *RUN, *args, f"--run.dir={tmp_path / 'run'}",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tests.chat_dirs import qwen_dir, random_conversations, write_jsonl
 from tests.conftest import make_cfg, one_error_line, run_cli
-from scaletrain.data import build_data
+from scaletrain.data.build import build_data
 from scaletrain.data.loader import StatefulLoader
 from scaletrain.models.losses import IGNORE_INDEX
 

@@ -133,6 +133,26 @@ def test_init_from_refuses_a_shape_override_equal_to_the_default(tiny_run, tmp_p
     assert_user_error(proc, "model.n_layer=4", "init.from", "whose n_layer is 2")
 
 
+def test_init_from_weights_that_disagree_with_its_config_write_no_run_dir(tiny_run, tmp_path):
+    # A source whose config.toml says d_model=64 while its weights are 32 wide: refused
+    # from the safetensors header before the run dir exists (it used to fail in the
+    # trainer's load, after the new run.dir had been created).
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    cfg = (copy / "config.toml").read_text()
+    assert "d_model = 32\n" in cfg
+    (copy / "config.toml").write_text(cfg.replace("d_model = 32\n", "d_model = 64\n"))
+    data = [*TINY_DATA, f"--data.prepared_dir={Path(tiny_run).parent / 'prep'}",
+            "--train.steps=1"]
+    proc = run_cli("train", f"--init.from={copy}", *data, f"--run.dir={tmp_path}/new",
+                   timeout=60)
+    assert not (tmp_path / "new").exists(), proc.stderr[-2000:]
+    assert_user_error(proc, f"init.from='{copy}'", "wte.weight", "(384, 32)", "(384, 64)",
+                      "config.toml")
+
+
 # -- item 20: the README's quoted glob under ~ ------------------------------------------
 def test_tilde_in_a_quoted_source_glob_is_the_home_directory(tmp_path):
     from scaletrain.data.sources import list_text_files

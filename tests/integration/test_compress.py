@@ -101,7 +101,7 @@ def test_hf_directory_as_init_from(prepared_dir, tmp_path):
     # The step-0 evaluation is the HF model itself on the same validation batches.
     from scaletrain.compress.artefact import load_artefact
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     cfg = make_cfg(_args(prepared_dir, d))
     _, model, _ = load_artefact(hf)

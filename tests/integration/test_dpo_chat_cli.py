@@ -158,7 +158,6 @@ def test_lora_on_two_ddp_processes_equals_one_process(chat, tmp_path, objective)
     (["--data.train_on=all"], "data.train_on='all' is not supported with "
      "train.objective='dpo'"),
     (["BAD"], "a response is the assistant's turn(s) only"),
-    ([*LORA, "--nproc=2"], "run on one process or with DDP, not FSDP"),
 ])
 def test_bad_chat_dpo_input_is_one_line(chat, tmp_path, extra, fragment):
     _, data = chat

@@ -39,7 +39,7 @@ def hf_dirs(tmp_path_factory):
         cfg = dict(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
-            rope_theta=50000.0, bos_token_id=0, eos_token_id=1, **extra)
+            rope_theta=50000.0, **extra)
         if arch == "Qwen2":
             cfg["attention_bias"] = True  # where the q/k/v biases live (always on)
         d = root / name
@@ -133,7 +133,7 @@ def test_sharded_ranks_load_their_slices(hf_dirs, tmp_path, name, layout):
     index) or one pipeline stage each (single file, tied head): the step-0 validation
     loss is the HF model's, computed in one process."""
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     d, _ = hf_dirs[name]
     run = tmp_path / "run"

@@ -75,7 +75,7 @@ def test_init_from_a_llama_run_on_a_pipeline(runs, prepared_dir, tmp_path):
     import json
 
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     src, args = runs["llama"]
     run = tmp_path / "pp"

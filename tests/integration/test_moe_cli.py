@@ -55,7 +55,8 @@ BAD = [
     (["--model.name=gpt", "--model.moe_top_k=2"], "built for model.name='llama'"),
     (["--parallel.activation_checkpoint=budget", "--parallel.activation_budget_gib=1"],
      "parallel.activation_checkpoint='budget' is not supported with mixture-of-experts"),
-    (["--train.compile=true"], "train.compile is not supported"),
+    (["--train.compile=true", "--train.compile_scope=model"],
+     "train.compile_scope='model' is not supported"),
 ]
 
 
@@ -74,13 +75,61 @@ def test_bad_moe_input_is_one_line(tmp_path, extra, line):
 
 
 @pytest.mark.parametrize("layout,line", [(["--parallel.tp=2", "--parallel.dp_shard=1"],
-                                          "parallel.tp > 1 is not supported"),
-                                         (["--parallel.pp=2", "--parallel.dp_shard=1"],
-                                          "parallel.pp > 1 is not supported")])
+                                          "parallel.tp > 1 is not supported")])
 def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, line):
     proc = run_cli("train", *TINY_MOE, "--model.n_layer=2", *layout, "--nproc", "2",
                    f"--run.dir={tmp_path}/r", timeout=60)
     one_error_line(proc, line)
+
+
+PIPELINES = {"pp2": ["--nproc", "2", "--parallel.pp=2", "--parallel.dp_shard=1",
+                     "--train.micro_batch_size=4"],
+             "pp2_ep2": ["--nproc", "4", "--parallel.pp=2", "--parallel.dp_shard=2",
+                         "--parallel.ep=2", "--train.micro_batch_size=2"]}
+
+
+@pytest.mark.parametrize("layout", list(PIPELINES))
+def test_moe_pipeline_cli_matches_one_process(prepared_dir, tmp_path, layout):
+    """`--nproc 2 --parallel.pp=2` (1f1b, 2 micro-batches; block 0 dense, so the first
+    stage holds no MoE layer), and EP × PP on 4 (each stage's 2 ranks split its experts,
+    2 micro-batches of 2 per rank),
+    against one process in fp64: the losses, every metrics.jsonl MoE field, the
+    validation losses (an eval between steps: the stages run it in eval mode, adding
+    nothing to the next step's load) and the final weights of every stage, the balancing
+    bias included (parallel/pipeline_moe.py)."""
+    from safetensors.torch import load_file
+
+    base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
+            "--model.moe_bias_update_rate=0.01", "--precision.dtype=fp64",
+            "--train.steps=4", "--eval.interval=2",
+            "--eval.test=false", "--train.threads=1", f"--data.prepared_dir={prepared_dir}"]
+    one, pp = tmp_path / "one", tmp_path / "pp"
+    for args in ([f"--run.dir={one}", "--train.micro_batch_size=4"],
+                 [f"--run.dir={pp}", *PIPELINES[layout]]):
+        proc = run_cli(*base, *args, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def records(run, kind):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == kind]
+    a, b = records(one, "train"), records(pp, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-10)
+        for key in ("moe_load", "moe_imbalance", "moe_dropped"):
+            assert y[key] == x[key], (x["step"], key)
+        for key in ("moe_aux_loss", "moe_z_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-10), (x["step"], key)
+    assert list(b[0]["moe_load"]) == ["1"]  # the second stage's block, on every record
+    va, vb = records(one, "eval"), records(pp, "eval")
+    assert [r["step"] for r in vb] == [r["step"] for r in va] and vb
+    # 1e-6: the pipeline's evaluation divides in fp32 whatever the run's dtype
+    # (Pipeline.eval_loss_sum); dense pipeline runs do the same.
+    assert all(y["loss"] == pytest.approx(x["loss"], rel=1e-6) for x, y in zip(va, vb))
+    wa, wb = load_file(one / "model.safetensors"), load_file(pp / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and wa["blocks.1.mlp.expert_bias"].abs().sum() > 0
+    diff = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+    assert diff <= 1e-10, f"weights differ by {diff:.3g}"
 
 
 def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):

@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 # several shard files (an expert's tensors land in different files).
 BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-            bos_token_id=0, eos_token_id=1, num_experts_per_tok=2)
+            num_experts_per_tok=2)
 CASES = {
     "qwen3_moe_dense_first": ("Qwen3Moe", dict(num_experts=6, moe_intermediate_size=16,
                                                intermediate_size=48, head_dim=16,
@@ -94,7 +94,7 @@ def test_fsdp_ranks_load_their_experts_then_export_hf(hf_dirs, tmp_path):
     `export --format hf` of the run is a Mixtral transformers loads with the trained
     model's logits."""
     from scaletrain.compress.report import val_loss
-    from scaletrain.data import build_data
+    from scaletrain.data.build import build_data
 
     d, _ = hf_dirs["mixtral"]
     run = tmp_path / "run"

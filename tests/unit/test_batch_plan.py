@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.config.checks import accumulation_steps
-from scaletrain.data import build_data
+from scaletrain.data.build import build_data
 from scaletrain.parallel.ac import block_modes, kept_bytes
 from scaletrain.plan.memory import ac_policy
 from tests.conftest import make_cfg, one_process_trainer

@@ -12,7 +12,7 @@ import pytest
 from tests.chat_dirs import CONVERSATIONS, TEMPLATE, chat_tokenizer, random_conversations
 from tests.chat_dirs import write_jsonl
 from tests.conftest import make_cfg
-from scaletrain.data import check_chat_masking
+from scaletrain.data.build import check_chat_masking
 from scaletrain.data.chat import check_messages, load_chat_tokenizer, render
 from scaletrain.data.chat_prepare import prepare_chat
 from scaletrain.data.chat_windows import ChatWindows, pack_rows

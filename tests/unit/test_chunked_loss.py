@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scaletrain.config.schema import Config
+from scaletrain.models import chunked_loss
 from scaletrain.models.chunked_loss import fusable
 from scaletrain.models.documents import document_kwargs
 from scaletrain.models.losses import IGNORE_INDEX
@@ -109,3 +110,77 @@ def test_loss_chunks_refused_where_it_cannot_apply(overrides, match):
     pairs = {"model.loss_chunks": "4", **overrides}
     with pytest.raises(ConfigError, match=match):
         build_config(None, list(pairs.items()))
+
+
+def _blocks_of(rows: int, itemsize: int) -> int:
+    """_BLOCK_BYTES for `rows` rows of fp32 / fp64 logits per block."""
+    return rows * V * itemsize
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunks", [1, 5])
+def test_fused_blocks_within_a_piece_fp64(monkeypatch, tied, chunks):
+    """A piece cut into several cross-entropy blocks (uneven: 3 rows each, over pieces
+    of 72 and 14-15 rows) gives the unchunked loss and gradients (fp64, 1e-10)."""
+    x, y = _batch()
+    ref = _model("gpt", tied, 0)
+    out = _model("gpt", tied, chunks)
+    out.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(chunked_loss, "_BLOCK_BYTES", _blocks_of(3, 8))
+    l0, g0 = _loss_and_grads(ref, x, y, False)
+    l1, g1 = _loss_and_grads(out, x, y, False)
+    assert abs(l1.item() - l0.item()) <= 1e-10 * abs(l0.item())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("block_rows", [None, 4])
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_bf16_autocast_matches_unchunked_autocast(monkeypatch, tied, block_rows):
+    """Under bf16 autocast (fp32 weights) the fused path is the unchunked autocast
+    head up to bf16 rounding. Both round the logits and the logits' gradient to bf16
+    once (unit roundoff 2^-9 = 2e-3), in different places (the unchunked head rounds
+    the gradient after the 1/N scaling, the fused one before; its weight gradient sums
+    per-piece bf16 products), and the rounding spreads through the blocks: each
+    parameter's gradient is ~3-9e-3 (relative norm) from the fp64 one on either path
+    (measured), so the two differ by up to ~1e-2 per parameter: 2e-2 is the bound, and
+    the fused gradients as a whole must be as close to fp64 as the unchunked ones
+    (within 1.5x). The fp32 loss of (nearly) the same bf16 logits agrees to 1e-4. A
+    real error (a missing one-hot, a wrong scale, a skipped block) is O(1)."""
+    x, y = _batch()
+    truth = _model("gpt", tied, 0)  # fp64, no autocast
+    ref = _model("gpt", tied, 0).float()
+    out = _model("gpt", tied, 5).float()
+    out.load_state_dict(ref.state_dict())
+    if block_rows:
+        monkeypatch.setattr(chunked_loss, "_BLOCK_BYTES", _blocks_of(block_rows, 4))
+    n = (y != IGNORE_INDEX).sum()
+    (truth(x, targets=y) / n).backward()
+    with torch.autocast("cpu", torch.bfloat16):
+        l0 = ref(x, targets=y)
+        l1 = out(x, targets=y)
+    assert l1.dtype == l0.dtype == torch.float32
+    (l0 / n).backward()
+    (l1 / n).backward()
+    assert abs(l1.item() - l0.item()) <= 1e-4 * abs(l0.item())
+    for (name, p0), p1 in zip(ref.named_parameters(), out.parameters()):
+        assert p1.grad.dtype == p0.grad.dtype == torch.float32
+        assert _rel(p1.grad, p0.grad) <= 2e-2, f"{name}: {_rel(p1.grad, p0.grad)}"
+    flat = [torch.cat([p.grad.double().flatten() for p in m.parameters()])
+            for m in (truth, ref, out)]
+    assert _rel(flat[2], flat[0]) <= 1.5 * _rel(flat[1], flat[0])
+
+
+def test_fused_second_backward_refused():
+    """The fused Function scales its stored gradients in place, so a second backward
+    through a retained graph fails instead of returning gradients scaled twice."""
+    x, y = _batch()
+    model = _model("gpt", True, 4)
+    loss = model(x, targets=y) / 7
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()

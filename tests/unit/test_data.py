@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from scaletrain.config.schema import Config, DataConfig
-from scaletrain.data import build_data, shards
+from scaletrain.data import shards
+from scaletrain.data.build import build_data
 from scaletrain.data import tokenizer as tokenizer_mod
 from scaletrain.data.cache import verify
 from scaletrain.data.clean import Document, split_documents

@@ -8,7 +8,7 @@ import pytest
 from scaletrain.config.dims import ParallelDims
 from scaletrain.config.load import build_config
 from scaletrain.errors import ConfigError
-from scaletrain.parallel.moe_checks import check_expert_parallel
+from scaletrain.parallel.moe_checks import check_expert_parallel, check_moe_layout
 
 
 def test_ep_is_carved_out_of_dp_shard():
@@ -17,13 +17,15 @@ def test_ep_is_carved_out_of_dp_shard():
     assert d.mesh_shape() == ((4,), ("dp_shard",))  # the world mesh is unchanged
     assert ParallelDims.resolve(1, -1, 1, 1, 2, ep=2).efsdp == 1
     assert ParallelDims.resolve(1, -1, 1, 1, 2).ep == 1
+    # In pipeline stages: each stage's dp_shard ranks split its experts.
+    d = ParallelDims.resolve(1, -1, 1, 2, 4, ep=2)
+    assert (d.pp, d.dp_shard, d.ep, d.efsdp) == (2, 2, 2, 1)
 
 
 @pytest.mark.parametrize("degrees,ep,needle", [
     ((1, -1, 1, 1, 2), 4, "parallel.ep=4 must divide parallel.dp_shard=2"),
     ((2, -1, 1, 1, 4), 2, "parallel.dp_replicate=2 is not supported yet"),
     ((1, -1, 2, 1, 4), 2, "parallel.tp=2 is not supported yet"),
-    ((1, -1, 1, 2, 4), 2, "parallel.pp=2 is not supported yet"),
 ])
 def test_ep_layouts_refused(degrees, ep, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -41,5 +43,17 @@ def test_ep_against_the_model():
         check_expert_parallel(_cfg(*moe, "parallel.ep=3"))
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
         check_expert_parallel(_cfg("model.name=llama", "parallel.ep=2"))
-    with pytest.raises(ConfigError, match="activation_checkpoint='full' is not supported"):
-        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.activation_checkpoint=full"))
+    with pytest.raises(ConfigError, match="parallel.cpu_offload is not supported"):
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", "parallel.cpu_offload=true"))
+    for ac in ("full", "selective"):  # tests/distributed/test_moe_ep.py runs them
+        check_expert_parallel(_cfg(*moe, "parallel.ep=2", f"parallel.activation_checkpoint={ac}"))
+
+
+def test_moe_compiles_per_block_only():
+    """train.compile per block trains MoE layers (test_moe_ep.py against eager); the
+    whole-model scope is untested and refused."""
+    moe = ("model.name=llama", "model.n_layer=2", "model.moe_experts=4", "train.compile=true")
+    check_moe_layout(_cfg(*moe))
+    check_moe_layout(_cfg(*moe, "parallel.ep=2"))
+    with pytest.raises(ConfigError, match="train.compile_scope='model' is not supported"):
+        check_moe_layout(_cfg(*moe, "train.compile_scope=model"))

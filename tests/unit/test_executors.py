@@ -1,15 +1,19 @@
 """data/executors.py without a cluster: a Ray / Slurm job whose tasks did not all
 complete is an error naming the task and its log's last error line (the work dir and
 its logs are removed with the unpublished dataset, so the message is all that is left),
-and the summed stats read both forms datatrove writes a metric in."""
+and the summed stats read both forms datatrove writes a metric in; the local executor
+forks its workers only from a plain process."""
 
 from __future__ import annotations
 
 import json
+import sys
+import threading
 
 import pytest
 
-from scaletrain.data.executors import TaskFailed, _check_completed, _summed_stats
+from scaletrain.data.executors import (TaskFailed, _check_completed, _summed_stats,
+                                       start_method)
 
 
 def _logs(tmp_path, completed: list[int]):
@@ -53,3 +57,26 @@ def test_summed_stats_reads_plain_and_full_metrics(tmp_path):
                                                   "unit": "doc"}}}]
         (logs / "stats" / f"{rank:05d}.json").write_text(json.dumps(steps))
     assert dict(_summed_stats(logs, 2)) == {"records": 7, "tokens/train/src0": 30}
+
+
+def test_start_method_forks_only_a_plain_process(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # pytest's process has it
+    # Threads left by earlier tests in this worker (tokenizers, datatrove) would make the
+    # process look threaded: count only the threads started from here on.
+    count, before = threading.active_count, threading.active_count()
+    monkeypatch.setattr(threading, "active_count", lambda: count() - before + 1)
+    assert start_method() == "fork"
+    monkeypatch.setitem(sys.modules, "torch", object())  # `prepare` called by `train`
+    assert start_method() == "forkserver"
+    monkeypatch.delitem(sys.modules, "torch")
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert start_method() == "forkserver"  # a thread could hold a lock across fork
+    finally:
+        stop.set()
+        thread.join()
+    monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe on macOS
+    assert start_method() == "forkserver"

@@ -110,3 +110,37 @@ def test_llama_lora_targets_the_family_names_and_merges():
     # A GPT name on a llama: the error lists the llama's own layers.
     with pytest.raises(ConfigError, match="q_proj.*up_proj|gate_proj.*q_proj"):
         apply_lora(tiny_llama(), 2, 2.0, ["c_attn"])
+
+
+def test_a_model_converted_on_meta_loads_trained_weights_into_its_base():
+    """The trainer's order (finetune/init_from.py `converter`, then `apply_init`): LoRA
+    on the meta model, allocate, load the plain weights into the base under their plain
+    names, draw the adapters. The result computes the plain model (B = 0), and A is the
+    same draw per (seed, name) whatever the global RNG did before: every layout (one
+    process, DDP, FSDP2 shards) gets the same adapters."""
+    from scaletrain.finetune.init_from import load_into
+    from scaletrain.finetune.lora import init_adapters
+
+    plain = tiny_gpt(seed=3)
+    x = torch.randint(0, 300, (2, 16))
+
+    def converted(rng_seed: int):
+        with torch.device("meta"):
+            m = GPT(GPTConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=64))
+        apply_lora(m, rank=4, alpha=8.0, targets=["c_attn", "c_fc"])
+        m.to_empty(device="cpu")
+        stored = {k: v for k, v in plain.state_dict().items() if k != "lm_head.weight"}
+        load_into(m, stored, "test", (("lm_head.weight", "wte.weight"),))  # tied: once
+        torch.manual_seed(rng_seed)  # the global stream must not reach the adapters
+        init_adapters(m, seed=7)
+        return m.eval()
+
+    a, b = converted(0), converted(1)
+    torch.testing.assert_close(a(x), plain(x), atol=0, rtol=0)
+    layer = a.blocks["0"].attn.c_attn
+    assert torch.equal(layer.base.weight, plain.blocks["0"].attn.c_attn.weight)
+    assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+    bound = 1 / 64 ** 0.5  # kaiming_uniform_(a=sqrt(5)) of fan_in 64: U(-1/8, 1/8)
+    assert 0 < layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
