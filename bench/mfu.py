@@ -41,8 +41,11 @@ import torch  # noqa: E402
 from scaletrain.bench.ops import profile_step  # noqa: E402
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak  # noqa: E402
 from scaletrain.config import build_config  # noqa: E402
+from scaletrain.config.dims import resolve_dims  # noqa: E402
 from scaletrain.config.load import parse_overrides  # noqa: E402
 from scaletrain.metrics import measure_peak_flops  # noqa: E402
+from scaletrain.parallel.world import World  # noqa: E402
+from scaletrain.train.runtime import detect_runtime  # noqa: E402
 from scaletrain.train.trainer import Trainer  # noqa: E402
 
 
@@ -102,7 +105,9 @@ def main() -> None:
                                      ("run.overwrite", "true"), ("train.progress", "off"),
                                      ("train.steps", "100000"), ("schedule.warmup_steps", "0"),
                                      ("eval.interval", "0"), *pairs])
-    tr = Trainer(cfg)
+    world = World()  # one process: its runtime and layout, resolved once and handed down
+    tr = Trainer(cfg, detect_runtime(cfg.train.device, cfg.train.threads, world),
+                 resolve_dims(cfg.parallel, world.size))
     threads, dev = tr.rt.threads, tr.rt.device
     dt = tr.policy.compute_dtype
     dt = torch.float32 if dt == torch.float64 else dt

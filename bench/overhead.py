@@ -23,7 +23,10 @@ import torch  # noqa: E402
 
 from scaletrain.bench.handloop import HandLoop  # noqa: E402  (also used by `scaletrain bench`)
 from scaletrain.config import build_config  # noqa: E402
+from scaletrain.config.dims import resolve_dims  # noqa: E402
 from scaletrain.config.load import parse_overrides  # noqa: E402
+from scaletrain.parallel.world import World  # noqa: E402
+from scaletrain.train.runtime import detect_runtime  # noqa: E402
 from scaletrain.train.trainer import Trainer  # noqa: E402
 
 
@@ -47,7 +50,9 @@ def main() -> None:
                                      ("run.overwrite", "true"), ("train.progress", "off"),
                                      ("train.steps", "100000"), ("schedule.warmup_steps", "0"),
                                      *pairs])
-    a = Trainer(cfg)
+    world = World()  # one process: its runtime and layout, resolved once and handed down
+    a = Trainer(cfg, detect_runtime(cfg.train.device, cfg.train.threads, world),
+                resolve_dims(cfg.parallel, world.size))
     a_step = lambda: a.train_one_step()  # noqa: E731
     b = HandLoop(a, compile_loss=args.hand_compile_loss)
     for _ in range(3):  # warm-up: allocator, kernels, first-touch of the memory map

@@ -60,10 +60,15 @@ def _total(gate) -> int:
 
 
 def run_scaletrain(cfg, gate) -> None:
-    """`scaletrain train`'s path: Trainer(cfg).fit(), the gate after each step."""
+    """`scaletrain train`'s path: the Trainer's steps, the gate after each step."""
+    from scaletrain.config.dims import resolve_dims
+    from scaletrain.parallel.world import World
+    from scaletrain.train.runtime import detect_runtime
     from scaletrain.train.trainer import Trainer
 
-    tr = Trainer(cfg)
+    world = World()  # one process: its runtime and layout, resolved once and handed down
+    tr = Trainer(cfg, detect_runtime(cfg.train.device, cfg.train.threads, world),
+                 resolve_dims(cfg.parallel, world.size))
     inner = tr.train_one_step
 
     def step():

@@ -60,6 +60,20 @@ def make_cfg(args: list[str]):
     return build_config(None, pairs)
 
 
+def one_process_trainer(cfg):
+    """The Trainer of `cfg` on this one process, handed its runtime and layout as `train`
+    hands them (resolved once, here; the Trainer resolves nothing itself)."""
+    # Imported here, as in make_cfg: torch is heavy and many tests never build a trainer.
+    from scaletrain.config.dims import resolve_dims
+    from scaletrain.parallel.world import World
+    from scaletrain.train.runtime import detect_runtime
+    from scaletrain.train.trainer import Trainer
+
+    world = World()
+    return Trainer(cfg, detect_runtime(cfg.train.device, cfg.train.threads, world),
+                   resolve_dims(cfg.parallel, world.size))
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     """Run `python -m scaletrain ARGS` as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -35,7 +35,10 @@ import torch
 from scaletrain.bench.handloop import HandLoop
 from scaletrain.bench.ops import profile_step
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
+from scaletrain.config.dims import ParallelDims
 from scaletrain.metrics import measure_peak_flops
+from scaletrain.parallel.world import World
+from scaletrain.train.runtime import detect_runtime
 from scaletrain.train.trainer import Trainer
 
 
@@ -217,9 +220,11 @@ def save(r: dict, out: Path) -> list[Path]:
     return [out / "bench.json", out / "bench.png"]
 
 
-def bench_command(cfg, *, out: str | None, steps: int, warmup: int, pairs: int) -> dict:
-    """Build the trainer of `cfg`, measure it, print the table, save JSON + PNG."""
-    tr = Trainer(cfg)
+def bench_command(cfg, world: World, dims: ParallelDims, *, out: str | None, steps: int,
+                  warmup: int, pairs: int) -> dict:
+    """Build the trainer of `cfg`, measure it, print the table, save JSON + PNG.
+    `world`, `dims`: this process's place and the layout the CLI's validation resolved."""
+    tr = Trainer(cfg, detect_runtime(cfg.train.device, cfg.train.threads, world), dims)
     try:
         r = run_bench(tr, steps=steps, warmup=warmup, pairs=pairs)
     finally:

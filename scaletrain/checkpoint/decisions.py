@@ -2,7 +2,7 @@
 
 `CheckpointSession.after_step` returns one of these values; the loop acts on it
 (train/trainer.py): `Continue` and `RolledBack` run the next step, `Stop` ends the run,
-and the CLI turns its exit code into the process's (cli.py). A value, not an exception
+and the CLI turns its exit code into the process's (cli/train.py). A value, not an exception
 or an attribute written on the trainer: the loop reads top to bottom, and a test can
 drive the session and look at what it decided (tests/unit/test_checkpoint_session.py).
 """

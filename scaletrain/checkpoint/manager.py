@@ -139,7 +139,8 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, cfg, *, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, stateful: dict[str, Any],
                  rank: int = 0, config_dict: dict | None = None,
-                 tied_copies: dict[str, str] | None = None):
+                 tied_copies: dict[str, str] | None = None,
+                 metrics_path: Path | None = None):
         self.cfg = cfg
         self.c = cfg.checkpoint
         self.run_dir = Path(run_dir)
@@ -156,8 +157,8 @@ class CheckpointManager:
         self.config_dict = config_dict if config_dict is not None else to_dict(cfg)
         self.last_saved_step: int | None = None  # newest checkpoint known complete
         self.last_requested_step: int | None = None  # newest save started (maybe in flight)
-        self.best_step: int | None = None  # set by the trainer when keep_best is on
-        self.metrics_path: Path | None = None  # rank 0: its size is saved (exact resume)
+        # Rank 0's metrics.jsonl (None elsewhere): its size is saved (exact resume).
+        self.metrics_path = metrics_path
         self.loaded_extra: dict = {}  # the extra state of the checkpoint last loaded
         self.last_loaded: Path | None = None
         self.loaded_config: dict = {}  # the resolved config the loaded checkpoint saved
@@ -182,15 +183,17 @@ class CheckpointManager:
             extra["metrics_bytes"] = self.metrics_path.stat().st_size
         return extra
 
-    def maybe_save(self, step: int) -> bool:
-        """Save if `step` is a multiple of `checkpoint.interval`."""
+    def maybe_save(self, step: int, *, best_step: int | None = None) -> bool:
+        """Save if `step` is a multiple of `checkpoint.interval` (`best_step`: as `save`)."""
         if self.c.interval and step % self.c.interval == 0:
-            self.save(step)
+            self.save(step, best_step=best_step)
             return True
         return False
 
-    def save(self, step: int) -> Path:
-        """Checkpoint the current state as `step` (sync, or staged + background write)."""
+    def save(self, step: int, *, best_step: int | None = None) -> Path:
+        """Checkpoint the current state as `step` (sync, or staged + background write).
+        `best_step`: with `checkpoint.keep_best`, the checkpoint pruning keeps besides
+        the newest `checkpoint.keep` (the best validation loss so far)."""
         self.wait()  # at most one save in flight
         self.last_requested_step = step
         final = self.root / step_dir_name(step)
@@ -209,11 +212,12 @@ class CheckpointManager:
                                      async_stager=self._get_stager())
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, "ckpt-finalize")
-                self._pending = self._executor.submit(self._finish, fut, tmp, final, step)
+                self._pending = self._executor.submit(self._finish, fut, tmp, final, step,
+                                                      best_step)
             else:
                 dcp.save(state, storage_writer=FileSystemWriter(tmp))
                 _barrier()
-                self._finish(None, tmp, final, step)
+                self._finish(None, tmp, final, step, best_step)
                 _barrier()
         except (OSError, RuntimeError, CheckpointException) as e:
             self._pending = None
@@ -248,7 +252,8 @@ class CheckpointManager:
             self._async_pg = dist.new_group(backend="gloo")
         return self._async_pg
 
-    def _finish(self, fut: Future | None, tmp: Path, final: Path, step: int) -> None:
+    def _finish(self, fut: Future | None, tmp: Path, final: Path, step: int,
+                best_step: int | None) -> None:
         """Wait for the data, then (rank 0) manifest, rename into place, prune."""
         if fut is not None:
             try:
@@ -271,7 +276,7 @@ class CheckpointManager:
             os.replace(tmp, final)
         _fsync_dir(self.root)
         self.last_saved_step = step
-        self._prune()
+        self._prune(best_step)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete; raise its error."""
@@ -295,11 +300,11 @@ class CheckpointManager:
         return CheckpointError(f"saving checkpoint {where} failed: "
                                f"{write_failure_reason(cause, where)}{keep}")
 
-    def _prune(self) -> None:
+    def _prune(self, best_step: int | None) -> None:
         ckpts = list_checkpoints(self.root)
         keep = {s for s, _ in ckpts[-self.c.keep:]}
-        if self.c.keep_best and self.best_step is not None:
-            keep.add(self.best_step)
+        if self.c.keep_best and best_step is not None:
+            keep.add(best_step)
         for s, p in ckpts:
             if s not in keep:
                 shutil.rmtree(p, ignore_errors=True)

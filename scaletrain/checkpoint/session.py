@@ -102,9 +102,9 @@ class CheckpointSession:
         small = {k: v for k, v in states.items() if k not in DCP_STATES}
         self.manager = CheckpointManager(run_dir, cfg, model=states["model"],
                                          optimizer=states["optimizer"], stateful=small,
-                                         rank=rank, tied_copies=tied_copies)
-        if is_main:  # its size at each save makes a resume exact (manager._extra_state)
-            self.manager.metrics_path = metrics_path
+                                         rank=rank, tied_copies=tied_copies,
+                                         # its size at each save makes a resume exact
+                                         metrics_path=metrics_path if is_main else None)
         self.checkpoint_cfg = cfg.checkpoint
         self.run_dir, self.metrics_path = Path(run_dir), metrics_path
         self.faults, self.rollback = faults, rollback
@@ -184,19 +184,17 @@ class CheckpointSession:
         stop) after optimizer step `step`; `best_step`: keep_best's, kept when pruning."""
         if self.faults is not None and (to := self._handle_fault(step)) is not None:
             return RolledBack(step=to)  # the state is the checkpoint's, nothing new to save
-        if self.checkpoint_cfg.keep_best:
-            self.manager.best_step = best_step
         interval = self.checkpoint_cfg.interval
         if interval and step % interval == 0:
             self.reads.flush()  # the saved state (tokens, fault history) up to this step
             if self.faults is not None and (to := self._handle_fault(step)) is not None:
                 return RolledBack(step=to)  # this step's fault, read just now, rolled back
-        saved = self.manager.maybe_save(step)
+        saved = self.manager.maybe_save(step, best_step=best_step)
         if not self._stop_requested():
             return CONTINUE
         if not saved:
             self.reads.flush()
-            self.manager.save(step)
+            self.manager.save(step, best_step=best_step)
         self.manager.close()
         name = signal.Signals(self._signal).name if self._signal else "a signal"
         if self.is_main:
@@ -224,9 +222,7 @@ class CheckpointSession:
     def at_end(self, step: int, *, best_step: int) -> None:
         """Save the final state (unless this step was just saved) and wait for it."""
         self.reads.flush()
-        if self.checkpoint_cfg.keep_best:
-            self.manager.best_step = best_step
         if self.manager.last_requested_step != step:
-            self.manager.save(step)
+            self.manager.save(step, best_step=best_step)
         self.manager.close()
         self.restore_signal_handlers()

@@ -60,54 +60,81 @@ def _toml_list(text: str) -> list | None:
 
 def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
     """Convert `value` to `typ`; CLI values arrive as strings, TOML values typed."""
-    if isinstance(typ, types.UnionType):  # `str | list[str]` (data.source): one or a list
-        listed = isinstance(value, (list, tuple)) or (
-            from_cli and isinstance(value, str) and _toml_list(value) is not None)
-        typ = next(t for t in typ.__args__ if (getattr(t, "__origin__", None) is list)
-                   == listed)
-    if from_cli and isinstance(value, str):
-        text = value.strip()
-        if typ is bool:
-            low = text.lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ConfigError(f"{key}: expected true or false, got '{value}'")
-        if typ is int:
+    if isinstance(typ, types.UnionType):
+        typ = _union_member(typ, value, from_cli)
+    if from_cli and isinstance(value, str) and _reads_text(typ):
+        return _from_text(key, value, typ)
+    return _from_typed(key, value, typ)
+
+
+def _union_member(typ: types.UnionType, value: Any, from_cli: bool) -> type:
+    """The member of `str | list[str]` (data.source: one or a list) that `value` is."""
+    listed = isinstance(value, (list, tuple)) or (
+        from_cli and isinstance(value, str) and _toml_list(value) is not None)
+    return next(t for t in typ.__args__ if (getattr(t, "__origin__", None) is list) == listed)
+
+
+def _is_list(typ: type) -> bool:
+    return typ in (list, tuple) or getattr(typ, "__origin__", None) in (list, tuple)
+
+
+def _reads_text(typ: type) -> bool:
+    """The field types a command-line string is parsed into (others stay as given)."""
+    return typ in (bool, int, float, str, dict) or _is_list(typ)
+
+
+def _from_text(key: str, value: str, typ: type) -> Any:
+    """A command-line string as `typ` (bool, int, float, str, an inline table, a list)."""
+    text = value.strip()
+    if typ is str:
+        return _text(key, value)
+    if typ in (bool, int, float):
+        return _scalar_from_text(key, value, text, typ)
+    if typ is dict:  # an inline TOML table: '{gopher_quality = {min_doc_words = 20}}'
+        try:
+            return _coerce(key, tomllib.loads(f"v = {text}")["v"], typ, from_cli=False)
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key}: expected an inline TOML table such as "
+                              f"'{{name = {{arg = 1}}}}', got '{value}'") from None
+    try:
+        parsed = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        # "3,5" or "c_attn,c_proj": items typed like single CLI values.
+        (item_t,) = typ.__args__[:1]
+        return [_coerce(f"{key}[{i}]", p.strip(), item_t, from_cli=True)
+                for i, p in enumerate(text.split(",")) if p.strip()]
+    return _coerce(key, parsed, typ, from_cli=False)
+
+
+def _scalar_from_text(key: str, value: str, text: str, typ: type) -> bool | int | float:
+    """`text` (the stripped `value`) as a bool (true/1/yes/on, false/0/no/off), an
+    integer (also written 1e3, but not 2.5) or a number."""
+    if typ is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got '{value}'")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
             try:
-                return int(text)
+                f = float(text)
             except ValueError:
-                try:  # accept 1e3-style integers, but not 2.5
-                    f = float(text)
-                except ValueError:
-                    f = math.nan
-                if f.is_integer():
-                    return int(f)
-                raise ConfigError(f"{key}: expected an integer, got '{value}'") from None
-        if typ is float:
-            try:
-                return float(text)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got '{value}'") from None
-        if typ is str:
-            return _text(key, value)
-        if typ is dict:  # an inline TOML table: '{gopher_quality = {min_doc_words = 20}}'
-            try:
-                return _coerce(key, tomllib.loads(f"v = {text}")["v"], typ, from_cli=False)
-            except tomllib.TOMLDecodeError:
-                raise ConfigError(f"{key}: expected an inline TOML table such as "
-                                  f"'{{name = {{arg = 1}}}}', got '{value}'") from None
-        if typ in (list, tuple) or getattr(typ, "__origin__", None) in (list, tuple):
-            try:
-                parsed = tomllib.loads(f"v = {text}")["v"]
-            except tomllib.TOMLDecodeError:
-                # "3,5" or "c_attn,c_proj": items typed like single CLI values.
-                (item_t,) = typ.__args__[:1]
-                return [_coerce(f"{key}[{i}]", p.strip(), item_t, from_cli=True)
-                        for i, p in enumerate(text.split(",")) if p.strip()]
-            return _coerce(key, parsed, typ, from_cli=False)
-    # Typed values (TOML, or parsed lists).
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+            raise ConfigError(f"{key}: expected an integer, got '{value}'") from None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got '{value}'") from None
+
+
+def _from_typed(key: str, value: Any, typ: type) -> Any:
+    """A typed value (TOML, or a parsed list) checked against `typ`; lists item by item."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -130,8 +157,7 @@ def _coerce(key: str, value: Any, typ: type, from_cli: bool) -> Any:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{key}: expected a table, got {value!r}")
-    origin = getattr(typ, "__origin__", None)
-    if origin in (list, tuple):
+    if getattr(typ, "__origin__", None) in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_t,) = typ.__args__[:1]

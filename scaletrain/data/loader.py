@@ -70,6 +70,18 @@ class StatefulLoader:
 
     next = __next__
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """The global batch of the next `next()` (a batch ramp or descent mode sizes each
+        step's): batches prefetched at the old size are dropped and drawn again from the
+        consumed position, so the batches stay those of `workers=0`."""
+        if batch_size == self.batch_size:
+            return
+        if batch_size % self.world:
+            raise ValueError(f"global batch {batch_size} does not divide over "
+                             f"{self.world} ranks")
+        self.batch_size = int(batch_size)
+        self._reset_prefetch()
+
     def state_dict(self) -> dict:
         """Position after the batches returned so far: {'epoch', 'pos', 'n'} (plain ints;
         a mixture's: {'counts', 'sizes', 'weights', 'n'})."""

@@ -124,7 +124,7 @@ def resolve_init(cfg, user_set: Collection[str] = (), resuming: bool = False):
     load.py `user_keys`); a shape field among them that differs from the source's is
     refused, naming it, even when it equals the default: the weights fix the shape, and
     dropping the override without a word trained another model than asked. The trainer
-    passes none: the command line checked them before anything was launched (cli.py).
+    passes none: the command line checked them before anything was launched (cli/train.py).
 
     `resuming` (train/run_guard.py `resumes_in_place`): the shape is the run's own saved
     config.toml's and a checkpoint replaces every weight, so init.from is not read; it

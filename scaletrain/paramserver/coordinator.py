@@ -320,7 +320,7 @@ class Coordinator:
             return None
         path = ckpt.newest(self.run_dir)
         if path is None:  # as train/faults.py's Rollback: count afresh, keep skipping
-            self.faults.consecutive = 0
+            self.faults.count_afresh()
             return rollback_record(step, None, self.lr_factor)
         self._on_servers(server.rpc_roll_back, str(path), self.lr_factor)
         saved = ckpt.load(path, "coordinator")["coordinator"]

@@ -4,7 +4,7 @@ parallel/ac.py (the mechanism) and the memory model, and the trainer asks it her
 
 from __future__ import annotations
 
-from scaletrain.config.batch_plan import BatchPlan, batch_plan
+from scaletrain.config.batch_plan import BatchPlan
 from scaletrain.config.dims import ParallelDims
 from scaletrain.errors import ConfigError
 from scaletrain.models.registry import spec_of
@@ -12,12 +12,11 @@ from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan.memory import ac_policy
 
 
-def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan | None = None) -> ACPolicy:
+def activation_policy(cfg, dims: ParallelDims, batch: BatchPlan) -> ACPolicy:
     """`cfg`'s activation checkpointing for this layout (budget mode: sized per block by
-    the plan's byte model at the micro-batch the step runs, `batch.micro`; the trainer
-    hands its run's plan, default: `cfg`'s before the data is known); ConfigError if the
-    budget is below what checkpointing every block keeps."""
-    batch = batch or batch_plan(cfg, dims.dp)
+    the plan's byte model at the micro-batch the step runs, `batch.micro`: the run's
+    batch plan, which the trainer resolved once); ConfigError if the budget is below what
+    checkpointing every block keeps."""
     policy = ac_policy(cfg, dims.tp, batch.micro)
     split = spec_of(cfg.model).pipeline  # families with blocks split into stages
     n_local = -(-split.depth(cfg.model) // dims.pp) if split is not None else 0

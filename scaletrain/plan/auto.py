@@ -9,7 +9,7 @@ holds) divided by the ranks on this machine (the world's local size) — times 0
 
 Several ranks must choose the same overrides, and each would read a slightly different
 MemAvailable: `scaletrain train --nproc N` therefore detects once in the launcher and
-passes `--plan.memory_gib` to the ranks (cli.py); under an external torchrun with more
+passes `--plan.memory_gib` to the ranks (cli/train.py); under an external torchrun with more
 than one rank, plan.memory_gib must be set.
 """
 

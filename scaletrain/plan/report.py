@@ -93,81 +93,104 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
     `dims.ep` expert-parallel ranks and the FSDP2 ranks beside them: `expert_shards`)."""
     p = cfg.parallel
     check_model_parallel(cfg, vocab, dims)
-    m, t = cfg.model, dims.tp
-    spec = spec_of(m)
-    batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
-    per_rank, micro = batch.per_rank, batch.micro
-    v = stages_per_rank(p) if dims.pp > 1 else 1
-    mb_count = pipeline_microbatches(p, per_rank, micro) if dims.pp > 1 else per_rank // micro
-    mb = per_rank // mb_count if dims.pp > 1 else micro
-    s = m.seq_len
+    spec = spec_of(cfg.model)
+    v, mb_count, mb = _microbatching(cfg, dims)
     full_numels = tuple(torch.Size(sh).numel()
                         for sh in _stage_params(cfg, vocab, [0], None)[0].values())
-    full_n = sum(full_numels)
     ranks = []
     for pp_rank in range(dims.pp):
         bounds, ids = None, [0]
         if dims.pp > 1:
-            bounds, ids, _ = pipeline_layout(spec.pipeline.depth(m), p, pp_rank)
+            bounds, ids, _ = pipeline_layout(spec.pipeline.depth(cfg.model), p, pp_rank)
         shapes, sharded = _stage_params(cfg, vocab, ids, bounds)
-        numels = []
-        for name, shape in shapes.items():
-            numel = torch.Size(shape).numel()
-            if t > 1 and name in sharded:
-                numel /= t
-            numels.append(numel / (expert_shards(dims.ep, dims.dp_shard) if _is_expert(name)
-                                   else dims.dp_shard))
-        n = float(sum(numels))
+        numels = _local_numels(shapes, sharded, dims)
         layers = len(_block_ids(shapes))
-        if dims.pp <= 1:
-            in_flight = 1
-        elif p.pp_schedule == "gpipe":
-            in_flight = mb_count
-        else:  # 1F1B: the first stage holds p micro-batches, the last one
-            in_flight = min(mb_count, dims.pp - pp_rank) * v
         # (a tied head's weight is listed once, as the embedding's: test the stage, not
         # names)
         has_head = spec.kind == "text" and (dims.pp == 1 or len(bounds) - 1 in ids)
         shape = RankShape(
-            params=n, largest_param=max((torch.Size(sh).numel() for sh in shapes.values()),
-                                        default=0),
-            layers=layers, tokens=mb * s, in_flight=in_flight, has_head=has_head,
-            vocab_local=vocab / (t if p.loss_parallel and t > 1 else 1), tp=t,
-            accum=1 if dims.pp > 1 else mb_count,
+            params=float(sum(numels)),
+            largest_param=max((torch.Size(sh).numel() for sh in shapes.values()), default=0),
+            layers=layers, tokens=mb * cfg.model.seq_len,
+            in_flight=_in_flight(p.pp_schedule, dims.pp, pp_rank, mb_count, v),
+            has_head=has_head, vocab_local=vocab / (dims.tp if p.loss_parallel and dims.tp > 1
+                                                    else 1),
+            tp=dims.tp, accum=1 if dims.pp > 1 else mb_count,
             ddp=dims.dp_replicate > 1 and dims.dp_shard == 1,
             # PP evaluates through the schedule in its micro-batches (pipeline_step.py)
-            eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp)) * s,
-            full_params=full_n, sharded=t > 1 or dims.dp_shard > 1 or dims.pp > 1,
-            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, t)
+            eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp))
+            * cfg.model.seq_len,
+            full_params=sum(full_numels), sharded=dims.tp > 1 or dims.dp_shard > 1 or dims.pp > 1,
+            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, dims.tp)
                            if dims.dp_shard > 1 else 0.0),
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp,
             blocks=tuple(int(i) for i in _block_ids(shapes)))
-        peak = rank_peak(cfg, shape, device_type)
-        ranks.append({"pp_rank": pp_rank, "stages": ids, "layers": layers,
-                      "ac_blocks": _ac_blocks(cfg, t, mb, layers),
-                      "params": int(n), "param_bytes": int(peak["params_bytes"]),
-                      "grad_bytes": int(peak["grad_bytes"]),
-                      "optim_bytes": int(peak["optim_state_bytes"] + peak["master_bytes"]),
-                      "activation_bytes": int(peak["activation_bytes"] + peak["head_bytes"]),
-                      "workspace_bytes": int(peak["step_transient_bytes"]
-                                             + peak["ddp_bucket_bytes"]),
-                      "peak_phase": peak["peak_phase"],
-                      "peak_tensor_bytes": int(peak["peak_tensor_bytes"]),
-                      "baseline_bytes": int(peak["baseline_bytes"]),
-                      "peak_bytes": int(peak["peak_bytes"]),
-                      "peak_bytes_other_ranks": int(peak["peak_bytes_other"]),
-                      # the tensors' part of the peak (bench/model_parallel.py compares it
-                      # with the peak RSS above the process's baseline)
-                      "total_bytes": int(peak["peak_tensor_bytes"])})
-    return {"world": dims.world, "layout": {"dp_replicate": dims.dp_replicate,
-                                       "dp_shard": dims.dp_shard, "tp": t, "pp": dims.pp,
-                                       "strategy": dims.strategy,
-                                       "mesh": dict(zip(dims.mesh_shape()[1],
-                                                        dims.mesh_shape()[0]))},
+        ranks.append(_rank_record(pp_rank, ids, shape, rank_peak(cfg, shape, device_type),
+                                  _ac_blocks(cfg, dims.tp, mb, layers)))
+    return {"world": dims.world, "layout": _layout_record(dims),
             "micro_batch": mb, "microbatches": mb_count,
             "pp_schedule": p.pp_schedule if dims.pp > 1 else None,
             "bubble": bubble_fraction(p.pp_schedule, dims.pp, mb_count, v),
             "ranks": ranks}
+
+
+def _microbatching(cfg, dims) -> tuple[int, int, int]:
+    """(stages per pipeline rank, micro-batches per step, samples per micro-batch): the
+    pipeline's micro-batches under pp > 1, else the batch plan's accumulation."""
+    batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
+    per_rank, micro = batch.per_rank, batch.micro
+    if dims.pp <= 1:
+        return 1, per_rank // micro, micro
+    mb_count = pipeline_microbatches(cfg.parallel, per_rank, micro)
+    return stages_per_rank(cfg.parallel), mb_count, per_rank // mb_count
+
+
+def _local_numels(shapes: dict, sharded: set, dims) -> list[float]:
+    """Each parameter's elements on one rank: / tp if the TP plan shards it, / the
+    ranks FSDP2 splits it over (a routed expert's: `expert_shards`)."""
+    numels = []
+    for name, shape in shapes.items():
+        numel = torch.Size(shape).numel()
+        if dims.tp > 1 and name in sharded:
+            numel /= dims.tp
+        numels.append(numel / (expert_shards(dims.ep, dims.dp_shard) if _is_expert(name)
+                               else dims.dp_shard))
+    return numels
+
+
+def _in_flight(schedule: str, pp: int, pp_rank: int, mb_count: int, v: int) -> int:
+    """Micro-batches whose activations a rank holds at once: 1 without PP; all of them
+    under GPipe; under 1F1B the first stage holds p, the last one (× its v stages)."""
+    if pp <= 1:
+        return 1
+    if schedule == "gpipe":
+        return mb_count
+    return min(mb_count, pp - pp_rank) * v
+
+
+def _rank_record(pp_rank: int, ids: list[int], shape: RankShape, peak: dict,
+                 ac_blocks) -> dict:
+    """One pipeline rank's line of the plan, in bytes (plan/memory.py `rank_peak`)."""
+    return {"pp_rank": pp_rank, "stages": ids, "layers": shape.layers, "ac_blocks": ac_blocks,
+            "params": int(shape.params), "param_bytes": int(peak["params_bytes"]),
+            "grad_bytes": int(peak["grad_bytes"]),
+            "optim_bytes": int(peak["optim_state_bytes"] + peak["master_bytes"]),
+            "activation_bytes": int(peak["activation_bytes"] + peak["head_bytes"]),
+            "workspace_bytes": int(peak["step_transient_bytes"] + peak["ddp_bucket_bytes"]),
+            "peak_phase": peak["peak_phase"],
+            "peak_tensor_bytes": int(peak["peak_tensor_bytes"]),
+            "baseline_bytes": int(peak["baseline_bytes"]),
+            "peak_bytes": int(peak["peak_bytes"]),
+            "peak_bytes_other_ranks": int(peak["peak_bytes_other"]),
+            # the tensors' part of the peak (bench/model_parallel.py compares it with the
+            # peak RSS above the process's baseline)
+            "total_bytes": int(peak["peak_tensor_bytes"])}
+
+
+def _layout_record(dims) -> dict:
+    shape, names = dims.mesh_shape()
+    return {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp,
+            "pp": dims.pp, "strategy": dims.strategy, "mesh": dict(zip(names, shape))}
 
 
 def _ac_blocks(cfg, tp: int, micro: int, layers: int) -> list[str] | str:

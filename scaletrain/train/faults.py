@@ -110,6 +110,11 @@ class FaultMonitor:
     def should_roll_back(self) -> bool:
         return self.cfg.max_consecutive > 0 and self.consecutive >= self.cfg.max_consecutive
 
+    def count_afresh(self) -> None:
+        """A rollback found no checkpoint to go back to: the bad steps in a row are
+        counted from 0 again (the run keeps skipping them)."""
+        self.consecutive = 0
+
     # -- checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history": list(self.history), "consecutive": self.consecutive}
@@ -169,8 +174,8 @@ class Rollback:
         skipped = self.state.skipped_steps
         to = roll_back(manager, self.loader, self.scheduler, self.optimizer, self.lr_factor)
         if to is None:
-            self.monitor.consecutive = 0
+            self.monitor.count_afresh()
             return None
-        self.monitor.last_event = None  # a flushed later step's: rolled back over
+        self.monitor.pop_event()  # a flushed later step's: rolled back over, not logged
         self.state.skipped_steps = skipped  # the count survives the rollback
         return to

@@ -78,7 +78,7 @@ def check_run_dir(cfg) -> Path:
     """Refuse a run directory training must not use (one ConfigError line); creates
     nothing (`make_run_dir` does, once every other check has passed).
 
-    Called before any data is prepared (cli.py) and again by the trainer's rank 0."""
+    Called before any data is prepared (cli/train.py) and again by the trainer's rank 0."""
     raw = cfg.run.dir
     if not raw.strip():
         raise ConfigError("run.dir is empty: name the directory to train into "

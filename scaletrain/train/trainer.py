@@ -19,7 +19,7 @@ from scaletrain.checkpoint.decisions import Decision, Stop
 from scaletrain.checkpoint.session import CheckpointSession
 from scaletrain.config import Config
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.config.dims import ParallelDims, resolve_dims
+from scaletrain.config.dims import ParallelDims
 from scaletrain.data.mixture import tokens_by_source
 from scaletrain.evaluate import evaluate
 from scaletrain.finetune import resolve_init
@@ -53,28 +53,30 @@ from scaletrain.train.step import StepOptions, split_micro_batches, train_step
 
 
 class Trainer:
-    def __init__(self, cfg: Config, runtime: Runtime | None = None,
-                 dims: ParallelDims | None = None):
-        """Build the run's pieces in order, each step handed what it needs (train/build.py)."""
+    def __init__(self, cfg: Config, runtime: Runtime, dims: ParallelDims, *,
+                 plan_record: dict | None = None):
+        """Build the run's pieces in order, each step handed what it needs (train/build.py).
+
+        `runtime` and `dims`: this process's place and the run's layout, resolved once by
+        whoever builds the run (`train`, `scaletrain bench`) and handed to everything here;
+        `plan_record`: plan.auto's choice (summary.json "plan"), None when not planned."""
+        if dims.world != runtime.world:  # a caller's bug: the layout of another world
+            raise ValueError(f"ParallelDims of a world of {dims.world} ranks handed to a "
+                             f"runtime of {runtime.world}")
         # init.from: model shape and tokenizer from the source (finetune/init_from.py);
         # resuming run.dir in place, from its own config and checkpoint instead.
         resuming = resumes_in_place(cfg)
         self.cfg = cfg = resolve_init(cfg, resuming=resuming)
-        self.rt = runtime or detect_runtime(cfg.train.device, cfg.train.threads)
+        self.rt, self.plan_record = runtime, plan_record
         if self.rt.device.type == "cpu":  # before the model and data are allocated
             tune_malloc(cfg.train.malloc_mmap_threshold_mib)
-        # The run's ParallelDims (from `train`, else resolved here), handed to everything as
-        # self.dist.dims; process group and device mesh (identities on one process).
-        dims = dims or resolve_dims(cfg.parallel, self.rt.world)
+        # The run's ParallelDims, handed to everything as self.dist.dims; process group and
+        # device mesh (identities on one process).
         self.dist = DistContext.setup(cfg.parallel, self.rt.rank, dims, self.rt.device)
         self.spec = spec_of(cfg.model)
         self.policy = PrecisionPolicy(cfg.precision.dtype, self.rt.device)
         self.show_progress = shows_progress(cfg, self.rt)
-        self.data = build_run_data(cfg, self.rt, self.dist, self.show_progress)
-        self.run_dir = Path(cfg.run.dir)
-        if self.rt.is_main:
-            write_run_files(cfg, self.data, self.run_dir)
-        seed_everything(cfg.train.seed)
+        self.data, self.run_dir = self._run_data()
         facts = data_facts(self.data)
         # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
         # once here and handed to AC, the pipeline, the strategy and the summary.
@@ -82,33 +84,22 @@ class Trainer:
         self.parallel, self.ac_modes = build_model(cfg, facts, self.batch, self.dist,
                                                    self.policy, self.rt.device, resuming)
         self.model = self.parallel.module
-        self.n_params = count_params(self.model)
+        n_params = count_params(self.model)  # before a pipeline keeps this rank's stages
         # Optimizer (batch-scaled LR, fp32 masters for bf16-pure), LR schedule, batch plan
         # (descent mode, ramp) and the L1/L2 penalty hook: optim/strategy.py.
         self.strategy = build_strategy(cfg, self.model, self.policy, len(self.data.train),
                                        self.batch, self.parallel.tied_copies)
         self.optimizer, self.scheduler = self.strategy.optimizer, self.strategy.scheduler
         self.scaler = self.policy.make_scaler()
-        self.dp = self.dist.dims.dp
-        self.micro = self.batch.micro
-        # Micro-batches per rank in a full step of the resolved batch (full-batch descent:
-        # the whole train split; after any ramp), the last one possibly smaller.
-        self.accum = self.batch.accum
+        # Micro-batches per rank in a full step of the resolved batch (`accum`; full-batch
+        # descent: the whole train split; after any ramp), the last one possibly smaller.
+        self.dp, self.micro, self.accum = self.dist.dims.dp, self.batch.micro, self.batch.accum
         self.loader = build_loader(cfg, self.data, self.dist)
         self.doc_eot, self.moe, self.loss = build_loss(
             cfg, self.parallel, self.dist, self.policy, self.rt.device, self.data, facts)
-        # pp > 1: this rank's stage(s) and the schedule that runs the step (else None).
-        self.pipeline = build_pipeline(self.parallel, self.dist, cfg.parallel,
-                                       self.batch.per_rank, self.micro, cfg.model,
-                                       self.data.vocab_size, self.policy.param_dtype, self.loss,
-                                       self.moe)
+        self.pipeline = self._pipeline()
         self.state = TrainState()
-        # Host reads of step values (tokens, fault guard, stop flag): one step late on a
-        # GPU (train/host_reads.py); at once under a batch ramp, which sizes the next
-        # batch by the tokens seen.
-        lag = 0 if self.strategy.batch_plan.ramp_tokens else \
-            resolve_lag(cfg.train.host_reads, self.rt.device)
-        self.reads = LaggedReads(lag, self.rt.device)
+        self.reads = self._host_reads()
         self._tokens_since_log = 0
         # The run's end of step and the layout's micro-batch loop (reducers, no_sync, norm).
         self.faults, self.step_end = self._end_of_step()
@@ -117,10 +108,35 @@ class Trainer:
         self.ckpt.resume()  # before the metric sinks open (and append to) metrics.jsonl
         self.sinks = open_sinks(cfg, self.run_dir) if self.rt.is_main else None
         self.n_params, self.flops_per_token = model_stats(
-            cfg, self.parallel, self.n_params, self.loss, self.pipeline, facts)
+            cfg, self.parallel, n_params, self.loss, self.pipeline, facts)
         self._peak_flops: float | None = None
         self.recorder = self._recorder()
         self.step_clock = StepClock()  # first (compiling) step timed apart: compile_s
+
+    def _run_data(self):
+        """The run's data (prepared by rank 0 if need be) and run directory, whose files
+        rank 0 writes (config, tokenizer); then the global streams are seeded."""
+        cfg = self.cfg
+        data = build_run_data(cfg, self.rt, self.dist, self.show_progress)
+        run_dir = Path(cfg.run.dir)
+        if self.rt.is_main:
+            write_run_files(cfg, data, run_dir)
+        seed_everything(cfg.train.seed)
+        return data, run_dir
+
+    def _pipeline(self):
+        """pp > 1: this rank's stage(s) and the schedule that runs the step (else None)."""
+        return build_pipeline(self.parallel, self.dist, self.cfg.parallel, self.batch.per_rank,
+                              self.micro, self.cfg.model, self.data.vocab_size,
+                              self.policy.param_dtype, self.loss, self.moe)
+
+    def _host_reads(self) -> LaggedReads:
+        """Host reads of step values (tokens, fault guard, stop flag): one step late on a
+        GPU (train/host_reads.py); at once under a batch ramp, which sizes the next batch
+        by the tokens seen."""
+        lag = 0 if self.strategy.batch_plan.ramp_tokens else \
+            resolve_lag(self.cfg.train.host_reads, self.rt.device)
+        return LaggedReads(lag, self.rt.device)
 
     def _end_of_step(self) -> tuple[FaultMonitor, StepEnd]:
         """The run's end of step (optim/step_end.py): clipping, the penalty hook and the
@@ -207,7 +223,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def next_micro_batches(self):
         # Descent mode / batch ramp: draw this step's global batch size from the sampler.
-        self.loader.batch_size = self.strategy.batch_plan.batch_size(self.state.tokens)
+        self.loader.set_batch_size(self.strategy.batch_plan.batch_size(self.state.tokens))
         x, y = self.loader.next()
         x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
         x = self.policy.cast_input(x)  # fp64 / bf16-pure image inputs
@@ -324,7 +340,7 @@ class Trainer:
                 "interop_threads": torch.get_num_interop_threads(),
                 "device": str(self.rt.device),
                 "world_size": self.rt.world, "precision": cfg.precision.dtype,
-                "plan": getattr(self, "plan_record", None),  # plan.auto's choice (train())
+                "plan": self.plan_record,  # plan.auto's choice (train())
                 "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
                              "dp_replicate": self.dist.dims.dp_replicate,
                              "dp_shard": self.dist.dims.dp_shard,
@@ -342,17 +358,15 @@ class Trainer:
                                     close=self.sinks.close if self.sinks else lambda: None)
 
 
-def train(cfg: Config, world: World | None = None) -> dict | Stop:
+def train(cfg: Config, world: World, dims: ParallelDims) -> dict | Stop:
     """Train `cfg` to the end and return its summary (or the `Stop` of a signal).
 
-    `world`: this process's place in the world (default: read from the environment);
-    parameter-server mode is paramserver/'s `train_ps` (cli.py picks)."""
-    world = world or World.from_env()
+    `world`: this process's place in the world (the CLI read it once); `dims`: the run's
+    layout, as the CLI's validation resolved it (parallel/world_checks.py `check_world`);
+    plan.auto keeps it. Parameter-server mode is paramserver/'s `train_ps` (cli/train.py picks)."""
     rt = detect_runtime(cfg.train.device, cfg.train.threads, world)
-    dims = resolve_dims(cfg.parallel, rt.world)  # the run's layout; plan.auto keeps it
     cfg, plan_record = auto_plan(cfg, world, dims)  # memory techniques that fit (plan/)
-    trainer = Trainer(cfg, rt, dims)
-    trainer.plan_record = plan_record  # -> summary.json "plan"
+    trainer = Trainer(cfg, rt, dims, plan_record=plan_record)  # -> summary.json "plan"
     write_record(cfg.run.dir, plan_record, rt.is_main)
     with trainer.dist.guard():  # a dead or hung peer: one clear line, no hang
         summary = trainer.fit()

@@ -59,11 +59,14 @@ def max_param_diff(a, b) -> float:
 @pytest.fixture(scope="module")
 def single_run(prepared_dir, tmp_path_factory):
     """The single-process reference on the combined batch (fp64)."""
+    from scaletrain.config.dims import resolve_dims
+    from scaletrain.parallel.world import World
     from scaletrain.train.trainer import train
 
     d = tmp_path_factory.mktemp("single") / "run"
-    train(make_cfg(TINY_DATA + TINY_GPT + PARITY + [f"--data.prepared_dir={prepared_dir}",
-                                                    f"--run.dir={d}"]))
+    cfg = make_cfg(TINY_DATA + TINY_GPT + PARITY + [f"--data.prepared_dir={prepared_dir}",
+                                                    f"--run.dir={d}"])
+    train(cfg, World(), resolve_dims(cfg.parallel, 1))
     return d
 
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scaletrain.train.trainer import Trainer
-from tests.conftest import make_cfg, one_error_line, run_cli
+from tests.conftest import make_cfg, one_error_line, one_process_trainer, run_cli
 
 WORDS = "the cat sat on a mat dog ran far away quick brown fox jumps over lazy".split()
 TINY = ["--train.objective=dpo", "--data.vocab_size=300", "--model.name=gpt",
@@ -75,7 +74,7 @@ def test_train_records_carry_rewards_and_eval_scores_pairs(dpo_run):
 def test_reference_is_init_from_weights_and_stays_frozen(pairs, dpo_run, tmp_path):
     cfg = make_cfg(args(pairs, tmp_path / "run", "--train.steps=1",
                         f"--init.from={dpo_run}", "--train.threads=1"))
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     ref = tr.loss.reference
     want = load_file(str(dpo_run / "model.safetensors"))
     ref_state = ref.state_dict()
@@ -126,7 +125,7 @@ def test_lora_run_uses_the_base_as_reference_without_a_copy(pairs, dpo_run, tmp_
     cfg = make_cfg(args(pairs, tmp_path / "run", "--train.steps=2", f"--init.from={dpo_run}",
                         "--finetune.lora_rank=2", "--finetune.lora_alpha=4",
                         "--train.threads=1"))
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     assert not isinstance(tr.loss.reference, torch.nn.Module)  # the policy, adapters off
     n_params = sum(p.numel() for p in tr.model.parameters())
     first, _ = tr.train_one_step()  # B = 0: the policy is the base, every ratio 0

@@ -8,9 +8,7 @@ import json
 import math
 import os
 import random
-import signal
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from scaletrain.data.prepare import _text_target
 from scaletrain.metrics.sinks import scalar_fields
 from tests.conftest import make_cfg, one_error_line, run_cli
-from tests.integration.test_resume import popen, wait_for
+from tests.helpers.runs import popen, sigkill_at_step
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -139,18 +137,8 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, corpus, tmp_path):
     rng = random.Random(seed)
     target, delay = rng.randint(5, STEPS - 3), rng.uniform(0.0, 0.03)
     proc = popen(["train", *args_for(corpus, run)], tmp_path / "killed.log")
-    try:
-        wait_for(run / "checkpoints" / "step-00000004", proc, timeout=300)
-        while max((r["step"] for r in records(run, "train")), default=0) < target:
-            assert proc.poll() is None, f"run ended before step {target} (KILL_SEED={seed})"
-            time.sleep(0.002)
-        time.sleep(delay)
-        assert proc.poll() is None, f"run finished before the kill (KILL_SEED={seed})"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_step(proc, run, run / "checkpoints" / "step-00000004", target, delay, seed,
+                    timeout=300)
     resumed = run_cli("train", *args_for(corpus, run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step-" in resumed.stderr

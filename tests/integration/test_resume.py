@@ -15,8 +15,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, one_error_line, run_cli
+from tests.conftest import one_error_line, run_cli
+from tests.helpers.runs import popen, sigkill_at_step, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,20 +42,6 @@ def records(run: Path, kinds=("train", "eval", "fault")) -> list[tuple]:
             out.append((r["kind"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"),
                         r.get("tokens")))
     return out
-
-
-def popen(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "scaletrain", *args], cwd=REPO, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared"
-        assert time.time() - t0 < timeout, f"{path} did not appear"
-        time.sleep(0.01)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -78,18 +63,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(tiny_args, 
     rng = random.Random(seed)
     target, delay = rng.randint(11, 45), rng.uniform(0.0, 0.03)
     proc = popen(["train", *base, f"--run.dir={run}"], tmp_path / "killed.log")
-    try:
-        wait_for(run / "checkpoints" / "step-00000010", proc)
-        while max((r[1] for r in records(run, ("train",))), default=0) < target:
-            assert proc.poll() is None, f"run ended before step {target} (KILL_SEED={seed})"
-            time.sleep(0.002)
-        time.sleep(delay)
-        assert proc.poll() is None, f"run finished before the kill (KILL_SEED={seed})"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_at_step(proc, run, run / "checkpoints" / "step-00000010", target, delay, seed)
     killed_at = max(r[1] for r in records(run, ("train",)))
     assert killed_at < 60, f"KILL_SEED={seed}"
 

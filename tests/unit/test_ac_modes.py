@@ -20,6 +20,7 @@ from scaletrain.parallel.ac import (ACPolicy, BudgetTooSmall, apply_ac, block_mo
                                     describe, kept_bytes)
 from scaletrain.plan.memory import ac_policy
 from scaletrain.models.losses import sum_cross_entropy
+from tests.conftest import make_cfg, one_process_trainer
 
 GPT = ["--model.name=gpt", "--model.n_layer=6", "--model.n_head=2", "--model.d_model=32",
        "--model.seq_len=32", "--model.vocab_size=64", "--train.batch_size=4",
@@ -165,6 +166,7 @@ def test_budget_config_errors_are_config_errors():
         cfg_of("--parallel.activation_budget_gib=1")
     with pytest.raises(ConfigError, match="every > 1"):
         cfg_of("--parallel.activation_checkpoint_every=2")
+    from scaletrain.config.batch_plan import batch_plan
     from scaletrain.config.dims import ParallelDims
     from scaletrain.plan.ac_budget import activation_policy
 
@@ -172,7 +174,7 @@ def test_budget_config_errors_are_config_errors():
                   "--parallel.activation_budget_gib=0.0000001")
     dims = ParallelDims.resolve(1, 1, 1, 1, 1)
     with pytest.raises(ConfigError, match="activation_budget_gib.*lower train.micro_batch"):
-        activation_policy(tiny, dims)
+        activation_policy(tiny, dims, batch_plan(tiny, dims.dp))
 
 
 def test_trainer_with_a_budget_trains_like_none_and_reports_the_blocks(tiny_args, tmp_path):
@@ -180,14 +182,12 @@ def test_trainer_with_a_budget_trains_like_none_and_reports_the_blocks(tiny_args
     the 3 steps' losses equal those of the run without checkpointing."""
     import json
 
-    from scaletrain.train.trainer import Trainer
-    from tests.conftest import make_cfg
 
     def run(name, extra):
         cfg = make_cfg(tiny_args + [f"--run.dir={tmp_path / name}", "--train.steps=3",
                                     "--eval.test=false", "--model.n_layer=4",
                                     "--precision.dtype=fp64", *extra])
-        summary = Trainer(cfg).fit()
+        summary = one_process_trainer(cfg).fit()
         with open(tmp_path / name / "metrics.jsonl") as f:
             return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"], summary
 

@@ -9,8 +9,7 @@ from scaletrain.config.checks import accumulation_steps
 from scaletrain.data.build import build_data
 from scaletrain.parallel.ac import block_modes, kept_bytes
 from scaletrain.plan.memory import ac_policy
-from scaletrain.train.trainer import Trainer
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 
 def test_plan_of_each_descent_mode(tiny_args):
@@ -44,7 +43,7 @@ def test_full_batch_ac_budget_is_sized_for_the_whole_split(tiny_args):
     assert budget < kept_bytes(["none"] * 4, at_split)
     cfg = make_cfg(args + ["--parallel.activation_checkpoint=budget",
                            f"--parallel.activation_budget_gib={budget / 2**30!r}"])
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     assert tr.batch.micro == n_train
     expected = block_modes(ac_policy(cfg, 1, n_train), 4)
     assert set(expected) != {"none"}

@@ -15,16 +15,14 @@ from scaletrain.config import build_config
 from scaletrain.data.sampler import GlobalSampler
 from scaletrain.errors import ConfigError
 from scaletrain.optim.batch_rules import BatchPlan, build_batch_plan, scaled_lr
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 SEQ = 32  # tiny_args' model.seq_len
 
 
 def fit(args):
-    from scaletrain.train.trainer import Trainer
-
     cfg = make_cfg(args)
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     tr.fit()
     with open(f"{cfg.run.dir}/metrics.jsonl") as f:
         recs = [r for r in map(json.loads, f) if r["kind"] == "train"]
@@ -109,14 +107,13 @@ def test_full_batch_is_the_exact_full_gradient(digits_args, tmp_path):
     import torch
 
     from scaletrain.models.losses import sum_cross_entropy
-    from scaletrain.train.trainer import Trainer
 
     args = digits_args + [
         "--train.descent=full-batch", "--train.micro_batch_size=300", "--train.steps=1",
         "--precision.dtype=fp64", "--optim.name=sgd", "--optim.momentum=0",
         "--optim.weight_decay=0", "--optim.lr=0.5", "--schedule.name=constant",
         "--train.grad_clip=0", "--model.dropout=0", f"--run.dir={tmp_path}"]
-    tr = Trainer(make_cfg(args))
+    tr = one_process_trainer(make_cfg(args))
     start = [p.detach().clone() for p in tr.model.parameters()]
     x, y = tr.data.train.batch(np.arange(len(tr.data.train)))
     loss = sum_cross_entropy(tr.model(x.double()), y) / y.numel()

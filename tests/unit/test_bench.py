@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 
 def test_step_clock_reports_first_step_excess_as_compile_time():
@@ -22,9 +22,8 @@ def test_step_clock_reports_first_step_excess_as_compile_time():
 
 def test_bench_breakdown_adds_up_and_writes_json_and_png(tiny_args, tmp_path):
     from scaletrain.bench.report import format_table, run_bench, save
-    from scaletrain.train.trainer import Trainer
 
-    tr = Trainer(make_cfg(tiny_args + ["--model.n_layer=1"]))
+    tr = one_process_trainer(make_cfg(tiny_args + ["--model.n_layer=1"]))
     r = run_bench(tr, steps=2, warmup=1, pairs=1)
     parts = r["breakdown_s"]
     assert all(v >= 0 for v in parts.values())

@@ -113,9 +113,8 @@ def test_async_save_snapshots_state_at_the_call(tmp_path):
 def test_keep_newest_k_and_best(tmp_path):
     cfg = cfg_for(tmp_path, "mlp", "sgd", "--checkpoint.keep=2", "--checkpoint.keep_best=true")
     a = Parts(cfg)
-    a.mgr.best_step = 1
     for s in range(1, 6):
-        a.mgr.save(s)
+        a.mgr.save(s, best_step=1)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 4, 5]
 
 

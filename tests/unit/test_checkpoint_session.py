@@ -151,3 +151,29 @@ def test_no_checkpoint_to_roll_back_to_goes_on(parts, tmp_path):
                        "reason": "no valid checkpoint"}
     session.at_end(1, best_step=0)  # the final save, then the writer is closed
     assert ckpts(tmp_path) == ["step-00000001"]
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_the_session_hands_the_manager_metrics_and_the_best_step(tmp_path, is_main):
+    """Passed down, not set on the manager from outside: rank 0's metrics.jsonl size is
+    saved with each checkpoint (a resume cuts the file back to it), other ranks save none;
+    keep_best keeps the best step's checkpoint beside the newest `keep`."""
+    import json
+
+    model = torch.nn.Linear(3, 2)
+    cfg = make_cfg([f"--run.dir={tmp_path}", "--checkpoint.interval=2",
+                    "--checkpoint.keep=1", "--checkpoint.keep_best=true"])
+    metrics = tmp_path / "metrics.jsonl"
+    session = CheckpointSession(
+        {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+         "train_state": Box(step=0)}, cfg=cfg, run_dir=tmp_path, metrics_path=metrics,
+        rank=0, is_main=is_main, device=torch.device("cpu"),
+        reads=LaggedReads(0, torch.device("cpu")), log=[].append, on_signal=False)
+    for step in (2, 4, 6):
+        metrics.write_text("{}\n" * step)
+        assert session.after_step(step, best_step=2) == CONTINUE
+    session.at_end(6, best_step=2)
+    assert ckpts(tmp_path) == ["step-00000002", "step-00000006"]
+    extra = json.loads((tmp_path / "checkpoints" / "step-00000006" / "extra-rank0.json")
+                       .read_text())
+    assert extra.get("metrics_bytes") == (18 if is_main else None)

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +35,10 @@ def fresh_compile_caches(tmp_path, monkeypatch):
 
 
 def losses(tiny_args, tmp_path, name: str, extra: list[str]) -> tuple[list[float], dict]:
-    from scaletrain.train.trainer import Trainer
-
     run = tmp_path / name
     cfg = make_cfg(tiny_args + [f"--run.dir={run}", "--train.steps=3", "--eval.test=false",
                                 "--model.n_layer=1", *extra])
-    summary = Trainer(cfg).fit()
+    summary = one_process_trainer(cfg).fit()
     with open(run / "metrics.jsonl") as f:
         recs = [r for r in map(json.loads, f) if r["kind"] == "train"]
     return [r["loss"] for r in recs], summary

@@ -120,6 +120,21 @@ def test_loader_prefetch_changes_neither_batches_nor_state(windows, world, assig
         fresh.load_state_dict({"epoch": 0, "pos": 0, "n": 12})
 
 
+def test_a_resized_prefetching_loader_reads_the_batches_of_a_plain_one(windows):
+    """A batch ramp resizes the loader between steps (Trainer.next_micro_batches): batches
+    prefetched at the old size must not be served after it; the state stays the same."""
+    plain = StatefulLoader(windows, 2, seed=3)
+    with StatefulLoader(windows, 2, workers=2, seed=3) as fetching:
+        for size, k in ((2, 2), (4, 3), (6, 2), (2, 1)):
+            plain.set_batch_size(size)
+            fetching.set_batch_size(size)
+            got = _take(fetching, k)
+            assert got == _take(plain, k) and {len(x) for x, _ in got} == {size}
+            assert fetching.state_dict() == plain.state_dict()
+    with pytest.raises(ValueError, match="does not divide over 2 ranks"):
+        StatefulLoader(windows, 4, rank=0, world=2, seed=3).set_batch_size(5)
+
+
 def test_loader_ranks_together_read_the_global_batch(windows):
     whole = StatefulLoader(windows, 4, seed=2)
     ranks = [StatefulLoader(windows, 4, rank=r, world=2, seed=2) for r in range(2)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -14,10 +15,10 @@ from scaletrain.config.schema import FaultsConfig, ModelConfig, OptimConfig
 from scaletrain.models import build_model
 from scaletrain.optim import build_optimizer, build_scheduler
 from scaletrain.precision import PrecisionPolicy
-from scaletrain.train.faults import FaultMonitor, roll_back
+from scaletrain.train.faults import FaultMonitor, Rollback, roll_back
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, train_step
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 CPU = PrecisionPolicy("fp32", torch.device("cpu"))
 
@@ -149,12 +150,11 @@ def test_trainer_logs_skips_and_rolls_back_past_the_bad_batches(tiny_args):
     max_consecutive=2 both steps are skipped and logged, the run rolls back to the
     step-4 checkpoint, does not replay batches 5-6, and finishes."""
     from scaletrain.metrics import read_metrics
-    from scaletrain.train.trainer import Trainer
 
     cfg = make_cfg(tiny_args + ["--train.steps=8", "--checkpoint.interval=2",
                                 "--faults.max_consecutive=2", "--eval.test=false",
                                 "--train.threads=1"])
-    trainer = Trainer(cfg)
+    trainer = one_process_trainer(cfg)
     bs = cfg.train.batch_size
     poisoned = []
 
@@ -186,3 +186,18 @@ def test_detector_that_could_never_arm_is_a_config_error():
     with pytest.raises(ConfigError, match="faults.spike_min_history=200 exceeds"):
         make_cfg(["--faults.spike_min_history=200", "--faults.spike_window=128"])
     make_cfg(["--faults.spike_min_history=200", "--faults.spike_sigmas=0"])  # off: fine
+
+
+def test_a_rollback_with_no_checkpoint_counts_the_bad_steps_afresh():
+    """Nothing to go back to: the monitor counts bad steps in a row from 0 again (through
+    its own method), so the run keeps skipping them instead of asking again each step."""
+    cfg = make_cfg(["--faults.max_consecutive=2"])
+    monitor = FaultMonitor(cfg.faults)
+    for _ in range(2):
+        monitor.record(float("nan"), 1.0, "nonfinite_loss")
+    assert monitor.should_roll_back()
+    no_checkpoint = SimpleNamespace(newest_valid=lambda: None)
+    state = SimpleNamespace(skipped_steps=2)
+    assert Rollback(monitor, None, None, None, state, 1.0)(no_checkpoint) is None
+    assert monitor.consecutive == 0 and not monitor.should_roll_back()
+    assert state.skipped_steps == 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.train.host_reads import LaggedReads, resolve_lag
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 
 def test_values_are_consumed_one_step_late_and_all_on_flush():
@@ -36,13 +36,12 @@ def run(tiny_args, tmp_path, mode: str, bad=(5, 6), interval=2):
     """By default the rollback scenario of test_faults.py: batches 5 and 6 give NaN
     logits, two bad steps in a row roll back to the step-4 checkpoint."""
     from scaletrain.metrics import read_metrics
-    from scaletrain.train.trainer import Trainer
 
     cfg = make_cfg(tiny_args + [f"--run.dir={tmp_path / mode}", "--train.steps=9",
                                 f"--checkpoint.interval={interval}", "--faults.max_consecutive=2",
                                 "--eval.test=false", "--train.threads=1",
                                 "--precision.dtype=fp32", f"--train.host_reads={mode}"])
-    trainer = Trainer(cfg)
+    trainer = one_process_trainer(cfg)
     bs = cfg.train.batch_size
 
     def poison(module, args, out):

@@ -1,6 +1,6 @@
 """The package layers (issue 14 item 1): scaletrain's packages import each other only
 downward, in the one order the README's architecture paragraph states, with no cycle;
-imports sit at the top of their module (cli.py alone loads each command's modules when
+imports sit at the top of their module (cli/ alone loads each command's modules when
 the command runs). Static: parses scaletrain/ with `ast`, imports nothing of it.
 """
 
@@ -18,7 +18,7 @@ SRC = ROOT / "scaletrain"
 
 # Bottom -> top. A package may import only the packages before it. README.md says the
 # same (test_readme_states_the_order); a top-level module (errors.py, precision.py,
-# generate.py, cli.py) counts as a package.
+# generate.py) counts as a package.
 ORDER = ["errors", "config", "metrics", "precision", "models", "data", "optim", "parallel",
          "plan", "finetune", "checkpoint", "generate", "evaluate", "compress", "train",
          "paramserver", "serve", "bench", "cli"]
@@ -27,7 +27,7 @@ ENTRY = {"__main__": len(ORDER), "__init__": -1}
 # Where a function-level import of the project is the design: each command imports its
 # modules (torch among them) when it runs, so `scaletrain --help` and a config mistake
 # answer at once.
-LAZY_OK = {"scaletrain/cli.py"}
+LAZY_OK = "scaletrain/cli/"  # the package of the commands, one module per command
 
 
 def package_of(path: Path) -> str:
@@ -83,7 +83,7 @@ def test_imports_only_downward():
 
 def test_imports_at_the_top():
     lazy = sorted({f"{f.relative_to(ROOT)}:{imp.line}" for f in files()
-                   if str(f.relative_to(ROOT)) not in LAZY_OK
+                   if not str(f.relative_to(ROOT)).startswith(LAZY_OK)
                    for imp in project_imports(ast.parse(f.read_text())) if imp.in_function})
     assert lazy == [], "project imports inside functions (move them to the top)"
 

@@ -12,19 +12,7 @@ from scaletrain.data.loader import StatefulLoader
 from scaletrain.data.mixture import MixtureSampler, tokens_by_source
 from scaletrain.data.sampler import GlobalSampler
 from scaletrain.errors import DataError
-
-
-class Indices:
-    """A dataset whose sample i is the number i."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, idx):
-        return np.asarray(idx), None
+from tests.helpers.loaders import Indices, global_batches
 
 
 def mixture_of(sizes, weights, names=None) -> MixtureWindows:
@@ -81,14 +69,6 @@ def test_seed_changes_the_order_but_not_the_proportions():
     b = MixtureSampler([40, 40], [1, 3], seed=2).next_global(64)
     assert a.tolist() != b.tolist()
     assert ((a >= 40).sum(), (b >= 40).sum()) == (48, 48)
-
-
-def global_batches(loaders, steps):
-    out = []
-    for _ in range(steps):
-        parts = [ld.next()[0] for ld in loaders]
-        out.append(np.concatenate(parts).tolist())  # block assignment: rank order
-    return out
 
 
 @pytest.mark.parametrize("saved_world,resumed_world", [(1, 2), (2, 1), (4, 2)])

@@ -22,6 +22,7 @@ from scaletrain.precision import PrecisionPolicy
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
+from tests.conftest import make_cfg, one_process_trainer
 
 V, T, B = 61, 12, 8
 FP64 = PrecisionPolicy("fp64", torch.device("cpu"))
@@ -188,13 +189,11 @@ def test_weight_norm_and_penalties_in_a_run(tiny_args):
     import json
     import math
 
-    from scaletrain.train.trainer import Trainer
-    from tests.conftest import make_cfg
 
     cfg = make_cfg(tiny_args + ["--model.weight_norm=true", "--optim.l1=1e-4",
                                 "--optim.l2=1e-3", "--optim.implementation=fused",
                                 "--train.steps=3", "--eval.test=false"])
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     names = [n for n, _ in tr.model.named_parameters()]
     assert sum("parametrizations.weight.original" in n for n in names) == 2 * 2 * 4
     assert tr.step_end.add_penalty_grads.l1 == 1e-4  # the step calls the penalty hook

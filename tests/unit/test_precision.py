@@ -23,7 +23,7 @@ from scaletrain.optim import build_optimizer
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 CPU = torch.device("cpu")
 V, T, B = 61, 12, 8
@@ -95,11 +95,9 @@ def read_metrics(run_dir: str, kind: str) -> list[dict]:
 
 
 def test_fp16_overflow_is_counted_and_logged_in_a_run(tiny_args):
-    from scaletrain.train.trainer import Trainer
-
     cfg = make_cfg(tiny_args + ["--precision.dtype=fp16", "--train.steps=5",
                                 "--eval.test=false"])
-    tr = Trainer(cfg)
+    tr = one_process_trainer(cfg)
     p = next(tr.model.parameters())
     p.register_hook(lambda g: torch.full_like(g, math.inf) if tr.state.step == 2 else None)
     summary = tr.fit()
@@ -171,15 +169,13 @@ def test_master_weights_round_trip_state_dict():
 
 
 def test_low_precision_val_loss_within_2_percent_of_fp32(tiny_args):
-    from scaletrain.train.trainer import Trainer
-
     losses = {}
     for dtype in ("fp32", "bf16", "fp16", "bf16-pure"):
         cfg = make_cfg(tiny_args + [f"--precision.dtype={dtype}", "--train.steps=30",
                                     "--optim.lr=3e-3", "--schedule.warmup_steps=5",
                                     "--eval.test=false", "--eval.batches=4",
                                     f"--run.dir={tiny_args[-1].split('=', 1)[1]}-{dtype}"])
-        losses[dtype] = Trainer(cfg).fit()["val"]["loss"]
+        losses[dtype] = one_process_trainer(cfg).fit()["val"]["loss"]
     assert losses["fp32"] < 5.5  # it learned (uniform over 384 tokens is 5.95)
     for dtype in ("bf16", "fp16"):
         assert abs(losses[dtype] / losses["fp32"] - 1) < 0.02, losses

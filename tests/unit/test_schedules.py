@@ -17,7 +17,7 @@ import torch
 
 from scaletrain.config import build_config
 from scaletrain.optim.schedules import build_scheduler, lr_multiplier, observe_val_loss
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, one_process_trainer
 
 LR, STEPS = 1e-2, 14
 
@@ -115,9 +115,7 @@ def _overrides(case_id: str, extra: list[str]) -> list[str]:
 
 
 def train_records(cfg) -> list[dict]:
-    from scaletrain.train.trainer import Trainer
-
-    Trainer(cfg).fit()
+    one_process_trainer(cfg).fit()
     lines = (cfg.run.dir + "/metrics.jsonl")
     with open(lines) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
