@@ -33,7 +33,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
