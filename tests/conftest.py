@@ -17,12 +17,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny GPT on tiny data: every test that trains a text model starts from these.
+# eval.test_batches=2: the final test evaluation reads 2 batches, not the whole test split
+# (~4,000 windows, ~500 forwards at batch 8: most of a tiny run's time); the tests that
+# need the whole split (test_eval_portability, test_document_masking_cli) set 0 again.
 TINY_DATA = ["--data.source=python-stdlib", "--data.max_files=24", "--data.vocab_size=384",
              "--data.prep_workers=1"]
 TINY_GPT = ["--model.name=gpt", "--model.n_layer=2", "--model.n_head=2", "--model.d_model=32",
             "--model.seq_len=32", "--train.batch_size=8", "--train.log_interval=1",
             "--train.progress=off", "--eval.interval=0", "--eval.batches=2",
-            "--eval.batch_size=8", "--schedule.warmup_steps=0"]
+            "--eval.batch_size=8", "--eval.test_batches=2", "--schedule.warmup_steps=0"]
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ TINY = ["--config", str(ROOT / "configs/tiny.toml"), "--data.max_files=20",
         "--data.vocab_size=300", "--model.n_layer=2", "--model.d_model=32",
         "--model.n_head=2", "--model.seq_len=32", "--train.steps=6", "--train.batch_size=8",
         "--train.micro_batch_size=2", "--train.log_interval=1", "--eval.interval=3",
-        "--eval.batches=2", "--eval.batch_size=8", "--schedule.warmup_steps=0",
-        "--train.progress=off", "--run.overwrite=true"]
+        "--eval.batches=2", "--eval.batch_size=8", "--eval.test_batches=2",
+        "--schedule.warmup_steps=0", "--train.progress=off", "--run.overwrite=true"]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_cli_pp2_and_tp2_train_like_one_process(tmp_path):
               "--model.n_head=2", "--model.seq_len=32", "--train.steps=3",
               "--train.batch_size=8", "--train.micro_batch_size=2", "--train.log_interval=1",
               "--eval.interval=0", "--eval.batches=2", "--eval.batch_size=8",
-              "--schedule.warmup_steps=0", "--train.progress=off", "--run.overwrite=true",
+              "--eval.test_batches=2", "--schedule.warmup_steps=0", "--train.progress=off", "--run.overwrite=true",
               f"--data.prepared_dir={tmp_path / 'prep'}", "--checkpoint.interval=2"]
     assert main(["prepare", *common]) == 0
     assert main(["train", *common, f"--run.dir={tmp_path / 'one'}"]) == 0

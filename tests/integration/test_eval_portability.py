@@ -24,7 +24,8 @@ from tests.conftest import REPO, TINY_DATA, TINY_GPT
 
 pytestmark = pytest.mark.timeout(240)
 # Large evaluation batches: the whole test split (~4,000 windows) in a few forwards.
-ARGS = [*TINY_DATA, *TINY_GPT, "--eval.batch_size=128", "--train.threads=1",
+ARGS = [*TINY_DATA, *TINY_GPT, "--eval.batch_size=128", "--eval.test_batches=0",
+        "--train.threads=1",
         "--data.prepared_dir=../prep"]
 
 
