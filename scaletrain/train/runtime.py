@@ -45,9 +45,18 @@ def detect_runtime(device: str, threads: int, world: World | None = None) -> Run
     w = world or World.from_env()
     dev = pick_device(device, w.local_rank)
     # CPU ranks on one machine share its cores; oversubscription slows every rank down.
-    n = threads or max(1, (os.cpu_count() or 1) // w.local_size)
+    n = threads or max(1, usable_cores() // w.local_size)
     torch.set_num_threads(n)
     return Runtime(dev, w.rank, w.size, w.local_rank, w.local_size, n)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what Slurm's --cpus-per-task,
+    taskset, a container's cpuset or a pinned test worker leave it), not the machine's
+    count, which os.cpu_count() gives and which oversubscribes a restricted process."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity call
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def seed_everything(seed: int) -> None:
