@@ -216,6 +216,23 @@ def test_lora_on_two_fsdp2_processes_equals_one_process(one_process_lora, tmp_pa
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4), k
 
 
+def test_implicit_prompt_records_train_as_the_explicit_ones(one_process_lora, tmp_path):
+    """TRL's implicit-prompt form (only `chosen` / `rejected`, each the whole
+    conversation; the prompt their shared leading messages) through the CLI: the same
+    pairs, so the same losses and rewards as the explicit records, bit for bit."""
+    args, one = one_process_lora("dpo")
+    (src := tmp_path / "implicit.jsonl").write_text("".join(
+        json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
+        + "\n" for r in preference_records(40)))
+    run = tmp_path / "run"
+    proc = run_cli("train", *args, f"--data.source={src}",
+                   f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("step", "loss", "tokens", "dpo_reward_margin", "dpo_accuracy")
+    assert [[r[k] for k in keys] for r in train_records(run)] == \
+        [[r[k] for k in keys] for r in train_records(one)]
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--data.train_on=all"], "data.train_on='all' is not supported with "
      "train.objective='dpo'"),
