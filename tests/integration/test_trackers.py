@@ -2,15 +2,18 @@
 127.0.0.1 and W&B in offline mode get every metrics.jsonl record (read back through
 MLflow's client and from W&B's offline run file), the config as parameters, summary /
 config / plots as artefacts, and a resumed run continues the same tracker run. A
-tracker that cannot work is refused with one line before anything runs."""
+tracker that cannot work (a missing package, an MLflow or W&B server that does not
+answer, W&B online without a login) is refused with one line before anything runs."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -150,6 +153,40 @@ def test_unreachable_mlflow_server_is_one_line_before_anything_runs(tiny_args, t
     one_error_line(proc, f"metrics.mlflow_uri=http://127.0.0.1:{port}",
                    "no MLflow tracking server")
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_wandb_server_is_one_line_before_anything_runs(tiny_args, tmp_path):
+    """W&B online with a login but no server that answers (no network, a wrong
+    WANDB_BASE_URL): one line, exit 2, no run directory, instead of wandb.init failing
+    or hanging after the run has started."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_cli("train", *tiny_args, "--metrics.wandb_project=p",
+                   "--metrics.wandb_mode=online", "--train.steps=1",
+                   env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": url})
+    one_error_line(proc, "metrics.wandb_mode='online'", f"no W&B server answers at {url}",
+                   "--metrics.wandb_mode=offline")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wandb_server_that_answers_passes_the_check(monkeypatch):
+    """Any HTTP reply counts as reachable: W&B's API root answers a bare GET with 404."""
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        check_trackers(make_cfg(["--metrics.wandb_project=p",
+                                 "--metrics.wandb_mode=online"]).metrics)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_missing_tracker_packages_and_online_wandb_without_login(monkeypatch, tmp_path):
