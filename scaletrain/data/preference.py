@@ -2,8 +2,9 @@
 `chosen` and `rejected` strings, prepared once into a cached directory, and the dataset
 the loader draws (chosen, rejected) pairs from.
 
-Preparation: read every record (one line error for a line that is not a JSON object or
-lacks a string field), split by content hash (the records with the lowest sha256 go to
+Preparation: read every record (preference_records.py: a one-line error for a line that
+is not a JSON object or lacks a field; a record without `prompt` has TRL's implicit
+prompt, the shared beginning of `chosen` and `rejected`), split by content hash (the records with the lowest sha256 go to
 val, then test: the split does not depend on the file order), tokenize each field apart
 with the run's tokenizer (data.tokenizer / init.from's, else a BPE trained on the train
 split's texts), and store the ids untruncated: `<split>-ids.npy` (every record's prompt,
@@ -42,79 +43,20 @@ import torch
 
 from scaletrain.config.schema import DataConfig
 from scaletrain.data import tokenizer as tokenizer_mod
-from scaletrain.data.chat import check_messages, load_chat_tokenizer, render
-from scaletrain.data.chat import tokenizer_fingerprint
+from scaletrain.data.chat import load_chat_tokenizer, render, tokenizer_fingerprint
 from scaletrain.data.cache import build_cached, cache_key
 from scaletrain.data.clean import SPLITS, check_fractions
-from scaletrain.data.records import _open_lines
-from scaletrain.data.sources import JSONL, file_format, list_text_files, slug
+from scaletrain.data.preference_records import Record, read_records
+from scaletrain.data.sources import list_text_files, slug
 from scaletrain.errors import DataError
 from scaletrain.models.losses import IGNORE_INDEX
 
-Record = tuple  # (prompt, chosen, rejected): strings, or message lists (format='chat')
 MASK = "-mask.npy"  # chat records: <split>-mask.npy beside <split>-ids.npy
 
 
 def preference_keys(dpo_cfg) -> tuple[str, str, str]:
     """The (prompt, chosen, rejected) field names of the `[dpo]` section."""
     return dpo_cfg.prompt_key, dpo_cfg.chosen_key, dpo_cfg.rejected_key
-
-
-def read_records(files, keys: tuple[str, str, str], chat: bool = False) -> list[Record]:
-    """Every record of the JSONL `files`, in file order; DataError (file:line and the
-    field) for a line that is not a JSON object or lacks one of `keys` as a string
-    (`chat`: as a messages list, chosen / rejected of assistant messages only)."""
-    out = []
-    for path in files:
-        if file_format(path) != JSONL:
-            raise DataError(f"{path}: preference data (train.objective='dpo') must be "
-                            f"JSONL records (.jsonl, .jsonl.gz, .jsonl.zst)")
-        with _open_lines(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    out.append((_chat_record if chat else _record)(line, keys, f"{path}:{n}"))
-    if not out:
-        raise DataError(f"{files[0]}: no preference records")
-    return out
-
-
-def _json_object(line: bytes, where: str) -> dict:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        raise DataError(f"{where}: not a JSON record") from None
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: not a JSON object")
-    return rec
-
-
-def _record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
-    rec = _json_object(line, where)
-    for key in keys:
-        if not isinstance(rec.get(key), str):
-            what = "missing" if key not in rec else "not a string"
-            raise DataError(f"{where}: field '{key}' is {what} (a preference record needs "
-                            f"string fields {', '.join(keys)}: data.source, dpo.*_key)")
-    return tuple(rec[k] for k in keys)
-
-
-def _chat_record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
-    """(prompt, chosen, rejected) message lists of a conversational preference record."""
-    rec = _json_object(line, where)
-    for key in keys:
-        if not isinstance(rec.get(key), list):
-            what = "missing" if key not in rec else "not a list of messages"
-            raise DataError(f"{where}: field '{key}' is {what} (a chat preference record "
-                            f"needs message lists {', '.join(keys)}: data.source, "
-                            f"dpo.*_key)")
-        check_messages(rec, key, where)  # {role: str, content: str} objects
-    for key in keys[1:]:
-        roles = {m["role"] for m in rec[key]}
-        if roles != {"assistant"}:
-            raise DataError(f"{where}: field '{key}' holds {sorted(roles - {'assistant'})} "
-                            f"messages; a response is the assistant's turn(s) only (the "
-                            f"conversation before it goes in '{keys[0]}')")
-    return tuple(rec[k] for k in keys)
 
 
 def split_records(records: list[Record], val_fraction: float,

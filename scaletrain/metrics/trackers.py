@@ -24,6 +24,7 @@ from scaletrain.metrics.wandb_sink import WandbSink
 
 IDS_FILE = "trackers.json"
 _PROBE_TIMEOUT_S = 10.0
+WANDB_URL = "https://api.wandb.ai"  # wandb's default base_url (WANDB_BASE_URL overrides it)
 
 
 def wandb_mode(m) -> str:
@@ -35,7 +36,8 @@ def wandb_mode(m) -> str:
 
 def check_trackers(m) -> None:
     """One line (ConfigError) before any compute for a tracker that cannot work: its
-    package is missing, its server does not answer, W&B online without a login."""
+    package is missing, its server does not answer (MLflow's tracking server; W&B's,
+    online), W&B online without a login."""
     if m.mlflow:
         if importlib.util.find_spec("mlflow") is None:
             raise ConfigError("metrics.mlflow=true needs the mlflow package: pip install "
@@ -60,6 +62,25 @@ def check_trackers(m) -> None:
                 raise ConfigError("metrics.wandb_mode='online' needs a W&B login "
                                   "(WANDB_API_KEY or `wandb login`); use 'offline' and "
                                   "`wandb sync` later")
+        if wandb_mode(m) == "online":
+            _probe_wandb(os.environ.get("WANDB_BASE_URL") or WANDB_URL)
+
+
+def _probe_wandb(url: str) -> None:
+    """ConfigError unless the W&B server at `url` answers: any HTTP reply, even an
+    error status (the API root answers 404 to a bare GET), means it can be reached;
+    no reply within the timeout (no network, a wrong WANDB_BASE_URL) means wandb.init
+    would fail or hang later, after the run has started."""
+    try:
+        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as r:
+            r.read(1)
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"metrics.wandb_mode='online': no W&B server answers at {url} "
+                          f"({reason}); use --metrics.wandb_mode=offline and `wandb sync` "
+                          f"later") from None
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:

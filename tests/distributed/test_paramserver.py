@@ -151,3 +151,27 @@ def _assert_equal(x, y, where: str) -> None:
         assert torch.equal(x, y), where
     else:
         assert x == y, where
+
+
+def test_ps_records_reach_mlflow(tiny_args, tmp_path):
+    """Issue 18: the parameter server's records — its train records and the event of a
+    dropped worker — reach the run's MLflow run (local store) at their steps, as every
+    metrics.jsonl record does."""
+    mlflow_client = pytest.importorskip("mlflow.tracking")  # optional: scaletrain[mlflow]
+    store = tmp_path / "mlruns"
+    args = tiny_args + ["--train.steps=6", "--parallel.ps_consistency=async",
+                        "--parallel.ps_timeout_s=2", "--eval.test=false",
+                        "--metrics.mlflow=true", f"--metrics.mlflow_uri={store}"]
+    # 300 s: rank 0 creates the MLflow store first (a minute on a loaded 2-core machine).
+    run_ps(args, 1, 2, hook=_kill_second_worker, expect_exit={2: -signal.SIGKILL},
+           timeout=300)
+    run = tmp_path / "run"
+    events = records(run, "ps_event")
+    assert [(e["event"], e["worker"]) for e in events] == [("worker_dropped", 1)]
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = mlflow_client.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    got = {(m.step, m.value) for m in client.get_metric_history(run_id, "ps_event/worker")}
+    assert got == {(events[0]["step"], 1.0)}
+    losses = {(r["step"], r["loss"]) for r in records(run, "train")}
+    assert len(losses) > 1
+    assert losses <= {(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")}

@@ -1,7 +1,7 @@
 """DPO on chat-shaped preference records through the CLI (issue #18): an imported HF Qwen2
 directory, its chat template, LoRA (the reference is the base with the adapters off);
-the same run on two DDP processes equals one process; LoRA chat SFT on two DDP
-processes equals one process; bad input is one line, exit 2, before anything is written."""
+the same run on two DDP processes and on two FSDP2 processes equals one process, and
+so does LoRA chat SFT; bad input is one line, exit 2, before anything is written."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from scaletrain.checkpoint.run_model import load_model_from_run
@@ -31,6 +32,7 @@ TRAIN = ["--train.objective=dpo", "--data.format=chat", "--model.seq_len=128",
 LORA = ["--finetune.lora_rank=4", "--finetune.lora_alpha=8",
         "--finetune.lora_targets=q_proj,v_proj,o_proj,down_proj"]
 DDP = ["--nproc=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1"]
+FSDP = ["--nproc=2", "--parallel.dp_replicate=1", "--parallel.dp_shard=2"]
 
 
 def preference_records(n: int, seed: int = 0) -> list[dict]:
@@ -128,22 +130,43 @@ def test_lora_dpo_on_chat_records_after_lora_sft(chat, lora_sft, tmp_path):
         source.apply_chat_template(msgs, tokenize=False)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "lm"])
-def test_lora_on_two_ddp_processes_equals_one_process(chat, tmp_path, objective):
-    """The adapters' gradients are all-reduced (DDP collects its parameters at the first
-    forward, after LoRA): every step's loss (and DPO's margin) equals one process's."""
+def _lora_args(chat, root, objective: str) -> list[str]:
+    """The arguments of a 3-step LoRA run of `objective`: DPO on the pairs, or chat SFT
+    ("lm") on their prompt + chosen conversations."""
     _, data = chat
     args = [*data, *TRAIN, *LORA, "--train.steps=3", f"--train.objective={objective}"]
     if objective == "dpo":
         args += ["--dpo.beta=0.5"]
-    if objective == "lm":  # chat SFT on the prompt + chosen conversations
+    if objective == "lm":
         msgs = [r["prompt"] + r["chosen"] for r in preference_records(40)]
-        (src := tmp_path / "sft.jsonl").write_text(
+        (src := root / "sft.jsonl").write_text(
             "".join(json.dumps({"messages": m}) + "\n" for m in msgs))
         args += [f"--data.source={src}"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_cli("train", *args, f"--run.dir={one}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return args
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(chat, tmp_path_factory):
+    """objective -> (its arguments, the one-process run), each run once per module."""
+    runs = {}
+
+    def get(objective: str):
+        if objective not in runs:
+            root = tmp_path_factory.mktemp(f"one-{objective}")
+            args = _lora_args(chat, root, objective)
+            proc = run_cli("train", *args, f"--run.dir={root / 'one'}")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[objective] = args, root / "one"
+        return runs[objective]
+    return get
+
+
+@pytest.mark.parametrize("objective", ["dpo", "lm"])
+def test_lora_on_two_ddp_processes_equals_one_process(one_process_lora, tmp_path, objective):
+    """The adapters' gradients are all-reduced (DDP collects its parameters at the first
+    forward, after LoRA): every step's loss (and DPO's margin) equals one process's."""
+    args, one = one_process_lora(objective)
+    two = tmp_path / "two"
     proc = run_cli("train", *args, f"--run.dir={two}", *DDP)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = train_records(one), train_records(two)
@@ -152,6 +175,62 @@ def test_lora_on_two_ddp_processes_equals_one_process(chat, tmp_path, objective)
         x, y = [r[key] for r in a], [r[key] for r in b]
         assert np.allclose(x, y, rtol=1e-5, atol=1e-7), (key, x, y)
     assert a[-1]["loss"] != a[0]["loss"]  # it trained: step 3 saw reduced updates
+
+
+REWARDS = ("dpo_reward_margin", "dpo_chosen_reward", "dpo_rejected_reward")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "lm"])
+def test_lora_on_two_fsdp2_processes_equals_one_process(one_process_lora, tmp_path, objective):
+    """LoRA under FSDP2 (`--nproc 2 --parallel.dp_shard=2`): fully_shard shards the
+    adapters with their block and reduce-scatters their gradients. DPO's reference is
+    the sharded policy with its adapters off (no copy): were it the policy itself, every
+    margin would stay 0 and the loss log 2; were it not the base, step 1 would not be
+    log 2. Chat SFT normalises by the global count of trained (assistant) tokens."""
+    args, one = one_process_lora(objective)
+    two = tmp_path / "two"
+    proc = run_cli("train", *args, f"--run.dir={two}", *FSDP)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["parallel"]["strategy"] == "fsdp" and summary["parallel"]["dp_shard"] == 2
+    a, b = train_records(one), train_records(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert y["tokens"] == x["tokens"]  # the global pairs / trained tokens
+        # fp32, the same sums in another order: the losses <= 2e-7 relative apart here.
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), (x["step"], x, y)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x["step"], x, y)
+        if objective == "dpo":
+            assert y["dpo_accuracy"] == x["dpo_accuracy"], (x["step"], x, y)
+            # A reward is beta x a difference of summed log-probs (tens in magnitude):
+            # its summation-order noise is absolute (tests/distributed/test_dpo_parallel.py).
+            for k in REWARDS:
+                assert y[k] == pytest.approx(x[k], rel=1e-6, abs=1e-6), (x["step"], k, x, y)
+    if objective == "dpo":
+        assert b[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+        assert b[0]["dpo_reward_margin"] == 0.0 and b[-1]["dpo_reward_margin"] != 0.0
+    assert a[-1]["loss"] != a[0]["loss"]
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wb and set(wa) == set(wb) and all(k.endswith((".lora_A", ".lora_B")) for k in wb)
+    for k in wa:  # the same adapters (Adam on fp32 noise: 1e-4 absolute)
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-4), k
+
+
+def test_implicit_prompt_records_train_as_the_explicit_ones(one_process_lora, tmp_path):
+    """TRL's implicit-prompt form (only `chosen` / `rejected`, each the whole
+    conversation; the prompt their shared leading messages) through the CLI: the same
+    pairs, so the same losses and rewards as the explicit records, bit for bit."""
+    args, one = one_process_lora("dpo")
+    (src := tmp_path / "implicit.jsonl").write_text("".join(
+        json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
+        + "\n" for r in preference_records(40)))
+    run = tmp_path / "run"
+    proc = run_cli("train", *args, f"--data.source={src}",
+                   f"--data.prepared_dir={tmp_path / 'prep'}", f"--run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("step", "loss", "tokens", "dpo_reward_margin", "dpo_accuracy")
+    assert [[r[k] for k in keys] for r in train_records(run)] == \
+        [[r[k] for k in keys] for r in train_records(one)]
 
 
 @pytest.mark.parametrize("extra, fragment", [

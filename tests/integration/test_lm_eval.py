@@ -205,3 +205,21 @@ def test_include_path_must_be_a_folder(setup, tmp_path):
     run, _, _, _ = setup
     one_error_line(run_cli("eval", str(run), "--tasks=st_mc",
                            f"--include-path={tmp_path / 'nope'}"), "not a directory")
+
+
+def test_eval_tasks_on_a_safetensors_export_equal_the_hf_directory(setup, tmp_path):
+    """A checkpoint exported with `export --format safetensors` (config.toml, weights,
+    tokenizer) is scored like the run: the same accuracy as its HF export (whose
+    log-likelihoods equal the harness's own HF model's, above)."""
+    run, hf_dir, tasks, _ = setup
+    out = tmp_path / "st"
+    proc = run_cli("export", str(run), "--format", "safetensors", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accs = []
+    for d in (out, hf_dir):
+        proc = run_cli("eval", str(d), "--tasks=st_mc", f"--include-path={tasks}",
+                       env={"HF_DATASETS_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        newest = sorted((d / "lm_eval").glob("results-*.json"))[-1]
+        accs.append(json.loads(newest.read_text())["metrics"]["st_mc"]["acc"])
+    assert accs[0] == accs[1], accs

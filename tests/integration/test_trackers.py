@@ -2,15 +2,19 @@
 127.0.0.1 and W&B in offline mode get every metrics.jsonl record (read back through
 MLflow's client and from W&B's offline run file), the config as parameters, summary /
 config / plots as artefacts, and a resumed run continues the same tracker run. A
-tracker that cannot work is refused with one line before anything runs."""
+tracker that cannot work (a missing package, an MLflow or W&B server that does not
+answer, W&B online without a login) is refused with one line before anything runs."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -22,7 +26,7 @@ from scaletrain.metrics import read_metrics
 from scaletrain.metrics.mlflow_sink import MlflowSink, tracking_uri
 from scaletrain.metrics.sinks import scalar_fields
 from scaletrain.metrics.trackers import check_trackers
-from tests.conftest import make_cfg, one_error_line, run_cli
+from tests.conftest import make_cfg, one_error_line, one_process_trainer, run_cli
 from tests.distributed.spawn import free_port
 from tests.wandb_records import offline_run
 
@@ -123,6 +127,44 @@ def test_wandb_offline_run_holds_every_record_and_a_resume_keeps_its_id(tiny_arg
     assert {"summary.json", "config.toml", "plots/loss.png"} <= set(offline["files"])
 
 
+def test_fault_records_reach_both_trackers(tiny_args, tmp_path):
+    """A real Trainer whose batches 5 and 6 give NaN logits (tests/unit/test_faults.py):
+    its fault records (two skipped steps, a rollback to step 4) reach MLflow and the
+    W&B offline run at their steps, under the tags TensorBoard gives them."""
+    cfg = make_cfg([*tiny_args, "--train.steps=8", "--checkpoint.interval=2",
+                    "--faults.max_consecutive=2", "--eval.test=false", "--train.threads=1",
+                    "--metrics.mlflow=true", f"--metrics.mlflow_uri={tmp_path / 'mlruns'}",
+                    "--metrics.wandb_project=faults", "--metrics.wandb_mode=offline"])
+    trainer = one_process_trainer(cfg)
+    bs = cfg.train.batch_size
+
+    def poison(module, args, out):
+        consumed = trainer.loader.state_dict()["pos"] // bs  # batches taken so far
+        return out * float("nan") if module.training and consumed in (5, 6) else out
+    trainer.model.register_forward_hook(poison)
+    trainer.fit()
+    run = tmp_path / "run"
+    faults = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "fault"]
+    assert [(r["step"], r["event"]) for r in faults] == \
+        [(5, "nonfinite_loss"), (6, "nonfinite_loss"), (6, "rollback")]
+    # Their numbers by tag; NaN (a skipped step's loss) compares unequal to itself.
+    want = {tag: points for tag, points in _expected(run).items() if tag.startswith("fault/")}
+    want = {tag: {(s, v) for s, v in points if not math.isnan(v)} for tag, points in want.items()}
+    assert want.get("fault/to_step") == {(6, 4.0)}, want
+    ids = json.loads((run / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    logged = defaultdict(set)
+    for row in offline_run(run)["history"]:
+        for tag, value in row.items():
+            if tag.startswith("fault/"):
+                logged[tag].add((int(row["step"]), value))
+    for tag, points in want.items():
+        history = {(m.step, m.value) for m in client.get_metric_history(ids["mlflow"]["run_id"],
+                                                                        tag)}
+        assert points <= history, (tag, points, history)
+        assert points <= logged[tag], (tag, points, logged[tag])
+
+
 def test_mlflow_local_directory_is_an_sqlite_store(tmp_path):
     """The default metrics.mlflow_uri: a directory with mlflow.db and the artefacts."""
     run_dir = tmp_path / "run"
@@ -150,6 +192,40 @@ def test_unreachable_mlflow_server_is_one_line_before_anything_runs(tiny_args, t
     one_error_line(proc, f"metrics.mlflow_uri=http://127.0.0.1:{port}",
                    "no MLflow tracking server")
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_wandb_server_is_one_line_before_anything_runs(tiny_args, tmp_path):
+    """W&B online with a login but no server that answers (no network, a wrong
+    WANDB_BASE_URL): one line, exit 2, no run directory, instead of wandb.init failing
+    or hanging after the run has started."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_cli("train", *tiny_args, "--metrics.wandb_project=p",
+                   "--metrics.wandb_mode=online", "--train.steps=1",
+                   env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": url})
+    one_error_line(proc, "metrics.wandb_mode='online'", f"no W&B server answers at {url}",
+                   "--metrics.wandb_mode=offline")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wandb_server_that_answers_passes_the_check(monkeypatch):
+    """Any HTTP reply counts as reachable: W&B's API root answers a bare GET with 404."""
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        check_trackers(make_cfg(["--metrics.wandb_project=p",
+                                 "--metrics.wandb_mode=online"]).metrics)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_missing_tracker_packages_and_online_wandb_without_login(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from scaletrain.data.preference import PreferencePairs, split_records
+from scaletrain.data.preference_records import implicit_prompt
 from scaletrain.errors import DataError
 from scaletrain.finetune.lora import apply_lora
 from scaletrain.models.gpt import GPT, GPTConfig
@@ -175,3 +176,58 @@ def test_prepare_tokenizes_each_field_with_the_given_tokenizer(tmp_path):
             seq = p + tok.encode(r[field]) + [tok.eot_id]  # fields apart, then joined
             assert x[i, j, :len(seq) - 1].tolist() == seq[:-1]
             assert y[i, j][y[i, j] != -100].tolist() == seq[len(p):]
+
+
+U = [{"role": "user", "content": "What color is the sky?"}]
+BLUE, GREEN = {"role": "assistant", "content": "It is blue."}, \
+    {"role": "assistant", "content": "It is green."}
+
+
+@pytest.mark.parametrize("chosen, rejected, want", [
+    # TRL's own examples (trl/data_utils.py `extract_prompt`, docs "Dataset formats").
+    ("The sky is blue.", "The sky is green.", ("The sky is", " blue.", " green.")),
+    (U + [BLUE], U + [GREEN], (U, [BLUE], [GREEN])),
+    # No space before the first difference: the cut stays there.
+    ("2+2=4", "2+2=5", ("2+2=", "4", "5")),
+    # One a prefix of the other: TRL's loop ends before the shorter one's last element.
+    ("abc", "abcd", ("ab", "c", "cd")),
+    (U + [BLUE], U + [BLUE, U[0], GREEN], (U, [BLUE], [BLUE, U[0], GREEN])),
+])
+def test_implicit_prompt_cuts_where_trl_does(chosen, rejected, want):
+    """Cross-checked against trl 1.16's `maybe_extract_prompt` on these and on random
+    records (not a test dependency: trl is not installed with scaletrain)."""
+    assert implicit_prompt(chosen, rejected, "f:1", ("prompt", "chosen", "rejected")) == want
+
+
+@pytest.mark.parametrize("chosen, rejected", [("Yes.", "No."), ([BLUE], [GREEN]), ("", "x")])
+def test_an_implicit_prompt_that_is_empty_is_one_line(chosen, rejected):
+    with pytest.raises(DataError, match=r"^f:3: no field 'q', and 'c' and 'r' share no "
+                                        r"(beginning|leading messages) to be the prompt"):
+        implicit_prompt(chosen, rejected, "f:3", ("q", "c", "r"))
+
+
+def test_text_records_without_a_prompt_prepare_as_the_explicit_ones(tmp_path):
+    """TRL's implicit-prompt records ({"chosen": whole text, "rejected": whole text})
+    give the same prepared pairs as the records with the prompt cut out by hand."""
+    from scaletrain.config.schema import DataConfig
+    from scaletrain.data.preference import prepare_preference
+    from scaletrain.data.tokenizer import train_bpe
+
+    explicit = [{"prompt": f"Question {i}: why is it so?", "chosen": f" because {i}",
+                 "rejected": " no idea"} for i in range(6)]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in explicit]
+    tok = train_bpe([r[k] for r in explicit for k in r], 300)
+    tok.save(tmp_path / "tok.json")
+    batches = []
+    for name, recs in (("explicit", explicit), ("implicit", implicit)):
+        (src := tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in recs))
+        dcfg = DataConfig(source=str(src), prepared_dir=str(tmp_path / "p"),
+                          tokenizer=str(tmp_path / "tok.json"), val_fraction=0.0,
+                          test_fraction=0.0)
+        path = prepare_preference(dcfg, ("prompt", "chosen", "rejected"), progress=False)
+        batches.append(PreferencePairs(path, "train", 64, pad_id=tok.eot_id).batch(np.arange(6)))
+    (xe, ye), (xi, yi) = batches
+    assert torch.equal(xe, xi) and torch.equal(ye, yi)
+    assert (ye != -100).sum() > 0

@@ -123,6 +123,18 @@ def test_loss_and_grads_equal_the_formula_in_fp64(tmp_path, tok_dir):
         torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
+def test_records_without_a_prompt_are_the_explicit_ones(tmp_path, tok_dir):
+    """TRL's implicit-prompt form: `chosen` / `rejected` whole conversations, the prompt
+    their shared leading messages (a multi-turn one's assistant turn included): the
+    same ids and trained tokens as the explicit records."""
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in RECORDS]
+    (tmp_path / "explicit").mkdir(), (tmp_path / "implicit").mkdir()
+    xe, ye = prepare(tmp_path / "explicit", tok_dir, RECORDS).batch(np.arange(len(RECORDS)))
+    xi, yi = prepare(tmp_path / "implicit", tok_dir, implicit).batch(np.arange(len(RECORDS)))
+    assert torch.equal(xe, xi) and torch.equal(ye, yi)
+
+
 @pytest.mark.parametrize("change, fragment", [
     (lambda r: r.pop("rejected"), "field 'rejected' is missing"),
     (lambda r: r.update(chosen="4."), "field 'chosen' is not a list of messages"),
@@ -130,6 +142,12 @@ def test_loss_and_grads_equal_the_formula_in_fp64(tmp_path, tok_dir):
      "a response is the assistant's turn(s) only"),
     (lambda r: r.update(prompt=[{"role": "tool", "content": "x"}]),
      "the chat template rejects the conversation: Unknown role: tool"),
+    # Implicit prompts: the shared leading messages are the prompt.
+    (lambda r: r.update(chosen=r.pop("prompt") + r["chosen"]),  # rejected alone: no prompt
+     "no field 'prompt', and 'chosen' and 'rejected' share no leading messages"),
+    (lambda r: r.update(chosen=r["prompt"] + r["chosen"] + r["prompt"],
+                        rejected=r.pop("prompt") + r["chosen"]),
+     "field 'chosen' holds ['user'] messages after the messages it shares with 'rejected'"),
 ])
 def test_bad_chat_records_are_one_line_data_errors(tmp_path, tok_dir, change, fragment):
     bad = json.loads(json.dumps(RECORDS[0]))
