@@ -5,8 +5,8 @@ against one process, through the TP × PP × DP harness (mp_harness.py), which w
 MoE terms as the trainer does: loss terms into the step loss, the statistics summed over
 the data-parallel ranks, the sigmoid_bias update after each step.
 
-Layouts: TP=2 and TP=2 + SP on 2 processes, TP=2 × FSDP2 (dp_shard=2) on 4 (experts
-FSDP2-sharded over dp only, replicated over tp). Model: block 0 dense, block 1 MoE with
+Layouts: TP=2 and TP=2 + SP on 2 processes; TP=2 × FSDP2 (dp_shard=2) on 4 (experts
+FSDP2-sharded over dp only, replicated over tp) and TP=2 × PP=2 on 4. Model: block 0 dense, block 1 MoE with
 8 experts top-2 (uneven loads: the test asserts a step where an expert's load is far
 from the mean), one shared expert, the sigmoid_bias router with aux and z losses on;
 masked targets give ranks unequal target counts. fp32: losses to 1e-6 relative over 10
@@ -86,11 +86,14 @@ def test_moe_tp_and_sp_match_one_process():
     assert _uneven(reference(runs["tp2"]))
 
 
-def test_moe_tp_by_fsdp_matches_one_process():
-    """TP=2 × FSDP2 (dp_shard=2) on 4 ranks: dense weights 2-D sharded, the experts
-    FSDP2-sharded over dp and replicated over tp; fp32 losses, fp64 parameters."""
+def test_moe_tp_by_fsdp_and_by_pp_match_one_process():
+    """On 4 ranks: TP=2 × FSDP2 (dp_shard=2: dense weights 2-D sharded, the experts
+    FSDP2-sharded over dp and replicated over tp; fp32 losses, fp64 parameters), and
+    TP=2 × PP=2 in fp64 (1f1b; the MoE block on the second stage, whose statistics the
+    pipeline sums over every rank, each tp group's once: parallel/pipeline_moe.py)."""
     runs = {"fsdp2xtp2": moe(tp=2, dp_shard=2),
-            "fsdp2xtp2 fp64": moe(tp=2, dp_shard=2, dtype="fp64", params=True)}
+            "fsdp2xtp2 fp64": moe(tp=2, dp_shard=2, dtype="fp64", params=True),
+            "pp2xtp2 fp64": moe(tp=2, pp=2, dtype="fp64", params=True)}
     outs = run_distributed(mp_runs, 4, list(runs.values()), timeout=400)
     for i, (name, spec) in enumerate(runs.items()):
         check(name, spec, [out[i] for out in outs])
