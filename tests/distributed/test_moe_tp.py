@@ -5,7 +5,8 @@ against one process, through the TP × PP × DP harness (mp_harness.py), which w
 MoE terms as the trainer does: loss terms into the step loss, the statistics summed over
 the data-parallel ranks, the sigmoid_bias update after each step.
 
-Layouts: TP=2 and TP=2 + SP (with a capacity factor: tokens dropped) on 2 processes; TP=2 × FSDP2 (dp_shard=2) on 4 (experts
+Layouts: TP=2 (also with full AC) and TP=2 + SP (with a capacity factor: tokens dropped)
+on 2 processes; TP=2 × FSDP2 (dp_shard=2) on 4 (experts
 FSDP2-sharded over dp only, replicated over tp) and TP=2 × PP=2 on 4. Model: block 0 dense, block 1 MoE with
 8 experts top-2 (uneven loads: the test asserts a step where an expert's load is far
 from the mean), one shared expert, the sigmoid_bias router with aux and z losses on;
@@ -29,6 +30,9 @@ MOE = (("name", "llama"), ("n_kv_head", 2), ("moe_experts", 8), ("moe_top_k", 2)
        ("moe_router", "sigmoid_bias"), ("moe_aux_loss", 0.1), ("moe_z_loss", 0.01),
        ("moe_bias_update_rate", 0.01))
 LOSS_RTOL, PARAM_ATOL = 1e-6, 1e-10
+# Several tiny runs per spawned group (plus their one-process references): minutes on
+# 2 shared cores; the spawn timeouts below still end a hang.
+pytestmark = pytest.mark.timeout(900)
 
 
 def moe(**kw) -> dict:
@@ -76,14 +80,16 @@ def _uneven(ref: dict) -> bool:
 
 
 def test_moe_tp_and_sp_match_one_process():
-    """TP=2 (fp32 losses; fp64 parameters and norms) and TP=2 + SP (fp64, with a
+    """TP=2 (fp32 losses; fp64 parameters and norms with full activation checkpointing,
+    against the one process without: the recompute routes the same tokens again, the
+    terms were collected once) and TP=2 + SP (fp64, with a
     capacity factor of 1: the drops counted once, and the same as one process's because
     the gathered layer caps each expert over the whole micro-batch) on 2 ranks."""
     runs = {"tp2": moe(tp=2),
-            "tp2 fp64": moe(tp=2, dtype="fp64", params=True),
+            "tp2 fp64 full AC": moe(tp=2, dtype="fp64", params=True, ac="full"),
             "tp2+sp fp64 capacity": moe(tp=2, sp=True, dtype="fp64", params=True,
                                         model=MOE + (("moe_capacity_factor", 1.0),))}
-    outs = run_distributed(mp_runs, 2, list(runs.values()), timeout=280)
+    outs = run_distributed(mp_runs, 2, list(runs.values()), timeout=600)
     for i, (name, spec) in enumerate(runs.items()):
         check(name, spec, [out[i] for out in outs])
     assert _uneven(reference(runs["tp2"]))
@@ -99,6 +105,6 @@ def test_moe_tp_by_fsdp_and_by_pp_match_one_process():
     runs = {"fsdp2xtp2": moe(tp=2, dp_shard=2),
             "fsdp2xtp2 fp64": moe(tp=2, dp_shard=2, dtype="fp64", params=True),
             "pp2xtp2 fp64": moe(tp=2, pp=2, dtype="fp64", params=True)}
-    outs = run_distributed(mp_runs, 4, list(runs.values()), timeout=400)
+    outs = run_distributed(mp_runs, 4, list(runs.values()), timeout=800)
     for i, (name, spec) in enumerate(runs.items()):
         check(name, spec, [out[i] for out in outs])
