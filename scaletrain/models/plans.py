@@ -65,6 +65,7 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     (B, T/tp, D) and the sublayers' inputs are all-gathered (PrepareModuleInput), as in
     the GPT plan; the per-head q/k norms (qk_norm) see head-sharded (B, T, H/tp, hd)
     tensors, so their replicated weight takes its gradient summed over the tp ranks.
+    An MoE block's `mlp` gets `moe_tp_plan` instead of the dense MLP's entries.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,

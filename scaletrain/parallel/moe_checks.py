@@ -12,7 +12,8 @@ sequence parallel the MoE input is gathered before the router and the output cut
 so the router statistics, the aux / z terms and the sigmoid_bias update are counted
 once (the step sums them over the data-parallel ranks only; a pipeline over every rank,
 each tp group's once). Tested against one process with SP, × FSDP2 (experts FSDP2-
-sharded over dp, replicated over tp) and × PP: tests/distributed/test_moe_tp.py.
+sharded over dp, replicated over tp), × PP and with full activation checkpointing:
+tests/distributed/test_moe_tp.py.
 Expert parallelism with TP (an expert mesh borrowing the tp ranks, torchtitan's
 "EP borrows from dp/tp") is refused by config/dims.py until it is built.
 
