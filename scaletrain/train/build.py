@@ -121,7 +121,8 @@ def build_loss(cfg: Config, parallel: ParallelModel, dist: DistContext,
     # pipeline rank its stages' rows of the whole model's (each stage adds its own
     # terms to its backward: parallel/pipeline_moe.py).
     moe = (pipeline_moe_terms(parallel, cfg.model, facts, device, dist.mesh)
-           if dist.dims.pp > 1 else moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate))
+           if dist.dims.pp > 1 else
+           moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate))
     if moe is not None:
         loss = replace(loss, extra=moe.collect)
     if cfg.train.objective == "dpo":  # the DPO loss and its frozen reference instead

@@ -82,7 +82,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     # MoE layers: wired as train/build.py does (a pipeline rank: the whole model's rows,
     # each stage's terms into its own backward; else the step loss's `extra`).
     moe = (pipeline_moe_terms(pm, mcfg, {"vocab_size": V}, device, ctx.mesh)
-           if ctx.dims.pp > 1 else moe_step_terms(model, ctx.sum_reducer, mcfg.moe_bias_update_rate))
+           if ctx.dims.pp > 1 else
+           moe_step_terms(model, ctx.sum_reducer, mcfg.moe_bias_update_rate))
     if moe is not None:
         loss = dataclasses.replace(loss, extra=moe.collect)
     pipe = build_pipeline(pm, ctx, pcfg, spec["batch"] // dp, spec["micro"], mcfg, V,
