@@ -165,7 +165,8 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
             raise ConfigError(f"parallel.ep={ep} with {what}={degree} is not supported "
                               "yet: expert parallelism runs inside FSDP2 (parallel.dp_shard)"
                               ", alone or in pipeline stages, without HSDP / DDP replicas "
-                              "or TP")
+                              "or TP (TP with MoE layers runs with parallel.ep=1, the "
+                              "experts replicated over tp)")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
                           f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "

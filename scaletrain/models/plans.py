@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from scaletrain.models.tp_styles import (fused_colwise, replicate_style, vocab_embedding,
-                                         vocab_head)
+from scaletrain.models.moe import MoE
+from scaletrain.models.tp_styles import (fused_colwise, replicate_style, replicated_experts,
+                                         vocab_embedding, vocab_head)
 
 
 def gpt_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
@@ -64,6 +65,7 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
     (B, T/tp, D) and the sublayers' inputs are all-gathered (PrepareModuleInput), as in
     the GPT plan; the per-head q/k norms (qk_norm) see head-sharded (B, T, H/tp, hd)
     tensors, so their replicated weight takes its gradient summed over the tp ranks.
+    An MoE block's `mlp` gets `moe_tp_plan` instead of the dense MLP's entries.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
@@ -85,6 +87,7 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
                 desired_input_layouts=(Replicate(), None, None, None))
             plan[f"{b}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                   desired_input_layouts=(Replicate(),))
+            # (an MoE layer's own gather and scatter replace this: moe_tp_plan)
         for proj in ("q_proj", "k_proj", "v_proj"):
             plan[f"{b}.self_attn.{proj}"] = ColwiseParallel()
         attn = model.blocks[name].self_attn
@@ -94,7 +97,10 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
             plan[f"{b}.self_attn.k_norm"] = SequenceParallel(sequence_dim=2,
                                                              use_local_output=True)
         plan[f"{b}.self_attn.o_proj"] = RowwiseParallel(output_layouts=stream)
-        if hasattr(model.blocks[name].mlp, "gate_proj"):  # dense; MoE blocks: no TP yet
+        mlp = model.blocks[name].mlp
+        if isinstance(mlp, MoE):
+            plan.update(moe_tp_plan(f"{b}.mlp", mlp, sequence_parallel=sp))
+        else:
             plan[f"{b}.mlp.gate_proj"] = ColwiseParallel()
             plan[f"{b}.mlp.up_proj"] = ColwiseParallel()
             plan[f"{b}.mlp.down_proj"] = RowwiseParallel(output_layouts=stream)
@@ -102,4 +108,42 @@ def llama_tp_plan(model: nn.Module, *, loss_parallel: bool = True,
         plan["norm"] = norm()
     if model.lm_head is not None:
         plan["lm_head"] = vocab_head(stream, loss_parallel)
+    return plan
+
+
+def moe_tp_plan(path: str, moe: MoE, *, sequence_parallel: bool) -> dict:
+    """An MoE layer (models/moe.py) under TP, at module path `path` (issue #17).
+
+    The router (`gate`, (E, D)) and the routed experts ((E, D, F) weights) are replicated
+    over tp — every tp rank routes all of the block's tokens and runs every expert on
+    them, so the load, the dropped count and the aux / z terms are each rank's own copy
+    of the one-process values, counted once because the step sums them over the
+    data-parallel ranks only (models/moe_terms.py; parallel/context.py `sum_reducer`).
+    The shared experts, a dense SwiGLU, are sharded as the dense MLP is (gate/up
+    column-parallel, down row-parallel), their partial sums all-reduced to the
+    replicated (N, D) the routed output is added to.
+
+    Sequence parallel: the layer's input is all-gathered to the whole (B, T, D) before
+    the router and its output cut back to this rank's (B, T/tp, D) after (the backward:
+    the output's gradient all-gathered, the input's taken as this rank's slice — exact,
+    since every rank's layer saw the same tokens and the same output gradient). Routing
+    each rank's T/tp slice instead would change the model: the balance loss is
+    per sequence (f_e and P_e over its T tokens: not a sum over slices), and a capacity
+    factor caps each expert per layer call, so the drops would depend on tp.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput,
+                                                   RowwiseParallel)
+
+    plan: dict = {f"{path}.gate": replicate_style(), f"{path}.experts": replicated_experts()}
+    if sequence_parallel:
+        plan[path] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+            use_local_input=True, output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(1),), use_local_output=True)
+    if moe.shared_experts is not None:
+        s = f"{path}.shared_experts"
+        plan[f"{s}.gate_proj"] = ColwiseParallel()
+        plan[f"{s}.up_proj"] = ColwiseParallel()
+        plan[f"{s}.down_proj"] = RowwiseParallel(output_layouts=Replicate())
     return plan

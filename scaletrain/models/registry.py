@@ -111,9 +111,13 @@ def _gpt_tp_sizes(m: ModelConfig) -> tuple:
 
 def _llama_tp_sizes(m: ModelConfig) -> tuple:
     ff = LlamaConfig(vocab_size=0, d_model=m.d_model, d_ff=m.d_ff).ff
-    return (("model.n_head", m.n_head),
-            ("model.n_kv_head (n_head if 0)", m.n_kv_head or m.n_head),
-            ("model.d_ff (the Llama rule from d_model if 0)", ff))
+    sizes = (("model.n_head", m.n_head),
+             ("model.n_kv_head (n_head if 0)", m.n_kv_head or m.n_head),
+             ("model.d_ff (the Llama rule from d_model if 0)", ff))
+    if m.moe_experts and m.moe_shared_experts:  # sharded as the dense MLP (plans.py)
+        sizes += (("the shared experts' width (model.moe_shared_experts × moe_d_ff)",
+                   m.moe_shared_experts * (m.moe_d_ff or ff)),)
+    return sizes
 
 
 def _build_mlp(m: ModelConfig, facts: dict) -> MLP:

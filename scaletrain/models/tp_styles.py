@@ -16,6 +16,8 @@ import types
 import torch
 import torch.nn as nn
 
+from scaletrain.models.moe import swiglu_experts
+
 
 def _fused_colwise_style(split: int, **kw):
     """A ColwiseParallel whose weight is sharded per fused part (see module doc)."""
@@ -86,6 +88,35 @@ def replicate_style(output_layout=None):
             return distribute_module(module, mesh, None, inputs, outputs)
 
     return ReplicateParallel()
+
+
+def replicated_experts():
+    """An MoE layer's routed experts (models/moe.py `GroupedExperts`, (E, D, F) weights)
+    replicated over tp: parameters as Replicate DTensors (the optimizers' foreach kernels
+    and FSDP2's 2-D sharding need DTensors on the tp mesh, as `replicate_style` says),
+    the forward run on their local values — the sorted rows, the counts and the segment
+    loop are plain tensors, which DTensor's dispatch would not take (the host read of
+    the counts) or would only slow down.
+
+    Gradients: `to_local()`'s backward wraps the local gradient as Replicate (its
+    default grad_placements), so each tp rank keeps the gradient of its own, identical,
+    computation — the whole layer's, not 1/tp of it, and nothing sums it over tp. That
+    is exact because the layer's input and its output's gradient are the same on every
+    tp rank (models/plans.py `moe_tp_plan`)."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    def forward(mod, x, counts):
+        return swiglu_experts(x, mod.gate_proj.to_local(), mod.up_proj.to_local(),
+                              mod.down_proj.to_local(), counts)
+
+    class ReplicatedExperts(ParallelStyle):
+        def _apply(self, module, mesh):
+            distribute_module(module, mesh)  # every parameter a Replicate DTensor
+            module.forward = types.MethodType(forward, module)  # this instance only
+            return module
+
+    return ReplicatedExperts()
 
 
 def vocab_embedding(stream):

@@ -5,11 +5,24 @@ process without it: tests/distributed/test_moe_parity.py), and pipeline stages (
 stage adds its own MoE loss terms to its backward and the statistics are summed over
 every rank: parallel/pipeline_moe.py; tests/distributed/test_moe_pipeline.py).
 
-Refused, one line each, until they are built and tested: tensor parallelism (the llama
-TP plan shards the dense MLP, not 3-D expert weights), the parameter server, budget
+Tensor parallelism (issue #17; models/plans.py `moe_tp_plan`): attention and dense MLPs
+sharded as in a dense llama, the shared experts too; the router and the routed experts
+(3-D weights) replicated over the tp ranks, which all route the same tokens — under
+sequence parallel the MoE input is gathered before the router and the output cut after —
+so the router statistics, the aux / z terms and the sigmoid_bias update are counted
+once (the step sums them over the data-parallel ranks only; a pipeline over every rank,
+each tp group's once). Tested against one process with SP, × FSDP2 (experts FSDP2-
+sharded over dp, replicated over tp), × PP and with full activation checkpointing:
+tests/distributed/test_moe_tp.py.
+Expert parallelism with TP (an expert mesh borrowing the tp ranks, torchtitan's
+"EP borrows from dp/tp") is refused by config/dims.py until it is built.
+
+Refused, one line each, until they are built and tested: the parameter server, budget
 activation checkpointing (the plan's per-block bytes under AC miss the MoE layer's
-statistics and over-count its expert-weight casts) and train.compile_scope='model'
-(untested). train.compile per block (the default scope) trains MoE blocks, on one
+statistics and over-count its expert-weight casts), train.compile_scope='model'
+(untested) and train.compile with parallel.tp > 1 (the replicated experts' local-weight
+forward inside a compiled block is untested). train.compile per block (the default
+scope) trains MoE blocks, on one
 process and with expert parallelism: the segment loop of the experts (its host read of
 the counts) and the expert-parallel exchange run eagerly, graph breaks inside the
 compiled block (models/moe.py `segment_matmul`, parallel/expert.py); tested against
@@ -40,16 +53,18 @@ def check_moe_layout(cfg) -> None:
     if not cfg.model.moe_experts:
         return
     p = cfg.parallel
-    refused = (("parallel.mode='ps'", p.mode == "ps"), ("parallel.tp > 1", p.tp > 1),
+    refused = (("parallel.mode='ps'", p.mode == "ps"),
                ("parallel.activation_checkpoint='budget'", p.activation_checkpoint == "budget"),
                ("train.compile_scope='model'",
-                cfg.train.compile and cfg.train.compile_scope == "model"))
+                cfg.train.compile and cfg.train.compile_scope == "model"),
+               ("train.compile with parallel.tp > 1", cfg.train.compile and p.tp > 1))
     for what, on in refused:
         if on:
             raise ConfigError(f"{what} is not supported with mixture-of-experts layers "
                               f"(model.moe_experts={cfg.model.moe_experts}) yet: one "
-                              "process, DDP, FSDP2 and pipeline stages (with full / "
-                              "selective AC, and train.compile per block) are")
+                              "process, DDP, FSDP2, TP (with SP, FSDP2, PP) and pipeline "
+                              "stages (with full / selective AC, and train.compile per "
+                              "block without TP) are")
 
 
 def check_expert_parallel(cfg) -> None:

@@ -14,7 +14,8 @@ cross-entropy, as without a pipeline.
 
 The statistics (load, dropped, aux, z per layer) go into the rows of the *whole* model's
 MoE layers (`pipeline_moe_terms`): a pipeline rank fills its stages' rows, the others
-stay zero, and the step's reducer sums over every rank (dp × pp), so each rank ends the
+stay zero, and the step's reducer sums over every rank (dp × pp; under TP only the first
+tp rank of each group adds its rows, the others' being copies), so each rank ends the
 step with every layer's global row — the record (metrics.jsonl) and each stage's
 sigmoid_bias update see what one process sees.
 """
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from scaletrain.models.moe_terms import MoeStepTerms, moe_step_terms
+from scaletrain.parallel.meshes import coordinate
 
 
 class _WithLossGrad(torch.autograd.Function):
@@ -47,18 +49,26 @@ def with_loss_grad(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return _WithLossGrad.apply(output, loss)
 
 
-def world_sum(t: torch.Tensor) -> torch.Tensor:
+def world_sum(t: torch.Tensor, counted: bool = True) -> torch.Tensor:
     """All-reduce SUM over every rank (in place): the stages' rows are disjoint, the
-    data-parallel ranks' rows add up."""
+    data-parallel ranks' rows add up. `counted` False: this rank adds zeros — a tp rank
+    other than the first, whose rows repeat its tp group's (the MoE layers are
+    replicated over tp: models/plans.py `moe_tp_plan`), so the sum counts each once
+    without a process group of its own (and x + 0 is exact)."""
+    if not counted:
+        t.zero_()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def pipeline_moe_terms(pm, mcfg, facts: dict, device: torch.device) -> MoeStepTerms | None:
+def pipeline_moe_terms(pm, mcfg, facts: dict, device: torch.device,
+                       mesh=None) -> MoeStepTerms | None:
     """The step's MoE terms of a pipeline rank (`pm`: its ParallelModel): rows for every
     MoE layer of the whole model (built on meta for their names and settings, no memory),
-    summed over every rank; None for a model without MoE layers."""
+    summed over every rank of the world `mesh` (its tp ranks counted once); None for a
+    model without MoE layers."""
     with torch.device("meta"):
         whole = pm.spec.build(mcfg, facts)
-    return moe_step_terms(pm.module, world_sum, mcfg.moe_bias_update_rate, whole=whole,
-                          device=device)
+    counted = coordinate(mesh, "tp") == 0
+    return moe_step_terms(pm.module, lambda t: world_sum(t, counted),
+                          mcfg.moe_bias_update_rate, whole=whole, device=device)

@@ -30,6 +30,11 @@ Sequence parallel (optional; Korthikanti et al. 2022 §4.2.2): LayerNorms and dr
 reduce-scatter and the column-parallel input an all-gather — the same bytes, 1/tp of the
 norm/dropout activations.
 
+Mixture-of-experts layers (models/plans.py `moe_tp_plan`): the router and the (E, D, F)
+routed experts are replicated over tp (every rank routes the same, whole sequence: under
+SP the layer gathers its input and cuts its output), the shared experts are sharded
+like the dense MLP, so the MoE statistics and loss terms are counted once.
+
 Modules the plan does not split (position table, LayerNorms without SP) get replicated
 DTensor parameters (`replicate_style`): bitwise identical on the tp ranks, with exact
 gradients because every TP input (`from_local(.., Replicate)`) all-reduces its gradient

@@ -120,7 +120,8 @@ def build_loss(cfg: Config, parallel: ParallelModel, dist: DistContext,
     # MoE layers: their loss terms into the step, load into metrics and the bias; on a
     # pipeline rank its stages' rows of the whole model's (each stage adds its own
     # terms to its backward: parallel/pipeline_moe.py).
-    moe = (pipeline_moe_terms(parallel, cfg.model, facts, device) if dist.dims.pp > 1 else
+    moe = (pipeline_moe_terms(parallel, cfg.model, facts, device, dist.mesh)
+           if dist.dims.pp > 1 else
            moe_step_terms(parallel.module, dist.sum_reducer, cfg.model.moe_bias_update_rate))
     if moe is not None:
         loss = replace(loss, extra=moe.collect)

@@ -48,6 +48,7 @@ from scaletrain.train.step_loss import build_step_loss
 def mp_spec(**kw) -> dict:
     spec = dict(steps=20, batch=8, micro=2, tp=1, pp=1, dp_shard=1, dp_replicate=1,
                 schedule="1f1b", ep=1, n_layer=2, d_model=32, n_head=2, sp=False, lp=True,
+                ac="none",  # parallel.activation_checkpoint (the reference runs without)
                 grad_clip=0.05, dtype="fp32", save=None, load=None, masked=False,
                 faults=False, nan_step=0, params=False, eot=None,
                 model=())  # model: extra ModelConfig fields as (name, value) pairs
@@ -63,7 +64,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                           tp=1 if one else spec["tp"], pp=1 if one else spec["pp"],
                           ep=1 if one else spec["ep"],
                           pp_schedule=spec["schedule"], timeout_s=60,
-                          sequence_parallel=spec["sp"], loss_parallel=spec["lp"])
+                          sequence_parallel=spec["sp"], loss_parallel=spec["lp"],
+                          activation_checkpoint="none" if one else spec["ac"])
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(spec["dtype"], device)
     mcfg = ModelConfig(n_layer=spec["n_layer"], n_head=spec["n_head"],
@@ -79,7 +81,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
                            loss_in_model=mcfg.loss_chunks > 0)
     # MoE layers: wired as train/build.py does (a pipeline rank: the whole model's rows,
     # each stage's terms into its own backward; else the step loss's `extra`).
-    moe = (pipeline_moe_terms(pm, mcfg, {"vocab_size": V}, device) if ctx.dims.pp > 1 else
+    moe = (pipeline_moe_terms(pm, mcfg, {"vocab_size": V}, device, ctx.mesh)
+           if ctx.dims.pp > 1 else
            moe_step_terms(model, ctx.sum_reducer, mcfg.moe_bias_update_rate))
     if moe is not None:
         loss = dataclasses.replace(loss, extra=moe.collect)
@@ -176,7 +179,7 @@ def reference(spec: dict) -> dict:
     """The one-process run of `spec` (cached per test session: several layouts share it)."""
     key = tuple(sorted((k, v) for k, v in spec.items()
                        if k not in ("tp", "pp", "dp_shard", "dp_replicate", "ep", "schedule",
-                                    "sp", "lp", "save", "load", "params")))
+                                    "sp", "lp", "ac", "save", "load", "params")))
     if key not in _REFERENCES:
         _REFERENCES[key] = mp_run(0, 1, {**spec, "params": True})
     return _REFERENCES[key]
