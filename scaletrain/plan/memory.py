@@ -86,6 +86,7 @@ from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm, ...
 from scaletrain.plan.activations import block_activations, block_kinds
+from scaletrain.plan.experts import exchange_buffers, moe_blocks, skipped_casts
 from scaletrain.plan.malloc import mmap_threshold_bytes
 
 MiB = 2 ** 20
@@ -129,6 +130,8 @@ class RankShape:
     # model indices of this rank's blocks (an MoE llama's dense and MoE blocks keep
     # different activations); () = `layers` blocks like block 0
     blocks: tuple = ()
+    ep: int = 1  # expert-parallel degree (plan/experts.py)
+    expert_dims: tuple = ()  # (E, D, F) of the routed experts; () without MoE layers
 
 
 def rank_blocks(s: RankShape) -> tuple[int, ...]:
@@ -241,9 +244,23 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     # autocast caches the casts of leaf weights until the autocast context exits (the
     # end of the forward), so all of them are alive there (measured per block).
     total += sum(block_fixed_bytes(cfg, s.tp, device_type, i) for i in blocks)
+    total += expert_parallel_bytes(cfg, s, ab)
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
     return total + fused_head_grad_bytes(cfg, s)
+
+
+def expert_parallel_bytes(cfg, s: RankShape, ab: int) -> float:
+    """What EP changes in the activations of this rank's MoE blocks (plan/experts.py):
+    minus the weight casts of the experts other ranks run (autocast only), plus one
+    layer's all-to-all buffers (in the residual stream's dtype, the parameters')."""
+    moe = moe_blocks(cfg.model, rank_blocks(s))
+    if s.ep <= 1 or not moe:
+        return 0.0
+    pb = dtype_bytes(cfg.precision.dtype)[0]
+    count, numel = skipped_casts(s.expert_dims, s.ep) if ab != pb else (0.0, 0.0)
+    exchange = exchange_buffers(s.expert_dims, s.ep, s.tokens, cfg.model.moe_top_k, pb)
+    return sum(exchange) - len(moe) * count * numel * ab / s.tp
 
 
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
