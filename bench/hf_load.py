@@ -22,7 +22,7 @@ Results: bench/results/hf_load.{json,md}.
     python bench/hf_load.py --size moe [--dtype bf16|fp32]
 
 An MoE (`MixtralForCausalLM` shape: 8 blocks of 16 experts, d 1024, expert width 1024;
-experts are 86% of its 468M parameters) loaded three ways, one torchrun each, the
+experts are 82% of its 489M parameters) loaded three ways, one torchrun each, the
 trainer's path (random init skipped): one process; 2 FSDP2 ranks (ep=1: each rank's
 dim-0 block of every (E, D, F) expert stack, i.e. 8 of the 16 experts); 2 ranks with
 parallel.ep=2 (each owns 8 experts whole). Each rank also reports the bytes it read
@@ -183,8 +183,10 @@ def main() -> int:
     stem = "hf_load_moe" if a.size == "moe" else "hf_load"
     (out / f"{stem}.json").write_text(json.dumps({"size": a.size, "dtype": a.dtype,
                                                   "rows": rows}, indent=1) + "\n")
+    ranks = ("one process, 2 FSDP2 ranks, 2 ranks with ep=2" if a.size == "moe"
+             else "2 FSDP2 gloo ranks")
     lines = [f"# bench/hf_load.py --size {a.size} (checkpoint on disk in {a.dtype}, "
-             "2 FSDP2 gloo ranks)", "",
+             f"{ranks})", "",
              "| path | rank | params | full fp32 GB | baseline GB | peak GB | "
              "(peak - baseline) / full | read GB | expert tensors read | expert GB read |",
              "|---|---|---|---|---|---|---|---|---|---|"]
