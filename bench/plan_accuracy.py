@@ -46,6 +46,11 @@ CASES = {  # name -> (world, overrides)
     "baseline": (1, ["--config", "configs/tiny.toml", "--model.n_layer=1",
                      "--model.d_model=16", "--model.n_head=1", "--model.seq_len=16",
                      "--train.batch_size=2"]),
+    # the same on 2 FSDP2 ranks: what a distributed run holds beyond one process
+    # (torch.distributed, the gloo group, torchrun's worker; CPU_DIST_BASELINE_MIB)
+    "baseline-fsdp2": (2, ["--config", "configs/tiny.toml", "--model.n_layer=1",
+                           "--model.d_model=16", "--model.n_head=1", "--model.seq_len=16",
+                           "--train.batch_size=2", "--parallel.dp_shard=2"]),
     "10m-bf16": (1, G10 + ["--train.micro_batch_size=4"]),
     "10m-fp32": (1, G10 + ["--train.micro_batch_size=8", "--precision.dtype=fp32"]),
     "10m-pure": (1, G10 + ["--train.micro_batch_size=8", "--precision.dtype=bf16-pure"]),
@@ -73,6 +78,12 @@ CASES = {  # name -> (world, overrides)
     "moe-tiny-bf16": (1, MOE + ["--train.micro_batch_size=8"]),
     "moe-tiny-fp32": (1, MOE + ["--train.micro_batch_size=16", "--precision.dtype=fp32",
                                 "--model.moe_router=sigmoid_bias"]),
+    # the same MoE on 2 ranks, experts split by expert parallelism (each rank holds 4
+    # of the 8 experts whole, FSDP2 shards the dense weights): the per-rank expert
+    # weights, their gradients and AdamW state, the all-to-all buffers
+    "moe-tiny-ep2": (2, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=2",
+                               "--parallel.ep=2"]),
+    "moe-tiny-fsdp2": (2, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=2"]),
     "1b": (1, ["--config", "configs/gpt-1b.toml", "--model.seq_len=64",
                "--train.batch_size=2", "--train.micro_batch_size=1",
                "--train.steps=2", "--optim.name=sgd", "--optim.lr=0.02",

@@ -9,8 +9,10 @@ read (never a pickle), without importing transformers.
 
 Loading big checkpoints: `load_hf_into` walks the shards one at a time and copies into
 each parameter only the part this rank holds — the local block of a DTensor (FSDP2,
-TP), read with safetensors' `get_slice` from the memory-mapped file, so the bytes of
-other ranks' slices are never touched and no rank ever holds the whole model.
+TP; for the stacked experts under expert parallelism, only the per-expert tensors of the
+experts this rank owns), read by finetune/hf_reads.py (one pread of whole rows, else
+safetensors' `get_slice`), so the bytes of other ranks' blocks are never touched and no
+rank ever holds the whole model.
 Everything a user can get wrong in the directory (unsupported architecture, a shard
 listed in the index but missing, shapes that disagree with config.json) is found by
 `check_hf_dir`, which reads only headers, before anything is launched or written.
@@ -28,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from scaletrain.config.schema import ModelConfig
 from scaletrain.errors import CheckpointError, ConfigError
+from scaletrain.finetune.hf_reads import BlockReader
 from scaletrain.finetune.lora import base_names, is_adapter
 from scaletrain.models.contract import TiedPairs, param_at, stored_once, tie
 from scaletrain.models.hf_map import HFMap
@@ -206,38 +209,6 @@ def _local_block(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "F64": torch.float64}
-
-
-def _header(file: Path) -> tuple[int, dict]:
-    """(offset of the data, the JSON header) of a safetensors file."""
-    with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return 8 + n, json.loads(fh.read(n))
-
-
-def _read_rows(file: Path, header: tuple[int, dict], name: str,
-               index: tuple[slice, ...]) -> torch.Tensor | None:
-    """The block `index` of tensor `name` read with one pread when it is whole rows (a
-    dim-0 shard: contiguous bytes), so only those bytes enter memory; reading through
-    the mmap would leave the pages resident in this process until the file closes."""
-    start, meta = header[0], header[1][name]
-    shape, dtype = meta["shape"], DTYPES.get(meta["dtype"])
-    if dtype is None or any(s.start != 0 or s.stop != n for s, n in zip(index[1:], shape[1:])):
-        return None
-    row = dtype.itemsize
-    for n in shape[1:]:
-        row *= n
-    lo = start + meta["data_offsets"][0] + index[0].start * row
-    size = (index[0].stop - index[0].start) * row if shape else dtype.itemsize
-    buf = bytearray(size)
-    with open(file, "rb", buffering=0) as fh:
-        fh.seek(lo)
-        fh.readinto(buf)
-    return torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
-
-
 def load_targets(model: nn.Module, tied: TiedPairs) -> dict[str, str]:
     """{state-dict name of `model`: the stored tensor it is read from}. A tied head is
     read as its embedding only where the embedding is not here too (a pipeline's last
@@ -274,43 +245,47 @@ def _check_targets(weights: HFWeights, params: dict, targets: dict[str, str],
                                   f"model {list(params[name].shape)}")
 
 
+def _reads(weights: HFWeights, params: dict, targets: dict[str, str]) -> dict:
+    """{file: [(destination tensor, HF name, block index in our orientation,
+    transposed)]}: what this rank copies from each file. A stacked expert parameter
+    (E, in, out) whose block holds experts [a, b) reads only experts a..b-1, each from
+    its own per-expert tensor (stored (out, in)) into its slot of the local block: under
+    expert parallelism a rank never touches the experts other ranks own."""
+    out: dict[Path, list] = defaultdict(list)
+    for name, src in targets.items():
+        local, index = _local_block(params[name])
+        if local.numel() == 0:
+            continue
+        if src in weights.parts:
+            for slot, j in enumerate(range(index[0].start, index[0].stop)):
+                file, hf_name, _ = weights.parts[src][j]
+                out[file].append((local[slot], hf_name, index[1:], True))
+        else:
+            file, hf_name = weights.where[src]
+            out[file].append((local, hf_name, index, weights.transposed(src)))
+    return dict(out)
+
+
 @torch.no_grad()
-def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs) -> None:
+def load_hf_into(model: nn.Module, path: Path, tied: TiedPairs,
+                 reader: BlockReader | None = None) -> None:
     """Copy HF directory `path`'s weights into `model` (plain or DTensor-sharded, the
     whole model or one pipeline stage), shard file by shard file, each parameter only in
-    the block this rank holds: whole rows with one pread, other blocks (a TP column
-    shard) through safetensors' get_slice, freed before the next tensor is read."""
+    the block this rank holds (only the experts it owns, `_reads`), read by `reader`
+    (finetune/hf_reads.py: whole rows with one pread, other blocks through safetensors'
+    get_slice; a recording one in the tests), freed before the next tensor is read."""
+    reader = reader or BlockReader()
     _, hfmap = read_config(path)
     weights = HFWeights(path, hfmap, tied)
     params = model.state_dict(keep_vars=True)
     targets = load_targets(model, tied)
     _check_targets(weights, params, targets, str(path))
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, src in targets.items():
-        if src not in weights.parts:  # stacked experts: read expert by expert below
-            by_file[weights.where[src][0]].append(name)
-    for file, names in by_file.items():
-        header = _header(file)
-        with safe_open(str(file), "pt") as f:
-            for name in names:
-                local, index = _local_block(params[name])
-                if local.numel() == 0:
-                    continue
-                src = targets[name]
-                hf_name = weights.where[src][1]
-                rows = None if weights.transposed(src) else _read_rows(file, header, hf_name,
-                                                                       index)
-                if rows is None:  # not a block of whole rows (a TP column shard, Conv1D)
-                    sl = f.get_slice(hf_name)
-                    rows = sl[index[::-1]].t() if weights.transposed(src) else sl[index]
-                local.copy_(rows.reshape(local.shape))
-                del rows  # before the next tensor: one slice in memory at a time
-    for name, src in targets.items():  # only the experts of this rank's dim-0 block
-        if src in weights.parts:
-            local, index = _local_block(params[name])
-            if local.numel():
-                local.copy_(torch.stack([weights.expert(src, j)[index[1:]] for j in
-                                         range(index[0].start, index[0].stop)]))
+    for file, reads in _reads(weights, params, targets).items():
+        with reader.open(file) as f:
+            for dest, hf_name, index, transposed in reads:
+                block = f.block(hf_name, index, transposed, tuple(dest.shape))
+                dest.copy_(block)
+                del block  # before the next tensor: one block in memory at a time
     tie(model, tied)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 
 from scaletrain.plan.activations import block_activations
+from scaletrain.plan.experts import exchange_buffers, moe_blocks, skipped_casts
 from scaletrain.plan.malloc import GLIBC_DEFAULT_MAX
 
 MMAP_THRESHOLD = GLIBC_DEFAULT_MAX  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
@@ -88,7 +89,18 @@ def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float
         out = add(out, *(hm(b) for b in fixed))
     if r != ab and s.has_head:
         out = add(out, hm(D * s.vocab_local * ab))
-    return out
+    return add(out, expert_parallel(cfg, s, r, ab, layers))
+
+
+def expert_parallel(cfg, s, r: int, ab: int, layers) -> tuple[float, float]:
+    """memory.py `expert_parallel_bytes` tensor by tensor: one MoE layer's all-to-all
+    buffers, minus the expert-weight casts (all D·F·ab bytes each) the rank skips."""
+    moe = moe_blocks(cfg.model, layers)
+    if s.ep <= 1 or not moe:
+        return (0.0, 0.0)
+    exchange = exchange_buffers(s.expert_dims, s.ep, s.tokens, cfg.model.moe_top_k, r)
+    count, numel = skipped_casts(s.expert_dims, s.ep) if ab != r else (0.0, 0.0)
+    return add(*(hm(b) for b in exchange), scale(hm(numel * ab / s.tp, count), -len(moe)))
 
 
 def head(s, ab: int, tokens: int, fp32_tensors: int) -> tuple[float, float]:

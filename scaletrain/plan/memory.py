@@ -86,13 +86,17 @@ from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm, ...
 from scaletrain.plan.activations import block_activations, block_kinds
+from scaletrain.plan.experts import exchange_buffers, moe_blocks, skipped_casts
 from scaletrain.plan.malloc import mmap_threshold_bytes
 
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
 # interpreter, torch, tokenizers, the TensorBoard writer and the data loader. Measured on
-# this machine (torch 2.13 CPU, Python 3.11): 337 MiB (bench/plan_accuracy.py "baseline").
-CPU_BASELINE_MIB = 337.0
+# this machine (torch 2.13 CPU, Python 3.11): 337 MiB when first measured; 388 MiB in
+# session 10 (the trainer's imports grew: importing scaletrain.train.trainer alone
+# peaks at 355 MiB now; bench/plan_accuracy.py "baseline" 388, "baseline-fsdp2" 392 and
+# 387 per rank: a 2-rank run's own overhead is within the noise).
+CPU_BASELINE_MIB = 388.0
 # CPU: with gradient accumulation the 2nd micro-batch's heap activations are allocated
 # while the gradients, made during the 1st one's backward in the holes its freed
 # activations left, split the heap: traced on the 125M GPT (fp32, micro 2 x 2), the
@@ -129,6 +133,8 @@ class RankShape:
     # model indices of this rank's blocks (an MoE llama's dense and MoE blocks keep
     # different activations); () = `layers` blocks like block 0
     blocks: tuple = ()
+    ep: int = 1  # expert-parallel degree (plan/experts.py)
+    expert_dims: tuple = ()  # (E, D, F) of the routed experts; () without MoE layers
 
 
 def rank_blocks(s: RankShape) -> tuple[int, ...]:
@@ -241,9 +247,23 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     # autocast caches the casts of leaf weights until the autocast context exits (the
     # end of the forward), so all of them are alive there (measured per block).
     total += sum(block_fixed_bytes(cfg, s.tp, device_type, i) for i in blocks)
+    total += expert_parallel_bytes(cfg, s, ab)
     if r != ab and s.has_head:
         total += ab * D * s.vocab_local
     return total + fused_head_grad_bytes(cfg, s)
+
+
+def expert_parallel_bytes(cfg, s: RankShape, ab: int) -> float:
+    """What EP changes in the activations of this rank's MoE blocks (plan/experts.py):
+    minus the weight casts of the experts other ranks run (autocast only), plus one
+    layer's all-to-all buffers (in the residual stream's dtype, the parameters')."""
+    moe = moe_blocks(cfg.model, rank_blocks(s))
+    if s.ep <= 1 or not moe:
+        return 0.0
+    pb = dtype_bytes(cfg.precision.dtype)[0]
+    count, numel = skipped_casts(s.expert_dims, s.ep) if ab != pb else (0.0, 0.0)
+    exchange = exchange_buffers(s.expert_dims, s.ep, s.tokens, cfg.model.moe_top_k, pb)
+    return sum(exchange) - len(moe) * count * numel * ab / s.tp
 
 
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:

@@ -23,6 +23,7 @@ from scaletrain.parallel.ac import BudgetTooSmall, block_modes, describe
 from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
                                                 pipeline_microbatches)
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
+from scaletrain.plan.experts import expert_dims, gathered_expert_numel
 from scaletrain.plan.memory import RankShape, ac_policy, rank_peak
 
 
@@ -59,15 +60,19 @@ def _block_ids(shapes: dict) -> list[str]:
     return sorted({k.split(".")[1] for k in shapes if k.startswith("blocks.")}, key=int)
 
 
-def _gathered(cfg, shapes: dict, sharded: set, layers: int, t: int) -> float:
+def _gathered(cfg, shapes: dict, sharded: set, layers: int, t: int, ep: int = 1) -> float:
     """Parameters FSDP2 holds unsharded at once: two blocks (current + prefetched), or
-    all of them without reshard_after_forward (plan/memory.py); 1/tp of the sharded.
+    all of them without reshard_after_forward (plan/memory.py); 1/tp of the sharded;
+    of the routed experts under EP the rank's E / ep (plan/experts.py).
     Two blocks: the stage's largest (an MoE llama's dense blocks are smaller)."""
     ids = _block_ids(shapes)
     if not ids:
         return 0.0
-    sizes = [sum(torch.Size(sh).numel() / (t if k in sharded else 1)
-                 for k, sh in shapes.items() if k.startswith(f"blocks.{i}."))
+
+    def numel(k: str, sh) -> float:
+        n = torch.Size(sh).numel() / (t if k in sharded else 1)
+        return gathered_expert_numel(n, ep) if _is_expert(k) else n
+    sizes = [sum(numel(k, sh) for k, sh in shapes.items() if k.startswith(f"blocks.{i}."))
              for i in ids]
     return max(sizes) * 2 if cfg.parallel.reshard_after_forward else sum(sizes)
 
@@ -121,8 +126,9 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
             eval_tokens=(mb if dims.pp > 1 else max(1, cfg.eval.batch_size // dims.dp))
             * cfg.model.seq_len,
             full_params=sum(full_numels), sharded=dims.tp > 1 or dims.dp_shard > 1 or dims.pp > 1,
-            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, dims.tp)
+            fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, dims.tp, dims.ep)
                            if dims.dp_shard > 1 else 0.0),
+            ep=dims.ep, expert_dims=expert_dims(shapes),
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp,
             blocks=tuple(int(i) for i in _block_ids(shapes)))
         ranks.append(_rank_record(pp_rank, ids, shape, rank_peak(cfg, shape, device_type),

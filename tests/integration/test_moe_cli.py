@@ -206,6 +206,38 @@ def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
     assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
 
 
+@pytest.mark.timeout(600)
+def test_moe_pipeline_resume_is_exact(prepared_dir, tmp_path):
+    """MoE x PP (`--nproc 2 --parallel.pp=2`, 1f1b, 2 micro-batches; the MoE block and
+    its sigmoid_bias buffer on the second stage): stopped at step 2 and resumed to 4, the
+    losses, the router records and the final weights, bias included, equal the
+    uninterrupted run's bitwise (the bias is each stage's model state in the checkpoint,
+    parallel/pipeline_moe.py sums the stages' loads before updating it)."""
+    from safetensors.torch import load_file
+
+    base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
+            "--model.moe_bias_update_rate=0.01", f"--data.prepared_dir={prepared_dir}",
+            "--checkpoint.interval=2", "--eval.test=false", "--train.threads=1",
+            "--schedule.name=constant", *PIPELINES["pp2"]]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    for args in ([f"--run.dir={straight}", "--train.steps=4"],
+                 [f"--run.dir={resumed}", "--train.steps=2"],
+                 [f"--run.dir={resumed}", "--train.steps=4"]):
+        proc = run_cli(*base, *args, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def train(run):
+        return [(r["step"], r["loss"], r["moe_load"], r["moe_aux_loss"]) for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+    assert [r[0] for r in train(resumed)] == [1, 2, 3, 4]
+    assert train(straight) == train(resumed)
+    assert (resumed / "checkpoints" / "step-00000002").is_dir()
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["blocks.1.mlp.expert_bias"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("router", ["softmax", "sigmoid_bias"])
 def test_plan_of_the_moe_configs_runs(router):
     """`scaletrain plan` on moe-tiny with either router (sigmoid_bias's expert_bias

@@ -159,3 +159,51 @@ def test_export_hf_refuses_an_moe_the_classes_cannot_compute(hf_dirs, source, fi
     m = dataclasses.replace(cfg.model, **{field: value})
     with pytest.raises(ConfigError, match=why):
         export_hf(dataclasses.replace(cfg, model=m), model, tok, tmp_path / "out")
+
+
+def _loud_experts(model) -> None:
+    """Spread routers, and experts whose output moves the loss: at transformers' init
+    (std 0.02) a rank holding another rank's experts moved the step-0 validation loss by
+    less than 1e-5."""
+    _spread_routers(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".experts." in n:
+                p.normal_(0.0, 0.3)
+
+
+def test_ep_ranks_load_their_experts_through_the_cli(hf_dirs, tmp_path):
+    """`train --init.from=<Qwen3-MoE dir> --nproc 2 --parallel.dp_shard=2
+    --parallel.ep=2` (each rank reads the 3 of 6 experts it owns:
+    tests/distributed/test_moe_hf_load_ep.py counts the reads; the experts drawn large
+    enough that a wrong one moves the loss, `_loud_experts`): the step-0 validation
+    loss is the one-process model's, and the first step's training loss is a one-process
+    run's (fp32: both reduce the same sums in another order, 1e-6 relative)."""
+    from scaletrain.compress.report import val_loss
+    from scaletrain.data.build import build_data
+
+    d = tmp_path / "qwen3_moe"
+    arch, extra, shard = CASES["qwen3_moe_dense_first"]
+    hf_model_dir(d, arch, {**BASE, **extra}, shard, init=_loud_experts)
+    args = [*TINY_DATA, f"--data.prepared_dir={tmp_path / 'prep'}", f"--init.from={d}",
+            "--model.seq_len=32", "--train.batch_size=4", "--eval.batches=2",
+            "--eval.batch_size=4", "--eval.test=false", "--train.steps=1",
+            "--eval.interval=1", "--train.progress=off"]
+    recs = {}
+    for name, layout in (("ep2", ["--nproc=2", "--parallel.dp_shard=2", "--parallel.ep=2"]),
+                         ("one", [])):
+        run = tmp_path / name
+        proc = run_cli("train", *args, *layout, f"--run.dir={run}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recs[name] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    par = json.loads((tmp_path / "ep2" / "summary.json").read_text())["parallel"]
+    assert (par["dp_shard"], par["ep"]) == (2, 2)
+    step0 = [r for r in recs["ep2"] if r["kind"] == "eval"][0]
+    cfg = make_cfg([a for a in args if not a.startswith("--init.from")]
+                   + [f"--data.tokenizer={d / 'tokenizer.json'}"])
+    _, model, _ = load_artefact(d, [("model.seq_len", "32")])
+    expect = val_loss(model, build_data(cfg, progress=False).val, 4, 2)
+    assert step0["step"] == 0 and abs(step0["loss"] - expect) < 1e-5
+    first = {k: [r["loss"] for r in v if r["kind"] == "train" and r["step"] == 1]
+             for k, v in recs.items()}
+    assert len(first["ep2"]) == 1 and first["ep2"] == pytest.approx(first["one"], rel=1e-6)

@@ -179,3 +179,35 @@ def test_moe_plan_counts_the_expert_parameters_and_splits_them_over_ep_ranks():
     assert one["optim_bytes"] == one["params"] * 8  # fp32 AdamW: 2 moments
     # EP borrows from the FSDP shard ranks when it divides them (torchtitan), else adds
     assert (expert_shards(1, 4), expert_shards(2, 4), expert_shards(2, 3)) == (4, 4, 6)
+
+
+def test_expert_parallel_terms_of_the_plan():
+    """EP=2 against FSDP2 alone on the same 2 ranks (bf16 autocast; 2 MoE blocks of
+    E=4 experts, D=16, F=8, top-2; the global batch of 2 is 1 sample x seq 8 = 8 tokens
+    per rank), by hand (plan/experts.py): FSDP2 gathers 2 blocks, each with its 2 local
+    experts' 3 x 2 x 16 x 8 = 768 elements instead of all 4's (-2 x 768 x 2 B = -3072);
+    each MoE block skips the bf16 casts of the other rank's 2 experts (-2 blocks x 6
+    casts x 128 x 2 B = -3072); one layer's dispatch and combine buffers of the residual
+    stream (fp32) add 2 x (8 x 2 rows x 16 x 4 B) = +2048. Parameters and optimizer
+    state are the same (EP takes its ranks from dp_shard)."""
+    from scaletrain.plan import experts
+    from scaletrain.plan.activations import block_activations
+
+    cfg = cfg_of(*[a for a in MOE if not a.startswith(("precision", "model.moe_first"))],
+                 "precision.dtype=bf16", "model.moe_first_dense=0")
+    assert experts.skipped_casts((4, 16, 8), 2) == (6.0, 128.0)
+    assert experts.exchange_buffers((4, 16, 8), 2, 8, 2, 4) == [1024.0, 1024.0]
+    assert experts.gathered_expert_numel(1536, 2) == 768
+    # the casts the plan subtracts are ones the measured MoE block makes: 3 x 4 of
+    # 16 x 8 bf16 elements (256 B each) among its fixed bytes
+    fixed = block_activations(cfg.model, "bf16", "none", "cpu", 1).fixed
+    assert sum(1 for b in fixed if b == 256) >= 12
+    for device in ("cuda", "cpu"):
+        ep2 = plan(cfg, ParallelDims(1, 2, 1, 1, 2, ep=2), 32, device)["ranks"][0]
+        fsdp2 = plan(cfg, ParallelDims(1, 2, 1, 1, 2), 32, device)["ranks"][0]
+        assert ep2["params"] == fsdp2["params"] and ep2["optim_bytes"] == fsdp2["optim_bytes"]
+        assert ep2["activation_bytes"] - fsdp2["activation_bytes"] == -3072 - 3072 + 2048
+    # CPU: the heap's high-water mark is the forward/backward's, all of it below the mmap
+    # threshold, so the resident peak moves by the same bytes (on CUDA the end's save
+    # phase is the peak of this tiny model, which EP does not change)
+    assert ep2["peak_bytes"] - fsdp2["peak_bytes"] == -4096
