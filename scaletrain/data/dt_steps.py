@@ -33,16 +33,21 @@ from datatrove.utils.logging import logger
 
 from scaletrain.data.clean import SPLITS, Skip, hash_uniform, normalize_text
 from scaletrain.data import shards
+from scaletrain.data.dedup_runs import FAN_IN, RUN_RECORDS, duplicate_positions
 from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
 
 CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task..."""
 
-CHUNK_TEXT_CHARS = 4 << 20
-"""...or fewer, once they hold this many characters: the ids of a chunk are Python
-lists (tens of bytes a token), so a chunk of 256 large files would hold hundreds of MB;
-bounded by characters, a tokenize task's memory does not depend on document sizes."""
+CHUNK_TEXT_CHARS = 1 << 20
+"""...or fewer, once they hold this many characters: a chunk's `Encoding`s and id lists
+take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
+MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
+tokenize task's memory does not depend on document sizes. 1M characters (~40 MB a
+worker) rather than 4M (~150 MB): a single-threaded `encode_batch` gains nothing from
+longer batches, and a corpus whose parts are smaller than the cap (under ~16 MB) no
+longer peaks lower than a large one."""
 
 
 class QuietExecutor(LocalPipelineExecutor):
@@ -168,6 +173,23 @@ def _merged(work: Path, folder: str) -> Iterator[list]:
     return heapq.merge(*(_lines(p) for p in shards_), key=lambda r: (r[0], r[1]))
 
 
+def _first_copies(step: PipelineStep, work: Path, folder: str, run_records: int,
+                  fan_in: int) -> Iterator[list]:
+    """`_merged(work, folder)` without the documents whose text (sha256) came earlier
+    in it, each counted as a "duplicates" stat of `step`. Two passes over the shards:
+    the first finds the duplicates' positions on disk (`dedup_runs`), so memory does
+    not grow with the number of documents; JSON decoding is cheap beside tokenizing."""
+    dups = duplicate_positions((bytes.fromhex(r[3]) for r in _merged(work, folder)),
+                               work / f"dedup-{folder}", run_records, fan_in)
+    next_dup = next(dups, None)
+    for pos, r in enumerate(_merged(work, folder)):
+        if pos == next_dup:
+            step.stat_update("duplicates")
+            next_dup = next(dups, None)
+            continue
+        yield r
+
+
 class MergeDedup(PipelineStep):
     """`data.dedup = "minhash"`, first: exact dedup over the cleaned shards merged into
     the sources' order, written back as `<work>/merged/<n>.jsonl` parts of about
@@ -177,23 +199,17 @@ class MergeDedup(PipelineStep):
 
     name = "merge + exact dedup"
 
-    def __init__(self, work: str):
+    def __init__(self, work: str, run_records: int = RUN_RECORDS, fan_in: int = FAN_IN):
         super().__init__()
-        self.work = work
+        self.work, self.run_records, self.fan_in = work, run_records, fan_in
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        seen: set[bytes] = set()
         out = work / "merged"
         out.mkdir(parents=True, exist_ok=True)
         names, f, chars = [], None, shards.CHUNK_CHARS
-        for r in _merged(work, "clean"):
-            digest = bytes.fromhex(r[3])
-            if digest in seen:
-                self.stat_update("duplicates")
-                continue
-            seen.add(digest)
+        for r in _first_copies(self, work, "clean", self.run_records, self.fan_in):
             if chars >= shards.CHUNK_CHARS:
                 if f is not None:
                     f.close()
@@ -213,7 +229,9 @@ class DedupSplit(PipelineStep):
 
     The shards are merged back into (file, record) order, so "the first copy is kept"
     means what it did when one process read the files in sorted order. Memory holds
-    the set of digests seen (32 bytes a unique document), not the documents. The split
+    neither the documents nor their digests: the duplicates are found on disk, in
+    sorted runs of `run_records` (`dedup_runs.py`), so it does not grow with the corpus
+    (tests/unit/test_data_dedup_runs.py). The split
     is `clean.split_documents`'s: by the digest, and an empty wanted split gets the
     smallest digest of the largest one. Writes `<work>/split/<split>-<n>.jsonl` parts of
     about `part_chars` characters, [source, sha256 hex, text] lines, and
@@ -223,23 +241,20 @@ class DedupSplit(PipelineStep):
     name = "dedup + split"
 
     def __init__(self, work: str, val_fraction: float, test_fraction: float,
-                 part_chars: int, folder: str = "clean"):
+                 part_chars: int, folder: str = "clean", run_records: int = RUN_RECORDS,
+                 fan_in: int = FAN_IN):
         super().__init__()
         self.work, self.val, self.test = work, val_fraction, test_fraction
         self.part_chars, self.folder = part_chars, folder
+        self.run_records, self.fan_in = run_records, fan_in  # dedup_runs.py
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        seen: set[bytes] = set()
         writers = {s: _PartWriter(work / "split", s, self.part_chars) for s in SPLITS}
-        for _file, _rec, src, h, text in _merged(work, self.folder):
-            digest = bytes.fromhex(h)
-            if digest in seen:
-                self.stat_update("duplicates")
-                continue
-            seen.add(digest)
-            u = hash_uniform(digest)
+        for _file, _rec, src, h, text in _first_copies(self, work, self.folder,
+                                                       self.run_records, self.fan_in):
+            u = hash_uniform(bytes.fromhex(h))
             s = "val" if u < self.val else "test" if u < self.val + self.test else "train"
             writers[s].write(src, h, text)
         for w in writers.values():
