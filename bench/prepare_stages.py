@@ -1,6 +1,7 @@
 """Where `scaletrain prepare`'s memory goes, stage by stage (issue #16, bounded memory).
 
-    python bench/prepare_stages.py [--mb 8 64 256] [--dir /tmp/prepare-stages] [--keep]
+    python bench/prepare_stages.py [--mb 8 64 256] [--repo CHECKOUT ...]
+                                   [--dir /tmp/prepare-stages] [--keep]
 
 For each corpus size (JSONL built as bench/prepare.py builds it, same tokenizer given
 as data.tokenizer, 2 workers, default settings) runs `scaletrain prepare` and samples,
@@ -16,7 +17,8 @@ and which stage the run is in, told from the files it has written so far:
     report    manifest, report.png, publishing (work directory removed)
 
 Prints the peak per stage (total, the CLI process, its children) for every size and
-writes `<dir>/stages.json`.
+checkout (`--repo`, default this one; give another to compare code before a change)
+and writes `<dir>/stages.json`.
 """
 
 from __future__ import annotations
@@ -75,14 +77,15 @@ def stage(prepared: Path) -> str:
     return "read" if (w / "logs-read").is_dir() else "start"
 
 
-def profile(src: Path, prepared: Path, tok: Path, extra: list[str]) -> dict:
+def profile(src: Path, prepared: Path, tok: Path, extra: list[str],
+            repo: Path = REPO) -> dict:
     cmd = [sys.executable, "-m", "scaletrain", "prepare", f"--data.source={src}",
            f"--data.prepared_dir={prepared}", f"--data.tokenizer={tok}",
            "--data.prep_workers=2", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     peaks = {s: {"total": 0, "main": 0, "children": 0, "seconds": 0.0} for s in STAGES}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     last = time.perf_counter()
     while proc.poll() is None:
@@ -109,6 +112,7 @@ def profile(src: Path, prepared: Path, tok: Path, extra: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--repo", type=Path, nargs="+", default=[REPO])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/prepare-stages"))
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
@@ -122,14 +126,16 @@ def main() -> None:
             write_corpus(corpus, mb, files)
         if not tok.exists():
             train_tokenizer(corpus, tok)
-        r = profile(corpus, a.dir / "p", tok, [])
-        res[mb] = r
-        print(f"{mb} MB: {r['wall_s']:.0f} s, peak {r['peak_mb']:.0f} MiB", flush=True)
-        for s, p in r["stages"].items():
-            if p["seconds"]:
-                print(f"  {s:<10} {p['seconds']:>7.1f} s  total {p['total']:>6.0f}  "
-                      f"main {p['main']:>6.0f}  children {p['children']:>6.0f} MiB",
-                      flush=True)
+        for repo in a.repo:  # interleaved per size: the machine's load hits both alike
+            r = profile(corpus, a.dir / "p", tok, [], repo)
+            res[f"{mb} {repo}"] = r
+            print(f"{mb} MB, {repo}: {r['wall_s']:.0f} s, peak {r['peak_mb']:.0f} MiB",
+                  flush=True)
+            for s, p in r["stages"].items():
+                if p["seconds"]:
+                    print(f"  {s:<10} {p['seconds']:>7.1f} s  total {p['total']:>6.0f}  "
+                          f"main {p['main']:>6.0f}  children {p['children']:>6.0f} MiB",
+                          flush=True)
         if not a.keep:
             corpus.unlink()
     (a.dir / "stages.json").write_text(json.dumps(res, indent=2))
