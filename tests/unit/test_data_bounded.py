@@ -1,5 +1,7 @@
-"""Exact dedup on disk (data/dedup_runs.py): the duplicates a set would find, with memory
-that does not grow with the number of documents (issue #16, bounded memory)."""
+"""What keeps `prepare`'s memory flat in the corpus size (issue #16, bounded memory):
+exact dedup on disk (data/dedup_runs.py), the duplicates a set would find with memory
+that does not grow with the number of documents; one tokenizer per worker process,
+however many tokenize tasks it runs."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import json
 import random
 import tracemalloc
 
+import numpy as np
+
 from scaletrain.data.dedup_runs import duplicate_positions
-from scaletrain.data.dt_steps import DedupSplit
+from scaletrain.data.dt_steps import DedupSplit, TokenizePart, process_tokenizer
+from scaletrain.data.tokenizer import Tokenizer, train_bpe
 
 
 def _set_duplicates(digests: list[bytes]) -> list[int]:
@@ -71,3 +76,29 @@ def test_dedup_split_memory_does_not_grow_with_documents(tmp_path):
     large, dups_large = _peak_bytes(_work(tmp_path, 20000))
     assert (dups_small, dups_large) == (200, 2000)
     assert large - small < 16 * (20000 - 2000), (small, large)
+
+
+def test_tokenize_tasks_of_a_process_share_one_tokenizer(tmp_path, monkeypatch):
+    # A tokenizers.Tokenizer built per task left ~4 MB behind once dropped, so a worker
+    # grew with the number of tasks it ran (dt_steps.process_tokenizer); count builds.
+    texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(30)]
+    tok = train_bpe(iter(texts), 300)
+    names = [f"train-{i:05d}" for i in range(3)]
+    (tmp_path / "split").mkdir()
+    for i, name in enumerate(names):
+        with open(tmp_path / "split" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for t in texts[i::3]:
+                f.write(json.dumps([0, hashlib.sha256(t.encode()).hexdigest(), t]) + "\n")
+    built = []
+    real = Tokenizer.from_str.__func__
+    monkeypatch.setattr(Tokenizer, "from_str",
+                        classmethod(lambda cls, s: built.append(1) or real(cls, s)))
+    process_tokenizer.cache_clear()
+    step = TokenizePart(str(tmp_path), names, tok.to_str(), "<u2", one_thread=False)
+    for rank in range(3):  # three tasks in this one process, as a reused worker runs them
+        step.run(rank=rank, world_size=3)
+    assert len(built) == 1
+    for i, name in enumerate(names):  # and each part is still its documents' ids + eot
+        want = [t for doc in texts[i::3] for t in tok.encode(doc) + [tok.eot_id]]
+        got = np.fromfile(tmp_path / "tokens" / f"{name}.bin", dtype="<u2").tolist()
+        assert got == want
