@@ -5,8 +5,10 @@ read (`SourceReader`) -> clean (`Clean`) -> datatrove's quality filters (`filter
 parts in the sources' order (`MergeDedup`) that datatrove's MinHash steps read back
 (`CleanedReader`); then, in one task, exact dedup and split (`DedupSplit`), which merges
 the shards back into the sources' order; then one task per split part tokenizes it
-(`TokenizePart`, which also counts documents per length bin). Every step streams documents one at a time: memory holds a document,
-a record batch or a chunk of documents being tokenized, never the corpus. Between
+(`TokenizePart`, which also counts documents per length bin). Every step streams
+documents one at a time: memory holds a document, a record batch, a chunk of documents
+being tokenized or a sorted run of digests (`dedup_runs.py`), never the corpus nor one
+entry per document, so it does not grow with the corpus (issue #16). Between
 stages documents live in JSON-lines files in the work directory, so each stage is a
 separate datatrove job whose tasks can run in any order and on any worker.
 
