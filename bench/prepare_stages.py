@@ -82,6 +82,8 @@ def profile(src: Path, prepared: Path, tok: Path, extra: list[str],
     cmd = [sys.executable, "-m", "scaletrain", "prepare", f"--data.source={src}",
            f"--data.prepared_dir={prepared}", f"--data.tokenizer={tok}",
            "--data.prep_workers=2", *extra]
+    # A killed earlier profile leaves its work directory, which prepare would resume.
+    shutil.rmtree(prepared, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(repo)}
     peaks = {s: {"total": 0, "main": 0, "children": 0, "seconds": 0.0} for s in STAGES}
     t0 = time.perf_counter()
