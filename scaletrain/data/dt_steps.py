@@ -47,10 +47,11 @@ CHUNK_TEXT_CHARS = 1 << 20
 """...or fewer, once they hold this many characters: a chunk's `Encoding`s and id lists
 take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
 MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
-tokenize task's memory does not depend on document sizes. 1M characters (~40 MB a
-worker) rather than 4M (~150 MB): a single-threaded `encode_batch` gains nothing from
-longer batches, and a corpus whose parts are smaller than the cap (under ~16 MB) no
-longer peaks lower than a large one."""
+tokenize task's memory does not depend on document sizes. 1M characters rather than
+4M: the peak of `prepare` with 2 workers fell by 84 MiB on 8 MB and 112 MiB on 64 MB
+(bench/results/prepare_stages.md); the ids do not depend on it (documents are encoded
+one by one), and one run each on this loaded machine showed no slow-down (64 MB: 220 s,
+305 s before), a noisy figure, not a throughput claim."""
 
 
 class QuietExecutor(LocalPipelineExecutor):
