@@ -5,8 +5,10 @@ read (`SourceReader`) -> clean (`Clean`) -> datatrove's quality filters (`filter
 parts in the sources' order (`MergeDedup`) that datatrove's MinHash steps read back
 (`CleanedReader`); then, in one task, exact dedup and split (`DedupSplit`), which merges
 the shards back into the sources' order; then one task per split part tokenizes it
-(`TokenizePart`, which also counts documents per length bin). Every step streams documents one at a time: memory holds a document,
-a record batch or a chunk of documents being tokenized, never the corpus. Between
+(`TokenizePart`, which also counts documents per length bin). Every step streams
+documents one at a time: memory holds a document, a record batch, a chunk of documents
+being tokenized or a sorted run of digests (`dedup_runs.py`), never the corpus nor one
+entry per document, so it does not grow with the corpus (issue #16). Between
 stages documents live in JSON-lines files in the work directory, so each stage is a
 separate datatrove job whose tasks can run in any order and on any worker.
 
@@ -16,6 +18,7 @@ read back by `pipeline.py` into the manifest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -33,16 +36,22 @@ from datatrove.utils.logging import logger
 
 from scaletrain.data.clean import SPLITS, Skip, hash_uniform, normalize_text
 from scaletrain.data import shards
+from scaletrain.data.dedup_runs import FAN_IN, RUN_RECORDS, duplicate_positions
 from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
 
 CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task..."""
 
-CHUNK_TEXT_CHARS = 4 << 20
-"""...or fewer, once they hold this many characters: the ids of a chunk are Python
-lists (tens of bytes a token), so a chunk of 256 large files would hold hundreds of MB;
-bounded by characters, a tokenize task's memory does not depend on document sizes."""
+CHUNK_TEXT_CHARS = 1 << 20
+"""...or fewer, once they hold this many characters: a chunk's `Encoding`s and id lists
+take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
+MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
+tokenize task's memory does not depend on document sizes. 1M characters rather than
+4M: the peak of `prepare` with 2 workers fell by 84 MiB on 8 MB and 112 MiB on 64 MB
+(bench/results/prepare_stages.md); the ids do not depend on it (documents are encoded
+one by one), and one run each on this loaded machine showed no slow-down (64 MB: 220 s,
+305 s before), a noisy figure, not a throughput claim."""
 
 
 class QuietExecutor(LocalPipelineExecutor):
@@ -168,6 +177,23 @@ def _merged(work: Path, folder: str) -> Iterator[list]:
     return heapq.merge(*(_lines(p) for p in shards_), key=lambda r: (r[0], r[1]))
 
 
+def _first_copies(step: PipelineStep, work: Path, folder: str, run_records: int,
+                  fan_in: int) -> Iterator[list]:
+    """`_merged(work, folder)` without the documents whose text (sha256) came earlier
+    in it, each counted as a "duplicates" stat of `step`. Two passes over the shards:
+    the first finds the duplicates' positions on disk (`dedup_runs`), so memory does
+    not grow with the number of documents; JSON decoding is cheap beside tokenizing."""
+    dups = duplicate_positions((bytes.fromhex(r[3]) for r in _merged(work, folder)),
+                               work / f"dedup-{folder}", run_records, fan_in)
+    next_dup = next(dups, None)
+    for pos, r in enumerate(_merged(work, folder)):
+        if pos == next_dup:
+            step.stat_update("duplicates")
+            next_dup = next(dups, None)
+            continue
+        yield r
+
+
 class MergeDedup(PipelineStep):
     """`data.dedup = "minhash"`, first: exact dedup over the cleaned shards merged into
     the sources' order, written back as `<work>/merged/<n>.jsonl` parts of about
@@ -177,23 +203,17 @@ class MergeDedup(PipelineStep):
 
     name = "merge + exact dedup"
 
-    def __init__(self, work: str):
+    def __init__(self, work: str, run_records: int = RUN_RECORDS, fan_in: int = FAN_IN):
         super().__init__()
-        self.work = work
+        self.work, self.run_records, self.fan_in = work, run_records, fan_in
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        seen: set[bytes] = set()
         out = work / "merged"
         out.mkdir(parents=True, exist_ok=True)
         names, f, chars = [], None, shards.CHUNK_CHARS
-        for r in _merged(work, "clean"):
-            digest = bytes.fromhex(r[3])
-            if digest in seen:
-                self.stat_update("duplicates")
-                continue
-            seen.add(digest)
+        for r in _first_copies(self, work, "clean", self.run_records, self.fan_in):
             if chars >= shards.CHUNK_CHARS:
                 if f is not None:
                     f.close()
@@ -213,7 +233,9 @@ class DedupSplit(PipelineStep):
 
     The shards are merged back into (file, record) order, so "the first copy is kept"
     means what it did when one process read the files in sorted order. Memory holds
-    the set of digests seen (32 bytes a unique document), not the documents. The split
+    neither the documents nor their digests: the duplicates are found on disk, in
+    sorted runs of `run_records` (`dedup_runs.py`), so it does not grow with the corpus
+    (tests/unit/test_data_bounded.py). The split
     is `clean.split_documents`'s: by the digest, and an empty wanted split gets the
     smallest digest of the largest one. Writes `<work>/split/<split>-<n>.jsonl` parts of
     about `part_chars` characters, [source, sha256 hex, text] lines, and
@@ -223,23 +245,20 @@ class DedupSplit(PipelineStep):
     name = "dedup + split"
 
     def __init__(self, work: str, val_fraction: float, test_fraction: float,
-                 part_chars: int, folder: str = "clean"):
+                 part_chars: int, folder: str = "clean", run_records: int = RUN_RECORDS,
+                 fan_in: int = FAN_IN):
         super().__init__()
         self.work, self.val, self.test = work, val_fraction, test_fraction
         self.part_chars, self.folder = part_chars, folder
+        self.run_records, self.fan_in = run_records, fan_in  # dedup_runs.py
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0,
             world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work)
-        seen: set[bytes] = set()
         writers = {s: _PartWriter(work / "split", s, self.part_chars) for s in SPLITS}
-        for _file, _rec, src, h, text in _merged(work, self.folder):
-            digest = bytes.fromhex(h)
-            if digest in seen:
-                self.stat_update("duplicates")
-                continue
-            seen.add(digest)
-            u = hash_uniform(digest)
+        for _file, _rec, src, h, text in _first_copies(self, work, self.folder,
+                                                       self.run_records, self.fan_in):
+            u = hash_uniform(bytes.fromhex(h))
             s = "val" if u < self.val else "test" if u < self.val + self.test else "train"
             writers[s].write(src, h, text)
         for w in writers.values():
@@ -334,7 +353,7 @@ class TokenizePart(PipelineStep):
             # One of prep_workers processes: keep the library's own thread pool out of
             # it, or 2 workers would each start threads for every core.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        tok = Tokenizer.from_str(self.tokenizer_json)
+        tok = process_tokenizer(self.tokenizer_json)
         dtype = np.dtype(self.dtype)
         name = self.parts[rank]
         split = name.split("-")[0]
@@ -361,6 +380,17 @@ class TokenizePart(PipelineStep):
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             self.stat_update(f"tokens/{split}/src{src}", value=len(ids))
             self.stat_update(length_bin(len(ids)))
+
+
+@functools.lru_cache(maxsize=1)
+def process_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """The tokenizer of `tokenizer_json`, built once per worker process and reused by
+    every tokenize task the process runs (datatrove's local executor keeps its workers
+    for the whole job). Built per task, each `tokenizers.Tokenizer` left ~4 MB behind
+    once dropped (tokenizers 0.23.3, measured after gc and malloc_trim: 54 -> 59 -> 63
+    -> 67 MB over four 2 MB tasks), so a worker grew with its number of tasks, i.e. with
+    the corpus: ~250 MB a worker at 2 GB. One tokenizer stays flat."""
+    return Tokenizer.from_str(tokenizer_json)
 
 
 def length_bin(n_tokens: int) -> str:
