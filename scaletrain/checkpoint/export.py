@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.checkpoint import manifest as mf
 from scaletrain.checkpoint import run_model
 from scaletrain.checkpoint.hf_export import MAX_SHARD_BYTES, export_hf, parse_size
 from scaletrain.checkpoint.manager import CKPT_DIR, CheckpointManager  # + silences DCP's warning
@@ -51,6 +52,33 @@ def load_for_export(run_dir: Path, weights: str = "auto"):
     has_final = (run_dir / run_files.FINAL_WEIGHTS).is_file()
     if weights in ("final", "best") or (weights == "auto" and has_final):
         return run_model.load_model_from_run(run_dir, which="best" if weights == "best" else "final")
+    target = CheckpointManager._newest_valid(run_dir / CKPT_DIR, required=True)
+    return _checkpoint_model(cfg, run_dir, target[0], target[1])
+
+
+def checkpoint_run_dir(ckpt_dir: Path) -> Path:
+    """The run directory of a checkpoint RUN/checkpoints/step-N; CheckpointError for a
+    checkpoint that sits anywhere else (its config and tokenizer are the run's)."""
+    run_dir = ckpt_dir.resolve().parent.parent
+    if ckpt_dir.resolve().parent.name != CKPT_DIR or \
+            not (run_dir / run_files.CONFIG_FILE).is_file():
+        raise CheckpointError(f"'{ckpt_dir}' is a checkpoint outside a run directory (no "
+                              f"../../{run_files.CONFIG_FILE}): its model's config is unknown")
+    return run_dir
+
+
+def load_checkpoint(ckpt_dir: Path, overrides=()):
+    """(config, model in eval mode on CPU, tokenizer or None, step) of one checkpoint
+    RUN/checkpoints/step-N, verified against its manifest (any saved layout)."""
+    run_dir = checkpoint_run_dir(ckpt_dir)
+    manifest = mf.verify(ckpt_dir)  # CheckpointError naming a missing or corrupt file
+    cfg = run_model.load_run_config(run_dir, overrides)
+    return (*_checkpoint_model(cfg, run_dir, ckpt_dir, manifest), manifest["step"])
+
+
+def _checkpoint_model(cfg, run_dir: Path, path: Path, manifest: dict):
+    """(config, model, tokenizer or None): the run's model built from `cfg` and its
+    tokenizer, the tensors of the verified checkpoint `path`."""
     tok_path = run_dir / run_files.TOKENIZER_FILE
     tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
@@ -59,8 +87,7 @@ def load_for_export(run_dir: Path, weights: str = "auto"):
     f = cfg.finetune
     if f.lora_rank:  # its checkpoint holds the LoRA layers' names, base weights included
         apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_targets)
-    target = CheckpointManager._newest_valid(run_dir / CKPT_DIR, required=True)
-    load_model_from_checkpoint(model, target[0], target[1])
+    load_model_from_checkpoint(model, path, manifest)
     return cfg, model.eval(), tok
 
 

@@ -46,7 +46,8 @@ def cmd_eval(argv: list[str]) -> int:
                         "loss and accuracy are its eval records in metrics.jsonl (or pass "
                         "--train.objective=lm --data.source=TEXT)")
     # Encoded with the directory's own tokenizer, whatever the config's data says.
-    data = data_for_model(cfg, run_dir, tok, dict(overrides).get("data.tokenizer", ""))
+    home, _ = _home_and_step(Path(run_dir), args.weights)
+    data = data_for_model(cfg, home, tok, dict(overrides).get("data.tokenizer", ""))
     dataset = {"val": data.val, "test": data.test}[args.split]
     if dataset is None:
         raise UserError(f"data.{args.split}_fraction is 0: the run has no {args.split} split")
@@ -102,18 +103,32 @@ def _eval_tasks(args, overrides, run_dir) -> int:
                       batch_size=args.batch_size, decode=spec_of(cfg.model).decode)
     results = harness.run_tasks(lm, request, manager)
     metrics = harness.task_metrics(results)
-    step = _weights_step(Path(run_dir), args.weights)
-    path = harness.write_results(Path(run_dir), {
-        "model_dir": str(Path(run_dir).resolve()), "weights": args.weights, "step": step,
-        "tasks": list(tasks), "metrics": metrics, **results})
-    if (Path(run_dir) / "config.toml").is_file():  # a run: its own tracker runs
-        for sink in tracker_sinks(cfg.metrics, Path(run_dir), to_dict(cfg)):
+    home, step = _home_and_step(Path(run_dir), args.weights)
+    checkpoint = home != Path(run_dir)
+    path = harness.write_results(home, {
+        "model_dir": str(Path(run_dir).resolve()), "step": step, "tasks": list(tasks),
+        "weights": "checkpoint" if checkpoint else args.weights, "metrics": metrics,
+        **results})
+    if (home / "config.toml").is_file():  # a run (or its checkpoint): the run's trackers
+        for sink in tracker_sinks(cfg.metrics, home, to_dict(cfg)):
             sink.write(harness.tracker_record(metrics, step))
             sink.close()
     for task, values in metrics.items():
         print(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
     print(f"results -> {path}")
     return 0
+
+
+def _home_and_step(model_dir: Path, which: str) -> tuple[Path, int]:
+    """Where results go and the step the weights are from: a checkpoint
+    RUN/checkpoints/step-N reports into its run at its own step; any other directory
+    into itself, at the step of its `which` weights."""
+    from scaletrain.checkpoint.export import checkpoint_run_dir  # lazy (package note)
+    from scaletrain.checkpoint.manifest import MANIFEST, read_manifest
+
+    if (model_dir / MANIFEST).is_file():
+        return checkpoint_run_dir(model_dir), read_manifest(model_dir)["step"]
+    return model_dir, _weights_step(model_dir, which)
 
 
 def _weights_step(run_dir: Path, which: str) -> int:

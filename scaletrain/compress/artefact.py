@@ -22,7 +22,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from scaletrain.checkpoint.export import load_checkpoint
 from scaletrain.checkpoint.files import save_safetensors
+from scaletrain.checkpoint.manifest import MANIFEST
 from scaletrain.checkpoint.run_model import load_model_from_run, load_run_config
 from scaletrain.compress.prune import shrink_to
 from scaletrain.compress.quantize import load_quantized
@@ -83,6 +85,9 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"'{d}' is not a directory")
+    if (d / MANIFEST).is_file():  # RUN/checkpoints/step-N: the run's model, its tensors
+        cfg, model, tok, _ = load_checkpoint(d, overrides)
+        return cfg, model.to(device), tok
     meta = read_meta(d)
     if meta is None:
         if hf_import.is_hf_dir(d) and not (d / "config.toml").is_file():
