@@ -33,7 +33,6 @@ from scaletrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlann
                                              safe_unpickle_metadata)
 from scaletrain.config import run_files
 from scaletrain.config.load import dumps_toml, parse_overrides
-from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import CheckpointError, ConfigError
 from scaletrain.finetune.lora import apply_lora, merge_lora_run
 from scaletrain.models import build_model
@@ -79,8 +78,7 @@ def load_checkpoint(ckpt_dir: Path, overrides=()):
 def _checkpoint_model(cfg, run_dir: Path, path: Path, manifest: dict):
     """(config, model, tokenizer or None): the run's model built from `cfg` and its
     tokenizer, the tensors of the verified checkpoint `path`."""
-    tok_path = run_dir / run_files.TOKENIZER_FILE
-    tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
+    tok = run_model.load_own_tokenizer(run_dir, cfg)
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
     model = build_model(cfg.model, facts, seed=cfg.train.seed)

@@ -73,12 +73,24 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
     return build_config(None, list(overrides), base=saved)
 
 
+def load_own_tokenizer(d: Path, cfg: Config) -> Tokenizer | None:
+    """The directory's tokenizer.json; None for an image model. A text model's weights
+    without the tokenizer they were trained with are refused (CheckpointError, one line)
+    rather than built with an empty vocabulary."""
+    if (d / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(d / TOKENIZER_FILE)
+    if spec_of(cfg.model).kind == "text":
+        raise CheckpointError(f"'{d}' has no {TOKENIZER_FILE}: a text model's weights need "
+                              "the tokenizer they were trained with (copy it back beside them)")
+    return None
+
+
 def load_model_from_run(run_dir: str | Path, overrides=(), which: str = "best",
                         device: str | torch.device = "cpu"):
     """(config, model with trained weights in eval mode, tokenizer or None) of a run."""
     d = Path(run_dir)
     cfg = load_run_config(d, overrides)
-    tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    tok = load_own_tokenizer(d, cfg)
     facts = {"vocab_size": tok.vocab_size if tok else 0, "input_shape": (1, 8, 8),
              "num_classes": 10}
     # load_weights (and a LoRA run's base, load_into) writes every tensor or refuses

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from scaletrain.checkpoint.export import load_checkpoint
 from scaletrain.checkpoint.files import save_safetensors
 from scaletrain.checkpoint.manifest import MANIFEST
-from scaletrain.checkpoint.run_model import load_model_from_run, load_run_config
+from scaletrain.checkpoint.run_model import (load_model_from_run, load_own_tokenizer,
+                                             load_run_config)
 from scaletrain.compress.prune import shrink_to
 from scaletrain.compress.quantize import load_quantized
 from scaletrain.config import build_config, dumps_toml
@@ -94,7 +95,7 @@ def load_artefact(path: str | os.PathLike, overrides=(), which: str = "best",
             return _load_hf(d, overrides, device)
         return load_model_from_run(d, overrides, which=which, device=device)
     cfg = load_run_config(d, overrides)
-    tok = Tokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    tok = load_own_tokenizer(d, cfg)
     kind = meta["kind"]
     # Dense and structured weights go through load_into, which writes every tensor or
     # refuses: the random init would only be overwritten. A quantized artefact's loader

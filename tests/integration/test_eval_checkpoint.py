@@ -73,3 +73,15 @@ def test_a_corrupt_or_orphaned_checkpoint_is_one_line(run, tmp_path):
     shard = next(p for p in sorted(bad.rglob("*.distcp")))
     shard.write_bytes(shard.read_bytes()[:-8])
     one_error_line(run_cli("eval", str(bad)), str(shard), "truncated")
+
+
+def test_text_weights_without_their_tokenizer_are_one_line(run, tmp_path):
+    """A safetensors export whose tokenizer.json went missing: one line naming the
+    directory for eval and generate (it was a size-mismatch traceback: the model was
+    built with an empty vocabulary)."""
+    out = tmp_path / "st"
+    proc = run_cli("export", str(run), "--format", "safetensors", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "tokenizer.json").unlink()
+    for cmd in ("eval", "generate"):
+        one_error_line(run_cli(cmd, str(out)), str(out), "has no tokenizer.json")
