@@ -14,7 +14,7 @@ PS = ["--parallel.mode=ps"]
 # A value of each refused field that PS would ignore (neither its default nor "off").
 REFUSED_VALUE = {
     "train.compile": "true", "train.grad_clip_value": "0.5", "train.host_reads": "lagged",
-    "train.malloc_mmap_threshold_mib": "64", "data.loader_workers": "2",
+    "data.loader_workers": "2",
     "data.mixture": '[{source = "python-stdlib", weight = 1}]',
     "optim.lr_scaling": "linear", "schedule.name": "plateau", "schedule.epoch_steps": "0",
     "checkpoint.async_save": "true",
