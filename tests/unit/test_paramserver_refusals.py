@@ -46,6 +46,8 @@ def test_ps_refuses_the_field(field, tmp_path):
     ("faults.max_consecutive", "3"), ("faults.rollback_lr_factor", "0.5"),
     ("checkpoint.on_signal", "false"), ("schedule.name", "cosine"),
     ("train.compile", "false"), ("train.grad_clip", "0.5"), ("eval.test_batches", "2"),
+    # PS's processes tune glibc's allocator as the Trainer does (default 256, issue 19)
+    ("train.malloc_mmap_threshold_mib", "0"), ("train.malloc_mmap_threshold_mib", "64"),
 ])
 def test_ps_accepts_what_it_does(field, value, tmp_path):
     """Values that say what PS does (off switches, the defaults, fields it reads)."""
