@@ -20,7 +20,9 @@ MiB; the other rows of bench/plan_accuracy.py have none: their predictions are t
 with and without it, `--predict-only`), measured 2026-12-03 on this machine (AMD EPYC) by
 `bench/plan_accuracy.py --with-1b --only 125m-bf16,125m-fp32-fused,125m-pure-sgd,1b
 --extra=--train.malloc_mmap_threshold_mib=256`: 125m-bf16 +1.4%, 125m-fp32-fused -10.8%,
-125m-pure-sgd -14.4%. The 1b row (predicted 18,158 MiB with it, 17,236 without) was
+125m-pure-sgd -14.4% (with `=0`, the same three rows: -1.1%, -11.5%, -11.1%; the
+pure-sgd row's measured peak rises 71 MiB with it, the plan's prediction falls 16 MiB:
+the model's weakest row for this setting). The 1b row (predicted 18,158 MiB with it, 17,236 without) was
 OOM-killed at 16.9 GB RSS beside the other sessions' processes on this shared machine:
 still to be measured with ~20 GB free. Only on Linux with glibc, and only on CPU devices (a GPU
 run's large tensors are in device memory); the parameter server's processes tune it too.
