@@ -24,8 +24,10 @@ Its kernel is each one's default: scaletrain's `optim.implementation = "auto"` r
 torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-parameter
 loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
 peers the fused kernel too, which isolates what the rest of the loop costs.
-`--scaletrain-malloc-mib 256` runs scaletrain with `train.malloc_mmap_threshold_mib=256`
-(large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py).
+scaletrain runs with its defaults, `train.malloc_mmap_threshold_mib = 256` among them
+(large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py);
+`--scaletrain-malloc-mib 0` runs it with glibc's allocator defaults instead, the
+setting the peers run with (results stored apart, "+malloc0").
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far. `--loops llama_loops
@@ -115,7 +117,8 @@ def build_cfg(args, name: str):
     if name not in ("scaletrain", A_A):  # scaletrain keeps its default kernel ("auto")
         over.append(("optim.implementation", args.peer_optim))
     else:
-        over.append(("train.malloc_mmap_threshold_mib", str(args.scaletrain_malloc_mib)))
+        if args.scaletrain_malloc_mib is not None:  # None: scaletrain's default
+            over.append(("train.malloc_mmap_threshold_mib", str(args.scaletrain_malloc_mib)))
         if args.mode == "best":  # one process: the whole forward + loss as one graph
             over.append(("train.compile_scope", "model"))
     return build_config(args.config, over)
@@ -253,7 +256,11 @@ def summarise(args, workers, missing, vers) -> dict:
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "loss_end": w.losses[-1]})
     return {"mode": args.mode, "peer_optim": args.peer_optim,
-            "scaletrain_malloc_mib": args.scaletrain_malloc_mib, "config": args.config,
+            # the value scaletrain ran with; "explicit": set by --scaletrain-malloc-mib
+            "scaletrain_malloc_mib": build_cfg(args, "scaletrain").train
+            .malloc_mmap_threshold_mib,
+            "scaletrain_malloc_explicit": args.scaletrain_malloc_mib is not None,
+            "config": args.config,
             "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -265,13 +272,16 @@ MODE_TEXT = {"fp32": "fp32 eager", "best": "bf16 autocast + compile"}
 
 def _key(args) -> str:
     key = args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
-    return key + (f"+malloc{args.scaletrain_malloc_mib}" if args.scaletrain_malloc_mib else "")
+    mib = args.scaletrain_malloc_mib
+    return key + ("" if mib is None else f"+malloc{mib}")
 
 
 def _mode_text(res: dict) -> str:
     peer, mib = res.get("peer_optim", "foreach"), res.get("scaletrain_malloc_mib", 0)
     return (MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
-            + (f", scaletrain malloc {mib} MiB" if mib else ""))
+            # results stored before 256 became the default: a non-zero value was explicit
+            + (f", scaletrain malloc {mib} MiB" if res.get("scaletrain_malloc_explicit",
+                                                          mib != 0) else ""))
 
 
 def table(results: dict) -> str:
@@ -320,8 +330,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--peer-optim", choices=("foreach", "fused"), default="foreach",
                     help="the peers' AdamW kernel (scaletrain keeps its default, fused)")
-    ap.add_argument("--scaletrain-malloc-mib", type=int, default=0,
-                    help="scaletrain's train.malloc_mmap_threshold_mib (0: glibc's default)")
+    ap.add_argument("--scaletrain-malloc-mib", type=int, default=None,
+                    help="scaletrain's train.malloc_mmap_threshold_mib (default: "
+                    "scaletrain's default; 0: glibc's defaults, as the peers run)")
     args = ap.parse_args()
     args.steps = args.steps or {"fp32": 2, "best": 4}[args.mode]
     args.rounds = args.rounds or {"fp32": 15, "best": 12}[args.mode]

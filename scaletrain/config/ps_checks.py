@@ -36,8 +36,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
                               ()),
     "train.host_reads": ("the coordinator reads every push's loss at once",
                          ("every-step",)),
-    "train.malloc_mmap_threshold_mib": ("only the spmd trainer tunes glibc's allocator",
-                                        ()),
     "data.loader_workers": ("the workers read their batches in the loop", ()),
     # Issue 16: the PS train records would lack tokens_by_source (each worker's sampler
     # counts only its own pushes, and async/dropped pushes make their sum not the

@@ -39,6 +39,7 @@ from scaletrain.paramserver import server, stop, transport
 from scaletrain.paramserver.sharding import assign_shards
 from scaletrain.paramserver.worker import Worker
 from scaletrain.parallel.compile import head_computes_loss
+from scaletrain.plan.malloc import tune_malloc
 from scaletrain.precision import PrecisionPolicy
 from scaletrain.train.faults import FaultMonitor
 from scaletrain.train.recorder import RunRecorder
@@ -63,6 +64,8 @@ def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
     n_workers = rt.world - n_servers
     is_server = rt.rank < n_servers
     device = torch.device("cpu") if is_server else rt.device  # shards live in host memory
+    if device.type == "cpu":  # before the model and data are allocated, as the Trainer
+        tune_malloc(cfg.train.malloc_mmap_threshold_mib)
     policy = PrecisionPolicy(cfg.precision.dtype, device)
     data = build_data(cfg, progress=False)
     seed_everything(cfg.train.seed)

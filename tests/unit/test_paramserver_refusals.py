@@ -14,7 +14,7 @@ PS = ["--parallel.mode=ps"]
 # A value of each refused field that PS would ignore (neither its default nor "off").
 REFUSED_VALUE = {
     "train.compile": "true", "train.grad_clip_value": "0.5", "train.host_reads": "lagged",
-    "train.malloc_mmap_threshold_mib": "64", "data.loader_workers": "2",
+    "data.loader_workers": "2",
     "data.mixture": '[{source = "python-stdlib", weight = 1}]',
     "optim.lr_scaling": "linear", "schedule.name": "plateau", "schedule.epoch_steps": "0",
     "checkpoint.async_save": "true",
@@ -46,6 +46,8 @@ def test_ps_refuses_the_field(field, tmp_path):
     ("faults.max_consecutive", "3"), ("faults.rollback_lr_factor", "0.5"),
     ("checkpoint.on_signal", "false"), ("schedule.name", "cosine"),
     ("train.compile", "false"), ("train.grad_clip", "0.5"), ("eval.test_batches", "2"),
+    # PS's processes tune glibc's allocator as the Trainer does (default 256, issue 19)
+    ("train.malloc_mmap_threshold_mib", "0"), ("train.malloc_mmap_threshold_mib", "64"),
 ])
 def test_ps_accepts_what_it_does(field, value, tmp_path):
     """Values that say what PS does (off switches, the defaults, fields it reads)."""
