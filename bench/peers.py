@@ -24,10 +24,10 @@ Its kernel is each one's default: scaletrain's `optim.implementation = "auto"` r
 torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-parameter
 loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
 peers the fused kernel too, which isolates what the rest of the loop costs.
-scaletrain runs with its defaults, `train.malloc_mmap_threshold_mib = 256` among them
-(large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py);
-`--scaletrain-malloc-mib 0` runs it with glibc's allocator defaults instead, the
-setting the peers run with (results stored apart, "+malloc0").
+scaletrain runs with its defaults (`train.malloc_mmap_threshold_mib = 0`: glibc's
+allocator, as the peers run); `--scaletrain-malloc-mib 256` runs it with large tensors
+reusing heap pages instead of page-faulting every step (plan/malloc.py), and
+`--scaletrain-malloc-mib 0` says the default explicitly (results stored apart, "+mallocN").
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far. `--loops llama_loops
