@@ -26,6 +26,8 @@ loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` giv
 peers the fused kernel too, which isolates what the rest of the loop costs.
 `--scaletrain-malloc-mib 256` runs scaletrain with `train.malloc_mmap_threshold_mib=256`
 (large tensors reuse heap pages instead of page-faulting every step; plan/malloc.py).
+`--scaletrain-set KEY=VALUE` (repeatable) is any other scaletrain-only setting, e.g.
+`model.loss_chunks=8` (the head + loss chunk by chunk; models/chunked_loss.py).
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far. `--loops llama_loops
@@ -50,6 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from scaletrain.errors import ConfigError  # noqa: E402 (after the path set-up above)
 
 MODES = {  # mode -> config overrides
     "fp32": [("precision.dtype", "fp32"), ("train.compile", "false")],
@@ -116,6 +120,7 @@ def build_cfg(args, name: str):
         over.append(("optim.implementation", args.peer_optim))
     else:
         over.append(("train.malloc_mmap_threshold_mib", str(args.scaletrain_malloc_mib)))
+        over += [tuple(kv.split("=", 1)) for kv in args.scaletrain_set]
         if args.mode == "best":  # one process: the whole forward + loss as one graph
             over.append(("train.compile_scope", "model"))
     return build_config(args.config, over)
@@ -253,7 +258,8 @@ def summarise(args, workers, missing, vers) -> dict:
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "loss_end": w.losses[-1]})
     return {"mode": args.mode, "peer_optim": args.peer_optim,
-            "scaletrain_malloc_mib": args.scaletrain_malloc_mib, "config": args.config,
+            "scaletrain_malloc_mib": args.scaletrain_malloc_mib,
+            "scaletrain_set": args.scaletrain_set, "config": args.config,
             "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -265,13 +271,15 @@ MODE_TEXT = {"fp32": "fp32 eager", "best": "bf16 autocast + compile"}
 
 def _key(args) -> str:
     key = args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
-    return key + (f"+malloc{args.scaletrain_malloc_mib}" if args.scaletrain_malloc_mib else "")
+    key += f"+malloc{args.scaletrain_malloc_mib}" if args.scaletrain_malloc_mib else ""
+    return key + "".join(f"+{kv}" for kv in args.scaletrain_set)
 
 
 def _mode_text(res: dict) -> str:
     peer, mib = res.get("peer_optim", "foreach"), res.get("scaletrain_malloc_mib", 0)
     return (MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
-            + (f", scaletrain malloc {mib} MiB" if mib else ""))
+            + (f", scaletrain malloc {mib} MiB" if mib else "")
+            + "".join(f", scaletrain {kv}" for kv in res.get("scaletrain_set", [])))
 
 
 def table(results: dict) -> str:
@@ -322,10 +330,21 @@ def main() -> None:
                     help="the peers' AdamW kernel (scaletrain keeps its default, fused)")
     ap.add_argument("--scaletrain-malloc-mib", type=int, default=0,
                     help="scaletrain's train.malloc_mmap_threshold_mib (0: glibc's default)")
+    ap.add_argument("--scaletrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the scaletrain workers only (repeatable), "
+                    "e.g. model.loss_chunks=8: a scaletrain setting the peers have no "
+                    "counterpart of")
     args = ap.parse_args()
+    bad = [kv for kv in args.scaletrain_set if "=" not in kv or kv.startswith("=")]
+    if bad:  # before any worker starts
+        ap.error(f"--scaletrain-set {bad[0]!r}: expected KEY=VALUE")
     args.steps = args.steps or {"fp32": 2, "best": 4}[args.mode]
     args.rounds = args.rounds or {"fp32": 15, "best": 12}[args.mode]
     os.chdir(ROOT)  # config paths and data/prepared are relative to the repo
+    try:  # a bad --config / --scaletrain-set ends here, not in a worker
+        build_cfg(args, "scaletrain")
+    except ConfigError as e:
+        ap.error(str(e))
     # SIGTERM (timeout, kill): unwind through run()'s `finally`, which ends the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"peers, mode {args.mode}: {args.config}, micro-batch {args.micro_batch} x seq "
