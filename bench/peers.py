@@ -28,6 +28,8 @@ scaletrain runs with its defaults (`train.malloc_mmap_threshold_mib = 0`: glibc'
 allocator, as the peers run); `--scaletrain-malloc-mib 256` runs it with large tensors
 reusing heap pages instead of page-faulting every step (plan/malloc.py), and
 `--scaletrain-malloc-mib 0` says the default explicitly (results stored apart, "+mallocN").
+`--scaletrain-set KEY=VALUE` (repeatable) is any other scaletrain-only setting, e.g.
+`model.loss_chunks=8` (the head + loss chunk by chunk; models/chunked_loss.py).
 
 Results accumulate per mode (and peer kernel) in bench/results/peers.json;
 bench/results/peers.md is the table of every mode measured so far. `--loops llama_loops
@@ -52,6 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from scaletrain.errors import ConfigError  # noqa: E402 (after the path set-up above)
 
 MODES = {  # mode -> config overrides
     "fp32": [("precision.dtype", "fp32"), ("train.compile", "false")],
@@ -119,6 +123,7 @@ def build_cfg(args, name: str):
     else:
         if args.scaletrain_malloc_mib is not None:  # None: scaletrain's default
             over.append(("train.malloc_mmap_threshold_mib", str(args.scaletrain_malloc_mib)))
+        over += [tuple(kv.split("=", 1)) for kv in args.scaletrain_set]
         if args.mode == "best":  # one process: the whole forward + loss as one graph
             over.append(("train.compile_scope", "model"))
     return build_config(args.config, over)
@@ -260,7 +265,7 @@ def summarise(args, workers, missing, vers) -> dict:
             "scaletrain_malloc_mib": build_cfg(args, "scaletrain").train
             .malloc_mmap_threshold_mib,
             "scaletrain_malloc_explicit": args.scaletrain_malloc_mib is not None,
-            "config": args.config,
+            "scaletrain_set": args.scaletrain_set, "config": args.config,
             "micro_batch": args.micro_batch,
             "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -273,15 +278,17 @@ MODE_TEXT = {"fp32": "fp32 eager", "best": "bf16 autocast + compile"}
 def _key(args) -> str:
     key = args.mode if args.peer_optim == "foreach" else f"{args.mode}+peers-{args.peer_optim}"
     mib = args.scaletrain_malloc_mib
-    return key + ("" if mib is None else f"+malloc{mib}")
+    key += "" if mib is None else f"+malloc{mib}"
+    return key + "".join(f"+{kv}" for kv in args.scaletrain_set)
 
 
 def _mode_text(res: dict) -> str:
     peer, mib = res.get("peer_optim", "foreach"), res.get("scaletrain_malloc_mib", 0)
     return (MODE_TEXT[res["mode"]] + ("" if peer == "foreach" else f", peers {peer} AdamW")
-            # results stored before 256 became the default: a non-zero value was explicit
+            # results stored before the explicit flag: a non-zero value was explicit
             + (f", scaletrain malloc {mib} MiB" if res.get("scaletrain_malloc_explicit",
-                                                          mib != 0) else ""))
+                                                          mib != 0) else "")
+            + "".join(f", scaletrain {kv}" for kv in res.get("scaletrain_set", [])))
 
 
 def table(results: dict) -> str:
@@ -333,10 +340,21 @@ def main() -> None:
     ap.add_argument("--scaletrain-malloc-mib", type=int, default=None,
                     help="scaletrain's train.malloc_mmap_threshold_mib (default: "
                     "scaletrain's default; 0: glibc's defaults, as the peers run)")
+    ap.add_argument("--scaletrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the scaletrain workers only (repeatable), "
+                    "e.g. model.loss_chunks=8: a scaletrain setting the peers have no "
+                    "counterpart of")
     args = ap.parse_args()
+    bad = [kv for kv in args.scaletrain_set if "=" not in kv or kv.startswith("=")]
+    if bad:  # before any worker starts
+        ap.error(f"--scaletrain-set {bad[0]!r}: expected KEY=VALUE")
     args.steps = args.steps or {"fp32": 2, "best": 4}[args.mode]
     args.rounds = args.rounds or {"fp32": 15, "best": 12}[args.mode]
     os.chdir(ROOT)  # config paths and data/prepared are relative to the repo
+    try:  # a bad --config / --scaletrain-set ends here, not in a worker
+        build_cfg(args, "scaletrain")
+    except ConfigError as e:
+        ap.error(str(e))
     # SIGTERM (timeout, kill): unwind through run()'s `finally`, which ends the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"peers, mode {args.mode}: {args.config}, micro-batch {args.micro_batch} x seq "
