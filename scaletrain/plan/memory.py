@@ -31,8 +31,13 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two. With model.loss_chunks = n
-  (models/chunked_loss.py) that holds for one chunk's micro·ceil(T/n) tokens only, and
-  the ln_f output is not kept (`logit_tokens`). Blocks are summed one by one
+  (models/chunked_loss.py) under TP (its checkpointed path) that holds for one chunk's
+  micro·ceil(T/n) tokens only, and the ln_f output is not kept (`logit_tokens`); the
+  fused path (no TP) holds the tensors chunked_loss.py `fused_buffer_bytes` lists
+  (`fused_head`): to the backward the input's and the weight's gradients (N·D·ab +
+  V·D·4 per in-flight micro-batch), during its forward one piece's logits (ab per
+  logit), a bounded fp32 block of them under autocast, the casts and the weight
+  gradient's update buffers. Blocks are summed one by one
   over the rank's blocks (`RankShape.blocks`): an MoE llama's dense and MoE blocks are
   measured apart (plan/activations.py `block_kinds`); the routed experts' parameters,
   gradients and optimizer state are in n (split over expert-parallel ranks by
@@ -81,6 +86,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.models.chunked_loss import fused_buffer_bytes
 from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
@@ -235,36 +241,43 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     # recomputed (parallel/ac.py kept_bytes, block by block: dense and MoE blocks differ)
     per_token = sum(p[m] for p, m in zip(per, modes))
     per_token += max((p["none"] for p, m in zip(per, modes) if m != "none"), default=0.0)
-    per_token += head_input_bytes(cfg, s, r, ab)  # ln_f input and what the head keeps
+    per_token += head_input_bytes(cfg, s, r, ab)  # ln_f input (and output, unchunked)
     total = per_token * s.tokens * s.in_flight
     # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
     # autocast caches the casts of leaf weights until the autocast context exits (the
     # end of the forward), so all of them are alive there (measured per block).
     total += sum(block_fixed_bytes(cfg, s.tp, device_type, i) for i in blocks)
-    if r != ab and s.has_head:
+    fused = fused_head(cfg, s)
+    if r != ab and s.has_head and fused is None:  # autocast's cached cast of the head
         total += ab * D * s.vocab_local
-    return total + fused_head_grad_bytes(cfg, s)
+    # the fused head's gradients, made in its forward, held to each micro-batch's backward
+    return total + (sum(fused[0].values()) * s.in_flight if fused else 0.0)
 
 
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
     """Per token, what the head keeps of its input: the final block's output (ln_f's
     input) and ln_f's output cast for the head's matmul; with model.loss_chunks
-    (models/chunked_loss.py) the fused path keeps the input's gradient made in the
-    forward instead of the cast (r bytes: ln_f's output dtype), the checkpointed path
-    (TP) views of the input only."""
+    (models/chunked_loss.py) the ln_f input only: the fused path's own tensors are
+    `fused_head`'s, the checkpointed path (TP) keeps views of the input."""
     D = cfg.model.d_model
     if not cfg.model.loss_chunks:
         return (r + ab) * D
-    return (2 * r if s.tp == 1 else r) * D
+    return r * D
 
 
-def fused_head_grad_bytes(cfg, s: RankShape) -> float:
-    """model.loss_chunks without TP (models/chunked_loss.py's fused Function): the head
-    weight's gradient, made in the forward (fp32; fp64 runs fp64) and held to the
-    backward; under TP the checkpointed path makes none."""
+def fused_head(cfg, s: RankShape) -> tuple[dict, dict] | None:
+    """model.loss_chunks without TP: the tensors of models/chunked_loss.py's fused
+    head + loss for one micro-batch, (held to the backward, alive in its forward only),
+    one entry per tensor (`fused_buffer_bytes`); None where the head does not take the
+    fused path (no chunks, no head on this rank, or TP's checkpointed path)."""
     if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
-        return 0.0
-    return (8 if cfg.precision.dtype == "fp64" else 4) * cfg.model.d_model * s.vocab_local
+        return None
+    pb, ab = dtype_bytes(cfg.precision.dtype)
+    # matmuls in ab (autocast's dtype, or the parameters'), cross-entropy in fp32 (fp64
+    # runs fp64), ln_f's output in the residual stream's dtype (pb: LayerNorm / RMSNorm
+    # run in fp32 under CPU autocast), the head weight a parameter (pb)
+    return fused_buffer_bytes(s.tokens, s.vocab_local, cfg.model.d_model,
+                              cfg.model.loss_chunks, ab, 8 if ab == 8 else 4, pb, pb)
 
 
 def logit_tokens(cfg, s: RankShape) -> int:
@@ -280,11 +293,16 @@ def logit_tokens(cfg, s: RankShape) -> int:
     return s.tokens * s.in_flight
 
 
-def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
-    """The logits and the fp32 cross-entropy temporaries (module doc)."""
+def head_bytes(cfg, s: RankShape, ab: int, grad: bool = True) -> float:
+    """The head's peak beyond what it keeps for the backward: the logits and the fp32
+    cross-entropy temporaries of `logit_tokens` (module doc), or the fused head's
+    forward-only tensors (`fused_head`)."""
     if not s.has_head:
         return 0.0
-    return tokens * s.vocab_local * (ab + (12 if grad else 8))
+    fused = fused_head(cfg, s)
+    if fused:
+        return sum(fused[1].values())
+    return logit_tokens(cfg, s) * s.vocab_local * (ab + (12 if grad else 8))
 
 
 def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
@@ -300,10 +318,14 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     numels = s.numels or (s.params,)
     full = s.full_numels or numels
     grads = c.per_param(numels, pb)
-    act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s)),
-                c.head(s, ab, logit_tokens(cfg, s), 3),
-                c.hm(fused_head_grad_bytes(cfg, s)),
-                c.hm(s.fsdp_gathered * ab))
+    fused = fused_head(cfg, s)
+    # the head: the fused path's tensors one by one (its gradients per in-flight
+    # micro-batch), else the logits + 3 fp32 cross-entropy temporaries
+    head = (c.add(*(c.hm(b, s.in_flight) for b in fused[0].values()),
+                  *(c.hm(b) for b in fused[1].values())) if fused
+            else c.head(s, ab, logit_tokens(cfg, s), 3))
+    act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s), fused is not None),
+                head, c.hm(s.fsdp_gathered * ab))
     if accumulating:
         act = (act[0] * CPU_ACCUM_FACTOR, act[1])
         if s.tp > 1:
@@ -360,7 +382,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
         # in host memory; the device holds the gathered blocks and the activations.
         masters = opt_state = weights = buckets = static = grads = 0.0
     act = activation_bytes(cfg, s, r, ab, device_type) + s.fsdp_gathered * ab
-    head = head_bytes(s, ab, logit_tokens(cfg, s))
+    head = head_bytes(cfg, s, ab)
     fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
     fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
     step_grads = n * 4 if masters else grads  # cast to fp32 for the masters
