@@ -81,7 +81,7 @@ CASES = {  # name -> (world, overrides)
     "moe-tiny-bf16": (1, MOE + ["--train.micro_batch_size=8"]),
     "moe-tiny-fp32": (1, MOE + ["--train.micro_batch_size=16", "--precision.dtype=fp32",
                                 "--model.moe_router=sigmoid_bias"]),
-    "128k-fp32": (1, V128K + ["--precision.dtype=fp32"]),
+    "128k-fp32": (1, V128K + ["--precision.dtype=fp32", "--model.loss_chunks=0"]),
     "128k-fp32-chunked": (1, V128K + ["--precision.dtype=fp32", "--model.loss_chunks=8"]),
     "128k-bf16-chunked": (1, V128K + ["--model.loss_chunks=8"]),
     "1b": (1, ["--config", "configs/gpt-1b.toml", "--model.seq_len=64",
