@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.precision import dtype_bytes
 
 
 def chunked_head_loss(norm: Callable[[torch.Tensor], torch.Tensor],
@@ -195,6 +196,23 @@ def fused_buffer_bytes(rows: int, vocab: int, d_model: int, chunks: int,
     if cb != weight_bytes:
         work["weight_cast"] = V * D * cb  # w = weight.to(cdt)
     return kept, work
+
+
+def fused_head_tensors(precision: str, rows: int, vocab: float, d_model: int,
+                       chunks: int) -> tuple[dict[str, float], dict[str, float]]:
+    """`fused_buffer_bytes` of a run in precision.dtype `precision`: matmuls in its
+    compute dtype (autocast's, or the parameters'), cross-entropy in fp32 (fp64 runs
+    fp64), the normed input in the residual stream's dtype (the parameters': LayerNorm
+    and RMSNorm run in fp32 under CPU autocast), the head weight a parameter."""
+    pb, ab = dtype_bytes(precision)
+    return fused_buffer_bytes(rows, vocab, d_model, chunks, ab, 8 if ab == 8 else 4, pb, pb)
+
+
+def unchunked_head_bytes(precision: str, rows: int, vocab: float) -> float:
+    """The unchunked head's logits and fp32 cross-entropy temporaries at their peak,
+    V x (ab + 12) per token (plan/memory.py's module doc: the logits, log_softmax's
+    output, the incoming and the outgoing fp32 gradient)."""
+    return rows * vocab * (dtype_bytes(precision)[1] + 12)
 
 
 def _softmax_minus_onehot(z, y, keep, x_buf, cols, grads: bool) -> torch.Tensor:

@@ -86,13 +86,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.config.batch_plan import batch_plan
-from scaletrain.models.chunked_loss import fused_buffer_bytes
+from scaletrain.models.chunked_loss import fused_head_tensors
 from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
 from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm, ...
 from scaletrain.plan.activations import block_activations, block_kinds
 from scaletrain.plan.malloc import mmap_threshold_bytes
+from scaletrain.precision import dtype_bytes  # noqa: F401  (plan's callers import it here)
 
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
@@ -140,12 +141,6 @@ class RankShape:
 def rank_blocks(s: RankShape) -> tuple[int, ...]:
     """The model indices of the blocks on this rank (RankShape.blocks)."""
     return tuple(s.blocks) or (0,) * s.layers
-
-
-def dtype_bytes(precision: str) -> tuple[int, int]:
-    """(parameter bytes, compute/activation bytes) of a precision.dtype."""
-    return {"fp32": (4, 4), "fp64": (8, 8), "bf16": (4, 2), "fp16": (4, 2),
-            "bf16-pure": (2, 2)}[precision]
 
 
 def optimizer_state_bytes(cfg, n: float) -> float:
@@ -272,12 +267,8 @@ def fused_head(cfg, s: RankShape) -> tuple[dict, dict] | None:
     fused path (no chunks, no head on this rank, or TP's checkpointed path)."""
     if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
         return None
-    pb, ab = dtype_bytes(cfg.precision.dtype)
-    # matmuls in ab (autocast's dtype, or the parameters'), cross-entropy in fp32 (fp64
-    # runs fp64), ln_f's output in the residual stream's dtype (pb: LayerNorm / RMSNorm
-    # run in fp32 under CPU autocast), the head weight a parameter (pb)
-    return fused_buffer_bytes(s.tokens, s.vocab_local, cfg.model.d_model,
-                              cfg.model.loss_chunks, ab, 8 if ab == 8 else 4, pb, pb)
+    return fused_head_tensors(cfg.precision.dtype, s.tokens, s.vocab_local,
+                              cfg.model.d_model, cfg.model.loss_chunks)
 
 
 def logit_tokens(cfg, s: RankShape) -> int:

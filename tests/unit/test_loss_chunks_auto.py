@@ -1,6 +1,6 @@
 """model.loss_chunks = -1 (the default): chunked where one micro-batch's fp32 logits reach
-32 MiB, on the fused path only (models/loss_chunks_auto.py), and `plan` counts what the
-run resolves."""
+32 MiB and the fused head holds at most half the unchunked head's bytes, on the fused
+path only (models/loss_chunks_auto.py), and `plan` counts what the run resolves."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def test_default_is_auto():
 def test_auto_chunks_from_32_mib_of_logits(micro, expected):
     # 8 x 64 x 16384 x 4 B = 32 MiB exactly: chunked; 7 samples (28 MiB) are not
     assert resolve_loss_chunks(cfg_of(), "text", V, micro, tp=1) == expected
+
+
+def test_auto_stays_whole_where_the_fused_buffers_rival_the_logits():
+    # D 1024, 512 tokens, bf16: the fused head's (V, D) weight gradient (64 MiB fp32),
+    # its bf16 product (32) and fp32 copy (64) and the weight's cast (32) exceed half of
+    # the unchunked 512 x 16384 x (2 + 12) B = 112 MiB, though the logits reach 32 MiB
+    cfg = cfg_of("model.d_model=1024", "precision.dtype=bf16")
+    assert resolve_loss_chunks(cfg, "text", V, 8, tp=1) == 0
+    assert resolve_loss_chunks(cfg_of("precision.dtype=bf16"), "text", V, 8, tp=1) == 8
 
 
 def test_auto_never_more_chunks_than_positions():
