@@ -82,7 +82,7 @@ def activations(cfg, s, r: int, ab: int, modes: list[str],
     recomputed = [block("none", i) for i, m in zip(layers, modes) if m != "none"]
     recompute = max(recomputed, key=sum, default=(0.0, 0.0))
     # + ln_f in/out (chunked: the input only, memory.py head_input_bytes)
-    ln_out = (0 if cfg.model.loss_chunks else ab) * toks * D
+    ln_out = (0 if cfg.model.loss_chunks > 0 else ab) * toks * D
     out = add(kept, recompute, hm(toks * r * D), hm(ln_out))
     # autocast weight casts, cached to the end of the forward (memory.py)
     for i in layers:

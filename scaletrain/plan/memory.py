@@ -249,13 +249,20 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     return total + (sum(fused[0].values()) * s.in_flight if fused else 0.0)
 
 
+def chunks(cfg) -> int:
+    """model.loss_chunks as plan/report.py `plan` resolved it; an unresolved auto (-1,
+    a caller of these functions that skipped `plan`) counts as the whole logits, as a
+    model built outside a run takes it (models/registry.py `built_chunks`)."""
+    return max(0, cfg.model.loss_chunks)
+
+
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
     """Per token, what the head keeps of its input: the final block's output (ln_f's
     input) and ln_f's output cast for the head's matmul; with model.loss_chunks
     (models/chunked_loss.py) the ln_f input only: the fused path's own tensors are
     `fused_head`'s, the checkpointed path (TP) keeps views of the input."""
     D = cfg.model.d_model
-    if not cfg.model.loss_chunks:
+    if chunks(cfg) == 0:
         return (r + ab) * D
     return r * D
 
@@ -265,7 +272,7 @@ def fused_head(cfg, s: RankShape) -> tuple[dict, dict] | None:
     head + loss for one micro-batch, (held to the backward, alive in its forward only),
     one entry per tensor (`fused_buffer_bytes`); None where the head does not take the
     fused path (no chunks, no head on this rank, or TP's checkpointed path)."""
-    if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
+    if not (chunks(cfg) and s.has_head and s.tp == 1):
         return None
     return fused_head_tensors(cfg.precision.dtype, s.tokens, s.vocab_local,
                               cfg.model.d_model, cfg.model.loss_chunks)
@@ -277,7 +284,7 @@ def logit_tokens(cfg, s: RankShape) -> int:
     micro-batch's output until the loss); with model.loss_chunks = n one chunk's, micro x
     ceil(seq_len / n), whatever the pipeline (its last stage computes the loss in its
     forward and keeps no logits: models/chunked_loss.py)."""
-    n = cfg.model.loss_chunks
+    n = chunks(cfg)
     if n:
         T = cfg.model.seq_len
         return max(1, s.tokens // T) * -(-T // min(n, T))
