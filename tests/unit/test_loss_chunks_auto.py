@@ -1,4 +1,4 @@
-"""model.loss_chunks = -1 (the default): chunked where one micro-batch's fp32 logits reach
+"""model.loss_chunks = -1 (auto): chunked where one micro-batch's fp32 logits reach
 32 MiB and the fused head holds at most half the unchunked head's bytes, on the fused
 path only (models/loss_chunks_auto.py), and `plan` counts what the run resolves."""
 
@@ -18,10 +18,12 @@ V = 16384
 
 
 def cfg_of(*extra: str):
-    return build_config(None, [tuple(a.split("=", 1)) for a in (*SHAPE, *extra)])
+    return build_config(None, [tuple(a.split("=", 1)) for a in
+                               (*SHAPE, "model.loss_chunks=-1", *extra)])
 
 
-def test_default_is_auto():
+def test_auto_is_opt_in():
+    assert build_config(None, []).model.loss_chunks == 0
     assert cfg_of().model.loss_chunks == AUTO
 
 
@@ -63,7 +65,7 @@ def test_an_explicit_value_is_kept(n):
 
 @pytest.mark.parametrize("micro,chunks", [(8, 8), (4, 0)])
 def test_plan_counts_what_auto_resolves(micro, chunks):
-    """The default's plan is the plan of the value the run resolves, byte for byte."""
+    """Auto's plan is the plan of the value the run resolves, byte for byte."""
     batch = [f"train.batch_size={micro}", f"train.micro_batch_size={micro}"]
     one = ParallelDims(1, 1, 1, 1, 1)
     auto = plan(cfg_of(*batch), one, V)
