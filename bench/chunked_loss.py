@@ -4,8 +4,10 @@
    128256) and 2048 tokens, chunked vs not: each variant in a fresh process (peak RSS
    cannot be reset), the growth of its peak RSS (getrusage) over its RSS just before the
    forward — the logits, the cross-entropy temporaries, the activations and the
-   gradients (the same in both). Beside it, `plan`'s prediction of the head term
-   (plan/memory.py `head_bytes`), and the logits' own fp32 size.
+   gradients (the same in both). Beside it, `plan`'s activations + head (plan/memory.py
+   `activation_bytes` + `head_bytes`; the fused head's tensors from models/
+   chunked_loss.py `fused_buffer_bytes`: its peak is at the forward's end, before any
+   gradient exists), and the logits' own fp32 size.
 2. tokens/s of training steps on configs/gpt-10m.toml (its precision, one micro-batch of
    8 x 256 per step), unchunked (A), chunked (B) and a second unchunked model (A', the
    A/A control), interleaved in one process: rounds of `--steps` steps each, the

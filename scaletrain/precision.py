@@ -23,6 +23,12 @@ _PARAM_DTYPE = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.floa
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_bytes(precision: str) -> tuple[int, int]:
+    """(parameter bytes, compute/activation bytes) of a precision.dtype."""
+    return {"fp32": (4, 4), "fp64": (8, 8), "bf16": (4, 2), "fp16": (4, 2),
+            "bf16-pure": (2, 2)}[precision]
+
+
 @dataclass
 class PrecisionPolicy:
     name: str

@@ -67,7 +67,7 @@ def check_combinations(cfg: Config) -> None:
 def check_loss_chunks(cfg: Config, kind: str) -> None:
     """model.loss_chunks: text models' own head + loss only (models/chunked_loss.py)."""
     n = cfg.model.loss_chunks
-    if not n:
+    if n <= 0:  # off, or auto (-1: models/loss_chunks_auto.py decides where it applies)
         return
     if kind != "text":
         raise ConfigError(f"model.loss_chunks={n} needs a text model, not model.name="

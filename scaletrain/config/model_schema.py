@@ -30,8 +30,11 @@ class ModelConfig:
                          "chunked_loss.py: each chunk's gradients made in the forward; "
                          "under TP its logits recomputed in the backward), so only "
                          "1/loss_chunks of the (tokens x vocabulary) logits exist at once; "
-                         "0 = the whole micro-batch at once. Same loss and gradients "
-                         "either way; at most model.seq_len.", ge=0)
+                         "0 = the whole micro-batch at once; -1 (auto) = 8 chunks when a "
+                         "micro-batch's fp32 logits reach 32 MiB and the chunked head "
+                         "holds at most half the bytes, without TP or train.compile, else "
+                         "0 (models/loss_chunks_auto.py). Same loss and gradients either "
+                         "way; at most model.seq_len.", ge=-1)
     n_kv_head: int = F(0, "llama: key/value heads (grouped-query attention); 0 means n_head; "
                        "n_head must be a multiple.", ge=0)
     head_dim: int = F(0, "llama: features per attention head; 0 means d_model / n_head.",

@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.precision import dtype_bytes
 
 
 def chunked_head_loss(norm: Callable[[torch.Tensor], torch.Tensor],
@@ -102,7 +103,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         y = torch.where(keep, targets, 0)
         total = torch.zeros((), dtype=acc, device=h.device)
         pieces = _piece_rows(N, chunks)
-        block = max(1, min(pieces[0], _BLOCK_BYTES // (V * acc.itemsize)))
+        block = _block_rows(pieces[0], V, acc.itemsize)
         with torch.autocast(h.device.type, enabled=False):  # the casts are made here, once
             hc, w = h.to(cdt), weight.to(cdt)
             z_buf = torch.empty((pieces[0], V), dtype=cdt, device=h.device)
@@ -159,6 +160,59 @@ class _HeadCrossEntropy(torch.autograd.Function):
 # gpt-10m shape: 1 MiB blocks 0.39x unchunked, 4 MiB 0.67x, one block per piece 0.80x).
 # `model.loss_chunks` still says how many logits exist at once.
 _BLOCK_BYTES = 16 << 20
+
+
+def _block_rows(piece: int, vocab: int, acc_bytes: int) -> int:
+    """Rows of a piece whose fp32 (fp64) logits copy is made at once (_BLOCK_BYTES)."""
+    return max(1, min(piece, _BLOCK_BYTES // (vocab * acc_bytes)))
+
+
+def fused_buffer_bytes(rows: int, vocab: int, d_model: int, chunks: int,
+                       compute_bytes: int, acc_bytes: int, input_bytes: int,
+                       weight_bytes: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The tensors `chunked_head_loss`'s fused path makes for one micro-batch with
+    gradients, one entry per tensor (bytes), as `_HeadCrossEntropy.forward` allocates
+    them: (held to the backward, alive during the forward only). `plan` counts the
+    fused head from this (plan/memory.py `fused_head`), so a buffer added to the forward
+    belongs here too (tests/unit/test_chunked_loss.py checks the two agree, tensor by
+    tensor).
+
+    rows N tokens, vocab V, d_model D; compute_bytes: the matmul dtype's (autocast's,
+    `_compute_dtype`), acc_bytes: the cross-entropy's (4, fp64 runs 8), input_bytes:
+    the normed hidden states' (ln_f's output dtype), weight_bytes: the head weight's."""
+    N, V, D, cb, acc = rows, vocab, d_model, compute_bytes, acc_bytes
+    piece = _piece_rows(N, chunks)[0]
+    kept = {"input_grad": N * D * cb,  # gh, cast to the input's dtype in the backward
+            "weight_grad": V * D * acc}  # gw, accumulated over the pieces
+    work = {"normed_input": N * D * input_bytes,  # x = norm(h), the Function's input
+            "logits": piece * V * cb,  # z_buf: every piece's logits, then its softmax
+            "input_kept": N * D * cb}  # h_kept: the ignored rows zeroed
+    if cb != acc:  # a bf16 / fp16 piece: the fp32 copy in blocks, the split gw update
+        work["fp32_block"] = _block_rows(piece, V, acc) * V * acc  # x_buf
+        work["weight_grad_part"] = V * D * cb  # gw_part
+        work["weight_grad_up"] = V * D * acc  # gw_up
+    if cb != input_bytes:
+        work["input_cast"] = N * D * cb  # hc = h.to(cdt)
+    if cb != weight_bytes:
+        work["weight_cast"] = V * D * cb  # w = weight.to(cdt)
+    return kept, work
+
+
+def fused_head_tensors(precision: str, rows: int, vocab: float, d_model: int,
+                       chunks: int) -> tuple[dict[str, float], dict[str, float]]:
+    """`fused_buffer_bytes` of a run in precision.dtype `precision`: matmuls in its
+    compute dtype (autocast's, or the parameters'), cross-entropy in fp32 (fp64 runs
+    fp64), the normed input in the residual stream's dtype (the parameters': LayerNorm
+    and RMSNorm run in fp32 under CPU autocast), the head weight a parameter."""
+    pb, ab = dtype_bytes(precision)
+    return fused_buffer_bytes(rows, vocab, d_model, chunks, ab, 8 if ab == 8 else 4, pb, pb)
+
+
+def unchunked_head_bytes(precision: str, rows: int, vocab: float) -> float:
+    """The unchunked head's logits and fp32 cross-entropy temporaries at their peak,
+    V x (ab + 12) per token (plan/memory.py's module doc: the logits, log_softmax's
+    output, the incoming and the outgoing fp32 gradient)."""
+    return rows * vocab * (dtype_bytes(precision)[1] + 12)
 
 
 def _softmax_minus_onehot(z, y, keep, x_buf, cols, grads: bool) -> torch.Tensor:

@@ -66,11 +66,18 @@ class ModelSpec:
     prune_units: Callable | None = None
 
 
+def built_chunks(m: ModelConfig) -> int:
+    """The model's loss_chunks: model.loss_chunks once a run resolved it
+    (models/loss_chunks_auto.py); an unresolved auto (-1: a model built outside a
+    training run, e.g. to generate or export) keeps the whole logits."""
+    return max(0, m.loss_chunks)
+
+
 def _build_gpt(m: ModelConfig, facts: dict) -> GPT:
     return GPT(GPTConfig(vocab_size=m.vocab_size or facts["vocab_size"], seq_len=m.seq_len,
                          n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff,
                          dropout=m.dropout, bias=m.bias, init_std=m.init_std,
-                         loss_chunks=m.loss_chunks))
+                         loss_chunks=built_chunks(m)))
 
 
 def _gpt_block(model: GPT, samples: int, seq_len: int, layer: int = 0) -> tuple:
@@ -89,7 +96,7 @@ def _build_llama(m: ModelConfig, facts: dict) -> Llama:
         rope_high_freq_factor=m.rope_high_freq_factor,
         rope_original_seq_len=m.rope_original_seq_len, qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
-        init_std=m.init_std, loss_chunks=m.loss_chunks,
+        init_std=m.init_std, loss_chunks=built_chunks(m),
         **{f: getattr(m, f) for f in MOE_FIELDS}))
 
 

@@ -62,11 +62,14 @@ def per_param(numels, nbytes: float) -> tuple[float, float]:
     return add((0.0, 0.0), *(hm(n * nbytes) for n in numels))
 
 
-def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float]:
+def activations(cfg, s, r: int, ab: int, modes: list[str],
+                fused_head: bool = False) -> tuple[float, float]:
     """The activations of plan/memory.py `activation_bytes`, tensor by tensor (each
     saved tensor measured on the family's block, plan/activations.py, one measurement
     per kind of block: an MoE llama's dense and MoE blocks differ); `modes`: each
-    block's AC mode (every k-th, budget: parallel/ac.py), memory.py `rank_block_modes`."""
+    block's AC mode (every k-th, budget: parallel/ac.py), memory.py `rank_block_modes`;
+    `fused_head`: the head takes model.loss_chunks' fused path, whose tensors (the
+    weight's cast among them) memory.py `fused_head` counts."""
     if not s.layers:
         return (0.0, 0.0)
     D, t, toks = cfg.model.d_model, s.tp, s.tokens * s.in_flight
@@ -79,15 +82,15 @@ def activations(cfg, s, r: int, ab: int, modes: list[str]) -> tuple[float, float
     kept = add((0.0, 0.0), *(block(m, i) for i, m in zip(layers, modes)))
     recomputed = [block("none", i) for i, m in zip(layers, modes) if m != "none"]
     recompute = max(recomputed, key=sum, default=(0.0, 0.0))
-    # + ln_f in/out (chunked: what the head keeps instead, memory.py head_input_bytes)
-    ln_out = (ab if not cfg.model.loss_chunks else r if s.tp == 1 else 0) * toks * D
+    # + ln_f in/out (chunked: the input only, memory.py head_input_bytes)
+    ln_out = (0 if cfg.model.loss_chunks > 0 else ab) * toks * D
     out = add(kept, recompute, hm(toks * r * D), hm(ln_out))
     # autocast weight casts, cached to the end of the forward (memory.py)
     for i in layers:
         fixed = block_activations(cfg.model, cfg.precision.dtype, "none", "cpu",
                                   i).fixed_bytes(t)
         out = add(out, *(hm(b) for b in fixed))
-    if r != ab and s.has_head:
+    if r != ab and s.has_head and not fused_head:  # autocast's cached head weight cast
         out = add(out, hm(D * s.vocab_local * ab))
     return add(out, expert_parallel(cfg, s, r, ab, layers))
 

@@ -31,8 +31,13 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
   the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
   backward: V·(ab + 12) per token, the larger of the two. With model.loss_chunks = n
-  (models/chunked_loss.py) that holds for one chunk's micro·ceil(T/n) tokens only, and
-  the ln_f output is not kept (`logit_tokens`). Blocks are summed one by one
+  (models/chunked_loss.py) under TP (its checkpointed path) that holds for one chunk's
+  micro·ceil(T/n) tokens only, and the ln_f output is not kept (`logit_tokens`); the
+  fused path (no TP) holds the tensors chunked_loss.py `fused_buffer_bytes` lists
+  (`fused_head`): to the backward the input's and the weight's gradients (N·D·ab +
+  V·D·4 per in-flight micro-batch), during its forward one piece's logits (ab per
+  logit), a bounded fp32 block of them under autocast, the casts and the weight
+  gradient's update buffers. Blocks are summed one by one
   over the rank's blocks (`RankShape.blocks`): an MoE llama's dense and MoE blocks are
   measured apart (plan/activations.py `block_kinds`); the routed experts' parameters,
   gradients and optimizer state are in n (split over expert-parallel ranks by
@@ -81,6 +86,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.models.chunked_loss import fused_head_tensors
 from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
@@ -88,6 +94,7 @@ from scaletrain.plan import cpu_rss as c  # the CPU heap/mmap model: c.add, c.hm
 from scaletrain.plan.activations import block_activations, block_kinds
 from scaletrain.plan.experts import exchange_buffers, moe_blocks, skipped_casts
 from scaletrain.plan.malloc import mmap_threshold_bytes
+from scaletrain.precision import dtype_bytes  # noqa: F401  (plan's callers import it here)
 
 MiB = 2 ** 20
 # Peak RSS of `scaletrain train` with a 70K-parameter GPT (1 layer, d 16, seq 16): the
@@ -140,12 +147,6 @@ class RankShape:
 def rank_blocks(s: RankShape) -> tuple[int, ...]:
     """The model indices of the blocks on this rank (RankShape.blocks)."""
     return tuple(s.blocks) or (0,) * s.layers
-
-
-def dtype_bytes(precision: str) -> tuple[int, int]:
-    """(parameter bytes, compute/activation bytes) of a precision.dtype."""
-    return {"fp32": (4, 4), "fp64": (8, 8), "bf16": (4, 2), "fp16": (4, 2),
-            "bf16-pure": (2, 2)}[precision]
 
 
 def optimizer_state_bytes(cfg, n: float) -> float:
@@ -241,16 +242,25 @@ def activation_bytes(cfg, s: RankShape, r: int, ab: int, device_type: str = "cpu
     # recomputed (parallel/ac.py kept_bytes, block by block: dense and MoE blocks differ)
     per_token = sum(p[m] for p, m in zip(per, modes))
     per_token += max((p["none"] for p, m in zip(per, modes) if m != "none"), default=0.0)
-    per_token += head_input_bytes(cfg, s, r, ab)  # ln_f input and what the head keeps
+    per_token += head_input_bytes(cfg, s, r, ab)  # ln_f input (and output, unchunked)
     total = per_token * s.tokens * s.in_flight
     # Autocast: each matmul saves its weight's bf16 cast for the backward; under AC too,
     # autocast caches the casts of leaf weights until the autocast context exits (the
     # end of the forward), so all of them are alive there (measured per block).
     total += sum(block_fixed_bytes(cfg, s.tp, device_type, i) for i in blocks)
     total += expert_parallel_bytes(cfg, s, ab)
-    if r != ab and s.has_head:
+    fused = fused_head(cfg, s)
+    if r != ab and s.has_head and fused is None:  # autocast's cached cast of the head
         total += ab * D * s.vocab_local
-    return total + fused_head_grad_bytes(cfg, s)
+    # the fused head's gradients, made in its forward, held to each micro-batch's backward
+    return total + (sum(fused[0].values()) * s.in_flight if fused else 0.0)
+
+
+def chunks(cfg) -> int:
+    """model.loss_chunks as plan/report.py `plan` resolved it; an unresolved auto (-1,
+    a caller of these functions that skipped `plan`) counts as the whole logits, as a
+    model built outside a run takes it (models/registry.py `built_chunks`)."""
+    return max(0, cfg.model.loss_chunks)
 
 
 def expert_parallel_bytes(cfg, s: RankShape, ab: int) -> float:
@@ -269,22 +279,23 @@ def expert_parallel_bytes(cfg, s: RankShape, ab: int) -> float:
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:
     """Per token, what the head keeps of its input: the final block's output (ln_f's
     input) and ln_f's output cast for the head's matmul; with model.loss_chunks
-    (models/chunked_loss.py) the fused path keeps the input's gradient made in the
-    forward instead of the cast (r bytes: ln_f's output dtype), the checkpointed path
-    (TP) views of the input only."""
+    (models/chunked_loss.py) the ln_f input only: the fused path's own tensors are
+    `fused_head`'s, the checkpointed path (TP) keeps views of the input."""
     D = cfg.model.d_model
-    if not cfg.model.loss_chunks:
+    if chunks(cfg) == 0:
         return (r + ab) * D
-    return (2 * r if s.tp == 1 else r) * D
+    return r * D
 
 
-def fused_head_grad_bytes(cfg, s: RankShape) -> float:
-    """model.loss_chunks without TP (models/chunked_loss.py's fused Function): the head
-    weight's gradient, made in the forward (fp32; fp64 runs fp64) and held to the
-    backward; under TP the checkpointed path makes none."""
-    if not (cfg.model.loss_chunks and s.has_head and s.tp == 1):
-        return 0.0
-    return (8 if cfg.precision.dtype == "fp64" else 4) * cfg.model.d_model * s.vocab_local
+def fused_head(cfg, s: RankShape) -> tuple[dict, dict] | None:
+    """model.loss_chunks without TP: the tensors of models/chunked_loss.py's fused
+    head + loss for one micro-batch, (held to the backward, alive in its forward only),
+    one entry per tensor (`fused_buffer_bytes`); None where the head does not take the
+    fused path (no chunks, no head on this rank, or TP's checkpointed path)."""
+    if not (chunks(cfg) and s.has_head and s.tp == 1):
+        return None
+    return fused_head_tensors(cfg.precision.dtype, s.tokens, s.vocab_local,
+                              cfg.model.d_model, cfg.model.loss_chunks)
 
 
 def logit_tokens(cfg, s: RankShape) -> int:
@@ -293,18 +304,23 @@ def logit_tokens(cfg, s: RankShape) -> int:
     micro-batch's output until the loss); with model.loss_chunks = n one chunk's, micro x
     ceil(seq_len / n), whatever the pipeline (its last stage computes the loss in its
     forward and keeps no logits: models/chunked_loss.py)."""
-    n = cfg.model.loss_chunks
+    n = chunks(cfg)
     if n:
         T = cfg.model.seq_len
         return max(1, s.tokens // T) * -(-T // min(n, T))
     return s.tokens * s.in_flight
 
 
-def head_bytes(s: RankShape, ab: int, tokens: int, grad: bool = True) -> float:
-    """The logits and the fp32 cross-entropy temporaries (module doc)."""
+def head_bytes(cfg, s: RankShape, ab: int, grad: bool = True) -> float:
+    """The head's peak beyond what it keeps for the backward: the logits and the fp32
+    cross-entropy temporaries of `logit_tokens` (module doc), or the fused head's
+    forward-only tensors (`fused_head`)."""
     if not s.has_head:
         return 0.0
-    return tokens * s.vocab_local * (ab + (12 if grad else 8))
+    fused = fused_head(cfg, s)
+    if fused:
+        return sum(fused[1].values())
+    return logit_tokens(cfg, s) * s.vocab_local * (ab + (12 if grad else 8))
 
 
 def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
@@ -320,10 +336,14 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     numels = s.numels or (s.params,)
     full = s.full_numels or numels
     grads = c.per_param(numels, pb)
-    act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s)),
-                c.head(s, ab, logit_tokens(cfg, s), 3),
-                c.hm(fused_head_grad_bytes(cfg, s)),
-                c.hm(s.fsdp_gathered * ab))
+    fused = fused_head(cfg, s)
+    # the head: the fused path's tensors one by one (its gradients per in-flight
+    # micro-batch), else the logits + 3 fp32 cross-entropy temporaries
+    head = (c.add(*(c.hm(b, s.in_flight) for b in fused[0].values()),
+                  *(c.hm(b) for b in fused[1].values())) if fused
+            else c.head(s, ab, logit_tokens(cfg, s), 3))
+    act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s), fused is not None),
+                head, c.hm(s.fsdp_gathered * ab))
     if accumulating:
         act = (act[0] * CPU_ACCUM_FACTOR, act[1])
         if s.tp > 1:
@@ -380,7 +400,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
         # in host memory; the device holds the gathered blocks and the activations.
         masters = opt_state = weights = buckets = static = grads = 0.0
     act = activation_bytes(cfg, s, r, ab, device_type) + s.fsdp_gathered * ab
-    head = head_bytes(s, ab, logit_tokens(cfg, s))
+    head = head_bytes(cfg, s, ab)
     fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
     fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
     step_grads = n * 4 if masters else grads  # cast to fp32 for the masters

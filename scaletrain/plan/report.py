@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config.batch_plan import batch_plan
+from scaletrain.models.loss_chunks_auto import resolve_loss_chunks, with_loss_chunks
 from scaletrain.models.registry import spec_of
 from scaletrain.models.tp_styles import plan_sharded
 from scaletrain.parallel.ac import BudgetTooSmall, block_modes, describe
@@ -100,6 +101,8 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
     check_model_parallel(cfg, vocab, dims)
     spec = spec_of(cfg.model)
     v, mb_count, mb = _microbatching(cfg, dims)
+    # model.loss_chunks=-1 (auto): the value the run resolves (models/loss_chunks_auto.py)
+    cfg = with_loss_chunks(cfg, resolve_loss_chunks(cfg, spec.kind, vocab, mb, dims.tp))
     full_numels = tuple(torch.Size(sh).numel()
                         for sh in _stage_params(cfg, vocab, [0], None)[0].values())
     ranks = []
@@ -135,6 +138,7 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
                                   _ac_blocks(cfg, dims.tp, mb, layers)))
     return {"world": dims.world, "layout": _layout_record(dims),
             "micro_batch": mb, "microbatches": mb_count,
+            "loss_chunks": cfg.model.loss_chunks,  # as the run resolves it (auto: -1)
             "pp_schedule": p.pp_schedule if dims.pp > 1 else None,
             "bubble": bubble_fraction(p.pp_schedule, dims.pp, mb_count, v),
             "ranks": ranks}
@@ -216,7 +220,8 @@ def format_plan(r: dict) -> str:
            f"tp={lay['tp']} pp={lay['pp']} ({lay['strategy']}; mesh {lay['mesh'] or '-'})",
            f"micro-batch {r['micro_batch']} samples x {r['microbatches']}"
            + (f", schedule {r['pp_schedule']}, bubble {r['bubble']:.3f}"
-              if r["pp_schedule"] else "")]
+              if r["pp_schedule"] else "")
+           + (f", head + loss in {r['loss_chunks']} chunks" if r["loss_chunks"] else "")]
     for k in r["ranks"]:
         out.append(f"  pp rank {k['pp_rank']} (stages {k['stages']}, {k['layers']} layers): "
                    f"params {k['param_bytes']:,} B, grads {k['grad_bytes']:,} B, optimizer "

@@ -26,12 +26,13 @@ from scaletrain.finetune import resolve_init
 from scaletrain.metrics import Progress, Throughput, measure_peak_flops
 from scaletrain.metrics import peak_memory_mb
 from scaletrain.models import count_params, spec_of
+from scaletrain.models.loss_chunks_auto import resolve_loss_chunks, with_loss_chunks
 from scaletrain.optim.schedules import observe_val_loss
 from scaletrain.optim.step_end import StepEnd
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
-from scaletrain.parallel.model_parallel import build_pipeline
+from scaletrain.parallel.model_parallel import build_pipeline, pipeline_microbatches
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.parallel.world import World
@@ -81,6 +82,15 @@ class Trainer:
         # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
         # once here and handed to AC, the pipeline, the strategy and the summary.
         self.batch = batch_plan(cfg, self.dist.dims.dp, len(self.data.train))
+        # model.loss_chunks=-1 (auto) resolved from the head's micro-batch (a pipeline's
+        # own), the value every later step (model, loss) reads, as plan/report.py does
+        # (models/loss_chunks_auto.py)
+        head_micro = self.batch.micro if self.dist.dims.pp == 1 else \
+            self.batch.per_rank // pipeline_microbatches(cfg.parallel, self.batch.per_rank,
+                                                         self.batch.micro)
+        self.cfg = cfg = with_loss_chunks(cfg, resolve_loss_chunks(
+            cfg, self.spec.kind, cfg.model.vocab_size or facts["vocab_size"], head_micro,
+            self.dist.dims.tp))
         self.parallel, self.ac_modes = build_model(cfg, facts, self.batch, self.dist,
                                                    self.policy, self.rt.device, resuming)
         self.model = self.parallel.module
@@ -340,6 +350,8 @@ class Trainer:
                 "interop_threads": torch.get_num_interop_threads(),
                 "device": str(self.rt.device),
                 "world_size": self.rt.world, "precision": cfg.precision.dtype,
+                # model.loss_chunks as resolved (auto, -1: models/loss_chunks_auto.py)
+                "loss_chunks": cfg.model.loss_chunks,
                 "plan": self.plan_record,  # plan.auto's choice (train())
                 "parallel": {"strategy": self.dist.dims.strategy, "dp": self.dp,
                              "dp_replicate": self.dist.dims.dp_replicate,

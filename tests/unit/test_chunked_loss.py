@@ -184,3 +184,48 @@ def test_fused_second_backward_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="a second time"):
         loss.backward()
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of each distinct storage of >= `least` bytes the ops under it return,
+    except the storages that existed before (`old`: inputs, weights)."""
+
+    def __init__(self, old, least: int):
+        super().__init__()
+        self.old, self.least, self.seen = set(old), least, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= self.least:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.old:
+                    self.seen[ptr] = t.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("dtype,block_rows", [("fp32", None), ("bf16", None), ("bf16", 5)])
+def test_fused_buffer_bytes_are_the_tensors_the_forward_makes(monkeypatch, dtype, block_rows):
+    """`fused_buffer_bytes` (what plan counts for the fused head, plan/memory.py) lists
+    exactly the tensors of >= 1 KiB that the fused head's forward allocates: the same
+    bytes in all (N 48 rows, D 16, V 97, 4 chunks; under bf16 autocast with the fp32
+    block of the softmax cut to 5 rows, and whole). Smaller ones are per-row vectors
+    (targets, masks, LayerNorm statistics: <= 384 B here)."""
+    if block_rows:
+        monkeypatch.setattr(chunked_loss, "_BLOCK_BYTES", _blocks_of(block_rows, 4))
+    D, chunks = 16, 4
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, T, D, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (2, T), generator=g)
+    y[0, :5] = IGNORE_INDEX
+    norm, head = torch.nn.LayerNorm(D), torch.nn.Linear(D, V, bias=False)
+    old = {t.untyped_storage().data_ptr() for t in (h, y, *norm.parameters(), head.weight)}
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+        x_bytes = norm(h).element_size()  # ln_f's output dtype under this autocast
+        with _Allocations(old, 1024) as made:
+            loss = chunked_loss.chunked_head_loss(norm, head, h, y, chunks)
+    cb = 2 if dtype == "bf16" else 4
+    kept, work = chunked_loss.fused_buffer_bytes(2 * T, V, D, chunks, cb, 4, x_bytes, 4)
+    assert sorted(made.seen.values()) == sorted([*kept.values(), *work.values()])
+    loss.backward()
+    assert h.grad.shape == h.shape and head.weight.grad.shape == head.weight.shape

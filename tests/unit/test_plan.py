@@ -76,14 +76,30 @@ def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
 
 
 def test_chunked_loss_holds_one_chunk_of_logits():
-    """model.loss_chunks=3 over seq 8: chunks of ceil(8/3) = 3 positions, 2 x 3 = 6 tokens
-    of logits at once; the fused head keeps the gradient of its input (4 B x 16 per
-    token) in place of the ln_f output."""
+    """model.loss_chunks=3, fp32, no TP: the fused head (models/chunked_loss.py
+    `fused_buffer_bytes`) cuts the 16 rows into pieces of 6, 5, 5 and holds one piece's
+    logits, not V x (4 + 12) B per token of the unchunked cross-entropy's temporaries."""
     r = rank0(cfg_of("precision.dtype=fp32", "model.loss_chunks=3"))
-    # blocks 2096 + ln_f input 4 * 16 + its gradient 4 * 16 -> 2224 per token, x 16 = 35584;
-    # head: 6 tokens * V 32 * (4 + 12) = 3072; the fused head's weight gradient made in
-    # the forward, fp32 V 32 x D 16 = 2048
-    assert r["activation_bytes"] == 35584 + 3072 + 2048
+    # kept: blocks 2096 + ln_f input 4 * 16 -> 2160 per token, x 16 = 34560; the fused
+    # head's gradients made in the forward: its input's 16 x 16 x 4 = 1024, the
+    # weight's fp32 V 32 x D 16 = 2048. Forward only: the normed input 16 x 16 x 4 =
+    # 1024, one piece's logits 6 x 32 x 4 = 768, the input with ignored rows zeroed 1024
+    assert r["activation_bytes"] == 34560 + 1024 + 2048 + 1024 + 768 + 1024
+
+
+def test_chunked_loss_under_bf16_autocast_counts_the_fused_casts():
+    """bf16 autocast, model.loss_chunks=3: the fused head's matmuls in bf16, its
+    cross-entropy in fp32 blocks, its weight cast once (no autocast cache)."""
+    r = rank0(cfg_of("precision.dtype=bf16", "model.loss_chunks=3"))
+    # kept: blocks 1200 + ln_f input 4 * 16 -> 1264 per token, x 16 = 20224; the blocks'
+    # weight casts 12288 (the head's own cast is the fused forward's, below); the input
+    # gradient 16 x 16 x 2 = 512 (bf16), the weight's fp32 32 x 16 x 4 = 2048.
+    # Forward only: normed input (fp32 LayerNorm) 1024, bf16 logits 6 x 32 x 2 = 384,
+    # kept-rows input 512, the fp32 block (the whole piece: 6 x 32 x 4) 768, the weight
+    # gradient's bf16 product 1024 and its fp32 copy 2048, the input cast 512, the
+    # weight cast 32 x 16 x 2 = 1024
+    kept = 20224 + 12288 + 512 + 2048
+    assert r["activation_bytes"] == kept + 1024 + 384 + 512 + 768 + 1024 + 2048 + 512 + 1024
 
 
 def test_full_activation_checkpointing_keeps_block_inputs_plus_one_block():
