@@ -95,8 +95,6 @@ def test_moe_tp_cli_matches_one_process(prepared_dir, tmp_path):
     routed experts replicated over tp, the shared expert sharded) against one process in
     fp64: the losses, every metrics.jsonl MoE field (counted once, not per tp rank), the
     validation losses and the final weights, the balancing bias included."""
-    from safetensors.torch import load_file
-
     base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.n_kv_head=2",
             "--model.moe_router=sigmoid_bias", "--model.moe_bias_update_rate=0.01",
             "--precision.dtype=fp64", "--train.steps=4", "--eval.interval=2",
@@ -107,25 +105,7 @@ def test_moe_tp_cli_matches_one_process(prepared_dir, tmp_path):
                   "--parallel.dp_shard=1"]):
         proc = run_cli(*base, *args, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def records(run, kind):
-        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if r["kind"] == kind]
-    a, b = records(one, "train"), records(tp, "train")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-10)
-        for key in ("moe_load", "moe_imbalance", "moe_dropped"):
-            assert y[key] == x[key], (x["step"], key)
-        for key in ("moe_aux_loss", "moe_z_loss"):
-            assert y[key] == pytest.approx(x[key], rel=1e-10), (x["step"], key)
-    va, vb = records(one, "eval"), records(tp, "eval")
-    assert [r["step"] for r in vb] == [r["step"] for r in va] and vb
-    assert all(y["loss"] == pytest.approx(x["loss"], rel=1e-10) for x, y in zip(va, vb))
-    wa, wb = load_file(one / "model.safetensors"), load_file(tp / "model.safetensors")
-    assert sorted(wa) == sorted(wb) and wa["blocks.1.mlp.expert_bias"].abs().sum() > 0
-    diff = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
-    assert diff <= 1e-10, f"weights differ by {diff:.3g}"
+    assert_same_moe_run(one, tp, eval_rel=1e-10)
 
 
 PIPELINES = {"pp2": ["--nproc", "2", "--parallel.pp=2", "--parallel.dp_shard=1",
@@ -143,8 +123,6 @@ def test_moe_pipeline_cli_matches_one_process(prepared_dir, tmp_path, layout):
     validation losses (an eval between steps: the stages run it in eval mode, adding
     nothing to the next step's load) and the final weights of every stage, the balancing
     bias included (parallel/pipeline_moe.py)."""
-    from safetensors.torch import load_file
-
     base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.moe_router=sigmoid_bias",
             "--model.moe_bias_update_rate=0.01", "--precision.dtype=fp64",
             "--train.steps=4", "--eval.interval=2",
@@ -154,28 +132,10 @@ def test_moe_pipeline_cli_matches_one_process(prepared_dir, tmp_path, layout):
                  [f"--run.dir={pp}", *PIPELINES[layout]]):
         proc = run_cli(*base, *args, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def records(run, kind):
-        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if r["kind"] == kind]
-    a, b = records(one, "train"), records(pp, "train")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-10)
-        for key in ("moe_load", "moe_imbalance", "moe_dropped"):
-            assert y[key] == x[key], (x["step"], key)
-        for key in ("moe_aux_loss", "moe_z_loss"):
-            assert y[key] == pytest.approx(x[key], rel=1e-10), (x["step"], key)
-    assert list(b[0]["moe_load"]) == ["1"]  # the second stage's block, on every record
-    va, vb = records(one, "eval"), records(pp, "eval")
-    assert [r["step"] for r in vb] == [r["step"] for r in va] and vb
-    # 1e-6: the pipeline's evaluation divides in fp32 whatever the run's dtype
+    # eval 1e-6: the pipeline's evaluation divides in fp32 whatever the run's dtype
     # (Pipeline.eval_loss_sum); dense pipeline runs do the same.
-    assert all(y["loss"] == pytest.approx(x["loss"], rel=1e-6) for x, y in zip(va, vb))
-    wa, wb = load_file(one / "model.safetensors"), load_file(pp / "model.safetensors")
-    assert sorted(wa) == sorted(wb) and wa["blocks.1.mlp.expert_bias"].abs().sum() > 0
-    diff = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
-    assert diff <= 1e-10, f"weights differ by {diff:.3g}"
+    train = assert_same_moe_run(one, pp, eval_rel=1e-6)
+    assert list(train[0]["moe_load"]) == ["1"]  # the second stage's block, on every record
 
 
 def test_moe_resume_is_exact_with_the_balancing_bias(prepared_dir, tmp_path):
@@ -246,3 +206,33 @@ def test_plan_of_the_moe_configs_runs(router):
                    "--model.moe_first_dense=0", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted peak" in proc.stdout
+
+
+def _records(run, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == kind]
+
+
+def assert_same_moe_run(one, other, *, eval_rel: float) -> list[dict]:
+    """An fp64 MoE run of 4 steps in another layout against the one-process run: losses
+    to 1e-10, every metrics.jsonl MoE field (loads exact), the validation losses to
+    `eval_rel`, the final weights (the balancing bias, which must have moved, included)
+    to 1e-10. Returns the other run's train records."""
+    from safetensors.torch import load_file
+
+    a, b = _records(one, "train"), _records(other, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-10)
+        for key in ("moe_load", "moe_imbalance", "moe_dropped"):
+            assert y[key] == x[key], (x["step"], key)
+        for key in ("moe_aux_loss", "moe_z_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-10), (x["step"], key)
+    va, vb = _records(one, "eval"), _records(other, "eval")
+    assert [r["step"] for r in vb] == [r["step"] for r in va] and vb
+    assert all(y["loss"] == pytest.approx(x["loss"], rel=eval_rel) for x, y in zip(va, vb))
+    wa, wb = load_file(one / "model.safetensors"), load_file(other / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and wa["blocks.1.mlp.expert_bias"].abs().sum() > 0
+    diff = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+    assert diff <= 1e-10, f"weights differ by {diff:.3g}"
+    return b
