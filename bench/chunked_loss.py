@@ -11,7 +11,8 @@
 2. tokens/s of training steps on configs/gpt-10m.toml (its precision, one micro-batch of
    8 x 256 per step), unchunked (A), chunked (B) and a second unchunked model (A', the
    A/A control), interleaved in one process: rounds of `--steps` steps each, the
-   median over rounds of B/A and A'/A (DESIGN.md §4). Same weights and batches.
+   median over rounds of B/A and A'/A (DESIGN.md §4). Same weights and batches; glibc
+   tuned by `--malloc-mib` (default: train.malloc_mmap_threshold_mib's default).
 
     .venv/bin/python bench/chunked_loss.py [--chunks 8] [--rounds 10] [--steps 3]
     .venv/bin/python bench/chunked_loss.py --head-only   # 3. the head + loss alone
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from scaletrain.config import build_config  # noqa: E402
 from scaletrain.metrics import current_rss_mb  # noqa: E402
 from scaletrain.models.registry import build_model  # noqa: E402
+from scaletrain.plan.malloc import tune_malloc  # noqa: E402
 from scaletrain.precision import PrecisionPolicy  # noqa: E402
 from scaletrain.train.step import StepOptions, split_micro_batches, train_step  # noqa: E402
 from scaletrain.train.step_loss import build_step_loss  # noqa: E402
@@ -175,6 +177,10 @@ def main() -> None:
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--malloc-mib", type=int,
+                    default=build_config(None, []).train.malloc_mmap_threshold_mib,
+                    help="train.malloc_mmap_threshold_mib for the speed runs (default: "
+                    "scaletrain's default; 0 = glibc's own allocator behaviour)")
     ap.add_argument("--head-only", action="store_true",
                     help="time the head + loss alone (fast; no memory, no full steps)")
     a = ap.parse_args()
@@ -198,8 +204,10 @@ def main() -> None:
                   f"{row['peak_growth_mib']:7.0f} MiB   plan activations+head "
                   f"{row['plan_activations_mib']:7.0f} MiB")
     if not a.skip_speed:
+        tuned = tune_malloc(a.malloc_mib)  # as a run's trainer does (train/trainer.py)
         s = measure_speed(a.chunks, a.rounds, a.steps)
-        print(f"gpt-10m (bf16, 8 x 256 per step), {s['rounds']} rounds x "
+        print(f"gpt-10m (bf16, 8 x 256 per step, malloc threshold "
+              f"{a.malloc_mib if tuned else 0} MiB), {s['rounds']} rounds x "
               f"{s['steps_per_round']} steps: unchunked {s['tokens_per_s_unchunked']:.0f} "
               f"tok/s, loss_chunks={a.chunks} {s['tokens_per_s_chunked']:.0f} tok/s; "
               f"median chunked/unchunked {s['chunked_over_unchunked']:.3f}, "

@@ -25,7 +25,7 @@ class ModelConfig:
                        ge=0.0, lt=1.0)
     bias: bool = F(True, "GPT: biases in linear layers and LayerNorms (GPT-2 has them).")
     init_std: float = F(0.02, "Std of the normal initialisation of weights.", gt=0.0)
-    loss_chunks: int = F(0, "Text models: compute the output head and cross-entropy over "
+    loss_chunks: int = F(-1, "Text models: compute the output head and cross-entropy over "
                          "this many chunks of the micro-batch's tokens (models/"
                          "chunked_loss.py: each chunk's gradients made in the forward; "
                          "under TP its logits recomputed in the backward), so only "

@@ -1,4 +1,4 @@
-"""`model.loss_chunks = -1` (auto, opt-in): whether a run's head + loss is chunked
+"""`model.loss_chunks = -1` (auto, the default): whether a run's head + loss is chunked
 (models/chunked_loss.py), decided once per run from its shape — the trainer
 (train/trainer.py) and `plan` (plan/report.py) both resolve it here, so they agree.
 
@@ -25,10 +25,9 @@ from dataclasses import replace
 from scaletrain.config.schema import Config
 from scaletrain.models.chunked_loss import fused_head_tensors, unchunked_head_bytes
 
-# model.loss_chunks=-1: decided here. Not the default (0): the speed condition for
-# that, gpt-10m's tokens/s >= 0.97x unchunked, was not shown on this loaded machine
-# (bench/chunked_loss.py --chunks 8 --rounds 10 --steps 3, session 10: median 0.955x
-# unchunked, A/A control 1.167, the machine shared by a dozen jobs).
+# model.loss_chunks=-1: decided here; the default. Its speed condition, gpt-10m's
+# tokens/s >= 0.97x unchunked (bench/chunked_loss.py --chunks 8 --rounds 10 --steps 3),
+# measured 1.117x (A/A 1.011) on a quiet machine in session 10.
 AUTO = -1
 # Why 32 MiB: it is glibc's largest dynamic mmap threshold (plan/malloc.py
 # GLIBC_DEFAULT_MAX). Logits at or above it are mmapped afresh for every micro-batch

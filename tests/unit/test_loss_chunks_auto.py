@@ -22,8 +22,8 @@ def cfg_of(*extra: str):
                                (*SHAPE, "model.loss_chunks=-1", *extra)])
 
 
-def test_auto_is_opt_in():
-    assert build_config(None, []).model.loss_chunks == 0
+def test_auto_is_the_default():
+    assert build_config(None, []).model.loss_chunks == AUTO
     assert cfg_of().model.loss_chunks == AUTO
 
 
