@@ -36,7 +36,7 @@ def read_records(files, keys: tuple[str, str, str], chat: bool = False) -> list[
         with _open_lines(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    out.append((_chat_record if chat else _record)(line, keys, f"{path}:{n}"))
+                    out.append(_record(line, keys, f"{path}:{n}", chat))
     if not out:
         raise DataError(f"{files[0]}: no preference records")
     return out
@@ -78,32 +78,36 @@ def _json_object(line: bytes, where: str) -> dict:
     return rec
 
 
-def _record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
-    rec = _json_object(line, where)
-    implicit = keys[0] not in rec
-    for key in keys[1:] if implicit else keys:
-        if not isinstance(rec.get(key), str):
-            what = "missing" if key not in rec else "not a string"
-            raise DataError(f"{where}: field '{key}' is {what} (a preference record needs "
-                            f"string fields {', '.join(keys)}: data.source, dpo.*_key)")
-    if implicit:
-        return implicit_prompt(rec[keys[1]], rec[keys[2]], where, keys)
-    return tuple(rec[k] for k in keys)
+# What a prompt / chosen / rejected field must be, per data.format: its type, the word
+# for a value of another type, and what the one-line error says a record needs.
+_FIELD_KINDS = {False: (str, "not a string", "a preference record needs string fields"),
+                True: (list, "not a list of messages",
+                       "a chat preference record needs message lists")}
 
 
-def _chat_record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
-    """(prompt, chosen, rejected) message lists of a conversational preference record."""
+def _record(line: bytes, keys: tuple[str, str, str], where: str, chat: bool) -> Record:
+    """(prompt, chosen, rejected) of one JSONL line: strings, or (`chat`) message lists
+    whose chosen / rejected responses are assistant messages only."""
     rec = _json_object(line, where)
     implicit = keys[0] not in rec
+    kind, wrong, needs = _FIELD_KINDS[chat]
     for key in keys[1:] if implicit else keys:
-        if not isinstance(rec.get(key), list):
-            what = "missing" if key not in rec else "not a list of messages"
-            raise DataError(f"{where}: field '{key}' is {what} (a chat preference record "
-                            f"needs message lists {', '.join(keys)}: data.source, "
-                            f"dpo.*_key)")
-        check_messages(rec, key, where)  # {role: str, content: str} objects
+        if not isinstance(rec.get(key), kind):
+            what = "missing" if key not in rec else wrong
+            raise DataError(f"{where}: field '{key}' is {what} ({needs} "
+                            f"{', '.join(keys)}: data.source, dpo.*_key)")
+        if chat:
+            check_messages(rec, key, where)  # {role: str, content: str} objects
     fields = implicit_prompt(rec[keys[1]], rec[keys[2]], where, keys) if implicit \
         else tuple(rec[k] for k in keys)
+    if chat:
+        _check_responses(fields, keys, where, implicit)
+    return fields
+
+
+def _check_responses(fields: Record, keys: tuple[str, str, str], where: str,
+                     implicit: bool) -> None:
+    """A chat record's chosen and rejected are the assistant's turn(s) only."""
     for key, other, messages in zip(keys[1:], keys[:0:-1], fields[1:]):
         roles = {m["role"] for m in messages}
         if roles != {"assistant"}:
@@ -111,4 +115,3 @@ def _chat_record(line: bytes, keys: tuple[str, str, str], where: str) -> Record:
             raise DataError(f"{where}: field '{key}' holds {sorted(roles - {'assistant'})} "
                             f"messages{after}; a response is the assistant's turn(s) only "
                             f"(the conversation before it goes in '{keys[0]}')")
-    return fields
