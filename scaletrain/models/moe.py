@@ -18,7 +18,8 @@ forward(sorted rows, counts) contract is the seam. The replacement sends each ex
 contiguous rows to the rank that owns it (all-to-all), runs `swiglu_experts` on its own
 experts and sends the outputs back; route, dispatch and combine stay as they are.
 
-Grouped matmul: `torch._grouped_mm` on CUDA in bf16 (one kernel for all experts); else a
+Grouped matmul: `torch._grouped_mm` on CUDA in bf16, bf16 autocast included (one kernel
+for all experts); else a
 loop over the E experts, one matmul per expert's contiguous segment of the sorted tokens
 (E matmuls per projection, never one per token) — the CPU path, and the fp64 one that
 verification runs need (_grouped_mm has no fp64). Under train.compile the loop runs
@@ -160,21 +161,32 @@ def combine(y: torch.Tensor, d: Dispatch, weights: torch.Tensor, n_tokens: int) 
     return out.index_add_(0, d.tokens, y * w[:, None])
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
+def expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on for x's device
+    (bf16 training keeps the residual stream, so x, in fp32; autocast runs matmuls in
+    its own dtype), else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def use_grouped_mm(device_type: str, dtype: torch.dtype, width: int) -> bool:
     """torch._grouped_mm where torch provides it for the device: CUDA, bf16 (its kernel's
     dtype; 16-byte aligned rows, which any model width that is a multiple of 8 has)."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and x.shape[-1] % 8 == 0)
+    return (device_type == "cuda" and dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm") and width % 8 == 0)
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
                    grouped: bool | None = None) -> torch.Tensor:
     """x (M, A) sorted by expert, w (E, A, B), counts (E,) -> (M, B): rows of expert e
     times w[e]. `grouped`: force torch._grouped_mm (True) or the segment loop (False);
-    None = `use_grouped_mm`."""
-    if grouped if grouped is not None else use_grouped_mm(x):
+    None = `use_grouped_mm` in the matmuls' dtype (`expert_dtype`: under bf16 autocast
+    the fp32 rows and weights are cast once for the one kernel, where the segment loop's
+    autocast casts each expert's weight per matmul)."""
+    dtype = expert_dtype(x)
+    if grouped if grouped is not None else use_grouped_mm(x.device.type, dtype, x.shape[-1]):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, w.to(x.dtype), offs=offs)
+        return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=offs)
     return segment_matmul(x, w, counts)
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from scaletrain.config.schema import ModelConfig, OptimConfig
 from scaletrain.models import build_model, spec_of
-from scaletrain.models.moe import MoE, MoeSettings, dispatch, grouped_matmul, route
+from scaletrain.models.moe import (MoE, MoeSettings, dispatch, expert_dtype, grouped_matmul,
+                                   route, use_grouped_mm)
 from scaletrain.models.moe_terms import moe_step_terms
 from scaletrain.optim import build_optimizer
 from scaletrain.metrics.sinks import TensorBoardSink
@@ -117,6 +118,25 @@ def test_grouped_mm_matches_the_segment_loop():
         pytest.skip(str(e))
     ref = grouped_matmul(x, w, counts, grouped=False)
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_expert_matmuls_take_autocasts_dtype():
+    # bf16 training under autocast keeps the rows in fp32: the grouped kernel must be
+    # chosen from autocast's dtype, or a CUDA run under autocast would never take it
+    x = torch.randn(4, 8)
+    assert expert_dtype(x) == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert expert_dtype(x) == torch.bfloat16
+    assert expert_dtype(x.double()) == torch.float64
+
+
+def test_grouped_mm_only_where_its_kernel_runs():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    assert use_grouped_mm("cuda", torch.bfloat16, 64)
+    assert not use_grouped_mm("cuda", torch.float32, 64)  # no fp32 / fp64 kernel
+    assert not use_grouped_mm("cuda", torch.bfloat16, 60)  # rows not 16-byte aligned
+    assert not use_grouped_mm("cpu", torch.bfloat16, 64)
 
 
 def test_bias_update_moves_a_skewed_load_toward_balance():
