@@ -179,6 +179,10 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
                           f"{dims.dp_replicate} is not supported yet: expert parallelism "
                           "runs inside FSDP2 (parallel.dp_shard), alone, with TP or in "
                           "pipeline stages, without HSDP / DDP replicas")
+    if dims.tp > 1 and dims.pp > 1:  # an (pp, efsdp, ep, tp) expert mesh: not tested yet
+        raise ConfigError(f"parallel.ep={ep} with parallel.tp={dims.tp} and parallel.pp="
+                          f"{dims.pp} together is not supported yet (EP × TP and EP × PP "
+                          "each are; drop tp or pp)")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
                           f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "
