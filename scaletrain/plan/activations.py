@@ -194,8 +194,8 @@ def _stat_bytes_cuda(t: torch.Tensor, origin) -> int | None:
 
 def _measure(spec, model_cfg, precision: str, samples: int, device_type: str,
              layer: int) -> dict:
-    """{mode: [(storage bytes, split, replicated), ...]} of block `layer` for one micro-batch of
-    `samples`, in the order first saved (the same at any batch size)."""
+    """{mode: [(storage bytes, split, replicated), ...]} of block `layer` for one
+    micro-batch of `samples`, in the order first saved (the same at any batch size)."""
     policy = PrecisionPolicy(precision, torch.device("cpu"))
 
     with FakeTensorMode():
