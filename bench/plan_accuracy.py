@@ -95,6 +95,14 @@ CASES = {  # name -> (world, overrides)
     "moe-tiny-ep2": (2, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=2",
                                "--parallel.ep=2"]),
     "moe-tiny-fsdp2": (2, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=2"]),
+    # under TP (2 ranks): attention, dense MLP and shared expert sharded, the router and
+    # the routed experts replicated over tp (their weights, gradients, AdamW state and
+    # bf16 casts whole on each rank); EP x TP (4 ranks): each tp index's 2 dp_shard
+    # ranks split the experts 4 + 4, replicated over tp, dense weights FSDP2 x TP
+    "moe-tiny-tp2": (2, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=1",
+                               "--parallel.tp=2"]),
+    "moe-tiny-ep2-tp2": (4, MOE + ["--train.micro_batch_size=8", "--parallel.dp_shard=2",
+                                   "--parallel.ep=2", "--parallel.tp=2"]),
     "128k-fp32": (1, V128K + ["--precision.dtype=fp32", "--model.loss_chunks=0"]),
     "128k-fp32-chunked": (1, V128K + ["--precision.dtype=fp32", "--model.loss_chunks=8"]),
     "128k-bf16-chunked": (1, V128K + ["--model.loss_chunks=8"]),

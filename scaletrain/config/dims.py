@@ -13,13 +13,23 @@ spans nodes.
 
 Expert parallelism (issue #17, parallel/expert.py) does not add ranks: `ep` ranks of the
 dp_shard group split the routed experts among them (torchtitan's "EP borrows from
-dp_shard"). The experts get their own 2-D mesh ("efsdp", "ep") over the same ranks in
-the same order: "ep" (innermost: neighbours, which exchange tokens twice per MoE layer)
-holds one expert slice per rank, "efsdp" = dp_shard / ep ranks hold the same slice and
-shard it with FSDP2 (the "expert data-parallel" group that sums its gradients). With
-pipeline stages the expert mesh is ("pp", "efsdp", "ep"): each stage's dp_shard ranks
-split that stage's experts (the world mesh's ("pp", "dp_shard") order, dp_shard cut in
-two), and its "efsdp" / "ep" sub-meshes are this rank's stage's.
+dp_shard"). The experts get their own mesh over the same ranks in the same order:
+("efsdp", "ep"), "ep" (innermost of the two: neighbours, which exchange tokens twice per
+MoE layer) holding one expert slice per rank, "efsdp" = dp_shard / ep ranks holding the
+same slice and sharding it with FSDP2 (the "expert data-parallel" group that sums its
+gradients). With pipeline stages the expert mesh is ("pp", "efsdp", "ep"): each stage's
+dp_shard ranks split that stage's experts (the world mesh's ("pp", "dp_shard") order,
+dp_shard cut in two), and its "efsdp" / "ep" sub-meshes are this rank's stage's. With
+tensor parallelism a "tp" dimension comes last, as in the world mesh: within each tp
+index the dp_shard ranks form the expert groups above, and the tp ranks of one group
+hold the same expert slice (replicated over tp, as MoE × TP replicates all experts) and
+run the same exchange with their own peers — the EP × TP layout, chosen over
+torchtitan's "EP borrows from tp" (ETP = 1, the ep group spanning dp_shard × tp ranks)
+because it composes the two existing pieces unchanged: under TP every tp rank routes the
+whole (under SP gathered) sequence (models/plans.py `moe_tp_plan`), so an ep group that
+took tp ranks would receive each token tp times unless the layer first cut the tokens
+over tp; here the router statistics stay counted once by the data-parallel sum alone.
+The price: each tp rank runs its group's experts redundantly (no tp speed-up for them).
 
 This module imports no torch.distributed at import time: config checks use it too.
 """
@@ -131,19 +141,24 @@ class ParallelDims:
                                     ("dp_shard", self.dp_shard), ("tp", self.tp)) if d > 1]
         return tuple(d for _, d in dims), tuple(n for n, _ in dims)
 
+    def expert_mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(shape, names) of the experts' mesh (module docstring): ("efsdp", "ep"), with
+        "pp" outermost under pipeline stages and "tp" innermost under TP — the world
+        mesh's order with dp_shard cut into (efsdp, ep)."""
+        dims = [(n, d) for n, d in (("pp", self.pp), ("efsdp", self.efsdp), ("ep", self.ep),
+                                    ("tp", self.tp))
+                if d > 1 or n in ("efsdp", "ep")]
+        return tuple(d for _, d in dims), tuple(n for n, _ in dims)
+
     def build_expert_mesh(self, device_type: str):
-        """The experts' DeviceMesh ("efsdp", "ep") over the dp_shard ranks, with "pp"
-        outermost under pipeline stages (module docstring), or None without expert
-        parallelism. Collective: every rank calls it."""
+        """The experts' DeviceMesh (`expert_mesh_shape`) over the world's ranks, or None
+        without expert parallelism. Collective: every rank calls it."""
         if self.ep == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.pp > 1:
-            return init_device_mesh(device_type, (self.pp, self.efsdp, self.ep),
-                                    mesh_dim_names=("pp", "efsdp", "ep"))
-        return init_device_mesh(device_type, (self.efsdp, self.ep),
-                                mesh_dim_names=("efsdp", "ep"))
+        shape, names = self.expert_mesh_shape()
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
     def build_mesh(self, device_type: str):
         """The DeviceMesh over all ranks (None for a single process)."""
@@ -159,14 +174,15 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
     """`ep` if this layout supports it, else ConfigError (one line saying why)."""
     if ep < 1:
         raise ConfigError(f"parallel.ep={ep} must be >= 1")
-    for what, degree in (("parallel.dp_replicate", dims.dp_replicate),
-                         ("parallel.tp", dims.tp)):
-        if degree > 1:
-            raise ConfigError(f"parallel.ep={ep} with {what}={degree} is not supported "
-                              "yet: expert parallelism runs inside FSDP2 (parallel.dp_shard)"
-                              ", alone or in pipeline stages, without HSDP / DDP replicas "
-                              "or TP (TP with MoE layers runs with parallel.ep=1, the "
-                              "experts replicated over tp)")
+    if dims.dp_replicate > 1:
+        raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate="
+                          f"{dims.dp_replicate} is not supported yet: expert parallelism "
+                          "runs inside FSDP2 (parallel.dp_shard), alone, with TP or in "
+                          "pipeline stages, without HSDP / DDP replicas")
+    if dims.tp > 1 and dims.pp > 1:  # an (pp, efsdp, ep, tp) expert mesh: not tested yet
+        raise ConfigError(f"parallel.ep={ep} with parallel.tp={dims.tp} and parallel.pp="
+                          f"{dims.pp} together is not supported yet (EP × TP and EP × PP "
+                          "each are; drop tp or pp)")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
                           f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "

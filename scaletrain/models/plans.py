@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from scaletrain.models.moe import MoE
+from scaletrain.models.moe import GroupedExperts, MoE
 from scaletrain.models.tp_styles import (fused_colwise, replicate_style, replicated_experts,
                                          vocab_embedding, vocab_head)
 
@@ -135,7 +135,12 @@ def moe_tp_plan(path: str, moe: MoE, *, sequence_parallel: bool) -> dict:
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInputOutput,
                                                    RowwiseParallel)
 
-    plan: dict = {f"{path}.gate": replicate_style(), f"{path}.experts": replicated_experts()}
+    plan: dict = {f"{path}.gate": replicate_style()}
+    if isinstance(moe.experts, GroupedExperts):
+        plan[f"{path}.experts"] = replicated_experts()
+    # else expert parallelism replaced them (parallel/expert.py, applied before TP): their
+    # weights are already DTensors, sharded over ep and replicated over tp, and the
+    # exchange runs on each tp index's own ep group (config/dims.py, EP × TP).
     if sequence_parallel:
         plan[path] = PrepareModuleInputOutput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),

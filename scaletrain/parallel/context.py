@@ -40,7 +40,7 @@ class DistContext:
     device: torch.device
     timeout_s: float = 300.0
     mesh: object = None  # DeviceMesh, or None for one process
-    expert_mesh: object = None  # ("efsdp", "ep") DeviceMesh with parallel.ep > 1, else None
+    expert_mesh: object = None  # dims.build_expert_mesh (parallel.ep > 1), else None
     owns_group: bool = False  # this context created the process group (and ends it)
     _closed: bool = field(default=False, repr=False)
 

@@ -22,7 +22,14 @@ Weights: the experts' (E, D, F) parameters become DTensors sharded on dim 0 over
 "ep" dimension of the expert mesh (config/dims.py `build_expert_mesh`): the logical
 tensor stays (E, D, F), which is what the checkpoint (DCP) saves, so a run with another
 ep degree (or one process) loads it. FSDP2 then shards each rank's slice again over the
-"efsdp" ranks (parallel/fsdp.py).
+"efsdp" ranks (parallel/fsdp.py). Under TP (EP × TP) the weights live on the ("ep", "tp")
+sub-mesh, Shard(0) over ep and Replicate over tp: the tp ranks of a group hold the same
+slice and run the same exchange with their own ep peers (config/dims.py). The forward
+takes `to_local()`, whose backward keeps each tp rank's own (identical) gradient as the
+replicated one — nothing sums it over tp, exactly as MoE × TP's replicated experts
+(models/tp_styles.py `replicated_experts`): the layer's input and its output's gradient
+are the same on every tp rank. FSDP2 composes "FSDP + EP + TP" DTensors (its 3-D
+(efsdp, ep, tp) spmd mesh), and DCP saves the tp replicas once.
 
 Gradient scale: the step multiplies each rank's loss by dp because FSDP2 *averages*
 gradients over the dp ranks (parallel/context.py). An expert's gradient on a rank
@@ -42,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from scaletrain.models.moe import GroupedExperts, moe_layers, swiglu_experts
 
@@ -101,16 +108,21 @@ class ExpertParallelExperts(nn.Module):
     dicts and checkpoints are unchanged) whose weights are (E, D, F) DTensors sharded on
     the experts over the ep mesh, and whose forward exchanges the rows."""
 
-    def __init__(self, experts: GroupedExperts, ep_mesh):
+    def __init__(self, experts: GroupedExperts, weight_mesh):
+        """`weight_mesh`: the expert mesh's ("ep",) or, under TP, ("ep", "tp") sub-mesh
+        (`weight_mesh_of`)."""
         super().__init__()
+        ep_mesh = weight_mesh["ep"] if weight_mesh.ndim > 1 else weight_mesh
         ep = ep_mesh.size()
+        # Shard(0) over ep; Replicate over tp when the mesh has it (module docstring).
+        placements = [Shard(0)] + [Replicate()] * (weight_mesh.ndim - 1)
         for name in EXPERT_WEIGHTS:
             w = getattr(experts, name)
             # On meta (before materialisation): the local slice's shape only, no data.
             local = torch.empty((w.shape[0] // ep, *w.shape[1:]), dtype=w.dtype,
                                 device=w.device)
             setattr(self, name, nn.Parameter(DTensor.from_local(
-                local, ep_mesh, [Shard(0)], run_check=False, shape=w.shape,
+                local, weight_mesh, placements, run_check=False, shape=w.shape,
                 stride=w.stride())))
         self.exchange = ExpertExchange(ep_mesh.get_group(), ep, experts.gate_proj.shape[0])
 
@@ -128,12 +140,24 @@ class ExpertParallelExperts(nn.Module):
         return self.exchange.combine(swiglu_experts(rows, *w, local_counts), plan)
 
 
-def apply_ep(model: nn.Module, ep_mesh) -> list[ExpertParallelExperts]:
-    """Replace every MoE layer's `experts` by its expert-parallel version over `ep_mesh`
-    (in place, on the meta-built model); returns the new modules (FSDP2's expert units)."""
+def weight_mesh_of(expert_mesh):
+    """The sub-mesh of the expert mesh (config/dims.py `build_expert_mesh`) that the
+    experts' weights are DTensors on: ("ep", "tp") when it has a tp dimension, else
+    ("ep",)."""
+    if "tp" in (expert_mesh.mesh_dim_names or ()):
+        return expert_mesh["ep", "tp"]
+    return expert_mesh["ep"]
+
+
+def apply_ep(model: nn.Module, expert_mesh) -> list[ExpertParallelExperts]:
+    """Replace every MoE layer's `experts` by its expert-parallel version over the
+    expert mesh (in place, on the meta-built model, before TP: the TP plan leaves an
+    expert-parallel experts module alone, models/plans.py `moe_tp_plan`); returns the
+    new modules (FSDP2's expert units)."""
     out = []
+    weight_mesh = weight_mesh_of(expert_mesh)
     for layer in moe_layers(model).values():
-        layer.experts = ExpertParallelExperts(layer.experts, ep_mesh)
+        layer.experts = ExpertParallelExperts(layer.experts, weight_mesh)
         out.append(layer.experts)
     return out
 

@@ -34,7 +34,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     gathered parameters until its backward (ZeRO-2-like memory, one all-gather less).
     `roots`: modules sharing `model`'s blocks that are each sharded as a root in place of
     `model` (a pipeline rank's stages under the interleaved schedule; model_parallel.py).
-    `expert_mesh`: the ("efsdp", "ep") mesh of expert parallelism (parallel/expert.py):
+    `expert_mesh`: the ("efsdp", "ep"[, "tp"]) mesh of expert parallelism (expert.py):
     each block's expert-parallel experts become their own unit sharded over "efsdp".
     """
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,

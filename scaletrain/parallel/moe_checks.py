@@ -14,8 +14,12 @@ once (the step sums them over the data-parallel ranks only; a pipeline over ever
 each tp group's once). Tested against one process with SP, × FSDP2 (experts FSDP2-
 sharded over dp, replicated over tp), × PP and with full activation checkpointing:
 tests/distributed/test_moe_tp.py.
-Expert parallelism with TP (an expert mesh borrowing the tp ranks, torchtitan's
-"EP borrows from dp/tp") is refused by config/dims.py until it is built.
+Expert parallelism with TP (EP × TP, config/dims.py): within each tp index the dp_shard
+ranks form the expert mesh, the tp ranks of a group hold the same expert slice
+(replicated over tp) and run the same exchange; the statistics are counted once by the
+same data-parallel sum. Tested against one process with SP and capacity drops:
+tests/distributed/test_moe_ep_tp.py. EP × TP × PP is refused by config/dims.py
+(untested).
 
 Refused, one line each, until they are built and tested: the parameter server, budget
 activation checkpointing (the plan's per-block bytes under AC miss the MoE layer's
@@ -28,8 +32,8 @@ the counts) and the expert-parallel exchange run eagerly, graph breaks inside th
 compiled block (models/moe.py `segment_matmul`, parallel/expert.py); tested against
 eager in tests/distributed/test_moe_ep.py.
 Expert parallelism (parallel.ep, parallel/expert.py) inside FSDP2: ep must divide the
-routed experts (config/dims.py checks that it divides dp_shard and refuses HSDP / DDP /
-TP with it; under PP the expert mesh gains a pp dimension), and needs a model with at
+routed experts (config/dims.py checks that it divides dp_shard and refuses HSDP / DDP
+with it; under PP the expert mesh gains a pp dimension, under TP a tp one), and needs a model with at
 least one MoE layer; CPU offload with it is refused until it is tested. Full and selective activation checkpointing compose with it
 (tests/distributed/test_moe_ep.py): the recompute runs the block's forward again, both
 all-to-alls included, on every rank at the same point of the backward. The routing is a
@@ -62,7 +66,7 @@ def check_moe_layout(cfg) -> None:
         if on:
             raise ConfigError(f"{what} is not supported with mixture-of-experts layers "
                               f"(model.moe_experts={cfg.model.moe_experts}) yet: one "
-                              "process, DDP, FSDP2, TP (with SP, FSDP2, PP) and pipeline "
+                              "process, DDP, FSDP2, TP (with SP, FSDP2, EP, PP) and pipeline "
                               "stages (with full / selective AC, and train.compile per "
                               "block without TP) are")
 

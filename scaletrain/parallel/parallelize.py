@@ -1,6 +1,6 @@
 """Compose the parallel techniques in one fixed order (DESIGN.md principle 2).
 
-    build on meta -> [PP: prune to stage] -> TP | EP -> activation checkpointing
+    build on meta -> [PP: prune to stage] -> EP -> TP -> activation checkpointing
                   -> [compile] -> FSDP2 / HSDP | DDP -> materialise + seeded init
 
 Why this order (torchtitan `parallelize_llama`): TP changes the parameters into
@@ -9,9 +9,9 @@ inside FSDP's per-block unit so recomputation re-gathers the block's parameters;
 FSDP/DDP come last because they own the parameters and the gradient hooks. Weights are
 initialised *after* sharding, from generators seeded per parameter name
 (models/gpt.py `init_weights`), so every layout starts from bitwise the same values and
-no rank ever holds the full unsharded model. EP (parallel/expert.py) sits where TP does:
-it turns the expert weights into DTensors over the "ep" ranks, which FSDP2 then shards
-again over the "efsdp" ranks.
+no rank ever holds the full unsharded model. EP (parallel/expert.py) sits beside TP, just
+before it: it turns the expert weights into DTensors over the "ep" ranks (replicated
+over "tp" under TP), which FSDP2 then shards again over the "efsdp" ranks.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
     `compile`: False, True / "blocks" (per block) or "model" (whole forward, one process).
     `ac`: the `ACPolicy` (plan/memory.py `ac_policy`; needed for budget mode); default
     from `pcfg`. `tied`: the family's tied pairs, re-tied after TP (ModelSpec.tied).
-    `expert_mesh`: the ("efsdp", "ep") mesh when dims.ep > 1 (DistContext.expert_mesh).
+    `expert_mesh`: the expert mesh when dims.ep > 1 (DistContext.expert_mesh).
     """
-    maybe_apply_tp(model, dims, mesh, pcfg, tp_plan, tied)  # TP first: FSDP shards its DTensors
+    # EP before TP: the TP plan then leaves the expert-parallel experts (already
+    # DTensors over ("ep"[, "tp"])) alone; both before FSDP, which shards their DTensors.
     if dims.ep > 1:  # experts as DTensors over "ep" (config/dims.py: ep needs FSDP2)
-        apply_ep(model, expert_mesh["ep"])
+        apply_ep(model, expert_mesh)
+    maybe_apply_tp(model, dims, mesh, pcfg, tp_plan, tied)
     if ac is None:
         if pcfg.activation_checkpoint == "budget":
             raise ValueError("budget activation checkpointing needs an ACPolicy "

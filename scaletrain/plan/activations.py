@@ -29,7 +29,13 @@ Tensor parallelism: a saved tensor produced between the entry of a column-parall
 module and the entry of the next row-parallel one of the family's TP plan
 (`ModelSpec.tp_plan`) is split over the TP ranks (Megatron layout, Korthikanti et al.
 2022 §4.1); the residual stream and the norms outside those regions are replicated. The
-weight casts are the matmul weights', all sharded.
+weight casts are the matmul weights', sharded — except those of an MoE layer's routed
+experts, which the plan replicates over tp (models/plans.py `moe_tp_plan`: every tp
+rank runs every expert, or under EP its ep group's slice, on all the layer's tokens;
+what those experts save per token is outside the split regions too, so whole).
+Sequence parallel is not modelled: the residual stream is counted whole on every tp
+rank, which is what an MoE layer holds under SP anyway (its input is all-gathered to
+the whole sequence before the router and cut after).
 
 Device: the fake tensors are CPU tensors, whatever the plan's device (faking CUDA needs
 a CUDA build). The one difference that shows in the saved set: CUDA's LayerNorm keeps
@@ -61,6 +67,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from scaletrain.models.moe import GroupedExperts
 from scaletrain.models.registry import spec_of
 from scaletrain.parallel.ac import _save_list
 from scaletrain.precision import PrecisionPolicy
@@ -82,6 +89,9 @@ class BlockActivations:
 
     tensors: tuple[SavedTensor, ...]  # grow with the micro-batch
     fixed: tuple[float, ...]  # bytes that do not (autocast weight casts), TP degree 1
+    # per fixed entry: sharded over tp (a TP-sharded matmul's weight cast), or not (a
+    # routed expert's, replicated over tp); empty: all sharded
+    fixed_split: tuple[bool, ...] = ()
 
     def per_token(self, tp: int = 1) -> float:
         """Bytes per token this block keeps on one of `tp` ranks."""
@@ -92,26 +102,31 @@ class BlockActivations:
         return [t.per_token / (tp if t.split else 1) for t in self.tensors]
 
     def fixed_bytes(self, tp: int = 1) -> list[float]:
-        """Each fixed tensor's bytes on one of `tp` ranks (the matmul weights: sharded)."""
-        return [b / tp for b in self.fixed]
+        """Each fixed tensor's bytes on one of `tp` ranks (the matmul weights' casts:
+        sharded, the routed experts' replicated)."""
+        split = self.fixed_split or (True,) * len(self.fixed)
+        return [b / tp if sp else b for b, sp in zip(self.fixed, split)]
 
 
 class _Producers(TorchDispatchMode):
-    """Records, per output storage, the op that made it and whether it was made inside a
-    tensor-parallel region (`self.split`, toggled by the TP plan's module pre-hooks)."""
+    """Records, per output storage, the op that made it, whether it was made inside a
+    tensor-parallel region (`self.split`, toggled by the TP plan's module pre-hooks) and
+    whether inside modules the plan replicates whole (`self.replicated`: an MoE layer's
+    routed experts, whose weight casts are not sharded)."""
 
     def __init__(self):
         super().__init__()
         self.split = False
+        self.replicated = False
         # storage key -> (op, output index, split, the output: holding it keeps the key
-        # unique for the whole forward)
+        # unique for the whole forward, replicated)
         self.origin: dict[int, tuple] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for i, t in enumerate(tree_flatten(out)[0]):
             if isinstance(t, torch.Tensor):
-                self.origin.setdefault(_key(t), (func, i, self.split, t))
+                self.origin.setdefault(_key(t), (func, i, self.split, t, self.replicated))
         return out
 
 
@@ -144,7 +159,8 @@ def _fake_block(spec, model_cfg, samples: int, param_dtype: torch.dtype, layer: 
 
 
 def _tp_hooks(spec, model: nn.Module, block: nn.Module, rec: _Producers) -> list:
-    """Pre-hooks marking the TP plan's split regions inside `block` (module doc)."""
+    """Hooks marking the TP plan's split regions inside `block`, and its routed experts
+    (replicated over tp: their weight casts whole) (module doc)."""
     if spec.tp_plan is None:
         return []
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -159,6 +175,11 @@ def _tp_hooks(spec, model: nn.Module, block: nn.Module, rec: _Producers) -> list
             if isinstance(style, cls):
                 handles.append(mods[path].register_forward_pre_hook(
                     lambda _m, _a, split=split: setattr(rec, "split", split)))
+        if isinstance(mods[path], GroupedExperts):  # the plan's replicated experts
+            handles += [mods[path].register_forward_pre_hook(
+                            lambda _m, _a: setattr(rec, "replicated", True)),
+                        mods[path].register_forward_hook(
+                            lambda _m, _a, _o: setattr(rec, "replicated", False))]
     return handles
 
 
@@ -173,8 +194,8 @@ def _stat_bytes_cuda(t: torch.Tensor, origin) -> int | None:
 
 def _measure(spec, model_cfg, precision: str, samples: int, device_type: str,
              layer: int) -> dict:
-    """{mode: [(storage bytes, split), ...]} of block `layer` for one micro-batch of
-    `samples`, in the order first saved (the same at any batch size)."""
+    """{mode: [(storage bytes, split, replicated), ...]} of block `layer` for one
+    micro-batch of `samples`, in the order first saved (the same at any batch size)."""
     policy = PrecisionPolicy(precision, torch.device("cpu"))
 
     with FakeTensorMode():
@@ -199,10 +220,12 @@ def _measure(spec, model_cfg, precision: str, samples: int, device_type: str,
             for h in handles:
                 h.remove()
 
-    def sized(key, t) -> tuple[float, bool]:
-        origin = rec.origin.get(key, (None, 0, False, t))
+    def sized(key, t) -> tuple[float, bool, bool]:
+        """(bytes, made in a split region, made in a replicated module)."""
+        origin = rec.origin.get(key, (None, 0, False, t, False))
         cuda = _stat_bytes_cuda(t, origin) if device_type == "cuda" else None
-        return float(cuda if cuda is not None else t.untyped_storage().nbytes()), origin[2]
+        return (float(cuda if cuda is not None else t.untyped_storage().nbytes()),
+                origin[2], origin[4])
 
     save_ops = _save_list()
     entry = [sized(k, t) for k, t in inputs_keys.items()]
@@ -223,19 +246,20 @@ def _cached(name: str, model_key: tuple, precision: str, mode: str,
     small = _measure(spec, model_cfg, precision, b1, device_type, layer)
     large = _measure(spec, model_cfg, precision, b2, device_type, layer)
     fixed_from = "none"  # the autocast cast cache: alive whatever the AC mode (doc)
-    tensors, fixed = [], []
+    tensors, fixed, fixed_split = [], [], []
     tokens = (b2 - b1) * model_cfg.seq_len
     if len(small[mode]) != len(large[mode]) or len(small[fixed_from]) != len(large[fixed_from]):
         raise RuntimeError(f"{name}: the block saves a different set of tensors at "
                            f"{b1} and {b2} samples; its bytes per token are not linear")
-    for (s, split), (l, _) in zip(small[mode], large[mode]):
+    for (s, split, _), (l, _, _) in zip(small[mode], large[mode]):
         grow = (l - s) / tokens
         if grow:
             tensors.append(SavedTensor(grow, split))
-    for (s, _), (l, _) in zip(small[fixed_from], large[fixed_from]):
+    for (s, _, replicated), (l, _, _) in zip(small[fixed_from], large[fixed_from]):
         if l == s:
             fixed.append(s)
-    return BlockActivations(tuple(tensors), tuple(fixed))
+            fixed_split.append(not replicated)
+    return BlockActivations(tuple(tensors), tuple(fixed), tuple(fixed_split))
 
 
 _model_cfgs: dict[tuple, object] = {}  # cache key -> the ModelConfig it stands for

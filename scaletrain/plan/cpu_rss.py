@@ -103,7 +103,8 @@ def expert_parallel(cfg, s, r: int, ab: int, layers) -> tuple[float, float]:
         return (0.0, 0.0)
     exchange = exchange_buffers(s.expert_dims, s.ep, s.tokens, cfg.model.moe_top_k, r)
     count, numel = skipped_casts(s.expert_dims, s.ep) if ab != r else (0.0, 0.0)
-    return add(*(hm(b) for b in exchange), scale(hm(numel * ab / s.tp, count), -len(moe)))
+    # (whole on every tp rank: the routed experts are replicated over tp)
+    return add(*(hm(b) for b in exchange), scale(hm(numel * ab, count), -len(moe)))
 
 
 def head(s, ab: int, tokens: int, fp32_tensors: int) -> tuple[float, float]:

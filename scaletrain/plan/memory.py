@@ -273,7 +273,8 @@ def expert_parallel_bytes(cfg, s: RankShape, ab: int) -> float:
     pb = dtype_bytes(cfg.precision.dtype)[0]
     count, numel = skipped_casts(s.expert_dims, s.ep) if ab != pb else (0.0, 0.0)
     exchange = exchange_buffers(s.expert_dims, s.ep, s.tokens, cfg.model.moe_top_k, pb)
-    return sum(exchange) - len(moe) * count * numel * ab / s.tp
+    # (the routed experts are replicated over tp: their casts are whole on every rank)
+    return sum(exchange) - len(moe) * count * numel * ab
 
 
 def head_input_bytes(cfg, s: RankShape, r: int, ab: int) -> float:

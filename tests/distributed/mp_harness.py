@@ -118,6 +118,8 @@ def mp_run(rank: int, world: int, spec: dict) -> dict:
     out = {"losses": losses, "norms": norms, "skipped": skipped}
     if moe is not None:
         out["moe_records"] = moe_records
+    if ctx.dims.ep > 1:  # rows of each MoE layer's local expert slice: E / ep / efsdp
+        out["local_experts"] = [m.experts.gate_proj.to_local().shape[0] for m in moe.layers]
     if spec["params"]:  # this rank's full parameters (a pipeline rank: its stages')
         from scaletrain.parallel.weights import full_state_dict
 

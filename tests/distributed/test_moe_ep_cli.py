@@ -1,8 +1,9 @@
 """Expert parallelism the way users run it: `scaletrain train --nproc 2 --parallel.ep=2`
 on an MoE llama (sigmoid_bias router, aux loss) matches the one-process run to 1e-6
-relative (also with selective activation checkpointing), and checkpoints cross EP degrees — EP=2 -> one process and one process ->
-EP=2 — with the losses of the uninterrupted run (DCP reshards the experts' (E, D, F)
-DTensors). Bad EP layouts end with one line and exit code 2 before torchrun starts."""
+relative (also with selective activation checkpointing, and EP=2 × TP=2 on 4), and
+checkpoints cross EP degrees — EP=2 (and EP=2 × TP=2) -> one process and one process ->
+EP=2 (EP=2 × TP=2) — with the losses of the uninterrupted run (DCP reshards the
+experts' (E, D, F) DTensors). Bad EP layouts end with one line and exit code 2 before torchrun starts."""
 
 from __future__ import annotations
 
@@ -64,6 +65,33 @@ def test_ep_cli_matches_one_process_and_resumes_across_ep(prepared, one, tmp_pat
     cases = [  # (layout, nproc, checkpoint) -> steps 6..10 of the uninterrupted run
         (["--parallel.dp_shard=1"], 1, tmp_path / "ep2" / "checkpoints" / "step-00000005"),
         (EP2, 2, one_dir / "checkpoints" / "step-00000005")]
+    for i, (layout, nproc, ckpt) in enumerate(cases):
+        got = train([data, *layout, f"--checkpoint.resume={ckpt}"], tmp_path / f"r{i}", nproc)
+        assert sorted(got) == list(range(6, 11)), f"case {i}: steps {sorted(got)}"
+        for s in got:
+            assert got[s] == pytest.approx(one[s], rel=1e-6), f"case {i}: step {s}"
+
+
+@pytest.mark.timeout(600)
+def test_ep_tp_cli_matches_one_process_and_resumes_on_one_process_and_back(prepared, one,
+                                                                           tmp_path):
+    """EP=2 × TP=2 on 4 processes (`--parallel.dp_shard=2 --parallel.ep=2
+    --parallel.tp=2`: the experts Shard(0) over ep and Replicate over tp, config/dims.py)
+    against one process over 10 steps, then its step-5 checkpoint resumed on one process
+    and the one process's resumed at EP=2 × TP=2: steps 6..10 of the uninterrupted run
+    (DCP saves the tp replicas of an expert slice once and reshards (E, D, F) on load)."""
+    data = f"--data.prepared_dir={prepared}"
+    one_dir, one = one
+    ep_tp = [*EP2, "--parallel.tp=2"]
+    full = train([data, *ep_tp], tmp_path / "ep2tp2", nproc=4)
+    assert sorted(full) == sorted(one) == list(range(1, 11))
+    for s in one:
+        assert full[s] == pytest.approx(one[s], rel=1e-6), f"EP=2 x TP=2 step {s}"
+    par = json.loads((tmp_path / "ep2tp2" / "summary.json").read_text())["parallel"]
+    assert (par["strategy"], par["tp"], par["ep"]) == ("fsdp+ep", 2, 2), par
+    cases = [(["--parallel.dp_shard=1"], 1,
+              tmp_path / "ep2tp2" / "checkpoints" / "step-00000005"),
+             (ep_tp, 4, one_dir / "checkpoints" / "step-00000005")]
     for i, (layout, nproc, ckpt) in enumerate(cases):
         got = train([data, *layout, f"--checkpoint.resume={ckpt}"], tmp_path / f"r{i}", nproc)
         assert sorted(got) == list(range(6, 11)), f"case {i}: steps {sorted(got)}"

@@ -74,15 +74,17 @@ def test_bad_moe_input_is_one_line(tmp_path, extra, line):
     assert not (tmp_path / "r").exists()
 
 
-# TP trains MoE layers (test_moe_tp_cli_matches_one_process); its boundary: not with
-# train.compile, nor with expert parallelism.
+# TP trains MoE layers, with EP too (test_moe_tp_cli_matches_one_process); its boundary:
+# not with train.compile, nor EP × TP with pipeline stages.
 UNSUPPORTED = [(["--parallel.tp=2", "--parallel.dp_shard=1", "--train.compile=true"], "2",
                 "train.compile with parallel.tp > 1 is not supported"),
-               (["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.ep=2"], "4",
-                "parallel.ep=2 with parallel.tp=2 is not supported yet")]
+               (["--parallel.tp=2", "--parallel.dp_shard=2", "--parallel.ep=2",
+                 "--parallel.pp=2"], "8",
+                "parallel.ep=2 with parallel.tp=2 and parallel.pp=2 together is not "
+                "supported yet")]
 
 
-@pytest.mark.parametrize("layout,nproc,line", UNSUPPORTED, ids=["tp_compile", "tp_ep"])
+@pytest.mark.parametrize("layout,nproc,line", UNSUPPORTED, ids=["tp_compile", "tp_ep_pp"])
 def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, nproc, line):
     proc = run_cli("train", *TINY_MOE, "--model.n_layer=2", *layout, "--nproc", nproc,
                    f"--run.dir={tmp_path}/r", timeout=60)
@@ -90,10 +92,18 @@ def test_unsupported_moe_layouts_refused_before_launch(tmp_path, layout, nproc, 
     assert not (tmp_path / "r").exists()
 
 
-def test_moe_tp_cli_matches_one_process(prepared_dir, tmp_path):
+TP_LAYOUTS = {"tp2": ["--nproc", "2", "--parallel.tp=2", "--parallel.dp_shard=1"],
+              "ep2_tp2": ["--nproc", "4", "--parallel.tp=2", "--parallel.dp_shard=2",
+                          "--parallel.ep=2"]}
+
+
+@pytest.mark.parametrize("layout", list(TP_LAYOUTS))
+def test_moe_tp_cli_matches_one_process(prepared_dir, tmp_path, layout):
     """`--nproc 2 --parallel.tp=2` (models/plans.py `moe_tp_plan`: the router and the
-    routed experts replicated over tp, the shared expert sharded) against one process in
-    fp64: the losses, every metrics.jsonl MoE field (counted once, not per tp rank), the
+    routed experts replicated over tp, the shared expert sharded) and EP × TP on 4
+    (`--parallel.dp_shard=2 --parallel.ep=2 --parallel.tp=2`: each tp index's 2
+    dp_shard ranks split the experts, config/dims.py) against one process in fp64: the
+    losses, every metrics.jsonl MoE field (counted once, not per tp rank), the
     validation losses and the final weights, the balancing bias included."""
     base = ["train", *TINY_DATA, *TINY_GPT, *TINY_MOE, "--model.n_kv_head=2",
             "--model.moe_router=sigmoid_bias", "--model.moe_bias_update_rate=0.01",
@@ -101,8 +111,7 @@ def test_moe_tp_cli_matches_one_process(prepared_dir, tmp_path):
             "--eval.test=false", "--train.threads=1", f"--data.prepared_dir={prepared_dir}"]
     one, tp = tmp_path / "one", tmp_path / "tp"
     for args in ([f"--run.dir={one}"],
-                 [f"--run.dir={tp}", "--nproc", "2", "--parallel.tp=2",
-                  "--parallel.dp_shard=1"]):
+                 [f"--run.dir={tp}", *TP_LAYOUTS[layout]]):
         proc = run_cli(*base, *args, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_moe_run(one, tp, eval_rel=1e-10)

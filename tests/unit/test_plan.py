@@ -227,3 +227,27 @@ def test_expert_parallel_terms_of_the_plan():
     # threshold, so the resident peak moves by the same bytes (on CUDA the end's save
     # phase is the peak of this tiny model, which EP does not change)
     assert ep2["peak_bytes"] - fsdp2["peak_bytes"] == -4096
+
+
+def test_moe_plan_under_tp_keeps_the_routed_experts_whole():
+    """Under TP the router and the routed experts are replicated (models/plans.py
+    `moe_tp_plan`): the bf16 casts of the 4 experts' 3 weights (16 x 8, 256 B each) stay
+    whole on every tp rank while the sharded matmuls' casts halve, and under EP × TP
+    the casts a rank skips (the other ep rank's 2 experts: 6 of them) are whole ones
+    too: (ep=2, tp=2) minus (tp=2 alone, FSDP2 over 2) = the 2 gathered MoE blocks'
+    2 local experts of 3 x 2 x 16 x 8 bf16 elements instead of 4 (-2 x 768 x 2 B), the
+    skipped casts (-2 blocks x 6 x 256 B) and one layer's two all-to-all buffers of 8
+    tokens (every tp rank routes all of them) x top-2 x D=16 in fp32 (+2048)."""
+    from scaletrain.plan.activations import block_activations
+
+    cfg = cfg_of(*[a for a in MOE if not a.startswith(("precision", "model.moe_first",
+                                                       "model.n_kv_head"))],
+                 "precision.dtype=bf16", "model.moe_first_dense=0", "model.n_kv_head=2")
+    a = block_activations(cfg.model, "bf16", "none", "cpu", 0)
+    experts = 3 * 4 * 256
+    assert sum(a.fixed_bytes(2)) == (sum(a.fixed_bytes(1)) - experts) / 2 + experts
+    ep_tp = plan(cfg, ParallelDims(1, 2, 2, 1, 4, ep=2), 32, "cpu")["ranks"][0]
+    tp = plan(cfg, ParallelDims(1, 2, 2, 1, 4), 32, "cpu")["ranks"][0]
+    assert ep_tp["params"] == tp["params"]  # the experts split dp_shard ways either way
+    assert ep_tp["activation_bytes"] - tp["activation_bytes"] == \
+        -2 * 768 * 2 - 2 * 6 * 256 + 2 * (8 * 2 * 16 * 4)
