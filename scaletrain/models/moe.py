@@ -18,12 +18,13 @@ forward(sorted rows, counts) contract is the seam. The replacement sends each ex
 contiguous rows to the rank that owns it (all-to-all), runs `swiglu_experts` on its own
 experts and sends the outputs back; route, dispatch and combine stay as they are.
 
-Grouped matmul: `torch._grouped_mm` on CUDA in bf16, bf16 autocast included (one kernel
-for all experts); else a
-loop over the E experts, one matmul per expert's contiguous segment of the sorted tokens
-(E matmuls per projection, never one per token) — the CPU path, and the fp64 one that
-verification runs need (_grouped_mm has no fp64). Under train.compile the loop runs
-eagerly inside the compiled block (`segment_matmul`: its host read of the counts).
+Grouped matmul: `torch._grouped_mm` (one kernel for all experts) where torch has it for
+the device and dtype: bf16 on CUDA and CPU, bf16 autocast included; else a loop over the
+E experts, one matmul per expert's contiguous segment of the sorted tokens (E matmuls per
+projection, never one per token): fp32, fp64 (which verification runs need) and widths
+its 16-byte stride rule refuses. Under train.compile
+the loop runs eagerly inside the compiled block (`segment_matmul`: its host read of the
+counts); the grouped kernel has no host read and traces.
 
 Losses, as per-token *sums* (the step divides them by the step's global target count,
 as it does the summed cross-entropy, so accumulation and data parallel stay the
@@ -169,11 +170,22 @@ def expert_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def use_grouped_mm(device_type: str, dtype: torch.dtype, width: int) -> bool:
-    """torch._grouped_mm where torch provides it for the device: CUDA, bf16 (its kernel's
-    dtype; 16-byte aligned rows, which any model width that is a multiple of 8 has)."""
-    return (device_type == "cuda" and dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm") and width % 8 == 0)
+# torch._grouped_mm's kernels, bf16 (torch 2.13): CUDA; CPU, with autograd. The CPU one
+# also runs fp32 eagerly, but its meta function (fake tensors: torch.compile's tracing,
+# the plan's measured blocks) accepts bf16 only, so fp32 takes the segment loop; fp64 has
+# no kernel.
+GROUPED_MM_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16,)}
+
+
+def use_grouped_mm(device_type: str, dtype: torch.dtype, in_width: int,
+                   out_width: int) -> bool:
+    """torch._grouped_mm where torch provides it for the device and dtype, and the rows
+    of both operands are 16-byte aligned (its stride rule: a width that is a multiple of
+    8 in bf16, of 4 in fp32)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return (hasattr(torch, "_grouped_mm")
+            and dtype in GROUPED_MM_DTYPES.get(device_type, ())
+            and in_width * size % 16 == 0 and out_width * size % 16 == 0)
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
@@ -184,7 +196,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     the fp32 rows and weights are cast once for the one kernel, where the segment loop's
     autocast casts each expert's weight per matmul)."""
     dtype = expert_dtype(x)
-    if grouped if grouped is not None else use_grouped_mm(x.device.type, dtype, x.shape[-1]):
+    if grouped if grouped is not None else use_grouped_mm(x.device.type, dtype, x.shape[-1],
+                                                           w.shape[-1]):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=offs)
     return segment_matmul(x, w, counts)

@@ -133,10 +133,29 @@ def test_expert_matmuls_take_autocasts_dtype():
 def test_grouped_mm_only_where_its_kernel_runs():
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch has no _grouped_mm")
-    assert use_grouped_mm("cuda", torch.bfloat16, 64)
-    assert not use_grouped_mm("cuda", torch.float32, 64)  # no fp32 / fp64 kernel
-    assert not use_grouped_mm("cuda", torch.bfloat16, 60)  # rows not 16-byte aligned
-    assert not use_grouped_mm("cpu", torch.bfloat16, 64)
+    assert use_grouped_mm("cuda", torch.bfloat16, 64, 32)
+    assert not use_grouped_mm("cuda", torch.float32, 64, 32)  # CUDA: bf16 only
+    assert use_grouped_mm("cpu", torch.bfloat16, 64, 32)
+    assert not use_grouped_mm("cpu", torch.float32, 64, 32)  # its meta function: bf16 only
+    assert not use_grouped_mm("cpu", torch.float64, 64, 32)  # no fp64 kernel
+    assert not use_grouped_mm("cpu", torch.bfloat16, 60, 32)  # 120 B rows: not 16-aligned
+    assert not use_grouped_mm("cpu", torch.bfloat16, 64, 36)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_gradients_equal_the_segment_loops(dtype):
+    # fp32 forced (grouped=True): the CPU kernel runs it eagerly, the same products
+    # an expert with no rows, uneven segments; the output gradient as the combine makes
+    # it (dense), since the CPU kernel refuses a zero-stride one
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 8, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(3, 8, 16, generator=g).to(dtype).requires_grad_()
+    counts, go = torch.tensor([4, 0, 6]), torch.randn(10, 16, generator=g).to(dtype)
+    got = torch.autograd.grad(grouped_matmul(x, w, counts, grouped=True), (x, w), go)
+    ref = torch.autograd.grad(grouped_matmul(x, w, counts, grouped=False), (x, w), go)
+    tol = 0 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, ref):
+        assert (a.float() - b.float()).abs().max().item() <= tol
 
 
 def test_bias_update_moves_a_skewed_load_toward_balance():
