@@ -166,7 +166,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--with-1b", action="store_true")
     ap.add_argument("--extra", default="", help="space-separated overrides added to every "
-                    "case, e.g. --extra=--train.malloc_mmap_threshold_mib=256")
+                    "case before its own (a case's setting wins), e.g. "
+                    "--extra=--train.malloc_mmap_threshold_mib=256")
     ap.add_argument("--json", default=None)
     ap.add_argument("--predict-only", action="store_true",
                     help="print the predictions without running (seconds)")
@@ -179,7 +180,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             world, argv = CASES[name]
-            argv = argv + SHORT + a.extra.split()
+            # --extra goes first: a case's own overrides (the 128k rows' loss_chunks)
+            # win over it, and SHORT (the few steps) over both
+            argv = a.extra.split() + argv + SHORT
             pred = predict(world, argv)
             if a.predict_only:
                 print(f"{name:16s} " + " ".join(f"{p:.0f}" for p in pred), flush=True)
