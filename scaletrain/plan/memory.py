@@ -217,7 +217,7 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     p = cfg.parallel
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
-    tokens = (micro or batch_plan(cfg, 1).micro) * cfg.model.seq_len
+    tokens = (micro or batch_plan(cfg, 1, pp=1).micro) * cfg.model.seq_len
     per_token = ac_block_bytes(cfg, tp, "cpu", largest_block(cfg))
     return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
                     {k: v * tokens for k, v in per_token.items()})

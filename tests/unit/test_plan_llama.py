@@ -50,7 +50,8 @@ def test_llama_fit_searches_activation_checkpointing_and_plan_auto_is_accepted()
     budget = ranks["peak_bytes"] - 2 ** 20
     choice = fit(cfg, ONE_RANK, 64, budget)
     assert choice.peak_bytes <= budget and choice.overrides
-    acs = {o["parallel.activation_checkpoint"] for o, _ in candidates(cfg, ONE_RANK, batch_plan(cfg, 1), "cpu")}
+    acs = {o["parallel.activation_checkpoint"]
+           for o, _ in candidates(cfg, ONE_RANK, batch_plan(cfg, 1, pp=1), "cpu")}
     assert acs == {"none", "selective", "full"}
 
 
