@@ -35,6 +35,10 @@ class BatchPlan:
     full: int  # global batch after the ramp
     micro: int  # samples per forward on one rank
     dp: int
+    # samples per forward of the output head + loss: `micro`, or under pp > 1 the
+    # pipeline's own micro-batch (per_rank / pipeline_microbatches); model.loss_chunks=-1
+    # is resolved from it, by the trainer and by `plan` alike
+    head_micro: int
     ramp_start: int = 0  # 0: no ramp
     ramp_tokens: int = 0
 
@@ -58,8 +62,19 @@ class BatchPlan:
         return min(self.full, b // self.ramp_start * self.ramp_start)
 
 
-def batch_plan(cfg: Config, dp: int, n_train: int | None = None) -> BatchPlan:
-    """The batch plan of `cfg` over `dp` data-parallel ranks.
+def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
+    """Micro-batches per pipeline step: parallel.pp_microbatches or batch / micro."""
+    m = pcfg.pp_microbatches or max(1, per_rank_batch // max(1, micro))
+    if per_rank_batch % m:
+        raise ConfigError(f"parallel.pp_microbatches={m} must divide the per-rank batch "
+                          f"of {per_rank_batch} samples (train.batch_size / data-parallel "
+                          "degree)")
+    return m
+
+
+def batch_plan(cfg: Config, dp: int, n_train: int | None = None, *, pp: int) -> BatchPlan:
+    """The batch plan of `cfg` over `dp` data-parallel ranks and `pp` pipeline ranks
+    (the resolved layout's: ParallelDims.pp; it sets the head's micro-batch).
 
     `n_train`: the train split's samples, the batch of full-batch descent. None where the
     data is not prepared yet (`scaletrain plan`, the launcher's checks): full-batch is
@@ -78,5 +93,7 @@ def batch_plan(cfg: Config, dp: int, n_train: int | None = None) -> BatchPlan:
     if t.batch_ramp and t.batch_ramp_start > full:
         raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} exceeds the "
                           f"global batch {full}")
-    return BatchPlan(full=full, micro=micro, dp=dp, ramp_start=t.batch_ramp_start,
-                     ramp_tokens=t.batch_ramp)
+    head_micro = micro if pp <= 1 else \
+        per_rank // pipeline_microbatches(cfg.parallel, per_rank, micro)
+    return BatchPlan(full=full, micro=micro, dp=dp, head_micro=head_micro,
+                     ramp_start=t.batch_ramp_start, ramp_tokens=t.batch_ramp)

@@ -25,7 +25,9 @@ def data_parallel_degree(cfg: Config) -> int:
 def accumulation_steps(cfg: Config, dims: ParallelDims | None = None) -> int:
     """Micro-batches per optimizer step on each rank (DESIGN.md §3): the batch plan's,
     the count the trainer runs and reports; `dims`: the run's resolved layout."""
-    return batch_plan(cfg, dims.dp if dims is not None else data_parallel_degree(cfg)).accum
+    if dims is None:  # judged on its own, as data_parallel_degree does
+        return batch_plan(cfg, data_parallel_degree(cfg), pp=max(cfg.parallel.pp, 1)).accum
+    return batch_plan(cfg, dims.dp, pp=dims.pp).accum
 
 
 def check_combinations(cfg: Config) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from scaletrain.models.losses import IGNORE_INDEX, sum_cross_entropy
+from scaletrain.models.losses import IGNORE_INDEX, cross_entropy_peak_tensors, sum_cross_entropy
 from scaletrain.precision import dtype_bytes
 
 
@@ -209,10 +209,10 @@ def fused_head_tensors(precision: str, rows: int, vocab: float, d_model: int,
 
 
 def unchunked_head_bytes(precision: str, rows: int, vocab: float) -> float:
-    """The unchunked head's logits and fp32 cross-entropy temporaries at their peak,
-    V x (ab + 12) per token (plan/memory.py's module doc: the logits, log_softmax's
-    output, the incoming and the outgoing fp32 gradient)."""
-    return rows * vocab * (dtype_bytes(precision)[1] + 12)
+    """The unchunked head's fp32 cross-entropy tensors at their peak, V x 12 per token
+    (losses.py `cross_entropy_peak_tensors`: log_softmax's output, the incoming and the
+    outgoing fp32 gradient, in the backward)."""
+    return rows * vocab * sum(cross_entropy_peak_tensors(dtype_bytes(precision)[1], True))
 
 
 def _softmax_minus_onehot(z, y, keep, x_buf, cols, grads: bool) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from scaletrain.config.batch_plan import batch_plan
+from scaletrain.config.batch_plan import batch_plan, pipeline_microbatches
 from scaletrain.errors import ConfigError
 from scaletrain.models.registry import REGISTRY, count_params, spec_of
 from scaletrain.parallel import meshes
@@ -84,16 +84,6 @@ def model_parallel_step_options(ctx, model: nn.Module, no_sync) -> dict:
     if dims.dp > 1:
         opts["no_sync"] = lambda: no_sync(model)
     return opts
-
-
-def pipeline_microbatches(pcfg, per_rank_batch: int, micro: int) -> int:
-    """Micro-batches per pipeline step: parallel.pp_microbatches or batch / micro."""
-    m = pcfg.pp_microbatches or max(1, per_rank_batch // max(1, micro))
-    if per_rank_batch % m:
-        raise ConfigError(f"parallel.pp_microbatches={m} must divide the per-rank batch "
-                          f"of {per_rank_batch} samples (train.batch_size / data-parallel "
-                          "degree)")
-    return m
 
 
 def example_io(mcfg, vocab_size: int, micro_batch: int, dtype, width: int) -> dict:
@@ -186,7 +176,7 @@ def check_model_parallel(cfg, vocab_size: int | None, dims) -> None:
             raise ConfigError(f"parallel.pp={dims.pp} needs a model family that splits "
                               f"into pipeline stages ({with_split}), not "
                               f"model.name={cfg.model.name!r}")
-        batch = batch_plan(cfg, dims.dp)  # pp > 1 runs mini-batch descent only
+        batch = batch_plan(cfg, dims.dp, pp=dims.pp)  # pp > 1: mini-batch descent only
         check_pp(p, split.depth(cfg.model),
                  pipeline_microbatches(p, batch.per_rank, batch.micro))
 

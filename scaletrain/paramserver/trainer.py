@@ -101,7 +101,7 @@ def train_ps(cfg: Config, worker_hook=None) -> dict | Stop:
         loss = build_step_loss(loss_in_model=head_computes_loss(model, cfg.parallel),
                                eot_id=masking_eot(cfg.data.document_masking, data.tokenizer))
         w = Worker(cfg, rt.rank - n_servers, n_workers, model, shards, data.train, policy,
-                   device, batch_plan(cfg, n_workers), loss)
+                   device, batch_plan(cfg, n_workers, pp=1), loss)  # no pipeline
         if worker_hook is not None:
             worker_hook(w)
         return {"role": "worker", "rank": rt.rank, "clock": w.run()}

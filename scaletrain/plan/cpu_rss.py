@@ -107,11 +107,12 @@ def expert_parallel(cfg, s, r: int, ab: int, layers) -> tuple[float, float]:
     return add(*(hm(b) for b in exchange), scale(hm(numel * ab, count), -len(moe)))
 
 
-def head(s, ab: int, tokens: int, fp32_tensors: int) -> tuple[float, float]:
-    """Logits (ab) + `fp32_tensors` fp32 (tokens, V) temporaries."""
+def head(s, tokens: int, per_logit: tuple[int, ...]) -> tuple[float, float]:
+    """The head's (tokens, V) tensors of `per_logit` bytes each (models/losses.py
+    `cross_entropy_peak_tensors`)."""
     if not s.has_head:
         return (0.0, 0.0)
-    return add(hm(tokens * s.vocab_local * ab), hm(tokens * s.vocab_local * 4, fp32_tensors))
+    return add((0.0, 0.0), *(hm(tokens * s.vocab_local * b) for b in per_logit))
 
 
 def peak_above_static(phases: dict[str, tuple[float, float]]) -> tuple[float, str, str]:

@@ -158,7 +158,7 @@ def fit(cfg, dims, vocab: int, budget_bytes: float, device_type: str = "cpu") ->
 
     `dims`: the run's resolved layout (ParallelDims). The search never changes the
     parallel degrees, so every candidate is planned on this one layout."""
-    batch = batch_plan(cfg, dims.dp)  # the searched config's: its micro-batch shrinks
+    batch = batch_plan(cfg, dims.dp, pp=dims.pp)  # the searched config's: its micro-batch shrinks
     best = None
     for over, cost in candidates(cfg, dims, batch, device_type):
         peak = math.inf

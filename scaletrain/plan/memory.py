@@ -27,10 +27,11 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   1.2B GPT with selective AC). Full AC keeps only the block input (r·D) plus one block
   recomputed in the backward; selective AC keeps the input and the outputs of
   parallel/ac.py's save list (the matmuls and attention: (r + 10·ab)·D for the GPT)
-  plus one block's recompute. Head: the logits (ab·V) are held by the step while
-  cross-entropy runs in fp32 (models/losses.py): an fp32 copy and log_softmax's output in
-  the forward, log_softmax's output, the incoming and the outgoing fp32 gradient in its
-  backward: V·(ab + 12) per token, the larger of the two. With model.loss_chunks = n
+  plus one block's recompute. Head: cross-entropy runs in fp32 (models/losses.py); its
+  peak is in the backward, log_softmax's saved output and the incoming and the outgoing
+  fp32 gradient: V·12 per token whatever the logits' dtype (nothing keeps the logits to
+  the backward; the forward's logits or their fp32 copy + log_softmax's output are less;
+  losses.py `cross_entropy_peak_tensors`, measured). With model.loss_chunks = n
   (models/chunked_loss.py) under TP (its checkpointed path) that holds for one chunk's
   micro·ceil(T/n) tokens only, and the ln_f output is not kept (`logit_tokens`); the
   fused path (no TP) holds the tensors chunked_loss.py `fused_buffer_bytes` lists
@@ -54,8 +55,9 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   blocks (the current one and the prefetched next), of every block with
   reshard_after_forward = false, in the compute dtype; with cpu_offload on a GPU the
   shards, gradients, optimizer state and step stay in host memory (not counted).
-- evaluation (no grad; gradients already freed): static + the eval batch's logits and CE
-  temporaries V·(ab + 8) per token (or one block's no-grad working set if larger).
+- evaluation (no grad; gradients already freed): static + the eval batch's logits, held
+  by the evaluator, + their fp32 copy (none in fp32) + log_softmax's output: V·(ab + 8)
+  per token under autocast, V·8 in fp32 (or one block's no-grad working set if larger).
 - end of the run: static + one copy of the weights as bytes (safetensors' `save_file`
   serialises every tensor to a `bytes` object before writing: `_flatten`/`_tobytes`);
   on global rank 0 of a split model also the gathered full weights.
@@ -87,6 +89,7 @@ from dataclasses import dataclass
 
 from scaletrain.config.batch_plan import batch_plan
 from scaletrain.models.chunked_loss import fused_head_tensors
+from scaletrain.models.losses import cross_entropy_peak_tensors
 from scaletrain.optim.adamw8bit import CHUNK
 from scaletrain.optim.optimizers import kernel
 from scaletrain.parallel.ac import ACPolicy, BudgetTooSmall, block_modes
@@ -214,7 +217,7 @@ def ac_policy(cfg, tp: int = 1, micro: int | None = None):
     p = cfg.parallel
     if p.activation_checkpoint != "budget":
         return ACPolicy(p.activation_checkpoint, p.activation_checkpoint_every)
-    tokens = (micro or batch_plan(cfg, 1).micro) * cfg.model.seq_len
+    tokens = (micro or batch_plan(cfg, 1, pp=1).micro) * cfg.model.seq_len
     per_token = ac_block_bytes(cfg, tp, "cpu", largest_block(cfg))
     return ACPolicy("budget", 1, p.activation_budget_gib * 2 ** 30,
                     {k: v * tokens for k, v in per_token.items()})
@@ -312,16 +315,24 @@ def logit_tokens(cfg, s: RankShape) -> int:
     return s.tokens * s.in_flight
 
 
-def head_bytes(cfg, s: RankShape, ab: int, grad: bool = True) -> float:
-    """The head's peak beyond what it keeps for the backward: the logits and the fp32
-    cross-entropy temporaries of `logit_tokens` (module doc), or the fused head's
+def head_bytes(cfg, s: RankShape, ab: int) -> float:
+    """The head's training peak beyond what it keeps for the backward: the fp32
+    cross-entropy tensors of `logit_tokens` (module doc), or the fused head's
     forward-only tensors (`fused_head`)."""
     if not s.has_head:
         return 0.0
     fused = fused_head(cfg, s)
     if fused:
         return sum(fused[1].values())
-    return logit_tokens(cfg, s) * s.vocab_local * (ab + (12 if grad else 8))
+    return logit_tokens(cfg, s) * s.vocab_local * sum(cross_entropy_peak_tensors(ab, True))
+
+
+def eval_head_bytes(s: RankShape, ab: int) -> float:
+    """The evaluation batch's logits and cross-entropy tensors (no grad; module doc):
+    the evaluator takes whole logits, whatever model.loss_chunks."""
+    if not s.has_head:
+        return 0.0
+    return s.eval_tokens * s.vocab_local * sum(cross_entropy_peak_tensors(ab, False))
 
 
 def _cpu_resident(cfg, s: RankShape, pb: int, ab: int, masters: bool,
@@ -339,10 +350,10 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     grads = c.per_param(numels, pb)
     fused = fused_head(cfg, s)
     # the head: the fused path's tensors one by one (its gradients per in-flight
-    # micro-batch), else the logits + 3 fp32 cross-entropy temporaries
+    # micro-batch), else the cross-entropy's 3 fp32 (tokens, V) tensors (head_bytes)
     head = (c.add(*(c.hm(b, s.in_flight) for b in fused[0].values()),
                   *(c.hm(b) for b in fused[1].values())) if fused
-            else c.head(s, ab, logit_tokens(cfg, s), 3))
+            else c.head(s, logit_tokens(cfg, s), cross_entropy_peak_tensors(ab, True)))
     act = c.add(c.activations(cfg, s, pb, ab, rank_block_modes(cfg, s), fused is not None),
                 head, c.hm(s.fsdp_gathered * ab))
     if accumulating:
@@ -361,7 +372,7 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
         transient = c.per_param(numels, per)
     else:  # fused: 0; for-loop: one tensor's temporaries at a time
         transient = c.hm(s.largest_param * per)
-    evaluation = c.head(s, ab, s.eval_tokens, 2) if s.eval_tokens else (0.0, 0.0)
+    evaluation = c.head(s, s.eval_tokens, cross_entropy_peak_tensors(ab, False))
     # Rank 0 writes the weights: safetensors' bytes of every tensor, + the gathered full
     # tensors when split; under PP every rank pickles its stage, receives all stages
     # (all_gather_object) and unpickles them (parallel/context.py gather).
@@ -413,8 +424,7 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
     if s.eval_tokens:
         blk = max(block_bytes_per_token(cfg, s.tp, device_type, i)  # no-grad: one block's set
                   for i in set(rank_blocks(s))) * 0.5
-        evaluation = static + s.eval_tokens * max(
-            s.vocab_local * (ab + 8) if s.has_head else 0.0, blk)
+        evaluation = static + max(eval_head_bytes(s, ab), s.eval_tokens * blk)
     # Saving the weights (checkpoint/run_model.py): rank 0 gathers the full tensors when they
     # are split (parallel/weights.py, pipeline stages via a pickled gather), then
     # safetensors serialises them to bytes; a pipeline rank pickles its stage to send.

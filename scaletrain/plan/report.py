@@ -21,8 +21,7 @@ from scaletrain.models.loss_chunks_auto import resolve_loss_chunks, with_loss_ch
 from scaletrain.models.registry import spec_of
 from scaletrain.models.tp_styles import plan_sharded
 from scaletrain.parallel.ac import BudgetTooSmall, block_modes, describe
-from scaletrain.parallel.model_parallel import (check_model_parallel, pipeline_layout,
-                                                pipeline_microbatches)
+from scaletrain.parallel.model_parallel import check_model_parallel, pipeline_layout
 from scaletrain.parallel.pipeline import bubble_fraction, prune_to_stage, stages_per_rank
 from scaletrain.plan.experts import expert_dims, gathered_expert_numel
 from scaletrain.plan.memory import RankShape, ac_policy, rank_peak
@@ -146,13 +145,12 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
 
 def _microbatching(cfg, dims) -> tuple[int, int, int]:
     """(stages per pipeline rank, micro-batches per step, samples per micro-batch): the
-    pipeline's micro-batches under pp > 1, else the batch plan's accumulation."""
-    batch = batch_plan(cfg, dims.dp)  # full-batch: train.batch_size is the split here
-    per_rank, micro = batch.per_rank, batch.micro
-    if dims.pp <= 1:
-        return 1, per_rank // micro, micro
-    mb_count = pipeline_microbatches(cfg.parallel, per_rank, micro)
-    return stages_per_rank(cfg.parallel), mb_count, per_rank // mb_count
+    batch plan's head micro-batch (the pipeline's under pp > 1) and how many of them
+    make a rank's step."""
+    # full-batch: train.batch_size is the split here
+    batch = batch_plan(cfg, dims.dp, pp=dims.pp)
+    v = stages_per_rank(cfg.parallel) if dims.pp > 1 else 1
+    return v, batch.per_rank // batch.head_micro, batch.head_micro
 
 
 def _local_numels(shapes: dict, sharded: set, dims) -> list[float]:

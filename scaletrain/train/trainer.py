@@ -32,7 +32,7 @@ from scaletrain.optim.step_end import StepEnd
 from scaletrain.optim.strategy import build_strategy
 from scaletrain.parallel.compile import StepClock
 from scaletrain.parallel.context import DistContext
-from scaletrain.parallel.model_parallel import build_pipeline, pipeline_microbatches
+from scaletrain.parallel.model_parallel import build_pipeline
 from scaletrain.parallel.pipeline_step import merge_stage_states
 from scaletrain.parallel.weights import full_state_dict
 from scaletrain.parallel.world import World
@@ -81,16 +81,14 @@ class Trainer:
         facts = data_facts(self.data)
         # The run's batch plan (descent mode, ramp; full-batch: the whole split), computed
         # once here and handed to AC, the pipeline, the strategy and the summary.
-        self.batch = batch_plan(cfg, self.dist.dims.dp, len(self.data.train))
-        # model.loss_chunks=-1 (auto) resolved from the head's micro-batch (a pipeline's
-        # own), the value every later step (model, loss) reads, as plan/report.py does
-        # (models/loss_chunks_auto.py)
-        head_micro = self.batch.micro if self.dist.dims.pp == 1 else \
-            self.batch.per_rank // pipeline_microbatches(cfg.parallel, self.batch.per_rank,
-                                                         self.batch.micro)
+        self.batch = batch_plan(cfg, self.dist.dims.dp, len(self.data.train),
+                                pp=self.dist.dims.pp)
+        # model.loss_chunks=-1 (auto) resolved from the batch plan's head micro-batch (a
+        # pipeline's own), the value every later step (model, loss) reads, as
+        # plan/report.py does (models/loss_chunks_auto.py)
         self.cfg = cfg = with_loss_chunks(cfg, resolve_loss_chunks(
-            cfg, self.spec.kind, cfg.model.vocab_size or facts["vocab_size"], head_micro,
-            self.dist.dims.tp))
+            cfg, self.spec.kind, cfg.model.vocab_size or facts["vocab_size"],
+            self.batch.head_micro, self.dist.dims.tp))
         self.parallel, self.ac_modes = build_model(cfg, facts, self.batch, self.dist,
                                                    self.policy, self.rt.device, resuming)
         self.model = self.parallel.module

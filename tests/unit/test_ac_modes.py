@@ -174,7 +174,7 @@ def test_budget_config_errors_are_config_errors():
                   "--parallel.activation_budget_gib=0.0000001")
     dims = ParallelDims.resolve(1, 1, 1, 1, 1)
     with pytest.raises(ConfigError, match="activation_budget_gib.*lower train.micro_batch"):
-        activation_policy(tiny, dims, batch_plan(tiny, dims.dp))
+        activation_policy(tiny, dims, batch_plan(tiny, dims.dp, pp=dims.pp))
 
 
 def test_trainer_with_a_budget_trains_like_none_and_reports_the_blocks(tiny_args, tmp_path):

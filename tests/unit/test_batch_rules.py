@@ -46,8 +46,8 @@ def test_lr_scaling(rule, factor, tiny_args):
 
 
 def test_ramp_sizes_depend_on_config_not_world():
-    one = BatchPlan(full=64, micro=4, dp=1, ramp_start=8, ramp_tokens=1000)
-    two = BatchPlan(full=64, micro=2, dp=2, ramp_start=8, ramp_tokens=1000)
+    one = BatchPlan(full=64, micro=4, dp=1, head_micro=4, ramp_start=8, ramp_tokens=1000)
+    two = BatchPlan(full=64, micro=2, dp=2, head_micro=2, ramp_start=8, ramp_tokens=1000)
     sizes = [one.batch_size(t) for t in range(0, 1200, 7)]
     assert sizes == [two.batch_size(t) for t in range(0, 1200, 7)]
     assert sizes[0] == 8 and sizes[-1] == 64 and sorted(sizes) == sizes
@@ -138,4 +138,4 @@ def test_bad_batch_rules_are_config_errors(pairs, match):
 def test_full_batch_must_divide_over_ranks():
     cfg = build_config(None, [("train.descent", "full-batch")])
     with pytest.raises(ConfigError, match="data-parallel"):
-        build_batch_plan(cfg, n_train=101, dp=2)
+        build_batch_plan(cfg, n_train=101, dp=2, pp=1)

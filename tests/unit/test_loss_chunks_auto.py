@@ -36,7 +36,7 @@ def test_auto_chunks_from_32_mib_of_logits(micro, expected):
 def test_auto_stays_whole_where_the_fused_buffers_rival_the_logits():
     # D 1024, 512 tokens, bf16: the fused head's (V, D) weight gradient (64 MiB fp32),
     # its bf16 product (32) and fp32 copy (64) and the weight's cast (32) exceed half of
-    # the unchunked 512 x 16384 x (2 + 12) B = 112 MiB, though the logits reach 32 MiB
+    # the unchunked 512 x 16384 x 12 B = 96 MiB, though the logits reach 32 MiB
     cfg = cfg_of("model.d_model=1024", "precision.dtype=bf16")
     assert resolve_loss_chunks(cfg, "text", V, 8, tp=1) == 0
     assert resolve_loss_chunks(cfg_of("precision.dtype=bf16"), "text", V, 8, tp=1) == 8

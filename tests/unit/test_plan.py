@@ -41,13 +41,15 @@ def test_fp32_adamw_bytes_and_peak():
     assert r["optim_bytes"] == N * 8 == 57856  # two fp32 moments
     # activations per token: each block D*(2*4 + 14*4) + 4*H + 16 = 1024 + 8 + 16 = 1048,
     # two blocks 2096, + ln_f input and output (4 + 4) * 16 = 128 -> 2224; x 16 tokens
-    # = 35584; head: 16 tokens * V 32 * (4 + 12) = 8192
-    assert r["activation_bytes"] == 35584 + 8192
+    # = 35584; head: the cross-entropy's 3 fp32 (tokens, V) tensors at its backward's
+    # peak (log_softmax's output, the incoming and outgoing gradients; the logits are
+    # not kept), 16 tokens * V 32 * 3 * 4 B = 6144
+    assert r["activation_bytes"] == 35584 + 6144
     assert r["workspace_bytes"] == N * 4  # foreach AdamW's sqrt(exp_avg_sq) list
     # CPU, every tensor below glibc's 32 MiB mmap threshold (heap): params + moments +
-    # the largest phase: gradients + activations + head 28928 + 43776 (the step's is
+    # the largest phase: gradients + activations + head 28928 + 41728 (the step's is
     # gradients + sqrt list 57856, the end's the weights as bytes 28928)
-    tensors = 28928 + 57856 + 28928 + 43776
+    tensors = 28928 + 57856 + 28928 + 41728
     assert r["peak_tensor_bytes"] == tensors
     assert r["peak_bytes"] == int(memory.CPU_BASELINE_MIB * 2**20 + tensors)
     # The default kernel ("auto": fused AdamW) updates in place: no step workspace.
@@ -56,7 +58,7 @@ def test_fp32_adamw_bytes_and_peak():
 
 def test_fp32_adamw_peak_on_cuda_is_the_optimizer_step():
     r = rank0(cfg_of("precision.dtype=fp32", "optim.implementation=foreach"), "cuda")
-    # phases: fwd/bwd 86784 + 43776 = 130560; step 86784 + grads 28928 + sqrt 28928
+    # phases: fwd/bwd 86784 + 41728 = 128512; step 86784 + grads 28928 + sqrt 28928
     # = 144640; no baseline on CUDA (max_memory_allocated counts tensors only)
     assert r["peak_phase"] == "optimizer_step"
     assert r["peak_bytes"] == 144640 and r["baseline_bytes"] == 0
@@ -69,8 +71,9 @@ def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
     assert r["optim_bytes"] == N * 4 + N * 4  # momentum + fp32 master
     assert r["workspace_bytes"] == 0  # fused kernel
     # per token: block D*(2*2 + 14*2) + 24 = 536, x2 = 1072, + (2 + 2)*16 = 64 -> 1136,
-    # x16 = 18176; head 16 * 32 * (2 + 12) = 7168
-    assert r["activation_bytes"] == 18176 + 7168
+    # x16 = 18176; head 16 * 32 * 3 * 4 = 6144 (fp32 cross-entropy tensors, bf16 logits
+    # not kept)
+    assert r["activation_bytes"] == 18176 + 6144
     # step: bf16 params 14464 + master 28928 + momentum 28928 + fp32 grads 28928
     assert r["peak_phase"] == "optimizer_step" and r["peak_bytes"] == 101248
 
@@ -78,7 +81,7 @@ def test_bf16_pure_sgd_fused_counts_masters_and_fp32_gradients():
 def test_chunked_loss_holds_one_chunk_of_logits():
     """model.loss_chunks=3, fp32, no TP: the fused head (models/chunked_loss.py
     `fused_buffer_bytes`) cuts the 16 rows into pieces of 6, 5, 5 and holds one piece's
-    logits, not V x (4 + 12) B per token of the unchunked cross-entropy's temporaries."""
+    logits, not V x 12 B per token of the unchunked cross-entropy's fp32 tensors."""
     r = rank0(cfg_of("precision.dtype=fp32", "model.loss_chunks=3"))
     # kept: blocks 2096 + ln_f input 4 * 16 -> 2160 per token, x 16 = 34560; the fused
     # head's gradients made in the forward: its input's 16 x 16 x 4 = 1024, the
@@ -105,15 +108,15 @@ def test_chunked_loss_under_bf16_autocast_counts_the_fused_casts():
 def test_full_activation_checkpointing_keeps_block_inputs_plus_one_block():
     r = rank0(cfg_of("precision.dtype=fp32", "parallel.activation_checkpoint=full"))
     # per token: 2 block inputs 4*16 = 128 + one block recomputed 1048 + ln_f 128 = 1304
-    assert r["activation_bytes"] == 1304 * TOKENS + 8192
+    assert r["activation_bytes"] == 1304 * TOKENS + 6144  # head 16 * 32 * 3 * 4
 
 
 def test_bf16_autocast_counts_the_saved_weight_casts():
     r = rank0(cfg_of("precision.dtype=bf16", "optim.name=sgd", "optim.momentum=0"))
     # per token: block D*(2*4 + 14*2) + 24 = 600, x2 = 1200, + (4 + 2)*16 = 96 -> 1296
     # x16 = 20736; weight casts 2 * (4*16*16 + 2*16*64) * 2 B = 12288 + head 32*16*2 =
-    # 1024; head logits 16 * 32 * (2 + 12) = 7168
-    assert r["activation_bytes"] == 20736 + 12288 + 1024 + 7168
+    # 1024; head: 3 fp32 cross-entropy tensors 16 * 32 * 3 * 4 = 6144
+    assert r["activation_bytes"] == 20736 + 12288 + 1024 + 6144
     assert r["optim_bytes"] == 0  # SGD without momentum keeps no state
 
 
