@@ -45,7 +45,8 @@ CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task..."""
 
 CHUNK_TEXT_CHARS = 1 << 20
-"""...or fewer, once they hold this many characters: a chunk's `Encoding`s and id lists
+"""...or fewer, holding at most this many characters (a longer document alone; `chunks`):
+a chunk's `Encoding`s and id lists
 take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
 MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
 tokenize task's memory does not depend on document sizes. 1M characters rather than
