@@ -46,9 +46,8 @@ CHUNK_DOCS = 256
 
 CHUNK_TEXT_CHARS = 1 << 20
 """...or fewer, holding at most this many characters (a longer document alone; `chunks`):
-a chunk's `Encoding`s and id lists
-take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
-MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
+a chunk's `Encoding`s and id lists take ~130 bytes a token (measured: 2.7M characters
+of Python source, 0.82M tokens, +107 MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
 tokenize task's memory does not depend on document sizes. 1M characters rather than
 4M: the peak of `prepare` with 2 workers fell by 84 MiB on 8 MB and 112 MiB on 64 MB
 (bench/results/prepare_stages.md); the ids do not depend on it (documents are encoded
