@@ -39,14 +39,15 @@ from scaletrain.data import shards
 from scaletrain.data.dedup_runs import FAN_IN, RUN_RECORDS, duplicate_positions
 from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.plan.malloc import trim_heap
 
 CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task..."""
 
 CHUNK_TEXT_CHARS = 1 << 20
-"""...or fewer, once they hold this many characters: a chunk's `Encoding`s and id lists
-take ~130 bytes a token (measured: 2.7M characters of Python source, 0.82M tokens, +107
-MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
+"""...or fewer, holding at most this many characters (a longer document alone; `chunks`):
+a chunk's `Encoding`s and id lists take ~130 bytes a token (measured: 2.7M characters
+of Python source, 0.82M tokens, +107 MB), so a chunk of 256 large files would hold hundreds of MB; bounded by characters, a
 tokenize task's memory does not depend on document sizes. 1M characters rather than
 4M: the peak of `prepare` with 2 workers fell by 84 MiB on 8 MB and 112 MiB on 64 MB
 (bench/results/prepare_stages.md); the ids do not depend on it (documents are encoded
@@ -359,27 +360,44 @@ class TokenizePart(PipelineStep):
         split = name.split("-")[0]
         out = Path(self.work, "tokens", f"{name}.bin")
         out.parent.mkdir(parents=True, exist_ok=True)
-        chunk: list[list] = []
-        chars = 0
         with open(out, "wb") as f:
-            for rec in _lines(Path(self.work, "split", f"{name}.jsonl")):
-                chunk.append(rec)
-                chars += len(rec[2])
-                if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_TEXT_CHARS:
-                    self._encode(chunk, tok, dtype, split, f)
-                    chunk, chars = [], 0
-            self._encode(chunk, tok, dtype, split, f)
+            for chunk in chunks(_lines(Path(self.work, "split", f"{name}.jsonl")),
+                                CHUNK_DOCS, CHUNK_TEXT_CHARS):
+                self._encode(chunk, tok, dtype, split, f)
+                # The chunk's encodings (Rust, glibc's heap) and id lists are freed,
+                # but glibc keeps pages freed below live blocks: without this a worker
+                # kept its largest chunk's pages and grew, task after task, with the
+                # number of tasks it ran (plan/malloc.py, `trim_heap`).
+                trim_heap()
         return iter(())
 
     def _encode(self, chunk: list[list], tok: Tokenizer, dtype: np.dtype, split: str,
                 f) -> None:
-        if not chunk:
-            return
         for (src, _h, _text), ids in zip(chunk, tok.encode_batch([r[2] for r in chunk])):
             ids.append(tok.eot_id)
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             self.stat_update(f"tokens/{split}/src{src}", value=len(ids))
             self.stat_update(length_bin(len(ids)))
+
+
+def chunks(records: Iterator[list], max_docs: int,
+           max_chars: int) -> Iterator[list[list]]:
+    """`records` ([source, sha256 hex, text]) in consecutive batches of at most
+    `max_docs` documents and `max_chars` characters of text; a document longer than
+    `max_chars` is a batch of its own. A batch is closed before the document that would
+    overflow it, not after: a batch is then bounded by the limit or by the largest
+    document, whatever the part's size (closed after, it held up to `max_chars` plus
+    one more document)."""
+    batch: list[list] = []
+    chars = 0
+    for rec in records:
+        if batch and (len(batch) >= max_docs or chars + len(rec[2]) > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(rec)
+        chars += len(rec[2])
+    if batch:
+        yield batch
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
 """What keeps `prepare`'s memory flat in the corpus size (issue #16, bounded memory):
 exact dedup on disk (data/dedup_runs.py), the duplicates a set would find with memory
 that does not grow with the number of documents; one tokenizer per worker process,
-however many tokenize tasks it runs."""
+however many tokenize tasks it runs; a tokenize task's batches bounded in characters
+whatever its part's size, with the heap trimmed after each."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import tracemalloc
 
 import numpy as np
 
+from scaletrain.data import dt_steps
 from scaletrain.data.dedup_runs import duplicate_positions
-from scaletrain.data.dt_steps import DedupSplit, TokenizePart, process_tokenizer
+from scaletrain.data.dt_steps import DedupSplit, TokenizePart, chunks, process_tokenizer
 from scaletrain.data.tokenizer import Tokenizer, train_bpe
 
 
@@ -102,3 +104,73 @@ def test_tokenize_tasks_of_a_process_share_one_tokenizer(tmp_path, monkeypatch):
         want = [t for doc in texts[i::3] for t in tok.encode(doc) + [tok.eot_id]]
         got = np.fromfile(tmp_path / "tokens" / f"{name}.bin", dtype="<u2").tolist()
         assert got == want
+
+
+def _split_part(work, name: str, texts: list[str]) -> None:
+    (work / "split").mkdir(parents=True, exist_ok=True)
+    with open(work / "split" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps([0, hashlib.sha256(t.encode()).hexdigest(), t]) + "\n")
+
+
+def test_batches_close_before_they_overflow():
+    # Sizes around the limit of 100 characters: a batch never passes it unless it is one
+    # document longer than the limit, and the batches are the records, in order.
+    sizes = [30, 60, 20, 99, 1, 100, 250, 5, 95, 40, 40, 40, 3, 101]
+    records = [[0, "h", "x" * n] for n in sizes]
+    batches = list(chunks(iter(records), max_docs=3, max_chars=100))
+    assert [r for b in batches for r in b] == records
+    for b in batches:
+        chars = sum(len(r[2]) for r in b)
+        assert len(b) <= 3 and (chars <= 100 or len(b) == 1), [len(r[2]) for r in b]
+    assert [[len(r[2]) for r in b] for b in batches] == [
+        [30, 60], [20], [99, 1], [100], [250], [5, 95], [40, 40], [40, 3], [101]]
+    assert list(chunks(iter([]), 3, 100)) == []
+
+
+def test_tokenize_task_memory_does_not_grow_with_its_part(tmp_path, monkeypatch):
+    # One tokenize task over a part of 40 documents and over one of 400 (the same
+    # documents 10 times), batches of at most 2000 characters: the Python memory it
+    # peaks at (id lists, the batch, its texts) is one batch's, not the part's: 56.5 vs
+    # 57.7 KB. Batches bounded by the 256 documents only: 104 vs 678 KB. Under 40 KB, or
+    # ~110 bytes per extra document, nothing can be kept per document or per token.
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * 7}\n" * (1 + i % 7) for i in range(40)]
+    tok = train_bpe(iter(texts), 300)
+    _split_part(tmp_path, "train-00000", texts)
+    _split_part(tmp_path, "train-00001", texts * 10)
+    monkeypatch.setattr(dt_steps, "CHUNK_TEXT_CHARS", 2000)
+    process_tokenizer.cache_clear()
+    step = TokenizePart(str(tmp_path), ["train-00000", "train-00001"], tok.to_str(), "<u2",
+                        one_thread=False)
+    step.run(rank=0, world_size=2)  # builds the process's tokenizer outside the traces
+    peaks = []
+    for rank in (0, 1):
+        tracemalloc.start()
+        try:
+            step.run(rank=rank, world_size=2)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    small, large = peaks
+    assert large - small < 40_000, (small, large)
+    ids = np.fromfile(tmp_path / "tokens" / "train-00001.bin", dtype="<u2").tolist()
+    assert ids == [t for doc in texts * 10 for t in tok.encode(doc) + [tok.eot_id]]
+
+
+def test_tokenize_trims_the_heap_after_every_batch(tmp_path, monkeypatch):
+    # glibc keeps the pages of a freed batch when live blocks sit above them, so a worker
+    # that runs many tasks grows with their number unless each batch ends in
+    # malloc_trim (plan/malloc.py's trim_heap): encode, trim, encode, trim, ...
+    texts = [f"text {i:02d} " * 40 for i in range(12)]  # 12 texts of one length
+    tok = train_bpe(iter(texts), 300)
+    _split_part(tmp_path, "val-00000", texts)
+    events = []
+    real_encode = TokenizePart._encode
+    monkeypatch.setattr(TokenizePart, "_encode", lambda self, chunk, *a: (
+        events.append(("encode", len(chunk))), real_encode(self, chunk, *a))[1])
+    monkeypatch.setattr(dt_steps, "trim_heap", lambda: events.append(("trim",)))
+    monkeypatch.setattr(dt_steps, "CHUNK_TEXT_CHARS", 4 * len(texts[0]))
+    process_tokenizer.cache_clear()
+    TokenizePart(str(tmp_path), ["val-00000"], tok.to_str(), "<u2",
+                 one_thread=False).run(rank=0, world_size=1)
+    assert events == [("encode", 4), ("trim",)] * 3
