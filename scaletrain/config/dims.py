@@ -19,7 +19,14 @@ holds one expert slice per rank, "efsdp" = dp_shard / ep ranks hold the same sli
 shard it with FSDP2 (the "expert data-parallel" group that sums its gradients). With
 pipeline stages the expert mesh is ("pp", "efsdp", "ep"): each stage's dp_shard ranks
 split that stage's experts (the world mesh's ("pp", "dp_shard") order, dp_shard cut in
-two), and its "efsdp" / "ep" sub-meshes are this rank's stage's.
+two), and its "efsdp" / "ep" sub-meshes are this rank's stage's. With replicas
+(HSDP: dp_replicate > 1) the expert mesh is ("dp_replicate", "efsdp", "ep"): each
+replica's dp_shard ranks split the experts as above, and the experts' FSDP2 unit is
+HSDP over ("dp_replicate", "efsdp") — the replicate group all-reduces the expert
+gradients as it does the dense ones (torchtitan's dp_replicate × dp_shard_mod_ep mesh).
+Pure DDP (dp_shard = 1) has no dp_shard ranks to carve ep from; dp_replicate=2,
+dp_shard=ep=2 is its expert-parallel form (experts split over ep, replicated, not
+sharded, over the replicas: efsdp = 1).
 
 This module imports no torch.distributed at import time: config checks use it too.
 """
@@ -132,18 +139,18 @@ class ParallelDims:
         return tuple(d for _, d in dims), tuple(n for n, _ in dims)
 
     def build_expert_mesh(self, device_type: str):
-        """The experts' DeviceMesh ("efsdp", "ep") over the dp_shard ranks, with "pp"
-        outermost under pipeline stages (module docstring), or None without expert
-        parallelism. Collective: every rank calls it."""
+        """The experts' DeviceMesh ("efsdp", "ep") over the dp_shard ranks, with
+        "dp_replicate" (HSDP replicas) and "pp" (pipeline stages) outside when they exist
+        (module docstring), or None without expert parallelism. Collective: every rank
+        calls it."""
         if self.ep == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.pp > 1:
-            return init_device_mesh(device_type, (self.pp, self.efsdp, self.ep),
-                                    mesh_dim_names=("pp", "efsdp", "ep"))
-        return init_device_mesh(device_type, (self.efsdp, self.ep),
-                                mesh_dim_names=("efsdp", "ep"))
+        dims = [(n, d) for n, d in (("pp", self.pp), ("dp_replicate", self.dp_replicate))
+                if d > 1] + [("efsdp", self.efsdp), ("ep", self.ep)]
+        return init_device_mesh(device_type, tuple(d for _, d in dims),
+                                mesh_dim_names=tuple(n for n, _ in dims))
 
     def build_mesh(self, device_type: str):
         """The DeviceMesh over all ranks (None for a single process)."""
@@ -159,17 +166,20 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
     """`ep` if this layout supports it, else ConfigError (one line saying why)."""
     if ep < 1:
         raise ConfigError(f"parallel.ep={ep} must be >= 1")
-    for what, degree in (("parallel.dp_replicate", dims.dp_replicate),
-                         ("parallel.tp", dims.tp)):
-        if degree > 1:
-            raise ConfigError(f"parallel.ep={ep} with {what}={degree} is not supported "
-                              "yet: expert parallelism runs inside FSDP2 (parallel.dp_shard)"
-                              ", alone or in pipeline stages, without HSDP / DDP replicas "
-                              "or TP (TP with MoE layers runs with parallel.ep=1, the "
-                              "experts replicated over tp)")
+    if dims.tp > 1:
+        raise ConfigError(f"parallel.ep={ep} with parallel.tp={dims.tp} is not supported "
+                          "yet: expert parallelism runs inside FSDP2 / HSDP (parallel."
+                          "dp_shard), alone or in pipeline stages, without TP (TP with MoE "
+                          "layers runs with parallel.ep=1, the experts replicated over tp)")
+    if dims.dp_replicate > 1 and dims.pp > 1:  # 8 ranks at least: not tested yet
+        raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate="
+                          f"{dims.dp_replicate} and parallel.pp={dims.pp} is not supported "
+                          "yet: expert parallelism runs in HSDP replicas or in pipeline "
+                          "stages, not both")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
-                          f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "
+                          f"(the expert-parallel ranks are carved out of the FSDP2 ranks, not the "
+                          f"dp_replicate replicas; "
                           f"world {dims.world})")
     return ep
 

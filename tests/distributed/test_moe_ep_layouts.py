@@ -1,0 +1,61 @@
+"""Expert parallelism in HSDP replicas and with CPU offload, against one process (the
+runs and checks of test_moe_ep.py: sigmoid_bias router with aux and z losses, masked
+targets, uneven expert loads, accumulation; parameters, norms, biases and the logged
+loads to 1e-10 in fp64, losses to 1e-6 relative in fp32 over 10 steps).
+
+HSDP × EP on 4 ranks: parallel.dp_replicate=2, dp_shard=2, ep=2 — each replica's two
+ranks split the 8 experts 4 + 4 (efsdp = 1: the DDP-replica form, the experts replicated
+over the replicas, not sharded), the dense weights HSDP over (2, 2). The replicate group
+must all-reduce the expert gradients (the ranks of the two replicas that own the same
+experts end with equal shards, and the parameters equal one process's) and the
+sigmoid_bias loads must be summed over both replicas (the logged global loads and the
+bias equal one process's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spawn import run_distributed
+from test_moe_ep import check_against_one_process, check_compiled, ep_run
+import test_moe_ep
+
+ref = test_moe_ep.ref  # the one-process fp64 / fp32 runs (module fixture)
+fresh_dynamo = test_moe_ep.fresh_dynamo
+
+
+def _hsdp(rank: int, world: int) -> list:
+    return [ep_run(rank, world, dtype, 2, replicate=2) for dtype in ("fp64", "fp32")]
+
+
+def test_expert_parallel_in_hsdp_replicas_matches_one_process(ref):
+    per_rank = run_distributed(_hsdp, 4, timeout=400)
+    assert all(r[0]["strategy"] == "hsdp" for r in per_rank)
+    check_against_one_process(ref, per_rank, "hsdp2x2 ep2", 4, 1)
+    # Rank r of replica 0 and rank r + 2 of replica 1 own the same 4 experts: their
+    # shards were reduced over the replicas, so they are equal; the ep peers' differ.
+    for dtype in (0, 1):
+        shards = [r[dtype]["expert_shards"] for r in per_rank]
+        for a, b in ((0, 2), (1, 3)):
+            assert all(torch.equal(x, y) for x, y in zip(shards[a], shards[b])), (a, b)
+        assert not any(torch.equal(x, y) for x, y in zip(shards[0], shards[1]))
+
+
+# Inductor's C++ compile of the whole forward: minutes on the 2 shared cores under load.
+@pytest.mark.timeout(900)
+def test_moe_compiled_whole_model_matches_eager(ref, fresh_dynamo):
+    """train.compile_scope='model' on one process: the whole forward is one compiled
+    region, broken only where models/moe.py asks (the segment loop's host read), the
+    router, dispatch, combine and the MoE layer's loss terms (`MoE.last`) compiled. fp32
+    losses to 1e-6 over 10 steps, fp64 parameters, bias and loads to 1e-10."""
+    got = ep_run(0, 1, "fp32", 1, compile="model")
+    assert any("segment_matmul" in why for why in got["breaks"]), got["breaks"]
+    check_compiled(ref["fp32"], got, "compiled model")
+    got64, ref64 = ep_run(0, 1, "fp64", 1, compile="model"), ref["fp64"]
+    diff = max((got64["params"][k] - ref64["params"][k]).abs().max().item()
+               for k in ref64["params"])
+    assert diff <= 1e-10, f"compiled model: parameters differ by {diff:.3g} (fp64)"
+    assert all(torch.equal(a, b) for a, b in zip(ref64["biases"], got64["biases"]))
+    assert [r["moe_load"] for r in got64["records"]] == [r["moe_load"] for r in ref64["records"]]
+    print(f"compiled model: max param diff {diff:.2e} (fp64)")
