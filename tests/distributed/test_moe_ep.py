@@ -87,6 +87,10 @@ def ep_run(rank: int, world: int, dtype: str, ep: int, ac: str = "none",
     params = full_state_dict(model)  # a collective under FSDP2 / EP
     out = {"losses": losses, "norms": norms, "records": records, "biases": biases,
            "empty": sum(empty), "ep": ctx.dims.ep, "strategy": ctx.dims.strategy,
+           # the experts' FSDP2 parameters offloaded to the host (test_moe_ep_layouts.py)
+           "offload": [p.offload_to_cpu for m in terms.layers
+                       if hasattr(m.experts, "_get_fsdp_state")
+                       for p in m.experts._get_fsdp_state()._fsdp_param_group.fsdp_params],
            # apply_ac checkpoints a block by setting its instance `forward`
            "checkpointed": sum("forward" in vars(b) for b in model.blocks.values()),
            # graphs dynamo produced, and why it broke them (explanations, shortened)

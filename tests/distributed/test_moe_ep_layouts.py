@@ -10,6 +10,11 @@ must all-reduce the expert gradients (the ranks of the two replicas that own the
 experts end with equal shards, and the parameters equal one process's) and the
 sigmoid_bias loads must be summed over both replicas (the logged global loads and the
 bias equal one process's).
+
+EP=2 with parallel.cpu_offload on 2 ranks: FSDP2's CPUOffloadPolicy on the dense and the
+expert units alike (the experts' shards on the host, copied to the device for their
+efsdp all-gather; on this CPU-only machine the copy is a no-op, so the test checks the
+offload code path with the expert mesh, not the transfers).
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ def test_expert_parallel_in_hsdp_replicas_matches_one_process(ref):
         for a, b in ((0, 2), (1, 3)):
             assert all(torch.equal(x, y) for x, y in zip(shards[a], shards[b])), (a, b)
         assert not any(torch.equal(x, y) for x, y in zip(shards[0], shards[1]))
+
+
+
+def _offload(rank: int, world: int) -> list:
+    return [ep_run(rank, world, dtype, 2, offload=True) for dtype in ("fp64", "fp32")]
+
+
+def test_expert_parallel_with_cpu_offload_matches_one_process(ref):
+    per_rank = run_distributed(_offload, 2, timeout=300)
+    assert all(r[0]["offload"] and all(r[0]["offload"]) for r in per_rank)
+    check_against_one_process(ref, per_rank, "ep2 cpu_offload", 2, 1)
 
 
 # Inductor's C++ compile of the whole forward: minutes on the 2 shared cores under load.
