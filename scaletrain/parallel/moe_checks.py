@@ -25,10 +25,10 @@ untested). train.compile per block (the default scope) trains MoE blocks, on one
 process and with expert parallelism: the segment loop of the experts (its host read of
 the counts) and the expert-parallel exchange run eagerly, graph breaks inside the
 compiled block (models/moe.py `segment_matmul`, parallel/expert.py); tested against
-eager in tests/distributed/test_moe_ep.py. train.compile_scope='model' (one process:
-parallel/parallelize.py) compiles the whole forward with the same break, the router,
-dispatch, combine and the layer's loss terms inside the compiled graph; tested against
-eager in tests/distributed/test_moe_ep_layouts.py.
+eager in tests/distributed/test_moe_ep.py. train.compile_scope='model' stays refused:
+tested against eager (10 steps, the segment loop's break as per block), fp32 losses
+agree to 1.1e-7 but the fp64 parameters differ by 2.9e-8 (per block: <= 1e-10), an
+inexactness of the whole-model graph not yet found (session 11).
 Expert parallelism (parallel.ep, parallel/expert.py) inside FSDP2: ep must divide the
 routed experts (config/dims.py checks that it divides dp_shard and refuses TP, and HSDP
 under PP, with it; under PP the expert mesh gains a pp dimension), and needs a model
@@ -63,6 +63,8 @@ def check_moe_layout(cfg) -> None:
     p = cfg.parallel
     refused = (("parallel.mode='ps'", p.mode == "ps"),
                ("parallel.activation_checkpoint='budget'", p.activation_checkpoint == "budget"),
+               ("train.compile_scope='model'",
+                cfg.train.compile and cfg.train.compile_scope == "model"),
                ("train.compile with parallel.tp > 1", cfg.train.compile and p.tp > 1))
     for what, on in refused:
         if on:

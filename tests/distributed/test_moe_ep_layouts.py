@@ -19,15 +19,13 @@ offload code path with the expert mesh, not the transfers).
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from spawn import run_distributed
-from test_moe_ep import check_against_one_process, check_compiled, ep_run
+from test_moe_ep import check_against_one_process, ep_run
 import test_moe_ep
 
 ref = test_moe_ep.ref  # the one-process fp64 / fp32 runs (module fixture)
-fresh_dynamo = test_moe_ep.fresh_dynamo
 
 
 def _hsdp(rank: int, world: int) -> list:
@@ -57,21 +55,3 @@ def test_expert_parallel_with_cpu_offload_matches_one_process(ref):
     assert all(r[0]["offload"] and all(r[0]["offload"]) for r in per_rank)
     check_against_one_process(ref, per_rank, "ep2 cpu_offload", 2, 1)
 
-
-# Inductor's C++ compile of the whole forward: minutes on the 2 shared cores under load.
-@pytest.mark.timeout(900)
-def test_moe_compiled_whole_model_matches_eager(ref, fresh_dynamo):
-    """train.compile_scope='model' on one process: the whole forward is one compiled
-    region, broken only where models/moe.py asks (the segment loop's host read), the
-    router, dispatch, combine and the MoE layer's loss terms (`MoE.last`) compiled. fp32
-    losses to 1e-6 over 10 steps, fp64 parameters, bias and loads to 1e-10."""
-    got = ep_run(0, 1, "fp32", 1, compile="model")
-    assert any("segment_matmul" in why for why in got["breaks"]), got["breaks"]
-    check_compiled(ref["fp32"], got, "compiled model")
-    got64, ref64 = ep_run(0, 1, "fp64", 1, compile="model"), ref["fp64"]
-    diff = max((got64["params"][k] - ref64["params"][k]).abs().max().item()
-               for k in ref64["params"])
-    assert diff <= 1e-10, f"compiled model: parameters differ by {diff:.3g} (fp64)"
-    assert all(torch.equal(a, b) for a, b in zip(ref64["biases"], got64["biases"]))
-    assert [r["moe_load"] for r in got64["records"]] == [r["moe_load"] for r in ref64["records"]]
-    print(f"compiled model: max param diff {diff:.2e} (fp64)")

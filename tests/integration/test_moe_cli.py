@@ -55,6 +55,8 @@ BAD = [
     (["--model.name=gpt", "--model.moe_top_k=2"], "built for model.name='llama'"),
     (["--parallel.activation_checkpoint=budget", "--parallel.activation_budget_gib=1"],
      "parallel.activation_checkpoint='budget' is not supported with mixture-of-experts"),
+    (["--train.compile=true", "--train.compile_scope=model"],
+     "train.compile_scope='model' is not supported"),
 ]
 
 

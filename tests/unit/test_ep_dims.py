@@ -61,6 +61,7 @@ def test_moe_compiles_per_block_and_whole_model():
     moe = ("model.name=llama", "model.n_layer=2", "model.moe_experts=4", "train.compile=true")
     check_moe_layout(_cfg(*moe))
     check_moe_layout(_cfg(*moe, "parallel.ep=2"))
-    check_moe_layout(_cfg(*moe, "train.compile_scope=model"))
+    with pytest.raises(ConfigError, match="train.compile_scope='model' is not supported"):
+        check_moe_layout(_cfg(*moe, "train.compile_scope=model"))
     with pytest.raises(ConfigError, match="train.compile with parallel.tp > 1 is not"):
         check_moe_layout(_cfg(*moe, "parallel.tp=2"))
