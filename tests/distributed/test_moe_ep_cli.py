@@ -84,17 +84,6 @@ def test_ep_cli_with_selective_ac_matches_one_process(prepared, one, tmp_path):
     assert (par["strategy"], par["ac_blocks"]) == ("fsdp+ep", ["selective"] * 2), par
 
 
-def test_ep_cli_with_cpu_offload_matches_one_process(prepared, one, tmp_path):
-    """parallel.cpu_offload with EP=2 (test_moe_ep_layouts.py compares the parameters in
-    fp64; HSDP × EP needs 4 ranks, tested there)."""
-    got = train([f"--data.prepared_dir={prepared}", *EP2, "--parallel.cpu_offload=true"],
-                tmp_path / "offload", nproc=2)
-    one = one[1]
-    assert sorted(got) == sorted(one) == list(range(1, 11))
-    for s in one:
-        assert got[s] == pytest.approx(one[s], rel=1e-6), f"EP=2, cpu_offload: step {s}"
-
-
 @pytest.mark.parametrize("args,nproc,needle", [
     (["--parallel.dp_shard=2", "--parallel.ep=4"], 2, "parallel.ep=4 must divide "
                                                       "parallel.dp_shard=2"),
