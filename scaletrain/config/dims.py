@@ -20,6 +20,13 @@ same slice and sharding it with FSDP2 (the "expert data-parallel" group that sum
 gradients). With pipeline stages the expert mesh is ("pp", "efsdp", "ep"): each stage's
 dp_shard ranks split that stage's experts (the world mesh's ("pp", "dp_shard") order,
 dp_shard cut in two), and its "efsdp" / "ep" sub-meshes are this rank's stage's. With
+replicas (HSDP: dp_replicate > 1) the expert mesh is ("dp_replicate", "efsdp", "ep"):
+each replica's dp_shard ranks split the experts as above, and the experts' FSDP2 unit is
+HSDP over ("dp_replicate", "efsdp") — the replicate group all-reduces the expert
+gradients as it does the dense ones (torchtitan's dp_replicate × dp_shard_mod_ep mesh).
+Pure DDP (dp_shard = 1) has no dp_shard ranks to carve ep from; dp_replicate=2,
+dp_shard=ep=2 is its expert-parallel form (experts split over ep, replicated, not
+sharded, over the replicas: efsdp = 1). With
 tensor parallelism a "tp" dimension comes last, as in the world mesh: within each tp
 index the dp_shard ranks form the expert groups above, and the tp ranks of one group
 hold the same expert slice (replicated over tp, as MoE × TP replicates all experts) and
@@ -30,6 +37,7 @@ whole (under SP gathered) sequence (models/plans.py `moe_tp_plan`), so an ep gro
 took tp ranks would receive each token tp times unless the layer first cut the tokens
 over tp; here the router statistics stay counted once by the data-parallel sum alone.
 The price: each tp rank runs its group's experts redundantly (no tp speed-up for them).
+Two of these at once (replicas with pp or tp, tp with pp) are refused until tested.
 
 This module imports no torch.distributed at import time: config checks use it too.
 """
@@ -143,10 +151,10 @@ class ParallelDims:
 
     def expert_mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(shape, names) of the experts' mesh (module docstring): ("efsdp", "ep"), with
-        "pp" outermost under pipeline stages and "tp" innermost under TP — the world
-        mesh's order with dp_shard cut into (efsdp, ep)."""
-        dims = [(n, d) for n, d in (("pp", self.pp), ("efsdp", self.efsdp), ("ep", self.ep),
-                                    ("tp", self.tp))
+        "pp" outermost under pipeline stages, "dp_replicate" next with replicas and "tp"
+        innermost under TP — the world mesh's order with dp_shard cut into (efsdp, ep)."""
+        dims = [(n, d) for n, d in (("pp", self.pp), ("dp_replicate", self.dp_replicate),
+                                    ("efsdp", self.efsdp), ("ep", self.ep), ("tp", self.tp))
                 if d > 1 or n in ("efsdp", "ep")]
         return tuple(d for _, d in dims), tuple(n for n, _ in dims)
 
@@ -174,18 +182,17 @@ def _check_ep(ep: int, dims: ParallelDims) -> int:
     """`ep` if this layout supports it, else ConfigError (one line saying why)."""
     if ep < 1:
         raise ConfigError(f"parallel.ep={ep} must be >= 1")
-    if dims.dp_replicate > 1:
-        raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate="
-                          f"{dims.dp_replicate} is not supported yet: expert parallelism "
-                          "runs inside FSDP2 (parallel.dp_shard), alone, with TP or in "
-                          "pipeline stages, without HSDP / DDP replicas")
-    if dims.tp > 1 and dims.pp > 1:  # an (pp, efsdp, ep, tp) expert mesh: not tested yet
-        raise ConfigError(f"parallel.ep={ep} with parallel.tp={dims.tp} and parallel.pp="
-                          f"{dims.pp} together is not supported yet (EP × TP and EP × PP "
-                          "each are; drop tp or pp)")
+    pairs = (("tp", dims.tp, "pp", dims.pp), ("dp_replicate", dims.dp_replicate, "pp", dims.pp),
+             ("dp_replicate", dims.dp_replicate, "tp", dims.tp))
+    for one, n, other, k in pairs:  # each alone is tested with EP; two at once are not
+        if n > 1 and k > 1:
+            raise ConfigError(f"parallel.ep={ep} with parallel.{one}={n} and parallel."
+                              f"{other}={k} together is not supported yet (EP with "
+                              f"{one} and EP with {other} each are; drop one of them)")
     if dims.dp_shard % ep:
         raise ConfigError(f"parallel.ep={ep} must divide parallel.dp_shard={dims.dp_shard} "
-                          f"(the expert-parallel ranks are carved out of the FSDP2 ranks; "
+                          f"(the expert-parallel ranks are carved out of the FSDP2 ranks, not the "
+                          f"dp_replicate replicas; "
                           f"world {dims.world})")
     return ep
 

@@ -25,7 +25,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
                reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
                cpu_offload: bool = False, device: torch.device | None = None,
                shard_placement_fn=None, roots: list[nn.Module] | None = None,
-               expert_mesh=None) -> nn.Module:
+               expert_shard_mesh=None) -> nn.Module:
     """Shard `model` over `mesh` in place (1-D: FSDP; 2-D (replicate, shard): HSDP).
 
     `param_dtype`: the dtype parameters are all-gathered and computed in (bf16 for mixed
@@ -34,8 +34,10 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     gathered parameters until its backward (ZeRO-2-like memory, one all-gather less).
     `roots`: modules sharing `model`'s blocks that are each sharded as a root in place of
     `model` (a pipeline rank's stages under the interleaved schedule; model_parallel.py).
-    `expert_mesh`: the ("efsdp", "ep"[, "tp"]) mesh of expert parallelism (expert.py):
-    each block's expert-parallel experts become their own unit sharded over "efsdp".
+    `expert_shard_mesh`: with expert parallelism (parallel/expert.py), the expert mesh's
+    "efsdp" dimension — ("dp_replicate", "efsdp") under HSDP — each block's
+    expert-parallel experts become their own unit sharded (and replicated) over (under
+    TP their DTensors live on the ("ep", "tp") sub-mesh; FSDP2 shards them over efsdp).
     """
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,
                                         OffloadPolicy, fully_shard)
@@ -53,8 +55,8 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
         if blocks is not None:
             units = list(blocks.values())
             for i, block in enumerate(units):
-                if expert_mesh is not None:
-                    _shard_experts(block, expert_mesh, reshard_after_forward, kw)
+                if expert_shard_mesh is not None:
+                    _shard_experts(block, expert_shard_mesh, reshard_after_forward, kw)
                 # The last block's parameters are needed again right at the start of the
                 # backward, so resharding them after forward only adds an all-gather.
                 fully_shard(block, reshard_after_forward=reshard_after_forward
@@ -65,16 +67,17 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None
     return model
 
 
-def _shard_experts(block: nn.Module, expert_mesh, reshard: bool, kw: dict) -> None:
-    """FSDP2 over "efsdp" for the block's expert-parallel experts, before the block's own
-    unit (which then leaves their parameters alone), as torchtitan does. FSDP2 averages
-    their gradients over the efsdp ranks; parallel/expert.py `ExpertParallelExperts`
-    scales them so that this average is the global loss's gradient."""
+def _shard_experts(block: nn.Module, shard_mesh, reshard: bool, kw: dict) -> None:
+    """FSDP2 (HSDP with replicas) over `shard_mesh` for the block's expert-parallel
+    experts, before the block's own unit (which then leaves their parameters alone), as
+    torchtitan does. FSDP2 averages their gradients over the efsdp (× dp_replicate)
+    ranks; parallel/expert.py `ExpertParallelExperts` scales them so that this average
+    is the global loss's gradient."""
     from torch.distributed.fsdp import fully_shard
 
     for m in block.modules():
         if isinstance(m, ExpertParallelExperts):
-            fully_shard(m, **{**kw, "mesh": expert_mesh["efsdp"]},
+            fully_shard(m, **{**kw, "mesh": shard_mesh},
                         reshard_after_forward=reshard)
 
 

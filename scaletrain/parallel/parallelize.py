@@ -42,6 +42,14 @@ def fsdp_mesh(mesh, dims: ParallelDims):
     return mesh["dp_replicate", "dp_shard"] if dims.hsdp else mesh["dp_shard"]
 
 
+def expert_fsdp_mesh(expert_mesh, dims: ParallelDims):
+    """The mesh the expert-parallel experts are FSDP2-sharded over (None without EP):
+    ("dp_replicate", "efsdp") for HSDP replicas, else "efsdp" (config/dims.py)."""
+    if dims.ep == 1:
+        return None
+    return expert_mesh["dp_replicate", "efsdp"] if dims.hsdp else expert_mesh["efsdp"]
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                 policy: PrecisionPolicy, device: torch.device, tp_plan=None,
                 compile: bool | str = False, stage_views=None, ac=None,
@@ -53,7 +61,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
     `compile`: False, True / "blocks" (per block) or "model" (whole forward, one process).
     `ac`: the `ACPolicy` (plan/memory.py `ac_policy`; needed for budget mode); default
     from `pcfg`. `tied`: the family's tied pairs, re-tied after TP (ModelSpec.tied).
-    `expert_mesh`: the expert mesh when dims.ep > 1 (DistContext.expert_mesh).
+    `expert_mesh`: the expert mesh when dims.ep > 1 (DistContext.expert_mesh; config/
+    dims.py `expert_mesh_shape`: ([pp,] [dp_replicate,] "efsdp", "ep"[, "tp"])).
     """
     # EP before TP: the TP plan then leaves the expert-parallel experts (already
     # DTensors over ("ep"[, "tp"])) alone; both before FSDP, which shards their DTensors.
@@ -82,7 +91,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg,
                    reshard_after_forward=pcfg.reshard_after_forward,
                    cpu_offload=pcfg.cpu_offload,
                    shard_placement_fn=fsdp_shard_placement if dims.tp > 1 else None,
-                   roots=stage_views, expert_mesh=expert_mesh if dims.ep > 1 else None)
+                   roots=stage_views, expert_shard_mesh=expert_fsdp_mesh(expert_mesh, dims))
     elif dims.ddp and dims.pp == 1:
         # Under a pipeline the schedule runs each micro-batch's backward itself (with DDP
         # hooks only for the `DistributedDataParallel` class, torch pipelining stage.py),

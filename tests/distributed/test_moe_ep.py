@@ -51,10 +51,12 @@ STEPS, BATCH, MICRO = 10, 8, 1
 
 
 def ep_run(rank: int, world: int, dtype: str, ep: int, ac: str = "none",
-           compile: bool = False) -> dict:
+           compile: bool = False, replicate: int = 1, offload: bool = False) -> dict:
+    """`replicate` HSDP replicas of world / replicate FSDP2 ranks each; `offload`:
+    parallel.cpu_offload (test_moe_ep_layouts.py)."""
     device = torch.device("cpu")
-    pcfg = ParallelConfig(dp_replicate=1, dp_shard=world, ep=ep, timeout_s=60,
-                          activation_checkpoint=ac)
+    pcfg = ParallelConfig(dp_replicate=replicate, dp_shard=world // replicate, ep=ep,
+                          timeout_s=60, activation_checkpoint=ac, cpu_offload=offload)
     ctx = DistContext.setup(pcfg, rank, resolve_dims(pcfg, world), device)
     policy = PrecisionPolicy(dtype, device)
     pm = build_parallel_model(MOE, {"vocab_size": V}, seed=3, dims=ctx.dims, mesh=ctx.mesh,
@@ -84,18 +86,28 @@ def ep_run(rank: int, world: int, dtype: str, ep: int, ac: str = "none",
             biases.append(torch.cat([m.expert_bias for m in terms.layers]).clone())
     params = full_state_dict(model)  # a collective under FSDP2 / EP
     out = {"losses": losses, "norms": norms, "records": records, "biases": biases,
-           "empty": sum(empty), "ep": ctx.dims.ep,
+           "empty": sum(empty), "ep": ctx.dims.ep, "strategy": ctx.dims.strategy,
+           # the experts' FSDP2 parameters offloaded to the host (test_moe_ep_layouts.py)
+           "offload": [p.offload_to_cpu for m in terms.layers
+                       if hasattr(m.experts, "_get_fsdp_state")
+                       for p in m.experts._get_fsdp_state()._fsdp_param_group.fsdp_params],
            # apply_ac checkpoints a block by setting its instance `forward`
            "checkpointed": sum("forward" in vars(b) for b in model.blocks.values()),
            # graphs dynamo produced, and why it broke them (explanations, shortened)
            "graphs": counters["stats"]["unique_graphs"],
            "breaks": [why.split("Explanation:")[-1][:200] for why in counters["graph_break"]],
-           "local_experts": [tuple(m.experts.gate_proj.to_local().shape)
-                             if hasattr(m.experts.gate_proj, "to_local") else
-                             tuple(m.experts.gate_proj.shape) for m in terms.layers]}
+           "local_experts": [tuple(_local(m.experts.gate_proj).shape)
+                             for m in terms.layers],
+           # this rank's expert shards (replicas must hold equal ones)
+           "expert_shards": [_local(m.experts.gate_proj).clone() for m in terms.layers]}
     if rank == 0:
         out["params"] = {k: v.clone() for k, v in params.items()}
     return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (the whole tensor when it is not a DTensor)."""
+    return (p.to_local() if hasattr(p, "to_local") else p).detach()
 
 
 def _both(rank: int, world: int) -> list:

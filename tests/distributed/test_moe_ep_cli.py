@@ -121,8 +121,8 @@ def test_ep_cli_with_selective_ac_matches_one_process(prepared, one, tmp_path):
       "--model.moe_router=softmax", "--model.moe_aux_loss=0",
       "--model.moe_bias_update_rate=0", "--parallel.dp_shard=2", "--parallel.ep=2"], 2,
      "needs a mixture-of-experts model"),
-    (["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"], 4,
-     "parallel.dp_replicate=2 is not supported yet"),
+    (["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.ep=2"], 2,
+     "parallel.ep=2 must divide parallel.dp_shard=1"),
 ])
 def test_bad_ep_layout_exits_2_before_launch(tmp_path, args, nproc, needle):
     proc = scaletrain("train", *RUN, *args, f"--run.dir={tmp_path / 'run'}",
