@@ -39,7 +39,7 @@ from scaletrain.data import shards
 from scaletrain.data.dedup_runs import FAN_IN, RUN_RECORDS, duplicate_positions
 from scaletrain.data.records import iter_records
 from scaletrain.data.tokenizer import Tokenizer
-from scaletrain.plan.malloc import trim_heap
+from scaletrain.data.heap import trim_heap
 
 CHUNK_DOCS = 256
 """Documents handed to `encode_batch` at once inside a tokenize task..."""
@@ -367,7 +367,7 @@ class TokenizePart(PipelineStep):
                 # The chunk's encodings (Rust, glibc's heap) and id lists are freed,
                 # but glibc keeps pages freed below live blocks: without this a worker
                 # kept its largest chunk's pages and grew, task after task, with the
-                # number of tasks it ran (plan/malloc.py, `trim_heap`).
+                # number of tasks it ran (data/heap.py, `trim_heap`).
                 trim_heap()
         return iter(())
 

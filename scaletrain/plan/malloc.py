@@ -29,9 +29,7 @@ run's large tensors are in device memory); the parameter server's processes tune
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
+from scaletrain.data.heap import glibc_function
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -43,35 +41,10 @@ def mmap_threshold_bytes(mib: int) -> int:
     return mib * 2 ** 20 if mib > 0 else GLIBC_DEFAULT_MAX
 
 
-def _glibc_function(name: str):
-    """glibc's function `name`, or None off Linux / without glibc (musl has no mallopt
-    nor malloc_trim)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
 def tune_malloc(mib: int) -> bool:
     """Apply `train.malloc_mmap_threshold_mib`; True if glibc took it."""
-    mallopt = _glibc_function("mallopt") if mib > 0 else None
+    mallopt = glibc_function("mallopt") if mib > 0 else None
     if mallopt is None:
         return False
     size = mib * 2 ** 20
     return bool(mallopt(M_MMAP_THRESHOLD, size)) and bool(mallopt(M_TRIM_THRESHOLD, 4 * size))
-
-
-_MALLOC_TRIM = _glibc_function("malloc_trim")
-
-
-def trim_heap() -> bool:
-    """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); True if
-    any were. glibc returns freed memory on its own only from the top of the heap: pages
-    freed below a block still in use stay resident, so a long-lived process that
-    allocates and frees in bursts (a `prepare` tokenize worker: each batch's encodings)
-    keeps its largest burst's pages and, as the live blocks scatter, ever more.
-    `malloc_trim` releases every whole free page of every arena (glibc >= 2.8). No-op
-    without glibc."""
-    return bool(_MALLOC_TRIM(0)) if _MALLOC_TRIM is not None else False

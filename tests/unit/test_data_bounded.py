@@ -160,7 +160,7 @@ def test_tokenize_task_memory_does_not_grow_with_its_part(tmp_path, monkeypatch)
 def test_tokenize_trims_the_heap_after_every_batch(tmp_path, monkeypatch):
     # glibc keeps the pages of a freed batch when live blocks sit above them, so a worker
     # that runs many tasks grows with their number unless each batch ends in
-    # malloc_trim (plan/malloc.py's trim_heap): encode, trim, encode, trim, ...
+    # malloc_trim (data/heap.py's trim_heap): encode, trim, encode, trim, ...
     texts = [f"text {i:02d} " * 40 for i in range(12)]  # 12 texts of one length
     tok = train_bpe(iter(texts), 300)
     _split_part(tmp_path, "val-00000", texts)
