@@ -99,6 +99,20 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, warmup: int, repeats: int,
     return best
 
 
+def cpu_matmul_size(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 1024, 512),
+                    max_seconds: float = 0.25) -> int:
+    """The largest of `sizes` whose n×n matmul in `dtype` a probe of the smallest
+    estimates at <= `max_seconds` on this CPU (at the current thread count), else the
+    smallest: the peak wants a matmul large enough to amortise the kernel's start, but a
+    dtype without a fast kernel (fp16 on most CPUs, ~100x slower than fp32) would spend
+    minutes of a run's start on a 2048 matmul timed 7 times."""
+    m = min(sizes)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, m, generator=g).to(dtype)
+    rate = 2.0 * m ** 3 / _time_matmul(a, a, warmup=1, repeats=1, inner=1)
+    return max((s for s in sizes if 2.0 * s ** 3 / rate <= max_seconds), default=m)
+
+
 def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None = None,
                        device: str | torch.device = "cpu", *, n: int | None = None,
                        warmup: int = 2, repeats: int = 5,
@@ -111,8 +125,11 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
         threads: CPU intra-op threads to measure with (default: current setting);
             restored afterwards. Use the trainer's thread count.
         device: ``"cpu"`` or a CUDA device.
-        n: matrix size; default 2048 on CPU (~0.1 s per fp32 matmul on 2 cores),
-            8192 on CUDA (large enough to saturate the tensor cores).
+        n: matrix size; default 8192 on CUDA (large enough to saturate the tensor
+            cores) and on CPU the largest of 2048 / 1024 / 512 whose matmul a probe
+            estimates at <= 0.25 s (:func:`cpu_matmul_size`: 2048 for fp32 and bf16,
+            ~0.1 s on 2 cores; fp16 has no fast CPU kernel on most machines and would
+            take minutes at 2048).
         cache_path: JSON cache file (default :func:`default_cache_path`). Entries are
             keyed by device / CPU model, dtype, threads, torch version and n, so a
             new torch or machine re-measures.
@@ -124,9 +141,11 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
     """
     device = torch.device(device)
     threads = threads or torch.get_num_threads()
-    n = n or (8192 if device.type == "cuda" else 2048)
+    if n is None and device.type == "cuda":
+        n = 8192
+    # A CPU default is keyed "n=auto": the size is chosen by a probe on a cache miss.
     key = "|".join([_device_name(device), str(dtype), f"threads={threads}",
-                    f"torch={torch.__version__}", f"n={n}"])
+                    f"torch={torch.__version__}", f"n={n or 'auto'}"])
     path = Path(cache_path) if cache_path is not None else default_cache_path()
 
     cache: dict = {}
@@ -142,6 +161,7 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
     try:
         if device.type == "cpu":
             torch.set_num_threads(threads)
+        n = n or cpu_matmul_size(dtype)
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, generator=g, device=device).to(dtype)
         b = torch.randn(n, n, generator=g, device=device).to(dtype)
@@ -156,7 +176,7 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None =
     old = cache.get(key)
     if isinstance(old, dict) and isinstance(old.get("flops"), (int, float)):
         flops = max(flops, float(old["flops"]))
-    cache[key] = {"flops": flops, "gflops": round(flops / 1e9, 1),
+    cache[key] = {"flops": flops, "gflops": round(flops / 1e9, 1), "n": n,
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         # Atomic: concurrent writers (several runs) leave a valid file, last one wins.

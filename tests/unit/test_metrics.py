@@ -263,6 +263,22 @@ def test_peak_flops_cache_hit(tmp_path, monkeypatch):
     assert len(entries) == 2 and all("threads=1" in k for k in entries)
 
 
+def test_cpu_matmul_size_shrinks_for_a_slow_dtype(tmp_path, monkeypatch):
+    """The default CPU size is 2048 where a probe says it takes <= 0.25 s (fp32, bf16 at
+    ~100+ GFLOP/s), smaller for a dtype without a fast kernel (fp16 on most CPUs: a 2048
+    matmul timed 7 times cost a test minutes), and a default-size entry is keyed
+    "n=auto" with the size it used."""
+    for gflops, size in ((200.0, 2048), (40.0, 1024), (1.0, 512)):
+        monkeypatch.setattr(meters, "_time_matmul",
+                            lambda a, b, warmup, repeats, inner, g=gflops:
+                            2.0 * a.shape[0] ** 3 / (g * 1e9))
+        assert meters.cpu_matmul_size(torch.float16) == size, gflops
+        cache = tmp_path / f"p{size}.json"
+        measure_peak_flops(torch.float16, threads=1, cache_path=cache)
+        (key, entry), = json.loads(cache.read_text()).items()
+        assert key.endswith("n=auto") and entry["n"] == size
+
+
 def test_peak_flops_real_tiny(tmp_path):
     before = torch.get_num_threads()
     flops = measure_peak_flops(torch.float32, threads=1, n=64, warmup=1, repeats=2,
