@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from scaletrain.bench.gpu_ops import profile_gpu_step  # noqa: E402
 from scaletrain.bench.ops import profile_step  # noqa: E402
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak  # noqa: E402
 from scaletrain.config import build_config  # noqa: E402
@@ -84,8 +85,8 @@ def _busy_s() -> tuple[float, float]:
 
 
 def _peak(dt, threads: int, dev) -> float:
-    return max(measure_peak_flops(dt, threads, dev, n=n, use_cache=False)
-               for n in (1024, 2048, 4096))
+    sizes = (4096, 8192) if dev.type == "cuda" else (1024, 2048, 4096)
+    return max(measure_peak_flops(dt, threads, dev, n=n, use_cache=False) for n in sizes)
 
 
 def main() -> None:
@@ -118,12 +119,19 @@ def main() -> None:
     for _ in range(args.warmup):
         tr.train_one_step()
     warmup_s = time.perf_counter() - t
+    # On a GPU each timed step is waited for (the trainer reads its values a step late,
+    # so an unsynced step would time the queueing, not the work).
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    tr.reads.flush()
+    sync()
     times, tok0 = [], tr.state.tokens
     busy0, mine0 = _busy_s()
     for _ in range(args.steps):
         t = time.perf_counter()
         tr.train_one_step()
+        sync()
         times.append(time.perf_counter() - t)
+    tr.reads.flush()
     busy1, mine1 = _busy_s()
     # CPU seconds other processes took per second of our timed steps: ~0 on a quiet
     # machine; 1.0 = a whole core busy with something else (then the MFU is low).
@@ -153,7 +161,8 @@ def main() -> None:
         r["shape_matched_peak_flops"] = sm["flops"]
         r["shape_matched_per_shape"] = sm["per_shape"]
     if not args.no_profile:
-        p = profile_step(tr.train_one_step)
+        p = profile_gpu_step(tr.train_one_step, dev) if dev.type == "cuda" \
+            else profile_step(tr.train_one_step)
         r["profile"] = p
     print(json.dumps(r))
     if args.json:

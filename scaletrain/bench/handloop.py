@@ -24,7 +24,8 @@ class HandLoop:
     def __init__(self, tr, compile_loss: bool = False):
         cfg = tr.cfg
         facts = {"vocab_size": tr.data.vocab_size}
-        self.model = build_model(cfg.model, facts, seed=cfg.train.seed,
+        self.device = tr.rt.device
+        self.model = build_model(cfg.model, facts, seed=cfg.train.seed, device=self.device,
                                  dtype=tr.policy.param_dtype).train()
         if cfg.train.compile:
             self.model.compile()
@@ -37,6 +38,7 @@ class HandLoop:
 
     def step(self) -> None:
         x, y = next(self.loader)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
             with self.policy.autocast():
                 logits = self.model(xm)

@@ -14,7 +14,8 @@
    the backward; this command runs one process, so there is none. Then one more step
    under torch.profiler, split by operator kind (GEMM, attention, LayerNorm, GELU,
    softmax/CE, casts, other element-wise, compiled kernels, optimizer, framework;
-   bench/ops.py).
+   bench/ops.py) — on a GPU by its kernels' device time instead (bench/gpu_ops.py),
+   since there the pieces' host times above are launch times, not the work.
 4. The hand-written loop (bench/handloop.py) timed in interleaved segments with the
    trainer (A B A' per pair, median of per-pair ratios A/B, A/A' as noise control,
    DESIGN.md §4).
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from scaletrain.bench.gpu_ops import profile_gpu_step
 from scaletrain.bench.handloop import HandLoop
 from scaletrain.bench.ops import profile_step
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
@@ -42,11 +44,20 @@ from scaletrain.train.runtime import detect_runtime
 from scaletrain.train.trainer import Trainer
 
 
-def _timed(fn, steps: int) -> float:
+def _timed(fn, steps: int, device: torch.device) -> float:
+    """Seconds per call of `fn`; on a GPU the queued work is waited for at both ends
+    (neither loop syncs each step: the hand loop never, the trainer reads a step late)."""
+    _sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         fn()
+    _sync(device)
     return (time.perf_counter() - t) / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _PieceTimer:
@@ -103,13 +114,18 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     warmup_s = time.perf_counter() - t
 
     pieces = _PieceTimer(tr)
+    tr.reads.flush()
+    _sync(tr.rt.device)
     tokens0, t = tr.state.tokens, time.perf_counter()
     for _ in range(steps):
         tr.train_one_step()
+    tr.reads.flush()  # the token counts (read a step late on a GPU)
+    _sync(tr.rt.device)
     total = time.perf_counter() - t
     tokens = tr.state.tokens - tokens0
     pieces.close()
-    ops = profile_step(tr.train_one_step)
+    ops = profile_gpu_step(tr.train_one_step, tr.rt.device) \
+        if tr.rt.device.type == "cuda" else profile_step(tr.train_one_step)
     tok_s = tokens / total
     per_step = {"data": pieces.data / steps, "forward": pieces.forward / steps,
                 "backward+loss+clip": (total - pieces.data - pieces.forward - pieces.optim)
@@ -122,10 +138,11 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
     seg = max(1, steps // 2)
     for i in range(pairs):
         a = lambda: tr.train_one_step()  # noqa: E731
+        run = lambda fn: _timed(fn, seg, tr.rt.device)  # noqa: E731
         if i % 2 == 0:  # alternate who goes first so drift favours neither
-            ta, tb, ta2 = _timed(a, seg), _timed(hand.step, seg), _timed(a, seg)
+            ta, tb, ta2 = run(a), run(hand.step), run(a)
         else:
-            ta2, tb, ta = _timed(a, seg), _timed(hand.step, seg), _timed(a, seg)
+            ta2, tb, ta = run(a), run(hand.step), run(a)
         ta_all.append(ta), tb_all.append(tb)
         ratios.append(ta / tb), controls.append(ta / ta2)
 
