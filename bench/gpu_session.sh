@@ -9,7 +9,8 @@
 #     and compiled.
 # Usage, on the GPU machine in the repo root (python3 holds a CUDA torch):
 #   OUT=/tmp/out bash bench/gpu_session.sh
-# DEVICE=cpu SMALL=1 runs the same flow with tiny shapes on a CPU (a dry run).
+# DEVICE=cpu SMALL=1 runs the same flow with tiny shapes on a CPU (a dry run);
+# BENCH_STEPS="--steps 8 --warmup 3 --pairs 6" for more hand-loop pairs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
@@ -56,7 +57,7 @@ else
   MOE="--model.n_layer=8 --model.d_model=1024 --model.n_head=16 --model.n_kv_head=4 \
 --model.moe_experts=16 --model.moe_d_ff=1024 --model.seq_len=2048 --model.vocab_size=32768 \
 --train.batch_size=8 --train.micro_batch_size=8"
-  STEPS="--steps 8 --warmup 3 --pairs 2"
+  STEPS=${BENCH_STEPS:-"--steps 8 --warmup 3 --pairs 2"}
 fi
 
 log "1. gpt2-small bf16 + compile"
@@ -65,7 +66,7 @@ timeout ${T_GPT:-170} $PY -m scaletrain bench --config configs/gpt2-small.toml $
 log "2. llama 1.2B bf16 + compile"
 timeout ${T_LLAMA:-230} $PY -m scaletrain bench --config configs/llama-10m.toml $COMMON --train.compile=true $LLAMA \
   $STEPS --out "$OUT/llama1b" 2>&1 | grep -v "^W\|Warning" | tail -40
-for compile in false true; do
+for compile in ${MOE_COMPILE-false true}; do  # MOE_COMPILE= skips them
   log "3. moe bf16 compile=$compile"
   timeout ${T_MOE:-90} $PY bench/mfu.py --config configs/moe-tiny.toml $COMMON $MOE \
     --train.compile=$compile --steps 5 --warmup 2 --no-shapes --json "$OUT/moe.jsonl" \

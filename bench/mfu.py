@@ -185,6 +185,9 @@ def main() -> None:
         print(f"profiled step {p['wall_s'] * 1e3:.0f} ms:")
         for k, v in p["ops_s"].items():
             print(f"  {k:<13} {v * 1e3:9.1f} ms  {v / p['wall_s'] * 100:5.1f} %")
+        if "kernel_s" in p:
+            print(f"  GPU busy {p['kernel_s'] / step_s * 100:.1f} % of the best unprofiled "
+                  f"step (kernel time {p['kernel_s'] * 1e3:.1f} ms)")
         for name, s, n in p["top"][:10]:
             print(f"    {name[:60]:<60} {s * 1e3:8.1f} ms x{n}")
 

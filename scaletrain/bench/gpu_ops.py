@@ -55,7 +55,10 @@ def profile_gpu_step(fn: Callable[[], object], device: torch.device,
                      steps: int = 1) -> dict:
     """Profile `steps` calls of `fn` on CUDA `device`: {"wall_s", "ops_s": {category:
     s/step}, "top": the 15 kernels with the most device time, "kernels": launches per
-    step} — the keys of bench/ops.py profile_step, so report tables print either."""
+    step, "kernel_s": their device time per step} — the keys of bench/ops.py
+    profile_step, so report tables print either. The profiler's own host cost per
+    launch lengthens a launch-bound step, so `idle` overstates the unprofiled step's
+    gaps; its step time less `kernel_s` is the honest figure (bench/report.py)."""
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
@@ -75,8 +78,10 @@ def profile_gpu_step(fn: Callable[[], object], device: torch.device,
         entry[0] += seconds
         entry[1] += 1
         n_kernels += 1
-    ops["idle"] = max(0.0, wall - sum(ops.values()))
+    kernel_s = sum(ops.values())
+    ops["idle"] = max(0.0, wall - kernel_s)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
     return {"wall_s": wall / steps, "kernels": n_kernels / steps,
+            "kernel_s": kernel_s / steps,
             "ops_s": {k: v / steps for k, v in ops.items()},
             "top": [(name, s / steps, n // steps) for name, (s, n) in top]}

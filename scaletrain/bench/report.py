@@ -161,6 +161,8 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
         "mfu_vs_shape_matched": tok_s * fpt / matched if fpt and matched else None,
         "breakdown_s": per_step,
         "ops_s": ops["ops_s"], "profiled_step_s": ops["wall_s"],
+        # GPU: the share of the unprofiled step the kernels keep the device busy
+        "gpu_busy": ops["kernel_s"] / (total / steps) if "kernel_s" in ops else None,
         "hand_loop": {"scaletrain_step_s": statistics.median(ta_all),
                       "hand_step_s": statistics.median(tb_all),
                       "ratio": statistics.median(ratios),
@@ -194,6 +196,8 @@ def format_table(r: dict) -> str:
         ("profiled step by op", ms(r["profiled_step_s"])),
         *[(f"  {k}", f"{ms(v)}  {v / r['profiled_step_s'] * 100:5.1f} %")
           for k, v in r["ops_s"].items()],
+        *([("GPU busy", f"{r['gpu_busy'] * 100:10.1f} % of the unprofiled step "
+                        f"(kernel time / step)")] if r.get("gpu_busy") is not None else []),
         ("hand loop step", ms(h["hand_step_s"])),
         ("scaletrain / hand", f"{h['ratio']:10.4f}  (A/A control {h['aa_control']:.4f}, "
                               f"{h['pairs']} pairs)"),
