@@ -43,6 +43,17 @@ the parameter / compute dtype, r = pb the dtype of the residual stream):
   measured apart (plan/activations.py `block_kinds`); the routed experts' parameters,
   gradients and optimizer state are in n (split over expert-parallel ranks by
   plan/report.py `expert_shards` when an EP degree is passed).
+- end of the backward: static + the gradients + the embedding's gradient being made.
+  A tied head's weight gets two contributions, the head matmul's and the embedding's
+  dense backward (V·D each), which autograd sums into a third before accumulating it:
+  3·V·D·pb live at once (2 beyond the gradient itself on the first micro-batch; with
+  accumulation the sum is a temporary added into the existing gradient); one fewer
+  where the head's contribution is a plain tensor that takes the sum in place (the
+  fused chunked head's, or autocast's cast of it). Untied, with accumulation, each
+  parameter's new gradient is a temporary beside the accumulated one: the largest
+  parameter's at most (`backward_temporaries`; measured on GPT-2 small's 50304 x 768
+  tied embedding: +3.2 V·D above the accumulated gradients at the end of a
+  micro-batch's backward in fp32, +1.3 V·D untied);
 - optimizer step: static + gradients (fp32 once cast for the masters) + the optimizer's
   transient: torch's foreach Adam/AdamW builds `_foreach_sqrt(exp_avg_sq)` (n·4,
   torch/optim/adam.py `_multi_tensor_adam`), Adagrad/RMSprop likewise one state-sized
@@ -145,11 +156,30 @@ class RankShape:
     blocks: tuple = ()
     ep: int = 1  # expert-parallel degree (plan/experts.py)
     expert_dims: tuple = ()  # (E, D, F) of the routed experts; () without MoE layers
+    # elements of this rank's token embedding when the head is tied to it and both run
+    # on this rank (no pipeline split between them); 0 otherwise
+    tied_embedding: float = 0.0
 
 
 def rank_blocks(s: RankShape) -> tuple[int, ...]:
     """The model indices of the blocks on this rank (RankShape.blocks)."""
     return tuple(s.blocks) or (0,) * s.layers
+
+
+def backward_temporaries(s: RankShape, pb: int, ab: int, fused: bool) -> tuple[float, int]:
+    """(bytes, count) of the gradient temporaries live at the end of a backward beside
+    the rank's gradients (module doc, "end of the backward"). A tied weight's two
+    contributions and their sum: 3, one fewer where the head's contribution arrives as
+    a plain tensor autograd can sum the embedding's into in place — the fused chunked
+    head's gradient (`fused`), or under autocast (ab != pb) the cast of the matmul's —
+    where the plain matmul's arrives as a transposed view, which it cannot. Untied,
+    accumulating: the largest parameter's new gradient, + its compute-dtype original
+    under autocast. Measured in tests/unit/test_plan_backward_end.py."""
+    if s.tied_embedding:
+        return s.tied_embedding * pb, (3 if s.accum > 1 else 2) - int(fused or ab != pb)
+    if s.accum > 1:
+        return s.largest_param * (pb + (ab if ab != pb else 0)), 1
+    return 0.0, 0
 
 
 def optimizer_state_bytes(cfg, n: float) -> float:
@@ -388,7 +418,8 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     # keeps the gradients' pages beside the activations' (measured, module doc).
     phases = {"forward_backward": (grads[0] + act[0],
                                    act[1] + (grads[1] if accumulating else 0.0)),
-              "backward_end": grads,
+              "backward_end": c.add(grads, c.hm(*backward_temporaries(s, pb, ab,
+                                                                     bool(fused)))),
               "optimizer_step": c.add(c.per_param(numels, 4) if masters else grads,
                                       transient),
               "eval": evaluation, "end": save}
@@ -414,7 +445,8 @@ def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
     act = activation_bytes(cfg, s, r, ab, device_type) + s.fsdp_gathered * ab
     head = head_bytes(cfg, s, ab)
     fwd_bwd = static + (grads if s.accum > 1 else 0.0) + act + head
-    fwd_bwd = max(fwd_bwd, static + grads)  # the end of the backward
+    size, count = backward_temporaries(s, pb, ab, fused_head(cfg, s) is not None)
+    fwd_bwd = max(fwd_bwd, static + grads + size * count)  # the end of the backward
     step_grads = n * 4 if masters else grads  # cast to fp32 for the masters
     transient = optimizer_transient_bytes(cfg, n, s.largest_param, 4 if masters else pb)
     if not static and s.fsdp_gathered:  # offloaded: the step runs on the host

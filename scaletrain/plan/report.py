@@ -115,6 +115,8 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
         # (a tied head's weight is listed once, as the embedding's: test the stage, not
         # names)
         has_head = spec.kind == "text" and (dims.pp == 1 or len(bounds) - 1 in ids)
+        # a tied head whose embedding is on this rank too (a pipeline splits them)
+        tied = {emb for _, emb in spec.tied} if has_head and dims.pp == 1 else set()
         shape = RankShape(
             params=float(sum(numels)),
             largest_param=max((torch.Size(sh).numel() for sh in shapes.values()), default=0),
@@ -131,6 +133,7 @@ def plan(cfg, dims, vocab: int, device_type: str = "cpu") -> dict:
             fsdp_gathered=(_gathered(cfg, shapes, sharded, layers, dims.tp, dims.ep)
                            if dims.dp_shard > 1 else 0.0),
             ep=dims.ep, expert_dims=expert_dims(shapes),
+            tied_embedding=sum(n for name, n in zip(shapes, numels) if name in tied),
             numels=tuple(numels), full_numels=full_numels, pp=dims.pp,
             blocks=tuple(int(i) for i in _block_ids(shapes)))
         ranks.append(_rank_record(pp_rank, ids, shape, rank_peak(cfg, shape, device_type),
