@@ -417,19 +417,22 @@ def _cpu_phases(cfg, s: RankShape, pb: int, ab: int, masters: bool,
     # the backward's end the gradients: mmapped tensors follow that exactly, the heap
     # keeps the gradients' pages beside the activations' (measured, module doc).
     temporaries = c.hm(*backward_temporaries(s, pb, ab, bool(fused)))
-    phases = {"forward_backward": (grads[0] + act[0],
-                                   act[1] + (grads[1] if accumulating else 0.0)),
-              "backward_end": c.add(grads, (0.0, temporaries[1])),
-              "optimizer_step": c.add(c.per_param(numels, 4) if masters else grads,
-                                      transient),
-              "eval": evaluation, "end": save}
-    total, heap_phase, mmap_phase = c.peak_above_static(phases)
     # Heap-served V·D temporaries at the backward's end take fresh pages above the
     # heap's high-water mark: the activations freed in that backward leave holes among
     # the gradients it made, each far smaller than one V·D tensor (measured with
     # train.malloc_mmap_threshold_mib=256, where the 147 MiB tensors of GPT-2 small's
     # embedding are heap tensors: bench/plan_accuracy.py mp-ddp -11.0% without this).
-    return total + temporaries[0], f"resident (heap {heap_phase}, mmap {mmap_phase})"
+    # Behind the fused head they fill the V-wide holes its forward's buffers left
+    # (logit pieces, casts, product buffers: the 128k rows +12.9/+16.9% on top).
+    on_top = 0.0 if fused else temporaries[0]
+    phases = {"forward_backward": (grads[0] + act[0],
+                                   act[1] + (grads[1] if accumulating else 0.0)),
+              "backward_end": c.add(grads, (temporaries[0] - on_top, temporaries[1])),
+              "optimizer_step": c.add(c.per_param(numels, 4) if masters else grads,
+                                      transient),
+              "eval": evaluation, "end": save}
+    total, heap_phase, mmap_phase = c.peak_above_static(phases)
+    return total + on_top, f"resident (heap {heap_phase}, mmap {mmap_phase})"
 
 
 def rank_peak(cfg, s: RankShape, device_type: str = "cpu") -> dict:
