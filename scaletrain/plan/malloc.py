@@ -9,22 +9,21 @@ them again. On the gpt-10m bf16 step (micro 8 x 256, 2 threads) that costs ~11%:
 `MALLOC_MMAP_THRESHOLD_` set or not). Intel's PyTorch CPU guide recommends jemalloc or
 tcmalloc for the same reason; `mallopt` gets it without another library.
 
-`train.malloc_mmap_threshold_mib = M` (0, the default, keeps glibc's behaviour) sets
-M_MMAP_THRESHOLD, which also stops the dynamic adjustment, and M_TRIM_THRESHOLD to 4x
-that, so that freeing the top of the heap does not hand the pages back either. The cost
-is RSS: freed pages stay resident for reuse, which `scaletrain plan` models
-(plan/cpu_rss.py: tensors below the threshold are heap tensors). 256 MiB may become the
-default (issue 19's rule) only where the plan still predicts the peak within 15% on every
-row of bench/plan_accuracy.py, the 1B one included, and it does not yet: with it the
-2-process fp32 gpt2-small rows fall further below their measured peaks — mp-tp2 rank 1
--22.1% (-10.0% at 0), mp-ddp -19.2% / -19.2% (-16.1% / -15.2% at 0: short already) —
-while the RSS of a DDP rank climbs in steps through the run (freed heap pages not reused
-across the step's phases; not yet modelled). Measured on this machine (AMD EPYC, 2 cores)
-by `bench/plan_accuracy.py --only mp-ddp,mp-tp2 --extra=--train.malloc_mmap_threshold_mib=N`,
-2026-12-04. The other rows hold with it: 1b 18,209 predicted / 17,430 MiB measured
-(+4.5%, with model.loss_chunks=-1), 125m-bf16 +1.4%, 125m-fp32-fused -10.8%,
-125m-pure-sgd -14.4% (2026-12-03; with `=0`: -1.1%, -11.5%, -11.1%). Only on Linux with glibc, and only on CPU devices (a GPU
-run's large tensors are in device memory); the parameter server's processes tune it too.
+`train.malloc_mmap_threshold_mib = M` (256, the default; 0 keeps glibc's behaviour)
+sets M_MMAP_THRESHOLD, which also stops the dynamic adjustment, and M_TRIM_THRESHOLD to
+4x that, so that freeing the top of the heap does not hand the pages back either. The
+cost is RSS: freed pages stay resident for reuse, which `scaletrain plan` models
+(plan/cpu_rss.py: tensors below the threshold are heap tensors; the backward's V·D
+gradient temporaries take fresh heap pages, plan/memory.py). 256 MiB became the default
+(issue 19's rule) once the plan predicted the peak within 15% on every row of
+bench/plan_accuracy.py at it, the 1B one included: measured 2026-12-04 on this machine
+(AMD EPYC, 2 cores) by `bench/plan_accuracy.py --with-1b
+--extra=--train.malloc_mmap_threshold_mib=256`, worst rows mp-pp2 rank 1 -13.0%,
+moe-tiny-ep2 -12.2%, 125m-bf16 +9.0%, 1b +5.8% (18,272 predicted / 17,267 MiB). Before
+the plan counted the backward's tied-embedding gradient temporaries, mp-tp2 rank 1 was
+-22.1% and mp-ddp -19.2% there (-16.1% already at glibc's defaults). Only on Linux with
+glibc, and only on CPU devices (a GPU run's large tensors are in device memory); the
+parameter server's processes tune it too.
 """
 
 from __future__ import annotations
