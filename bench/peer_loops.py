@@ -89,9 +89,10 @@ def run_handloop(cfg, gate) -> None:
     data = build_data(cfg, progress=False)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     # HandLoop reads these attributes of a Trainer; no Trainer (run dir, sinks) needed.
+    device = torch.device("cpu")
     tr = types.SimpleNamespace(cfg=cfg, data=data, policy=PrecisionPolicy(
-        cfg.precision.dtype, torch.device("cpu")), micro=micro,
-        accum=cfg.train.batch_size // micro)
+        cfg.precision.dtype, device), micro=micro, accum=cfg.train.batch_size // micro,
+        rt=types.SimpleNamespace(device=device))
     loop = HandLoop(tr)
     for _ in range(_total(gate)):
         loop.step()

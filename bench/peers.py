@@ -24,10 +24,11 @@ Its kernel is each one's default: scaletrain's `optim.implementation = "auto"` r
 torch's fused AdamW; the peers get the `foreach` kernel (faster than the per-parameter
 loop that a bare `torch.optim.AdamW(...)` runs on CPU). `--peer-optim fused` gives the
 peers the fused kernel too, which isolates what the rest of the loop costs.
-scaletrain runs with its defaults (`train.malloc_mmap_threshold_mib = 0`: glibc's
-allocator, as the peers run); `--scaletrain-malloc-mib 256` runs it with large tensors
-reusing heap pages instead of page-faulting every step (plan/malloc.py), and
-`--scaletrain-malloc-mib 0` says the default explicitly (results stored apart, "+mallocN").
+scaletrain runs with its defaults (`train.malloc_mmap_threshold_mib = 256`: large
+tensors reuse heap pages instead of page-faulting every step, plan/malloc.py; the peers
+run glibc's allocator as it comes); `--scaletrain-malloc-mib 0` runs it with glibc's
+defaults, `--scaletrain-malloc-mib 256` says the default explicitly (results stored
+apart, "+mallocN").
 `--scaletrain-set KEY=VALUE` (repeatable) is any other scaletrain-only setting, e.g.
 `model.loss_chunks=8` (the head + loss chunk by chunk; models/chunked_loss.py).
 
