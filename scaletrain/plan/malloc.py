@@ -21,9 +21,11 @@ bench/plan_accuracy.py at it, the 1B one included: measured 2026-12-04 on this m
 --extra=--train.malloc_mmap_threshold_mib=256`, worst rows mp-pp2 rank 1 -13.0%,
 moe-tiny-ep2 -12.2%, 125m-bf16 +9.0%, 1b +5.8% (18,272 predicted / 17,267 MiB). Before
 the plan counted the backward's tied-embedding gradient temporaries, mp-tp2 rank 1 was
--22.1% and mp-ddp -19.2% there (-16.1% already at glibc's defaults). Only on Linux with
-glibc, and only on CPU devices (a GPU run's large tensors are in device memory); the
-parameter server's processes tune it too.
+-22.1% and mp-ddp -19.2% there (-16.1% already at glibc's defaults). The pages it keeps
+cost most where activations are large: configs/gpt-1b.toml (seq 1024) keeps glibc's
+allocator, since plan puts it at 24.9 GB with 256 against 21.8 GB without, on a 24 GiB
+machine. Only on Linux with glibc, and only on CPU devices (a GPU run's large tensors
+are in device memory); the parameter server's processes tune it too.
 """
 
 from __future__ import annotations
