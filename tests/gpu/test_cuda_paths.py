@@ -102,7 +102,12 @@ def test_shortcuts_equal_the_plain_step(option, prepared_dir, tmp_path):
 
 
 def test_resume_on_the_gpu_is_exact(prepared_dir, tmp_path):
-    extra = ["--precision.dtype=bf16", "--checkpoint.interval=5", *LLAMA]
+    # fp64 and a tolerance, not bitwise equality: CUDA's atomic-add kernels (the
+    # embedding's backward) sum in a different order in every process; a lost RNG,
+    # loader or optimizer state moves the losses by far more than 1e-9. Dropout on: the
+    # CUDA generator's state is part of what is restored.
+    extra = ["--precision.dtype=fp64", "--checkpoint.interval=5", "--model.dropout=0.1",
+             *LLAMA]
     ref = train(prepared_dir, tmp_path / "ref", DEVICE, *extra)
     run = tmp_path / "resumed"
     train(prepared_dir, run, DEVICE, *extra)
@@ -113,8 +118,8 @@ def test_resume_on_the_gpu_is_exact(prepared_dir, tmp_path):
     for name in ("model.safetensors", "summary.json"):
         (run / name).unlink(missing_ok=True)
     got = train(prepared_dir, run, DEVICE, *extra)
-    assert got == ref
-    assert_weights_close(run, tmp_path / "ref", 0.0)
+    assert max_rel_diff(got, ref) < 1e-9, (got, ref)
+    assert_weights_close(run, tmp_path / "ref", 1e-9)
 
 
 def test_grouped_mm_equals_the_segment_loop():
