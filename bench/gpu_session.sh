@@ -10,7 +10,12 @@
 # Usage, on the GPU machine in the repo root (python3 holds a CUDA torch):
 #   OUT=/tmp/out bash bench/gpu_session.sh
 # DEVICE=cpu SMALL=1 runs the same flow with tiny shapes on a CPU (a dry run);
-# BENCH_STEPS="--steps 8 --warmup 3 --pairs 6" for more hand-loop pairs.
+# BENCH_STEPS="--steps 8 --warmup 3 --pairs 6" for more hand-loop pairs; MOE_COMPILE=
+# (empty) skips the MoE rows. A machine without datatrove (preparation) needs its
+# wheels: pip download --no-deps --only-binary=:all: --python-version 3.12 datatrove
+# dill loguru multiprocess zstandard into a folder, pip install --target it there, and
+# put it on PYTHONPATH (2026-12-04's H200 image had the rest).
+# Then the CUDA tests: python3 -m pytest -q -n 8 tests/gpu
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
