@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from scaletrain.bench.gpu_ops import profile_gpu_step  # noqa: E402
-from scaletrain.bench.ops import profile_step  # noqa: E402
+from scaletrain.bench.gpu_ops import profile_step_on, synchronize  # noqa: E402
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak  # noqa: E402
 from scaletrain.config import build_config  # noqa: E402
 from scaletrain.config.dims import resolve_dims  # noqa: E402
@@ -121,15 +120,14 @@ def main() -> None:
     warmup_s = time.perf_counter() - t
     # On a GPU each timed step is waited for (the trainer reads its values a step late,
     # so an unsynced step would time the queueing, not the work).
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tr.reads.flush()
-    sync()
+    synchronize(dev)
     times, tok0 = [], tr.state.tokens
     busy0, mine0 = _busy_s()
     for _ in range(args.steps):
         t = time.perf_counter()
         tr.train_one_step()
-        sync()
+        synchronize(dev)
         times.append(time.perf_counter() - t)
     tr.reads.flush()
     busy1, mine1 = _busy_s()
@@ -161,8 +159,7 @@ def main() -> None:
         r["shape_matched_peak_flops"] = sm["flops"]
         r["shape_matched_per_shape"] = sm["per_shape"]
     if not args.no_profile:
-        p = profile_gpu_step(tr.train_one_step, dev) if dev.type == "cuda" \
-            else profile_step(tr.train_one_step)
+        p = profile_step_on(tr.train_one_step, dev)
         r["profile"] = p
     print(json.dumps(r))
     if args.json:

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from scaletrain.bench.ops import profile_step
+
 GPU_CATEGORIES = ("gemm", "attention", "softmax/CE", "compiled", "casts/copies",
                   "optimizer", "elementwise", "idle")
 
@@ -85,3 +87,15 @@ def profile_gpu_step(fn: Callable[[], object], device: torch.device,
             "kernel_s": kernel_s / steps,
             "ops_s": {k: v / steps for k, v in ops.items()},
             "top": [(name, s / steps, n // steps) for name, (s, n) in top]}
+
+
+def profile_step_on(fn: Callable[[], object], device: torch.device) -> dict:
+    """One step of `fn` profiled the way its device needs: kernels on CUDA, ATen
+    operators' self time on the CPU (bench/ops.py)."""
+    return profile_gpu_step(fn, device) if device.type == "cuda" else profile_step(fn)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

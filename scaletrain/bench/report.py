@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from scaletrain.bench.gpu_ops import profile_gpu_step
+from scaletrain.bench.gpu_ops import profile_step_on, synchronize
 from scaletrain.bench.handloop import HandLoop
-from scaletrain.bench.ops import profile_step
 from scaletrain.bench.shapes import linear_gemm_shapes, shape_matched_peak
 from scaletrain.config.dims import ParallelDims
 from scaletrain.metrics import measure_peak_flops
@@ -47,17 +46,12 @@ from scaletrain.train.trainer import Trainer
 def _timed(fn, steps: int, device: torch.device) -> float:
     """Seconds per call of `fn`; on a GPU the queued work is waited for at both ends
     (neither loop syncs each step: the hand loop never, the trainer reads a step late)."""
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t) / steps
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _PieceTimer:
@@ -115,17 +109,16 @@ def run_bench(tr, *, steps: int = 5, warmup: int = 2, pairs: int = 3) -> dict:
 
     pieces = _PieceTimer(tr)
     tr.reads.flush()
-    _sync(tr.rt.device)
+    synchronize(tr.rt.device)
     tokens0, t = tr.state.tokens, time.perf_counter()
     for _ in range(steps):
         tr.train_one_step()
     tr.reads.flush()  # the token counts (read a step late on a GPU)
-    _sync(tr.rt.device)
+    synchronize(tr.rt.device)
     total = time.perf_counter() - t
     tokens = tr.state.tokens - tokens0
     pieces.close()
-    ops = profile_gpu_step(tr.train_one_step, tr.rt.device) \
-        if tr.rt.device.type == "cuda" else profile_step(tr.train_one_step)
+    ops = profile_step_on(tr.train_one_step, tr.rt.device)
     tok_s = tokens / total
     per_step = {"data": pieces.data / steps, "forward": pieces.forward / steps,
                 "backward+loss+clip": (total - pieces.data - pieces.forward - pieces.optim)

@@ -23,6 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scaletrain.generate import sample
+from scaletrain.models.llama import Llama, LlamaConfig
+from scaletrain.models.moe import grouped_matmul
+from scaletrain.models.registry import REGISTRY
 from tests.conftest import TINY_DATA, TINY_GPT, run_cli
 
 DEVICE = os.environ.get("SCALETRAIN_TEST_DEVICE", "cuda")
@@ -123,8 +127,6 @@ def test_resume_on_the_gpu_is_exact(prepared_dir, tmp_path):
 
 
 def test_grouped_mm_equals_the_segment_loop():
-    from scaletrain.models.moe import grouped_matmul
-
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 17, 3, 0, 9])  # experts with no tokens too
     x = torch.randn(int(counts.sum()), 64, generator=g).to(DEVICE, torch.bfloat16)
@@ -141,10 +143,6 @@ def test_grouped_mm_equals_the_segment_loop():
 
 
 def test_kv_cache_generation_equals_rerunning_the_context():
-    from scaletrain.generate import sample
-    from scaletrain.models.llama import Llama, LlamaConfig
-    from scaletrain.models.registry import REGISTRY
-
     cfg = LlamaConfig(vocab_size=97, seq_len=24, n_layer=2, n_head=4, n_kv_head=2,
                       d_model=32, d_ff=64, qk_norm=True, init_std=0.3)
     model = Llama(cfg)
